@@ -1,0 +1,45 @@
+"""Progress reporting shared by the terminal (tqdm) and the app (st.progress).
+
+Long stages call ``progress(stage, done, total)``; a callback may raise
+:class:`phpn.errors.Cancelled` to stop the work cleanly.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+def no_progress(stage: str, done: int, total: int) -> None:
+    return None
+
+
+class TqdmProgress:
+    """One tqdm bar per stage, on stderr so that ``--json`` output stays clean."""
+
+    def __init__(self, disable: bool = False):
+        self.disable = disable
+        self._bars = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if self.disable:
+            return
+        from tqdm import tqdm
+
+        bar = self._bars.get(stage)
+        if bar is None:
+            bar = self._bars[stage] = tqdm(total=total, desc=stage, leave=True)
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+        if done >= total:
+            bar.close()
+
+    def close(self) -> None:
+        for bar in self._bars.values():
+            bar.close()
+
+
+def report(progress: Optional[ProgressFn], stage: str, done: int, total: int) -> None:
+    if progress is not None:
+        progress(stage, done, total)
