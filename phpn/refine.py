@@ -1,0 +1,246 @@
+"""Refinement: scale the NMF parts and split the residual so that they sum to the head row.
+
+For each class (METHOD.md §3), with NMF prototypes p_i (unit rows) and head row v:
+
+1. scaling  α = argmin ‖v − Σ α_i p_i‖  (``lstsq``; ``nnls`` keeps α ≥ 0),
+2. residual R = v − Σ α_i p_i,
+3. split    R = r_1 + … + r_k, chosen so each prototype's map keeps the shape of its NMF map,
+4. final    p̃_i = α_i p_i + r_i, and Σ p̃_i = v exactly whatever the solver did.
+
+Objectives (maps are F xᵀ over all discovery positions, Norm is min–max over them):
+  ``prototype`` (default)  Σ_i ‖Norm(F p_i) − Norm(F p̃_i)‖²
+  ``residual`` (the paper) Σ_i ‖Norm(F p_i) − Norm(F r_i)‖²
+Solvers: ``lbfgs`` (all classes batched, autograd), ``nelder-mead`` (scipy, per class,
+capped evaluations; the paper's choice) and ``none`` (the equal split R/k, for ablation).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .errors import ConfigError
+
+SOLVERS = ("lbfgs", "nelder-mead", "none")
+OBJECTIVES = ("prototype", "residual")
+SCALINGS = ("lstsq", "nnls")
+EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    solver: str = "lbfgs"
+    objective: str = "prototype"
+    scaling: str = "lstsq"
+    max_iter: int = 100  # L-BFGS iterations
+    max_evaluations: int = 2000  # Nelder–Mead objective evaluations per class
+    subspace_rank: int = 128  # search the split in F's top row space; 0 searches all of R^D
+    seed: int = 0
+
+    def __post_init__(self):
+        for value, allowed, name in ((self.solver, SOLVERS, "solver"), (self.objective, OBJECTIVES, "objective"),
+                                     (self.scaling, SCALINGS, "scaling")):
+            if value not in allowed:
+                raise ConfigError(f"Unknown {name} '{value}'.", f"Choose one of: {', '.join(allowed)}.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class RefineResult:
+    prototypes: torch.Tensor  # (B, k, D) float64, Σ_i = head row
+    alpha: torch.Tensor  # (B, k) float64
+    residual_ratio: torch.Tensor  # (B,) ‖R‖ / ‖v‖
+    objective_before: torch.Tensor  # (B,) at the equal split
+    objective_after: torch.Tensor  # (B,)
+    fidelity: torch.Tensor  # (B, k) correlation of F p̃_i with F p_i over the discovery positions
+    negative_alpha: torch.Tensor  # (B,) how many α_i < 0
+
+
+def scale(prototypes: torch.Tensor, heads: torch.Tensor, method: str = "lstsq") -> torch.Tensor:
+    """α (B, k) minimising ‖v − Pᵀα‖ per class, in float64."""
+    p = prototypes.double()
+    v = heads.double()
+    if method == "lstsq":
+        return torch.linalg.lstsq(p.transpose(1, 2), v[:, :, None]).solution[:, :, 0]
+    from scipy.optimize import nnls
+
+    out = [nnls(pc.T.cpu().numpy(), vc.cpu().numpy())[0] for pc, vc in zip(p, v)]
+    return torch.tensor(np.stack(out), dtype=torch.float64, device=prototypes.device)
+
+
+def _min_max(maps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Min–max scale (B, N, k) maps to [0, 1] over the valid rows of each class."""
+    valid = mask[:, :, None] > 0
+    lo = torch.where(valid, maps, torch.full_like(maps, float("inf"))).amin(1, keepdim=True)
+    hi = torch.where(valid, maps, torch.full_like(maps, float("-inf"))).amax(1, keepdim=True)
+    return (maps - lo) / (hi - lo).clamp(min=EPS) * mask[:, :, None]
+
+
+def _correlation(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation of (B, N, k) maps over valid rows -> (B, k)."""
+    count = mask.sum(1)[:, None]
+    w = mask[:, :, None]
+    am = a - (a * w).sum(1)[:, None, :] / count[:, None, :]
+    bm = b - (b * w).sum(1)[:, None, :] / count[:, None, :]
+    cov = (am * bm * w).sum(1)
+    return cov / ((am * am * w).sum(1).sqrt() * (bm * bm * w).sum(1).sqrt()).clamp(min=EPS)
+
+
+class _Problem:
+    """The residual-split objective for a batch of classes.
+
+    Shares are parametrised around the equal split: r_i = R/k + Z a_i for i < k and
+    r_k = R/k − Z Σ a_i, which keeps Σ r_i = R for any free ``a`` (B, k−1, m). Z (B, D, m) is a
+    basis of the dominant row space of F: only a share's component there moves the maps
+    much, and F r_iᵀ = F R/k + (F Z) a_i costs N·m instead of N·D per evaluation. The
+    objective itself is exact for every split it visits. Without a basis, Z is the identity.
+    """
+
+    def __init__(self, features, mask, prototypes, alpha, residual, objective, basis=None):
+        self.features, self.mask, self.objective = features, mask, objective
+        dtype = features.dtype
+        self.prototypes = prototypes.to(dtype)
+        self.alpha = alpha.to(dtype)
+        self.residual = residual.to(dtype)
+        self.basis = basis  # (B, D, m) or None
+        self.k = prototypes.shape[1]
+        self.nmf_maps = features @ self.prototypes.transpose(1, 2)  # (B, N, k)
+        self.targets = _min_max(self.nmf_maps, mask)
+        self.equal_maps = features @ (self.residual / self.k)[:, :, None]  # (B, N, 1)
+        self.feature_basis = features if basis is None else features @ basis  # (B, N, m)
+
+    @property
+    def free_dim(self) -> int:
+        return int(self.feature_basis.shape[2])
+
+    def subset(self, c: int) -> "_Problem":
+        """The same problem for class ``c`` alone (for per-class solvers)."""
+        basis = None if self.basis is None else self.basis[c:c + 1]
+        return _Problem(self.features[c:c + 1], self.mask[c:c + 1], self.prototypes[c:c + 1],
+                        self.alpha[c:c + 1], self.residual[c:c + 1], self.objective, basis)
+
+    def shares(self, free: torch.Tensor) -> torch.Tensor:
+        """(B, k−1, m) free coordinates -> (B, k, D) residual shares summing to R."""
+        moves = free if self.basis is None else free @ self.basis.transpose(1, 2)
+        moves = torch.cat([moves, -moves.sum(1, keepdim=True)], dim=1)
+        return (self.residual / self.k)[:, None, :] + moves
+
+    def maps_of(self, free: torch.Tensor) -> torch.Tensor:
+        moves = self.feature_basis @ free.transpose(1, 2)  # (B, N, k−1)
+        share_maps = self.equal_maps + torch.cat([moves, -moves.sum(2, keepdim=True)], dim=2)
+        if self.objective == "residual":
+            return share_maps
+        return self.alpha[:, None, :] * self.nmf_maps + share_maps
+
+    def loss(self, free: torch.Tensor) -> torch.Tensor:
+        """(B,) objective per class."""
+        diff = self.targets - _min_max(self.maps_of(free), self.mask)
+        return (diff * diff).sum((1, 2))
+
+    def start(self) -> torch.Tensor:
+        """The equal split R/k."""
+        b = self.features.shape[0]
+        return torch.zeros(b, self.k - 1, self.free_dim, dtype=self.features.dtype, device=self.features.device)
+
+
+def row_space_basis(features: torch.Tensor, rank: int, seed: int = 0, power_iter: int = 1) -> torch.Tensor:
+    """Orthonormal (B, D, m) basis of the dominant row space of F (randomised range finder)."""
+    b, n, d = features.shape
+    generator = torch.Generator().manual_seed(seed)
+    omega = torch.randn(b, n, rank, generator=generator, dtype=torch.float32).to(features)
+    z, _ = torch.linalg.qr(features.transpose(1, 2) @ omega)
+    for _ in range(power_iter):
+        y, _ = torch.linalg.qr(features @ z)
+        z, _ = torch.linalg.qr(features.transpose(1, 2) @ y)
+    return z
+
+
+def _lbfgs(problem: _Problem, start: torch.Tensor, max_iter: int) -> torch.Tensor:
+    free = start.clone().requires_grad_(True)
+    optimiser = torch.optim.LBFGS([free], lr=1.0, max_iter=max_iter, history_size=20,
+                                  line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12)
+
+    def closure():
+        optimiser.zero_grad()
+        # Classes are independent, so the sum's gradient is each class's own gradient.
+        total = problem.loss(free).sum()
+        total.backward()
+        return total
+
+    with torch.enable_grad():
+        optimiser.step(closure)
+    return free.detach()
+
+
+def _nelder_mead(problem: _Problem, start: torch.Tensor, max_evaluations: int) -> torch.Tensor:
+    from scipy.optimize import minimize
+
+    out = start.clone()
+    shape = start.shape[1:]
+    for c in range(start.shape[0]):
+        sub = problem.subset(c)
+
+        def fun(x, sub=sub):
+            free = torch.from_numpy(x).to(sub.features).reshape(1, *shape)
+            with torch.no_grad():
+                return float(sub.loss(free)[0])
+
+        result = minimize(fun, start[c].reshape(-1).cpu().double().numpy(), method="Nelder-Mead",
+                          options={"maxfev": max_evaluations, "xatol": 1e-10, "fatol": 1e-12})
+        out[c] = torch.from_numpy(result.x).to(out).reshape(shape)
+    return out
+
+
+def refine(features: torch.Tensor, prototypes: torch.Tensor, heads: torch.Tensor,
+           config: RefineConfig = RefineConfig(), counts: Optional[torch.Tensor] = None) -> RefineResult:
+    """Refine a batch of classes. ``features`` (B, N, D) as the head sees them (signed allowed),
+    ``prototypes`` (B, k, D) from NMF, ``heads`` (B, D) the classes' head rows."""
+    b, n, d = features.shape
+    k = prototypes.shape[1]
+    if counts is None:
+        counts = torch.full((b,), n, dtype=torch.long)
+    mask = (torch.arange(n, device=features.device)[None, :] < counts.to(features.device)[:, None]).to(features.dtype)
+
+    alpha = scale(prototypes, heads, config.scaling)  # (B, k) float64
+    p64, v64 = prototypes.double(), heads.double().to(prototypes.device)
+    residual = v64 - (alpha[:, :, None] * p64).sum(1)
+    rank = config.subspace_rank
+    basis = None
+    if rank and k > 1 and config.solver != "none" and rank < min(n, d):
+        basis = row_space_basis(features, rank, seed=config.seed)
+    problem = _Problem(features, mask, prototypes, alpha, residual, config.objective, basis)
+
+    with torch.no_grad():
+        free = problem.start()
+        before = problem.loss(free)
+        if k > 1 and config.solver == "lbfgs":
+            free = _lbfgs(problem, free, config.max_iter)
+        elif k > 1 and config.solver == "nelder-mead":
+            free = _nelder_mead(problem, free, config.max_evaluations)
+        after = problem.loss(free)
+        # Never return a split worse than the one we started from.
+        worse = after > before
+        free = torch.where(worse[:, None, None], problem.start(), free)
+        after = torch.where(worse, before, after)
+        shares = problem.shares(free).double()
+
+        # Final prototypes in float64; the last one closes the sum so Σ p̃ = v to rounding.
+        first = alpha[:, :k - 1, None] * p64[:, :k - 1] + shares[:, :k - 1]
+        last = v64 - first.sum(1)
+        final = torch.cat([first, last[:, None, :]], dim=1)
+        final_maps = features @ final.to(features.dtype).transpose(1, 2)
+        fidelity = _correlation(final_maps, problem.nmf_maps, mask)
+
+    return RefineResult(
+        prototypes=final,
+        alpha=alpha,
+        residual_ratio=residual.norm(dim=1) / v64.norm(dim=1).clamp(min=EPS),
+        objective_before=before.double(),
+        objective_after=after.double(),
+        fidelity=fidelity.double(),
+        negative_alpha=(alpha < 0).sum(1),
+    )

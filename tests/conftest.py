@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny seeded models and a tiny image folder, built in the test."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from phpn.data import Preprocess
+from phpn.models.head import HeadSplit, LoadedModel
+
+
+class TinyNet(nn.Module):
+    """conv -> ReLU -> conv -> ReLU -> global mean -> linear: decomposes exactly."""
+
+    def __init__(self, num_classes: int = 4, channels: int = 8):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.ReLU(),
+                                      nn.Conv2d(channels, channels, 3, stride=2, padding=1), nn.ReLU())
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.features(x).mean((2, 3)))
+
+
+def tiny_split(model: TinyNet) -> HeadSplit:
+    return HeadSplit(backbone=model.features, weight=model.fc.weight.detach(), bias=model.fc.bias.detach(),
+                     feature_layer="features", head_layer="fc")
+
+
+@pytest.fixture
+def tiny_model():
+    torch.manual_seed(0)
+    return TinyNet().eval()
+
+
+@pytest.fixture
+def tiny_loaded(tiny_model):
+    pre = Preprocess(resize=16, crop=16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    return LoadedModel(model=tiny_model, arch="tiny", num_classes=4, sha256="a" * 64, preprocess=pre,
+                       class_names=["red", "green", "blue", "grey"], source="test")
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """4 class folders of 12 small random images each, coloured by class."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    tints = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (120, 120, 120)]
+    for c, tint in enumerate(tints):
+        folder = root / f"{c}"
+        folder.mkdir(parents=True)
+        for i in range(12):
+            arr = np.clip(rng.normal(0, 60, (20, 20, 3)) + np.array(tint), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(folder / f"img{i:02d}.png")
+    return root

@@ -1,0 +1,63 @@
+import numpy as np
+import pytest
+import torch
+
+from phpn.errors import ConfigError
+from phpn.nmf import NMFConfig, nmf, sklearn_nmf
+
+
+def _parts_data(b=3, n=400, d=64, parts=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    directions = (torch.rand(b, parts, d, generator=g) < 0.2).float() * torch.rand(b, parts, d, generator=g)
+    codes = (torch.rand(b, n, parts, generator=g) < 0.3).float() * torch.rand(b, n, parts, generator=g)
+    return torch.relu(codes @ directions + 0.1 * torch.randn(b, n, d, generator=g))
+
+
+@pytest.mark.parametrize("sketch", [None, 0])
+def test_error_no_worse_than_scikit_learn(sketch):
+    features = _parts_data()
+    result = nmf(features, NMFConfig(k=3, sketch_rank=sketch))
+    for c in range(features.shape[0]):
+        x = features[c].double().numpy()
+        _, _, reference = sklearn_nmf(x, 3)
+        ours = float(result.error[c])
+        assert ours <= reference * 1.02, (ours, reference)
+        # The reported error is the exact reconstruction error.
+        recon = (result.encodings[c] @ result.prototypes[c]).double().numpy()
+        assert ours == pytest.approx(np.linalg.norm(x - recon), rel=1e-4)
+
+
+def test_shapes_nonnegativity_and_unit_prototypes():
+    features = _parts_data(b=2, n=100, d=32)
+    result = nmf(features, NMFConfig(k=4))
+    assert result.prototypes.shape == (2, 4, 32)
+    assert result.encodings.shape == (2, 100, 4)
+    assert bool((result.prototypes >= 0).all()) and bool((result.encodings >= 0).all())
+    torch.testing.assert_close(result.prototypes.norm(dim=2), torch.ones(2, 4))
+
+
+def test_padding_changes_nothing():
+    features = _parts_data(b=2, n=150, d=32)
+    alone = nmf(features[:1, :100], NMFConfig(k=3))
+    padded = features.clone()
+    padded[0, 100:] = 0
+    together = nmf(padded, NMFConfig(k=3), counts=torch.tensor([100, 150]))
+    assert bool((together.encodings[0, 100:] == 0).all())
+    assert float(together.error[0]) == pytest.approx(float(alone.error[0]), rel=2e-2)
+
+
+def test_deterministic_under_seed():
+    features = _parts_data(b=2, n=100, d=32)
+    a = nmf(features, NMFConfig(k=3, seed=5))
+    b = nmf(features, NMFConfig(k=3, seed=5))
+    torch.testing.assert_close(a.prototypes, b.prototypes, rtol=0, atol=0)
+
+
+def test_bad_input_messages():
+    features = _parts_data(b=1, n=5, d=16)
+    with pytest.raises(ConfigError, match="need at least 8 feature vectors per class"):
+        nmf(features, NMFConfig(k=8))
+    with pytest.raises(ConfigError, match="between 1 and 20"):
+        nmf(features, NMFConfig(k=0))
+    with pytest.raises(ConfigError, match="non-negative"):
+        nmf(features - 1, NMFConfig(k=2))

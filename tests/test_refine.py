@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+from phpn.errors import ConfigError
+from phpn.nmf import NMFConfig, nmf
+from phpn.refine import RefineConfig, refine, scale
+
+
+def _problem(b=2, n=300, d=24, k=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    features = torch.relu(torch.randn(b, n, d, generator=g, dtype=torch.float64))
+    heads = torch.randn(b, d, generator=g, dtype=torch.float64)
+    protos = nmf(features, NMFConfig(k=k)).prototypes
+    return features, protos, heads
+
+
+@pytest.mark.parametrize("solver", ["lbfgs", "nelder-mead", "none"])
+@pytest.mark.parametrize("objective", ["prototype", "residual"])
+def test_prototypes_sum_exactly_to_head_row(solver, objective):
+    features, protos, heads = _problem()
+    result = refine(features, protos, heads, RefineConfig(solver=solver, objective=objective, max_evaluations=300))
+    assert result.prototypes.shape == (2, 3, 24)
+    err = (result.prototypes.sum(1) - heads).norm(dim=1) / heads.norm(dim=1)
+    assert float(err.max()) < 1e-12
+    assert bool((result.objective_after <= result.objective_before + 1e-12).all())
+
+
+def test_lbfgs_lowers_the_objective_and_keeps_maps_faithful():
+    features, protos, heads = _problem()
+    plain = refine(features, protos, heads, RefineConfig(solver="none"))
+    fitted = refine(features, protos, heads, RefineConfig(solver="lbfgs"))
+    assert bool((fitted.objective_after < 0.8 * plain.objective_after).all())
+    assert float(fitted.fidelity.mean()) > float(plain.fidelity.mean())
+
+
+def test_subspace_and_full_space_agree_on_exactness():
+    features, protos, heads = _problem(d=40)
+    sub = refine(features, protos, heads, RefineConfig(subspace_rank=8))
+    full = refine(features, protos, heads, RefineConfig(subspace_rank=0))
+    for r in (sub, full):
+        assert float((r.prototypes.sum(1) - heads).abs().max()) < 1e-12
+    assert bool((full.objective_after <= sub.objective_before).all())
+
+
+def test_scaling_is_least_squares_and_nnls_is_non_negative():
+    features, protos, heads = _problem()
+    alpha = scale(protos, heads, "lstsq")
+    residual = heads - (alpha[:, :, None] * protos).sum(1)
+    # The least-squares residual is orthogonal to every prototype.
+    assert float((protos @ residual[:, :, None]).abs().max()) < 1e-10
+    assert bool((scale(protos, heads, "nnls") >= 0).all())
+
+
+def test_fidelity_is_one_for_the_equal_split_when_the_head_is_in_the_span():
+    features, protos, _ = _problem()
+    heads = (torch.tensor([[1.0, 2.0, 3.0], [0.5, 0.5, 4.0]], dtype=torch.float64)[:, :, None] * protos).sum(1)
+    result = refine(features, protos, heads, RefineConfig(solver="none"))
+    assert float(result.residual_ratio.max()) < 1e-10
+    torch.testing.assert_close(result.fidelity, torch.ones(2, 3, dtype=torch.float64))
+    assert int(result.negative_alpha.sum()) == 0
+
+
+def test_k_equal_one_is_the_head_row_itself():
+    features, protos, heads = _problem(k=1)
+    result = refine(features, protos, heads)
+    torch.testing.assert_close(result.prototypes[:, 0], heads)
+
+
+def test_unknown_solver_message():
+    with pytest.raises(ConfigError, match="Unknown solver 'adam'. Choose one of: lbfgs, nelder-mead, none"):
+        RefineConfig(solver="adam")
