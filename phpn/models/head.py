@@ -46,6 +46,7 @@ class HeadSplit:
     feature_layer: str = ""  # where the backbone ends, in the model's own names
     head_layer: str = ""  # the linear layer read as the head
     notes: list = field(default_factory=list)  # how the split was found, for the doctor
+    folded_layers: list = field(default_factory=list)  # layers after the pooling folded into weight/bias
 
     @property
     def num_classes(self) -> int:
@@ -83,3 +84,4 @@ class LoadedModel:
     preprocess: "object"  # phpn.data.Preprocess: the default for this model
     class_names: Optional[list] = None
     source: str = ""  # where the weights came from, for the run's metadata
+    notes: list = field(default_factory=list)  # how it was loaded (architecture inferred, prefixes removed, ...)

@@ -1,0 +1,216 @@
+"""Reading checkpoint files safely.
+
+A checkpoint is read with ``torch.load(..., weights_only=True)`` (tensors and plain
+containers only, no code runs) or with safetensors. Only when the caller passes
+``trust_pickle=True`` is the file unpickled in full, which can run arbitrary code: that is
+how a whole pickled ``nn.Module`` is read, and it must stay an explicit user choice
+(``--trust-pickle`` on the CLI, a checkbox in the app).
+
+Whatever wraps the weights (``{"state_dict": ...}``, ``{"model": ...}``, DataParallel's
+``module.`` prefix, ``torch.compile``'s ``_orig_mod.`` prefix) is peeled off here, so the
+rest of phpn sees a plain ``{name: tensor}`` dict.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+
+# Keys under which training scripts commonly nest the weights, most specific first.
+WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "network")
+# Prefixes added by wrappers that do not change the architecture.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+TRUST_HINT = (
+    "If you trust where this file came from, load it with --trust-pickle on the command line "
+    "(or tick 'trust this checkpoint' in the app); unpickling can run arbitrary code, so never "
+    "do this for a file from an unknown source. Better: re-save it as a state dict with "
+    "torch.save(model.state_dict(), path)."
+)
+RESAVE_HINT = "Check that the file is complete (re-download or re-copy it) and that it was written with torch.save or safetensors."
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_CHUNK = 1 << 20
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint file held: a state dict, or (trusted pickle only) a whole module."""
+
+    state_dict: Optional[dict]
+    module: Optional[nn.Module]
+    sha256: str
+    path: Path
+    format: str  # "torch-zip", "torch-legacy", "safetensors", "pickled-module"
+
+
+def file_sha256(path) -> str:
+    """SHA-256 of the file's bytes, read in chunks so large checkpoints stay out of memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_state_dict(path, *, trust_pickle: bool = False) -> tuple[dict, str]:
+    """Read ``path`` and return ``(state_dict, sha256)``; the state dict maps names to CPU tensors.
+
+    A whole pickled module is accepted only with ``trust_pickle=True``; its state dict is returned.
+    """
+    ckpt = read_checkpoint(path, trust_pickle=trust_pickle)
+    if ckpt.module is not None:
+        return strip_wrapper_prefixes(dict(ckpt.module.state_dict())), ckpt.sha256
+    return ckpt.state_dict, ckpt.sha256
+
+
+def read_checkpoint(path, *, trust_pickle: bool = False) -> Checkpoint:
+    """Read ``path`` into a :class:`Checkpoint`; every failure is a :class:`CheckpointError`."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"The checkpoint {path} does not exist.", "Check the path.")
+    if not path.is_file():
+        raise CheckpointError(f"The checkpoint {path} is not a file.", "Give the path of a .pt, .pth, .bin or .safetensors file.")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"The checkpoint {path} is empty (0 bytes).", RESAVE_HINT)
+
+    sha256 = file_sha256(path)
+    with open(path, "rb") as f:
+        head = f.read(16)
+
+    if _looks_like_safetensors(head, size) or path.suffix.lower() == ".safetensors":
+        return Checkpoint(_read_safetensors(path), None, sha256, path, "safetensors")
+
+    fmt = "torch-zip" if head.startswith(_ZIP_MAGIC) else "torch-legacy"
+    obj = _torch_load(path, trust_pickle)
+    if isinstance(obj, nn.Module):
+        return Checkpoint(None, obj.cpu(), sha256, path, "pickled-module")
+    found = find_state_dict(obj)
+    if isinstance(found, nn.Module):  # e.g. {"model": <pickled module>, "epoch": 3}
+        return Checkpoint(None, found.cpu(), sha256, path, "pickled-module")
+    if found is None:
+        raise CheckpointError(f"{path.name} holds {_describe(obj)}, but no weights (a dict of tensors) were found in it.",
+                              "Save the weights with torch.save(model.state_dict(), path).")
+    state_dict = {k: v.detach().cpu() for k, v in strip_wrapper_prefixes(found).items()}
+    return Checkpoint(state_dict, None, sha256, path, fmt)
+
+
+def _looks_like_safetensors(head: bytes, size: int) -> bool:
+    # safetensors: 8-byte little-endian header length, then a JSON header starting with "{".
+    if len(head) < 9:
+        return False
+    n = int.from_bytes(head[:8], "little")
+    return 0 < n <= size - 8 and head[8:9] == b"{"
+
+
+def _read_safetensors(path: Path) -> dict:
+    try:
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path), device="cpu")
+    except Exception as exc:  # SafetensorError and friends: the file is damaged or not safetensors
+        raise CheckpointError(f"{path.name} is not a readable safetensors file ({type(exc).__name__}: {exc}).",
+                              RESAVE_HINT) from None
+    if not tensors:
+        raise CheckpointError(f"{path.name} is a safetensors file with no tensors in it.", RESAVE_HINT)
+    return strip_wrapper_prefixes(tensors)
+
+
+def _torch_load(path: Path, trust_pickle: bool):
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pickle-protocol and deprecation chatter, not the user's problem
+            return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except Exception as exc:
+        text = str(exc)
+        if not trust_pickle and "Weights only load failed" in text:
+            raise CheckpointError(_unsafe_content_problem(path, text), TRUST_HINT) from None
+        detail = _first_line(text) or type(exc).__name__
+        raise CheckpointError(
+            f"{path.name} is not a readable PyTorch checkpoint, or it is damaged ({type(exc).__name__}: {detail}).",
+            RESAVE_HINT,
+        ) from None
+
+
+def _unsafe_content_problem(path: Path, text: str) -> str:
+    match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if match is None:
+        return (f"{path.name} contains pickled data that the safe loader (weights_only=True) does not accept; "
+                "it may not be a PyTorch checkpoint at all.")
+    name = match.group(1)
+    looks_like_model = bool(re.search(r"(models?|nets?|networks?)\.|\.(\w*(Net|Model|Module|Former|Transformer)\w*)$", name))
+    what = "a whole pickled model" if looks_like_model else "pickled Python objects besides tensors"
+    return (f"{path.name} contains {what} (first found: {name}), not just weights, "
+            "and reading it would mean running code from the file.")
+
+
+def _first_line(text: str) -> str:
+    for line in text.splitlines():
+        line = line.strip()
+        if line:
+            return line[:300]
+    return ""
+
+
+def _describe(obj) -> str:
+    if isinstance(obj, Mapping):
+        keys = [str(k) for k in list(obj)[:8]]
+        return f"a dict with keys {keys}" if keys else "an empty dict"
+    if isinstance(obj, torch.Tensor):
+        return f"a single tensor of shape {tuple(obj.shape)}"
+    return f"a {type(obj).__name__}"
+
+
+def _is_tensor_dict(obj) -> bool:
+    return (isinstance(obj, Mapping) and len(obj) > 0
+            and all(isinstance(k, str) for k in obj) and all(isinstance(v, torch.Tensor) for v in obj.values()))
+
+
+def find_state_dict(obj, _depth: int = 0):
+    """The dict of tensors inside a checkpoint object (or a module found there), else None."""
+    if isinstance(obj, nn.Module) or _is_tensor_dict(obj):
+        return obj
+    if not isinstance(obj, Mapping) or _depth > 3:
+        return None
+    for key in WRAPPER_KEYS:
+        if key in obj:
+            found = find_state_dict(obj[key], _depth + 1)
+            if found is not None:
+                return found
+    return None
+
+
+def strip_wrapper_prefixes(state_dict: Mapping) -> dict:
+    """Drop ``module.`` / ``_orig_mod.`` prefixes (in any nesting) when every key carries them."""
+    out = dict(state_dict)
+    changed = True
+    while changed and out:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in out):
+                out = {k[len(prefix):]: v for k, v in out.items()}
+                changed = True
+    return out
+
+
+def strip_common_prefix(state_dict: Mapping) -> tuple[dict, str]:
+    """Drop a first name component shared by every key ("model.", "backbone.", ...).
+
+    Used only as a second try when a state dict does not fit as it is: Lightning and many
+    training scripts keep the network under one attribute.
+    """
+    firsts = {k.split(".", 1)[0] for k in state_dict}
+    if len(firsts) != 1 or any("." not in k for k in state_dict):
+        return dict(state_dict), ""
+    prefix = firsts.pop() + "."
+    return {k[len(prefix):]: v for k, v in state_dict.items()}, prefix

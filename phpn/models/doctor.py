@@ -1,0 +1,108 @@
+"""Can this model be decomposed exactly? The doctor says yes, yes-after-folding, or no and why.
+
+It runs the same head finder as the pipeline (``split_head``) on a random input and turns
+the result into a verdict a user can act on (METHOD.md section 4):
+
+- ``exact``: features -> global average pooling -> one affine layer.
+- ``exact-after-folding``: a normalisation (ConvNeXt's LayerNorm2d) or other affine layers
+  sit between the pooling and the head; they fold into an equivalent single head.
+- ``impossible``: the head reads one token (CLS-token ViTs), is an MLP (VGG), has
+  non-linear layers after the pooling (MobileNetV3), or is something else phpn cannot read.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..errors import NotDecomposableError
+from .head import HeadSplit, LoadedModel
+from .split import split_head
+
+VERDICTS = ("exact", "exact-after-folding", "impossible")
+
+
+@dataclass
+class Diagnosis:
+    verdict: str  # one of VERDICTS
+    reason: str  # one or two sentences for the user
+    split: Optional[HeadSplit] = None
+    feature_shape: Optional[tuple] = None  # (D, H, W) for the input size checked
+    notes: list = field(default_factory=list)
+    arch: str = ""
+    input_size: tuple = ()
+
+    @property
+    def decomposable(self) -> bool:
+        return self.verdict != "impossible"
+
+    def to_dict(self) -> dict:
+        split = None
+        if self.split is not None:
+            s = self.split
+            split = {
+                "feature_layer": s.feature_layer, "head_layer": s.head_layer,
+                "num_classes": s.num_classes, "num_features": s.num_features,
+                "post_pool_norm": s.folded, "folded_layers": list(s.folded_layers),
+                "signed_features": bool(s.signed_features),
+            }
+        return {
+            "verdict": self.verdict, "reason": self.reason, "arch": self.arch,
+            "input_size": list(self.input_size),
+            "feature_shape": list(self.feature_shape) if self.feature_shape else None,
+            "split": split, "notes": list(self.notes),
+        }
+
+
+def diagnose(loaded_or_model, input_size: Optional[tuple] = None) -> Diagnosis:
+    """Check whether the model decomposes exactly; never raises NotDecomposableError.
+
+    ``input_size`` is (channels, height, width); by default the loaded model's crop
+    (channels x crop x crop) or 3x224x224 for a bare module.
+    """
+    if isinstance(loaded_or_model, LoadedModel):
+        model, arch = loaded_or_model.model, loaded_or_model.arch
+        pre = loaded_or_model.preprocess
+        default = (getattr(pre, "channels", 3), getattr(pre, "crop", 224), getattr(pre, "crop", 224))
+    elif isinstance(loaded_or_model, nn.Module):
+        model, arch, default = loaded_or_model, type(loaded_or_model).__name__, (3, 224, 224)
+    else:
+        raise TypeError(f"diagnose needs a LoadedModel or an nn.Module, not {type(loaded_or_model).__name__}")
+    size = tuple(int(v) for v in (input_size or default))
+    x = torch.randn((2,) + size, generator=torch.Generator().manual_seed(0))
+
+    try:
+        split = split_head(model, example_input=x)
+    except NotDecomposableError as err:
+        return Diagnosis("impossible", err.problem, notes=list(getattr(err, "notes", [])), arch=arch, input_size=size)
+
+    with torch.no_grad():
+        feature_shape = tuple(int(v) for v in split.backbone(x[:1].to(split.weight.dtype)).shape[1:])
+    folded = split.folded or bool(split.folded_layers)
+    verdict = "exact-after-folding" if folded else "exact"
+    return Diagnosis(verdict, _reason(split, verdict), split=split, feature_shape=feature_shape,
+                     notes=list(split.notes), arch=arch, input_size=size)
+
+
+def _pool_text(split: HeadSplit) -> str:
+    note = next((n for n in split.notes if n.startswith("pooling: ")), "")
+    return note[len("pooling: "):] or "global average pooling"
+
+
+def _reason(split: HeadSplit, verdict: str) -> str:
+    if split.folded:
+        norm = next((n for n in split.folded_layers if n != split.head_layer), "the normalisation")
+        text = (f"The LayerNorm '{norm}' after the pooling folds into the head: each logit is "
+                "(1/sigma) * z . v' + b' with v' = g*v - mean(g*v), exact up to float rounding, and each image's "
+                "contributions are scaled by 1/sigma of its pooled features.")
+    elif verdict == "exact-after-folding":
+        text = (f"The layers after the pooling ({', '.join(split.folded_layers)}, then '{split.head_layer}') are "
+                "all affine and fold into one linear head, so the decomposition reproduces the logits exactly.")
+    else:
+        text = (f"The model ends in global average pooling ({_pool_text(split)}) followed by one linear layer "
+                f"('{split.head_layer}'), so each logit is exactly the mean over positions of per-position scores.")
+    if split.signed_features:
+        text += " Its features can be negative (no ReLU before the pooling), which prototype discovery must allow for."
+    return text

@@ -1,0 +1,1173 @@
+"""Cut a classifier into backbone (unpooled feature map) and an affine head.
+
+How the cut is found, generically:
+
+1. Trace the model with torch.fx. Submodules stay opaque ("leaves") unless they are plain
+   ``nn.Sequential`` containers, so odd code inside blocks cannot break the trace; a custom
+   module that sits on the path we need to read (the head, or the layer producing the
+   features) is traced into on a second pass.
+2. Walk back from the output: the head (Linear, F.linear, 1x1 conv on the pooled map,
+   BatchNorm in eval, scalar scaling) <- shape-only ops and dropout <- optionally one
+   LayerNorm over the pooled channels (folded: see ``PostPoolNorm``) <- a global average
+   pooling (AdaptiveAvgPool2d(1), F.adaptive_avg_pool2d(x, 1), x.mean((2, 3)),
+   x.view(B, C, -1).mean(-1), avg_pool2d over the whole map, mean over tokens). The pooling's
+   input is the feature map; the backbone is the traced graph cut there, returning
+   (B, D, H, W) channels-first whatever the model's own layout.
+3. Anything else after the feature map (a ReLU between two Linears, a class token picked
+   with x[:, 0], max pooling, ...) makes the model not decomposable, and the reason says what
+   was found.
+4. When tracing fails, forward hooks find the head (the Linear whose output is the logits)
+   and the feature layer (the last 4-D output with the head's width), or the user names them.
+
+Whatever found the cut, it is verified numerically: the split's logits must equal the
+model's on a random input (float64 copy when the model is small enough, float32 always).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from ..errors import ConfigError, NotDecomposableError
+from .head import HeadSplit, PostPoolNorm
+
+TOL_FLOAT64 = 1e-8
+TOL_FLOAT32 = 1e-4
+_MAX_EXPANSIONS = 12
+_MAX_WALK = 48
+
+EXACTNESS_NEEDS = ("Exact decomposition needs features -> global average pooling -> one affine layer "
+                   "(see METHOD.md section 4).")
+
+
+# ----------------------------------------------------------------------------- public entry
+
+
+def split_head(model: nn.Module, *, feature_layer: Optional[str] = None, head_layer: Optional[str] = None,
+               example_input: Optional[torch.Tensor] = None, verify: bool = True) -> HeadSplit:
+    """Find backbone + affine head of ``model`` and check that they reproduce its logits.
+
+    ``example_input`` (default: two random 3x224x224 images) fixes the map size used to
+    check poolings such as ``avg_pool2d(x, 7)``. Naming ``feature_layer`` and/or
+    ``head_layer`` (module names as in ``model.named_modules()``) skips tracing.
+    The model is put in eval mode. Raises NotDecomposableError with the reason.
+    """
+    model.eval()
+    x, logits = _example(model, example_input)
+    if feature_layer or head_layer:
+        plan = _plan_from_hooks(model, x, logits, feature_layer, head_layer)
+    else:
+        plan = _plan_from_trace(model, x, logits)
+    return _finish(model, plan, x, logits, verify)
+
+
+def analyse(model: nn.Module, example_input: Optional[torch.Tensor] = None):
+    """(HeadSplit or None, reason if None, notes): split_head that reports instead of raising."""
+    try:
+        return split_head(model, example_input=example_input), "", []
+    except NotDecomposableError as err:
+        return None, str(err.problem), list(getattr(err, "notes", []))
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class _Affine:
+    """An affine map y = A z + c of the pooled vector (A, c read from the model when needed)."""
+
+    name: str
+    read: Callable  # (root module, input width) -> (A (out, in), c (out,)) float64
+    scalar: bool = False  # a scalar op: its input width is whatever comes in
+
+
+@dataclass
+class _LayerNorm:
+    name: str
+    read: Callable  # root module -> (gamma (D,), beta (D,), eps)
+
+
+@dataclass
+class _Plan:
+    make_backbone: Callable  # root module -> nn.Module returning (B, D, H, W)
+    ops: list  # _Affine / _LayerNorm, in forward order after the pooling
+    feature_layer: str
+    head_layer: str
+    signed: Optional[bool]  # None: decide from the example's features
+    notes: list = field(default_factory=list)
+    make_tail: Optional[Callable] = None  # root -> module (features, input) -> logits: the model's own head
+
+
+def _example(model: nn.Module, example_input) -> tuple:
+    """(input, the model's logits on it), after checking the model accepts it."""
+    if example_input is None:
+        gen = torch.Generator().manual_seed(0)
+        example_input = torch.randn(2, 3, 224, 224, generator=gen)
+    x = example_input.to(_dtype(model))
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except Exception as exc:
+        raise ConfigError(f"The model fails on an input of shape {tuple(x.shape)} ({type(exc).__name__}: {exc}).",
+                          "Give an input size the model accepts (e.g. its training crop).") from None
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        what = type(out).__name__ if not isinstance(out, torch.Tensor) else f"a tensor of shape {tuple(out.shape)}"
+        raise NotDecomposableError(
+            f"The model returns {what}, not a (batch, classes) tensor of logits.",
+            "Wrap it so that forward() returns only the logits.",
+        )
+    return x, out
+
+
+# ----------------------------------------------------------------------------- tracing
+
+
+class _Tracer(fx.Tracer):
+    """Leaves: every module except plain Sequential containers and those named in ``expand``."""
+
+    def __init__(self, expand: set):
+        super().__init__()
+        self.expand = expand
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if qualname in self.expand:
+            return False
+        return type(m).forward is not nn.Sequential.forward
+
+
+def _trace(model: nn.Module, expand: set) -> fx.GraphModule:
+    tracer = _Tracer(expand)
+    graph = tracer.trace(model)
+    return fx.GraphModule(tracer.root, graph)
+
+
+def _plan_from_trace(model: nn.Module, x: torch.Tensor, logits: torch.Tensor) -> _Plan:
+    expand, opaque = set(), set()
+    just_opened = None  # the module added to ``expand`` on the previous pass
+    shaped = False  # shapes are read (one forward pass) only once the structure has settled
+    for _ in range(2 * _MAX_EXPANSIONS):
+        try:
+            gm = _trace(model, expand)
+        except Exception as exc:
+            if just_opened is None:
+                return _fallback_after_trace_failure(model, x, logits, f"torch.fx could not trace the model ({type(exc).__name__}: {exc})")
+            opaque.add(just_opened)  # that module's own code is not traceable: keep it closed
+            expand.discard(just_opened)
+            just_opened = None
+            continue
+        just_opened = None
+        if shaped:
+            try:
+                ShapeProp(gm).propagate(x)
+            except Exception as exc:
+                return _fallback_after_trace_failure(model, x, logits, f"the traced graph did not run ({type(exc).__name__}: {exc})")
+        result = _Walk(gm, shapes=shaped, opaque=opaque).run()
+        if result.expand and len(expand) < _MAX_EXPANSIONS:
+            expand.add(result.expand)
+            just_opened = result.expand
+            continue
+        if not shaped:
+            shaped = True
+            continue
+        if result.plan is not None:
+            result.plan.notes.insert(0, "found by tracing the model with torch.fx")
+            return result.plan
+        if result.certain:
+            raise _refusal(result.reason, result.notes)
+        # Tracing met something it cannot read; forward hooks may still find a plain head.
+        try:
+            plan = _plan_from_hooks(model, x, logits, None, None)
+        except NotDecomposableError:
+            raise _refusal(result.reason, result.notes) from None
+        plan.notes.insert(0, f"tracing was inconclusive ({result.reason}); found with forward hooks instead")
+        return plan
+    raise _refusal("The model's structure could not be resolved after several tracing passes.", [])
+
+
+def _fallback_after_trace_failure(model, x, logits, why: str) -> _Plan:
+    try:
+        plan = _plan_from_hooks(model, x, logits, None, None)
+    except NotDecomposableError as err:
+        raise NotDecomposableError(
+            f"{why}; and looking at the layers' outputs did not find a plain pooling + linear head either "
+            f"({err.problem})",
+            "Name the layers with --feature-layer (the last layer before the pooling) and --head-layer (the final Linear).",
+        ) from None
+    plan.notes.insert(0, f"{why}; found with forward hooks instead")
+    return plan
+
+
+def _refusal(reason: str, notes: list) -> NotDecomposableError:
+    err = NotDecomposableError(reason, EXACTNESS_NEEDS)
+    err.notes = notes
+    return err
+
+
+# ----------------------------------------------------------------------------- walking the graph
+
+
+@dataclass
+class _WalkResult:
+    plan: Optional[_Plan] = None
+    expand: str = ""  # a module to trace into before deciding
+    reason: str = ""
+    certain: bool = True  # False when the refusal rests on something we could not read
+    notes: list = field(default_factory=list)
+
+
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+_SHAPE_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten) + _DROPOUTS
+_SHAPE_METHODS = {"flatten", "view", "reshape", "squeeze", "unsqueeze", "contiguous", "permute", "transpose",
+                  "clone", "view_as", "reshape_as", "float", "to", "type_as", "detach"}
+_SHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose,
+                    torch.clone, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+                    F.feature_alpha_dropout, torch.detach}
+_NONNEG_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Softplus, nn.Hardsigmoid, nn.Softmax)
+_NONNEG_FUNCTIONS = {F.relu, F.relu6, torch.relu, torch.relu_, F.relu_, torch.sigmoid, F.sigmoid, F.softplus,
+                     F.hardsigmoid}
+_NONNEG_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_"}
+_ALMOST_NONNEG_MODULES = (nn.SiLU, nn.Hardswish, nn.GELU, nn.Mish)
+_ALMOST_NONNEG_FUNCTIONS = {F.silu, F.hardswish, F.gelu, F.mish}
+_LOWER_BOUND = {"SiLU": -0.2785, "silu": -0.2785, "Swish": -0.2785, "Hardswish": -0.375, "hardswish": -0.375,
+                "GELU": -0.17, "gelu": -0.17, "Mish": -0.309, "mish": -0.309}
+_MAX_POOLS = (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.MaxPool1d, nn.MaxPool2d)
+_MAX_FUNCTIONS = {F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.max_pool1d, F.max_pool2d, torch.amax, torch.max}
+_SCALAR_OPS = {operator.mul, operator.truediv, operator.add, operator.sub, torch.mul, torch.div, torch.add,
+               torch.sub, operator.imul, operator.itruediv, operator.iadd, operator.isub}
+
+
+def _is_torch_module(m: nn.Module) -> bool:
+    return type(m).__module__.startswith("torch.nn")
+
+
+def _shape(node) -> Optional[tuple]:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    shape = getattr(meta, "shape", None)
+    return tuple(shape) if shape is not None else None
+
+
+def _per_sample_dims(shape: tuple) -> list:
+    return [s for s in shape[1:] if s != 1]
+
+
+def _fn_name(target) -> str:
+    return getattr(target, "__name__", str(target))
+
+
+def _attr(root: nn.Module, target: str):
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _main_input(node: fx.Node):
+    """The tensor argument an op transforms (None when it combines several tensors)."""
+    if node.op == "call_function" and node.target in _SCALAR_OPS:
+        tensors = [a for a in node.args if isinstance(a, fx.Node)]
+        return tensors[0] if len(tensors) == 1 else None
+    if node.op in ("call_module", "call_method", "call_function"):
+        if node.args and isinstance(node.args[0], fx.Node):
+            first = node.args[0]
+        elif isinstance(node.kwargs.get("input"), fx.Node):
+            first = node.kwargs["input"]
+        else:
+            return None
+        if node.op == "call_function" and node.target in (torch.cat, torch.stack, torch.add, operator.add):
+            return None
+        return first
+    return None
+
+
+def _getitem_is_token(node: fx.Node) -> bool:
+    """x[:, 0] on a (B, N, D) token tensor: the head reads one token."""
+    if not (node.op == "call_function" and node.target is operator.getitem):
+        return False
+    idx = node.args[1]
+    if not isinstance(idx, tuple) or len(idx) < 2:
+        return False
+    return idx[0] == slice(None) and isinstance(idx[1], int)
+
+
+def _int_pair(v) -> tuple:
+    if isinstance(v, int):
+        return (v, v)
+    try:
+        return tuple(int(a) if a is not None else -1 for a in v)
+    except (TypeError, ValueError):
+        return (-1, -1)
+
+
+class _Walk:
+    """Walk back from the output and classify what lies between the feature map and the logits."""
+
+    def __init__(self, gm: fx.GraphModule, *, shapes: bool, opaque: set):
+        self.gm = gm
+        self.shapes = shapes
+        self.opaque = opaque
+        self.modules = dict(gm.named_modules())
+
+    def describe(self, node: fx.Node) -> str:
+        if node.op == "call_module":
+            return f"{type(self.modules[node.target]).__name__} '{node.target}'"
+        if node.op == "call_method":
+            return f".{node.target}()"
+        if node.op == "call_function":
+            if node.target is operator.getitem:
+                return f"[{_index_text(node.args[1])}]"
+            return _fn_name(node.target)
+        return node.op
+
+    # -- the head side -------------------------------------------------------------------
+
+    def run(self) -> _WalkResult:
+        out = next(n for n in self.gm.graph.nodes if n.op == "output")
+        node = out.args[0]
+        if not isinstance(node, fx.Node):
+            return _WalkResult(reason="The model returns a tuple or dict rather than one logits tensor.", certain=True)
+        chain = []  # (kind, node, payload), from the output backwards
+        for _ in range(_MAX_WALK):
+            kind, payload = self.classify(node)
+            if kind == "expand":
+                return _WalkResult(expand=payload)
+            chain.append((kind, node, payload))
+            if kind == "pool":
+                return self.finish(chain, node)
+            if kind in ("stop", "token", "partial-pool", "max-pool"):
+                break  # a pooling that is not a global mean, or something no head reads through
+            nxt = _main_input(node)
+            if nxt is None:
+                break
+            node = nxt
+        return self.refuse(chain)
+
+    def classify(self, node: fx.Node):
+        """(kind, payload); kinds: shape, affine, layernorm, pool, partial-pool, max-pool,
+        token, nonlinear, unknown, expand, stop."""
+        if node.op in ("placeholder", "get_attr"):
+            return "stop", None
+        if node.op == "call_module":
+            return self.classify_module(node, self.modules[node.target])
+        if node.op == "call_method":
+            return self.classify_method(node)
+        if node.op == "call_function":
+            return self.classify_function(node)
+        return "unknown", None
+
+    def classify_module(self, node, m):
+        name = node.target
+        if isinstance(m, _SHAPE_MODULES):
+            return "shape", None
+        if isinstance(m, nn.Linear):
+            return "affine", _Affine(name, lambda root, width=None, n=name: _linear_params(root.get_submodule(n)))
+        if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1 and self.spatial_is_one(node):
+            return "affine", _Affine(name, lambda root, width=None, n=name: _conv1x1_params(root.get_submodule(n)))
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            if m.running_mean is None:
+                return "nonlinear", "BatchNorm without running statistics (normalises by the batch)"
+            return "affine", _Affine(name, lambda root, width=None, n=name: _batchnorm_params(root.get_submodule(n)))
+        if isinstance(m, nn.LayerNorm):
+            if len(m.normalized_shape) == 1:
+                return "layernorm", _LayerNorm(name, lambda root, n=name: _layernorm_params(root.get_submodule(n)))
+            return "nonlinear", None
+        if isinstance(m, nn.AdaptiveAvgPool2d):
+            return self.adaptive_pool(node, m.output_size)
+        if isinstance(m, nn.AdaptiveAvgPool1d):
+            return ("pool", "NCL") if _int_pair(m.output_size)[0] == 1 else ("partial-pool", None)
+        if isinstance(m, nn.AvgPool2d):
+            return self.avg_pool(node, m.kernel_size, m.padding)
+        if isinstance(m, _MAX_POOLS):
+            return "max-pool", None
+        if not _is_torch_module(m) and name not in self.opaque:
+            return "expand", name
+        if not _is_torch_module(m):
+            return "unknown", None
+        return "nonlinear", None
+
+    def classify_method(self, node):
+        t = node.target
+        if t in _SHAPE_METHODS:
+            return "shape", None
+        if t == "mean":
+            return self.mean_pool(node)
+        if t in ("amax", "max"):
+            return "max-pool", None
+        if t in ("mul", "div", "add", "sub", "mul_", "div_", "add_", "sub_") and _scalar_arg(node) is not None:
+            op = _scalar_affine(node, _scalar_arg(node))
+            return ("affine", op) if op else ("nonlinear", None)
+        return "nonlinear", None
+
+    def classify_function(self, node):
+        t = node.target
+        if t in _SHAPE_FUNCTIONS:
+            return "shape", None
+        if t is operator.getitem:
+            src = node.args[0]
+            if isinstance(src, fx.Node) and not self.is_tensor(src):
+                return "shape", None  # picking one output out of a tuple
+            if self.keeps_elements(node):
+                return "shape", None  # x[:, :, 0, 0] on a pooled (B, D, 1, 1) map
+            if _getitem_is_token(node):
+                return "token", None
+            return "unknown", None
+        if t is F.linear:
+            return self.functional_linear(node)
+        if t is torch.mean:
+            return self.mean_pool(node)
+        if t is F.adaptive_avg_pool2d:
+            return self.adaptive_pool(node, _arg(node, 1, "output_size"))
+        if t is F.adaptive_avg_pool1d:
+            return ("pool", "NCL") if _int_pair(_arg(node, 1, "output_size"))[0] == 1 else ("partial-pool", None)
+        if t is F.avg_pool2d:
+            return self.avg_pool(node, _arg(node, 1, "kernel_size"), _arg(node, 3, "padding", 0))
+        if t is F.layer_norm:
+            return self.functional_layernorm(node)
+        if t in _MAX_FUNCTIONS:
+            return "max-pool", None
+        if t in _SCALAR_OPS and _scalar_arg(node) is not None:
+            op = _scalar_affine(node, _scalar_arg(node))
+            return ("affine", op) if op else ("nonlinear", None)
+        if t in (torch.cat, torch.stack, operator.add, torch.add, operator.mul, torch.mul, operator.matmul):
+            return "stop", None
+        return "nonlinear", None
+
+    def keeps_elements(self, node) -> bool:
+        a, b = _shape(node.args[0]), _shape(node)
+        return self.shapes and a is not None and b is not None and math.prod(a[1:]) == math.prod(b[1:])
+
+    def is_tensor(self, node) -> bool:
+        return not self.shapes or _shape(node) is not None
+
+    def spatial_is_one(self, node) -> bool:
+        shape = _shape(node.args[0]) if self.shapes else None
+        return shape is None or (len(shape) == 4 and shape[2] == 1 and shape[3] == 1)
+
+    def adaptive_pool(self, node, output_size):
+        size = _int_pair(output_size)
+        if all(s == 1 for s in size):
+            return "pool", "NCHW"
+        return "partial-pool", size
+
+    def avg_pool(self, node, kernel, padding):
+        if not self.shapes:
+            return "pool", "NCHW"  # decided once shapes are known
+        shape, out = _shape(node.args[0]), _shape(node)
+        if isinstance(kernel, fx.Node) or (isinstance(kernel, (tuple, list)) and any(isinstance(k, fx.Node) for k in kernel)):
+            # The kernel is computed from the input's size (avg_pool2d(x, x.shape[2:])): whole map.
+            whole = out is not None and len(out) == 4 and out[2] == out[3] == 1
+        else:
+            whole = shape is not None and len(shape) == 4 and _int_pair(kernel) == tuple(shape[2:])
+        if whole and _int_pair(padding or 0) == (0, 0):
+            return "pool", "NCHW"
+        return "partial-pool", None
+
+    def mean_pool(self, node):
+        dims = _arg(node, 1, "dim")
+        if dims is None:
+            return "nonlinear", "a mean over the whole tensor"
+        dims = (dims,) if isinstance(dims, int) else tuple(dims)
+        if not self.shapes:
+            return "pool", None
+        shape = _shape(node.args[0])
+        out = _shape(node)
+        if shape is None or out is None or len(_per_sample_dims(out)) > 1:
+            return "partial-pool", None
+        dims = {d % len(shape) for d in dims}
+        layout = {2: {frozenset({2, 3}): "NCHW", frozenset({1, 2}): "NHWC"},
+                  1: {frozenset({1}): "NLD", frozenset({2}): "NCL"}}.get(len(shape) - 2, {}).get(frozenset(dims))
+        return "pool", layout
+
+    def functional_linear(self, node):
+        w, b = _arg(node, 1, "weight"), _arg(node, 2, "bias")
+        if not isinstance(w, fx.Node) or w.op != "get_attr" or (b is not None and (not isinstance(b, fx.Node) or b.op != "get_attr")):
+            return "unknown", None
+        wt, bt = w.target, (b.target if b is not None else None)
+
+        def read(root, width=None):
+            weight = _attr(root, wt).detach().double()
+            bias = _attr(root, bt).detach().double() if bt else torch.zeros(weight.shape[0], dtype=torch.float64)
+            return weight, bias
+
+        return "affine", _Affine(f"F.linear({wt})", read)
+
+    def functional_layernorm(self, node):
+        shape = _arg(node, 1, "normalized_shape")
+        w, b = _arg(node, 2, "weight"), _arg(node, 3, "bias")
+        eps = _arg(node, 4, "eps", 1e-5)
+        if len(tuple(shape)) != 1 or any(v is not None and (not isinstance(v, fx.Node) or v.op != "get_attr") for v in (w, b)):
+            return "nonlinear", None
+        wt, bt, d = (w.target if w is not None else None), (b.target if b is not None else None), int(tuple(shape)[0])
+
+        def read(root):
+            g = _attr(root, wt).detach().double() if wt else torch.ones(d, dtype=torch.float64)
+            beta = _attr(root, bt).detach().double() if bt else torch.zeros(d, dtype=torch.float64)
+            return g, beta, float(eps)
+
+        return "layernorm", _LayerNorm("F.layer_norm", read)
+
+    # -- the pooling and the feature map -------------------------------------------------
+
+    def finish(self, chain, pool_node) -> _WalkResult:
+        after_pool = list(reversed(chain[:-1]))  # forward order, between the pooling and the output
+        bad = [(k, n, p) for k, n, p in after_pool if k not in ("shape", "affine", "layernorm")]
+        pool_text = self.describe(pool_node)
+        if bad:
+            return self.refuse(chain, pool_text=pool_text)
+        ops = [p for k, n, p in after_pool if k in ("affine", "layernorm")]
+        if not any(isinstance(op, _Affine) for op in ops):
+            return _WalkResult(reason=f"There is no linear layer after the pooling ({pool_text}); "
+                                      "the model outputs the pooled features themselves.", certain=True)
+        lns = [i for i, op in enumerate(ops) if isinstance(op, _LayerNorm)]
+        if len(lns) > 1 or (lns and lns[0] != 0):
+            return _WalkResult(reason=f"A LayerNorm follows a linear layer after the pooling ({self.chain_text(after_pool)}); "
+                                      "only a normalisation directly on the pooled features can be folded exactly.",
+                               certain=True)
+
+        source, layout, absorbed = self.feature_source(pool_node, chain[-1][2])
+        if source is None:
+            return _WalkResult(reason=f"The pooling {pool_text} does not average a feature map phpn can read "
+                                      f"(input shape {_shape(pool_node.args[0])}).", certain=False)
+        producer = self.producer(source)
+        if producer is not None and producer.op == "call_module":
+            m = self.modules[producer.target]
+            if not _is_torch_module(m) and producer.target not in self.opaque:
+                return _WalkResult(expand=producer.target)
+        if not self.shapes:
+            return _WalkResult()  # structure settled; wait for shapes
+
+        signed, sign_note = self.signedness(producer)
+        heads = [op.name for op in ops if isinstance(op, _Affine)]
+        notes = [f"pooling: {pool_text}" + (f" (with {', '.join(absorbed)})" if absorbed else ""),
+                 f"head: {' then '.join(heads)}"]
+        dropouts = [self.describe(n) for k, n, p in after_pool if k == "shape" and self.is_dropout(n)]
+        if dropouts:
+            notes.append(f"{', '.join(dropouts)}: dropout is the identity at inference")
+        if lns:
+            notes.append(f"folded the normalisation {ops[0].name} after the pooling into the head "
+                         "(each image's contributions are scaled by 1/sigma of its pooled features)")
+        if layout != "NCHW":
+            notes.append(f"the features are laid out {layout}; the backbone returns them as (B, D, H, W)")
+        if sign_note:
+            notes.append(sign_note)
+        feature_name = self.node_name(source, producer)
+        graph, feature_node = self.gm.graph, source
+        plan = _Plan(
+            make_backbone=lambda root: _cut_graph(root, graph, feature_node, layout),
+            ops=ops, feature_layer=feature_name, head_layer=heads[-1], signed=signed, notes=notes,
+            make_tail=lambda root: _cut_tail(root, graph, feature_node, layout),
+        )
+        return _WalkResult(plan=plan)
+
+    def feature_source(self, pool_node, layout_hint):
+        """The node holding the unpooled map, its layout, and the ops between it and the pooling."""
+        node = pool_node.args[0] if isinstance(pool_node.args[0], fx.Node) else pool_node.kwargs.get("input")
+        absorbed = []
+        if not self.shapes:
+            return node, layout_hint or "NCHW", absorbed
+        hint = layout_hint
+        for _ in range(8):
+            shape = _shape(node)
+            if shape is None:
+                return None, None, absorbed
+            if len(shape) == 4:
+                break
+            prev = _main_input(node)
+            if _is_mean_op(node) and prev is not None:  # x.mean(3).mean(2), x.flatten(2).mean(2), ...
+                absorbed.append(self.describe(node))
+                node, hint = prev, None
+                continue
+            if prev is not None and _shape(prev) is not None and len(_shape(prev)) == 4 \
+                    and node.op in ("call_method", "call_function") \
+                    and node.target in ("view", "reshape", "flatten", torch.flatten, torch.reshape):
+                absorbed.append(self.describe(node))
+                node, hint = prev, None
+                continue
+            break
+        shape = _shape(node)
+        pooled = _shape(pool_node)
+        width = int(math.prod(pooled[1:])) if pooled else None
+        if len(shape) == 4:
+            layout = hint if hint in ("NCHW", "NHWC") else ("NCHW" if shape[1] == width else "NHWC" if shape[3] == width else None)
+        elif len(shape) == 3:
+            layout = hint if hint in ("NLD", "NCL") else ("NLD" if shape[2] == width else "NCL" if shape[1] == width else None)
+        else:
+            layout = None
+        return (node, layout, absorbed) if layout else (None, None, absorbed)
+
+    def producer(self, node):
+        """The op that computed the feature map, looking through reshapes and dropout."""
+        for _ in range(16):
+            if node is None or node.op in ("placeholder", "get_attr"):
+                return node
+            kind, _ = self.classify_shape_only(node)
+            if kind != "shape":
+                return node
+            node = _main_input(node)
+        return node
+
+    def classify_shape_only(self, node):
+        if node.op == "call_module":
+            m = self.modules[node.target]
+            return ("shape", None) if isinstance(m, _SHAPE_MODULES) else ("other", None)
+        if node.op == "call_method" and node.target in _SHAPE_METHODS:
+            return "shape", None
+        if node.op == "call_function" and node.target in _SHAPE_FUNCTIONS:
+            return "shape", None
+        return "other", None
+
+    def signedness(self, producer):
+        """(signed, note); signed None means 'look at the numbers'."""
+        if producer is None:
+            return None, ""
+        name = self.describe(producer)
+        if producer.op == "call_module":
+            m = self.modules[producer.target]
+            if isinstance(m, _NONNEG_MODULES) or (isinstance(m, nn.Hardtanh) and m.min_val >= 0):
+                return False, f"features end with {name}: non-negative, as NMF needs"
+            key = type(m).__name__
+            if isinstance(m, _ALMOST_NONNEG_MODULES) or "swish" in key.lower():
+                return True, _almost_note(name, _LOWER_BOUND.get(key, _LOWER_BOUND["SiLU"] if "swish" in key.lower() else -0.3))
+            if not _is_torch_module(m):
+                return None, ""
+            return True, f"features end with {name}, so they can be negative"
+        if producer.op == "call_function":
+            if producer.target in _NONNEG_FUNCTIONS or (producer.target is torch.clamp and _clamp_min(producer) >= 0):
+                return False, f"features end with {name}: non-negative, as NMF needs"
+            if producer.target in _ALMOST_NONNEG_FUNCTIONS:
+                return True, _almost_note(name, _LOWER_BOUND.get(_fn_name(producer.target), -0.3))
+        if producer.op == "call_function" and producer.target in (operator.mul, torch.mul) and _is_swish(producer):
+            return True, _almost_note(f"x * sigmoid(x) ({name})", _LOWER_BOUND["SiLU"])
+        if producer.op == "call_method":
+            if producer.target in _NONNEG_METHODS or (producer.target in ("clamp", "clamp_", "clamp_min") and _clamp_min(producer) >= 0):
+                return False, f"features end with {name}: non-negative, as NMF needs"
+        return True, f"features end with {name}, so they can be negative"
+
+    def is_dropout(self, node) -> bool:
+        if node.op == "call_module":
+            return isinstance(self.modules[node.target], _DROPOUTS)
+        return node.op == "call_function" and node.target in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout)
+
+    def node_name(self, source, producer) -> str:
+        """A module whose output is the feature map (usable as --feature-layer), else a description."""
+        stack = list((source.meta.get("nn_module_stack") or {}).keys())
+        if source.op == "call_module" and (not stack or stack[-1] != source.target):
+            stack.append(source.target)
+        position = {n: i for i, n in enumerate(self.gm.graph.nodes)}
+        all_stacks = [set((n.meta.get("nn_module_stack") or {}).keys()) for n in self.gm.graph.nodes]
+        calls = [n.target for n in self.gm.graph.nodes if n.op == "call_module"]
+        for name in stack:  # outermost first
+            # A module called twice (a shared activation) is no use as a hook target.
+            if "@" in name or any(f"{name}@1" in st for st in all_stacks) or calls.count(name) > 1:
+                continue
+            inside = [n for n, st in zip(self.gm.graph.nodes, all_stacks) if name in st
+                      or (n.op == "call_module" and n.target == name)]
+            if inside and max(inside, key=position.get) is source:
+                return str(name)
+        node = producer if producer is not None else source
+        prev = node
+        for _ in range(16):  # a function at the top level (F.relu after 'features'): name its neighbour
+            prev = _main_input(prev) if prev is not None else None
+            if prev is None:
+                break
+            if prev.op == "call_module":
+                return f"{self.describe(node)} after '{prev.target}'"
+        return self.describe(node)
+
+    def chain_text(self, forward_chain) -> str:
+        return " -> ".join(self.describe(n) for _, n, _ in forward_chain)
+
+    # -- reasons --------------------------------------------------------------------------
+
+    def refuse(self, chain, pool_text: str = "") -> _WalkResult:
+        """Explain why the walk found no plain pooling + affine head."""
+        forward = list(reversed(chain))
+        if pool_text:  # a global pooling was found: what follows it is the problem
+            forward = forward[1:]
+        kinds = [k for k, _, _ in chain]
+        nonlinear = [self.describe(n) for k, n, _ in forward if k in ("nonlinear", "max-pool")]
+        unknown = [self.describe(n) for k, n, _ in forward if k == "unknown"]
+        linears = sum(1 for k, n, p in forward if k == "affine" and isinstance(p, _Affine) and self.is_linear_layer(n))
+        notes = [f"walking back from the output: {self.chain_text(chain)}"]
+        if "token" in kinds:
+            node = next(n for k, n, _ in chain if k == "token")
+            text = (f"The head reads a single token ({self.describe(node)}, the class token of a Vision Transformer) "
+                    "instead of averaging over positions, so the logit is not a sum of per-position contributions.")
+            return _WalkResult(reason=text, certain=True, notes=notes)
+        if "max-pool" in kinds and not pool_text:
+            node = next(n for k, n, _ in chain if k == "max-pool")
+            return _WalkResult(reason=f"The model pools with a maximum ({self.describe(node)}), not a mean, so the logit "
+                                      "is not a sum of per-position contributions.", certain=True, notes=notes)
+        tail = self.chain_text([c for c in forward if c[0] != "stop"][-10:])
+        if pool_text and nonlinear:
+            what = "an MLP head" if linears >= 2 else "non-linear layers"
+            return _WalkResult(
+                reason=(f"After the global pooling ({pool_text}) the model applies {what}: {tail}. "
+                        f"{', '.join(nonlinear)} {'is' if len(nonlinear) == 1 else 'are'} non-linear, so the logit "
+                        "is not a linear function of the pooled features and cannot be split into per-position "
+                        "contributions."),
+                certain=True, notes=notes)
+        if pool_text:
+            return _WalkResult(
+                reason=(f"After the global pooling ({pool_text}) the model applies {tail}; phpn cannot tell whether "
+                        f"{', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} affine."),
+                certain=False, notes=notes)
+        partial = next((n for k, n, _ in chain if k == "partial-pool"), None)
+        if partial is not None:
+            tail = self.chain_text([c for c in forward if c[0] not in ("stop", "partial-pool")][-10:])
+            grid = _shape(partial)
+            grid_text = f" keeps a {grid[-2]}x{grid[-1]} grid" if grid and len(grid) == 4 else " does not average over all positions"
+            mlp = (f" The classifier is an MLP ({linears} linear layers with {', '.join(sorted(set(_type_only(d) for d in nonlinear)))} "
+                   "between them), which is non-linear.") if linears >= 2 and nonlinear else ""
+            return _WalkResult(
+                reason=(f"There is no global average pooling before the classifier: {self.describe(partial)}{grid_text}, "
+                        f"which is flattened and fed to the head ({tail}).{mlp}"),
+                certain=True, notes=notes)
+        if nonlinear:
+            return _WalkResult(reason=f"No global average pooling was found before the head, and the last operations are "
+                                      f"non-linear: {tail}.", certain=True, notes=notes)
+        return _WalkResult(reason=f"No global average pooling followed by a linear head was found; the last operations "
+                                  f"are: {tail}.", certain=False, notes=notes)
+
+    def is_linear_layer(self, node) -> bool:
+        if node.op == "call_module":
+            m = self.modules[node.target]
+            return isinstance(m, (nn.Linear, nn.Conv2d))
+        return node.op == "call_function" and node.target is F.linear
+
+
+def _is_mean_op(node: fx.Node) -> bool:
+    return ((node.op == "call_method" and node.target == "mean")
+            or (node.op == "call_function" and node.target in (torch.mean, F.adaptive_avg_pool2d, F.adaptive_avg_pool1d)))
+
+
+def _type_only(desc: str) -> str:
+    return desc.split(" ")[0]
+
+
+def _index_text(idx) -> str:
+    if not isinstance(idx, tuple):
+        idx = (idx,)
+    parts = []
+    for i in idx:
+        if i == slice(None):
+            parts.append(":")
+        elif i is Ellipsis:
+            parts.append("...")
+        else:
+            parts.append(str(i))
+    return ", ".join(parts)
+
+
+def _is_swish(node: fx.Node) -> bool:
+    """x * sigmoid(x), the hand-written SiLU."""
+    a, b = (node.args + (None, None))[:2]
+    for x, s in ((a, b), (b, a)):
+        if isinstance(s, fx.Node) and s.target in (torch.sigmoid, F.sigmoid, "sigmoid") and s.args and s.args[0] is x:
+            return True
+    return False
+
+
+def _almost_note(name: str, bound: float) -> str:
+    return (f"features end with {name}, which dips slightly below zero (minimum {bound}); "
+            "NMF needs non-negative features, so the small negative part must be handled (e.g. clamped)")
+
+
+def _arg(node: fx.Node, pos: int, name: str, default=None):
+    if len(node.args) > pos:
+        return node.args[pos]
+    return node.kwargs.get(name, default)
+
+
+def _scalar_arg(node: fx.Node):
+    others = [a for a in list(node.args) + list(node.kwargs.values()) if not isinstance(a, fx.Node)]
+    tensors = [a for a in node.args if isinstance(a, fx.Node)]
+    if len(tensors) == 1 and len(others) == 1 and isinstance(others[0], (int, float)):
+        return float(others[0])
+    return None
+
+
+def _scalar_affine(node: fx.Node, value: float) -> Optional[_Affine]:
+    """x*s, x/s, x+s, x-s, s*x, s+x, s-x as an affine map; None for s/x (not affine)."""
+    name = _fn_name(node.target).strip("_").lstrip("i") if node.op == "call_function" else node.target.rstrip("_")
+    name = {"truediv": "div", "mul": "mul", "add": "add", "sub": "sub", "div": "div"}.get(name, name)
+    tensor_first = isinstance(node.args[0], fx.Node)
+    if name == "div" and not tensor_first:
+        return None
+
+    def read(root, width):
+        eye = torch.eye(width, dtype=torch.float64)
+        zero = torch.zeros(width, dtype=torch.float64)
+        if name == "mul":
+            return eye * value, zero
+        if name == "div":
+            return eye / value, zero
+        if name == "add":
+            return eye, zero + value
+        return (eye, zero - value) if tensor_first else (-eye, zero + value)
+
+    return _Affine(f"{name} by {value:g}", read, scalar=True)
+
+
+def _clamp_min(node: fx.Node) -> float:
+    low = _arg(node, 1, "min")
+    return float(low) if isinstance(low, (int, float)) else -math.inf
+
+
+# ----------------------------------------------------------------------------- reading the head
+
+
+def _linear_params(m: nn.Linear):
+    w = m.weight.detach().double()
+    b = m.bias.detach().double() if m.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+    return w, b
+
+
+def _conv1x1_params(m: nn.Conv2d):
+    w = m.weight.detach().double().reshape(m.out_channels, m.in_channels)
+    b = m.bias.detach().double() if m.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+    return w, b
+
+
+def _batchnorm_params(m):
+    scale = m.weight.detach().double() if m.weight is not None else torch.ones_like(m.running_var, dtype=torch.float64)
+    shift = m.bias.detach().double() if m.bias is not None else torch.zeros_like(m.running_mean, dtype=torch.float64)
+    a = scale / torch.sqrt(m.running_var.double() + m.eps)
+    return torch.diag(a), shift - a * m.running_mean.double()
+
+
+def _layernorm_params(m: nn.LayerNorm):
+    d = m.normalized_shape[0]
+    g = m.weight.detach().double() if m.weight is not None else torch.ones(d, dtype=torch.float64)
+    beta = m.bias.detach().double() if getattr(m, "bias", None) is not None else torch.zeros(d, dtype=torch.float64)
+    return g, beta, float(m.eps)
+
+
+def _pooled_width(root: nn.Module, ops: list) -> int:
+    """Width of the pooled vector: the input width of the first op that has a fixed one."""
+    for op in ops:
+        if isinstance(op, _LayerNorm):
+            return int(op.read(root)[0].shape[0])
+        if not op.scalar:
+            return int(op.read(root)[0].shape[1])
+    raise NotDecomposableError("The head has no linear layer.", EXACTNESS_NEEDS)
+
+
+def _effective_head(root: nn.Module, ops: list):
+    """Compose the post-pool ops into (W, b, PostPoolNorm or None), all float64."""
+    width = _pooled_width(root, ops)
+    A = torch.eye(width, dtype=torch.float64)
+    c = torch.zeros(width, dtype=torch.float64)
+    ln = None
+    for op in ops:
+        if isinstance(op, _LayerNorm):
+            ln = op.read(root)
+            continue
+        M, m = op.read(root, A.shape[0])
+        A, c = M @ A, M @ c + m
+    if ln is None:
+        return A, c, None
+    g, beta, eps = ln
+    # LN(z) . v = (1/sigma(z)) z . (g*v - mean(g*v)) + beta . v  (METHOD.md section 4)
+    gv = A * g[None, :]
+    return gv - gv.mean(dim=1, keepdim=True), c + A @ beta, PostPoolNorm(eps=eps)
+
+
+# ----------------------------------------------------------------------------- the backbone
+
+
+def _to_channels_first(t: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "NHWC":
+        return t.permute(0, 3, 1, 2)
+    if layout == "NCL":
+        return t.unsqueeze(-1)
+    if layout == "NLD":
+        n = t.shape[1]
+        side = math.isqrt(n)
+        t = t.transpose(1, 2)
+        return t.reshape(t.shape[0], t.shape[1], side, side) if side * side == n else t.unsqueeze(-1)
+    return t
+
+
+def _cut_graph(root: nn.Module, graph: fx.Graph, feature: fx.Node, layout: str) -> fx.GraphModule:
+    """A GraphModule computing the traced graph up to ``feature`` (sharing root's parameters)."""
+    new = fx.Graph()
+    env = {}
+    for node in graph.nodes:
+        if node.op == "output":
+            break
+        env[node] = new.node_copy(node, lambda n: env[n])
+        if node is feature:
+            break
+    out = env[feature]
+    if layout != "NCHW":
+        out = new.call_function(_to_channels_first, (out, layout))
+    new.output(out)
+    gm = fx.GraphModule(root, new, class_name="Backbone")
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+def _from_channels_first(t: torch.Tensor, layout: str, like_shape: tuple) -> torch.Tensor:
+    if layout == "NHWC":
+        return t.permute(0, 2, 3, 1)
+    if layout == "NCL":
+        return t.squeeze(-1)
+    if layout == "NLD":
+        return t.flatten(2).transpose(1, 2)
+    return t
+
+
+def _cut_tail(root: nn.Module, graph: fx.Graph, feature: fx.Node, layout: str) -> fx.GraphModule:
+    """A GraphModule (features (B, D, H, W), *model inputs) -> logits: the model after ``feature``.
+
+    Nodes after the cut may only depend on the feature map, the inputs (e.g. ``x.size(0)``)
+    and attributes; anything else raises, and the float64 head check is skipped.
+    """
+    new = fx.Graph()
+    fin = new.placeholder("phpn_features")
+    like = _shape(feature)
+    env = {feature: new.call_function(_from_channels_first, (fin, layout, like))}
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            env[node] = new.node_copy(node, lambda n: env[n])
+    order = {n: i for i, n in enumerate(graph.nodes)}
+
+    def bring(node):
+        if node in env:
+            return env[node]
+        if node.op == "get_attr" or (order[node] > order[feature]):
+            env[node] = new.node_copy(node, bring)
+            return env[node]
+        if bring_ok(node):
+            env[node] = new.node_copy(node, bring)
+            return env[node]
+        raise ValueError(f"the head also reads {node.name}, computed before the feature map")
+
+    def bring_ok(node):  # sizes and other non-tensor values read off the inputs
+        return (node in env or node.op in ("placeholder", "get_attr")
+                or (_shape(node) is None and all(bring_ok(a) for a in node.all_input_nodes)))
+
+    out = next(n for n in graph.nodes if n.op == "output")
+    new.output(fx.map_arg(out.args[0], bring))
+    return fx.GraphModule(root, new, class_name="Head")
+
+
+class _Stop(Exception):
+    pass
+
+
+class HookedBackbone(nn.Module):
+    """Runs the model until ``layer`` has produced its output, and returns that output."""
+
+    def __init__(self, model: nn.Module, layer: str, layout: str = "NCHW"):
+        super().__init__()
+        self.model = model
+        self.layer = layer
+        self.layout = layout
+
+    def forward(self, x):
+        box = {}
+
+        def grab(module, inputs, output):
+            box["out"] = output
+            raise _Stop  # the rest of the network is not needed
+
+        handle = self.model.get_submodule(self.layer).register_forward_hook(grab)
+        try:
+            self.model(x)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        if "out" not in box:
+            raise NotDecomposableError(f"The layer '{self.layer}' did not run during the forward pass.",
+                                       "Pick a layer that the model uses (see model.named_modules()).")
+        return _to_channels_first(box["out"], self.layout)
+
+
+def _record_outputs(model: nn.Module, x: torch.Tensor):
+    records, handles = [], []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        handles.append(module.register_forward_hook(
+            lambda m, i, o, name=name: records.append((name, m, o if isinstance(o, torch.Tensor) else None))))
+    try:
+        with torch.no_grad():
+            logits = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return records, logits
+
+
+def _layout_for(shape: tuple, width: int) -> Optional[str]:
+    if len(shape) == 4:
+        return "NCHW" if shape[1] == width else "NHWC" if shape[3] == width else None
+    if len(shape) == 3:
+        return "NLD" if shape[2] == width else "NCL" if shape[1] == width else None
+    return None
+
+
+def _plan_from_hooks(model: nn.Module, x: torch.Tensor, logits: torch.Tensor,
+                     feature_layer: Optional[str], head_layer: Optional[str]) -> _Plan:
+    names = dict(model.named_modules())
+    for label, given in (("--feature-layer", feature_layer), ("--head-layer", head_layer)):
+        if given and given not in names:
+            close = [n for n in names if n and (given in n or n.endswith(given))][:6]
+            raise ConfigError(f"The model has no layer named '{given}' ({label}).",
+                              f"Similar names: {', '.join(close)}." if close else "List them with model.named_modules().")
+    records, _ = _record_outputs(model, x)
+    order = {name: i for i, (name, _, _) in enumerate(records)}
+
+    if head_layer:
+        head_mod = names[head_layer]
+        if not isinstance(head_mod, nn.Linear):
+            raise NotDecomposableError(f"The head layer '{head_layer}' is a {type(head_mod).__name__}, not a Linear layer.",
+                                       "Name the final nn.Linear with --head-layer.")
+        head_name = head_layer
+    else:
+        found = [name for name, m, out in records
+                 if isinstance(m, nn.Linear) and out is not None and out.shape == logits.shape and torch.equal(out, logits)]
+        if not found:
+            raise NotDecomposableError("No Linear layer's output is the model's output (the logits).",
+                                       "Name the head with --head-layer and the feature layer with --feature-layer.")
+        head_name = found[-1]
+        head_mod = names[head_name]
+    width = head_mod.in_features
+    head_at = order.get(head_name, len(records))
+
+    if feature_layer:
+        candidates = [feature_layer]
+    else:
+        scored = []
+        for i, (name, m, out) in enumerate(records[:head_at]):
+            if out is None or _layout_for(tuple(out.shape), width) is None:
+                continue
+            positions = math.prod(out.shape[1:]) // width
+            scored.append((positions > 1, i, name))
+        candidates = [name for _, _, name in sorted(scored, reverse=True)][:8]
+        if not candidates:
+            raise NotDecomposableError(
+                f"No layer before the head '{head_name}' outputs a feature map with {width} channels.",
+                "Name the feature layer with --feature-layer.")
+
+    ops = [_Affine(head_name, lambda root, width=None, n=head_name: _linear_params(root.get_submodule(n)))]
+    tried = []
+    for name in candidates:
+        out = next((o for n, _, o in records if n == name and o is not None), None)
+        if out is None:
+            tried.append(f"{name} (no tensor output)")
+            continue
+        layout = _layout_for(tuple(out.shape), width)
+        if layout is None:
+            tried.append(f"{name} (output {tuple(out.shape)} does not have {width} channels)")
+            continue
+        plan = _Plan(make_backbone=lambda root, n=name, lay=layout: HookedBackbone(root, n, lay),
+                     ops=ops, feature_layer=name, head_layer=head_name, signed=None,
+                     notes=[f"feature layer '{name}' (output {tuple(out.shape)}, {layout}) and head '{head_name}' "
+                            f"({'given' if feature_layer or head_layer else 'found from the layer outputs'})"])
+        try:
+            _check(model, plan, x, logits, full=False)
+            return plan
+        except NotDecomposableError as err:
+            tried.append(f"{name} ({err.problem})")
+    raise NotDecomposableError(
+        f"Averaging the output of {'the layer' if feature_layer else 'each candidate layer'} and applying "
+        f"'{head_name}' does not reproduce the logits: {'; '.join(tried[:4])}.",
+        "Name the layer right before the global average pooling with --feature-layer.",
+    )
+
+
+# ----------------------------------------------------------------------------- building and checking
+
+
+def _realise(root: nn.Module, plan: _Plan, dtype: torch.dtype) -> HeadSplit:
+    backbone = plan.make_backbone(root)
+    W, b, norm = _effective_head(root, plan.ops)
+    folded = [op.name for op in plan.ops if op.name != plan.head_layer]
+    return HeadSplit(backbone=backbone, weight=W.to(dtype), bias=b.to(dtype), post_pool_norm=norm,
+                     signed_features=bool(plan.signed), feature_layer=plan.feature_layer,
+                     head_layer=plan.head_layer, notes=list(plan.notes), folded_layers=folded)
+
+
+def _dtype(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    scale = float(b.abs().max()) or 1.0
+    return float((a - b).abs().max()) / max(scale, 1e-12)
+
+
+def _check(model: nn.Module, plan: _Plan, x: torch.Tensor, logits: torch.Tensor, *, full: bool) -> HeadSplit:
+    """The split, after checking that it reproduces the model's logits on ``x``."""
+    split = _realise(model, plan, _dtype(model))
+    with torch.no_grad():
+        feats = split.backbone(x)
+        if feats.ndim != 4:
+            raise NotDecomposableError(f"The feature layer returns shape {tuple(feats.shape)}, not (B, D, H, W).", "")
+        if feats.shape[1] != split.num_features:
+            raise NotDecomposableError(f"The features have {feats.shape[1]} channels but the head expects "
+                                       f"{split.num_features}.", "")
+        err = _relative_error(split.logits_from_features(feats), logits)
+    dtype_name = str(x.dtype).replace("torch.", "")
+    if err > TOL_FLOAT32:
+        raise NotDecomposableError(
+            f"The split does not reproduce the model's logits (max relative difference {err:.2g} in {dtype_name}): "
+            f"something between '{plan.feature_layer}' and the output is not a plain mean + affine head.",
+            "Check that the model is deterministic in eval mode, or name the layers with --feature-layer/--head-layer.",
+        )
+    if not full:
+        return split
+    if plan.signed is None:
+        plan.signed = bool(feats.min() < 0)
+        plan.notes.append("no activation before the pooling was recognised; on the example input the features were "
+                          + ("negative in places (signed)" if plan.signed else "non-negative"))
+        split.signed_features, split.notes = plan.signed, list(plan.notes)
+    size = "x".join(str(s) for s in x.shape[1:])
+    note = f"verified on a random {size} input: max relative logit difference {err:.1e} ({dtype_name})"
+    err64 = _tail_error_float64(model, plan, x, feats)
+    if err64 is not None:
+        if err64 > TOL_FLOAT64:
+            raise NotDecomposableError(
+                f"In float64 the folded head differs from the model's head by {err64:.2g} (relative): the layers "
+                "after the pooling are not exactly affine.", EXACTNESS_NEEDS)
+        note += f"; the head alone agrees to {err64:.1e} in float64"
+    split.notes.append(note)
+    return split
+
+
+def _tail_error_float64(model: nn.Module, plan: _Plan, x: torch.Tensor, feats: torch.Tensor) -> Optional[float]:
+    """Run the model's own layers after the feature map in float64 and compare with the folded head.
+
+    The backbone is the model's own graph, so the float32 check covers it; this checks the
+    algebra of the head (pooling, folding) far below float32 rounding, at almost no cost.
+    """
+    if plan.make_tail is None:
+        return None
+    try:
+        tail = copy.deepcopy(plan.make_tail(model)).double().eval()
+        W, b, norm = _effective_head(model, plan.ops)
+        head64 = HeadSplit(backbone=nn.Identity(), weight=W, bias=b, post_pool_norm=norm)
+        f64 = feats.double()
+        with torch.no_grad():
+            return _relative_error(head64.logits_from_features(f64), tail(f64, x.double()))
+    except Exception:
+        return None  # e.g. a layer with hard-coded float32 constants; the float32 check stands
+
+
+def _finish(model: nn.Module, plan: _Plan, x: torch.Tensor, logits: torch.Tensor, verify: bool) -> HeadSplit:
+    if not verify:
+        split = _realise(model, plan, _dtype(model))
+        split.signed_features = bool(plan.signed) if plan.signed is not None else True
+        return split
+    return _check(model, plan, x, logits, full=True)

@@ -1,0 +1,320 @@
+"""torchvision architectures: recognise them from a state dict, build them, load weights.
+
+Recognition compares the checkpoint's key names and tensor shapes with each candidate
+architecture's own state dict, built on the ``meta`` device (no memory, no weights, no
+downloads). Two models of one family differ in their layer counts (resnet18 vs resnet34)
+or widths (resnet50 vs resnext50_32x4d), so an exact key-and-shape match names the
+architecture; only the head's row count (the number of classes) is left free.
+
+Models are always built with ``weights=None``: phpn never downloads anything. The default
+preprocessing and the ImageNet class names come from torchvision's offline metadata.
+"""
+from __future__ import annotations
+
+import functools
+import re
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torchvision
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from ..data import Preprocess
+from ..errors import CheckpointError
+from .checkpoint import strip_common_prefix, strip_wrapper_prefixes
+
+# family -> (architecture names, keys every member's state dict has). The markers only
+# narrow the search; the exact comparison decides.
+FAMILIES = {
+    "resnet": (r"resnet\d+|resnext\d+_\w+|wide_resnet\d+_2", {"conv1.weight", "layer1.0.conv1.weight", "fc.weight"}),
+    "densenet": (r"densenet\d+", {"features.conv0.weight", "classifier.weight"}),
+    "efficientnet": (r"efficientnet_(b[0-7]|v2_[sml])", {"features.0.0.weight", "classifier.1.weight"}),
+    "mobilenet_v2": (r"mobilenet_v2", {"features.0.0.weight", "classifier.1.weight"}),
+    "regnet": (r"regnet_[xy]_\w+", {"stem.0.weight", "fc.weight"}),
+    "convnext": (r"convnext_\w+", {"features.0.0.weight", "classifier.0.weight", "classifier.2.weight"}),
+    "swin": (r"swin_(v2_)?[tsb]", {"features.0.0.weight", "norm.weight", "head.weight"}),
+    # Recognised so that the doctor can refuse them with a reason (METHOD.md section 4).
+    "vgg": (r"vgg\d+(_bn)?", {"features.0.weight", "classifier.6.weight"}),
+    "vit": (r"vit_\w+", {"class_token", "heads.head.weight"}),
+    "mobilenet_v3": (r"mobilenet_v3_(small|large)", {"features.0.0.weight", "classifier.3.weight"}),
+}
+REFUSED_FAMILIES = {"vgg", "vit", "mobilenet_v3"}
+_SENTINEL_CLASSES = 9973  # a row count no real head has, to tell head tensors apart
+
+
+def torchvision_classifiers() -> list:
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def family_of(arch: str) -> Optional[str]:
+    for family, (pattern, _) in FAMILIES.items():
+        if re.fullmatch(pattern, arch):
+            return family
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def known_archs() -> tuple:
+    """The torchvision classifiers phpn recognises, decomposable or not."""
+    return tuple(a for a in torchvision_classifiers() if family_of(a) is not None)
+
+
+def canonical_arch(name: str) -> str:
+    """'ResNet-50' -> 'resnet50'; any torchvision classifier name is accepted."""
+    wanted = re.sub(r"[-_\s]", "", name.strip().lower())
+    for arch in torchvision_classifiers():
+        if arch.replace("_", "") == wanted:
+            return arch
+    raise CheckpointError(
+        f"'{name}' is not a torchvision architecture phpn can build.",
+        f"Use one of: {', '.join(known_archs())}; or give your own model file with --model-def FILE.py:FACTORY.",
+    )
+
+
+class _EmptyOnMeta(TorchFunctionMode):
+    """Allocate ``torch.empty`` on the meta device: layers get shapes but no memory.
+
+    Narrower than ``with torch.device("meta")``: other tensors stay real, so builders that
+    compute layer widths with tensors (RegNet) still work.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.empty:
+            kwargs["device"] = "meta"
+        return func(*args, **kwargs)
+
+
+def _builder_kwargs(arch: str) -> dict:
+    # Builders whose defaults only make sense with pretrained weights.
+    if arch in ("googlenet", "inception_v3"):
+        return {"aux_logits": False, "init_weights": False}
+    return {}
+
+
+def build_model(arch: str, num_classes: int, *, empty: bool = False) -> nn.Module:
+    """A torchvision model with random (or, with ``empty``, unallocated) weights. Never downloads."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if empty:
+            with _EmptyOnMeta():
+                return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **_builder_kwargs(arch))
+        return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **_builder_kwargs(arch))
+
+
+@dataclass(frozen=True)
+class _Signature:
+    shapes: dict  # key -> shape; head tensors have -1 as their first dimension
+    head_weight: str
+
+
+def _ignored(key: str) -> bool:
+    # Old checkpoints lack BatchNorm's counter; torch fills it in when loading.
+    return key.endswith("num_batches_tracked")
+
+
+@functools.lru_cache(maxsize=None)
+def _signature(arch: str) -> _Signature:
+    model = build_model(arch, _SENTINEL_CLASSES, empty=True)
+    shapes, head_weight = {}, ""
+    for key, tensor in model.state_dict().items():
+        if _ignored(key):
+            continue
+        shape = tuple(tensor.shape)
+        if shape and shape[0] == _SENTINEL_CLASSES:
+            shape = (-1,) + shape[1:]
+            if len(shape) >= 2 and not head_weight:
+                head_weight = key
+        shapes[key] = shape
+    return _Signature(shapes, head_weight)
+
+
+@dataclass
+class _Diff:
+    missing: list
+    unexpected: list
+    wrong_shape: list  # (key, checkpoint shape, expected shape)
+
+    @property
+    def size(self) -> int:
+        return len(self.missing) + len(self.unexpected) + len(self.wrong_shape)
+
+    def describe(self, limit: int = 4) -> str:
+        parts = []
+        if self.missing:
+            parts.append(f"{len(self.missing)} missing (e.g. {', '.join(self.missing[:limit])})")
+        if self.unexpected:
+            parts.append(f"{len(self.unexpected)} unexpected (e.g. {', '.join(self.unexpected[:limit])})")
+        if self.wrong_shape:
+            shown = "; ".join(f"{k} is {tuple(a)} but should be {tuple(b)}" for k, a, b in self.wrong_shape[:limit])
+            parts.append(f"{len(self.wrong_shape)} with the wrong shape ({shown})")
+        return ", ".join(parts)
+
+
+def _compare(state_dict: Mapping, arch: str) -> _Diff:
+    sig = _signature(arch)
+    have = {k: tuple(v.shape) for k, v in state_dict.items() if not _ignored(k)}
+    missing = [k for k in sig.shapes if k not in have]
+    unexpected = [k for k in have if k not in sig.shapes]
+    wrong = []
+    for key, expected in sig.shapes.items():
+        got = have.get(key)
+        if got is None:
+            continue
+        free = expected[:1] == (-1,)
+        if len(got) != len(expected) or any(e != g for e, g in zip(expected, got) if not (free and e == -1)):
+            wrong.append((key, got, expected))
+    return _Diff(missing, unexpected, wrong)
+
+
+def _candidates(keys: set) -> list:
+    fams = [f for f, (_, markers) in FAMILIES.items() if markers <= keys]
+    archs = [a for a in known_archs() if family_of(a) in fams]
+    return archs or list(known_archs())
+
+
+def normalise_state_dict(state_dict: Mapping) -> dict:
+    """Wrapper prefixes off, old DenseNet key names ("norm.1") renamed, floats as float32.
+
+    Half-precision (or float64) checkpoints are cast so that the model runs in float32 on the CPU.
+    """
+    sd = strip_wrapper_prefixes(state_dict)
+    sd = {_DENSENET_OLD_KEY.sub(r"\1\2", k): v for k, v in sd.items()}
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
+
+
+# torchvision's DenseNet once named its layers "norm.1" instead of "norm1".
+_DENSENET_OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
+
+
+def _views(state_dict: Mapping):
+    """The state dict as it is, then with a shared first name component removed."""
+    yield state_dict, ""
+    stripped, prefix = strip_common_prefix(state_dict)
+    if prefix:
+        yield stripped, prefix
+
+
+def head_rows(state_dict: Mapping, arch: str) -> int:
+    return int(state_dict[_signature(arch).head_weight].shape[0])
+
+
+def infer_arch(state_dict: Mapping) -> tuple[str, int]:
+    """``(arch, num_classes)`` of the torchvision architecture this state dict belongs to."""
+    arch, num_classes, _ = _infer(normalise_state_dict(state_dict))
+    return arch, num_classes
+
+
+def _infer(sd: dict) -> tuple[str, int, dict]:
+    best = None  # (diff size, arch, diff) of the nearest miss, for the error message
+    for view, _prefix in _views(sd):
+        keys = set(view)
+        matches = []
+        for arch in _candidates(keys):
+            diff = _compare(view, arch)
+            if diff.size == 0:
+                matches.append(arch)
+            elif best is None or diff.size < best[0]:
+                best = (diff.size, arch, diff)
+        if len(matches) == 1:
+            return matches[0], head_rows(view, matches[0]), view
+        if len(matches) > 1:
+            raise CheckpointError(
+                f"The checkpoint fits several architectures equally well: {', '.join(matches)}.",
+                f"Say which one with --arch (e.g. --arch {matches[0]}).",
+            )
+    hint = ""
+    if best is not None and best[0] <= max(8, len(sd) // 10):
+        hint = f" The nearest is {best[1]}, but {best[2].describe(3)}."
+    raise CheckpointError(
+        f"Could not tell the architecture from the checkpoint's {len(sd)} weight names and shapes: "
+        f"it matches none of torchvision's {', '.join(sorted(FAMILIES))} models exactly.{hint}",
+        "Name it with --arch, or give your model's code with --model-def FILE.py:FACTORY.",
+    )
+
+
+def load_torchvision(state_dict: Mapping, arch: Optional[str] = None, num_classes: Optional[int] = None):
+    """Build ``arch`` (inferred when None) and load ``state_dict`` strictly.
+
+    Returns ``(model, arch, num_classes, notes)``; the model is in eval mode on the CPU.
+    """
+    sd = normalise_state_dict(state_dict)
+    notes = []
+    if arch is None:
+        arch, rows, sd = _infer(sd)
+        notes.append(f"architecture inferred from the weight names and shapes: {arch}")
+    else:
+        arch = canonical_arch(arch)
+        sd, rows = _fit_named_arch(sd, arch)
+    if num_classes is not None and int(num_classes) != rows:
+        raise CheckpointError(
+            f"You asked for {num_classes} classes but the checkpoint's head ({_signature(arch).head_weight}) "
+            f"has {rows} rows, i.e. {rows} classes.",
+            f"Drop --num-classes or set it to {rows}.",
+        )
+    return _instantiate(arch, rows, sd), arch, rows, notes
+
+
+def _fit_named_arch(sd: dict, arch: str) -> tuple[dict, int]:
+    first_diff = None
+    for view, _prefix in _views(sd):
+        diff = _compare(view, arch)
+        if diff.size == 0:
+            return view, head_rows(view, arch)
+        first_diff = first_diff or diff
+    suggestion = ""
+    try:
+        guessed, _ = infer_arch(sd)
+        suggestion = f" The weights look like {guessed}: try --arch {guessed}."
+    except CheckpointError:
+        suggestion = " If it is your own architecture, give its code with --model-def FILE.py:FACTORY."
+    raise CheckpointError(
+        f"The checkpoint does not fit {arch}: {first_diff.describe()}.{suggestion}",
+        "Check --arch.",
+    )
+
+
+def _instantiate(arch: str, num_classes: int, sd: dict) -> nn.Module:
+    # Build without allocating, then take the checkpoint's tensors as the parameters
+    # (assign=True): no random initialisation of millions of weights that are overwritten.
+    model = build_model(arch, num_classes, empty=True)
+    try:
+        model.load_state_dict(sd, strict=True, assign=True)
+    except RuntimeError as exc:  # _compare passed, so this is unexpected; say what torch said
+        raise CheckpointError(f"Loading the weights into {arch} failed: {_first_line(str(exc))}", "Check --arch.") from None
+    if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
+        model = build_model(arch, num_classes)  # something not in the state dict was left unallocated
+        model.load_state_dict(sd, strict=True)
+    return model.eval()
+
+
+def _first_line(text: str) -> str:
+    return next((ln.strip() for ln in text.splitlines() if ln.strip()), text)[:300]
+
+
+def default_preprocess(arch: str) -> Preprocess:
+    """Resize/crop/mean/std of torchvision's reference weights for ``arch`` (metadata only)."""
+    try:
+        t = torchvision.models.get_model_weights(arch).DEFAULT.transforms()
+        return Preprocess(resize=int(t.resize_size[0]), crop=int(t.crop_size[0]),
+                          mean=tuple(float(m) for m in t.mean), std=tuple(float(s) for s in t.std))
+    except (ValueError, KeyError, AttributeError, TypeError):
+        return Preprocess()
+
+
+def imagenet_categories() -> list:
+    """The 1000 ImageNet class names, from torchvision's metadata (no download)."""
+    return list(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def class_names(arch: str, num_classes: int) -> Optional[list]:
+    if num_classes != 1000:
+        return None
+    try:
+        return list(torchvision.models.get_model_weights(arch).DEFAULT.meta["categories"])
+    except (ValueError, KeyError, AttributeError):
+        return imagenet_categories()
