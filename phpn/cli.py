@@ -1,0 +1,267 @@
+"""Command line: ``python -m phpn {discover,certify,explain,doctor,evaluate} --help``.
+
+With ``--json`` a command prints exactly one JSON object on stdout; progress goes to
+stderr. User errors print one message (what went wrong, what to do) and exit with 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+from .data import Preprocess
+from .errors import PhpnError
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--demo", help="a built-in demo: fashion-mnist or imagenet-lite0 (instead of --checkpoint)")
+    g.add_argument("--checkpoint", type=Path, help="state dict (.pt/.pth/.bin/.safetensors) or, with --trust-pickle, a pickled model")
+    g.add_argument("--arch", help="torchvision architecture name (inferred from the checkpoint when omitted)")
+    g.add_argument("--model-def", metavar="FILE.py:FACTORY",
+                   help="your own architecture: a Python file and the class or function that builds it (the file is executed)")
+    g.add_argument("--trust-pickle", action="store_true",
+                   help="allow a whole pickled model; only for files you trust, since unpickling runs code")
+    g.add_argument("--num-classes", type=int, help="expected number of classes (checked against the checkpoint)")
+    g.add_argument("--class-names", type=Path, help="text file with one class name per line (or a JSON list)")
+    g.add_argument("--feature-layer", help="name of the layer whose output is the feature map, if detection fails")
+    g.add_argument("--head-layer", help="name of the linear head layer, if detection fails")
+    g = p.add_argument_group("preprocessing (defaults from the model)")
+    g.add_argument("--resize", type=int)
+    g.add_argument("--crop", type=int)
+    g.add_argument("--mean", type=float, nargs="+")
+    g.add_argument("--std", type=float, nargs="+")
+
+
+def _preprocess(args, default: Preprocess) -> Preprocess:
+    values = default.to_dict()
+    for name in ("resize", "crop", "mean", "std"):
+        if getattr(args, name, None) is not None:
+            values[name] = getattr(args, name)
+    if args.crop is not None and args.resize is None:
+        values["resize"] = max(values["resize"], args.crop)
+    return Preprocess.from_dict(values)
+
+
+def _session(args):
+    from .api import open_model, read_class_names
+
+    if not args.demo and not args.checkpoint:
+        raise PhpnError("No model given.", "Pass --checkpoint PATH or --demo NAME.")
+    names = read_class_names(args.class_names) if args.class_names else None
+    session = open_model(args.checkpoint, demo=args.demo, arch=args.arch, model_def=args.model_def,
+                         trust_pickle=args.trust_pickle, num_classes=args.num_classes, class_names=names,
+                         feature_layer=args.feature_layer, head_layer=args.head_layer)
+    pre = _preprocess(args, session.loaded.preprocess)
+    if pre != session.preprocess:
+        session.preprocess = pre
+    return session
+
+
+def _data_dir(args, session):
+    if args.data:
+        return args.data
+    if session.demo:
+        from .demos import get_demo
+
+        return get_demo(session.demo).discovery_dir()
+    raise PhpnError("No image folder given.", "Pass --data DIR (one sub-folder of images per class).")
+
+
+def _emit(args, obj: dict, text: str) -> None:
+    if args.json:
+        print(json.dumps(obj))
+    else:
+        print(text)
+
+
+def cmd_doctor(args) -> int:
+    session = _session(args)
+    d = session.diagnosis
+    obj = {"checkpoint": str(args.checkpoint or args.demo), "arch": session.loaded.arch,
+           "num_classes": session.loaded.num_classes, "sha256": session.loaded.sha256, **d.to_dict()}
+    lines = [f"model: {session.loaded.arch} ({session.loaded.num_classes} classes)", f"verdict: {d.verdict}",
+             f"why: {d.reason}"]
+    if d.split is not None:
+        lines.append(f"features: {d.split.feature_layer} -> head: {d.split.head_layer}, feature map {tuple(d.feature_shape)}")
+    lines += [f"note: {n}" for n in d.notes]
+    _emit(args, obj, "\n".join(lines))
+    return 0 if d.split is not None else 3
+
+
+def cmd_discover(args) -> int:
+    from .api import open_data, run_discovery
+    from .discover import DiscoveryConfig
+    from .progress import TqdmProgress
+    from .runs import save_run
+
+    session = _session(args)
+    defaults = {}
+    if session.demo:
+        from .demos import get_demo
+
+        defaults = dict(get_demo(session.demo).defaults)
+    k = args.k if args.k is not None else defaults.get("k", 3)
+    cap = args.images_per_class if args.images_per_class is not None else defaults.get("images_per_class")
+    solver = args.solver or defaults.get("solver", "lbfgs")
+    config = DiscoveryConfig(k=k, images_per_class=cap, solver=solver, objective=args.objective, scaling=args.scaling,
+                             seed=args.seed, device=args.device, batch_size=args.batch_size)
+    data_dir = _data_dir(args, session)
+    data = open_data(session, data_dir, cap, args.seed)
+    bar = TqdmProgress(disable=args.quiet)
+    label = f"demo:{session.demo}" if session.demo and not args.data else str(data_dir)
+    run = run_discovery(session, data, config, progress=bar, data_label=label)
+    bar.close()
+    path = save_run(run, args.out)
+    cert = run.meta.get("certificate", {})
+    t = run.meta["timings"]
+    obj = {"run": str(path), "classes": len(run.meta["classes"]), "k": run.k, "timings": t, "certificate": cert,
+           "skipped": run.meta["data"]["skipped"]}
+    fid = [f for c in run.meta["classes"] for f in c["fidelity"]]
+    text = (f"saved {path}: {len(run.meta['classes'])} classes x {run.k} prototypes in {t['total_s']:.1f}s "
+            f"(features {t['features_s']:.1f}s, NMF {t['nmf_s']:.1f}s, refinement {t['refine_s']:.1f}s)\n"
+            f"map fidelity: median {sorted(fid)[len(fid) // 2]:.3f}, min {min(fid):.3f}\n"
+            f"certificate: {_cert_text(cert)}")
+    if run.meta["data"]["skipped"]:
+        text += f"\nskipped {len(run.meta['data']['skipped'])} unreadable files (see run.json)"
+    _emit(args, obj, text)
+    return 0
+
+
+def _cert_text(cert: dict) -> str:
+    if not cert:
+        return "not computed"
+    return (f"{'PASSED' if cert['passed'] else 'FAILED'}: top-1 agreement {100 * cert['top1_agreement']:.2f}% on "
+            f"{cert['images']} images, max |Δlogit| {cert['max_logit_diff']:.3g} "
+            f"({cert['relative_logit_diff']:.2g} of max |logit|), head error ≤ {cert['max_head_error']:.2g}")
+
+
+def _run_session(args):
+    """The model a run was made from: a demo's or the checkpoint given again."""
+    from .runs import load_run
+
+    meta_run = load_run(args.run)
+    if not args.checkpoint and not args.demo:
+        args.demo = meta_run.meta.get("demo")
+        if not args.demo:
+            raise PhpnError("This run was made from a checkpoint.", "Pass --checkpoint PATH (and --arch/--model-def as for discover).")
+    session = _session(args)
+    session.preprocess = Preprocess.from_dict(meta_run.meta["preprocess"])
+    from .api import open_run
+
+    run, network = open_run(session, args.run)
+    return session, run, network
+
+
+def cmd_certify(args) -> int:
+    from .api import certify_run, open_data
+
+    session, run, _ = _run_session(args)
+    data = open_data(session, _data_dir(args, session), args.images_per_class, 0)
+    cert = certify_run(session, run, data, args.batch_size, args.device)
+    obj = cert.to_dict()
+    _emit(args, obj, _cert_text(obj))
+    return 0 if cert.passed else 1
+
+
+def cmd_explain(args) -> int:
+    from .api import explain_image
+
+    session, run, network = _run_session(args)
+    class_index = None
+    if args.class_ is not None:
+        class_index = _class_index(args.class_, session.class_names)
+    ex = explain_image(session, network, args.image, class_index)
+    obj = ex.to_dict()
+    obj["prototypes"] = [{"prototype": i, "contribution": float(c)} for i, c in enumerate(ex.contributions)]
+    lines = ["top-5:"] + [f"  {n} (class {c}): logit {lg:.3f}, p = {p:.3f}" for c, n, lg, p in ex.top]
+    lines.append(f"class {ex.class_name} ({ex.class_index}): logit {ex.logit:.4f}")
+    lines += [f"  prototype {i}: {c:+.4f}" for i, c in enumerate(ex.contributions)]
+    lines.append(f"  bias: {ex.bias:+.4f}")
+    lines.append(f"  contributions + bias = {ex.contributions.sum() + ex.bias:.4f}")
+    _emit(args, obj, "\n".join(lines))
+    return 0
+
+
+def _class_index(value: str, names: list) -> int:
+    if value.isdigit() and int(value) < len(names):
+        return int(value)
+    for i, n in enumerate(names):
+        if n.lower() == value.lower():
+            return i
+    raise PhpnError(f"Unknown class '{value}'.", "Give a class index or one of the model's class names.")
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate_run
+
+    session, run, _ = _run_session(args)
+    result = evaluate_run(run, session.split, session.preprocess, _data_dir(args, session), parts_root=args.parts)
+    _emit(args, result, json.dumps(result, indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m phpn", description="Post-hoc part-prototype networks.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("discover", help="discover and refine part-prototypes; save a run")
+    _add_model_args(p)
+    p.add_argument("--data", type=Path, help="image folder, one sub-folder per class (the demo's own with --demo)")
+    p.add_argument("--k", type=int, help="prototypes per class (default 3)")
+    p.add_argument("--images-per-class", type=int, help="cap per class, sampled deterministically")
+    p.add_argument("--solver", choices=["lbfgs", "nelder-mead", "none"])
+    p.add_argument("--objective", choices=["prototype", "residual"], default="prototype")
+    p.add_argument("--scaling", choices=["lstsq", "nnls"], default="lstsq")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--out", type=Path, required=True, help="folder to write the run to")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_discover)
+
+    p = sub.add_parser("certify", help="check that a run reproduces the model's logits")
+    p.add_argument("run", type=Path)
+    _add_model_args(p)
+    p.add_argument("--data", type=Path)
+    p.add_argument("--images-per-class", type=int)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_certify)
+
+    p = sub.add_parser("explain", help="explain one image with a run's prototypes")
+    p.add_argument("run", type=Path)
+    p.add_argument("image", type=Path)
+    p.add_argument("--class", dest="class_", help="class index or name (default: the top decomposed class)")
+    _add_model_args(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("doctor", help="say whether a checkpoint decomposes exactly, and why")
+    _add_model_args(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("evaluate", help="consistency, stability and faithfulness of a run's prototypes")
+    p.add_argument("run", type=Path)
+    _add_model_args(p)
+    p.add_argument("--data", type=Path)
+    p.add_argument("--parts", type=Path, help="root of a CUB-200-2011-layout part annotation")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def main(argv: Optional[list] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except PhpnError as err:
+        if getattr(args, "json", False):
+            print(json.dumps({"error": str(err)}))
+        print(f"error: {err}", file=sys.stderr)
+        return 2
