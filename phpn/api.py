@@ -156,9 +156,8 @@ def explain_image(session: ModelSession, network: PrototypeNetwork, image, class
     names = list(class_names or session.class_names)
     seen = session.preprocess.geometry(image)
     x = session.preprocess.normalise(seen)[None]
-    device = network.prototypes.device
     with torch.inference_mode():
-        feats = network.backbone(x.to(device)).float()
+        feats = network.backbone(x.to(network.backbone_device)).float()
         base = network.explain_features(feats, classes=[], with_maps=False)
         logits = base.logits[0]
         if class_index is None:

@@ -63,7 +63,7 @@ class PrototypeNetwork(nn.Module):
     def explain_features(self, features: torch.Tensor, classes: Optional[Sequence[int]] = None,
                          with_maps: bool = True) -> Explanation:
         """The explanation from precomputed backbone features (B, D, H, W)."""
-        feats = features.to(self.prototypes.dtype)
+        feats = features.to(self.prototypes.device, self.prototypes.dtype)
         pooled = feats.mean(dim=(2, 3))
         scale = self.split.image_scale(pooled)  # (B,)
         logits = scale[:, None] * (pooled @ self.head_weight.T) + self.head_bias
@@ -82,4 +82,10 @@ class PrototypeNetwork(nn.Module):
                            features=feats)
 
     def forward(self, images: torch.Tensor, classes: Optional[Sequence[int]] = None, with_maps: bool = True) -> Explanation:
-        return self.explain_features(self.backbone(images), classes, with_maps)
+        return self.explain_features(self.backbone(images.to(self.backbone_device)), classes, with_maps)
+
+    @property
+    def backbone_device(self) -> torch.device:
+        """Where the backbone's weights are (discovery may have moved it to the GPU)."""
+        first = next(self.backbone.parameters(), None)
+        return first.device if first is not None else self.prototypes.device
