@@ -148,7 +148,8 @@ def _unsafe_content_problem(path: Path, text: str) -> str:
         return (f"{path.name} contains pickled data that the safe loader (weights_only=True) does not accept; "
                 "it may not be a PyTorch checkpoint at all.")
     name = match.group(1)
-    looks_like_model = bool(re.search(r"(models?|nets?|networks?)\.|\.(\w*(Net|Model|Module|Former|Transformer)\w*)$", name))
+    looks_like_model = (name.startswith("torch.nn.modules.") or ".models." in f".{name}"
+                        or bool(re.search(r"\.\w*(Net|Model|Module|Former|Transformer|Classifier)\w*$", name)))
     what = "a whole pickled model" if looks_like_model else "pickled Python objects besides tensors"
     return (f"{path.name} contains {what} (first found: {name}), not just weights, "
             "and reading it would mean running code from the file.")

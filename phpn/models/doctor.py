@@ -56,11 +56,13 @@ class Diagnosis:
         }
 
 
-def diagnose(loaded_or_model, input_size: Optional[tuple] = None) -> Diagnosis:
+def diagnose(loaded_or_model, input_size: Optional[tuple] = None, *, feature_layer: Optional[str] = None,
+             head_layer: Optional[str] = None) -> Diagnosis:
     """Check whether the model decomposes exactly; never raises NotDecomposableError.
 
     ``input_size`` is (channels, height, width); by default the loaded model's crop
-    (channels x crop x crop) or 3x224x224 for a bare module.
+    (channels x crop x crop) or 3x224x224 for a bare module. ``feature_layer`` /
+    ``head_layer`` name the cut by hand when the automatic search cannot find it.
     """
     if isinstance(loaded_or_model, LoadedModel):
         model, arch = loaded_or_model.model, loaded_or_model.arch
@@ -74,7 +76,7 @@ def diagnose(loaded_or_model, input_size: Optional[tuple] = None) -> Diagnosis:
     x = torch.randn((2,) + size, generator=torch.Generator().manual_seed(0))
 
     try:
-        split = split_head(model, example_input=x)
+        split = split_head(model, example_input=x, feature_layer=feature_layer, head_layer=head_layer)
     except NotDecomposableError as err:
         return Diagnosis("impossible", err.problem, notes=list(getattr(err, "notes", [])), arch=arch, input_size=size)
 

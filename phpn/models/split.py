@@ -521,7 +521,7 @@ class _Walk:
         if bad:
             return self.refuse(chain, pool_text=pool_text)
         ops = [p for k, n, p in after_pool if k in ("affine", "layernorm")]
-        if not any(isinstance(op, _Affine) for op in ops):
+        if not any(isinstance(op, _Affine) and not op.scalar for op in ops):
             return _WalkResult(reason=f"There is no linear layer after the pooling ({pool_text}); "
                                       "the model outputs the pooled features themselves.", certain=True)
         lns = [i for i, op in enumerate(ops) if isinstance(op, _LayerNorm)]
@@ -543,9 +543,10 @@ class _Walk:
             return _WalkResult()  # structure settled; wait for shapes
 
         signed, sign_note = self.signedness(producer)
-        heads = [op.name for op in ops if isinstance(op, _Affine)]
+        affine = [op.name for op in ops if isinstance(op, _Affine)]
+        head_layer = [op.name for op in ops if isinstance(op, _Affine) and not op.scalar][-1]
         notes = [f"pooling: {pool_text}" + (f" (with {', '.join(absorbed)})" if absorbed else ""),
-                 f"head: {' then '.join(heads)}"]
+                 f"head: {' then '.join(affine)}"]
         dropouts = [self.describe(n) for k, n, p in after_pool if k == "shape" and self.is_dropout(n)]
         if dropouts:
             notes.append(f"{', '.join(dropouts)}: dropout is the identity at inference")
@@ -560,7 +561,7 @@ class _Walk:
         graph, feature_node = self.gm.graph, source
         plan = _Plan(
             make_backbone=lambda root: _cut_graph(root, graph, feature_node, layout),
-            ops=ops, feature_layer=feature_name, head_layer=heads[-1], signed=signed, notes=notes,
+            ops=ops, feature_layer=feature_name, head_layer=head_layer, signed=signed, notes=notes,
             make_tail=lambda root: _cut_tail(root, graph, feature_node, layout),
         )
         return _WalkResult(plan=plan)
