@@ -112,9 +112,9 @@ def certify_run(session: ModelSession, run: Run, data: ImageFolderData, batch_si
     def batches():
         for start in range(0, len(paths), batch_size):
             batch, kept, _ = load_batch(data.root, [p for _, p in paths[start:start + batch_size]], session.preprocess)
-            report(progress, "certify", min(start + batch_size, len(paths)), len(paths))
             if kept:
                 yield batch
+            report(progress, "certify", min(start + batch_size, len(paths)), len(paths))
 
     return certify(network, session.loaded.model, batches(), run.head_error(), device)
 

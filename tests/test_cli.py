@@ -1,0 +1,88 @@
+"""The command line on a user's own architecture: doctor, discover, certify, explain."""
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import TinyNet
+
+
+def _phpn(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "phpn", *map(str, args)], capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(proc.stderr)
+    return proc
+
+
+@pytest.fixture
+def user_model(tmp_path):
+    source = tmp_path / "tiny.py"
+    source.write_text(textwrap.dedent('''
+        import torch
+        from torch import nn
+        import torch.nn.functional as F
+
+        class Net(nn.Module):
+            def __init__(self, num_classes=4):
+                super().__init__()
+                self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                                          nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU())
+                self.drop = nn.Dropout(0.2)
+                self.classifier = nn.Linear(8, num_classes)
+
+            def forward(self, x):
+                x = F.adaptive_avg_pool2d(self.body(x), 1).flatten(1)
+                return self.classifier(self.drop(x))
+    '''))
+    torch.manual_seed(0)
+    reference = TinyNet()
+    state = {"body.0.weight": reference.features[0].weight, "body.0.bias": reference.features[0].bias,
+             "body.2.weight": reference.features[2].weight, "body.2.bias": reference.features[2].bias,
+             "classifier.weight": reference.fc.weight, "classifier.bias": reference.fc.bias}
+    checkpoint = tmp_path / "tiny.safetensors"
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(checkpoint))
+    return ["--checkpoint", checkpoint, "--model-def", f"{source}:Net", "--resize", "16", "--crop", "16"]
+
+
+def test_doctor_discover_certify_explain(user_model, image_folder, tmp_path):
+    doctor = json.loads(_phpn("doctor", *user_model, "--json").stdout)
+    assert doctor["verdict"] == "exact"
+
+    out = tmp_path / "run"
+    found = json.loads(_phpn("discover", *user_model, "--data", image_folder, "--k", "2", "--out", out,
+                             "--device", "cpu", "--quiet", "--json").stdout)
+    assert found["classes"] == 4 and found["k"] == 2
+    assert found["certificate"]["passed"] and found["certificate"]["top1_agreement"] == 1.0
+    assert (out / "run.json").is_file() and (out / "tensors.safetensors").is_file()
+
+    cert = json.loads(_phpn("certify", out, *user_model, "--data", image_folder, "--device", "cpu", "--json").stdout)
+    assert cert["images"] == 48 and cert["passed"]
+
+    image = image_folder / "2" / "img00.png"
+    explained = json.loads(_phpn("explain", out, image, *user_model, "--class", "2", "--json").stdout)
+    assert explained["class"] == 2 and len(explained["prototypes"]) == 2
+    # Completeness: the prototypes' contributions plus the bias give the class logit.
+    assert explained["contributions_plus_bias"] == pytest.approx(explained["logit"], abs=1e-5)
+    top_logits = [t["logit"] for t in explained["top"]]
+    assert len(top_logits) == 4 and top_logits == sorted(top_logits, reverse=True)
+
+
+def test_errors_are_one_clear_line(tmp_path, image_folder):
+    bad = tmp_path / "broken.pt"
+    bad.write_bytes(b"this is not a checkpoint")
+    proc = _phpn("doctor", "--checkpoint", bad, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+    proc = _phpn("discover", "--out", tmp_path / "x", check=False)
+    assert proc.returncode == 2 and "Pass --checkpoint PATH or --demo NAME" in proc.stderr
+    proc = _phpn("discover", "--demo", "no-such-demo", "--out", tmp_path / "x", "--json", check=False)
+    assert proc.returncode == 2 and "error" in json.loads(proc.stdout)
+
+
+def test_every_subcommand_has_help():
+    for command in ("discover", "certify", "explain", "doctor", "evaluate"):
+        assert "usage: python -m phpn " + command in _phpn(command, "--help").stdout
