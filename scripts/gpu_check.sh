@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# On a CUDA machine: the GPU tests, the engine's tests on that machine, and the benchmark.
+# Results go to $OUT (or ./out) as logs and JSON.
+set -uo pipefail
+out=${OUT:-out}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$out/gpu.txt"
+python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_nmf.py tests/test_refine.py \
+  tests/test_network.py tests/test_pipeline.py 2>&1 | tee "$out/tests.log"
+python3 -m phpn.bench --device cuda --json > "$out/bench_gpu.json"
+python3 -m phpn.bench --device cuda 2>&1 | tee "$out/bench_gpu.txt"
