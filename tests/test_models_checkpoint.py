@@ -129,7 +129,8 @@ def test_pickled_module_needs_the_trust_flag(tmp_path):
 def test_other_python_objects_are_named(tmp_path, weights):
     path = tmp_path / "with_args.pt"
     torch.save({"state_dict": weights, "args": argparse.Namespace(lr=0.1)}, path)
-    with pytest.raises(CheckpointError, match=r"pickled Python objects besides tensors \(first found: argparse.Namespace\)"):
+    found = r"pickled Python objects besides tensors \(first found: argparse.Namespace\)"
+    with pytest.raises(CheckpointError, match=found):
         read_state_dict(path)
     sd, _ = read_state_dict(path, trust_pickle=True)  # trusted: the weights are found
     assert same(sd, weights)
@@ -139,7 +140,8 @@ def test_truncated_zip_checkpoint(tmp_path, weights):
     good, bad = tmp_path / "good.pt", tmp_path / "cut.pt"
     torch.save({"state_dict": weights}, good)
     bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    with pytest.raises(CheckpointError, match=r"cut.pt is not a readable PyTorch checkpoint, or it is damaged.*re-download"):
+    damaged = r"cut.pt is not a readable PyTorch checkpoint, or it is damaged.*re-download"
+    with pytest.raises(CheckpointError, match=damaged):
         read_state_dict(bad)
 
 

@@ -51,7 +51,8 @@ class Body(nn.Module):
 class PoolModule(nn.Module):
     def __init__(self, num_classes=5):
         super().__init__()
-        self.body, self.pool, self.drop, self.fc = Body(), nn.AdaptiveAvgPool2d(1), nn.Dropout(0.5), nn.Linear(8, num_classes)
+        self.body, self.pool = Body(), nn.AdaptiveAvgPool2d(1)
+        self.drop, self.fc = nn.Dropout(0.5), nn.Linear(8, num_classes)
 
     def forward(self, x):
         return self.fc(self.drop(torch.flatten(self.pool(self.body(x)), 1)))

@@ -36,7 +36,8 @@ TRUST_HINT = (
     "do this for a file from an unknown source. Better: re-save it as a state dict with "
     "torch.save(model.state_dict(), path)."
 )
-RESAVE_HINT = "Check that the file is complete (re-download or re-copy it) and that it was written with torch.save or safetensors."
+RESAVE_HINT = ("Check that the file is complete (re-download or re-copy it) and that it was written with "
+               "torch.save or safetensors.")
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _CHUNK = 1 << 20
@@ -79,7 +80,8 @@ def read_checkpoint(path, *, trust_pickle: bool = False) -> Checkpoint:
     if not path.exists():
         raise CheckpointError(f"The checkpoint {path} does not exist.", "Check the path.")
     if not path.is_file():
-        raise CheckpointError(f"The checkpoint {path} is not a file.", "Give the path of a .pt, .pth, .bin or .safetensors file.")
+        raise CheckpointError(f"The checkpoint {path} is not a file.",
+                              "Give the path of a .pt, .pth, .bin or .safetensors file.")
     size = path.stat().st_size
     if size == 0:
         raise CheckpointError(f"The checkpoint {path} is empty (0 bytes).", RESAVE_HINT)
@@ -99,7 +101,8 @@ def read_checkpoint(path, *, trust_pickle: bool = False) -> Checkpoint:
     if isinstance(found, nn.Module):  # e.g. {"model": <pickled module>, "epoch": 3}
         return Checkpoint(None, found.cpu(), sha256, path, "pickled-module")
     if found is None:
-        raise CheckpointError(f"{path.name} holds {_describe(obj)}, but no weights (a dict of tensors) were found in it.",
+        raise CheckpointError(f"{path.name} holds {_describe(obj)}, but no weights (a dict of tensors) were found "
+                              "in it.",
                               "Save the weights with torch.save(model.state_dict(), path).")
     state_dict = {k: v.detach().cpu() for k, v in strip_wrapper_prefixes(found).items()}
     return Checkpoint(state_dict, None, sha256, path, fmt)
@@ -188,6 +191,10 @@ def find_state_dict(obj, _depth: int = 0):
             found = find_state_dict(obj[key], _depth + 1)
             if found is not None:
                 return found
+    # Weights saved side by side with a few plain values ({"conv.weight": ..., "epoch": 3}).
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if len(tensors) >= 2 and 2 * len(tensors) >= len(obj):
+        return tensors
     return None
 
 

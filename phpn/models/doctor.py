@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..errors import NotDecomposableError
+from ..errors import NotDecomposableError, PhpnError
 from .head import HeadSplit, LoadedModel
 from .split import split_head
 
@@ -79,6 +79,12 @@ def diagnose(loaded_or_model, input_size: Optional[tuple] = None, *, feature_lay
         split = split_head(model, example_input=x, feature_layer=feature_layer, head_layer=head_layer)
     except NotDecomposableError as err:
         return Diagnosis("impossible", err.problem, notes=list(getattr(err, "notes", [])), arch=arch, input_size=size)
+    except PhpnError:
+        raise  # the user's input (a layer name, an input size) is wrong: they can fix it
+    except Exception as exc:  # a model phpn cannot analyse should get a verdict, not a traceback
+        return Diagnosis("impossible", f"phpn could not analyse this model's head ({type(exc).__name__}: {exc}).",
+                         notes=["name the layers with --feature-layer and --head-layer to skip the automatic search"],
+                         arch=arch, input_size=size)
 
     with torch.no_grad():
         feature_shape = tuple(int(v) for v in split.backbone(x[:1].to(split.weight.dtype)).shape[1:])

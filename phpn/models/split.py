@@ -20,7 +20,9 @@ How the cut is found, generically:
    and the feature layer (the last 4-D output with the head's width), or the user names them.
 
 Whatever found the cut, it is verified numerically: the split's logits must equal the
-model's on a random input (float64 copy when the model is small enough, float32 always).
+model's on a random input (relative 1e-4 in the model's dtype; call it on a float64 model
+for a float64 check), and the model's own layers after the cut are re-run in float64 to
+check the folded head far below float32 rounding.
 """
 from __future__ import annotations
 
@@ -66,14 +68,6 @@ def split_head(model: nn.Module, *, feature_layer: Optional[str] = None, head_la
     else:
         plan = _plan_from_trace(model, x, logits)
     return _finish(model, plan, x, logits, verify)
-
-
-def analyse(model: nn.Module, example_input: Optional[torch.Tensor] = None):
-    """(HeadSplit or None, reason if None, notes): split_head that reports instead of raising."""
-    try:
-        return split_head(model, example_input=example_input), "", []
-    except NotDecomposableError as err:
-        return None, str(err.problem), list(getattr(err, "notes", []))
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -157,7 +151,8 @@ def _plan_from_trace(model: nn.Module, x: torch.Tensor, logits: torch.Tensor) ->
             gm = _trace(model, expand)
         except Exception as exc:
             if just_opened is None:
-                return _fallback_after_trace_failure(model, x, logits, f"torch.fx could not trace the model ({type(exc).__name__}: {exc})")
+                why = f"torch.fx could not trace the model ({type(exc).__name__}: {exc})"
+                return _fallback_after_trace_failure(model, x, logits, why)
             opaque.add(just_opened)  # that module's own code is not traceable: keep it closed
             expand.discard(just_opened)
             just_opened = None
@@ -167,7 +162,8 @@ def _plan_from_trace(model: nn.Module, x: torch.Tensor, logits: torch.Tensor) ->
             try:
                 ShapeProp(gm).propagate(x)
             except Exception as exc:
-                return _fallback_after_trace_failure(model, x, logits, f"the traced graph did not run ({type(exc).__name__}: {exc})")
+                why = f"the traced graph did not run ({type(exc).__name__}: {exc})"
+                return _fallback_after_trace_failure(model, x, logits, why)
         result = _Walk(gm, shapes=shaped, opaque=opaque).run()
         if result.expand and len(expand) < _MAX_EXPANSIONS:
             expand.add(result.expand)
@@ -198,7 +194,8 @@ def _fallback_after_trace_failure(model, x, logits, why: str) -> _Plan:
         raise NotDecomposableError(
             f"{why}; and looking at the layers' outputs did not find a plain pooling + linear head either "
             f"({err.problem})",
-            "Name the layers with --feature-layer (the last layer before the pooling) and --head-layer (the final Linear).",
+            "Name the layers with --feature-layer (the last layer before the pooling) and --head-layer "
+            "(the final Linear).",
         ) from None
     plan.notes.insert(0, f"{why}; found with forward hooks instead")
     return plan
@@ -229,6 +226,7 @@ _SHAPE_METHODS = {"flatten", "view", "reshape", "squeeze", "unsqueeze", "contigu
 _SHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose,
                     torch.clone, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
                     F.feature_alpha_dropout, torch.detach}
+_DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout}
 _NONNEG_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Softplus, nn.Hardsigmoid, nn.Softmax)
 _NONNEG_FUNCTIONS = {F.relu, F.relu6, torch.relu, torch.relu_, F.relu_, torch.sigmoid, F.sigmoid, F.softplus,
                      F.hardsigmoid}
@@ -459,7 +457,8 @@ class _Walk:
         if not self.shapes:
             return "pool", "NCHW"  # decided once shapes are known
         shape, out = _shape(node.args[0]), _shape(node)
-        if isinstance(kernel, fx.Node) or (isinstance(kernel, (tuple, list)) and any(isinstance(k, fx.Node) for k in kernel)):
+        kernel_parts = kernel if isinstance(kernel, (tuple, list)) else (kernel,)
+        if any(isinstance(k, fx.Node) for k in kernel_parts):
             # The kernel is computed from the input's size (avg_pool2d(x, x.shape[2:])): whole map.
             whole = out is not None and len(out) == 4 and out[2] == out[3] == 1
         else:
@@ -486,7 +485,7 @@ class _Walk:
 
     def functional_linear(self, node):
         w, b = _arg(node, 1, "weight"), _arg(node, 2, "bias")
-        if not isinstance(w, fx.Node) or w.op != "get_attr" or (b is not None and (not isinstance(b, fx.Node) or b.op != "get_attr")):
+        if not _is_attr(w) or (b is not None and not _is_attr(b)):
             return "unknown", None
         wt, bt = w.target, (b.target if b is not None else None)
 
@@ -501,7 +500,7 @@ class _Walk:
         shape = _arg(node, 1, "normalized_shape")
         w, b = _arg(node, 2, "weight"), _arg(node, 3, "bias")
         eps = _arg(node, 4, "eps", 1e-5)
-        if len(tuple(shape)) != 1 or any(v is not None and (not isinstance(v, fx.Node) or v.op != "get_attr") for v in (w, b)):
+        if len(tuple(shape)) != 1 or any(v is not None and not _is_attr(v) for v in (w, b)):
             return "nonlinear", None
         wt, bt, d = (w.target if w is not None else None), (b.target if b is not None else None), int(tuple(shape)[0])
 
@@ -526,7 +525,8 @@ class _Walk:
                                       "the model outputs the pooled features themselves.", certain=True)
         lns = [i for i, op in enumerate(ops) if isinstance(op, _LayerNorm)]
         if len(lns) > 1 or (lns and lns[0] != 0):
-            return _WalkResult(reason=f"A LayerNorm follows a linear layer after the pooling ({self.chain_text(after_pool)}); "
+            return _WalkResult(reason="A LayerNorm follows a linear layer after the pooling "
+                                      f"({self.chain_text(after_pool)}); "
                                       "only a normalisation directly on the pooled features can be folded exactly.",
                                certain=True)
 
@@ -595,9 +595,11 @@ class _Walk:
         pooled = _shape(pool_node)
         width = int(math.prod(pooled[1:])) if pooled else None
         if len(shape) == 4:
-            layout = hint if hint in ("NCHW", "NHWC") else ("NCHW" if shape[1] == width else "NHWC" if shape[3] == width else None)
+            by_width = "NCHW" if shape[1] == width else "NHWC" if shape[3] == width else None
+            layout = hint if hint in ("NCHW", "NHWC") else by_width
         elif len(shape) == 3:
-            layout = hint if hint in ("NLD", "NCL") else ("NLD" if shape[2] == width else "NCL" if shape[1] == width else None)
+            by_width = "NLD" if shape[2] == width else "NCL" if shape[1] == width else None
+            layout = hint if hint in ("NLD", "NCL") else by_width
         else:
             layout = None
         return (node, layout, absorbed) if layout else (None, None, absorbed)
@@ -634,7 +636,8 @@ class _Walk:
                 return False, f"features end with {name}: non-negative, as NMF needs"
             key = type(m).__name__
             if isinstance(m, _ALMOST_NONNEG_MODULES) or "swish" in key.lower():
-                return True, _almost_note(name, _LOWER_BOUND.get(key, _LOWER_BOUND["SiLU"] if "swish" in key.lower() else -0.3))
+                fallback = _LOWER_BOUND["SiLU"] if "swish" in key.lower() else -0.3
+                return True, _almost_note(name, _LOWER_BOUND.get(key, fallback))
             if not _is_torch_module(m):
                 return None, ""
             return True, f"features end with {name}, so they can be negative"
@@ -646,14 +649,15 @@ class _Walk:
         if producer.op == "call_function" and producer.target in (operator.mul, torch.mul) and _is_swish(producer):
             return True, _almost_note(f"x * sigmoid(x) ({name})", _LOWER_BOUND["SiLU"])
         if producer.op == "call_method":
-            if producer.target in _NONNEG_METHODS or (producer.target in ("clamp", "clamp_", "clamp_min") and _clamp_min(producer) >= 0):
+            clamps_at_zero = producer.target in ("clamp", "clamp_", "clamp_min") and _clamp_min(producer) >= 0
+            if producer.target in _NONNEG_METHODS or clamps_at_zero:
                 return False, f"features end with {name}: non-negative, as NMF needs"
         return True, f"features end with {name}, so they can be negative"
 
     def is_dropout(self, node) -> bool:
         if node.op == "call_module":
             return isinstance(self.modules[node.target], _DROPOUTS)
-        return node.op == "call_function" and node.target in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout)
+        return node.op == "call_function" and node.target in _DROPOUT_FUNCTIONS
 
     def node_name(self, source, producer) -> str:
         """A module whose output is the feature map (usable as --feature-layer), else a description."""
@@ -667,7 +671,7 @@ class _Walk:
             # A module called twice (a shared activation) is no use as a hook target.
             if "@" in name or any(f"{name}@1" in st for st in all_stacks) or calls.count(name) > 1:
                 continue
-            inside = [n for n, st in zip(self.gm.graph.nodes, all_stacks) if name in st
+            inside = [n for n, st in zip(self.gm.graph.nodes, all_stacks, strict=True) if name in st
                       or (n.op == "call_module" and n.target == name)]
             if inside and max(inside, key=position.get) is source:
                 return str(name)
@@ -703,7 +707,8 @@ class _Walk:
             return _WalkResult(reason=text, certain=True, notes=notes)
         if "max-pool" in kinds and not pool_text:
             node = next(n for k, n, _ in chain if k == "max-pool")
-            return _WalkResult(reason=f"The model pools with a maximum ({self.describe(node)}), not a mean, so the logit "
+            return _WalkResult(reason=f"The model pools with a maximum ({self.describe(node)}), not a mean, so the "
+                                      "logit "
                                       "is not a sum of per-position contributions.", certain=True, notes=notes)
         tail = self.chain_text([c for c in forward if c[0] != "stop"][-10:])
         if pool_text and nonlinear:
@@ -723,16 +728,19 @@ class _Walk:
         if partial is not None:
             tail = self.chain_text([c for c in forward if c[0] not in ("stop", "partial-pool")][-10:])
             grid = _shape(partial)
-            grid_text = f" keeps a {grid[-2]}x{grid[-1]} grid" if grid and len(grid) == 4 else " does not average over all positions"
-            mlp = (f" The classifier is an MLP ({linears} linear layers with {', '.join(sorted(set(_type_only(d) for d in nonlinear)))} "
+            grid_text = (f" keeps a {grid[-2]}x{grid[-1]} grid" if grid and len(grid) == 4
+                         else " does not average over all positions")
+            between = ", ".join(sorted({_type_only(d) for d in nonlinear}))
+            mlp = (f" The classifier is an MLP ({linears} linear layers with {between} "
                    "between them), which is non-linear.") if linears >= 2 and nonlinear else ""
             return _WalkResult(
-                reason=(f"There is no global average pooling before the classifier: {self.describe(partial)}{grid_text}, "
+                reason=("There is no global average pooling before the classifier: "
+                        f"{self.describe(partial)}{grid_text}, "
                         f"which is flattened and fed to the head ({tail}).{mlp}"),
                 certain=True, notes=notes)
         if nonlinear:
-            return _WalkResult(reason=f"No global average pooling was found before the head, and the last operations are "
-                                      f"non-linear: {tail}.", certain=True, notes=notes)
+            return _WalkResult(reason="No global average pooling was found before the head, and the last operations "
+                                      f"are non-linear: {tail}.", certain=True, notes=notes)
         return _WalkResult(reason=f"No global average pooling followed by a linear head was found; the last operations "
                                   f"are: {tail}.", certain=False, notes=notes)
 
@@ -745,7 +753,8 @@ class _Walk:
 
 def _is_mean_op(node: fx.Node) -> bool:
     return ((node.op == "call_method" and node.target == "mean")
-            or (node.op == "call_function" and node.target in (torch.mean, F.adaptive_avg_pool2d, F.adaptive_avg_pool1d)))
+            or (node.op == "call_function" and node.target in (torch.mean, F.adaptive_avg_pool2d,
+                                                               F.adaptive_avg_pool1d)))
 
 
 def _type_only(desc: str) -> str:
@@ -773,6 +782,10 @@ def _is_swish(node: fx.Node) -> bool:
         if isinstance(s, fx.Node) and s.target in (torch.sigmoid, F.sigmoid, "sigmoid") and s.args and s.args[0] is x:
             return True
     return False
+
+
+def _is_attr(node) -> bool:
+    return isinstance(node, fx.Node) and node.op == "get_attr"
 
 
 def _almost_note(name: str, bound: float) -> str:
@@ -910,10 +923,8 @@ def _cut_graph(root: nn.Module, graph: fx.Graph, feature: fx.Node, layout: str) 
     if layout != "NCHW":
         out = new.call_function(_to_channels_first, (out, layout))
     new.output(out)
-    gm = fx.GraphModule(root, new, class_name="Backbone")
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
-    return gm
+    # No dead-code elimination: it would drop in-place ops whose result is unused (x.relu_()).
+    return fx.GraphModule(root, new, class_name="Backbone")
 
 
 def _from_channels_first(t: torch.Tensor, layout: str, like_shape: tuple) -> torch.Tensor:
@@ -1025,19 +1036,21 @@ def _plan_from_hooks(model: nn.Module, x: torch.Tensor, logits: torch.Tensor,
         if given and given not in names:
             close = [n for n in names if n and (given in n or n.endswith(given))][:6]
             raise ConfigError(f"The model has no layer named '{given}' ({label}).",
-                              f"Similar names: {', '.join(close)}." if close else "List them with model.named_modules().")
+                              f"Similar names: {', '.join(close)}." if close
+                              else "List them with model.named_modules().")
     records, _ = _record_outputs(model, x)
     order = {name: i for i, (name, _, _) in enumerate(records)}
 
     if head_layer:
         head_mod = names[head_layer]
         if not isinstance(head_mod, nn.Linear):
-            raise NotDecomposableError(f"The head layer '{head_layer}' is a {type(head_mod).__name__}, not a Linear layer.",
+            raise NotDecomposableError(f"The head layer '{head_layer}' is a {type(head_mod).__name__}, "
+                                       "not a Linear layer.",
                                        "Name the final nn.Linear with --head-layer.")
         head_name = head_layer
     else:
-        found = [name for name, m, out in records
-                 if isinstance(m, nn.Linear) and out is not None and out.shape == logits.shape and torch.equal(out, logits)]
+        found = [name for name, m, out in records if isinstance(m, nn.Linear) and out is not None
+                 and out.shape == logits.shape and torch.equal(out, logits)]
         if not found:
             raise NotDecomposableError("No Linear layer's output is the model's output (the logits).",
                                        "Name the head with --head-layer and the feature layer with --feature-layer.")
@@ -1050,7 +1063,7 @@ def _plan_from_hooks(model: nn.Module, x: torch.Tensor, logits: torch.Tensor,
         candidates = [feature_layer]
     else:
         scored = []
-        for i, (name, m, out) in enumerate(records[:head_at]):
+        for i, (name, _, out) in enumerate(records[:head_at]):
             if out is None or _layout_for(tuple(out.shape), width) is None:
                 continue
             positions = math.prod(out.shape[1:]) // width

@@ -29,7 +29,8 @@ def parse_model_def(spec: str) -> tuple[Path, str]:
     path_text, sep, factory = str(spec).rpartition(":")  # rpartition: Windows paths contain ':' too
     if not sep or not path_text.endswith(".py") or not factory.isidentifier():
         raise ConfigError(f"'{spec}' is not of the form FILE.py:FACTORY.",
-                          "Give the Python file and the function or class that builds the model, e.g. --model-def net.py:Net.")
+                          "Give the Python file and the function or class that builds the model, "
+                          "e.g. --model-def net.py:Net.")
     path = Path(path_text)
     if not path.is_file():
         raise ConfigError(f"The model file {path} does not exist.", "Check the path given to --model-def.")
@@ -95,7 +96,8 @@ def build_user_model(spec: str, *, num_classes: Optional[int] = None, state_dict
     try:
         model = factory(**kwargs)
     except Exception as exc:
-        raise ConfigError(f"Calling {factory_name}({', '.join(f'{k}={v}' for k, v in kwargs.items())}) from {path.name} "
+        call = f"{factory_name}({', '.join(f'{k}={v}' for k, v in kwargs.items())})"
+        raise ConfigError(f"Calling {call} from {path.name} "
                           f"failed ({type(exc).__name__}: {exc}).",
                           "The factory must build the model with no arguments (or num_classes only).") from exc
     if not isinstance(model, nn.Module):
@@ -119,7 +121,8 @@ def load_into(model: nn.Module, state_dict: Mapping, what: str) -> list:
             return [f"removed the prefix '{prefix}' from every weight name"] if prefix else []
         first_problem = first_problem or problem
     raise CheckpointError(f"The checkpoint does not fit {what}: {first_problem}.",
-                          "Check that --model-def builds the same architecture (and class count) the checkpoint was trained with.")
+                          "Check that --model-def builds the same architecture (and class count) the checkpoint "
+                          "was trained with.")
 
 
 def describe_mismatch(expected: Mapping, given: Mapping, limit: int = 4) -> str:

@@ -100,10 +100,11 @@ def build_model(arch: str, num_classes: int, *, empty: bool = False) -> nn.Modul
     """A torchvision model with random (or, with ``empty``, unallocated) weights. Never downloads."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        kwargs = dict(weights=None, num_classes=num_classes, **_builder_kwargs(arch))
         if empty:
             with _EmptyOnMeta():
-                return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **_builder_kwargs(arch))
-        return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **_builder_kwargs(arch))
+                return torchvision.models.get_model(arch, **kwargs)
+        return torchvision.models.get_model(arch, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -166,15 +167,16 @@ def _compare(state_dict: Mapping, arch: str) -> _Diff:
         if got is None:
             continue
         free = expected[:1] == (-1,)
-        if len(got) != len(expected) or any(e != g for e, g in zip(expected, got) if not (free and e == -1)):
+        differs = any(e != g for e, g in zip(expected, got) if not (free and e == -1))
+        if len(got) != len(expected) or differs:
             wrong.append((key, got, expected))
     return _Diff(missing, unexpected, wrong)
 
 
 def _candidates(keys: set) -> list:
+    # Every member of a family has its marker keys, so other families cannot match exactly.
     fams = [f for f, (_, markers) in FAMILIES.items() if markers <= keys]
-    archs = [a for a in known_archs() if family_of(a) in fams]
-    return archs or list(known_archs())
+    return [a for a in known_archs() if family_of(a) in fams]
 
 
 def normalise_state_dict(state_dict: Mapping) -> dict:
@@ -188,7 +190,8 @@ def normalise_state_dict(state_dict: Mapping) -> dict:
 
 
 # torchvision's DenseNet once named its layers "norm.1" instead of "norm1".
-_DENSENET_OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
+_DENSENET_OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
+                               r"((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
 
 
 def _views(state_dict: Mapping):
@@ -285,7 +288,8 @@ def _instantiate(arch: str, num_classes: int, sd: dict) -> nn.Module:
     try:
         model.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as exc:  # _compare passed, so this is unexpected; say what torch said
-        raise CheckpointError(f"Loading the weights into {arch} failed: {_first_line(str(exc))}", "Check --arch.") from None
+        raise CheckpointError(f"Loading the weights into {arch} failed: {_first_line(str(exc))}",
+                              "Check --arch.") from None
     if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
         model = build_model(arch, num_classes)  # something not in the state dict was left unallocated
         model.load_state_dict(sd, strict=True)
