@@ -186,3 +186,10 @@ def test_a_dict_without_weights(tmp_path):
     torch.save({"epoch": 3, "config": {"lr": 0.1}}, path)
     with pytest.raises(CheckpointError, match=r"holds a dict with keys \['epoch', 'config'\], but no weights"):
         read_state_dict(path)
+
+
+def test_weights_saved_next_to_plain_values(tmp_path, weights):
+    path = tmp_path / "flat.pt"
+    torch.save({**weights, "epoch": 12, "arch": "tiny"}, path)
+    sd, _ = read_state_dict(path)
+    assert same(sd, weights)

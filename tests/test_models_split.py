@@ -155,6 +155,18 @@ def test_conv1x1_head_and_custom_head_module():
     assert torch.allclose(split.weight, model.head.fc.weight.detach() / 2)
 
 
+def test_in_place_activation_whose_result_is_unused():
+    class InPlace(PoolModule):
+        def forward(self, x):
+            feats = self.body.conv2(F.relu(self.body.bn(self.body.conv1(x))))
+            feats.relu_()  # the return value is dropped; the mutation is what counts
+            return self.fc(feats.mean((2, 3)))
+
+    torch.manual_seed(0)
+    split = assert_exact(InPlace())
+    assert split.signed_features is False
+
+
 def test_float32_split_is_within_float32_rounding():
     torch.manual_seed(0)
     model = PoolModule().eval()

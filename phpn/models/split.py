@@ -535,6 +535,7 @@ class _Walk:
             return _WalkResult(reason=f"The pooling {pool_text} does not average a feature map phpn can read "
                                       f"(input shape {_shape(pool_node.args[0])}).", certain=False)
         producer = self.producer(source)
+        mutated = self.in_place_activation(source, pool_node)
         if producer is not None and producer.op == "call_module":
             m = self.modules[producer.target]
             if not _is_torch_module(m) and producer.target not in self.opaque:
@@ -542,7 +543,7 @@ class _Walk:
         if not self.shapes:
             return _WalkResult()  # structure settled; wait for shapes
 
-        signed, sign_note = self.signedness(producer)
+        signed, sign_note = self.signedness(mutated or producer)
         affine = [op.name for op in ops if isinstance(op, _Affine)]
         head_layer = [op.name for op in ops if isinstance(op, _Affine) and not op.scalar][-1]
         notes = [f"pooling: {pool_text}" + (f" (with {', '.join(absorbed)})" if absorbed else ""),
@@ -560,7 +561,7 @@ class _Walk:
         feature_name = self.node_name(source, producer)
         graph, feature_node = self.gm.graph, source
         plan = _Plan(
-            make_backbone=lambda root: _cut_graph(root, graph, feature_node, layout),
+            make_backbone=lambda root: _cut_graph(root, graph, feature_node, layout, pool_node),
             ops=ops, feature_layer=feature_name, head_layer=head_layer, signed=signed, notes=notes,
             make_tail=lambda root: _cut_tail(root, graph, feature_node, layout),
         )
@@ -614,6 +615,15 @@ class _Walk:
                 return node
             node = _main_input(node)
         return node
+
+    def in_place_activation(self, source, pool_node):
+        """An in-place op applied to the feature map before the pooling, whose result is unused."""
+        order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
+        found = None
+        for user in source.users:
+            if not user.users and order[source] < order[user] < order[pool_node]:
+                found = user
+        return found
 
     def classify_shape_only(self, node):
         if node.op == "call_module":
@@ -909,16 +919,22 @@ def _to_channels_first(t: torch.Tensor, layout: str) -> torch.Tensor:
     return t
 
 
-def _cut_graph(root: nn.Module, graph: fx.Graph, feature: fx.Node, layout: str) -> fx.GraphModule:
-    """A GraphModule computing the traced graph up to ``feature`` (sharing root's parameters)."""
+def _cut_graph(root: nn.Module, graph: fx.Graph, feature: fx.Node, layout: str, pool: fx.Node) -> fx.GraphModule:
+    """A GraphModule computing the traced graph up to ``feature`` (sharing root's parameters).
+
+    Ops between the feature map and the pooling whose result nobody uses (``x.relu_()``) are
+    kept: they act by mutating the map.
+    """
     new = fx.Graph()
     env = {}
+    past_feature = False
     for node in graph.nodes:
-        if node.op == "output":
+        if node.op == "output" or node is pool:
             break
+        if past_feature and (node.users or not all(a in env for a in node.all_input_nodes)):
+            continue
         env[node] = new.node_copy(node, lambda n: env[n])
-        if node is feature:
-            break
+        past_feature = past_feature or node is feature
     out = env[feature]
     if layout != "NCHW":
         out = new.call_function(_to_channels_first, (out, layout))
