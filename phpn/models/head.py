@@ -69,8 +69,9 @@ class HeadSplit:
     def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
         """(B, D, H, W) -> (B, C): the original model's logits, recomputed from the split."""
         pooled = features.mean(dim=(2, 3))
-        w = self.weight.to(features.dtype)
-        return self.image_scale(pooled)[:, None] * (pooled @ w.T) + self.bias.to(features.dtype)
+        w = self.weight.to(device=features.device, dtype=features.dtype)
+        b = self.bias.to(device=features.device, dtype=features.dtype)
+        return self.image_scale(pooled)[:, None] * (pooled @ w.T) + b
 
 
 @dataclass
