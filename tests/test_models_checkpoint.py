@@ -193,3 +193,18 @@ def test_weights_saved_next_to_plain_values(tmp_path, weights):
     torch.save({**weights, "epoch": 12, "arch": "tiny"}, path)
     sd, _ = read_state_dict(path)
     assert same(sd, weights)
+
+
+def test_trusted_pickle_whose_class_is_gone(tmp_path, monkeypatch):
+    import importlib
+    import sys
+
+    (tmp_path / "gone_net.py").write_text("from torch import nn\nclass GoneNet(nn.Linear):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("gone_net")
+    path = tmp_path / "gone.pt"
+    torch.save(module.GoneNet(2, 2), path)
+    (tmp_path / "gone_net.py").unlink()
+    monkeypatch.delitem(sys.modules, "gone_net")
+    with pytest.raises(CheckpointError, match=r"pickled model whose class cannot be found here.*--model-def"):
+        read_checkpoint(path, trust_pickle=True)

@@ -142,3 +142,13 @@ def test_family_markers_hold_for_every_member():
 
     for arch in known_archs():
         assert FAMILIES[family_of(arch)][1] <= set(_signature(arch).shapes), arch
+
+
+def test_ambiguous_weights_ask_for_arch(monkeypatch):
+    from phpn.models import zoo
+
+    real = zoo._compare
+    # Pretend resnet34 had resnet18's shapes: both fit, so phpn must ask.
+    monkeypatch.setattr(zoo, "_compare", lambda sd, arch: real(sd, "resnet18" if arch == "resnet34" else arch))
+    with pytest.raises(CheckpointError, match=r"fits several architectures equally well: resnet18, resnet34.*--arch"):
+        infer_arch(shapes_only("resnet18", 3))

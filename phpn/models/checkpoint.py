@@ -138,6 +138,12 @@ def _torch_load(path: Path, trust_pickle: bool):
         text = str(exc)
         if not trust_pickle and "Weights only load failed" in text:
             raise CheckpointError(_unsafe_content_problem(path, text), TRUST_HINT) from None
+        if trust_pickle and isinstance(exc, (AttributeError, ModuleNotFoundError)):
+            raise CheckpointError(
+                f"{path.name} holds a pickled model whose class cannot be found here ({exc}).",
+                "Run phpn where that code is importable, or re-save the weights with "
+                "torch.save(model.state_dict(), path) and give the architecture with --arch or --model-def.",
+            ) from None
         detail = _first_line(text) or type(exc).__name__
         raise CheckpointError(
             f"{path.name} is not a readable PyTorch checkpoint, or it is damaged ({type(exc).__name__}: {detail}).",
