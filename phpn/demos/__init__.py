@@ -142,7 +142,7 @@ def _fashion_description() -> str:
     m = _fashion_metrics()
     acc = f"{100 * m['test_accuracy']:.1f}%" if "test_accuracy" in m else "(not trained yet)"
     return (
-        "A small CNN (6 conv layers, 128 channels on a 7x7 grid, global average pooling, one "
+        "A small CNN (5 conv layers, 128 channels on a 7x7 grid, global average pooling, one "
         "linear layer) trained by phpn from scratch on Fashion-MNIST (28x28 grey-scale photos of "
         f"clothing, 10 classes) for this demo; it reaches {acc} on the 10,000 test images. "
         "Discovery uses 100 real training images per class and the explain set 50 real test "
