@@ -165,9 +165,12 @@ def _plan_from_trace(model: nn.Module, x: torch.Tensor, logits: torch.Tensor) ->
                 why = f"the traced graph did not run ({type(exc).__name__}: {exc})"
                 return _fallback_after_trace_failure(model, x, logits, why)
         result = _Walk(gm, shapes=shaped, opaque=opaque).run()
-        if result.expand and len(expand) < _MAX_EXPANSIONS:
-            expand.add(result.expand)
-            just_opened = result.expand
+        if result.expand:
+            if len(expand) < _MAX_EXPANSIONS:
+                expand.add(result.expand)
+                just_opened = result.expand
+            else:  # opened enough modules: read this one from the outside
+                opaque.add(result.expand)
             continue
         if not shaped:
             shaped = True
