@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError
+from .linalg import orthonormalize
 
 EPS = 1e-12
 
@@ -78,10 +79,10 @@ def _range_basis(features: torch.Tensor, rank: int, power_iter: int, generator: 
     """Orthonormal Q (B, N, r) spanning F's dominant column space (randomised range finder)."""
     b, n, d = features.shape
     omega = torch.randn(b, d, rank, generator=generator, dtype=torch.float32).to(features)
-    q, _ = torch.linalg.qr(features @ omega)
+    q = orthonormalize(features @ omega)
     for _ in range(power_iter):
-        z, _ = torch.linalg.qr(features.transpose(1, 2) @ q)
-        q, _ = torch.linalg.qr(features @ z)
+        z = orthonormalize(features.transpose(1, 2) @ q)
+        q = orthonormalize(features @ z)
     return q
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError
+from .linalg import orthonormalize
 
 SOLVERS = ("lbfgs", "nelder-mead", "none")
 OBJECTIVES = ("prototype", "residual")
@@ -152,10 +153,10 @@ def row_space_basis(features: torch.Tensor, rank: int, seed: int = 0, power_iter
     b, n, d = features.shape
     generator = torch.Generator().manual_seed(seed)
     omega = torch.randn(b, n, rank, generator=generator, dtype=torch.float32).to(features)
-    z, _ = torch.linalg.qr(features.transpose(1, 2) @ omega)
+    z = orthonormalize(features.transpose(1, 2) @ omega)
     for _ in range(power_iter):
-        y, _ = torch.linalg.qr(features @ z)
-        z, _ = torch.linalg.qr(features.transpose(1, 2) @ y)
+        y = orthonormalize(features @ z)
+        z = orthonormalize(features.transpose(1, 2) @ y)
     return z
 
 
