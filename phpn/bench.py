@@ -102,6 +102,7 @@ def run_benchmark(quick: bool = False, device: str = "auto", k: int = 3, baselin
         "sklearn_relative_error_sample": float(np.mean(sk_errors)),
         "error_ratio_phpn_over_sklearn": float(ours_sample.mean() / np.mean(sk_errors)),
         "phpn_relative_error_all": float(found.relative_error.mean()),
+        "phpn_refine_steps_s": refined.timings,
         "refine_objective_drop": float((1 - refined.objective_after / refined.objective_before).mean()),
         "median_map_fidelity": float(refined.fidelity.median()),
         "max_head_error": head_error,
@@ -125,6 +126,7 @@ def main(argv=None) -> int:
         return 0
     print(f"device {r['device']}, {r['classes']} classes of {r['shape_per_class']} features, k = {r['k']}")
     print(f"phpn     NMF {r['phpn_nmf_s']:.2f}s + refinement {r['phpn_refine_s']:.2f}s = {r['phpn_total_s']:.2f}s")
+    print("         refinement steps: " + ", ".join(f"{k} {v:.2f}s" for k, v in r["phpn_refine_steps_s"].items()))
     print(f"sklearn  NMF {r['sklearn_per_class_s']:.2f}s/class -> {r['sklearn_all_classes_s']:.1f}s for all "
           f"(timed on {r['sklearn_classes_timed']} classes)")
     print(f"speed-up {r['speedup_vs_sklearn_nmf']:.1f}x   relative error phpn {r['phpn_relative_error_sample']:.4f} vs "

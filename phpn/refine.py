@@ -15,6 +15,7 @@ capped evaluations; the paper's choice) and ``none`` (the equal split R/k, for a
 """
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -59,6 +60,7 @@ class RefineResult:
     objective_after: torch.Tensor  # (B,)
     fidelity: torch.Tensor  # (B, k) correlation of F p̃_i with F p_i over the discovery positions
     negative_alpha: torch.Tensor  # (B,) how many α_i < 0
+    timings: dict = None  # seconds per step: scaling, basis, solve, finish
 
 
 def scale(prototypes: torch.Tensor, heads: torch.Tensor, method: str = "lstsq") -> torch.Tensor:
@@ -206,6 +208,7 @@ def refine(features: torch.Tensor, prototypes: torch.Tensor, heads: torch.Tensor
         counts = torch.full((b,), n, dtype=torch.long)
     mask = (torch.arange(n, device=features.device)[None, :] < counts.to(features.device)[:, None]).to(features.dtype)
 
+    clock = _Clock(features.device)
     alpha = scale(prototypes, heads, config.scaling)  # (B, k) float64
     p64, v64 = prototypes.double(), heads.double().to(prototypes.device)
     residual = v64 - (alpha[:, :, None] * p64).sum(1)
@@ -213,7 +216,9 @@ def refine(features: torch.Tensor, prototypes: torch.Tensor, heads: torch.Tensor
     basis = None
     if rank and k > 1 and config.solver != "none" and rank < min(n, d):
         basis = row_space_basis(features, rank, seed=config.seed)
+    clock.lap("scaling")
     problem = _Problem(features, mask, prototypes, alpha, residual, config.objective, basis)
+    clock.lap("basis")
 
     with torch.no_grad():
         free = problem.start()
@@ -228,6 +233,7 @@ def refine(features: torch.Tensor, prototypes: torch.Tensor, heads: torch.Tensor
         free = torch.where(worse[:, None, None], problem.start(), free)
         after = torch.where(worse, before, after)
         shares = problem.shares(free).double()
+        clock.lap("solve")
 
         # Final prototypes in float64; the last one closes the sum so Σ p̃ = v to rounding.
         first = alpha[:, :k - 1, None] * p64[:, :k - 1] + shares[:, :k - 1]
@@ -235,6 +241,7 @@ def refine(features: torch.Tensor, prototypes: torch.Tensor, heads: torch.Tensor
         final = torch.cat([first, last[:, None, :]], dim=1)
         final_maps = features @ final.to(features.dtype).transpose(1, 2)
         fidelity = _correlation(final_maps, problem.nmf_maps, mask)
+        clock.lap("finish")
 
     return RefineResult(
         prototypes=final,
@@ -244,4 +251,19 @@ def refine(features: torch.Tensor, prototypes: torch.Tensor, heads: torch.Tensor
         objective_after=after.double(),
         fidelity=fidelity.double(),
         negative_alpha=(alpha < 0).sum(1),
+        timings=clock.laps,
     )
+
+
+class _Clock:
+    """Wall-clock laps that wait for the GPU, so each step is charged its own time."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.laps, self.last = device, {}, time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.laps[name] = self.laps.get(name, 0.0) + now - self.last
+        self.last = now
