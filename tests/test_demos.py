@@ -171,3 +171,19 @@ def test_lite0_views_regenerate_into_cache(tmp_path, monkeypatch):
         a = lite0.base_view_path(root, photo).read_bytes()
         b = lite0.base_view_path(shipped, photo).read_bytes()
         assert len(a) == pytest.approx(len(b), rel=0.05)
+
+
+@needs_lite0
+def test_lite0_own_loader_matches(lite, monkeypatch):
+    """Without phpn.models' loader the demo's own minimal one gives the same model."""
+    import sys
+
+    import phpn.demos as demos
+
+    monkeypatch.setitem(sys.modules, "phpn.models.lite0", None)  # makes the import fail
+    own = demos._load_lite0()
+    assert own.sha256 == lite.sha256 and own.class_names == lite.class_names
+    assert own.preprocess == lite.preprocess
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(own.model(x), lite.model(x), atol=1e-5)
