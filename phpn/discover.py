@@ -232,5 +232,5 @@ def discover(loaded: LoadedModel, split: HeadSplit, data: ImageFolderData, prepr
         "classes": class_meta,
     }
     return Run(prototypes=torch.cat(prototypes), nmf_prototypes=torch.cat(nmf_protos), alpha=torch.cat(alphas),
-               class_indices=class_indices, head_weight=split.weight.detach().double().cpu(),
-               head_bias=split.bias.detach().double().cpu(), meta=meta)
+               class_indices=class_indices, head_rows=split.weight.detach().cpu()[class_indices].clone(),
+               head_bias=split.bias.detach().cpu().clone(), meta=meta)

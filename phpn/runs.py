@@ -2,7 +2,7 @@
 
 A run is a folder:
   tensors.safetensors   prototypes (Cd, k, D) float64, nmf_prototypes, alpha, class_indices,
-                        head_weight (C, D) and head_bias (C,) as the decomposition saw them
+                        head_rows (Cd, D) of the decomposed classes and head_bias (C,)
   run.json              model identity (checkpoint sha256), class names, preprocessing, every
                         setting and seed, timings, per-class statistics, top patches, certificate
 
@@ -32,11 +32,11 @@ META = "run.json"
 
 @dataclass
 class Run:
-    prototypes: torch.Tensor  # (Cd, k, D) float64, Σ_k = head_weight[class_indices]
+    prototypes: torch.Tensor  # (Cd, k, D) float64, Σ_k = head_rows
     nmf_prototypes: torch.Tensor  # (Cd, k, D) unit rows
     alpha: torch.Tensor  # (Cd, k)
     class_indices: torch.Tensor  # (Cd,) long
-    head_weight: torch.Tensor  # (C, D)
+    head_rows: torch.Tensor  # (Cd, D) the decomposed classes' head rows, in the model's precision
     head_bias: torch.Tensor  # (C,)
     meta: dict = field(default_factory=dict)
     path: Optional[Path] = None
@@ -47,7 +47,7 @@ class Run:
 
     @property
     def class_names(self) -> list:
-        return self.meta.get("model", {}).get("class_names") or [str(i) for i in range(self.head_weight.shape[0])]
+        return self.meta.get("model", {}).get("class_names") or [str(i) for i in range(self.head_bias.shape[0])]
 
     @property
     def checkpoint_sha256(self) -> str:
@@ -61,7 +61,7 @@ class Run:
 
     def head_error(self) -> torch.Tensor:
         """(Cd,) ‖Σ p̃ − v‖ / ‖v‖ per decomposed class."""
-        v = self.head_weight.double()[self.class_indices]
+        v = self.head_rows.double()
         return (self.prototypes.double().sum(1) - v).norm(dim=1) / v.norm(dim=1).clamp(min=1e-30)
 
     def network(self, split):
@@ -74,14 +74,16 @@ class Run:
 def check_split(run: Run, split) -> None:
     """Refuse a model whose head is not the one the run decomposed."""
     w = split.weight.detach().double().cpu()
-    if tuple(w.shape) != tuple(run.head_weight.shape):
+    expected = (run.head_bias.shape[0], run.head_rows.shape[1])
+    if tuple(w.shape) != expected:
         raise RunError(
-            f"This run was made for a head of shape {tuple(run.head_weight.shape)}, "
-            f"but the loaded model's head is {tuple(w.shape)}.",
+            f"This run was made for a head of shape {expected}, but the loaded model's head is {tuple(w.shape)}.",
             "Load the run with the checkpoint it was made from, or run discovery again.",
         )
-    diff = (w - run.head_weight.double()).abs().max().item()
-    if diff > 1e-5 * max(1.0, run.head_weight.abs().max().item()):
+    rows = run.head_rows.double()
+    diff = max((w[run.class_indices] - rows).abs().max().item(),
+               (split.bias.detach().double().cpu() - run.head_bias.double()).abs().max().item())
+    if diff > 1e-5 * max(1.0, rows.abs().max().item()):
         raise RunError("The loaded model's head weights differ from those this run decomposed.",
                        "Load the run with the checkpoint it was made from, or run discovery again.")
 
@@ -96,8 +98,8 @@ def save_run(run: Run, path) -> Path:
         "nmf_prototypes": run.nmf_prototypes.float().contiguous().cpu(),
         "alpha": run.alpha.double().contiguous().cpu(),
         "class_indices": run.class_indices.long().contiguous().cpu(),
-        "head_weight": run.head_weight.double().contiguous().cpu(),
-        "head_bias": run.head_bias.double().contiguous().cpu(),
+        "head_rows": run.head_rows.contiguous().cpu(),
+        "head_bias": run.head_bias.contiguous().cpu(),
     }
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
@@ -136,11 +138,11 @@ def load_run(path, expected_sha256: Optional[str] = None) -> Run:
     if meta.get("format_version") != FORMAT_VERSION:
         raise RunError(f"The run at {path} has format {meta.get('format_version')}, this phpn reads {FORMAT_VERSION}.",
                        "Run discovery again with this version.")
-    missing = {"prototypes", "nmf_prototypes", "alpha", "class_indices", "head_weight", "head_bias"} - set(tensors)
+    missing = {"prototypes", "nmf_prototypes", "alpha", "class_indices", "head_rows", "head_bias"} - set(tensors)
     if missing:
         raise RunError(f"The run at {path} lacks {', '.join(sorted(missing))}.", "Run discovery again.")
     run = Run(meta=meta, path=path, **{name: tensors[name] for name in
-                                       ("prototypes", "nmf_prototypes", "alpha", "class_indices", "head_weight", "head_bias")})
+                                       ("prototypes", "nmf_prototypes", "alpha", "class_indices", "head_rows", "head_bias")})
     if expected_sha256 and run.checkpoint_sha256 and expected_sha256 != run.checkpoint_sha256:
         raise RunError(
             f"This run was made from a different checkpoint (sha256 {run.checkpoint_sha256[:12]}…, "
