@@ -11,3 +11,5 @@ python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_nmf.py tes
   tests/test_network.py tests/test_pipeline.py 2>&1 | tee "$out/tests.log"
 python3 -m phpn.bench --device cuda --json > "$out/bench_gpu.json"
 python3 -m phpn.bench --device cuda 2>&1 | tee "$out/bench_gpu.txt"
+# A live discovery of the fashion-mnist demo on the GPU (certified on its 1,000 images).
+python3 -m phpn discover --demo fashion-mnist --device cuda --out /tmp/fashion-gpu-run --quiet 2>&1 | tee "$out/fashion_gpu.txt"
