@@ -147,3 +147,22 @@ def test_generated_cub_layout_reads_back(tmp_path):
         # The loaded (normalised) image is the drawn one.
         pixels = (x.numpy().transpose(1, 2, 0) * 0.25 + 0.5) * 255
         assert np.abs(pixels - data.images[i]).max() < 0.01
+
+
+def test_generator_occlusion_marks_the_left_out_part_invisible():
+    data = generate(train_per_class=20, test_per_class=0, seed=2, occlusion=0.5)
+    counts = data.visible.sum(1)
+    assert set(counts.tolist()) == {2, 3}
+    for i in np.nonzero(counts == 2)[0]:
+        gone = set(CLASS_PARTS[data.labels[i]]) - set(np.nonzero(data.visible[i])[0].tolist())
+        assert len(gone) == 1
+        assert (data.keypoints[i, list(gone)[0]] == 0).all()
+
+
+def test_every_part_is_needed_to_name_a_class():
+    sets = [set(c) for c in CLASS_PARTS]
+    assert len({frozenset(s) for s in sets}) == len(sets)
+    for s in sets:
+        for p in s:
+            # Leaving out any one part leaves two parts that another class also has.
+            assert sum((s - {p}) <= t for t in sets) >= 2

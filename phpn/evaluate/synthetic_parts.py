@@ -1,9 +1,9 @@
 """A part-annotated benchmark with ground truth: classes made of distinctive parts.
 
-Every image shows the parts of its class (2 or 3 of 8 part types, each with its own shape,
+Every image shows the 3 parts of its class (of 6 part types, each with its own shape,
 colour and texture) at random positions on a varied background with a few distractor
-shapes. The class is the *combination* of parts: part types are shared between classes,
-so no single part names a class. Each part's centre is written as a keypoint, in the
+shapes. The class is the *combination* of parts: each part type is shared by 4 of the 8
+classes, so no single part names a class, and every part is needed to name it. Each part's centre is written as a keypoint, in the
 CUB-200-2011 annotation layout, so :func:`phpn.evaluate.parts.load_cub_parts` reads it
 like the real thing.
 
@@ -28,34 +28,28 @@ from ..errors import ConfigError
 @dataclass(frozen=True)
 class PartType:
     name: str
+    shape: str  # one of SHAPES
     colour: tuple  # main colour (RGB, 0-255): the colour at the part's keypoint
     second: tuple = (0, 0, 0)  # second colour of textured parts
 
 
-PART_TYPES = (
-    PartType("red disc", (220, 30, 30)),
-    PartType("green square", (30, 190, 50)),
-    PartType("blue triangle", (40, 70, 230)),
-    PartType("yellow plus", (240, 220, 20)),
-    PartType("magenta bullseye", (220, 40, 220)),
-    PartType("cyan stripes", (20, 220, 230), (10, 20, 70)),
-    PartType("orange diamond", (250, 140, 10)),
-    PartType("white checker", (250, 250, 250), (15, 15, 15)),
-)
+SHAPES = ("disc", "square", "triangle", "plus", "bullseye", "stripes", "diamond", "checker")
 
-# Each class is a set of part types. No set contains another, and leaving out one part of
-# a 3-part class never gives another class's set, so the class stays readable when a part
-# is occluded.
-CLASS_PARTS = (
-    (0, 1, 2),
-    (0, 3, 4),
-    (1, 3, 5),
-    (2, 4, 6),
-    (5, 6, 7),
-    (0, 7),
-    (1, 6),
-    (2, 3, 7),
+# Three pairs of part types; a class takes one part of each pair (the 8 faces of an
+# octahedron whose vertices are the 6 part types). So every part type belongs to 4 classes,
+# and every part of a class is needed to name it: swapping any one part for its pair gives
+# another class. A model cannot ignore a part, so each part is a ground truth that
+# prototypes should find.
+PART_TYPES = (
+    PartType("red disc", "disc", (220, 30, 30)),
+    PartType("green square", "square", (30, 190, 50)),
+    PartType("blue triangle", "triangle", (40, 70, 230)),
+    PartType("yellow plus", "plus", (240, 220, 20)),
+    PartType("cyan stripes", "stripes", (20, 220, 230), (10, 20, 70)),
+    PartType("white checker", "checker", (250, 250, 250), (15, 15, 15)),
 )
+PAIRS = ((0, 1), (2, 3), (4, 5))
+CLASS_PARTS = tuple((a, b, c) for a in PAIRS[0] for b in PAIRS[1] for c in PAIRS[2])
 
 
 def class_name(index: int, class_parts=CLASS_PARTS, part_types=PART_TYPES) -> str:
@@ -70,7 +64,9 @@ class SyntheticPartsConfig:
     seed: int = 0
     radius: tuple = (6, 8)  # part half-size in pixels, inclusive range
     min_separation: int = 24  # Chebyshev distance between part centres, pixels
-    occlusion: float = 0.1  # chance that one part of a 3-part class is left out
+    # Chance that one part of a 3-part class is left out (marked not visible). Off by
+    # default: with every part needed to name the class, it would make labels ambiguous.
+    occlusion: float = 0.0
     distractors: tuple = (1, 3)  # number of distractor shapes, inclusive range
     colour_jitter: int = 15
     noise: float = 6.0  # std of pixel noise on the background, 0-255 scale
@@ -86,6 +82,12 @@ class SyntheticPartsConfig:
         d = asdict(self)
         d["radius"], d["distractors"] = list(self.radius), list(self.distractors)
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict, **overrides) -> "SyntheticPartsConfig":
+        d = {**asdict(cls()), **d, **overrides}
+        d["radius"], d["distractors"] = tuple(d["radius"]), tuple(d["distractors"])
+        return cls(**d)
 
 
 @dataclass
@@ -123,8 +125,9 @@ class SyntheticParts:
 
 # --- drawing -------------------------------------------------------------------------------
 
-def _part_mask(kind: int, dx: np.ndarray, dy: np.ndarray, r: int):
+def _part_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: int):
     """(mask of the part, mask of its second colour) on offsets from the centre."""
+    kind = SHAPES.index(shape)
     ax, ay = np.abs(dx), np.abs(dy)
     second = np.zeros_like(dx, dtype=bool)
     if kind == 0:  # disc
@@ -235,8 +238,8 @@ def render(rng: np.random.Generator, label: int, cfg: SyntheticPartsConfig,
     for slot, kind in zip(order, parts):
         cx, cy = (int(v) for v in centres[slot])
         r = int(rng.integers(cfg.radius[0], cfg.radius[1] + 1))
-        mask, second = _part_mask(kind, xx - cx, yy - cy, r)
         pt = part_types[kind]
+        mask, second = _part_mask(pt.shape, xx - cx, yy - cy, r)
         img[mask] = _jitter(rng, pt.colour, cfg.colour_jitter)
         if second.any():
             img[second] = _jitter(rng, pt.second, cfg.colour_jitter)
@@ -254,9 +257,7 @@ def generate(config: Optional[SyntheticPartsConfig] = None, **overrides) -> Synt
     """Draw the whole dataset: per class, ``train_per_class`` then ``test_per_class`` images."""
     cfg = config or SyntheticPartsConfig()
     if overrides:
-        cfg = SyntheticPartsConfig(**{**cfg.to_dict(), **overrides,
-                                      "radius": tuple(overrides.get("radius", cfg.radius)),
-                                      "distractors": tuple(overrides.get("distractors", cfg.distractors))})
+        cfg = SyntheticPartsConfig.from_dict(cfg.to_dict(), **overrides)
     C, M = len(CLASS_PARTS), len(PART_TYPES)
     per = cfg.train_per_class + cfg.test_per_class
     n = C * per

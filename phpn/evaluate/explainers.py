@@ -1,0 +1,74 @@
+"""What the metrics evaluate: anything that gives, for a batch of images of one class,
+the maps of that class's prototypes, their contributions and the class logit.
+
+    explainer(images (B, ch, H, W), class_index) -> (maps (B, k, h, w), contributions (B, k), logit (B,))
+
+- :class:`NetworkExplainer` wraps a :class:`phpn.network.PrototypeNetwork` (refined
+  prototypes, exact decomposition).
+- :class:`PrototypeExplainer` computes the maps of *any* set of directions on the
+  backbone's features (NMF prototypes before refinement, baselines): they need not sum to
+  the head row, so contributions are each map's mean and the logit is the model's own.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..errors import ConfigError
+
+
+class NetworkExplainer:
+    def __init__(self, net):
+        self.net = net
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, class_index: int):
+        out = self.net(images, classes=[int(class_index)])
+        return out.maps[:, 0], out.contributions[:, 0], out.logits[:, int(class_index)]
+
+
+class PrototypeExplainer:
+    """Maps ``x . p`` of the directions ``prototypes[row of c]`` on the backbone features
+    (scaled by the model's per-image factor when a normalisation follows the pooling)."""
+
+    def __init__(self, split, prototypes: torch.Tensor, class_indices: Sequence[int]):
+        prototypes = torch.as_tensor(prototypes)
+        if prototypes.ndim != 3 or prototypes.shape[2] != split.num_features:
+            raise ConfigError(
+                f"prototypes must be (classes, k, {split.num_features}), got {tuple(prototypes.shape)}.", "")
+        self.split = split
+        self.prototypes = prototypes.detach().float()
+        self.rows = {int(c): i for i, c in enumerate(torch.as_tensor(class_indices).tolist())}
+        if len(self.rows) != prototypes.shape[0]:
+            raise ConfigError("class_indices must name one distinct class per row of prototypes.", "")
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, class_index: int):
+        feats = self.split.backbone(images)
+        p = self.prototypes[self.rows[int(class_index)]].to(feats.device, feats.dtype)  # (k, D)
+        pooled = feats.mean(dim=(2, 3))
+        scale = self.split.image_scale(pooled)
+        maps = torch.einsum("bdhw,kd->bkhw", feats, p) * scale[:, None, None, None]
+        logit = self.split.logits_from_features(feats)[:, int(class_index)]
+        return maps, maps.mean(dim=(2, 3)), logit
+
+
+def random_prototypes(weight: torch.Tensor, class_indices: Sequence[int], k: int, seed: int = 0) -> torch.Tensor:
+    """A baseline: k random directions per class that sum exactly to its head row.
+
+    p_i = v/k + (g_i - mean_j g_j), g_i Gaussian scaled to |v|: each direction is as long
+    as the row itself and random; their sum is v.
+    """
+    g = torch.Generator().manual_seed(int(seed))
+    rows = weight.detach().double()[torch.as_tensor(list(class_indices), dtype=torch.long)]  # (Cd, D)
+    noise = torch.randn(rows.shape[0], k, rows.shape[1], generator=g, dtype=torch.float64)
+    noise = noise / noise.norm(dim=-1, keepdim=True) * rows.norm(dim=-1)[:, None, None]
+    protos = rows[:, None, :] / k + noise - noise.mean(dim=1, keepdim=True)
+    return protos.float()
+
+
+def equal_split_prototypes(weight: torch.Tensor, class_indices: Sequence[int], k: int) -> torch.Tensor:
+    """A baseline: every prototype is v/k, so every map is the class activation map / k."""
+    rows = weight.detach().float()[torch.as_tensor(list(class_indices), dtype=torch.long)]
+    return (rows[:, None, :] / k).repeat(1, k, 1)
