@@ -14,4 +14,4 @@ python3 -m phpn.bench --device cuda 2>&1 | tee "$out/bench_gpu.txt"
 # A live discovery of the fashion-mnist demo on the GPU (certified on its 1,000 images).
 python3 -m phpn discover --demo fashion-mnist --device cuda --out /tmp/fashion-gpu-run --quiet 2>&1 | tee "$out/fashion_gpu.txt"
 # Refinement's time against its iterations and subspace rank, and its top kernels.
-python3 scripts/profile_refine.py --device cuda 2>&1 | tee "$out/profile_refine.txt"
+PYTHONPATH=. python3 scripts/profile_refine.py --device cuda 2>&1 | tee "$out/profile_refine.txt"

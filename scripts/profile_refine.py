@@ -1,6 +1,6 @@
 """Where refinement spends its time: L-BFGS iterations vs objective, and the top kernels.
 
-    python scripts/profile_refine.py [--device cuda] [--classes 200]
+    PYTHONPATH=. python scripts/profile_refine.py [--device cuda] [--classes 200]
 """
 import argparse
 import time

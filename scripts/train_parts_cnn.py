@@ -134,7 +134,7 @@ def main(argv=None) -> dict:
 
     rows = []
     for c in range(data.num_classes):
-        idx = np.nonzero((data.labels == c) & ~data.is_train)[0][:6]
+        idx = np.nonzero((data.labels == c) & ~data.is_train)[0][:4]
         rows.append(np.concatenate(list(data.images[idx]), axis=1))
     Image.fromarray(np.concatenate(rows, axis=0)).save(out / "sample.png", optimize=True)
     print(json.dumps({k: metrics[k] for k in ("test_accuracy", "train_accuracy", "train_seconds")}))
