@@ -1,5 +1,11 @@
-"""Shared fixtures: tiny seeded models and a tiny image folder, built in the test."""
+"""Shared fixtures: tiny seeded models and a tiny image folder, built in the test.
+
+Every test runs with outbound network connections refused (loopback stays open for the
+app's own server), so nothing can download weights or data behind our back.
+"""
 from __future__ import annotations
+
+import socket
 
 import numpy as np
 import pytest
@@ -55,3 +61,31 @@ def image_folder(tmp_path):
             arr = np.clip(rng.normal(0, 60, (20, 20, 3)) + np.array(tint), 0, 255).astype(np.uint8)
             Image.fromarray(arr).save(folder / f"img{i:02d}.png")
     return root
+
+
+_LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    real_connect = socket.socket.connect
+
+    def connect(sock, address):
+        host = address[0] if isinstance(address, tuple) else None
+        if sock.family == socket.AF_UNIX or host in _LOOPBACK:
+            return real_connect(sock, address)
+        raise AssertionError(f"a test tried to reach {address}: phpn must work offline")
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread_for_small_models(request):
+    """Tiny models on a shared 2-core machine: OpenMP threads spinning cost more than they save."""
+    if not request.module.__name__.startswith("test_models_"):
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

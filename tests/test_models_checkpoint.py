@@ -13,15 +13,6 @@ from phpn.errors import CheckpointError
 from phpn.models import read_checkpoint, read_state_dict
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Small models on a shared 2-core machine: OpenMP spinning costs 100x more than it saves.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_net():
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),

@@ -10,14 +10,6 @@ from phpn.models import Diagnosis, LoadedModel, diagnose
 from phpn.models.zoo import build_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_resnet18_is_exact():
     d = diagnose(build_model("resnet18", 3), (3, 64, 64))
     assert d.verdict == "exact" and d.decomposable

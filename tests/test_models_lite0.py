@@ -10,14 +10,6 @@ from phpn.models import diagnose, load_efficientnet_lite0, load_model, split_hea
 from phpn.models.lite0 import PREPROCESS, looks_like_lite0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def lite0():
     with pytest.MonkeyPatch.context() as mp:

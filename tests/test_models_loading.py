@@ -1,5 +1,4 @@
 """load_model end to end: every loading path, the user's own model files, and bad input."""
-import socket
 import textwrap
 
 import pytest
@@ -9,22 +8,6 @@ from safetensors.torch import save_file
 from phpn.errors import CheckpointError, ConfigError
 from phpn.models import load_model, split_head
 from phpn.models.zoo import build_model
-
-
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("phpn tried to open a network connection")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

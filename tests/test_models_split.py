@@ -10,15 +10,6 @@ from phpn.models import split_head
 from phpn.models.zoo import build_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Small models on a shared 2-core machine: OpenMP spinning costs 100x more than it saves.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def relative_error(a, b):
     return float((a - b).abs().max() / b.abs().max())
 

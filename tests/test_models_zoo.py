@@ -1,5 +1,4 @@
 """torchvision architectures: inference from weights, strict loading, preprocessing metadata."""
-import socket
 
 import pytest
 import torch
@@ -8,23 +7,6 @@ from torch import nn
 from phpn.errors import CheckpointError
 from phpn.models import infer_arch
 from phpn.models.zoo import build_model, canonical_arch, class_names, default_preprocess, known_archs, load_torchvision
-
-
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("phpn tried to open a network connection")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Small models on a shared 2-core machine: OpenMP spinning costs 100x more than it saves.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def shapes_only(arch, num_classes):
