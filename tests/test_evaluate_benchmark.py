@@ -67,3 +67,29 @@ def test_evaluate_run_on_the_benchmark_data(small, tmp_path):
     assert not math.isnan(res["summary"]["consistency"])
     assert len(res["deletion"]["prototypes"]) == 6
     assert res["deletion"]["prototypes"][0]["fractions"] == [0.0, 0.1, 0.3]
+
+
+def test_evaluate_run_on_an_image_folder_with_separate_parts(small):
+    from phpn.discover import DiscoveryConfig, discover
+    from phpn.evaluate import summary_text
+    from phpn.evaluate.parts import load_cub_parts
+    from phpn.errors import ConfigError
+
+    _, out = small
+    loaded, split = load_parts_benchmark()
+    train = load_cub_parts(out / "data").select("train", classes=[3])
+    run = discover(loaded, split, train.to_image_folder(), PREPROCESS,
+                   DiscoveryConfig(k=2, images_per_class=8, device="cpu", solver="none"))
+    # An image folder only: exactness, axioms and deletion, no part scores.
+    res = evaluate_run(run, split, PREPROCESS, out / "data" / "images", device="cpu", images_per_class=4,
+                       deletion_images_per_class=2, fractions=(0.0, 0.2))
+    assert res["exactness"]["passed"] and res["interpretability"] == {}
+    assert "consistency" not in res["summary"]
+    # The same folder plus a separate part-annotated root.
+    res = evaluate_run(run, split, PREPROCESS, out / "data" / "images", parts_root=out / "data", device="cpu",
+                       images_per_class=4, deletion=False, clip=None)
+    assert set(res["interpretability"]["refined"]["stability"]) == {"unclipped"}
+    assert res["deletion"] is None
+    assert "consistency" in summary_text(res)
+    with pytest.raises(ConfigError):
+        evaluate_run(run, split, PREPROCESS, out / "data", no_such_option=1)
