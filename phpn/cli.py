@@ -195,11 +195,15 @@ def _class_index(value: str, names: list) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluate import evaluate_run
+    from .evaluate import evaluate_run, summary_text
+    from .progress import TqdmProgress
 
     session, run, _ = _run_session(args)
-    result = evaluate_run(run, session.split, session.preprocess, _data_dir(args, session), parts_root=args.parts)
-    _emit(args, result, json.dumps(result, indent=1))
+    bar = TqdmProgress(disable=args.json)
+    result = evaluate_run(run, session.split, session.preprocess, _data_dir(args, session), parts_root=args.parts,
+                          progress=bar)
+    bar.close()
+    _emit(args, result, summary_text(result))
     return 0
 
 

@@ -30,8 +30,8 @@ class TqdmProgress:
         if bar is None:
             bar = self._bars[stage] = tqdm(total=total, desc=stage, leave=True)
         bar.total = total
-        bar.n = done
-        bar.refresh()
+        if done > bar.n:
+            bar.update(done - bar.n)
         if done >= total:
             bar.close()
 
