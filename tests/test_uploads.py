@@ -1,0 +1,162 @@
+"""Uploaded files: zip extraction refuses traversal, links, bombs; names are sanitised."""
+import io
+import os
+import stat
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from phpn.errors import DataError
+from phpn.uploads import (extract_zip, find_image_root, new_upload_dir, open_uploaded_image, prune, safe_filename,
+                          save_upload, session_dir)
+
+
+def _png(color=(200, 30, 30), size=(8, 8)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _zip(tmp_path, entries, name="data.zip") -> str:
+    path = tmp_path / name
+    with zipfile.ZipFile(path, "w") as zf:
+        for entry in entries:
+            if isinstance(entry, zipfile.ZipInfo):
+                zf.writestr(entry, b"target")
+            else:
+                zf.writestr(entry[0], entry[1])
+    return str(path)
+
+
+class _Upload(io.BytesIO):
+    def __init__(self, data: bytes, name: str):
+        super().__init__(data)
+        self.name = name
+        self.size = len(data)
+
+
+def test_extracts_an_image_folder_and_steps_into_the_wrapping_folder(tmp_path):
+    z = _zip(tmp_path, [("shirts/a/1.png", _png()), ("shirts/a/2.png", _png()), ("shirts/b/1.png", _png()),
+                        ("__MACOSX/shirts/._a", b"junk")])
+    root = extract_zip(z, tmp_path / "out")
+    assert root == tmp_path / "out" / "shirts"
+    assert sorted(p.name for p in root.iterdir()) == ["a", "b"]
+    assert not (tmp_path / "out" / "__MACOSX").exists()
+
+
+@pytest.mark.parametrize("bad", ["../evil.png", "a/../../evil.png", "/etc/evil.png", "C:/evil.png",
+                                 "..\\evil.png"])
+def test_refuses_entries_outside_the_folder(tmp_path, bad):
+    z = _zip(tmp_path, [("a/1.png", _png()), (bad, b"x")])
+    with pytest.raises(DataError, match="outside its folder"):
+        extract_zip(z, tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert not (tmp_path / "evil.png").exists()
+
+
+def test_refuses_symlinks(tmp_path):
+    link = zipfile.ZipInfo("a/link.png")
+    link.external_attr = (stat.S_IFLNK | 0o777) << 16
+    z = _zip(tmp_path, [("a/1.png", _png()), link])
+    with pytest.raises(DataError, match="symbolic link"):
+        extract_zip(z, tmp_path / "out")
+
+
+def test_refuses_too_many_files(tmp_path):
+    z = _zip(tmp_path, [(f"a/{i}.png", b"x") for i in range(6)])
+    with pytest.raises(DataError, match="more than 5 files"):
+        extract_zip(z, tmp_path / "out", max_files=5)
+
+
+def test_refuses_a_size_bomb_by_declared_size(tmp_path):
+    path = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("a/zeros.bmp", b"\0" * (4 << 20))  # 4 MB of zeros compress to a few KB
+    assert path.stat().st_size < 64 << 10
+    with pytest.raises(DataError, match="unpack to"):
+        extract_zip(path, tmp_path / "out", max_bytes=1 << 20)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_refuses_a_size_bomb_whose_header_lies(tmp_path):
+    path = tmp_path / "liar.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("a/big.bin", b"\1" * (2 << 20))
+    raw = bytearray(path.read_bytes())
+    # Rewrite the declared uncompressed size (central directory) to 10 bytes.
+    cd = raw.rfind(b"PK\x01\x02")
+    raw[cd + 24:cd + 28] = (10).to_bytes(4, "little")
+    lh = raw.find(b"PK\x03\x04")
+    raw[lh + 22:lh + 26] = (10).to_bytes(4, "little")
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError):
+        extract_zip(path, tmp_path / "out", max_bytes=1 << 20)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_not_a_zip_is_a_clear_error(tmp_path):
+    p = tmp_path / "x.zip"
+    p.write_bytes(b"this is not a zip")
+    with pytest.raises(DataError, match="not a readable zip"):
+        extract_zip(p, tmp_path / "out")
+
+
+def test_upload_names_are_sanitised_and_types_checked(tmp_path):
+    assert safe_filename("../../etc/passwd") == "passwd"
+    assert safe_filename("C:\\Users\\me\\model weights.pt") == "model_weights.pt"
+    assert safe_filename("...") == "upload"
+    folder = new_upload_dir(session_dir("abc/../x", root=tmp_path))
+    assert folder.parent.parent == tmp_path
+    path = save_upload(_Upload(b"abc", "../../model.pt"), folder, suffixes=(".pt",))
+    assert path.parent == folder and path.read_bytes() == b"abc"
+    with pytest.raises(DataError, match="unexpected file type"):
+        save_upload(_Upload(b"abc", "model.exe"), folder, suffixes=(".pt",))
+    with pytest.raises(DataError, match="more than"):
+        save_upload(_Upload(b"abcdef", "model.pt"), folder, max_bytes=3)
+
+
+def test_uploaded_images_are_checked_before_decoding():
+    img = open_uploaded_image(_Upload(_png(size=(10, 6)), "ok.png"))
+    assert img.size == (10, 6) and img.mode == "RGB"
+    with pytest.raises(DataError, match="too large"):
+        open_uploaded_image(_Upload(_png(size=(200, 200)), "big.png"), max_pixels=1000)
+    with pytest.raises(DataError, match="not a readable image"):
+        open_uploaded_image(_Upload(b"GIF89a broken", "broken.gif"))
+
+
+def test_a_real_decompression_bomb_is_refused():
+    # A 20000 x 20000 grey PNG: small on disk, 400 megapixels once decoded.
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, format="PNG")
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xffffffff)
+
+    w = h = 20000
+    header = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+    comp = zlib.compressobj()
+    row = b"\0" * (w + 1)
+    data = b"".join(comp.compress(row) for _ in range(200)) + comp.flush()
+    bomb = header + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+    with pytest.raises(DataError, match="too large"):
+        open_uploaded_image(_Upload(bomb, "bomb.png"))
+
+
+def test_find_image_root_stops_at_the_class_folders(tmp_path):
+    (tmp_path / "wrap" / "inner" / "cats").mkdir(parents=True)
+    (tmp_path / "wrap" / "inner" / "dogs").mkdir(parents=True)
+    assert find_image_root(tmp_path / "wrap") == tmp_path / "wrap" / "inner"
+    (tmp_path / "flat" / "cats").mkdir(parents=True)
+    assert find_image_root(tmp_path / "flat") == tmp_path / "flat"
+
+
+def test_prune_removes_only_old_session_folders(tmp_path):
+    old, new = session_dir("old", root=tmp_path), session_dir("new", root=tmp_path)
+    (old / "x.pt").write_bytes(b"x")
+    os.utime(old, (0, 0))
+    assert prune(tmp_path, max_age_s=3600) == 1
+    assert not old.exists() and new.exists()
