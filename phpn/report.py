@@ -1,0 +1,244 @@
+"""Self-contained HTML reports (one file, images embedded as base64 PNG, no scripts) and
+run archives.
+
+- :func:`class_report`: a class's prototypes: contribution, fidelity, α, top training
+  patches, maps on a few class images, shared parts.
+- :func:`explanation_report`: one image explained for one class: top predictions, each
+  prototype's map beside its training patches, the class map, bias → logit steps.
+- :func:`run_zip_bytes`: a saved run folder (or an unsaved run) as a zip, in memory.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import tempfile
+import zipfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+from PIL import Image
+
+from . import viz
+from .data import load_image
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1100px;color:#222}
+h1{font-size:1.6em;margin-bottom:0}h2{font-size:1.25em;border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:28px}
+h3{font-size:1.05em;margin:18px 0 6px}.meta{color:#666;font-size:.9em}
+table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ddd;padding:4px 8px;font-size:.9em;text-align:right}
+th{background:#f5f5f5}td.l,th.l{text-align:left}.proto{border:1px solid #e3e3e3;border-radius:6px;padding:10px 14px;margin:12px 0}
+.row{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start}.fig{text-align:center;font-size:.85em;color:#555}
+.fig img{display:block;image-rendering:pixelated;border:1px solid #ccc}.ok{color:#1a7f37;font-weight:600}
+.bad{color:#cf222e;font-weight:600}.sw{display:inline-block;width:14px;height:14px;border-radius:3px;vertical-align:middle;margin-right:6px}
+.note{background:#f6f8fa;border-left:3px solid #999;padding:6px 10px;font-size:.9em}
+"""
+
+
+def data_uri(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _img(image: Image.Image, caption: str = "", width: Optional[int] = None) -> str:
+    w = f' width="{int(width)}"' if width else ""
+    cap = f"<div>{html.escape(caption)}</div>" if caption else ""
+    return f'<div class="fig"><img src="{data_uri(image)}"{w} alt="{html.escape(caption)}">{cap}</div>'
+
+
+def _esc(x) -> str:
+    return html.escape(str(x))
+
+
+def _page(title: str, body: str) -> str:
+    made = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{_esc(title)}</title>"
+            f"<style>{_CSS}</style></head><body>{body}<p class=\"meta\">Made by phpn on {made}. Self-contained: "
+            "every image is embedded in this file.</p></body></html>")
+
+
+def _bars_svg(values: Sequence[float], labels: Sequence[str], colors: Sequence[str], width: int = 520,
+              row: int = 24) -> str:
+    """Horizontal bars (signed) as inline SVG."""
+    vals = [float(v) for v in values]
+    m = max([abs(v) for v in vals] + [1e-12])
+    label_w, pad = 150, 60
+    zero = label_w + (width - label_w - pad) / 2 if min(vals) < 0 else label_w
+    span = (width - label_w - pad) / (2 if min(vals) < 0 else 1)
+    h = row * len(vals) + 8
+    parts = [f'<svg width="{width}" height="{h}" font-size="12">']
+    for i, (v, lab, col) in enumerate(zip(vals, labels, colors)):
+        y = 4 + i * row
+        w = abs(v) / m * span
+        x = zero if v >= 0 else zero - w
+        parts.append(f'<text x="{label_w - 6}" y="{y + row * 0.65}" text-anchor="end">{_esc(lab)}</text>')
+        parts.append(f'<rect x="{x:.1f}" y="{y + 3}" width="{max(w, 1):.1f}" height="{row - 8}" fill="{col}"/>')
+        tx = x + w + 4 if v >= 0 else x - 4
+        anchor = "start" if v >= 0 else "end"
+        parts.append(f'<text x="{tx:.1f}" y="{y + row * 0.65}" text-anchor="{anchor}">{v:+.3f}</text>')
+    parts.append(f'<line x1="{zero}" y1="0" x2="{zero}" y2="{h}" stroke="#999"/></svg>')
+    return "".join(parts)
+
+
+def _load_seen(root, rel: str, preprocess) -> Optional[Image.Image]:
+    if root is None:
+        return None
+    try:
+        return preprocess.geometry(load_image(Path(root) / rel))
+    except Exception:
+        return None
+
+
+def _patch_tiles(entries: Sequence[dict], root, preprocess, color: str, size: int) -> list:
+    tiles = []
+    for e in entries:
+        seen = _load_seen(root, e["path"], preprocess)
+        if seen is not None:
+            tiles.append(viz.patch_tile(seen, e["box"], color, size))
+    return tiles
+
+
+def _certificate_html(cert: Optional[dict]) -> str:
+    if not cert:
+        return "<p>No certificate recorded in this run.</p>"
+    ok = cert.get("passed")
+    return (f'<p><span class="{"ok" if ok else "bad"}">{"PASSED" if ok else "FAILED"}</span>: top-1 agreement '
+            f'{100 * cert["top1_agreement"]:.2f}% on {cert["images"]} images, max |Δlogit| '
+            f'{cert["max_logit_diff"]:.3g}, head error ≤ {cert["max_head_error"]:.2g}.</p>')
+
+
+def class_report(run, class_index: int, *, image_root=None, preprocess=None, network=None, map_images: int = 4,
+                 patch_size: int = 112, similar_top: int = 3) -> str:
+    """HTML report of one class's prototypes (see module doc)."""
+    from .data import Preprocess
+
+    preprocess = preprocess or Preprocess.from_dict(run.meta["preprocess"])
+    meta = run.class_meta(class_index)
+    names = run.class_names
+    name = names[class_index] if class_index < len(names) else str(class_index)
+    k = run.k
+    colors = [viz.prototype_color(i) for i in range(k)]
+    labels = [f"prototype {i + 1}" for i in range(k)]
+    contrib = meta["mean_contribution"]
+    shares = viz.contribution_shares(contrib)
+    similar = viz.prototype_similarity(run.prototypes, run.class_indices, class_index, top=similar_top)
+
+    maps_block = {}
+    if network is not None and image_root is not None and map_images > 0:
+        paths = list(meta.get("paths", []))[:map_images]
+        pictures, maps, _, _ = viz.class_maps(network, preprocess, image_root, paths, class_index)
+        if len(pictures):
+            vmax = viz.signed_scale(maps)
+            for i in range(k):
+                maps_block[i] = [viz.prototype_overlay(viz.enlarge(p, 112), m[i], 0.6, colors=[colors[i]], vmax=vmax)
+                                 for p, m in zip(pictures, maps)]
+
+    model = run.meta.get("model", {})
+    body = [f"<h1>{_esc(name)} — {k} part-prototypes</h1>",
+            f'<p class="meta">Model {_esc(model.get("arch", "?"))} (sha256 {_esc(model.get("sha256", "")[:12])}…), '
+            f'class {class_index}, {meta.get("images", "?")} discovery images, run made {_esc(run.meta.get("created", "?"))}.</p>',
+            "<h2>Exactness</h2>", _certificate_html(run.meta.get("certificate")),
+            '<p class="note">The prototypes of a class sum exactly to its row of the classifier head, so the '
+            "decomposed network gives the same logits as the original model. Each prototype's contribution to an "
+            "image's logit is the mean of its map over the feature grid.</p>",
+            "<h2>Contributions</h2>",
+            f"<p>Mean contribution to the logit over the class's images (share of logit − bias):</p>",
+            _bars_svg(contrib, [f"{lab} ({100 * s:.0f}%)" for lab, s in zip(labels, shares)], colors),
+            "<table><tr><th class=l>prototype</th><th>mean contribution</th><th>share</th><th>α</th>"
+            "<th>map fidelity</th></tr>"]
+    for i in range(k):
+        body.append(f'<tr><td class=l><span class="sw" style="background:{colors[i]}"></span>{labels[i]}</td>'
+                    f"<td>{contrib[i]:.3f}</td><td>{100 * shares[i]:.1f}%</td><td>{meta['alpha'][i]:.3g}</td>"
+                    f"<td>{meta['fidelity'][i]:.3f}</td></tr>")
+    body.append("</table>")
+    body.append(f'<p class="meta">Residual ratio ‖R‖/‖v‖ {meta["residual_ratio"]:.3f}; refinement objective '
+                f'{meta["objective_before"]:.4g} → {meta["objective_after"]:.4g}; negative α: {meta["negative_alpha"]}.</p>')
+
+    body.append("<h2>Prototypes</h2>")
+    for i in range(k):
+        tiles = _patch_tiles(meta["top_patches"][i], image_root, preprocess, colors[i], patch_size)
+        body.append(f'<div class="proto"><h3><span class="sw" style="background:{colors[i]}"></span>{labels[i]}: '
+                    f"contribution {contrib[i]:.3f} ({100 * shares[i]:.0f}%), fidelity {meta['fidelity'][i]:.3f}</h3>")
+        if tiles:
+            body.append("<div>What it looks for (its top training patches, boxed):</div>")
+            body.append(_img(viz.image_grid(tiles, columns=6)))
+        else:
+            body.append("<p class=meta>The training images are not available here.</p>")
+        if maps_block.get(i):
+            body.append("<div>Where it fires on a few class images (colour: adds to the logit; grey: subtracts):</div>")
+            body.append('<div class="row">' + "".join(_img(im) for im in maps_block[i]) + "</div>")
+        if similar[i]:
+            items = ", ".join(f"{_esc(names[s['class_index']] if s['class_index'] < len(names) else s['class_index'])} "
+                              f"prototype {s['prototype'] + 1} (cos {s['cosine']:.2f})" for s in similar[i])
+            body.append(f"<p>Shared parts — most similar prototypes of other classes: {items}.</p>")
+        body.append("</div>")
+    return _page(f"phpn: {name}", "".join(body))
+
+
+def explanation_report(explanation, run, *, image_root=None, preprocess=None, opacity: float = 0.6,
+                       patches: int = 4, size: int = 196) -> str:
+    """HTML report of one image explained for one class (``phpn.api.ImageExplanation``)."""
+    from .data import Preprocess
+
+    preprocess = preprocess or Preprocess.from_dict(run.meta["preprocess"])
+    e = explanation
+    k = len(e.contributions)
+    colors = [viz.prototype_color(i) for i in range(k)]
+    labels = [f"prototype {i + 1}" for i in range(k)]
+    picture = viz.enlarge(e.image, size)
+    vmax = viz.signed_scale(e.maps)
+    meta = run.class_meta(e.class_index)
+
+    body = [f"<h1>Why “{_esc(e.class_name)}”?</h1>",
+            f'<p class="meta">Class {e.class_index}; logit {e.logit:.3f} = bias {e.bias:.3f} + Σ prototype '
+            f"contributions {float(np.sum(e.contributions)):.3f}.</p>",
+            '<div class="row">', _img(picture, "the image as the model sees it", size),
+            _img(viz.prototype_overlay(picture, e.maps, opacity, colors=colors, vmax=vmax), "all prototypes", size),
+            _img(viz.heat_overlay(picture, e.class_map, opacity), "class map = Σ prototype maps", size),
+            _img(viz.grid_image(e.class_map, size), "class map on the feature grid", size), "</div>",
+            "<h2>Top predictions</h2><table><tr><th class=l>class</th><th>logit</th><th>probability</th></tr>"]
+    for c, n, lg, p in e.top:
+        body.append(f"<tr><td class=l>{_esc(n)} ({c})</td><td>{lg:.3f}</td><td>{100 * p:.2f}%</td></tr>")
+    body.append("</table><h2>From bias to logit</h2>")
+    steps = ["bias"] + labels
+    vals = [e.bias] + [float(v) for v in e.contributions]
+    body.append(_bars_svg(vals, steps, ["#444444"] + colors))
+    body.append(f"<p>Total: logit {e.logit:.3f}.</p><h2>This looks like that</h2>")
+    for i in range(k):
+        tiles = _patch_tiles(meta["top_patches"][i][:patches], image_root, preprocess, colors[i], 112)
+        body.append(f'<div class="proto"><h3><span class="sw" style="background:{colors[i]}"></span>{labels[i]}: '
+                    f"{float(e.contributions[i]):+.3f} (fidelity {meta['fidelity'][i]:.3f})</h3><div class=row>")
+        body.append(_img(viz.prototype_overlay(picture, e.maps[i], opacity, colors=[colors[i]], vmax=vmax),
+                         "where, on this image", size // 1.3))
+        body.append(_img(viz.grid_image(e.maps[i], size // 1.3, vmax=vmax), "raw feature grid", size // 1.3))
+        if tiles:
+            body.append(_img(viz.image_grid(tiles, columns=2), "looks like (training patches)"))
+        body.append("</div></div>")
+    return _page(f"phpn: {e.class_name}", "".join(body))
+
+
+def run_zip_bytes(run, name: Optional[str] = None) -> bytes:
+    """The run's folder as a zip (saved first to a temporary folder when it has none)."""
+    from .runs import save_run
+
+    tmp = None
+    try:
+        folder = Path(run.path) if run.path is not None and Path(run.path).is_dir() else None
+        if folder is None:
+            tmp = tempfile.TemporaryDirectory(prefix="phpn-run-")
+            saved_path = run.path
+            folder = save_run(run, Path(tmp.name) / (name or "run"))
+            run.path = saved_path  # keep the run's own notion of where it is saved
+        top = name or folder.name
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+            for p in sorted(folder.rglob("*")):
+                if p.is_file():
+                    zf.write(p, f"{top}/{p.relative_to(folder).as_posix()}")
+        return buf.getvalue()
+    finally:
+        if tmp is not None:
+            tmp.cleanup()

@@ -1,0 +1,208 @@
+"""Pictures and reports: colormaps, overlays, patch grids, figures, HTML reports, run zips."""
+import base64
+import io
+import re
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import tiny_split
+from phpn import report, viz
+from phpn.api import ImageExplanation
+from phpn.data import scan_image_folder
+from phpn.discover import DiscoveryConfig, discover
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    """One discovery on the tiny model, shared by the tests of this module."""
+    from conftest import TinyNet
+    from phpn.data import Preprocess
+    from phpn.models.head import LoadedModel
+
+    torch.manual_seed(0)
+    model = TinyNet().eval()
+    loaded = LoadedModel(model=model, arch="tiny", num_classes=4, sha256="a" * 64,
+                         preprocess=Preprocess(resize=16, crop=16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
+                         class_names=["red", "green", "blue", "grey"], source="test")
+    root = tmp_path_factory.mktemp("viz") / "images"
+    rng = np.random.default_rng(0)
+    for c, tint in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200), (120, 120, 120)]):
+        (root / str(c)).mkdir(parents=True)
+        for i in range(8):
+            arr = np.clip(rng.normal(0, 60, (20, 20, 3)) + np.array(tint), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(root / str(c) / f"img{i:02d}.png")
+    data = scan_image_folder(root, class_names=loaded.class_names, num_classes=4)
+    split = tiny_split(model)
+    run = discover(loaded, split, data, loaded.preprocess, DiscoveryConfig(k=3, device="cpu", lbfgs_iter=20))
+    run.meta["certificate"] = {"images": 32, "top1_agreement": 1.0, "max_logit_diff": 1e-7, "max_abs_logit": 2.0,
+                               "max_head_error": 1e-16, "mean_head_error": 1e-17, "relative_logit_diff": 5e-8,
+                               "passed": True}
+    return loaded, root, run, split, data
+
+
+@pytest.fixture
+def tiny_run(tiny_world):
+    return tiny_world[2:]
+
+
+@pytest.fixture
+def tiny_loaded(tiny_world):
+    return tiny_world[0]
+
+
+@pytest.fixture
+def image_folder(tiny_world):
+    return tiny_world[1]
+
+
+def test_colormaps_span_their_ends():
+    rgb = viz.colormap(np.array([0.0, 0.5, 1.0]), "signed")
+    assert rgb.dtype == np.uint8 and rgb.shape == (3, 3)
+    assert rgb[0, 2] > rgb[0, 0]  # blue end
+    assert rgb[2, 0] > rgb[2, 2]  # red end
+    assert np.all(rgb[1] > 240)  # white middle
+    heat = viz.colormap(np.linspace(0, 1, 5), "heat")
+    assert heat[0].sum() < heat[-1].sum()
+    assert np.array_equal(viz.colormap(np.array([-3.0, 7.0]), "heat"), viz.colormap(np.array([0.0, 1.0]), "heat"))
+
+
+def test_overlays_keep_size_and_do_not_touch_inputs():
+    img = Image.new("RGB", (28, 28), (100, 100, 100))
+    maps = np.zeros((3, 7, 7))
+    maps[0, 1, 1] = 2.0
+    maps[1, 5, 5] = 1.0
+    maps[2, 3, 3] = -1.0
+    before = maps.copy()
+    out = viz.prototype_overlay(img, maps, 0.8)
+    assert out.size == (28, 28)
+    assert np.array_equal(maps, before)
+    arr = np.asarray(out).astype(int)
+    # Prototype 1's colour dominates near its peak; far from every peak the image is unchanged.
+    r, g, b = viz.hex_to_rgb(viz.prototype_color(0))
+    assert abs(arr[6, 6, 0] - r) < abs(100 - r) or abs(arr[6, 6, 2] - b) < abs(100 - b)
+    assert np.array_equal(arr[27, 0], [100, 100, 100])
+    single = viz.prototype_overlay(img, maps[2], 0.8, colors=["#ff0000"])
+    assert np.asarray(single)[14, 14, 0] < 100  # negative values are tinted grey, not red
+    heat = viz.heat_overlay(img, maps.sum(0), 0.5)
+    assert heat.size == (28, 28)
+
+
+def test_grid_image_shows_cells_not_smoothing():
+    m = np.arange(16, dtype=float).reshape(4, 4) - 8
+    g = np.asarray(viz.grid_image(m, size=40, lines=False))
+    assert g.shape == (40, 40, 3)
+    assert len({tuple(px) for px in g[:10, :10].reshape(-1, 3)}) == 1  # one flat cell
+
+
+def test_upsample_and_enlarge():
+    assert viz.upsample(np.ones((7, 7)), (28, 28)).shape == (28, 28)
+    assert viz.enlarge(Image.new("RGB", (28, 28)), 100).size == (112, 112)
+    assert viz.enlarge(Image.new("RGB", (300, 200)), 100).size == (300, 200)
+
+
+def test_patch_grid_draws_boxes():
+    img = Image.new("RGB", (28, 28), (0, 0, 0))
+    tile = viz.patch_tile(img, [4, 4, 12, 12], "#ffcc00", size=112)
+    arr = np.asarray(tile)
+    assert tile.size == (112, 112)
+    assert tuple(arr[16, 30]) == (255, 204, 0)  # on the box edge (4 px * 4)
+    assert tuple(arr[60, 60]) == (0, 0, 0)
+    grid = viz.patch_grid([img] * 5, [[0, 0, 8, 8]] * 5, size=50, columns=3)
+    assert grid.size == (3 * 50 + 4 * 4, 2 * 50 + 3 * 4)
+    assert viz.crop_patch(img, [4, 4, 12, 12], 32).size == (32, 32)
+
+
+def test_shares_sum_to_one_and_keep_sign():
+    s = viz.contribution_shares([2.0, 1.0, -1.0])
+    assert s.sum() == pytest.approx(1.0) and s[2] < 0
+    z = viz.contribution_shares([1.0, -1.0])
+    assert np.abs(z).sum() == pytest.approx(1.0)
+
+
+def test_shared_parts_find_the_same_direction_in_another_class():
+    p = torch.zeros(3, 2, 4, dtype=torch.float64)
+    p[0, 0] = torch.tensor([1.0, 0, 0, 0])
+    p[0, 1] = torch.tensor([0, 1.0, 0, 0])
+    p[1, 1] = torch.tensor([2.0, 0.1, 0, 0])  # class 5, prototype 2 ~ class 3, prototype 1
+    p[1, 0] = torch.tensor([0, 0, 1.0, 0])
+    p[2, 0] = torch.tensor([0, 0.5, 0, 1.0])
+    p[2, 1] = torch.tensor([0, 0, 0, 1.0])
+    sims = viz.prototype_similarity(p, [3, 5, 7], 3, top=2)
+    assert len(sims) == 2
+    assert sims[0][0]["class_index"] == 5 and sims[0][0]["prototype"] == 1 and sims[0][0]["cosine"] > 0.99
+    assert all(s["class_index"] != 3 for s in sims[0] + sims[1])
+    assert sims[1][0]["class_index"] == 7 and sims[1][0]["prototype"] == 0
+
+
+def test_figures_have_one_bar_per_prototype_and_a_true_waterfall():
+    fig = viz.figure_contributions([1.0, 0.5, -0.2])
+    assert len(fig.data[0].y) == 3
+    wf = viz.figure_waterfall(0.3, [1.0, 0.5, -0.2], 1.6)
+    assert list(wf.data[0].measure) == ["absolute", "relative", "relative", "relative", "total"]
+    assert wf.data[0].y[-1] == pytest.approx(1.6)
+    top = viz.figure_top_predictions([(1, "a", 3.0, 0.7), (0, "b", 1.0, 0.2)])
+    assert len(top.data[0].x) == 2
+
+
+def test_class_maps_average_to_the_contributions(tiny_run, tiny_loaded, image_folder):
+    run, split, data = tiny_run
+    net = run.network(split)
+    paths = data.classes[1].paths[:3]
+    pictures, maps, contrib, kept = viz.class_maps(net, tiny_loaded.preprocess, image_folder, paths + ["nope.png"], 1)
+    assert len(pictures) == 3 and kept == paths
+    assert maps.shape[:2] == (3, 3)
+    assert np.allclose(maps.mean(axis=(2, 3)), contrib, atol=1e-5)
+
+
+def _images_in(html_text: str) -> list:
+    return re.findall(r'src="data:image/png;base64,([^"]+)"', html_text)
+
+
+def test_class_report_is_self_contained(tiny_run, tiny_loaded, image_folder):
+    run, split, _ = tiny_run
+    html_text = report.class_report(run, 2, image_root=image_folder, preprocess=tiny_loaded.preprocess,
+                                    network=run.network(split))
+    assert html_text.startswith("<!DOCTYPE html>") and "blue" in html_text and "PASSED" in html_text
+    assert "<script" not in html_text and "http://" not in html_text and "https://" not in html_text
+    imgs = _images_in(html_text)
+    assert len(imgs) >= 3 + 3  # a patch grid and map row per prototype
+    Image.open(io.BytesIO(base64.b64decode(imgs[0]))).verify()
+    # Without the images the report still builds.
+    assert "not available" in report.class_report(run, 2, image_root=None, preprocess=tiny_loaded.preprocess)
+
+
+def test_explanation_report(tiny_run, tiny_loaded, image_folder):
+    run, split, _ = tiny_run
+    net = run.network(split)
+    from phpn.api import explain_image
+
+    class Session:  # the parts of ModelSession explain_image uses
+        preprocess = tiny_loaded.preprocess
+        class_names = tiny_loaded.class_names
+
+    e = explain_image(Session(), net, image_folder / "0" / "img00.png")
+    assert isinstance(e, ImageExplanation)
+    html_text = report.explanation_report(e, run, image_root=image_folder, preprocess=tiny_loaded.preprocess)
+    assert "Why" in html_text and len(_images_in(html_text)) >= 4 + 3 * 2
+    assert "<script" not in html_text
+
+
+def test_run_zip_holds_the_run_files(tiny_run, tmp_path):
+    run, _, _ = tiny_run
+    run.path = None
+    data = report.run_zip_bytes(run, "myrun")
+    assert run.path is None  # an unsaved run stays unsaved
+    names = zipfile.ZipFile(io.BytesIO(data)).namelist()
+    assert sorted(names) == ["myrun/run.json", "myrun/tensors.safetensors"]
+    from phpn.runs import load_run, save_run
+
+    save_run(run, tmp_path / "saved")
+    data = report.run_zip_bytes(run)
+    zipfile.ZipFile(io.BytesIO(data)).extractall(tmp_path / "unzipped")
+    again = load_run(tmp_path / "unzipped" / "saved")
+    assert torch.equal(again.prototypes, run.prototypes.double())
+    run.path = None
