@@ -1,0 +1,589 @@
+"""What the app's pages share: session state, cached models and images, the background
+discovery job, error display and the sidebar. No maths here: every number comes from phpn.
+
+Session state (``st.session_state``):
+  model      ModelEntry    the loaded model (cached across sessions) and how it was loaded
+  data       DataEntry     the scanned image folder
+  run        RunEntry      the current run, its decomposed network and where it came from
+  job        DiscoveryJob  the live discovery, if one was started
+  explained  dict          the last explanation shown (for the Export page)
+"""
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import threading
+import time
+import traceback
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see app.py
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import streamlit as st  # noqa: E402
+
+from phpn.errors import Cancelled, PhpnError, RunError  # noqa: E402
+
+DEFAULT_DEMO = "fashion-mnist"
+STAGES = ("features", "nmf", "refine", "certify")
+STAGE_LABELS = {"features": "Features", "nmf": "NMF", "refine": "Refinement", "certify": "Certificate"}
+# Rough share of the total time of each stage, for the overall estimate before a stage starts.
+STAGE_WEIGHTS = {"features": 0.25, "nmf": 0.15, "refine": 0.4, "certify": 0.2}
+RUNS_DIR = ROOT / "runs"
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+def error_text(exc: BaseException) -> str:
+    if isinstance(exc, PhpnError):
+        return str(exc)
+    return (f"Something went wrong: {type(exc).__name__}: {exc}. The session is still usable; "
+            "check the inputs and try again.")
+
+
+def show_error(exc: BaseException) -> None:
+    st.error(error_text(exc), icon=":material/error:")
+
+
+@contextmanager
+def user_errors():
+    """Show any error of the block as ``st.error`` (never a traceback) and carry on.
+
+    Streamlit's own control flow (``st.rerun``, ``st.stop``) derives from BaseException and
+    passes through.
+    """
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - the point is to catch everything the user can cause
+        if not isinstance(exc, PhpnError):
+            traceback.print_exc()  # to the server log, not to the page
+        show_error(exc)
+
+
+# --- cached resources ------------------------------------------------------------------------
+
+@dataclass
+class ModelEntry:
+    """A model shared by every session that loads the same thing: read-only by convention."""
+
+    session: object  # phpn.api.ModelSession
+    key: str
+    label: str
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+
+    @property
+    def decomposable(self) -> bool:
+        return self.session.diagnosis.split is not None
+
+    def session_for(self, device: str):
+        """The shared session for CPU work (inference only, nothing is moved or changed); a
+        private copy for a GPU, so the cached model is never moved off the CPU under the
+        feet of other sessions."""
+        if str(device).startswith("cuda"):
+            with self.lock:
+                return copy.deepcopy(self.session)
+        return self.session
+
+
+def _freeze(spec: dict) -> tuple:
+    def f(v):
+        if isinstance(v, (list, tuple)):
+            return tuple(f(x) for x in v)
+        if isinstance(v, dict):
+            return tuple(sorted((k, f(x)) for k, x in v.items()))
+        return v
+
+    return tuple(sorted((k, f(v)) for k, v in spec.items() if v is not None))
+
+
+@st.cache_resource(max_entries=6, show_spinner=False)
+def _load_model_entry(spec: tuple) -> ModelEntry:
+    from phpn.api import open_model
+    from phpn.data import Preprocess
+
+    s = dict(spec)
+    pre = Preprocess.from_dict(dict(s["preprocess"])) if "preprocess" in s else None
+    session = open_model(s.get("checkpoint"), demo=s.get("demo"), arch=s.get("arch"), model_def=s.get("model_def"),
+                         trust_pickle=bool(s.get("trust_pickle", False)), num_classes=s.get("num_classes"),
+                         class_names=list(s["class_names"]) if "class_names" in s else None, preprocess=pre,
+                         feature_layer=s.get("feature_layer"), head_layer=s.get("head_layer"))
+    if s.get("demo"):
+        label = f"demo: {s['demo']}"
+    else:
+        label = Path(str(s.get("checkpoint"))).name
+    return ModelEntry(session=session, key=repr(spec), label=label)
+
+
+def load_model_entry(**spec) -> ModelEntry:
+    return _load_model_entry(_freeze(spec))
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def _scan(root: str, class_names: Optional[tuple], num_classes: Optional[int], cap: Optional[int], seed: int,
+          mtime: float):
+    from phpn.data import scan_image_folder
+
+    return scan_image_folder(root, class_names=list(class_names) if class_names else None, num_classes=num_classes,
+                             images_per_class=cap, seed=seed)
+
+
+def scan_data(entry: ModelEntry, root, cap: Optional[int], seed: int = 0):
+    loaded = entry.session.loaded
+    root = Path(root)
+    mtime = root.stat().st_mtime if root.exists() else 0.0
+    names = tuple(loaded.class_names) if loaded.class_names else None
+    return _scan(str(root), names, int(loaded.num_classes), cap, int(seed), mtime)
+
+
+@st.cache_data(max_entries=4096, show_spinner=False)
+def seen_image(path: str, preprocess_key: tuple) -> Optional[np.ndarray]:
+    """The picture the model sees (resized, cropped, RGB) of an image file, or None."""
+    from phpn.data import Preprocess, load_image
+
+    try:
+        return np.asarray(Preprocess.from_dict(dict(preprocess_key)).geometry(load_image(path)).convert("RGB"))
+    except Exception:
+        return None
+
+
+def preprocess_key(pre) -> tuple:
+    return _freeze(pre.to_dict())
+
+
+# --- session state -------------------------------------------------------------------------
+
+@dataclass
+class DataEntry:
+    data: object  # phpn.data.ImageFolderData
+    label: str  # recorded in runs: "demo:<name>" or the folder
+    kind: str  # "demo" | "upload" | "path"
+    cap: Optional[int]
+    seed: int = 0
+    explain_root: Optional[Path] = None  # held-out images to explain (demos)
+
+
+@dataclass
+class RunEntry:
+    run: object  # phpn.runs.Run
+    network: object  # phpn.network.PrototypeNetwork
+    origin: str
+    model_key: str
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    saved_to: Optional[Path] = None
+    wall: Optional[dict] = None  # live runs: seconds per stage as the app saw them, certificate included
+
+
+def state():
+    return st.session_state
+
+
+def session_id() -> str:
+    if "_sid" not in st.session_state:
+        st.session_state["_sid"] = uuid.uuid4().hex
+    return st.session_state["_sid"]
+
+
+def upload_dir() -> Path:
+    from phpn.uploads import new_upload_dir, session_dir
+
+    return new_upload_dir(session_dir(session_id()))
+
+
+def current_model() -> Optional[ModelEntry]:
+    return st.session_state.get("model")
+
+
+def current_data() -> Optional[DataEntry]:
+    return st.session_state.get("data")
+
+
+def current_run() -> Optional[RunEntry]:
+    return st.session_state.get("run")
+
+
+def set_model(entry: ModelEntry) -> None:
+    old = current_model()
+    st.session_state["model"] = entry
+    if old is None or old.key != entry.key:
+        st.session_state.pop("data", None)
+        st.session_state.pop("run", None)
+        st.session_state.pop("explained", None)
+        st.session_state.pop("evaluation", None)
+
+
+def set_data(entry: DataEntry) -> None:
+    st.session_state["data"] = entry
+
+
+def set_run(run, origin: str, saved_to: Optional[Path] = None, wall: Optional[dict] = None) -> RunEntry:
+    model = current_model()
+    if model is None:
+        raise RunError("No model is loaded.", "Load the model the run was made from first (Model & data page).")
+    if not model.decomposable:
+        raise RunError("The loaded model cannot be decomposed.", "Load a model whose head can be decomposed.")
+    network = run.network(model.session.split)  # refuses a run made for another head
+    entry = RunEntry(run=run, network=network.eval(), origin=origin, model_key=model.key,
+                     saved_to=Path(saved_to) if saved_to else None, wall=wall)
+    st.session_state["run"] = entry
+    st.session_state.pop("boot_warnings", None)
+    st.session_state.pop("explained", None)
+    st.session_state.pop("evaluation", None)
+    return entry
+
+
+def load_demo(name: str, with_data: bool = True, with_run: bool = True) -> list:
+    """Load a demo's model, images and precomputed run; returns warnings (strings)."""
+    from phpn.api import open_run
+    from phpn.demos import get_demo
+
+    demo = get_demo(name)
+    entry = load_model_entry(demo=name)
+    set_model(entry)
+    warnings = []
+    if with_data:
+        cap = demo.defaults.get("images_per_class")
+        data = scan_data(entry, demo.discovery_dir(), cap, int(demo.defaults.get("seed", 0)))
+        explain_root = None
+        try:
+            explain_root = demo.explain_dir()
+        except PhpnError:
+            pass
+        set_data(DataEntry(data=data, label=f"demo:{name}", kind="demo", cap=cap,
+                           seed=int(demo.defaults.get("seed", 0)), explain_root=explain_root))
+    if with_run and entry.decomposable:
+        if (demo.run_dir / "run.json").is_file():
+            try:
+                run, _ = open_run(entry.session, demo.run_dir)
+                set_run(run, f"precomputed run of the {name} demo", saved_to=demo.run_dir)
+            except PhpnError as exc:
+                warnings.append(f"The demo's precomputed run could not be used: {exc}")
+        else:
+            warnings.append("The demo has no precomputed run yet: start one on the Discover page.")
+    return warnings
+
+
+def bootstrap() -> None:
+    """First start of a session: the default demo, its images and its run, so every page works."""
+    if st.session_state.get("_booted"):
+        return
+    st.session_state["_booted"] = True
+    try:
+        from phpn.uploads import prune
+
+        prune()  # other sessions' uploads older than two days
+    except Exception:  # noqa: BLE001 - housekeeping must never stop the app
+        pass
+    try:
+        with st.spinner("Loading the Fashion-MNIST demo…"):
+            st.session_state["boot_warnings"] = load_demo(DEFAULT_DEMO)
+    except Exception as exc:  # noqa: BLE001
+        st.session_state["boot_warnings"] = [f"The built-in demo could not be loaded: {error_text(exc)}"]
+
+
+def image_root_for_run(run) -> Optional[Path]:
+    """Where the run's training images (top patches) can be read now, or None."""
+    from phpn.demos import get_demo
+
+    label = str(run.meta.get("data", {}).get("root", ""))
+    candidates = []
+    if label.startswith("demo:"):
+        try:
+            candidates.append(get_demo(label[5:]).discovery_dir())
+        except PhpnError:
+            pass
+    elif label:
+        candidates.append(Path(label))
+    data = current_data()
+    if data is not None:
+        candidates.append(Path(data.data.root))
+    probe = None
+    for entry in run.meta.get("classes", []):
+        for patches in entry.get("top_patches", []):
+            if patches:
+                probe = patches[0]["path"]
+                break
+        if probe:
+            break
+    for root in candidates:
+        if root.is_dir() and (probe is None or (root / probe).is_file()):
+            return root
+    return None
+
+
+def require_model(decomposable: bool = True) -> ModelEntry:
+    entry = current_model()
+    if entry is None:
+        st.info("No model is loaded yet. Load one on the **Model & data** page.")
+        st.page_link(PAGES["model"], label="Go to Model & data", icon=":material/inventory_2:")
+        st.stop()
+    if decomposable and not entry.decomposable:
+        st.error(f"This model cannot be decomposed exactly: {entry.session.diagnosis.reason} "
+                 "Load a model whose head is global average pooling followed by a linear layer.")
+        st.stop()
+    return entry
+
+
+def require_run() -> RunEntry:
+    require_model()
+    entry = current_run()
+    if entry is None:
+        st.info("There is no run yet for this model. Start a discovery (or load a saved run) on the "
+                "**Discover** page.")
+        st.page_link(PAGES["discover"], label="Go to Discover", icon=":material/search:")
+        st.stop()
+    return entry
+
+
+PAGES = {
+    "model": "pages/model.py",
+    "discover": "pages/discover.py",
+    "classes": "pages/classes.py",
+    "explain": "pages/explain.py",
+    "export": "pages/export.py",
+    "evaluate": "pages/evaluate.py",
+}
+
+
+# --- the live discovery ----------------------------------------------------------------------
+
+@dataclass
+class StageProgress:
+    done: int = 0
+    total: int = 0
+    started: float = 0.0
+    updated: float = 0.0
+
+    @property
+    def fraction(self) -> float:
+        return min(1.0, self.done / self.total) if self.total else 0.0
+
+    def remaining(self, now: float) -> Optional[float]:
+        f = self.fraction
+        if f <= 0 or f >= 1:
+            return 0.0 if f >= 1 else None
+        return (now - self.started) * (1 - f) / f
+
+
+class DiscoveryJob:
+    """Discovery in a background thread; the progress callback raises Cancelled on request.
+
+    Nothing here touches Streamlit: the page polls ``stages``, ``status`` and ``result``.
+    """
+
+    def __init__(self, entry: ModelEntry, data, config, data_label: str):
+        self.model_key = entry.key
+        self.entry, self.data, self.config, self.data_label = entry, data, config, data_label
+        self.cancel_event = threading.Event()
+        self.stages = {s: StageProgress() for s in STAGES}
+        self.current: Optional[str] = None
+        self.status = "running"  # running | done | cancelled | failed
+        self.result = None
+        self.error: Optional[str] = None
+        self.adopted = False
+        self.started = time.time()
+        self.finished: Optional[float] = None
+        self.thread = threading.Thread(target=self._work, name="phpn-discovery", daemon=True)
+
+    def start(self) -> "DiscoveryJob":
+        self.thread.start()
+        return self
+
+    def cancel(self) -> None:
+        self.cancel_event.set()
+
+    @property
+    def running(self) -> bool:
+        return self.status == "running"
+
+    def progress(self, stage: str, done: int, total: int) -> None:
+        if self.cancel_event.is_set():
+            raise Cancelled()
+        now = time.time()
+        p = self.stages.setdefault(stage, StageProgress())
+        if not p.started:
+            p.started = now
+        p.done, p.total, p.updated = int(done), int(total), now
+        self.current = stage
+
+    def _work(self) -> None:
+        from phpn.api import run_discovery
+
+        try:
+            session = self.entry.session_for(self.config.device)
+            self.result = run_discovery(session, self.data, self.config, progress=self.progress,
+                                        data_label=self.data_label)
+            self.status = "done"
+        except Cancelled:
+            self.status = "cancelled"
+        except Exception as exc:  # noqa: BLE001
+            if not isinstance(exc, PhpnError):
+                traceback.print_exc()
+            self.error = error_text(exc)
+            self.status = "failed"
+        finally:
+            self.finished = time.time()
+
+    def wall_times(self) -> dict:
+        """Seconds per stage (first to last report) and in all."""
+        out = {s: round(p.updated - p.started, 3) for s, p in self.stages.items() if p.started}
+        out["total"] = round(self.elapsed(), 3)
+        return out
+
+    def elapsed(self) -> float:
+        return (self.finished or time.time()) - self.started
+
+    def overall(self) -> float:
+        return sum(STAGE_WEIGHTS[s] * self.stages[s].fraction for s in STAGES if s in self.stages)
+
+    def remaining(self) -> Optional[float]:
+        """Seconds left (rough): the current stage's own estimate plus the later stages' shares."""
+        if not self.running:
+            return 0.0
+        f = self.overall()
+        if f <= 0.02:
+            return None
+        return self.elapsed() * (1 - f) / f
+
+
+def format_seconds(s: Optional[float]) -> str:
+    if s is None:
+        return "estimating…"
+    s = max(0.0, float(s))
+    if s < 60:
+        return f"{s:.0f} s"
+    return f"{int(s // 60)} min {int(s % 60):02d} s"
+
+
+def adopt_finished_job() -> None:
+    """Make a finished discovery the current run (once)."""
+    job: Optional[DiscoveryJob] = st.session_state.get("job")
+    if job is None or job.running or job.adopted:
+        return
+    job.adopted = True
+    if job.status == "done" and job.result is not None:
+        model = current_model()
+        if model is None or model.key != job.model_key:
+            st.session_state["job_note"] = ("The discovery finished, but another model has been loaded since; "
+                                            "its result was not kept.")
+            return
+        try:
+            set_run(job.result, "live discovery", wall=job.wall_times())
+        except Exception as exc:  # noqa: BLE001
+            st.session_state["job_note"] = error_text(exc)
+
+
+# --- small display helpers ----------------------------------------------------------------
+
+def flash(message: str, kind: str = "success", place: str = "main") -> None:
+    """A message to show after the rerun that follows an action (so the sidebar is current)."""
+    st.session_state.setdefault("_flash", []).append((place, kind, message))
+
+
+def show_flash(place: str = "main") -> None:
+    pending = st.session_state.get("_flash", [])
+    keep = []
+    for where, kind, message in pending:
+        if where == place:
+            getattr(st, kind)(message)
+        else:
+            keep.append((where, kind, message))
+    st.session_state["_flash"] = keep
+
+
+def remember(*keys: str, options: Optional[dict] = None) -> None:
+    """Keep widget values when their page is left and opened again.
+
+    Streamlit forgets the state of widgets that a run does not draw; call this before the
+    widgets are drawn (it restores the last values, if still valid for ``options[key]``)
+    and :func:`memorise` after.
+    """
+    for key in keys:
+        store = f"_kept_{key}"
+        if key not in st.session_state and store in st.session_state:
+            value = st.session_state[store]
+            allowed = (options or {}).get(key)
+            if allowed is None or value in allowed:
+                st.session_state[key] = value
+
+
+def memorise(*keys: str) -> None:
+    for key in keys:
+        if key in st.session_state:
+            st.session_state[f"_kept_{key}"] = st.session_state[key]
+
+
+VERDICT_TEXT = {
+    "exact": ("Exact", "success"),
+    "exact-after-folding": ("Exact after folding", "info"),
+    "impossible": ("Cannot be decomposed exactly", "error"),
+}
+
+
+def certificate_line(cert: Optional[dict]) -> str:
+    if not cert:
+        return "no certificate"
+    return (f"{'PASSED' if cert.get('passed') else 'FAILED'} · top-1 {100 * cert['top1_agreement']:.2f}% · "
+            f"max |Δlogit| {cert['max_logit_diff']:.2g}")
+
+
+def configure_page() -> None:
+    st.set_page_config(page_title="phpn: part-prototypes for any classifier", page_icon=":material/extension:", layout="wide")
+
+
+def frame() -> None:
+    """The shared frame, drawn by every page: page set-up, the session (the default demo on
+    first start), a finished discovery adopted, the sidebar.
+
+    Pages call it themselves (rather than relying on app.py having run first) so that the
+    frame is there however Streamlit runs a page: through ``st.navigation`` in app.py, or
+    directly, as Streamlit does for a ``pages/`` folder on a server's first request and in
+    ``AppTest``.
+    """
+    configure_page()
+    bootstrap()
+    adopt_finished_job()
+    sidebar()
+
+
+def sidebar() -> None:
+    with st.sidebar:
+        st.markdown("### Session")
+        model = current_model()
+        if model is None:
+            st.caption("Model: none loaded")
+        else:
+            verdict = model.session.diagnosis.verdict
+            icon = {"exact": ":material/check_circle:", "exact-after-folding": ":material/check_circle:",
+                    "impossible": ":material/block:"}.get(verdict, "")
+            st.caption(f"Model: **{model.label}** ({model.session.loaded.arch}, "
+                       f"{model.session.loaded.num_classes} classes) {icon} {VERDICT_TEXT[verdict][0].lower()}")
+        data = current_data()
+        if data is not None:
+            n = sum(len(c.paths) for c in data.data.classes)
+            st.caption(f"Images: {len(data.data.classes)} classes, {n} images ({data.kind})")
+        else:
+            st.caption("Images: none")
+        run = current_run()
+        if run is not None:
+            r = run.run
+            st.caption(f"Run: {len(r.meta.get('classes', []))} classes × k = {r.k} ({run.origin}); "
+                       f"certificate {certificate_line(r.meta.get('certificate'))}")
+            if run.saved_to:
+                st.caption(f"Saved at `{run.saved_to}`")
+            else:
+                st.caption("Not saved yet (Discover page).")
+        else:
+            st.caption("Run: none")
+        job = st.session_state.get("job")
+        if job is not None and job.running:
+            st.caption(f":material/hourglass_top: Discovery running ({format_seconds(job.elapsed())})")
+        for w in st.session_state.get("boot_warnings", []) or []:
+            st.warning(w)

@@ -1,0 +1,244 @@
+"""Discover: settings, a live run with progress per stage and a cancel button, the
+certificate, timings, the per-class refinement table; save and load runs."""
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+import torch
+
+from pages import _shared as S
+from phpn.errors import DataError
+
+S.frame()
+st.title("Discover part-prototypes")
+model = S.require_model()
+data = S.current_data()
+job = st.session_state.get("job")
+running = job is not None and job.running
+
+# --- settings ------------------------------------------------------------------------------
+defaults = {"k": 3, "images_per_class": 100, "solver": "lbfgs", "seed": 0}
+if model.session.demo:
+    from phpn.demos import get_demo
+
+    defaults.update(get_demo(model.session.demo).defaults)
+
+if data is None:
+    st.info("No images are loaded: scan an image folder on the **Model & data** page to run a discovery. "
+            "You can still load a saved run below.")
+else:
+    S.remember("disc_k", "disc_cap", "disc_solver", "disc_device", "disc_objective", "disc_scaling", "disc_seed",
+               "disc_top")
+    with st.form("discover_form", border=True):
+        c1, c2, c3, c4 = st.columns(4)
+        k = c1.slider("Prototypes per class (k)", 1, 20, int(defaults["k"]), key="disc_k")
+        cap_default = int(data.cap or defaults.get("images_per_class") or 100)
+        cap = c2.number_input("Images per class", min_value=1, value=cap_default, step=10, key="disc_cap")
+        solver = c3.selectbox("Refinement solver", ["lbfgs", "nelder-mead", "none"],
+                              index=["lbfgs", "nelder-mead", "none"].index(defaults.get("solver", "lbfgs")),
+                              key="disc_solver",
+                              help="lbfgs: gradient-based (default, fast). nelder-mead: the paper's solver (barely "
+                                   "moves in high dimensions). none: equal split of the residual.")
+        devices = ["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"]
+        device = c4.selectbox("Device", devices, key="disc_device")
+        with st.expander("More settings"):
+            a1, a2, a3, a4 = st.columns(4)
+            objective = a1.selectbox("Objective", ["prototype", "residual"], key="disc_objective",
+                                     help="prototype: keep each final prototype's map like its NMF part (default). "
+                                          "residual: the paper's objective on the residual shares.")
+            scaling = a2.selectbox("Scaling", ["lstsq", "nnls"], key="disc_scaling",
+                                   help="lstsq: least squares (α may be negative). nnls: non-negative α.")
+            seed = a3.number_input("Seed", min_value=0, value=int(defaults.get("seed", 0)), key="disc_seed")
+            top_patches = a4.number_input("Top patches per prototype", 1, 24, 6, key="disc_top")
+            names = model.session.class_names
+            subset = st.multiselect("Only these classes (empty: every class with images)",
+                                    [c.class_index for c in data.data.classes],
+                                    format_func=lambda i: f"{names[i] if i < len(names) else i} ({i})",
+                                    key="disc_classes")
+        start = st.form_submit_button("Start discovery", type="primary", disabled=running)
+    S.memorise("disc_k", "disc_cap", "disc_solver", "disc_device", "disc_objective", "disc_scaling", "disc_seed",
+               "disc_top")
+
+    if start and not running:
+        with S.user_errors():
+            from phpn.api import open_data
+            from phpn.discover import DiscoveryConfig
+
+            config = DiscoveryConfig(k=int(k), images_per_class=int(cap), solver=solver, objective=objective,
+                                     scaling=scaling, seed=int(seed), device=device, top_patches=int(top_patches),
+                                     classes=tuple(int(c) for c in subset) if subset else None)
+            run_data = data.data
+            if data.cap != int(cap) or data.seed != int(seed):
+                run_data = S.scan_data(model, data.data.root, int(cap), int(seed))
+            if not run_data.classes:
+                raise DataError("The image folder has no classes.", "Scan another folder on the Model & data page.")
+            job = S.DiscoveryJob(model, run_data, config, data.label).start()
+            st.session_state["job"] = job
+            st.session_state.pop("job_note", None)
+            running = True
+
+
+# --- live progress -----------------------------------------------------------------------------
+def _progress_body(job) -> None:
+    now = time.time()
+    for stage in S.STAGES:
+        p = job.stages[stage]
+        label = S.STAGE_LABELS[stage]
+        if p.total:
+            left = p.remaining(now)
+            extra = "done" if p.fraction >= 1 else f"{p.done}/{p.total}, {S.format_seconds(left)} left"
+            st.progress(p.fraction, text=f"{label}: {extra}")
+        else:
+            st.progress(0.0, text=f"{label}: waiting")
+    st.caption(f"Elapsed {S.format_seconds(job.elapsed())} · about {S.format_seconds(job.remaining())} remaining "
+               "(cancelling takes effect at the next progress step)")
+
+
+@st.fragment(run_every=0.5)
+def live_progress():
+    job = st.session_state.get("job")
+    if job is None:
+        return
+    if not job.running:
+        st.rerun()  # the whole page: show the result
+    with st.container(border=True):
+        st.markdown("**Discovery running…**")
+        _progress_body(job)
+        if st.button("Cancel", key="cancel_job", disabled=job.cancel_event.is_set()):
+            job.cancel()
+            st.toast("Cancelling…")
+
+
+if running:
+    live_progress()
+elif job is not None:
+    if job.status == "cancelled":
+        st.warning(f"The discovery was cancelled after {S.format_seconds(job.elapsed())}. The previous run (if any) "
+                   "is kept and nothing saved was touched.", icon=":material/stop_circle:")
+    elif job.status == "failed":
+        st.error(job.error or "The discovery failed.", icon=":material/error:")
+    elif job.status == "done":
+        st.success(f"Discovery finished in {S.format_seconds(job.elapsed())}.", icon=":material/verified:")
+    if st.session_state.get("job_note"):
+        st.warning(st.session_state["job_note"])
+
+# --- the current run ----------------------------------------------------------------------------
+entry = S.current_run()
+if entry is not None:
+    run = entry.run
+    st.header("Current run")
+    st.caption(f"{run.meta.get('created', '')} · {entry.origin} · {len(run.meta['classes'])} classes × k = {run.k} · "
+               f"solver {run.meta['config']['solver']}, objective {run.meta['config']['objective']}, "
+               f"scaling {run.meta['config']['scaling']}, device {run.meta.get('device', '?')}")
+    cert = run.meta.get("certificate")
+    if cert:
+        passed = cert["passed"]
+        headline = (f"**Certificate {'PASSED' if passed else 'FAILED'}**: the part-prototype network "
+                    f"{'reproduces' if passed else 'does not reproduce'} the original model on {cert['images']} images.")
+        (st.success if passed else st.error)(headline, icon=":material/verified:" if passed else ":material/cancel:")
+        c1, c2, c3, c4 = st.columns(4)
+        c1.metric("Top-1 agreement", f"{100 * cert['top1_agreement']:.2f}%")
+        c2.metric("Max |Δ logit|", f"{cert['max_logit_diff']:.2g}",
+                  help=f"{cert['relative_logit_diff']:.2g} of the largest |logit| ({cert['max_abs_logit']:.3g})")
+        c3.metric("Max head error ‖Σp̃ − v‖/‖v‖", f"{cert['max_head_error']:.2g}")
+        c4.metric("Images checked", cert["images"])
+    else:
+        st.info("This run has no certificate.")
+    t = run.meta.get("timings", {})
+    if t:
+        t1, t2, t3, t4 = st.columns(4)
+        t1.metric("Features", f"{t.get('features_s', 0):.1f} s")
+        t2.metric("NMF", f"{t.get('nmf_s', 0):.1f} s")
+        t3.metric("Refinement", f"{t.get('refine_s', 0):.1f} s")
+        t4.metric("Discovery total", f"{t.get('total_s', 0):.1f} s", help="Without the certificate.")
+    if entry.wall:
+        st.caption(f"Live run as timed by the app: certificate {entry.wall.get('certify', 0):.1f} s, "
+                   f"everything {entry.wall.get('total', 0):.1f} s from the click to the certificate.")
+    names = run.class_names
+    rows = []
+    for c in run.meta["classes"]:
+        before, after = c["objective_before"], c["objective_after"]
+        rows.append({
+            "class": f"{names[c['index']] if c['index'] < len(names) else c['index']} ({c['index']})",
+            "images": c["images"],
+            "α": ", ".join(f"{a:.3g}" for a in c["alpha"]),
+            "negative α": c["negative_alpha"],
+            "residual ‖R‖/‖v‖": c["residual_ratio"],
+            "objective before": before,
+            "objective after": after,
+            "improvement": (1 - after / before) if before else 0.0,
+            "fidelity": ", ".join(f"{f:.2f}" for f in c["fidelity"]),
+            "min fidelity": min(c["fidelity"]),
+            "NMF rel. error": c["nmf_relative_error"],
+        })
+    st.subheader("Refinement, class by class")
+    st.caption("Map fidelity: correlation of each final prototype's map with its NMF part's map over the "
+               "discovery images (1 = the picture of the part is exactly what the prototype uses).")
+    st.dataframe(pd.DataFrame(rows), hide_index=True,
+                 column_config={"improvement": st.column_config.NumberColumn(format="percent"),
+                                "residual ‖R‖/‖v‖": st.column_config.NumberColumn(format="%.3f"),
+                                "objective before": st.column_config.NumberColumn(format="%.4g"),
+                                "objective after": st.column_config.NumberColumn(format="%.4g"),
+                                "min fidelity": st.column_config.NumberColumn(format="%.3f"),
+                                "NMF rel. error": st.column_config.NumberColumn(format="%.3f")})
+    skipped = run.meta.get("data", {}).get("skipped", [])
+    if skipped:
+        with st.expander(f"Files skipped during discovery ({len(skipped)})"):
+            st.dataframe(pd.DataFrame(skipped, columns=["file", "why"]), hide_index=True)
+
+    st.subheader("Save this run")
+    if entry.saved_to:
+        st.caption(f"Saved at `{entry.saved_to}`.")
+    stem = (model.session.demo or model.session.loaded.arch).replace("/", "-").replace(":", "-")
+    default_path = S.RUNS_DIR / f"{stem}-k{run.k}-{datetime.now():%Y%m%d-%H%M%S}"
+    save_path = st.text_input("Folder (a new folder under ./runs/, or any path on this server)",
+                              value=str(default_path.relative_to(S.ROOT)), key="save_path")
+    if st.button("Save run", key="save_run"):
+        with S.user_errors():
+            from phpn.runs import save_run
+
+            target = Path(save_path.strip()).expanduser()
+            if not target.is_absolute():
+                target = S.ROOT / target
+            if target.exists() and not (target / "run.json").is_file():
+                raise DataError(f"{target} exists and is not a run folder.", "Choose a new folder name.")
+            save_run(run, target)
+            entry.saved_to = target
+            S.flash(f"Saved to `{target}` (written atomically: a complete run or nothing).", place="save")
+            st.rerun()
+    S.show_flash("save")
+
+# --- load a run ----------------------------------------------------------------------------------
+st.header("Load a saved run")
+
+
+def _known_runs() -> list:
+    from phpn.demos import DEMOS
+
+    found = []
+    if S.RUNS_DIR.is_dir():
+        found += sorted((p.parent for p in S.RUNS_DIR.glob("*/run.json")), key=lambda p: p.stat().st_mtime,
+                        reverse=True)
+    for demo in DEMOS.values():
+        if (demo.run_dir / "run.json").is_file():
+            found.append(demo.run_dir)
+    return found
+
+
+known = _known_runs()
+choice = st.selectbox("Runs found", ["(type a path below)"] + [str(p) for p in known], key="load_choice")
+typed = st.text_input("Run folder path", key="load_path")
+if st.button("Load run", key="load_run", disabled=running):
+    with S.user_errors():
+        from phpn.api import open_run
+
+        path = typed.strip() or (choice if not choice.startswith("(") else "")
+        if not path:
+            raise DataError("No run folder given.", "Pick one of the runs found or type the folder's path.")
+        run, _ = open_run(model.session, Path(path).expanduser())
+        S.set_run(run, f"loaded from {path}", saved_to=Path(path).expanduser())
+        S.flash(f"Loaded the run at `{path}`.", place="load")
+        st.rerun()
+S.show_flash("load")

@@ -1,0 +1,168 @@
+"""Explain an image: top-5 predictions; for the chosen class each prototype's map over the
+image, the raw feature-grid map beside the upsampled one, bias → logit through the
+prototypes, "this looks like that", and the class map as the sum of the prototype maps."""
+import hashlib
+import random
+from pathlib import Path
+
+import numpy as np
+import streamlit as st
+
+from pages import _shared as S
+from phpn import viz
+from phpn.errors import DataError
+
+S.frame()
+st.title("Explain an image")
+entry = S.require_run()
+model = S.current_model()
+run, network = entry.run, entry.network
+data = S.current_data()
+names = model.session.class_names
+pre_key = S.preprocess_key(model.session.preprocess)
+train_root = S.image_root_for_run(run)
+
+
+def _name(i: int) -> str:
+    return names[i] if i < len(names) else str(i)
+
+
+@st.cache_data(max_entries=256, show_spinner=False)
+def _explain(run_id: str, image_key: str, class_index, _model, _network, _image):
+    from phpn.api import explain_image
+
+    with _model.lock:
+        return explain_image(_model.session, _network, _image, class_index=class_index)
+
+
+@st.cache_data(max_entries=512, show_spinner=False)
+def _tiles(root: str, entries: tuple, color: str, pre_key: tuple, size: int, columns: int):
+    tiles = []
+    for path, box in entries:
+        seen = S.seen_image(str(Path(root) / path), pre_key)
+        if seen is not None:
+            tiles.append(viz.patch_tile(seen, box, color, size))
+    return np.asarray(viz.image_grid(tiles, columns=columns)) if tiles else None
+
+
+# --- which image -------------------------------------------------------------------------------
+folders = {}
+if data is not None and data.explain_root is not None:
+    folders["Held-out explain set"] = Path(data.explain_root)
+if data is not None:
+    folders["Discovery images"] = Path(data.data.root)
+options = list(folders) + ["Upload an image"]
+S.remember("explain_source", "explain_opacity", "explain_mode", options={"explain_source": options})
+source = st.radio("Image", options, horizontal=True, key="explain_source")
+
+image, image_key, image_label = None, None, None
+if source == "Upload an image":
+    up = st.file_uploader("An image (PNG, JPEG, BMP, GIF, TIFF, WebP)",
+                          type=["png", "jpg", "jpeg", "bmp", "gif", "tif", "tiff", "webp"], key="explain_upload")
+    if up is not None:
+        with S.user_errors():
+            from phpn.uploads import open_uploaded_image
+
+            raw = bytes(up.getbuffer())
+            image = open_uploaded_image(up)
+            image_key = "upload:" + hashlib.sha256(raw).hexdigest()
+            image_label = up.name
+else:
+    root = folders[source]
+    class_dirs = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        st.error(f"{root} has no class folders.")
+        st.stop()
+    c1, c2, c3 = st.columns([2, 3, 1])
+    S.remember("explain_folder", options={"explain_folder": class_dirs})
+    folder = c1.selectbox("Class folder", class_dirs, key="explain_folder")
+    files = sorted(p.name for p in (root / folder).iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files:
+        st.error(f"The folder {folder} has no files.")
+        st.stop()
+    if c3.button("Random", icon=":material/casino:", key="explain_random"):
+        st.session_state["explain_file"] = random.choice(files)
+    S.remember("explain_file", options={"explain_file": files})
+    if st.session_state.get("explain_file") not in files:
+        st.session_state["explain_file"] = files[0]
+    name = c2.selectbox("Image", files, key="explain_file")
+    S.memorise("explain_folder", "explain_file")
+    path = root / folder / name
+    with S.user_errors():
+        from phpn.data import load_image
+
+        image = load_image(path)
+        image_key = f"file:{path}:{path.stat().st_mtime_ns}"
+        image_label = f"{folder}/{name}"
+
+if image is None:
+    st.info("Pick or upload an image.")
+    st.stop()
+
+# --- predictions and class ----------------------------------------------------------------------
+try:
+    best = _explain(entry.id, image_key, None, model, network, image)
+except Exception as exc:  # noqa: BLE001
+    S.show_error(exc)
+    st.stop()
+decomposed = set(run.class_indices.tolist())
+choices = [c for c, *_ in best.top if c in decomposed] + sorted(decomposed - {c for c, *_ in best.top})
+top1 = best.top[0][0]
+c_pred, c_class = st.columns([3, 2])
+with c_class:
+    cls = st.selectbox("Explain the class", choices, format_func=lambda i: f"{_name(i)} ({i})",
+                       key=f"explain_class_{image_key}")
+    opacity = st.slider("Map opacity", 0.0, 1.0, 0.6, 0.05, key="explain_opacity")
+    smooth = st.radio("Upsampling", ["bicubic", "nearest"], horizontal=True, key="explain_mode",
+                      help="How the feature-grid map is stretched over the image; the raw grid is always shown too.")
+    S.memorise("explain_source", "explain_opacity", "explain_mode")
+    if top1 not in decomposed:
+        st.info(f"The top prediction {_name(top1)} has no prototypes in this run.")
+with c_pred:
+    st.plotly_chart(viz.figure_top_predictions(best.top, title="Top-5 predictions"), key=f"top_{image_key}",
+                    config={"displayModeBar": False})
+
+e = best if cls == best.class_index else _explain(entry.id, image_key, int(cls), model, network, image)
+st.session_state["explained"] = {"explanation": e, "label": image_label, "run_id": entry.id,
+                                 "opacity": float(opacity)}
+k = len(e.contributions)
+colors = [viz.prototype_color(i) for i in range(k)]
+labels = [f"prototype {i + 1}" for i in range(k)]
+size = 224
+picture = viz.enlarge(e.image, size)
+vmax = viz.signed_scale(e.maps)
+
+st.subheader(f"Why “{e.class_name}”? logit {e.logit:.3f} = bias {e.bias:.3f} + Σ prototypes "
+             f"{float(np.sum(e.contributions)):.3f}")
+v1, v2, v3, v4 = st.columns(4)
+v1.image(picture, caption="What the model sees")
+v2.image(viz.prototype_overlay(picture, e.maps, opacity, colors=colors, vmax=vmax, mode=smooth),
+         caption="All prototypes (each pixel: the one that adds most)")
+v3.image(viz.heat_overlay(picture, e.class_map, opacity, mode=smooth),
+         caption="Class map = Σ prototype maps (red adds, blue subtracts)")
+v4.image(viz.grid_image(e.class_map, size), caption=f"Class map on the raw {e.maps.shape[1]}×{e.maps.shape[2]} grid")
+st.markdown(" ".join(f"{viz.color_swatch(colors[i])}{labels[i]}" for i in range(k)), unsafe_allow_html=True)
+
+st.plotly_chart(viz.figure_waterfall(e.bias, e.contributions, e.logit, labels, colors,
+                                     title="From the bias to the logit, prototype by prototype"),
+                key=f"waterfall_{image_key}_{cls}", config={"displayModeBar": False})
+
+st.subheader("This looks like that")
+meta = run.class_meta(e.class_index)
+for i in range(k):
+    with st.container(border=True):
+        st.markdown(f"{viz.color_swatch(colors[i], 16)} **Prototype {i + 1}**: contributes "
+                    f"{float(e.contributions[i]):+.3f} here (class mean {meta['mean_contribution'][i]:+.3f}; "
+                    f"map fidelity {meta['fidelity'][i]:.2f})", unsafe_allow_html=True)
+        a, b, c = st.columns([1, 1, 2])
+        a.image(viz.prototype_overlay(picture, e.maps[i], opacity, colors=[colors[i]], vmax=vmax, mode=smooth),
+                caption="Where, upsampled (colour adds, grey subtracts)")
+        b.image(viz.grid_image(e.maps[i], 180, vmax=vmax), caption="Raw feature grid (blue < 0 < red)")
+        with c:
+            if train_root is not None:
+                grid = _tiles(str(train_root), tuple((p["path"], tuple(p["box"])) for p in meta["top_patches"][i]),
+                              colors[i], pre_key, 96, 3)
+                if grid is not None:
+                    st.image(grid, caption="Looks like: its top training patches")
+            else:
+                st.caption("The training images of this run are not available here.")

@@ -1,0 +1,84 @@
+"""Export: the run as a zip, and self-contained HTML reports of a class or an explanation."""
+import re
+
+import streamlit as st
+
+from pages import _shared as S
+from phpn import report
+
+S.frame()
+st.title("Export")
+entry = S.require_run()
+model = S.current_model()
+run = entry.run
+names = run.class_names
+
+
+def _name(i: int) -> str:
+    return names[i] if i < len(names) else str(i)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", str(text)).strip("-").lower() or "item"
+
+
+stem = _slug(model.session.demo or model.session.loaded.arch)
+
+st.header("The run")
+st.caption("A zip of the run folder: `tensors.safetensors` (prototypes, α, the head they sum to) and `run.json` "
+           "(model identity, every setting and seed, timings, per-class statistics, top patches, certificate). "
+           "Load it again on the Discover page or with `python -m phpn explain --run …`.")
+
+
+@st.cache_data(max_entries=4, show_spinner=False)
+def _run_zip(run_id: str, name: str, _run) -> bytes:
+    return report.run_zip_bytes(_run, name)
+
+
+with S.user_errors():
+    st.download_button("Download the run (.zip)", data=_run_zip(entry.id, f"phpn-run-{stem}-k{run.k}", run),
+                       file_name=f"phpn-run-{stem}-k{run.k}.zip", mime="application/zip", key="dl_run",
+                       type="primary")
+
+st.header("Report for a class")
+S.remember("export_class", options={"export_class": run.class_indices.tolist()})
+cls = st.selectbox("Class", run.class_indices.tolist(), format_func=lambda i: f"{_name(i)} ({i})",
+                   key="export_class")
+S.memorise("export_class")
+
+
+def _class_html(class_index: int) -> str:
+    return report.class_report(run, class_index, image_root=S.image_root_for_run(run),
+                               preprocess=model.session.preprocess, network=entry.network)
+
+
+if st.button("Build the class report", key="build_class_report"):
+    with S.user_errors():
+        with st.spinner("Drawing the report…"):
+            with model.lock:
+                st.session_state["class_report"] = (entry.id, cls, _class_html(int(cls)))
+built = st.session_state.get("class_report")
+if built and built[0] == entry.id and built[1] == cls:
+    st.download_button("Download the class report (.html)", data=built[2],
+                       file_name=f"phpn-{stem}-{_slug(_name(cls))}.html", mime="text/html", key="dl_class")
+    st.caption(f"{len(built[2]) / 1024:.0f} KB, one file with every image embedded.")
+
+st.header("Report for an explanation")
+explained = st.session_state.get("explained")
+if not explained or explained.get("run_id") != entry.id:
+    st.info("Explain an image first (Explain an image page); its explanation can then be downloaded here.")
+else:
+    e = explained["explanation"]
+    st.write(f"Last explanation: **{explained['label']}** for class **{e.class_name}** (logit {e.logit:.3f}).")
+    if st.button("Build the explanation report", key="build_expl_report"):
+        with S.user_errors():
+            html_text = report.explanation_report(e, run, image_root=S.image_root_for_run(run),
+                                                  preprocess=model.session.preprocess,
+                                                  opacity=explained.get("opacity", 0.6))
+            st.session_state["explanation_report"] = (entry.id, explained["label"], e.class_index, html_text)
+    built = st.session_state.get("explanation_report")
+    if built and built[0] == entry.id and built[1] == explained["label"] and built[2] == e.class_index:
+        st.download_button("Download the explanation report (.html)", data=built[3],
+                           file_name=f"phpn-{stem}-{_slug(explained['label'])}-{_slug(e.class_name)}.html",
+                           mime="text/html", key="dl_expl")
+        st.caption(f"{len(built[3]) / 1024:.0f} KB, one file with every image embedded.")

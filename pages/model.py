@@ -1,0 +1,253 @@
+"""Model & data: a built-in demo, an uploaded checkpoint or one on the server; the doctor's
+verdict; an image folder (zip upload or server path) and what was found in it."""
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from pages import _shared as S
+from phpn.demos import DEMOS, get_demo
+from phpn.errors import ConfigError, DataError
+
+S.frame()
+st.title("Model & data")
+st.caption("phpn rewrites each class's row of a trained classifier's head as a sum of k part-prototypes. "
+           "The predictions do not change; each prototype gets a *where* map and a *what* (its top training "
+           "patches). Start with a model and a folder of images, one sub-folder per class.")
+
+# --- the model -------------------------------------------------------------------------------
+st.header("1 · Model")
+source = st.radio("Where is the model?", ["Built-in demo", "Upload a checkpoint", "Checkpoint on this server"],
+                  horizontal=True, key="model_source")
+
+
+def _parse_floats(text: str, what: str) -> tuple:
+    try:
+        values = tuple(float(v) for v in text.replace(";", ",").split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"{what} must be numbers separated by commas, got '{text}'.",
+                          "For example: 0.485, 0.456, 0.406") from None
+    if not values:
+        raise ConfigError(f"{what} is empty.", "Give one number per input channel, or clear the override.")
+    return values
+
+
+if source == "Built-in demo":
+    names = list(DEMOS)
+    demo_name = st.selectbox("Demo", names, format_func=lambda n: DEMOS[n].title, key="demo_name")
+    st.caption(DEMOS[demo_name].description)
+    if st.button("Load this demo", type="primary", key="load_demo"):
+        with S.user_errors():
+            with st.spinner("Loading the demo's model, images and precomputed run…"):
+                warnings = S.load_demo(demo_name)
+            st.session_state.pop("boot_warnings", None)
+            S.flash(f"Loaded the {demo_name} demo.", place="model")
+            for w in warnings:
+                S.flash(w, "warning", place="model")
+            st.rerun()
+else:
+    upload = source == "Upload a checkpoint"
+    from phpn.models.zoo import known_archs
+    from phpn.uploads import CHECKPOINT_SUFFIXES
+
+    if upload:
+        ckpt_file = st.file_uploader("Checkpoint: a state dict (.pt, .pth, .bin, .ckpt) or .safetensors",
+                                     type=[s.lstrip(".") for s in CHECKPOINT_SUFFIXES], key="ckpt_upload")
+    else:
+        ckpt_path = st.text_input("Checkpoint path on this server", key="ckpt_path",
+                                  placeholder="/data/models/resnet50_cub.pth")
+    c1, c2 = st.columns(2)
+    archs = ["(detect automatically)", "efficientnet-lite0"] + list(known_archs())
+    arch = c1.selectbox("Architecture", archs, key="arch",
+                        help="torchvision architectures are recognised from the weights' names and shapes.")
+    num_classes = c2.number_input("Number of classes (0: read it from the checkpoint)", min_value=0, value=0,
+                                  step=1, key="num_classes")
+    with st.expander("Your own architecture (a Python file that builds the model)"):
+        st.caption("The file is **executed on this server** to build the network; only use your own code.")
+        if upload:
+            def_file = st.file_uploader("Model definition (.py)", type=["py"], key="def_upload")
+        else:
+            def_path = st.text_input("Model definition path (.py)", key="def_path")
+        factory = st.text_input("Function or class that builds the model", key="factory", placeholder="make_model")
+    trust = st.checkbox("Trust this checkpoint: allow a whole pickled model", key="trust_pickle")
+    if trust:
+        st.warning("Unpickling a file can run arbitrary code on this server. Tick this only for a file you made "
+                   "yourself or got from a source you trust; a state dict never needs it.", icon=":material/warning:")
+    if upload:
+        names_file = st.file_uploader("Class names (optional): one per line, or a JSON list", type=["txt", "json"],
+                                      key="names_upload")
+    else:
+        names_path = st.text_input("Class-names file on this server (optional)", key="names_path")
+    with st.expander("Preprocessing and layers (defaults come from the model)"):
+        p1, p2, p3 = st.columns(3)
+        resize = p1.number_input("Resize (shorter side, 0: default)", min_value=0, value=0, key="pre_resize")
+        crop = p2.number_input("Centre crop (0: default)", min_value=0, value=0, key="pre_crop")
+        channels = p3.selectbox("Input channels", ["default", 3, 1], key="pre_channels")
+        mean_text = p1.text_input("Mean (comma separated)", key="pre_mean")
+        std_text = p2.text_input("Std (comma separated)", key="pre_std")
+        feature_layer = st.text_input("Feature layer (if detection fails)", key="feature_layer")
+        head_layer = st.text_input("Head layer (if detection fails)", key="head_layer")
+
+    if st.button("Load model", type="primary", key="load_model"):
+        with S.user_errors():
+            from phpn.api import read_class_names
+            from phpn.data import Preprocess
+            from phpn.uploads import save_upload
+
+            if upload:
+                if ckpt_file is None:
+                    raise DataError("No checkpoint uploaded.", "Choose a checkpoint file first.")
+                folder = S.upload_dir()
+                checkpoint = save_upload(ckpt_file, folder, suffixes=CHECKPOINT_SUFFIXES, what="checkpoint")
+                model_def_file = save_upload(def_file, folder, suffixes=(".py",), what="model file") if def_file else None
+                class_names = None
+                if names_file is not None:
+                    class_names = read_class_names(save_upload(names_file, folder, suffixes=(".txt", ".json"),
+                                                               what="class-names file"))
+            else:
+                if not ckpt_path.strip():
+                    raise DataError("No checkpoint path given.", "Type the path of the checkpoint file on this server.")
+                checkpoint = Path(ckpt_path.strip()).expanduser()
+                model_def_file = Path(def_path.strip()).expanduser() if def_path.strip() else None
+                class_names = read_class_names(Path(names_path.strip()).expanduser()) if names_path.strip() else None
+            model_def = None
+            if model_def_file is not None:
+                if not factory.strip():
+                    raise ConfigError("A model file was given without the name of its factory.",
+                                      "Type the function or class in the file that builds the model.")
+                model_def = f"{model_def_file}:{factory.strip()}"
+            spec = dict(checkpoint=str(checkpoint), arch=None if arch.startswith("(") else arch,
+                        model_def=model_def, trust_pickle=bool(trust), num_classes=int(num_classes) or None,
+                        class_names=tuple(class_names) if class_names else None,
+                        feature_layer=feature_layer.strip() or None, head_layer=head_layer.strip() or None)
+            with st.spinner("Loading the checkpoint and checking its head…"):
+                entry = S.load_model_entry(**spec)
+                if resize or crop or channels != "default" or mean_text.strip() or std_text.strip():
+                    values = entry.session.loaded.preprocess.to_dict()
+                    if channels != "default":
+                        values["channels"] = int(channels)
+                        if not mean_text.strip():
+                            values["mean"] = [0.5] * int(channels)
+                        if not std_text.strip():
+                            values["std"] = [0.25] * int(channels)
+                    if crop:
+                        values["crop"] = int(crop)
+                        values["resize"] = max(int(resize or values["resize"]), int(crop))
+                    if resize:
+                        values["resize"] = int(resize)
+                    if mean_text.strip():
+                        values["mean"] = list(_parse_floats(mean_text, "Mean"))
+                    if std_text.strip():
+                        values["std"] = list(_parse_floats(std_text, "Std"))
+                    entry = S.load_model_entry(**spec, preprocess=Preprocess.from_dict(values).to_dict())
+            S.set_model(entry)
+            st.session_state.pop("boot_warnings", None)
+            S.flash(f"Loaded {entry.label}.", place="model")
+            st.rerun()
+
+S.show_flash("model")
+model = S.current_model()
+if model is not None:
+    sess = model.session
+    d = sess.diagnosis
+    title, kind = S.VERDICT_TEXT[d.verdict]
+    text = f"**Doctor's verdict: {title}.** {d.reason}"
+    if kind == "success":
+        st.success(text, icon=":material/verified:")
+    elif kind == "info":
+        st.info(text, icon=":material/verified:")
+    else:
+        st.error(text + " phpn cannot build an exact part-prototype network from it: use a model whose head is "
+                 "global average pooling followed by one linear layer (ResNet, DenseNet, EfficientNet, ConvNeXt, …).",
+                 icon=":material/block:")
+    m1, m2, m3, m4 = st.columns(4)
+    m1.metric("Architecture", sess.loaded.arch)
+    m2.metric("Classes", sess.loaded.num_classes)
+    m3.metric("Feature map (D × H × W)", " × ".join(str(v) for v in d.feature_shape) if d.feature_shape else "—")
+    pre = sess.preprocess
+    m4.metric("Input", f"{pre.channels} × {pre.crop} × {pre.crop}")
+    with st.expander("Details"):
+        if d.split is not None:
+            st.write(f"Features from `{d.split.feature_layer}`, head `{d.split.head_layer}`.")
+        st.write(f"Checkpoint sha256 `{sess.loaded.sha256[:16]}…` · source: {sess.loaded.source}")
+        st.write(f"Preprocessing: resize {pre.resize}, crop {pre.crop}, mean {list(pre.mean)}, std {list(pre.std)}")
+        for n in list(sess.loaded.notes) + list(d.notes):
+            st.caption(f"• {n}")
+        names = sess.class_names
+        st.caption("Classes: " + ", ".join(names[:30]) + (" …" if len(names) > 30 else ""))
+
+# --- the images --------------------------------------------------------------------------------
+st.header("2 · Images")
+if model is None:
+    st.info("Load a model first: the class folders are matched to its classes.")
+    st.stop()
+
+options = []
+if model.session.demo:
+    options.append("The demo's images")
+options += ["Upload a zip of an image folder", "Image folder on this server"]
+data_source = st.radio("Where are the images?", options, horizontal=True, key="data_source")
+st.caption("Layout: one sub-folder per class (`root/<class>/<image>`). Folders are matched to the model's "
+           "classes by name, by number (`7`, `007`, `007_name`) or, when there are exactly as many folders as "
+           "classes, by sorted order.")
+demo = get_demo(model.session.demo) if model.session.demo else None
+default_cap = int(demo.defaults.get("images_per_class") or 100) if demo else 100
+c1, c2 = st.columns(2)
+cap = c1.number_input("Images per class (0: all)", min_value=0, value=default_cap, step=10, key="data_cap")
+seed = c2.number_input("Sampling seed", min_value=0, value=0, step=1, key="data_seed")
+zip_file = None
+if data_source == "Upload a zip of an image folder":
+    zip_file = st.file_uploader("Zip of the image folder", type=["zip"], key="zip_upload")
+elif data_source == "Image folder on this server":
+    folder_path = st.text_input("Image folder path", key="data_path", placeholder="/data/CUB_200_2011/images")
+
+if st.button("Scan images", type="primary", key="scan"):
+    with S.user_errors():
+        from phpn.uploads import extract_zip, save_upload
+
+        explain_root = None
+        if data_source == "The demo's images":
+            root, label, kind = demo.discovery_dir(), f"demo:{demo.name}", "demo"
+            try:
+                explain_root = demo.explain_dir()
+            except Exception:  # noqa: BLE001
+                explain_root = None
+        elif data_source == "Upload a zip of an image folder":
+            if zip_file is None:
+                raise DataError("No zip uploaded.", "Choose a .zip of the image folder first.")
+            folder = S.upload_dir()
+            with st.spinner("Unpacking…"):
+                archive = save_upload(zip_file, folder / "archive", suffixes=(".zip",), what="zip file")
+                root = extract_zip(archive, folder / "images")
+                archive.unlink(missing_ok=True)
+            label, kind = str(root), "upload"
+        else:
+            if not folder_path.strip():
+                raise DataError("No folder given.", "Type the path of the image folder on this server.")
+            root = Path(folder_path.strip()).expanduser()
+            label, kind = str(root), "path"
+        with st.spinner("Scanning the class folders…"):
+            data = S.scan_data(model, root, int(cap) or None, int(seed))
+        S.set_data(S.DataEntry(data=data, label=label, kind=kind, cap=int(cap) or None, seed=int(seed),
+                               explain_root=explain_root))
+        S.flash(f"Found {len(data.classes)} classes.", place="data")
+        st.rerun()
+
+S.show_flash("data")
+
+data = S.current_data()
+if data is not None:
+    summary = data.data.summary()
+    names = model.session.class_names
+    n1, n2, n3 = st.columns(3)
+    n1.metric("Classes found", summary["classes"])
+    n2.metric("Images", summary["images"])
+    n3.metric("Skipped files", len(summary["skipped"]))
+    rows = [{"folder": c.folder, "class index": c.class_index,
+             "class name": names[c.class_index] if c.class_index < len(names) else "?", "images": len(c.paths)}
+            for c in data.data.classes]
+    st.dataframe(pd.DataFrame(rows), hide_index=True, height=min(400, 38 + 35 * len(rows)))
+    if summary["skipped"]:
+        with st.expander(f"Skipped files ({len(summary['skipped'])})"):
+            st.dataframe(pd.DataFrame(summary["skipped"], columns=["file", "why"]), hide_index=True)
+    st.caption(f"Folder: `{data.data.root}`")
