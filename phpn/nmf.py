@@ -29,7 +29,7 @@ EPS = 1e-12
 class NMFConfig:
     k: int = 3
     max_iter: int = 400  # sketched HALS iterations (cheap)
-    polish_iter: int = 30  # exact HALS iterations on the full features
+    polish_iter: int = 5  # exact HALS iterations on the full features (each reads F twice)
     tol: float = 1e-5  # stop when the relative error improves less than this per iteration
     sketch_rank: Optional[int] = None  # None: max(4k, k + 16); 0 disables the sketch
     power_iter: int = 3
@@ -62,7 +62,7 @@ def _check(features: torch.Tensor, counts: Optional[torch.Tensor], k: int) -> to
             f"k = {k} prototypes need at least {k} feature vectors per class, but a class has only {smallest}.",
             "Lower k or add images to the smallest class.",
         )
-    if torch.any(features < 0):
+    if float(features.min()) < 0:
         raise ConfigError(
             "NMF needs non-negative features, but the backbone produced negative values.",
             "Use a model whose features end in a ReLU, or let phpn clamp signed features (done automatically "
@@ -135,6 +135,33 @@ def _objective(sq_norm, e, p, et_f, et_e):
     return (sq_norm - 2 * (et_f * p).sum((1, 2)) + (et_e * pp_t).sum((1, 2))).clamp(min=0)
 
 
+def _sketched_hals(q, sketch, e, p, mask, max_iter: int, tol: float) -> int:
+    """HALS on the sketch F ≈ Q S (F Pᵀ ≈ Q (S Pᵀ), Eᵀ F ≈ (Eᵀ Q) S), updating ``e`` and ``p`` in place.
+
+    Classes leave the batch as soon as their own error stops improving by ``tol``, so a few
+    slow classes do not keep every class iterating. Returns the most iterations any class ran.
+    """
+    active = torch.arange(e.shape[0], device=e.device)
+    qa, sa, ea, pa, ma = q, sketch, e.clone(), p.clone(), mask
+    sq = (sa * sa).sum((1, 2)).clamp(min=EPS)
+    prev = torch.full_like(sq, float("inf"))
+    it = 0
+    for it in range(1, max_iter + 1):
+        et_f, et_e = _hals_step(ea, pa, qa @ (sa @ pa.transpose(1, 2)), pa @ pa.transpose(1, 2),
+                                lambda ee: (ee.transpose(1, 2) @ qa) @ sa, ma)
+        rel = torch.sqrt(_objective(sq, ea, pa, et_f, et_e) / sq)
+        going = (prev - rel) > tol
+        prev = rel
+        if not bool(going.all()):
+            stopped = active[~going]
+            e[stopped], p[stopped] = ea[~going], pa[~going]
+            active, qa, sa, ea, pa, ma, sq, prev = (t[going] for t in (active, qa, sa, ea, pa, ma, sq, prev))
+            if active.numel() == 0:
+                break
+    e[active], p[active] = ea, pa
+    return it
+
+
 def nmf(features: torch.Tensor, config: NMFConfig = NMFConfig(), counts: Optional[torch.Tensor] = None) -> NMFResult:
     """Factorise every class at once. ``features`` (B, N, D) ≥ 0, ``counts`` (B,) valid rows."""
     k = config.k
@@ -144,7 +171,7 @@ def nmf(features: torch.Tensor, config: NMFConfig = NMFConfig(), counts: Optiona
     mask = _row_mask(counts, n, work.device, work.dtype)
     generator = torch.Generator().manual_seed(config.seed)
 
-    sq_norm = (work * work).sum((1, 2))
+    sq_norm = torch.linalg.vector_norm(work, dim=(1, 2)).square()  # no copy of F
     mean_value = work.sum((1, 2)) / (counts.to(work) * d)
     rank = config.sketch_rank if config.sketch_rank is not None else max(4 * k, k + 16)
     rank = min(rank, n, d)
@@ -152,30 +179,22 @@ def nmf(features: torch.Tensor, config: NMFConfig = NMFConfig(), counts: Optiona
     sketch = q.transpose(1, 2) @ work  # (B, r, D)
     e, p = _nndsvda(q, sketch, k, mask, mean_value)
 
-    def run(iterations, f_pt_fn, et_f_fn, sq):
-        prev = None
-        done = 0
-        for it in range(iterations):
-            pp_t = p @ p.transpose(1, 2)
-            et_f, et_e = _hals_step(e, p, f_pt_fn(p), pp_t, et_f_fn, mask)
-            err = _objective(sq, e, p, et_f, et_e)
-            done = it + 1
-            rel = torch.sqrt(err / sq.clamp(min=EPS))
-            if prev is not None and bool(torch.all((prev - rel) <= config.tol)):
-                break
-            prev = rel
-        return done
-
     iterations = 0
     if config.sketch_rank != 0 and rank < min(n, d):
-        # Sketched phase: F ≈ Q S, so F Pᵀ ≈ Q (S Pᵀ) and Eᵀ F ≈ (Eᵀ Q) S.
-        sketch_sq = (sketch * sketch).sum((1, 2))
-        iterations += run(config.max_iter, lambda pp: q @ (sketch @ pp.transpose(1, 2)),
-                          lambda ee: (ee.transpose(1, 2) @ q) @ sketch, sketch_sq)
+        iterations += _sketched_hals(q, sketch, e, p, mask, config.max_iter, config.tol)
         polish = config.polish_iter
     else:
         polish = config.max_iter + config.polish_iter
-    iterations += run(polish, lambda pp: work @ pp.transpose(1, 2), lambda ee: ee.transpose(1, 2) @ work, sq_norm)
+    # Exact iterations on the full features; every class runs until all have converged.
+    prev = None
+    for it in range(polish):
+        pp_t = p @ p.transpose(1, 2)
+        et_f, et_e = _hals_step(e, p, work @ p.transpose(1, 2), pp_t, lambda ee: ee.transpose(1, 2) @ work, mask)
+        rel = torch.sqrt(_objective(sq_norm, e, p, et_f, et_e) / sq_norm.clamp(min=EPS))
+        iterations += 1
+        if prev is not None and bool(torch.all((prev - rel) <= config.tol)):
+            break
+        prev = rel
 
     # Unit-norm prototypes (the scale moves into E), ordered by how much of F each explains.
     norms = p.norm(dim=2)  # (B, k)
@@ -184,8 +203,8 @@ def nmf(features: torch.Tensor, config: NMFConfig = NMFConfig(), counts: Optiona
     order = torch.argsort(e.sum(1), dim=1, descending=True)
     p = torch.gather(p, 1, order[:, :, None].expand_as(p))
     e = torch.gather(e, 2, order[:, None, :].expand_as(e))
-    residual = work - e @ p
-    error = residual.norm(dim=(1, 2))
+    # The exact error from Gram quantities: one pass over F, no (B, N, D) temporary.
+    error = _objective(sq_norm, e, p, e.transpose(1, 2) @ work, e.transpose(1, 2) @ e).sqrt()
     return NMFResult(prototypes=p, encodings=e, error=error, relative_error=error / sq_norm.sqrt().clamp(min=EPS),
                      iterations=iterations)
 

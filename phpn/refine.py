@@ -153,7 +153,7 @@ class _Problem:
         return torch.zeros(b, self.k - 1, self.free_dim, dtype=self.features.dtype, device=self.features.device)
 
 
-def row_space_basis(features: torch.Tensor, rank: int, seed: int = 0, power_iter: int = 1) -> torch.Tensor:
+def row_space_basis(features: torch.Tensor, rank: int, seed: int = 0, power_iter: int = 0) -> torch.Tensor:
     """Orthonormal (B, D, m) basis of the dominant row space of F (randomised range finder)."""
     b, n, d = features.shape
     generator = torch.Generator().manual_seed(seed)
