@@ -1,7 +1,8 @@
 """End to end in a real browser: ``streamlit run app.py`` on a loopback port, driven by
 Playwright with Debian's Chromium (never ``playwright install``). Walks every page, runs a
 live discovery of the Fashion-MNIST demo, measures the latencies a user feels, and saves
-screenshots to docs/screenshots/ for the README.
+screenshots: to $PHPN_SCREENSHOTS when set (``PHPN_SCREENSHOTS=docs/screenshots`` refreshes
+the README's), else to a temporary folder so a test run leaves the tree clean.
 
 Skipped cleanly when /usr/bin/chromium, Playwright or the demo's assets are missing.
 Timings are printed (``pytest -s``) and written to $PHPN_E2E_TIMINGS when that is set.
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SHOTS = ROOT / "docs" / "screenshots"
+SHOTS = Path(os.environ.get("PHPN_SCREENSHOTS") or Path(os.environ.get("TMPDIR", "/tmp")) / "phpn-e2e-screenshots")
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
