@@ -1,5 +1,9 @@
+import os
 import sys
 
-from .cli import main
+# Idle OpenMP threads spin by default, which slows every other process on a small shared CPU.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from .cli import main  # noqa: E402
 
 sys.exit(main())

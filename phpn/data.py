@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -112,10 +113,13 @@ def load_image(source) -> Image.Image:
     """Open a path or file-like object as RGB; raise DataError naming the problem."""
     name = getattr(source, "name", str(source))
     try:
-        with Image.open(source) as im:
-            im.load()
-            return to_rgb(im)
-    except Image.DecompressionBombError as exc:
+        # PIL only warns between MAX_IMAGE_PIXELS and twice that; refuse those too.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(source) as im:
+                im.load()
+                return to_rgb(im)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DataError(
             f"{name} is too large to decode safely ({exc}).",
             f"Resize it below {MAX_IMAGE_PIXELS // 1_000_000} megapixels and try again.",

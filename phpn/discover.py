@@ -42,6 +42,10 @@ class DiscoveryConfig:
     nelder_mead_evaluations: int = 2000
     subspace_rank: int = 128
     memory_budget_mb: int = 2048  # features held at once (per group of classes)
+    # bfloat16 autocast for discovery features on CUDA only: rounding can shift which parts
+    # are found and the run's statistics, never exactness (the decomposed network and the
+    # certificate run the float32 backbone).
+    autocast: bool = True
     classes: Optional[tuple] = None  # model class indices to decompose; None: every class with images
 
     def __post_init__(self):
@@ -142,7 +146,7 @@ def discover(loaded: LoadedModel, split: HeadSplit, data: ImageFolderData, prepr
         feats, paths = [], []
         for entry in group:
             f, kept, bad = extract_features(split, data.root, entry.paths, preprocess, device, config.batch_size,
-                                            autocast=False, progress=progress, stage="features",
+                                            autocast=config.autocast, progress=progress, stage="features",
                                             done_offset=images_done, total=total_images)
             images_done += len(entry.paths)
             skipped_all += bad
@@ -162,7 +166,8 @@ def discover(loaded: LoadedModel, split: HeadSplit, data: ImageFolderData, prepr
 
         t0 = time.perf_counter()
         report(progress, "nmf", classes_done, len(wanted))
-        found = nmf(nmf_input, nmf_cfg, counts)
+        # Ticks inside the solvers let a cancelling progress callback stop them promptly.
+        found = nmf(nmf_input, nmf_cfg, counts, tick=lambda: report(progress, "nmf", classes_done, len(wanted)))
         timings["nmf_s"] += time.perf_counter() - t0
         report(progress, "nmf", classes_done + len(group), len(wanted))
         del nmf_input
@@ -171,7 +176,8 @@ def discover(loaded: LoadedModel, split: HeadSplit, data: ImageFolderData, prepr
         t0 = time.perf_counter()
         report(progress, "refine", classes_done, len(wanted))
         heads = split.weight.detach().to(device).float()[[e.class_index for e in group]]
-        refined = refine(stacked, found.prototypes, heads, refine_cfg, counts)
+        refined = refine(stacked, found.prototypes, heads, refine_cfg, counts,
+                         tick=lambda: report(progress, "refine", classes_done, len(wanted)))
         timings["refine_s"] += time.perf_counter() - t0
         del stacked
 

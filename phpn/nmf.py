@@ -14,7 +14,7 @@ iterations on the full F then polish them, and the error reported is always the 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -135,7 +135,7 @@ def _objective(sq_norm, e, p, et_f, et_e):
     return (sq_norm - 2 * (et_f * p).sum((1, 2)) + (et_e * pp_t).sum((1, 2))).clamp(min=0)
 
 
-def _sketched_hals(q, sketch, e, p, mask, max_iter: int, tol: float) -> int:
+def _sketched_hals(q, sketch, e, p, mask, max_iter: int, tol: float, tick=None) -> int:
     """HALS on the sketch F ≈ Q S (F Pᵀ ≈ Q (S Pᵀ), Eᵀ F ≈ (Eᵀ Q) S), updating ``e`` and ``p`` in place.
 
     Classes leave the batch as soon as their own error stops improving by ``tol``, so a few
@@ -147,6 +147,8 @@ def _sketched_hals(q, sketch, e, p, mask, max_iter: int, tol: float) -> int:
     prev = torch.full_like(sq, float("inf"))
     it = 0
     for it in range(1, max_iter + 1):
+        if tick is not None:
+            tick()
         et_f, et_e = _hals_step(ea, pa, qa @ (sa @ pa.transpose(1, 2)), pa @ pa.transpose(1, 2),
                                 lambda ee: (ee.transpose(1, 2) @ qa) @ sa, ma)
         rel = torch.sqrt(_objective(sq, ea, pa, et_f, et_e) / sq)
@@ -162,8 +164,13 @@ def _sketched_hals(q, sketch, e, p, mask, max_iter: int, tol: float) -> int:
     return it
 
 
-def nmf(features: torch.Tensor, config: NMFConfig = NMFConfig(), counts: Optional[torch.Tensor] = None) -> NMFResult:
-    """Factorise every class at once. ``features`` (B, N, D) ≥ 0, ``counts`` (B,) valid rows."""
+def nmf(features: torch.Tensor, config: NMFConfig = NMFConfig(), counts: Optional[torch.Tensor] = None,
+        tick: Optional[Callable[[], None]] = None) -> NMFResult:
+    """Factorise every class at once. ``features`` (B, N, D) ≥ 0, ``counts`` (B,) valid rows.
+
+    ``tick`` is called once per iteration; it may raise (e.g. :class:`phpn.errors.Cancelled`)
+    to stop the work promptly.
+    """
     k = config.k
     counts = _check(features, counts, k)
     b, n, d = features.shape
@@ -181,13 +188,15 @@ def nmf(features: torch.Tensor, config: NMFConfig = NMFConfig(), counts: Optiona
 
     iterations = 0
     if config.sketch_rank != 0 and rank < min(n, d):
-        iterations += _sketched_hals(q, sketch, e, p, mask, config.max_iter, config.tol)
+        iterations += _sketched_hals(q, sketch, e, p, mask, config.max_iter, config.tol, tick)
         polish = config.polish_iter
     else:
         polish = config.max_iter + config.polish_iter
     # Exact iterations on the full features; every class runs until all have converged.
     prev = None
     for it in range(polish):
+        if tick is not None:
+            tick()
         pp_t = p @ p.transpose(1, 2)
         et_f, et_e = _hals_step(e, p, work @ p.transpose(1, 2), pp_t, lambda ee: ee.transpose(1, 2) @ work, mask)
         rel = torch.sqrt(_objective(sq_norm, e, p, et_f, et_e) / sq_norm.clamp(min=EPS))

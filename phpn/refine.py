@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -165,12 +165,14 @@ def row_space_basis(features: torch.Tensor, rank: int, seed: int = 0, power_iter
     return z
 
 
-def _lbfgs(problem: _Problem, start: torch.Tensor, max_iter: int) -> torch.Tensor:
+def _lbfgs(problem: _Problem, start: torch.Tensor, max_iter: int, tick=None) -> torch.Tensor:
     free = start.clone().requires_grad_(True)
     optimiser = torch.optim.LBFGS([free], lr=1.0, max_iter=max_iter, history_size=20,
                                   line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12)
 
     def closure():
+        if tick is not None:
+            tick()
         optimiser.zero_grad()
         # Classes are independent, so the sum's gradient is each class's own gradient.
         total = problem.loss(free).sum()
@@ -182,7 +184,7 @@ def _lbfgs(problem: _Problem, start: torch.Tensor, max_iter: int) -> torch.Tenso
     return free.detach()
 
 
-def _nelder_mead(problem: _Problem, start: torch.Tensor, max_evaluations: int) -> torch.Tensor:
+def _nelder_mead(problem: _Problem, start: torch.Tensor, max_evaluations: int, tick=None) -> torch.Tensor:
     from scipy.optimize import minimize
 
     out = start.clone()
@@ -191,6 +193,8 @@ def _nelder_mead(problem: _Problem, start: torch.Tensor, max_evaluations: int) -
         sub = problem.subset(c)
 
         def fun(x, sub=sub):
+            if tick is not None:
+                tick()
             free = torch.from_numpy(x).to(sub.features).reshape(1, *shape)
             with torch.no_grad():
                 return float(sub.loss(free)[0])
@@ -202,9 +206,11 @@ def _nelder_mead(problem: _Problem, start: torch.Tensor, max_evaluations: int) -
 
 
 def refine(features: torch.Tensor, prototypes: torch.Tensor, heads: torch.Tensor,
-           config: RefineConfig = RefineConfig(), counts: Optional[torch.Tensor] = None) -> RefineResult:
+           config: RefineConfig = RefineConfig(), counts: Optional[torch.Tensor] = None,
+           tick: Optional[Callable[[], None]] = None) -> RefineResult:
     """Refine a batch of classes. ``features`` (B, N, D) as the head sees them (signed allowed),
-    ``prototypes`` (B, k, D) from NMF, ``heads`` (B, D) the classes' head rows."""
+    ``prototypes`` (B, k, D) from NMF, ``heads`` (B, D) the classes' head rows. ``tick`` is
+    called at every objective evaluation and may raise to stop the work."""
     b, n, d = features.shape
     k = prototypes.shape[1]
     if counts is None:
@@ -229,9 +235,9 @@ def refine(features: torch.Tensor, prototypes: torch.Tensor, heads: torch.Tensor
         free = problem.start()
         before = problem.loss(free)
         if k > 1 and config.solver == "lbfgs":
-            free = _lbfgs(problem, free, config.max_iter)
+            free = _lbfgs(problem, free, config.max_iter, tick)
         elif k > 1 and config.solver == "nelder-mead":
-            free = _nelder_mead(problem, free, config.max_evaluations)
+            free = _nelder_mead(problem, free, config.max_evaluations, tick)
         after = problem.loss(free)
         # Never return a split worse than the one we started from.
         worse = after > before

@@ -5,7 +5,10 @@ app's own server), so nothing can download weights or data behind our back.
 """
 from __future__ import annotations
 
+import os
 import socket
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle threads must not spin
 
 import numpy as np
 import pytest

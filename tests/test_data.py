@@ -39,7 +39,10 @@ def test_preprocess_shapes_and_normalisation():
 def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
     path = tmp_path / "big.png"
     Image.new("L", (300, 300)).save(path)
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 90,000 pixels: far above, PIL raises
+    with pytest.raises(DataError, match="too large to decode safely"):
+        load_image(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 60_000)  # between 1x and 2x: PIL only warns
     with pytest.raises(DataError, match="too large to decode safely"):
         load_image(path)
 

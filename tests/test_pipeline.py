@@ -47,6 +47,24 @@ def test_progress_reports_every_stage(tiny_loaded, image_folder):
     assert stages == {"features": (48, 48), "nmf": (4, 4), "refine": (4, 4)}
 
 
+@pytest.mark.parametrize("stage", ["features", "nmf", "refine"])
+def test_a_cancelling_progress_callback_stops_every_stage(tiny_loaded, image_folder, stage):
+    from phpn.errors import Cancelled
+
+    data = scan_image_folder(image_folder, num_classes=4)
+    calls = []
+
+    def progress(s, done, total):
+        calls.append(s)
+        if s == stage and calls.count(s) > 1:  # first report of a stage is its start; stop inside it
+            raise Cancelled()
+
+    with pytest.raises(Cancelled):
+        discover(tiny_loaded, tiny_split(tiny_loaded.model), data, tiny_loaded.preprocess,
+                 DiscoveryConfig(k=2, device="cpu"), progress=progress)
+    assert calls[-1] == stage
+
+
 def test_small_memory_budget_streams_classes_with_the_same_quality(tiny_loaded, image_folder):
     whole, _, _ = _discover(tiny_loaded, image_folder)
     grouped, _, _ = _discover(tiny_loaded, image_folder, memory_budget_mb=0)  # one class per group
