@@ -154,6 +154,19 @@ def seen_image(path: str, preprocess_key: tuple) -> Optional[np.ndarray]:
         return None
 
 
+@st.cache_data(max_entries=512, show_spinner=False)
+def patch_grid(root: str, entries: tuple, color: str, pre_key: tuple, size: int, columns: int):
+    """Top patches as one picture: each (path, box) drawn as a tile with its box."""
+    from phpn import viz
+
+    tiles = []
+    for path, box in entries:
+        seen = seen_image(str(Path(root) / path), pre_key)
+        if seen is not None:
+            tiles.append(viz.patch_tile(seen, box, color, size))
+    return np.asarray(viz.image_grid(tiles, columns=columns)) if tiles else None
+
+
 def preprocess_key(pre) -> tuple:
     return _freeze(pre.to_dict())
 

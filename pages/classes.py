@@ -1,7 +1,6 @@
 """Class browser: a class's prototypes: their share of the logit, what they look like (top
 training patches), where they fire on a few class images, and which other classes have
 similar prototypes ("shared parts")."""
-from pathlib import Path
 
 import numpy as np
 import streamlit as st
@@ -35,16 +34,6 @@ def _maps(run_id: str, class_index: int, paths: tuple, root: str, _entry, _netwo
     with _entry.lock:
         pictures, maps, contrib, kept = viz.class_maps(_network, _entry.session.preprocess, root, paths, class_index)
     return [np.asarray(p) for p in pictures], maps, contrib, kept
-
-
-@st.cache_data(max_entries=512, show_spinner=False)
-def _patch_grid(root: str, entries: tuple, color: str, pre_key: tuple, size: int, columns: int):
-    tiles = []
-    for path, box in entries:
-        seen = S.seen_image(str(Path(root) / path), pre_key)
-        if seen is not None:
-            tiles.append(viz.patch_tile(seen, box, color, size))
-    return np.asarray(viz.image_grid(tiles, columns=columns)) if tiles else None
 
 
 @st.cache_data(max_entries=256, show_spinner=False)
@@ -110,7 +99,7 @@ for i in range(k):
         with what:
             st.markdown("*What* — its top training patches (boxed)")
             if root is not None:
-                grid = _patch_grid(str(root), tuple((p["path"], tuple(p["box"])) for p in meta["top_patches"][i]),
+                grid = S.patch_grid(str(root), tuple((p["path"], tuple(p["box"])) for p in meta["top_patches"][i]),
                                    colors[i], pre_key, 96, 3)
                 if grid is not None:
                     st.image(grid)

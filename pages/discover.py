@@ -63,7 +63,6 @@ else:
 
     if start and not running:
         with S.user_errors():
-            from phpn.api import open_data
             from phpn.discover import DiscoveryConfig
 
             config = DiscoveryConfig(k=int(k), images_per_class=int(cap), solver=solver, objective=objective,

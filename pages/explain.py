@@ -10,7 +10,6 @@ import streamlit as st
 
 from pages import _shared as S
 from phpn import viz
-from phpn.errors import DataError
 
 S.frame()
 st.title("Explain an image")
@@ -33,16 +32,6 @@ def _explain(run_id: str, image_key: str, class_index, _model, _network, _image)
 
     with _model.lock:
         return explain_image(_model.session, _network, _image, class_index=class_index)
-
-
-@st.cache_data(max_entries=512, show_spinner=False)
-def _tiles(root: str, entries: tuple, color: str, pre_key: tuple, size: int, columns: int):
-    tiles = []
-    for path, box in entries:
-        seen = S.seen_image(str(Path(root) / path), pre_key)
-        if seen is not None:
-            tiles.append(viz.patch_tile(seen, box, color, size))
-    return np.asarray(viz.image_grid(tiles, columns=columns)) if tiles else None
 
 
 # --- which image -------------------------------------------------------------------------------
@@ -160,7 +149,7 @@ for i in range(k):
         b.image(viz.grid_image(e.maps[i], 180, vmax=vmax), caption="Raw feature grid (blue < 0 < red)")
         with c:
             if train_root is not None:
-                grid = _tiles(str(train_root), tuple((p["path"], tuple(p["box"])) for p in meta["top_patches"][i]),
+                grid = S.patch_grid(str(train_root), tuple((p["path"], tuple(p["box"])) for p in meta["top_patches"][i]),
                               colors[i], pre_key, 96, 3)
                 if grid is not None:
                     st.image(grid, caption="Looks like: its top training patches")

@@ -18,7 +18,7 @@ from .certify import Certificate, certify
 from .data import ImageFolderData, Preprocess, load_batch, load_image, scan_image_folder
 from .device import resolve_device
 from .discover import DiscoveryConfig, discover
-from .errors import NotDecomposableError, RunError
+from .errors import NotDecomposableError
 from .models.head import HeadSplit, LoadedModel
 from .network import PrototypeNetwork
 from .progress import ProgressFn, report

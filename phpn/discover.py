@@ -7,7 +7,7 @@ top patches are kept, so memory stays bounded however many classes there are.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Optional, Sequence
 
@@ -16,7 +16,7 @@ import torch
 from . import __version__
 from .data import ImageFolderData, Preprocess
 from .device import resolve_device
-from .errors import Cancelled, ConfigError, DataError
+from .errors import ConfigError, DataError
 from .features import extract_features
 from .models.head import HeadSplit, LoadedModel
 from .nmf import NMFConfig, nmf

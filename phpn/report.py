@@ -145,7 +145,7 @@ def class_report(run, class_index: int, *, image_root=None, preprocess=None, net
             "decomposed network gives the same logits as the original model. Each prototype's contribution to an "
             "image's logit is the mean of its map over the feature grid.</p>",
             "<h2>Contributions</h2>",
-            f"<p>Mean contribution to the logit over the class's images (share of logit − bias):</p>",
+            "<p>Mean contribution to the logit over the class's images (share of logit − bias):</p>",
             _bars_svg(contrib, [f"{lab} ({100 * s:.0f}%)" for lab, s in zip(labels, shares)], colors),
             "<table><tr><th class=l>prototype</th><th>mean contribution</th><th>share</th><th>α</th>"
             "<th>map fidelity</th></tr>"]

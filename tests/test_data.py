@@ -2,7 +2,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from phpn import data as phpn_data
 from phpn.data import Preprocess, load_image, scan_image_folder, to_rgb
 from phpn.errors import ConfigError, DataError
 

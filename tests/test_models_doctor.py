@@ -1,8 +1,6 @@
 """The checkpoint doctor's three verdicts, with reasons a user can act on."""
 import json
 
-import pytest
-import torch
 import torchvision
 
 from phpn.data import Preprocess

@@ -1,5 +1,4 @@
 """Discovery end to end on a tiny model: run files, certificate, reload."""
-import json
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ def _discover(tiny_loaded, image_folder, **overrides):
 
 
 def test_discovery_is_exact_and_certified(tiny_loaded, image_folder, tmp_path):
-    seen = []
+
     run, split, data = _discover(tiny_loaded, image_folder)
     assert run.prototypes.shape == (4, 3, 8)
     assert float(run.head_error().max()) < 1e-12

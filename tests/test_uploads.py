@@ -4,7 +4,6 @@ import os
 import stat
 import zipfile
 
-import numpy as np
 import pytest
 from PIL import Image
 
