@@ -61,7 +61,7 @@ def run_benchmark(quick: bool = False, device: str = "auto", k: int = 3, baselin
     for c in range(baseline_classes):
         x = features[c].numpy()
         t0 = time.perf_counter()
-        _, _, err = sklearn_nmf(x, k, seed=seed)
+        _, _, err, _ = sklearn_nmf(x, k, seed=seed)
         sk_time += time.perf_counter() - t0
         sk_errors.append(err / float(np.linalg.norm(x)))
     sk_per_class = sk_time / baseline_classes

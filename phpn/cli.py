@@ -106,7 +106,8 @@ def cmd_discover(args) -> int:
     k = args.k if args.k is not None else defaults.get("k", 3)
     cap = args.images_per_class if args.images_per_class is not None else defaults.get("images_per_class")
     solver = args.solver or defaults.get("solver", "lbfgs")
-    config = DiscoveryConfig(k=k, images_per_class=cap, solver=solver, objective=args.objective, scaling=args.scaling,
+    config = DiscoveryConfig(k=k, images_per_class=cap, solver=solver, nmf_solver=args.nmf_solver,
+                             objective=args.objective, scaling=args.scaling,
                              seed=args.seed, device=args.device, batch_size=args.batch_size)
     data_dir = _data_dir(args, session)
     data = open_data(session, data_dir, cap, args.seed)
@@ -217,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, help="prototypes per class (default 3)")
     p.add_argument("--images-per-class", type=int, help="cap per class, sampled deterministically")
     p.add_argument("--solver", choices=["lbfgs", "nelder-mead", "none"])
+    p.add_argument("--nmf-solver", choices=["hals", "sklearn"], default="hals",
+                   help="hals: batched, GPU when present (default); sklearn: the reference, class by class")
     p.add_argument("--objective", choices=["prototype", "residual"], default="prototype")
     p.add_argument("--scaling", choices=["lstsq", "nnls"], default="lstsq")
     p.add_argument("--seed", type=int, default=0)

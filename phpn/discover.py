@@ -36,6 +36,7 @@ class DiscoveryConfig:
     device: str = "auto"
     batch_size: int = 64
     top_patches: int = 6
+    nmf_solver: str = "hals"  # hals | sklearn (the reference, class by class on the CPU)
     nmf_max_iter: int = 400
     nmf_tol: float = 1e-5
     lbfgs_iter: int = 100
@@ -52,11 +53,12 @@ class DiscoveryConfig:
         if not 1 <= self.k <= 20:
             raise ConfigError(f"k = {self.k} is out of range.", "Choose between 1 and 20 prototypes per class.")
         RefineConfig(solver=self.solver, objective=self.objective, scaling=self.scaling)  # validates names
+        NMFConfig(k=self.k, solver=self.nmf_solver)
         if self.top_patches < 1:
             raise ConfigError("top_patches must be at least 1.", "")
 
     def nmf_config(self) -> NMFConfig:
-        return NMFConfig(k=self.k, max_iter=self.nmf_max_iter, tol=self.nmf_tol, seed=self.seed)
+        return NMFConfig(k=self.k, solver=self.nmf_solver, max_iter=self.nmf_max_iter, tol=self.nmf_tol, seed=self.seed)
 
     def refine_config(self) -> RefineConfig:
         return RefineConfig(solver=self.solver, objective=self.objective, scaling=self.scaling,

@@ -25,15 +25,23 @@ from .linalg import orthonormalize
 EPS = 1e-12
 
 
+SOLVERS = ("hals", "sklearn")
+
+
 @dataclass(frozen=True)
 class NMFConfig:
     k: int = 3
+    solver: str = "hals"  # "sklearn": scikit-learn's coordinate descent, class by class (reference)
     max_iter: int = 400  # sketched HALS iterations (cheap)
     polish_iter: int = 5  # exact HALS iterations on the full features (each reads F twice)
     tol: float = 1e-5  # stop when the relative error improves less than this per iteration
     sketch_rank: Optional[int] = None  # None: max(4k, k + 16); 0 disables the sketch
     power_iter: int = 3
     seed: int = 0
+
+    def __post_init__(self):
+        if self.solver not in SOLVERS:
+            raise ConfigError(f"Unknown NMF solver '{self.solver}'.", f"Choose one of: {', '.join(SOLVERS)}.")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -173,6 +181,8 @@ def nmf(features: torch.Tensor, config: NMFConfig = NMFConfig(), counts: Optiona
     """
     k = config.k
     counts = _check(features, counts, k)
+    if config.solver == "sklearn":
+        return _nmf_sklearn(features, config, counts, tick)
     b, n, d = features.shape
     work = features if features.dtype in (torch.float32, torch.float64) else features.float()
     mask = _row_mask(counts, n, work.device, work.dtype)
@@ -205,6 +215,10 @@ def nmf(features: torch.Tensor, config: NMFConfig = NMFConfig(), counts: Optiona
             break
         prev = rel
 
+    return _finish(work, e, p, sq_norm, iterations)
+
+
+def _finish(work, e, p, sq_norm, iterations) -> NMFResult:
     # Unit-norm prototypes (the scale moves into E), ordered by how much of F each explains.
     norms = p.norm(dim=2)  # (B, k)
     p = p / norms.clamp(min=EPS)[:, :, None]
@@ -218,11 +232,33 @@ def nmf(features: torch.Tensor, config: NMFConfig = NMFConfig(), counts: Optiona
                      iterations=iterations)
 
 
+def _nmf_sklearn(features, config: NMFConfig, counts, tick) -> NMFResult:
+    """The reference solver for a padded batch: scikit-learn on each class's valid rows."""
+    b, n, d = features.shape
+    e = torch.zeros(b, n, config.k, dtype=torch.float64)
+    p = torch.zeros(b, config.k, d, dtype=torch.float64)
+    iterations = 0
+    for c in range(b):
+        if tick is not None:
+            tick()
+        rows = int(counts[c])
+        ec, pc, _, used = sklearn_nmf(features[c, :rows].double().cpu().numpy(), config.k, seed=config.seed)
+        e[c, :rows], p[c] = torch.from_numpy(ec), torch.from_numpy(pc)
+        iterations = max(iterations, used)
+    work = features.double().cpu()
+    sq_norm = torch.linalg.vector_norm(work, dim=(1, 2)).square()
+    result = _finish(work, e, p, sq_norm, iterations)
+    dtype, device = features.dtype, features.device
+    result.prototypes = result.prototypes.to(device, dtype)
+    result.encodings = result.encodings.to(device, dtype)
+    return result
+
+
 def sklearn_nmf(features: np.ndarray, k: int, seed: int = 0, max_iter: int = 200, tol: float = 1e-4):
-    """Reference solver: scikit-learn's coordinate descent, one class. Returns (E, P, error)."""
+    """Reference solver: scikit-learn's coordinate descent, one class. Returns (E, P, error, iterations)."""
     from sklearn.decomposition import NMF
 
     model = NMF(n_components=k, init="nndsvda", solver="cd", max_iter=max_iter, tol=tol, random_state=seed)
     e = model.fit_transform(features)
     p = model.components_
-    return e, p, float(np.linalg.norm(features - e @ p))
+    return e, p, float(np.linalg.norm(features - e @ p)), int(model.n_iter_)

@@ -19,7 +19,7 @@ def test_error_no_worse_than_scikit_learn(sketch):
     result = nmf(features, NMFConfig(k=3, sketch_rank=sketch))
     for c in range(features.shape[0]):
         x = features[c].double().numpy()
-        _, _, reference = sklearn_nmf(x, 3)
+        _, _, reference, _ = sklearn_nmf(x, 3)
         ours = float(result.error[c])
         assert ours <= reference * 1.02, (ours, reference)
         # The reported error is the exact reconstruction error.
@@ -61,3 +61,17 @@ def test_bad_input_messages():
         nmf(features, NMFConfig(k=0))
     with pytest.raises(ConfigError, match="non-negative"):
         nmf(features - 1, NMFConfig(k=2))
+
+
+def test_scikit_learn_reference_solver_through_the_same_interface():
+    features = _parts_data(b=2, n=120, d=32)
+    counts = torch.tensor([120, 80])
+    features[1, 80:] = 0
+    ours = nmf(features, NMFConfig(k=3), counts)
+    reference = nmf(features, NMFConfig(k=3, solver="sklearn"), counts)
+    assert reference.prototypes.shape == (2, 3, 32) and reference.prototypes.dtype == features.dtype
+    torch.testing.assert_close(reference.prototypes.norm(dim=2), torch.ones(2, 3))
+    assert bool((reference.encodings[1, 80:] == 0).all())
+    assert bool((ours.error <= reference.error * 1.02).all())
+    with pytest.raises(ConfigError, match="Unknown NMF solver 'mu'"):
+        NMFConfig(solver="mu")
