@@ -114,6 +114,44 @@ def _groups(classes: list, per_class_bytes: list, budget: int) -> list:
     return groups
 
 
+def _class_record(entry, feats: torch.Tensor, paths: list, refined, found, i: int, split: HeadSplit,
+                  top: int, crop: int) -> dict:
+    """What a run keeps of one class: the refinement's numbers, mean contributions, top patches."""
+    pooled = feats.mean(dim=(2, 3))
+    final = refined.prototypes[i].to(feats.device).float()
+    maps = split.image_scale(pooled)[:, None, None, None] * torch.einsum("ndhw,kd->nkhw", feats, final)
+    return {
+        "index": entry.class_index,
+        "folder": entry.folder,
+        "images": len(paths),
+        "alpha": refined.alpha[i].tolist(),
+        "negative_alpha": int(refined.negative_alpha[i]),
+        "residual_ratio": float(refined.residual_ratio[i]),
+        "objective_before": float(refined.objective_before[i]),
+        "objective_after": float(refined.objective_after[i]),
+        "fidelity": refined.fidelity[i].tolist(),
+        "nmf_relative_error": float(found.relative_error[i]),
+        "mean_contribution": maps.mean(dim=(2, 3)).mean(0).tolist(),
+        "top_patches": top_patches(maps, paths, top, crop),
+        "paths": paths,
+    }
+
+
+def _model_record(loaded: LoadedModel, split: HeadSplit, feature_shape: tuple) -> dict:
+    return {
+        "arch": loaded.arch,
+        "sha256": loaded.sha256,
+        "source": loaded.source,
+        "num_classes": split.num_classes,
+        "class_names": list(loaded.class_names) if loaded.class_names else None,
+        "feature_shape": list(feature_shape),
+        "folded_norm": split.folded,
+        "signed_features": split.signed_features,
+        "feature_layer": split.feature_layer,
+        "head_layer": split.head_layer,
+    }
+
+
 def discover(loaded: LoadedModel, split: HeadSplit, data: ImageFolderData, preprocess: Preprocess,
              config: DiscoveryConfig = DiscoveryConfig(), progress: Optional[ProgressFn] = None,
              data_label: Optional[str] = None) -> Run:
@@ -184,28 +222,8 @@ def discover(loaded: LoadedModel, split: HeadSplit, data: ImageFolderData, prepr
         del stacked
 
         # 4. Per-class statistics and top patches from the final prototypes' maps.
-        for i, entry in enumerate(group):
-            f = feats[i]
-            pooled = f.mean(dim=(2, 3))
-            scale = split.image_scale(pooled)
-            final = refined.prototypes[i].to(device).float()
-            maps = scale[:, None, None, None] * torch.einsum("ndhw,kd->nkhw", f, final)
-            contributions = maps.mean(dim=(2, 3))  # (n, k)
-            class_meta.append({
-                "index": entry.class_index,
-                "folder": entry.folder,
-                "images": len(paths[i]),
-                "alpha": refined.alpha[i].tolist(),
-                "negative_alpha": int(refined.negative_alpha[i]),
-                "residual_ratio": float(refined.residual_ratio[i]),
-                "objective_before": float(refined.objective_before[i]),
-                "objective_after": float(refined.objective_after[i]),
-                "fidelity": refined.fidelity[i].tolist(),
-                "nmf_relative_error": float(found.relative_error[i]),
-                "mean_contribution": contributions.mean(0).tolist(),
-                "top_patches": top_patches(maps, paths[i], config.top_patches, preprocess.crop),
-                "paths": paths[i],
-            })
+        class_meta += [_class_record(entry, feats[i], paths[i], refined, found, i, split, config.top_patches,
+                                     preprocess.crop) for i, entry in enumerate(group)]
         prototypes.append(refined.prototypes.cpu())
         nmf_protos.append(found.prototypes.float().cpu())
         alphas.append(refined.alpha.cpu())
@@ -218,18 +236,7 @@ def discover(loaded: LoadedModel, split: HeadSplit, data: ImageFolderData, prepr
     meta = {
         "phpn_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": {
-            "arch": loaded.arch,
-            "sha256": loaded.sha256,
-            "source": loaded.source,
-            "num_classes": split.num_classes,
-            "class_names": list(loaded.class_names) if loaded.class_names else None,
-            "feature_shape": [d, h, w],
-            "folded_norm": split.folded,
-            "signed_features": split.signed_features,
-            "feature_layer": split.feature_layer,
-            "head_layer": split.head_layer,
-        },
+        "model": _model_record(loaded, split, (d, h, w)),
         "preprocess": preprocess.to_dict(),
         "data": {"root": data_label or str(data.root), "skipped": [list(s) for s in skipped_all]},
         "config": config.to_dict(),
