@@ -48,9 +48,9 @@ def _sync(device: torch.device) -> None:
 
 
 def run_benchmark(quick: bool = False, device: str = "auto", k: int = 3, baseline_classes: int = 0,
-                  seed: int = 0) -> dict:
+                  seed: int = 0, classes: int = 0) -> dict:
     dev = resolve_device(device)
-    classes = 40 if quick else 200
+    classes = classes or (40 if quick else 200)
     baseline_classes = baseline_classes or (2 if quick else 6)
     features = synthetic_features(classes=classes, seed=seed)
     heads = torch.randn(classes, features.shape[2], generator=torch.Generator().manual_seed(seed + 1)) * 0.05
@@ -126,9 +126,11 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="40 classes instead of 200")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--baseline-classes", type=int, default=0, help="classes scikit-learn is timed on")
+    parser.add_argument("--classes", type=int, default=0, help="override the number of classes")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    r = run_benchmark(quick=args.quick, device=args.device, baseline_classes=args.baseline_classes)
+    r = run_benchmark(quick=args.quick, device=args.device, baseline_classes=args.baseline_classes,
+                      classes=args.classes)
     if args.json:
         print(json.dumps(r))
         return 0
