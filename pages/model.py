@@ -69,6 +69,8 @@ else:
         else:
             def_path = st.text_input("Model definition path (.py)", key="def_path")
         factory = st.text_input("Function or class that builds the model", key="factory", placeholder="make_model")
+        run_code = st.checkbox("Run this Python file to build the model", key="run_model_code",
+                               help="Required: phpn never executes a file you have not explicitly allowed.")
     trust = st.checkbox("Trust this checkpoint: allow a whole pickled model", key="trust_pickle")
     if trust:
         st.warning("Unpickling a file can run arbitrary code on this server. Tick this only for a file you made "
@@ -112,6 +114,9 @@ else:
                 class_names = read_class_names(Path(names_path.strip()).expanduser()) if names_path.strip() else None
             model_def = None
             if model_def_file is not None:
+                if not run_code:
+                    raise ConfigError("A model file was given, but running it was not allowed.",
+                                      "Tick 'Run this Python file to build the model' if it is code you trust.")
                 if not factory.strip():
                     raise ConfigError("A model file was given without the name of its factory.",
                                       "Type the function or class in the file that builds the model.")

@@ -372,18 +372,26 @@ def _folder_zip(folders=("0", "1", "2", "3"), per_class: int = 6, extra: tuple =
     return buf.getvalue()
 
 
-def _load_uploaded_tiny(at: AppTest, cls_name: str = "TinyNet") -> None:
+def _load_uploaded_tiny(at: AppTest, cls_name: str = "TinyNet", allow_code: bool = True) -> None:
     at.switch_page("pages/model.py").run()
     at.radio(key="model_source").set_value("Upload a checkpoint").run()
     _clean(at)
     at.file_uploader(key="ckpt_upload").set_value(("tiny.pt", _state_dict_bytes(cls_name), "application/octet-stream"))
     at.file_uploader(key="def_upload").set_value(("tiny_net.py", TINY_DEF.encode(), "text/x-python"))
     at.text_input(key="factory").set_value(cls_name)
+    at.checkbox(key="run_model_code").set_value(allow_code)
     at.number_input(key="pre_resize").set_value(24)
     at.number_input(key="pre_crop").set_value(24)
     at.file_uploader(key="names_upload").set_value(("names.txt", b"red\ngreen\nblue\ngrey\n", "text/plain"))
     at.button(key="load_model").click().run()
     _clean(at)
+
+
+def test_a_model_file_is_not_run_without_the_opt_in():
+    at = _app().run()
+    _load_uploaded_tiny(at, allow_code=False)
+    assert any("running it was not allowed" in e for e in _errors(at))
+    assert at.session_state["model"].label.startswith("demo")  # the session keeps its model
 
 
 def test_uploaded_checkpoint_model_file_and_zip_then_discover_browse_explain():
