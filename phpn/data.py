@@ -26,6 +26,9 @@ MAX_IMAGE_PIXELS = 100_000_000
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
 
+_RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """Resize (shorter side) then centre-crop, then normalise per channel."""
@@ -35,6 +38,7 @@ class Preprocess:
     mean: tuple = (0.485, 0.456, 0.406)
     std: tuple = (0.229, 0.224, 0.225)
     channels: int = 3
+    interpolation: str = "bilinear"  # of the resize: bilinear, bicubic or nearest (as the model was trained)
 
     def __post_init__(self):
         if self.channels not in (1, 3):
@@ -47,6 +51,9 @@ class Preprocess:
             )
         if any(s <= 0 for s in self.std):
             raise ConfigError("std values must be positive.", "Check --std.")
+        if self.interpolation not in _RESAMPLE:
+            raise ConfigError(f"Unknown interpolation '{self.interpolation}'.",
+                              f"Use one of: {', '.join(_RESAMPLE)}.")
         if self.crop <= 0 or self.resize < self.crop:
             raise ConfigError(
                 f"resize ({self.resize}) must be at least crop ({self.crop}) and both positive.",
@@ -62,7 +69,7 @@ class Preprocess:
     def from_dict(cls, d: dict) -> "Preprocess":
         return cls(
             resize=int(d["resize"]), crop=int(d["crop"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
-            channels=int(d.get("channels", 3)),
+            channels=int(d.get("channels", 3)), interpolation=str(d.get("interpolation", "bilinear")),
         )
 
     def geometry(self, image: Image.Image) -> Image.Image:
@@ -70,7 +77,7 @@ class Preprocess:
         w, h = image.size
         scale = self.resize / min(w, h)
         nw, nh = max(self.crop, round(w * scale)), max(self.crop, round(h * scale))
-        image = image.resize((nw, nh), Image.BILINEAR)
+        image = image.resize((nw, nh), _RESAMPLE[self.interpolation])
         left, top = (nw - self.crop) // 2, (nh - self.crop) // 2
         return image.crop((left, top, left + self.crop, top + self.crop))
 

@@ -90,3 +90,15 @@ def test_sampling_is_deterministic_and_per_class(tmp_path):
     assert [x.paths for x in a.classes] == [x.paths for x in b.classes]
     assert [x.paths for x in a.classes] != [x.paths for x in c.classes]
     assert all(len(x.paths) == 5 for x in a.classes)
+
+
+def test_interpolation_follows_the_model_and_round_trips():
+    from phpn.models.zoo import default_preprocess
+
+    assert default_preprocess("swin_t").interpolation == "bicubic"
+    assert default_preprocess("resnet18").interpolation == "bilinear"
+    pre = Preprocess(resize=40, crop=32, interpolation="bicubic")
+    assert Preprocess.from_dict(pre.to_dict()) == pre
+    assert Preprocess.from_dict({k: v for k, v in pre.to_dict().items() if k != "interpolation"}).interpolation == "bilinear"
+    with pytest.raises(ConfigError, match="Unknown interpolation 'lanczos'"):
+        Preprocess(interpolation="lanczos")

@@ -304,8 +304,10 @@ def default_preprocess(arch: str) -> Preprocess:
     """Resize/crop/mean/std of torchvision's reference weights for ``arch`` (metadata only)."""
     try:
         t = torchvision.models.get_model_weights(arch).DEFAULT.transforms()
+        interpolation = getattr(t.interpolation, "value", "bilinear")
         return Preprocess(resize=int(t.resize_size[0]), crop=int(t.crop_size[0]),
-                          mean=tuple(float(m) for m in t.mean), std=tuple(float(s) for s in t.std))
+                          mean=tuple(float(m) for m in t.mean), std=tuple(float(s) for s in t.std),
+                          interpolation=interpolation if interpolation in ("bilinear", "bicubic", "nearest") else "bilinear")
     except (ValueError, KeyError, AttributeError, TypeError):
         return Preprocess()
 
