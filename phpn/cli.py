@@ -33,11 +33,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--crop", type=int)
     g.add_argument("--mean", type=float, nargs="+")
     g.add_argument("--std", type=float, nargs="+")
+    g.add_argument("--interpolation", choices=["bilinear", "bicubic", "nearest"])
 
 
 def _preprocess(args, default: Preprocess) -> Preprocess:
     values = default.to_dict()
-    for name in ("resize", "crop", "mean", "std"):
+    for name in ("resize", "crop", "mean", "std", "interpolation"):
         if getattr(args, name, None) is not None:
             values[name] = getattr(args, name)
     if args.crop is not None and args.resize is None:
