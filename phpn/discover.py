@@ -202,6 +202,9 @@ def discover(loaded: LoadedModel, split: HeadSplit, data: ImageFolderData, prepr
         stacked = torch.zeros(len(group), n_max, d, device=device)
         for i, f in enumerate(feats):
             stacked[i, :counts[i]] = f.permute(0, 2, 3, 1).reshape(-1, d)
+        # From here on each class's features are read back from the batch: one copy in memory.
+        images_in = [f.shape[0] for f in feats]
+        del feats
         nmf_input = stacked.clamp(min=0) if split.signed_features else stacked
 
         t0 = time.perf_counter()
@@ -219,17 +222,18 @@ def discover(loaded: LoadedModel, split: HeadSplit, data: ImageFolderData, prepr
         refined = refine(stacked, found.prototypes, heads, refine_cfg, counts,
                          tick=lambda: report(progress, "refine", classes_done, len(wanted)))
         timings["refine_s"] += time.perf_counter() - t0
-        del stacked
 
         # 4. Per-class statistics and top patches from the final prototypes' maps.
-        class_meta += [_class_record(entry, feats[i], paths[i], refined, found, i, split, config.top_patches,
-                                     preprocess.crop) for i, entry in enumerate(group)]
+        for i, entry in enumerate(group):
+            class_feats = stacked[i, :counts[i]].reshape(images_in[i], h, w, d).permute(0, 3, 1, 2)
+            class_meta.append(_class_record(entry, class_feats, paths[i], refined, found, i, split,
+                                            config.top_patches, preprocess.crop))
+        del stacked
         prototypes.append(refined.prototypes.cpu())
         nmf_protos.append(found.prototypes.float().cpu())
         alphas.append(refined.alpha.cpu())
         classes_done += len(group)
         report(progress, "refine", classes_done, len(wanted))
-        del feats
 
     timings["total_s"] = time.perf_counter() - started
     class_indices = torch.tensor([m["index"] for m in class_meta], dtype=torch.long)
