@@ -100,14 +100,26 @@ def test_first_start_loads_the_demo_and_every_page_renders():
     sidebar = " ".join(c.value for c in at.sidebar.caption)
     assert "fashion-mnist" in sidebar and "10 classes" in sidebar
     assert any("Exact" in s.value for s in at.success)  # the doctor's verdict
-    if "run" in at.session_state:  # the precomputed run, when it matches this phpn's run format
-        assert at.session_state["run"].origin.startswith("precomputed")
-    else:
-        assert at.sidebar.warning, "a missing precomputed run must be explained"
+    assert at.session_state["run"].origin.startswith("precomputed")  # browsing starts at once
     for page in PAGES:
         at.switch_page(page).run()
         _clean(at)
         assert at.title, page
+
+
+@needs_demo
+def test_the_imagenet_demo_loads_with_its_run_and_every_page_renders():
+    at = _app().run()
+    at.switch_page("pages/model.py").run()
+    at.selectbox(key="demo_name").set_value("imagenet-lite0").run()
+    at.button(key="load_demo").click().run()
+    _clean(at)
+    assert at.session_state["model"].session.demo == "imagenet-lite0"
+    assert at.session_state["run"].origin.startswith("precomputed")
+    for page in PAGES:
+        at.switch_page(page).run()
+        _clean(at)
+        assert not _errors(at), (page, _errors(at))
 
 
 def test_every_page_with_a_run(demo_app):
