@@ -70,8 +70,11 @@ def scale(prototypes: torch.Tensor, heads: torch.Tensor, method: str = "lstsq") 
     if method == "lstsq":
         # Normal equations on the k×k Gram matrix: in float64 with k ≤ 20 unit rows they are
         # accurate, and far cheaper than a QR of the D×k system on every backend.
-        gram = p @ p.transpose(1, 2)
-        return (torch.linalg.pinv(gram, hermitian=True) @ (p @ v[:, :, None]))[:, :, 0]
+        # The k×k solve runs on the CPU: LAPACK's eigensolver copes with repeated or null
+        # prototypes, where cuSOLVER's can fail to converge.
+        gram = (p @ p.transpose(1, 2)).cpu()
+        rhs = (p @ v[:, :, None]).cpu()
+        return (torch.linalg.pinv(gram, hermitian=True) @ rhs)[:, :, 0].to(prototypes.device)
     from scipy.optimize import nnls
 
     out = [nnls(pc.T.cpu().numpy(), vc.cpu().numpy())[0] for pc, vc in zip(p, v)]

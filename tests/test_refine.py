@@ -69,3 +69,14 @@ def test_k_equal_one_is_the_head_row_itself():
 def test_unknown_solver_message():
     with pytest.raises(ConfigError, match="Unknown solver 'adam'. Choose one of: lbfgs, nelder-mead, none"):
         RefineConfig(solver="adam")
+
+
+def test_scaling_copes_with_repeated_and_null_prototypes():
+    g = torch.Generator().manual_seed(0)
+    p = torch.rand(2, 1, 16, generator=g, dtype=torch.float64)
+    protos = torch.cat([p, p, torch.zeros_like(p)], dim=1)  # two equal rows and a null one
+    heads = torch.randn(2, 16, generator=g, dtype=torch.float64)
+    alpha = scale(protos, heads)
+    assert bool(torch.isfinite(alpha).all())
+    best = (protos[:, 0] * heads).sum(1) / (protos[:, 0] * protos[:, 0]).sum(1)  # projection on the one direction
+    torch.testing.assert_close(alpha[:, 0] + alpha[:, 1], best)
