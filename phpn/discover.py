@@ -212,6 +212,10 @@ def discover(loaded: LoadedModel, split: HeadSplit, data: ImageFolderData, prepr
         # Ticks inside the solvers let a cancelling progress callback stop them promptly.
         found = nmf(nmf_input, nmf_cfg, counts, tick=lambda: report(progress, "nmf", classes_done, len(wanted)))
         timings["nmf_s"] += time.perf_counter() - t0
+        if not bool(torch.isfinite(found.prototypes).all()):
+            bad = [e.folder for e, ok in zip(group, torch.isfinite(found.prototypes).all(2).all(1).tolist()) if not ok]
+            raise ConfigError(f"NMF failed numerically for the class folder(s) {', '.join(bad[:5])}.",
+                              "Run discovery again with --nmf-solver sklearn (or on the CPU), and report the case.")
         report(progress, "nmf", classes_done + len(group), len(wanted))
         del nmf_input
 
