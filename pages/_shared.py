@@ -159,12 +159,13 @@ def patch_grid(root: str, entries: tuple, color: str, pre_key: tuple, size: int,
     """Top patches as one picture: each (path, box) drawn as a tile with its box."""
     from phpn import viz
 
-    tiles = []
+    images, boxes = [], []
     for path, box in entries:
         seen = seen_image(str(Path(root) / path), pre_key)
-        if seen is not None:
-            tiles.append(viz.patch_tile(seen, box, color, size))
-    return np.asarray(viz.image_grid(tiles, columns=columns)) if tiles else None
+        if seen is not None:  # an image that no longer decodes is left out, not fatal
+            images.append(seen)
+            boxes.append(box)
+    return np.asarray(viz.patch_grid(images, boxes, color, size, columns)) if images else None
 
 
 def preprocess_key(pre) -> tuple:

@@ -10,10 +10,6 @@ from typing import Callable, Optional
 ProgressFn = Callable[[str, int, int], None]
 
 
-def no_progress(stage: str, done: int, total: int) -> None:
-    return None
-
-
 class TqdmProgress:
     """One tqdm bar per stage, on stderr so that ``--json`` output stays clean."""
 

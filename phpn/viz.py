@@ -385,11 +385,3 @@ def figure_bars(values: dict, title: Optional[str] = None, height: int = 260, yt
                            marker_color=[PALETTE[i % len(PALETTE)] for i in range(len(values))]))
     fig.update_yaxes(title=ytitle)
     return _layout(fig, height, title)
-
-
-def to_png_bytes(image: Image.Image) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    image.convert("RGB").save(buf, format="PNG", optimize=False)
-    return buf.getvalue()

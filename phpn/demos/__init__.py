@@ -10,7 +10,6 @@ Every file a demo uses is listed, with its origin and licence, in ``assets/READM
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from typing import Callable, Optional
 
 from ..data import Preprocess
 from ..errors import CheckpointError, ConfigError
+from ..models.checkpoint import file_sha256 as checkpoint_sha256
 from ..models.head import LoadedModel
 from . import lite0
 
@@ -36,14 +36,11 @@ def cache_dir() -> Path:
 
 @lru_cache(maxsize=8)
 def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return checkpoint_sha256(path)
 
 
 def file_sha256(path) -> str:
+    """The weights' digest, computed once per file version (the app asks for it often)."""
     st = os.stat(path)
     return _sha256(str(path), st.st_size, st.st_mtime_ns)
 
