@@ -2,11 +2,18 @@
 
 Everything here takes plain arrays / PIL images and returns new ones (inputs are never
 modified). Maps are signed: positive where a prototype adds to its class logit, negative
-where it subtracts. Conventions:
+where it subtracts. Conventions, the same on every page and in reports:
 
-- one colour per prototype (:data:`PALETTE`), the same on every page and in reports;
-- a prototype's map over an image: its colour where it adds (opacity ∝ value), a
-  neutral grey where it subtracts;
+- one colour per prototype (:data:`PALETTE`): its map, its waterfall bar, its patch frames;
+- "subtracts" is grey hatching (:data:`NEGATIVE_COLOR`), a colour no prototype uses;
+- each prototype's map is scaled to its own range on the image (:func:`own_scale`), so a
+  weak prototype is as visible as a strong one; the scale is stated next to the picture
+  (:func:`scale_caption`), and the bars give the sizes;
+- the photo under a map is muted (partly desaturated) so that a prototype's colour stands
+  out even on a photo of the same hue (a blue prototype on a blue sky);
+- the combined view (:func:`combined_overlay`) shows where prototypes overlap (stripes of
+  both colours) and where the class map is negative (hatching), rather than picking one
+  prototype per pixel;
 - the raw feature-grid map (:func:`grid_image`) is drawn with a diverging colormap
   (blue < 0 < red) and nearest-neighbour cells, next to the smooth upsampled overlay,
   because upsampling alone can suggest a precision the grid does not have.
@@ -19,19 +26,27 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-# tab10 then the light tab20 tones: distinct for up to 20 prototypes.
+# tab10 then the light tab20 tones, without their greys (grey means "subtracts"):
+# distinct for up to 18 prototypes.
 PALETTE = (
-    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
-    "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#c7c7c7", "#dbdb8d", "#9edae5",
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf",
+    "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#dbdb8d", "#9edae5",
 )
-NEGATIVE_RGB = (90, 90, 110)
+NEGATIVE_COLOR = "#4d4d4d"  # "subtracts": drawn as hatching in this grey
+NEGATIVE_RGB = (77, 77, 77)
+BIAS_COLOR = "#9e9e9e"  # the bias and the total in a waterfall: neither a prototype nor "subtracts"
+TOTAL_COLOR = "#2b2b2b"
+NEGATIVE_PATTERN = "/"  # plotly bar pattern of a negative contribution
+MUTE = 0.7  # how far the photo under a map is desaturated (0: as is, 1: grey)
+GAMMA = 1.0  # opacity ∝ (value / scale) ** GAMMA: the peaks stand out from a broad low response
+TOP_REGION = 0.5  # a map's "top region": at least this fraction of its own largest value (outlines, overlap)
 
 # Anchors (position, RGB) of the colormaps; values in between are interpolated linearly.
 _CMAPS = {
-    # ColorBrewer RdBu (reversed): blue for negative, white at zero, red for positive.
-    "signed": [(0.0, (5, 48, 97)), (0.15, (33, 102, 172)), (0.3, (67, 147, 195)), (0.42, (146, 197, 222)),
-               (0.5, (247, 247, 247)), (0.58, (244, 165, 130)), (0.7, (214, 96, 77)), (0.85, (178, 24, 43)),
-               (1.0, (103, 0, 31))],
+    # Grey for negative (subtracts), white at zero, ColorBrewer YlOrRd for positive: no blue, so
+    # blue keeps meaning one prototype.
+    "signed": [(0.0, NEGATIVE_RGB), (0.25, (150, 150, 150)), (0.5, (250, 250, 250)), (0.6, (254, 217, 118)),
+               (0.72, (253, 141, 60)), (0.86, (227, 26, 28)), (1.0, (128, 0, 38))],
     # An inferno-like sequential map for non-negative values.
     "heat": [(0.0, (0, 0, 4)), (0.25, (87, 16, 110)), (0.5, (188, 55, 84)), (0.75, (249, 142, 9)),
              (1.0, (252, 255, 164))],
@@ -98,11 +113,23 @@ def upsample(map2d: np.ndarray, size: tuple, mode: str = "bicubic") -> np.ndarra
     return out[0, 0].numpy()
 
 
-def grid_image(map2d: np.ndarray, size: int = 224, vmax: Optional[float] = None, lines: bool = True) -> Image.Image:
-    """The raw feature-grid map, one flat cell per position, blue < 0 < red."""
+def grid_image(map2d: np.ndarray, size: int = 224, vmax: Optional[float] = None, lines: bool = True,
+               color: Optional[str] = None) -> Image.Image:
+    """The raw feature-grid map, one flat cell per position.
+
+    With ``color`` (a prototype's map): white to that colour where it adds, white to grey
+    where it subtracts. Without (a class map): grey < 0 < yellow-red.
+    """
     m = np.asarray(map2d, dtype=np.float64)
     vmax = vmax or signed_scale(m)
-    rgb = colormap(0.5 + 0.5 * m / vmax, "signed")
+    v = np.clip(m / vmax, -1, 1)
+    if color is None:
+        rgb = colormap(0.5 + 0.5 * v, "signed")
+    else:
+        white = np.array([250.0, 250.0, 250.0])
+        target = np.where((v >= 0)[..., None], np.array(hex_to_rgb(color), dtype=np.float64),
+                          np.array(NEGATIVE_RGB, dtype=np.float64))
+        rgb = np.round(white + np.abs(v)[..., None] * (target - white)).astype(np.uint8)
     h, w = m.shape
     cell = max(1, int(round(size / max(h, w))))
     img = Image.fromarray(rgb).resize((w * cell, h * cell), Image.NEAREST)
@@ -115,34 +142,111 @@ def grid_image(map2d: np.ndarray, size: int = 224, vmax: Optional[float] = None,
     return img
 
 
-def heat_overlay(image, map2d: np.ndarray, opacity: float = 0.5, vmax: Optional[float] = None,
+def heat_overlay(image, map2d: np.ndarray, opacity: float = 0.6, vmax: Optional[float] = None,
                  mode: str = "bicubic", signed: bool = True) -> Image.Image:
-    """Image blended with a (signed) heat map of ``map2d`` upsampled to the image size."""
-    base = as_rgb(image).astype(np.float64)
+    """Image blended with a heat map of ``map2d`` upsampled to the image size.
+
+    Signed (a class map): yellow-red where it adds (opacity ∝ value), grey hatching where it
+    subtracts, over the muted photo.
+    """
+    base = mute(image)
     up = upsample(map2d, base.shape[:2], mode)
     if signed:
         vmax = vmax or signed_scale(up)
-        rgb = colormap(0.5 + 0.5 * up / vmax, "signed").astype(np.float64)
-        alpha = opacity * np.clip(np.abs(up) / vmax, 0, 1)[..., None]
+        rel = np.clip(up / vmax, -1, 1)
+        rgb = colormap(0.5 + 0.5 * np.clip(rel, 0, 1), "signed").astype(np.float64)
+        alpha = (opacity * np.clip(rel, 0, 1))[..., None]
+        out = _hatch((1 - alpha) * base + alpha * rgb, np.clip(-rel, 0, 1), opacity)
     else:
         lo, hi = float(up.min()), float(up.max())
         rgb = colormap((up - lo) / (hi - lo) if hi > lo else np.zeros_like(up), "heat").astype(np.float64)
         alpha = np.full(up.shape + (1,), float(opacity))
-    out = (1 - alpha) * base + alpha * rgb
-    return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
+        out = (1 - alpha) * base + alpha * rgb
+    return Image.fromarray(np.clip(np.round(out), 0, 255).astype(np.uint8))
 
 
-def prototype_overlay(image, maps: np.ndarray, opacity: float = 0.6, colors: Optional[Sequence[str]] = None,
-                      vmax: Optional[float] = None, show: Optional[Sequence[int]] = None, mode: str = "bicubic",
-                      negative: bool = True) -> Image.Image:
-    """The image coloured by prototype maps (k, h, w).
+def own_scale(map2d: np.ndarray) -> float:
+    """The value drawn at full colour for one prototype on one image: its largest |value|
+    (never 0). Each prototype gets its own, so a weak one stays visible."""
+    return signed_scale(map2d)
 
-    Each pixel takes the colour of the prototype that adds most there, with opacity
-    proportional to that value (relative to ``vmax``, by default the largest |value| over
-    the maps shown). With one prototype this is its own map; where its value is negative
-    (and ``negative``) the pixel is tinted grey instead.
-    """
+
+def scale_caption(scale: float) -> str:
+    """How a map drawn with :func:`own_scale` reads, for a caption."""
+    return f"full colour = {float(scale):.3g} (its own largest |value| here); hatching: subtracts"
+
+
+def mute(image) -> np.ndarray:
+    """The photo under a map, float (H, W, 3): partly desaturated so prototype colours stand out."""
     base = as_rgb(image).astype(np.float64)
+    grey = base @ np.array([0.299, 0.587, 0.114])
+    return (1 - MUTE) * base + MUTE * grey[..., None]
+
+
+def _stripes(shape: tuple, period: int, direction: int = 1) -> np.ndarray:
+    """A boolean (H, W) pattern of diagonal stripes, half on, half off."""
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
+    return ((xx + direction * yy) // max(1, period // 2)) % 2 == 0
+
+
+def _period(shape: tuple) -> int:
+    return max(4, int(round(min(shape[:2]) / 28)))
+
+
+def _edges(mask: np.ndarray, width: int) -> np.ndarray:
+    """The boundary of a boolean mask, ``width`` pixels thick (inside the mask)."""
+    inner = mask.copy()
+    for _ in range(max(1, int(width))):
+        shrunk = inner.copy()
+        shrunk[1:] &= inner[:-1]
+        shrunk[:-1] &= inner[1:]
+        shrunk[:, 1:] &= inner[:, :-1]
+        shrunk[:, :-1] &= inner[:, 1:]
+        inner = shrunk
+    return mask & ~inner
+
+
+def _hatch(out: np.ndarray, strength: np.ndarray, opacity: float) -> np.ndarray:
+    """Grey hatching where ``strength`` (H, W) in [0, 1] is positive: "subtracts"."""
+    stripes = _stripes(strength.shape, _period(strength.shape), -1)
+    beta = (min(1.0, opacity + 0.2) * strength * stripes)[..., None]
+    return (1 - beta) * out + beta * np.array(NEGATIVE_RGB, dtype=np.float64)
+
+
+def map_overlay(image, map2d: np.ndarray, color: str, *, opacity: float = 0.7, scale: Optional[float] = None,
+                mode: str = "bicubic", outline: bool = False, negative: bool = True) -> Image.Image:
+    """One prototype's map over the image, in its colour.
+
+    The photo is muted (:func:`mute`); the colour's opacity is ``opacity`` × value / ``scale``
+    (by default :func:`own_scale` of the map); negative values are hatched grey; with
+    ``outline`` the top region (≥ :data:`TOP_REGION` of the scale) is outlined in the colour.
+    """
+    base = mute(image)
+    m = np.asarray(map2d, dtype=np.float64)
+    scale = float(scale) if scale else own_scale(m)
+    up = upsample(m, base.shape[:2], mode) / scale
+    pos = np.clip(up, 0, 1)
+    alpha = (opacity * pos ** GAMMA)[..., None]
+    rgb = np.array(hex_to_rgb(color), dtype=np.float64)
+    out = (1 - alpha) * base + alpha * rgb
+    if negative:
+        out = _hatch(out, np.clip(-up, 0, 1), opacity)
+    if outline:
+        out[_edges(pos >= TOP_REGION, max(1, min(base.shape[:2]) // 100))] = rgb
+    return Image.fromarray(np.clip(np.round(out), 0, 255).astype(np.uint8))
+
+
+def combined_overlay(image, maps: np.ndarray, colors: Optional[Sequence[str]] = None, *, opacity: float = 0.7,
+                     mode: str = "bicubic", outline: bool = True, negative: bool = True,
+                     show: Optional[Sequence[int]] = None) -> Image.Image:
+    """All prototypes at once, each scaled to its own range.
+
+    A pixel takes the colour of the prototype strongest there relative to its own range;
+    where a second prototype is also in its top region, the pixel is striped with both
+    colours (overlap); where the class map (the sum of all maps) is negative, grey hatching
+    (subtracts). With ``outline`` each prototype's top region is outlined in its colour.
+    """
+    base = mute(image)
     maps = np.asarray(maps, dtype=np.float64)
     if maps.ndim == 2:
         maps = maps[None]
@@ -150,19 +254,66 @@ def prototype_overlay(image, maps: np.ndarray, opacity: float = 0.6, colors: Opt
     show = list(range(k)) if show is None else [int(i) for i in show]
     colors = list(colors) if colors is not None else [prototype_color(i) for i in range(k)]
     if not show:
-        return Image.fromarray(base.astype(np.uint8))
+        return Image.fromarray(np.clip(np.round(base), 0, 255).astype(np.uint8))
     up = np.stack([upsample(maps[i], base.shape[:2], mode) for i in show])  # (s, H, W)
-    vmax = vmax or signed_scale(up)
-    best = up.argmax(0)
-    value = np.take_along_axis(up, best[None], 0)[0]
+    rel = np.clip(up / np.array([own_scale(maps[i]) for i in show])[:, None, None], 0, 1)
     palette = np.array([hex_to_rgb(colors[i]) for i in show], dtype=np.float64)
-    rgb = palette[best]
-    alpha = opacity * np.clip(value / vmax, 0, 1)[..., None]
+    order = np.argsort(-rel, axis=0)
+    first = order[0]
+    value = np.take_along_axis(rel, first[None], 0)[0]
+    rgb = palette[first]
+    if len(show) > 1:
+        second = order[1]
+        second_value = np.take_along_axis(rel, second[None], 0)[0]
+        overlap = (second_value >= TOP_REGION) & _stripes(value.shape, _period(value.shape))
+        rgb = np.where(overlap[..., None], palette[second], rgb)
+    alpha = (opacity * value ** GAMMA)[..., None]
     out = (1 - alpha) * base + alpha * rgb
-    if negative and len(show) == 1:
-        neg = opacity * np.clip(-value / vmax, 0, 1)[..., None]
-        out = (1 - neg) * out + neg * np.array(NEGATIVE_RGB, dtype=np.float64)
-    return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
+    if negative:
+        total = up.sum(0)
+        out = _hatch(out, np.clip(-total / signed_scale(total), 0, 1), opacity)
+    if outline:
+        width = max(1, min(base.shape[:2]) // 110)
+        for j in range(len(show)):
+            out[_edges(rel[j] >= TOP_REGION, width)] = palette[j]
+    return Image.fromarray(np.clip(np.round(out), 0, 255).astype(np.uint8))
+
+
+def prototype_overlay(image, maps: np.ndarray, opacity: float = 0.7, colors: Optional[Sequence[str]] = None,
+                      vmax: Optional[float] = None, show: Optional[Sequence[int]] = None, mode: str = "bicubic",
+                      negative: bool = True, scale: str = "own", outline: bool = False) -> Image.Image:
+    """The image coloured by prototype maps: one map (h, w) or several (k, h, w).
+
+    One map: :func:`map_overlay`, scaled to its own range (``scale="own"``, the default) or
+    to ``vmax`` (``scale="shared"``: several pictures on one scale). Several maps:
+    :func:`combined_overlay`.
+    """
+    maps = np.asarray(maps, dtype=np.float64)
+    if maps.ndim == 3 and maps.shape[0] == 1 and show is None:
+        maps = maps[0]
+    if maps.ndim == 2:
+        color = (list(colors) if colors is not None else [prototype_color(0)])[0]
+        return map_overlay(image, maps, color, opacity=opacity, scale=vmax if scale == "shared" else None,
+                           mode=mode, outline=outline, negative=negative)
+    return combined_overlay(image, maps, colors, opacity=opacity, mode=mode, outline=True, negative=negative,
+                            show=show)
+
+
+def overlay_contrast(overlay, map2d: np.ndarray, color: str, top: float = 0.2, mode: str = "bicubic") -> float:
+    """How visible a prototype's map is in a picture, in RGB units (0-441).
+
+    The mean distance to the prototype's colour of the pixels outside the map's top
+    ``top`` fraction, minus the same for the pixels inside it: large when the region the
+    prototype fires on visibly takes its colour and the rest does not; near 0 when the
+    colour fades out or the photo already has that hue everywhere.
+    """
+    arr = as_rgb(overlay).astype(np.float64)
+    up = upsample(np.asarray(map2d, dtype=np.float64), arr.shape[:2], mode)
+    inside = up >= np.quantile(up, 1 - top)
+    if inside.all() or not inside.any():
+        return 0.0
+    dist = np.linalg.norm(arr - np.array(hex_to_rgb(color), dtype=np.float64), axis=-1)
+    return float(dist[~inside].mean() - dist[inside].mean())
 
 
 def scale_box(box: Sequence[float], factor: float) -> list:
@@ -213,10 +364,26 @@ def image_grid(tiles: Sequence[Image.Image], columns: int = 6, pad: int = 4,
     return out
 
 
+def patch_pair(image, box: Sequence[float], color: str = "#ffcc00", size: int = 112) -> Image.Image:
+    """The boxed context and, beside it, the patch zoomed to the same size, framed in ``color``."""
+    context = patch_tile(image, box, color, size)
+    zoom = crop_patch(image, box, size)
+    frame = max(2, size // 40)
+    out = Image.new("RGB", (context.width + size + 2 * frame + 2, max(context.height, size + 2 * frame)),
+                    (255, 255, 255))
+    out.paste(context, (0, 0))
+    x = context.width + 2
+    ImageDraw.Draw(out).rectangle([x, 0, x + size + 2 * frame - 1, size + 2 * frame - 1], fill=hex_to_rgb(color))
+    out.paste(zoom, (x + frame, frame))
+    return out
+
+
 def patch_grid(images: Sequence, boxes: Sequence[Sequence[float]], color: str = "#ffcc00", size: int = 112,
-               columns: int = 6) -> Image.Image:
-    """ProtoPNet-style: a prototype's top training images, each with its patch boxed."""
-    return image_grid([patch_tile(im, b, color, size) for im, b in zip(images, boxes)], columns=columns)
+               columns: int = 6, zoom: bool = True) -> Image.Image:
+    """ProtoPNet-style: a prototype's top training images, each with its patch boxed and, with
+    ``zoom``, the patch enlarged beside it (``columns`` counts such pairs)."""
+    tile = patch_pair if zoom else patch_tile
+    return image_grid([tile(im, b, color, size) for im, b in zip(images, boxes)], columns=columns)
 
 
 def color_swatch(color: str, size: int = 14) -> str:
@@ -322,7 +489,8 @@ def figure_contributions(mean_contribution: Sequence[float], labels: Optional[Se
     labels = list(labels) if labels is not None else [f"prototype {i + 1}" for i in range(k)]
     colors = list(colors) if colors is not None else [prototype_color(i) for i in range(k)]
     shares = contribution_shares(c)
-    fig = go.Figure(go.Bar(x=labels, y=c, marker_color=colors,
+    fig = go.Figure(go.Bar(x=labels, y=c, marker=dict(color=colors, pattern=dict(
+                               shape=[NEGATIVE_PATTERN if v < 0 else "" for v in c], fgcolor=NEGATIVE_COLOR)),
                            text=[f"{v:.2f} ({100 * s:.0f}%)" for v, s in zip(c, shares)], textposition="auto",
                            hovertemplate="%{x}: %{y:.3f}<extra></extra>"))
     fig.update_yaxes(title="mean contribution to the logit", zeroline=True)
@@ -332,18 +500,25 @@ def figure_contributions(mean_contribution: Sequence[float], labels: Optional[Se
 def figure_waterfall(bias: float, contributions: Sequence[float], logit: float,
                      labels: Optional[Sequence[str]] = None, colors: Optional[Sequence[str]] = None,
                      title: Optional[str] = None, height: int = 340):
-    """From the bias to the logit, one step per prototype's contribution."""
+    """From the bias to the logit, one floating bar per prototype in its own colour; a
+    contribution that subtracts is hatched."""
     import plotly.graph_objects as go
 
     c = [float(v) for v in contributions]
-    labels = list(labels) if labels is not None else [f"prototype {i + 1}" for i in range(len(c))]
-    fig = go.Figure(go.Waterfall(
-        orientation="v", measure=["absolute"] + ["relative"] * len(c) + ["total"],
-        x=["bias"] + labels + ["logit"], y=[float(bias)] + c + [float(logit)],
+    k = len(c)
+    labels = list(labels) if labels is not None else [f"prototype {i + 1}" for i in range(k)]
+    colors = list(colors) if colors is not None else [prototype_color(i) for i in range(k)]
+    starts = list(np.cumsum([float(bias)] + c)[:-1])
+    x = ["bias"] + labels + ["logit"]
+    base = [0.0] + starts + [0.0]
+    y = [float(bias)] + c + [float(logit)]
+    fig = go.Figure(go.Bar(
+        x=x, y=y, base=base, marker=dict(color=[BIAS_COLOR] + colors[:k] + [TOTAL_COLOR],
+                                         pattern=dict(shape=[""] + [NEGATIVE_PATTERN if v < 0 else "" for v in c] + [""],
+                                                      fgcolor=NEGATIVE_COLOR)),
         text=[f"{float(bias):+.2f}"] + [f"{v:+.2f}" for v in c] + [f"{float(logit):.2f}"], textposition="outside",
-        increasing=dict(marker=dict(color="#d62728")), decreasing=dict(marker=dict(color="#1f77b4")),
-        totals=dict(marker=dict(color="#444444")), connector=dict(line=dict(color="#999999", width=1))))
-    fig.update_yaxes(title="logit")
+        hovertemplate="%{x}: %{text}<extra></extra>"))
+    fig.update_yaxes(title="logit", zeroline=True)
     return _layout(fig, height, title)
 
 

@@ -62,16 +62,45 @@ def image_folder(tiny_world):
 def test_colormaps_span_their_ends():
     rgb = viz.colormap(np.array([0.0, 0.5, 1.0]), "signed")
     assert rgb.dtype == np.uint8 and rgb.shape == (3, 3)
-    assert rgb[0, 2] > rgb[0, 0]  # blue end
-    assert rgb[2, 0] > rgb[2, 2]  # red end
+    assert tuple(rgb[0]) == viz.NEGATIVE_RGB  # "subtracts" is grey, not blue
+    assert rgb[2, 0] > 2 * rgb[2, 2]  # red end
     assert np.all(rgb[1] > 240)  # white middle
     heat = viz.colormap(np.linspace(0, 1, 5), "heat")
     assert heat[0].sum() < heat[-1].sum()
     assert np.array_equal(viz.colormap(np.array([-3.0, 7.0]), "heat"), viz.colormap(np.array([0.0, 1.0]), "heat"))
 
 
-def test_overlays_keep_size_and_do_not_touch_inputs():
-    img = Image.new("RGB", (28, 28), (100, 100, 100))
+def test_one_colour_per_prototype_and_none_is_the_negative_grey():
+    assert len(set(viz.PALETTE)) == len(viz.PALETTE) >= 12
+    for color in viz.PALETTE:
+        r, g, b = viz.hex_to_rgb(color)
+        assert max(r, g, b) - min(r, g, b) >= 35, color  # coloured: never mistaken for the grey
+    assert viz.NEGATIVE_COLOR not in viz.PALETTE
+    assert viz.hex_to_rgb(viz.NEGATIVE_COLOR) == viz.NEGATIVE_RGB
+
+
+def _grey_photo(size=28, level=100):
+    return Image.new("RGB", (size, size), (level, level, level))
+
+
+def test_a_weak_prototype_is_drawn_on_its_own_scale():
+    img = _grey_photo(56)
+    strong = np.zeros((7, 7))
+    strong[1:4, 1:4] = 10.0
+    weak = strong / 1000
+    color = viz.prototype_color(2)
+    own_strong = np.asarray(viz.prototype_overlay(img, strong, 0.8, colors=[color]))
+    own_weak = np.asarray(viz.prototype_overlay(img, weak, 0.8, colors=[color]))
+    assert np.array_equal(own_strong, own_weak)  # each scaled to its own range
+    shared_weak = np.asarray(viz.prototype_overlay(img, weak, 0.8, colors=[color], vmax=10.0, scale="shared"))
+    muted = np.asarray(viz.prototype_overlay(img, np.zeros((7, 7)), 0.8, colors=[color]))
+    assert np.abs(shared_weak.astype(int) - muted).max() <= 1  # on a shared scale it vanishes
+    assert viz.overlay_contrast(own_weak, weak, color) > 30 * viz.overlay_contrast(shared_weak, weak, color) + 30
+    assert viz.scale_caption(viz.own_scale(weak)).startswith("full colour = 0.01 ")
+
+
+def test_overlays_keep_size_do_not_touch_inputs_and_hatch_what_subtracts():
+    img = _grey_photo(28)
     maps = np.zeros((3, 7, 7))
     maps[0, 1, 1] = 2.0
     maps[1, 5, 5] = 1.0
@@ -81,14 +110,38 @@ def test_overlays_keep_size_and_do_not_touch_inputs():
     assert out.size == (28, 28)
     assert np.array_equal(maps, before)
     arr = np.asarray(out).astype(int)
-    # Prototype 1's colour dominates near its peak; far from every peak the image is unchanged.
-    r, g, b = viz.hex_to_rgb(viz.prototype_color(0))
-    assert abs(arr[6, 6, 0] - r) < abs(100 - r) or abs(arr[6, 6, 2] - b) < abs(100 - b)
-    assert np.array_equal(arr[27, 0], [100, 100, 100])
-    single = viz.prototype_overlay(img, maps[2], 0.8, colors=["#ff0000"])
-    assert np.asarray(single)[14, 14, 0] < 100  # negative values are tinted grey, not red
+    for i, (y, x) in enumerate([(6, 6), (22, 22)]):  # each prototype's colour at its own peak
+        assert np.abs(arr[y, x] - viz.hex_to_rgb(viz.prototype_color(i))).max() < 60, (i, arr[y, x])
+    assert np.array_equal(arr[27, 0], [100, 100, 100])  # far from every peak: the (grey) photo
+    single = np.asarray(viz.prototype_overlay(img, maps[2], 0.8, colors=["#ff0000"])).astype(int)
+    centre = single[10:18, 10:18].reshape(-1, 3)
+    assert (centre[:, 0] > 150).sum() == 0  # negative values are never drawn in the prototype's colour
+    assert (np.abs(centre - viz.NEGATIVE_RGB).max(axis=1) < 20).sum() >= 8  # grey hatching
+    assert (np.abs(centre - 100).max(axis=1) < 6).sum() >= 8  # between the stripes: the photo
+    outlined = np.asarray(viz.prototype_overlay(img, maps[0], 0.0, colors=["#ff0000"], outline=True)).astype(int)
+    assert (np.abs(outlined - [255, 0, 0]).max(axis=2) == 0).sum() >= 8  # the top region's outline
     heat = viz.heat_overlay(img, maps.sum(0), 0.5)
     assert heat.size == (28, 28)
+
+
+def test_the_combined_view_shows_overlap_and_negative_regions_not_an_argmax():
+    img = _grey_photo(56)
+    maps = np.zeros((3, 8, 8))
+    maps[0, :, :4] = 10.0  # strong, left half
+    maps[1, :, 2:6] = 0.1  # weak, overlapping the middle: visible despite the strong one
+    maps[2, :, 6:] = -0.5  # the class map is negative on the right
+    colors = [viz.prototype_color(i) for i in range(3)]
+    arr = np.asarray(viz.combined_overlay(img, maps, colors, opacity=1.0, outline=False)).astype(int)
+
+    def near(px, color, tol=30):
+        return np.abs(px - np.array(viz.hex_to_rgb(color))).max(axis=-1) < tol
+
+    left, middle, right = arr[10:46, 2:10], arr[10:46, 24:32], arr[10:46, 50:54]
+    assert near(left, colors[0]).mean() > 0.9
+    assert near(middle, colors[0]).mean() > 0.2 and near(middle, colors[1]).mean() > 0.2  # stripes of both
+    assert near(right, viz.NEGATIVE_COLOR).mean() > 0.2 and not near(right, colors[2]).any()
+    outlined = np.asarray(viz.combined_overlay(img, maps, colors, opacity=0.0, outline=True)).astype(int)
+    assert near(outlined, colors[1], 1).sum() > 20  # the weak prototype's outline
 
 
 def test_grid_image_shows_cells_not_smoothing():
@@ -104,15 +157,23 @@ def test_upsample_and_enlarge():
     assert viz.enlarge(Image.new("RGB", (300, 200)), 100).size == (300, 200)
 
 
-def test_patch_grid_draws_boxes():
+def test_patch_grid_draws_boxes_and_zooms():
     img = Image.new("RGB", (28, 28), (0, 0, 0))
+    img.paste((255, 255, 255), (4, 4, 12, 12))
     tile = viz.patch_tile(img, [4, 4, 12, 12], "#ffcc00", size=112)
     arr = np.asarray(tile)
     assert tile.size == (112, 112)
     assert tuple(arr[16, 30]) == (255, 204, 0)  # on the box edge (4 px * 4)
-    assert tuple(arr[60, 60]) == (0, 0, 0)
-    grid = viz.patch_grid([img] * 5, [[0, 0, 8, 8]] * 5, size=50, columns=3)
+    assert tuple(arr[100, 100]) == (0, 0, 0)
+    pair = viz.patch_pair(img, [4, 4, 12, 12], "#ffcc00", size=112)
+    zoom = np.asarray(pair)[:, 112 + 2:]
+    assert pair.size == (112 + 2 + 112 + 2 * 2, 112 + 2 * 2)
+    assert tuple(zoom[0, 0]) == (255, 204, 0)  # framed in the prototype's colour
+    assert (zoom[10:100, 10:100] == 255).all()  # the 8 px patch fills the 112 px zoom
+    grid = viz.patch_grid([img] * 5, [[0, 0, 8, 8]] * 5, size=50, columns=3, zoom=False)
     assert grid.size == (3 * 50 + 4 * 4, 2 * 50 + 3 * 4)
+    zoomed = viz.patch_grid([img] * 5, [[0, 0, 8, 8]] * 5, size=50, columns=3)
+    assert zoomed.size == (3 * (50 + 2 + 50 + 4) + 4 * 4, 2 * (50 + 4) + 3 * 4)
     assert viz.crop_patch(img, [4, 4, 12, 12], 32).size == (32, 32)
 
 
@@ -138,14 +199,56 @@ def test_shared_parts_find_the_same_direction_in_another_class():
     assert sims[1][0]["class_index"] == 7 and sims[1][0]["prototype"] == 0
 
 
-def test_figures_have_one_bar_per_prototype_and_a_true_waterfall():
+def test_figures_have_one_bar_per_prototype_in_its_colour_and_a_true_waterfall():
     fig = viz.figure_contributions([1.0, 0.5, -0.2])
     assert len(fig.data[0].y) == 3
-    wf = viz.figure_waterfall(0.3, [1.0, 0.5, -0.2], 1.6)
-    assert list(wf.data[0].measure) == ["absolute", "relative", "relative", "relative", "total"]
-    assert wf.data[0].y[-1] == pytest.approx(1.6)
+    assert list(fig.data[0].marker.pattern.shape) == ["", "", viz.NEGATIVE_PATTERN]
+    colors = [viz.prototype_color(i) for i in range(3)]
+    wf = viz.figure_waterfall(0.3, [1.0, 0.5, -0.2], 1.6, colors=colors).data[0]
+    assert list(wf.x) == ["bias", "prototype 1", "prototype 2", "prototype 3", "logit"]
+    assert list(wf.marker.color) == [viz.BIAS_COLOR] + colors + [viz.TOTAL_COLOR]
+    assert list(wf.marker.pattern.shape) == ["", "", "", viz.NEGATIVE_PATTERN, ""]
+    ends = np.asarray(wf.base) + np.asarray(wf.y)
+    assert ends[1:4] == pytest.approx([1.3, 1.8, 1.6])  # each step starts where the last ended
+    assert wf.y[-1] == pytest.approx(1.6) and ends[3] == pytest.approx(wf.y[-1])
     top = viz.figure_top_predictions([(1, "a", 3.0, 0.7), (0, "b", 1.0, 0.2)])
     assert len(top.data[0].x) == 2
+
+
+def _lite0_ready() -> bool:
+    try:
+        from phpn.demos import get_demo
+
+        return (get_demo("imagenet-lite0").run_dir / "run.json").is_file()
+    except Exception:  # noqa: BLE001 - the weights package is optional
+        return False
+
+
+@pytest.mark.skipif(not _lite0_ready(), reason="the imagenet-lite0 demo is not installed")
+@pytest.mark.parametrize("photo", ["chelsea", "coffee", "astronaut"])
+def test_every_prototype_is_visible_on_natural_photos(photo):
+    """The real EfficientNet-Lite0 demo on real photos: every prototype of the predicted class
+    that adds somewhere takes its colour where it fires (contrast in RGB units), and more
+    clearly than on one scale shared by the prototypes."""
+    skimage_data = pytest.importorskip("skimage.data")
+    from phpn.api import explain_image, open_model, open_run
+    from phpn.demos import get_demo
+
+    session = open_model(demo="imagenet-lite0")
+    run, network = open_run(session, get_demo("imagenet-lite0").run_dir)
+    e = explain_image(session, network, Image.fromarray(getattr(skimage_data, photo)()))
+    picture = viz.enlarge(e.image, 224)
+    shared = viz.signed_scale(e.maps)
+    gains = []
+    for i in range(len(e.contributions)):
+        assert e.maps[i].max() > 0
+        color = viz.prototype_color(i)
+        own = viz.overlay_contrast(viz.prototype_overlay(picture, e.maps[i], 0.7, colors=[color]), e.maps[i], color)
+        on_shared = viz.overlay_contrast(viz.prototype_overlay(picture, e.maps[i], 0.7, colors=[color], vmax=shared,
+                                                               scale="shared"), e.maps[i], color)
+        assert own >= 25, (photo, i, own)
+        gains.append(own - on_shared)
+    assert min(gains) >= 0 and max(gains) > 0
 
 
 def test_class_maps_average_to_the_contributions(tiny_run, tiny_loaded, image_folder):
