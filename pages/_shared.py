@@ -542,10 +542,9 @@ VERDICT_TEXT = {
 
 
 def certificate_line(cert: Optional[dict]) -> str:
-    if not cert:
-        return "no certificate"
-    return (f"{'PASSED' if cert.get('passed') else 'FAILED'} · top-1 {100 * cert['top1_agreement']:.2f}% · "
-            f"max |Δlogit| {cert['max_logit_diff']:.2g}")
+    from phpn.certify import format_certificate
+
+    return format_certificate(cert, short=True)
 
 
 def configure_page() -> None:

@@ -120,7 +120,7 @@ def cmd_discover(args) -> int:
     cert = run.meta.get("certificate", {})
     t = run.meta["timings"]
     obj = {"run": str(path), "classes": len(run.meta["classes"]), "k": run.k, "timings": t, "certificate": cert,
-           "skipped": run.meta["data"]["skipped"]}
+           "skipped": run.meta["data"]["skipped"], "chance_warning": _warn_if_chance(cert)}
     fid = [f for c in run.meta["classes"] for f in c["fidelity"]]
     text = (f"saved {path}: {len(run.meta['classes'])} classes x {run.k} prototypes in {t['total_s']:.1f}s "
             f"(features {t['features_s']:.1f}s, NMF {t['nmf_s']:.1f}s, refinement {t['refine_s']:.1f}s)\n"
@@ -133,11 +133,19 @@ def cmd_discover(args) -> int:
 
 
 def _cert_text(cert: dict) -> str:
-    if not cert:
-        return "not computed"
-    return (f"{'PASSED' if cert['passed'] else 'FAILED'}: top-1 agreement {100 * cert['top1_agreement']:.2f}% on "
-            f"{cert['images']} images, max |Δlogit| {cert['max_logit_diff']:.3g} "
-            f"({cert['relative_logit_diff']:.2g} of max |logit|), head error ≤ {cert['max_head_error']:.2g}")
+    from .certify import format_certificate
+
+    return format_certificate(cert)
+
+
+def _warn_if_chance(cert: Optional[dict]) -> Optional[str]:
+    """Print the near-chance warning on stderr, before any result; return it for --json."""
+    from .certify import chance_warning
+
+    warning = chance_warning(cert)
+    if warning:
+        print(f"WARNING: {warning}", file=sys.stderr)
+    return warning
 
 
 def _run_session(args):
@@ -164,6 +172,7 @@ def cmd_certify(args) -> int:
     data = open_data(session, _data_dir(args, session), args.images_per_class, 0)
     cert = certify_run(session, run, data, args.batch_size, args.device)
     obj = cert.to_dict()
+    obj["chance_warning"] = _warn_if_chance(obj)
     _emit(args, obj, _cert_text(obj))
     return 0 if cert.passed else 1
 
@@ -175,8 +184,10 @@ def cmd_explain(args) -> int:
     class_index = None
     if args.class_ is not None:
         class_index = _class_index(args.class_, session.class_names)
+    warning = _warn_if_chance(run.meta.get("certificate"))
     ex = explain_image(session, network, args.image, class_index)
     obj = ex.to_dict()
+    obj["chance_warning"] = warning
     obj["prototypes"] = [{"prototype": i, "contribution": float(c)} for i, c in enumerate(ex.contributions)]
     lines = ["top-5:"] + [f"  {n} (class {c}): logit {lg:.3f}, p = {p:.3f}" for c, n, lg, p in ex.top]
     lines.append(f"class {ex.class_name} ({ex.class_index}): logit {ex.logit:.4f}")
@@ -194,6 +205,27 @@ def _class_index(value: str, names: list) -> int:
         if n.lower() == value.lower():
             return i
     raise PhpnError(f"Unknown class '{value}'.", "Give a class index or one of the model's class names.")
+
+
+def cmd_check_preprocessing(args) -> int:
+    from .api import open_data
+    from .preprocess_check import check_preprocessing
+    from .progress import TqdmProgress
+
+    session = _session(args)
+    data = open_data(session, _data_dir(args, session))
+    bar = TqdmProgress(disable=args.json)
+    check = check_preprocessing(session, data, images_per_class=args.images_per_class,
+                                **({"sizes": tuple(args.sizes)} if args.sizes else {}), progress=bar)
+    bar.close()
+    lines = [f"{check.images} labelled images of {check.classes} classes; settings ranked by the model's accuracy:"]
+    for row in check.table():
+        acc = "fails" if row["accuracy"] is None else f"{100 * row['accuracy']:5.1f}%"
+        lines.append(f"  {acc} ({row['right']})  resize {row['resize']}, crop {row['crop']}, "
+                     f"{row['normalisation']}  [{row['setting']}]{'  ' + row['note'] if row['note'] else ''}")
+    lines.append(check.proposal())
+    _emit(args, check.to_dict(), "\n".join(lines))
+    return 0
 
 
 def cmd_evaluate(args) -> int:
@@ -248,6 +280,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("check-preprocessing",
+                       help="try the usual input sizes and normalisations on labelled images; propose the best")
+    _add_model_args(p)
+    p.add_argument("--data", type=Path, help="image folder, one sub-folder per class (the demo's own with --demo)")
+    p.add_argument("--images-per-class", type=int, default=3, help="labelled images tried per class (default 3)")
+    p.add_argument("--sizes", type=int, nargs="+", help="input sizes to try (default 28 32 64 96 128 224 256 299 384)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_check_preprocessing)
 
     p = sub.add_parser("doctor", help="say whether a checkpoint decomposes exactly, and why")
     _add_model_args(p)

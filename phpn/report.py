@@ -102,12 +102,17 @@ def _patch_tiles(entries: Sequence[dict], root, preprocess, color: str, size: in
 
 
 def _certificate_html(cert: Optional[dict]) -> str:
+    from .certify import chance_warning, format_certificate
+
     if not cert:
         return "<p>No certificate recorded in this run.</p>"
     ok = cert.get("passed")
-    return (f'<p><span class="{"ok" if ok else "bad"}">{"PASSED" if ok else "FAILED"}</span>: top-1 agreement '
-            f'{100 * cert["top1_agreement"]:.2f}% on {cert["images"]} images, max |Δlogit| '
-            f'{cert["max_logit_diff"]:.3g}, head error ≤ {cert["max_head_error"]:.2g}.</p>')
+    verdict, _, rest = format_certificate(cert).partition(": ")
+    out = f'<p><span class="{"ok" if ok else "bad"}">{verdict}</span>: {_esc(rest)}.</p>'
+    warning = chance_warning(cert)
+    if warning:
+        out += f'<p class="bad">Warning: {_esc(warning)}</p>'
+    return out
 
 
 def class_report(run, class_index: int, *, image_root=None, preprocess=None, network=None, map_images: int = 4,

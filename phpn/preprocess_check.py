@@ -1,0 +1,283 @@
+"""Check preprocessing: which input size and normalisation does the model actually read?
+
+A model fed the wrong input size, the wrong mean/std or the wrong channels still decomposes
+exactly (the certificate passes), but it is near chance and its explanations describe
+nothing. :func:`check_preprocessing` tries the plausible settings on a few labelled images
+per class and ranks them by the model's accuracy:
+
+1. the setting in use, the one recorded with the model, the model family's reference
+   setting (torchvision's weights metadata);
+2. common input sizes (28, 32, 64, 96, 128, 224, 256, 299, 384), each as an exact resize
+   and as resize-then-centre-crop (crop fraction 0.875), with the normalisation in use;
+3. the best few sizes again with the usual normalisations (ImageNet, 0.5, none).
+
+The channels (grey-scale or RGB) are the model's own: its first layer fixes them, and each
+image is converted to them. The result proposes the best setting with the numbers, and
+says plainly when no setting tried reads the images (then the class order is the likely
+cause).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Optional, Sequence
+
+import torch
+
+from .certify import CancelCheck, check_cancel, near_chance
+from .data import ImageFolderData, Preprocess, load_image
+from .errors import DataError
+from .progress import ProgressFn, report
+
+COMMON_SIZES = (28, 32, 64, 96, 128, 224, 256, 299, 384)
+CROP_FRACTION = 0.875  # resize to size / 0.875, then centre-crop to size (the ImageNet habit)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+NORMALISATIONS = {  # name -> (mean, std) for one channel; RGB presets per channel
+    "ImageNet": (IMAGENET_MEAN, IMAGENET_STD),
+    "0.5": ((0.5,), (0.5,)),
+    "none": ((0.0,), (1.0,)),
+}
+BEST_SIZES_RENORMALISED = 3  # how many of the best geometries are tried with every normalisation
+DEFAULT_IMAGES_PER_CLASS = 3
+# A different setting is proposed only when it is right on clearly more images than the one in
+# use (at least this share of the images, and at least 2), or when the one in use is near chance:
+# on a few images per class a one-image lead is noise.
+MIN_GAIN = 0.05
+
+
+@dataclass
+class SettingResult:
+    """One preprocessing setting and how the model does with it."""
+
+    label: str  # where the setting comes from ("in use", "recorded with the model", "size 32", ...)
+    preprocess: Preprocess
+    correct: int = 0
+    images: int = 0
+    error: Optional[str] = None  # the model could not run on this input (e.g. a fixed-size layer)
+    seconds: float = 0.0
+
+    @property
+    def accuracy(self) -> Optional[float]:
+        return self.correct / self.images if self.images and self.error is None else None
+
+    def to_dict(self) -> dict:
+        return {"setting": self.label, "preprocess": self.preprocess.to_dict(), "accuracy": self.accuracy,
+                "correct": self.correct, "images": self.images, "error": self.error,
+                "seconds": round(self.seconds, 3)}
+
+
+@dataclass
+class PreprocessCheck:
+    """The settings tried, best first, and the one in use."""
+
+    results: list  # list[SettingResult], ranked (best accuracy first; failures last)
+    current: SettingResult
+    images: int
+    classes: int
+    notes: list = field(default_factory=list)
+
+    @property
+    def best(self) -> SettingResult:
+        return self.results[0]
+
+    @property
+    def best_near_chance(self) -> bool:
+        return near_chance(self.best.correct, self.best.images, self.classes)
+
+    @property
+    def improves(self) -> bool:
+        """The best setting is clearly better than the one in use (see MIN_GAIN)."""
+        if self.best.preprocess == self.current.preprocess or self.best.correct <= self.current.correct:
+            return False
+        current_near_chance = self.current.error is not None or near_chance(self.current.correct, self.images,
+                                                                            self.classes)
+        gain = self.best.correct - self.current.correct
+        return current_near_chance or gain >= max(2, MIN_GAIN * self.images)
+
+    def proposal(self) -> str:
+        """What to do, in one or two sentences, with the numbers."""
+        cur, best = self.current, self.best
+        if self.best_near_chance:
+            return (f"No setting tried reads these images: the best, {best.label} ({describe(best.preprocess)}), is "
+                    f"right on {best.correct} of {best.images} images. The class order (which folder is which "
+                    "class) or the model itself is the likely cause; check the class-names file and the folders.")
+        if not self.improves:
+            lead = "" if best.preprocess == cur.preprocess else (
+                f" ({best.label} is right on {best.correct}: within the noise of {self.images} images)")
+            return (f"Keep the setting in use ({describe(cur.preprocess)}): right on {cur.correct} of "
+                    f"{cur.images} images ({100 * (cur.accuracy or 0):.0f}%){lead}.")
+        return (f"Use {describe(best.preprocess)} ({best.label}): right on {best.correct} of {best.images} images "
+                f"({100 * (best.accuracy or 0):.0f}%), against {cur.correct} ({100 * (cur.accuracy or 0):.0f}%) with the "
+                f"setting in use. CLI: {cli_flags(best.preprocess)}")
+
+    def to_dict(self) -> dict:
+        return {"images": self.images, "classes": self.classes, "current": self.current.to_dict(),
+                "best": self.best.to_dict(), "improves": self.improves, "best_near_chance": self.best_near_chance,
+                "proposal": self.proposal(), "results": [r.to_dict() for r in self.results], "notes": self.notes}
+
+    def table(self) -> list:
+        """Rows for display: setting, size, normalisation, accuracy."""
+        rows = []
+        for r in self.results:
+            p = r.preprocess
+            rows.append({"setting": r.label, "resize": p.resize, "crop": p.crop,
+                         "normalisation": normalisation_name(p), "channels": "grey" if p.channels == 1 else "RGB",
+                         "accuracy": r.accuracy, "right": f"{r.correct}/{r.images}" if r.error is None else "—",
+                         "note": r.error or ""})
+        return rows
+
+
+def normalisation_name(pre: Preprocess) -> str:
+    for name, (mean, std) in NORMALISATIONS.items():
+        if _fit(mean, pre.channels) == tuple(pre.mean) and _fit(std, pre.channels) == tuple(pre.std):
+            return name
+    return "mean " + "/".join(f"{m:g}" for m in pre.mean) + ", std " + "/".join(f"{s:g}" for s in pre.std)
+
+
+def describe(pre: Preprocess) -> str:
+    size = f"{pre.crop} px" if pre.resize == pre.crop else f"resize {pre.resize}, crop {pre.crop}"
+    return f"{size}, {normalisation_name(pre)} normalisation"
+
+
+def cli_flags(pre: Preprocess) -> str:
+    return (f"--resize {pre.resize} --crop {pre.crop} --mean {' '.join(f'{m:g}' for m in pre.mean)} "
+            f"--std {' '.join(f'{s:g}' for s in pre.std)}")
+
+
+def _fit(values: Sequence[float], channels: int) -> tuple:
+    """A preset for ``channels`` channels: a grey preset repeated for RGB, an RGB one averaged for grey."""
+    values = tuple(float(v) for v in values)
+    if len(values) == channels:
+        return values
+    if channels == 1:
+        return (round(sum(values) / len(values), 4),)
+    return values * channels if len(values) == 1 else values[:channels]
+
+
+def candidate_settings(current: Preprocess, recorded: Optional[Preprocess] = None,
+                       family: Optional[Preprocess] = None, sizes: Sequence[int] = COMMON_SIZES) -> list:
+    """(label, Preprocess) of the first two stages, without duplicates (the first label wins)."""
+    out, seen = [], set()
+
+    def add(label, pre):
+        if pre is not None and pre not in seen:
+            seen.add(pre)
+            out.append((label, pre))
+
+    add("in use", current)
+    add("recorded with the model", recorded)
+    add("the model family's reference", family and replace(family, channels=current.channels,
+                                                             mean=_fit(family.mean, current.channels),
+                                                             std=_fit(family.std, current.channels)))
+    for size in sizes:
+        add(f"size {size}", replace(current, resize=size, crop=size))
+        add(f"size {size}, centre crop", replace(current, resize=round(size / CROP_FRACTION), crop=size))
+    return out
+
+
+def _renormalised(pre: Preprocess) -> list:
+    return [(f"{name} normalisation", replace(pre, mean=_fit(mean, pre.channels), std=_fit(std, pre.channels)))
+            for name, (mean, std) in NORMALISATIONS.items()]
+
+
+def _sample(data: ImageFolderData, per_class: int) -> list:
+    """(class index, path): ``per_class`` images of each class, spread over its (sorted) list."""
+    chosen = []
+    for c in data.classes:
+        paths = list(c.paths)
+        if len(paths) > per_class:
+            step = len(paths) / per_class
+            paths = [paths[int(i * step)] for i in range(per_class)]
+        chosen += [(c.class_index, p) for p in paths]
+    return chosen
+
+
+@torch.inference_mode()
+def _evaluate(model, images: list, labels: torch.Tensor, result: SettingResult, batch_size: int,
+              cancel: CancelCheck) -> SettingResult:
+    started = time.perf_counter()
+    correct = 0
+    try:
+        for start in range(0, len(images), batch_size):
+            check_cancel(cancel)
+            batch = torch.stack([result.preprocess(im) for im in images[start:start + batch_size]])
+            out = model(batch)
+            out = getattr(out, "logits", out)
+            correct += int((out.argmax(1) == labels[start:start + batch_size]).sum())
+    except (RuntimeError, ValueError) as exc:  # e.g. a fixed-size layer refuses this input size
+        result.error = f"the model cannot run on this input ({str(exc).splitlines()[0][:120]})"
+    else:
+        result.correct, result.images = correct, len(images)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _rank(results: list) -> list:
+    order = {id(r): i for i, r in enumerate(results)}  # ties: the earlier (in use, recorded, family) first
+    return sorted(results, key=lambda r: (r.error is not None, -r.correct, order[id(r)]))
+
+
+def check_preprocessing(session, data: ImageFolderData, *, images_per_class: int = DEFAULT_IMAGES_PER_CLASS,
+                        sizes: Sequence[int] = COMMON_SIZES, batch_size: int = 32,
+                        progress: Optional[ProgressFn] = None, cancel: CancelCheck = None) -> PreprocessCheck:
+    """Try the plausible preprocessing settings on ``images_per_class`` labelled images per class.
+
+    ``session`` is a :class:`phpn.api.ModelSession` (the model, its recorded preprocessing and
+    the one in use). Runs on the CPU with the original model; returns the ranked settings.
+    """
+    from .models import zoo
+
+    if images_per_class < 1:
+        raise DataError(f"images per class must be at least 1, got {images_per_class}.", "")
+    chosen = _sample(data, images_per_class)
+    if not chosen:
+        raise DataError("The image folder has no labelled images to check with.",
+                        "Scan a folder with one sub-folder of images per class.")
+    images, labels, notes = [], [], []
+    for c, rel in chosen:
+        try:
+            images.append(load_image(data.root / rel))
+            labels.append(c)
+        except DataError as exc:
+            notes.append(f"skipped {rel}: {exc.problem}")
+    if not images:
+        raise DataError("None of the sampled images could be read.", "Check the image folder.")
+    labels = torch.tensor(labels)
+    classes = len(set(labels.tolist()))
+
+    model = session.loaded.model.eval()
+    current, recorded = session.preprocess, session.loaded.preprocess
+    family = None
+    try:
+        family_pre = zoo.default_preprocess(session.loaded.arch)
+        family = family_pre if zoo.family_of(session.loaded.arch) else None
+    except Exception:  # noqa: BLE001 - not a torchvision model: no family reference
+        family = None
+
+    first = candidate_settings(current, recorded, family, sizes)
+    # Stage 3 runs the best few geometries with every normalisation; count it in the total.
+    total = len(first) + BEST_SIZES_RENORMALISED * len(NORMALISATIONS)
+    results, seen = [], set()
+    report(progress, "check", 0, total)
+    for label, pre in first:
+        seen.add(pre)
+        results.append(_evaluate(model, images, labels, SettingResult(label, pre), batch_size, cancel))
+        report(progress, "check", len(results), total)
+    geometries = []
+    for r in _rank(results):
+        key = (r.preprocess.resize, r.preprocess.crop)
+        if r.error is None and key not in geometries:
+            geometries.append(key)
+    for resize, crop in geometries[:BEST_SIZES_RENORMALISED]:
+        base = next(r for r in results if (r.preprocess.resize, r.preprocess.crop) == (resize, crop))
+        for name, pre in _renormalised(base.preprocess):
+            if pre in seen:
+                continue
+            seen.add(pre)
+            results.append(_evaluate(model, images, labels, SettingResult(f"{base.label}, {name}", pre),
+                                     batch_size, cancel))
+            report(progress, "check", len(results), total)
+    report(progress, "check", total, total)
+    current_result = next(r for r in results if r.preprocess == current)
+    return PreprocessCheck(results=_rank(results), current=current_result, images=len(images), classes=classes,
+                           notes=notes)

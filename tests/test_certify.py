@@ -1,0 +1,192 @@
+"""The certificate: agreement beside the model's accuracy, the near-chance warning, progress,
+real time and cancel, and its one text form."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+from scipy.stats import binom
+
+from conftest import tiny_split
+from phpn.certify import (LIKELY_CAUSES, Certificate, binomial_p_value, certify, chance_threshold, chance_warning,
+                          format_certificate, near_chance)
+from phpn.data import load_batch, scan_image_folder
+from phpn.discover import DiscoveryConfig, discover
+from phpn.errors import Cancelled
+
+
+@pytest.fixture
+def tiny_run(tiny_loaded, image_folder):
+    data = scan_image_folder(image_folder, class_names=tiny_loaded.class_names, num_classes=4)
+    split = tiny_split(tiny_loaded.model)
+    run = discover(tiny_loaded, split, data, tiny_loaded.preprocess, DiscoveryConfig(k=2, device="cpu"))
+    return run, run.network(split), data
+
+
+def _labelled_batches(data, pre, size=12):
+    out = []
+    for c in data.classes:
+        for start in range(0, len(c.paths), size):
+            batch, kept, _ = load_batch(data.root, c.paths[start:start + size], pre)
+            out.append((batch, torch.full((len(kept),), c.class_index)))
+    return out
+
+
+def test_accuracy_is_recorded_beside_agreement(tiny_loaded, tiny_run):
+    run, network, data = tiny_run
+    batches = _labelled_batches(data, tiny_loaded.preprocess)
+    cert = certify(network, tiny_loaded.model, batches, run.head_error())
+    with torch.inference_mode():
+        predicted = torch.cat([tiny_loaded.model(b).argmax(1) for b, _ in batches])
+    labels = torch.cat([lab for _, lab in batches])
+    right = int((predicted == labels).sum())
+    assert cert.passed and cert.images == 48 and cert.agreed == 48
+    assert cert.labelled_images == 48 and cert.labelled_classes == 4 and cert.correct == right
+    assert cert.accuracy == pytest.approx(right / 48)
+    d = cert.to_dict()
+    assert d["accuracy"] == pytest.approx(right / 48) and d["near_chance"] == near_chance(right, 48, 4)
+    text = format_certificate(d)
+    assert text.startswith("PASSED: agrees with the model on 48 of 48 images")
+    assert f"the model's accuracy on the 48 labelled images: {100 * right / 48:.1f}% ({right} right)" in text
+    assert "top-1" not in text and "top-1" not in format_certificate(d, short=True)
+
+
+def test_without_labels_accuracy_is_unknown(tiny_loaded, tiny_run):
+    run, network, data = tiny_run
+    batches = [b for b, _ in _labelled_batches(data, tiny_loaded.preprocess)]
+    cert = certify(network, tiny_loaded.model, batches, run.head_error())
+    assert cert.labelled_images == 0 and cert.accuracy is None
+    assert chance_warning(cert) is None
+    assert "model accuracy unknown (no labelled images)" in format_certificate(cert)
+    assert format_certificate(cert, short=True) == "PASSED · agrees with the model on 48/48 images"
+
+
+def test_unlabelled_images_in_a_batch_do_not_count(tiny_loaded, tiny_run):
+    run, network, data = tiny_run
+    batch, labels = _labelled_batches(data, tiny_loaded.preprocess)[0]
+    labels[:5] = -1
+    cert = certify(network, tiny_loaded.model, [(batch, labels)], run.head_error())
+    assert cert.images == 12 and cert.labelled_images == 7
+
+
+def test_older_certificates_still_format():
+    old = {"images": 32, "top1_agreement": 1.0, "max_logit_diff": 1e-7, "max_abs_logit": 2.0, "max_head_error": 1e-9,
+           "mean_head_error": 1e-10, "relative_logit_diff": 5e-8, "passed": True}
+    assert format_certificate(old).startswith("PASSED: agrees with the model on 32 of 32 images, max |Δlogit| 1e-07")
+    assert chance_warning(old) is None
+    assert format_certificate(None) == "not computed" and format_certificate({}, short=True) == "no certificate"
+
+
+def test_binomial_tail_matches_scipy():
+    for correct, n, p0 in [(2, 3, 0.1), (11, 100, 0.1), (30, 100, 0.1), (60, 100, 0.5), (0, 10, 0.3), (5, 5, 0.2),
+                           (300, 3000, 0.1)]:
+        assert binomial_p_value(correct, n, p0) == pytest.approx(binom.sf(correct - 1, n, p0), rel=1e-9, abs=1e-300)
+
+
+def test_near_chance_thresholds():
+    assert chance_threshold(10) == pytest.approx(0.2) and chance_threshold(2) == pytest.approx(0.75)
+    assert chance_threshold(1000) == pytest.approx(0.002)
+    assert near_chance(11, 100, 10)  # the issue's 11% on 10 classes
+    assert near_chance(20, 100, 10)  # twice chance
+    assert not near_chance(80, 100, 10)
+    assert near_chance(2, 3, 10)  # 3 images cannot tell a model from guessing (p = 0.028)
+    assert not near_chance(3, 3, 10)  # p = 0.001
+    assert near_chance(70, 100, 2) and not near_chance(90, 100, 2)
+    assert not near_chance(0, 0, 10) and not near_chance(0, 10, 1)
+
+
+def test_the_chance_warning_names_the_causes():
+    cert = Certificate(images=300, top1_agreement=1.0, max_logit_diff=0.0, max_abs_logit=1.0, max_head_error=0.0,
+                       mean_head_error=0.0, labelled_images=300, correct=33, labelled_classes=10)
+    warning = chance_warning(cert)
+    assert warning.startswith("The model is right on only 33 of 300 labelled images (11.0%), which is not clearly "
+                              "better than guessing among 10 classes (10.0%).")
+    for cause in LIKELY_CAUSES:
+        assert cause in warning
+    assert "phpn check-preprocessing" in warning
+    assert chance_warning(replace(cert, correct=240)) is None
+
+
+def test_progress_reports_images_and_real_time(tiny_loaded, tiny_run):
+    run, network, data = tiny_run
+    calls = []
+    batches = _labelled_batches(data, tiny_loaded.preprocess, size=5)
+    started = time.perf_counter()
+    cert = certify(network, tiny_loaded.model, batches, run.head_error(), progress=lambda *a: calls.append(a),
+                   total=48)
+    wall = time.perf_counter() - started
+    assert {s for s, _, _ in calls} == {"certify"} and calls[-1] == ("certify", 48, 48)
+    done = [d for _, d, _ in calls]
+    assert done == sorted(done) and all(t == 48 for _, _, t in calls)
+    assert 0 < cert.seconds <= wall + 1e-3
+
+
+def test_a_cancel_stops_before_the_next_forward(tiny_loaded, tiny_run):
+    run, network, data = tiny_run
+    batches = _labelled_batches(data, tiny_loaded.preprocess, size=4)
+    stop = threading.Event()
+    forwards = []
+    model = tiny_loaded.model
+    handle = model.register_forward_hook(lambda *a: (forwards.append(1), stop.set()))
+    try:
+        with pytest.raises(Cancelled):
+            certify(network, model, batches, run.head_error(), cancel=stop)
+    finally:
+        handle.remove()
+    assert len(forwards) == 1  # the first batch's model forward, then nothing
+
+
+def test_a_cancelling_progress_callback_stops_certify_run(tiny_loaded, tiny_run):
+    from phpn.api import ModelSession, certify_run
+    from phpn.models.doctor import Diagnosis
+
+    run, network, data = tiny_run
+    split = tiny_split(tiny_loaded.model)
+    session = ModelSession(loaded=tiny_loaded, diagnosis=Diagnosis(verdict="exact", reason="", split=split),
+                           preprocess=tiny_loaded.preprocess)
+    seen = []
+
+    def progress(stage, done, total):
+        seen.append(done)
+        if done >= 16:
+            raise Cancelled()
+
+    with pytest.raises(Cancelled):
+        certify_run(session, run, data, device="cpu", progress=progress)
+    assert seen[0] == 0 and max(seen) == 16  # batches of 16 on the CPU: stopped at the first check after 16
+    cert = certify_run(session, run, data, device="cpu")
+    assert cert.passed and cert.labelled_images == 48 and cert.labelled_classes == 4
+
+
+@pytest.mark.slow
+def test_the_fashion_demo_at_the_wrong_size_is_certified_but_flagged_at_chance(capsys):
+    """The issue's case: an exact decomposition of a model fed the wrong input size."""
+    from phpn.api import certify_run, open_data, open_model, open_run
+    from phpn.cli import main
+    from phpn.demos import get_demo
+
+    demo = get_demo("fashion-mnist")
+    if not (demo.run_dir / "run.json").is_file():
+        pytest.skip("the fashion-mnist demo run is not there")
+    session = open_model(demo="fashion-mnist")
+    run, _ = open_run(session, demo.run_dir)
+    data = open_data(session, demo.explain_dir(), images_per_class=5)
+    right = certify_run(session, run, data, device="cpu")
+    assert right.passed and right.labelled_images == 50 and right.accuracy >= 0.8 and chance_warning(right) is None
+
+    session.preprocess = replace(session.preprocess, resize=96, crop=96)
+    wrong = certify_run(session, run, data, device="cpu")
+    assert wrong.passed and wrong.top1_agreement == 1.0  # still exact ...
+    assert wrong.accuracy <= 0.2 and chance_warning(wrong)  # ... but the model cannot read these inputs
+
+    code = main(["certify", str(demo.run_dir), "--demo", "fashion-mnist", "--data", str(demo.explain_dir()),
+                 "--images-per-class", "5", "--device", "cpu", "--json"])
+    out = capsys.readouterr()
+    obj = json.loads(out.out)
+    assert code == 0 and obj["labelled_images"] == 50 and obj["correct"] == right.correct
+    assert obj["accuracy"] == pytest.approx(right.accuracy) and obj["chance_warning"] is None
+    assert "WARNING" not in out.err
