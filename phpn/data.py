@@ -8,6 +8,7 @@ sorted order. Unreadable files are skipped and reported, never fatal.
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -274,13 +275,61 @@ def scan_image_folder(
 
 def load_batch(root: Path, rel_paths: Sequence[str], preprocess: Preprocess):
     """Decode and preprocess; returns (tensor (n, ch, crop, crop), kept paths, skipped)."""
-    tensors, kept, skipped = [], [], []
-    for rel in rel_paths:
+    dataset = ImageList(root, rel_paths, preprocess)
+    return _collate_images([dataset[i] for i in range(len(dataset))])
+
+
+def default_workers() -> int:
+    """Decoding processes: one core is left to the main process (it drives the model)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(0, min(cores - 1, 16))
+
+
+class ImageList(torch.utils.data.Dataset):
+    """Images at ``root/rel_paths``, decoded and preprocessed; an unreadable one yields its reason."""
+
+    def __init__(self, root, rel_paths: Sequence[str], preprocess: Preprocess):
+        self.root, self.rel_paths, self.preprocess = Path(root), list(rel_paths), preprocess
+
+    def __len__(self) -> int:
+        return len(self.rel_paths)
+
+    def __getitem__(self, i: int):
+        rel = self.rel_paths[i]
         try:
-            tensors.append(preprocess(load_image(Path(root) / rel)))
-            kept.append(rel)
-        except Exception as exc:
-            skipped.append((rel, str(exc)))
-    if not tensors:
-        return torch.empty(0), kept, skipped
-    return torch.stack(tensors), kept, skipped
+            return rel, self.preprocess(load_image(self.root / rel)), None
+        except Exception as exc:  # skip and report, never fatal
+            return rel, None, str(exc)
+
+
+def _collate_images(items):
+    tensors = [t for _, t, _ in items if t is not None]
+    kept = [rel for rel, t, _ in items if t is not None]
+    skipped = [(rel, why) for rel, t, why in items if t is None]
+    return (torch.stack(tensors) if tensors else torch.empty(0)), kept, skipped
+
+
+def iter_batches(root, rel_paths: Sequence[str], preprocess: Preprocess, batch_size: int = 64,
+                 workers: Optional[int] = None, pin_memory: bool = False):
+    """Yield (tensor, kept paths, skipped) batch by batch, in the order of ``rel_paths``.
+
+    With ``workers`` > 0 the images are decoded by that many processes while the caller runs
+    the model on the previous batch (``None``: :func:`default_workers`); ``pin_memory`` lets a
+    CUDA copy overlap with compute.
+    """
+    workers = default_workers() if workers is None else int(workers)
+    if workers < 0:
+        raise ConfigError(f"workers must be 0 or more, got {workers}.", "Use --workers 0 to decode in this process.")
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be at least 1, got {batch_size}.", "Use --batch-size 64, for example.")
+    dataset = ImageList(root, rel_paths, preprocess)
+    if not len(dataset):
+        return
+    workers = min(workers, -(-len(dataset) // batch_size))  # no idle process for a short list
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                         collate_fn=_collate_images, pin_memory=pin_memory,
+                                         prefetch_factor=4 if workers else None, persistent_workers=False)
+    yield from loader
