@@ -1,0 +1,94 @@
+"""Mistakes first: predictions over a labelled folder, the confusion summary, and "why A and not
+B" whose waterfall adds up exactly to the logit gap."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_split
+from phpn.api import ModelSession
+from phpn.data import load_batch, load_image, scan_image_folder
+from phpn.discover import DiscoveryConfig, discover
+from phpn.errors import Cancelled, ConfigError, DataError
+from phpn.mistakes import FolderPredictions, Prediction, contrast_image, predict_folder
+from phpn.models.doctor import Diagnosis
+
+
+@pytest.fixture
+def setup(tiny_loaded, image_folder):
+    split = tiny_split(tiny_loaded.model)
+    session = ModelSession(loaded=tiny_loaded, diagnosis=Diagnosis(verdict="exact", reason="", split=split),
+                           preprocess=tiny_loaded.preprocess)
+    data = scan_image_folder(image_folder, class_names=tiny_loaded.class_names, num_classes=4)
+    return session, data, split
+
+
+def test_predictions_are_the_models_own(setup):
+    session, data, _ = setup
+    found = predict_folder(session, data, batch_size=5)
+    assert found.images == 48 and [p.path for p in found.predictions] == [p for c in data.classes for p in c.paths]
+    batch, _, _ = load_batch(data.root, [p.path for p in found.predictions], session.preprocess)
+    with torch.inference_mode():
+        probs = torch.softmax(session.loaded.model(batch).double(), 1)
+    assert [p.predicted for p in found.predictions] == probs.argmax(1).tolist()
+    assert [p.runner_up for p in found.predictions] == torch.topk(probs, 2, 1).indices[:, 1].tolist()
+    assert np.allclose([p.confidence for p in found.predictions], probs.max(1).values.numpy(), atol=1e-6)
+    truth = [c.class_index for c in data.classes for _ in c.paths]
+    assert [p.true_class for p in found.predictions] == truth
+    assert found.correct == int((probs.argmax(1) == torch.tensor(truth)).sum())
+
+
+def _toy(pairs) -> FolderPredictions:
+    preds = [Prediction(path=f"{t}/{i}.png", true_class=t, predicted=q, confidence=conf, true_probability=0.0,
+                        runner_up=(q + 1) % 3) for i, (t, q, conf) in enumerate(pairs)]
+    return FolderPredictions(root=".", predictions=preds, class_names=["cat", "dog", "fox"])
+
+
+def test_mistakes_first_and_the_confusion_summary():
+    found = _toy([(0, 0, 0.9), (0, 1, 0.6), (0, 1, 0.8), (1, 1, 0.5), (1, 1, 0.99), (2, 0, 0.7), (2, 2, 0.4)])
+    order = found.mistakes_first()
+    assert [(p.true_class, p.predicted, p.confidence) for p in order] == [
+        (0, 1, 0.8), (2, 0, 0.7), (0, 1, 0.6),  # mistakes, the most confident first
+        (2, 2, 0.4), (1, 1, 0.5), (0, 0, 0.9), (1, 1, 0.99)]  # then the right ones, the least sure first
+    classes, counts = found.confusion()
+    assert classes == [0, 1, 2] and counts.tolist() == [[1, 2, 0], [0, 2, 0], [1, 0, 1]]
+    assert counts.sum() == found.images and np.trace(counts) == found.correct == 4
+    assert found.confusions() == [
+        {"true": 0, "predicted": 1, "true_name": "cat", "predicted_name": "dog", "count": 2, "share": 2 / 3},
+        {"true": 2, "predicted": 0, "true_name": "fox", "predicted_name": "cat", "count": 1, "share": 0.5}]
+    assert [(r["name"], r["correct"], r["images"]) for r in found.per_class()] == [("cat", 1, 3), ("fox", 1, 2),
+                                                                                    ("dog", 2, 2)]
+    assert found.summary() == ("The model is right on 4 of 7 labelled images (57.1%); 3 mistakes. "
+                               "Most frequent: cat taken for dog (2 of the cat images).")
+    assert order[0].rival == 1 and order[-1].rival == 2  # wrong: the prediction; right: the runner-up
+
+
+def test_a_cancel_stops_the_predictions(setup):
+    session, data, _ = setup
+    with pytest.raises(Cancelled):
+        predict_folder(session, data, cancel=lambda: True)
+
+
+def test_why_a_and_not_b_adds_up_to_the_logit_gap(setup, tiny_loaded, image_folder):
+    session, data, split = setup
+    run = discover(tiny_loaded, split, data, session.preprocess, DiscoveryConfig(k=3, device="cpu"))
+    network = run.network(split)
+    path = image_folder / "2" / "img03.png"
+    c = contrast_image(session, network, path, 2, 0)
+    with torch.inference_mode():
+        logits = tiny_loaded.model(session.preprocess(load_image(path))[None])[0].double()
+    assert c.logit_a == pytest.approx(float(logits[2]), abs=1e-5) and c.logit_b == pytest.approx(float(logits[0]), abs=1e-5)
+    assert c.gap == pytest.approx(float(logits[2] - logits[0]), abs=1e-5)
+    steps = c.steps()
+    assert len(steps) == 1 + 3 + 3 and steps[0][0] == "bias blue − bias red"
+    assert steps[1][0] == "blue: prototype 1" and steps[4][0] == "red: prototype 1"
+    assert sum(v for _, v in steps) == pytest.approx(c.gap, abs=1e-5)  # the waterfall ends at the gap
+    assert c.bias_a - c.bias_b == pytest.approx(float(split.bias[2] - split.bias[0]), abs=1e-6)
+    assert c.maps_a.shape == (3, 8, 8) and np.allclose(c.maps_a.mean((1, 2)), c.contributions_a, atol=1e-5)
+    assert c.to_dict()["gap"] == c.gap
+    with pytest.raises(DataError, match="Pick two different classes"):
+        contrast_image(session, network, path, 1, 1)
+    partial = discover(tiny_loaded, split, data, session.preprocess, DiscoveryConfig(k=2, device="cpu", classes=(0, 1)))
+    with pytest.raises(ConfigError, match="Class 3 has no prototypes in this run."):
+        contrast_image(session, partial.network(split), path, 0, 3)
