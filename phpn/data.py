@@ -1,9 +1,12 @@
 """Images in, tensors out: preprocessing, robust image decoding, class folders.
 
 A dataset is an ImageFolder layout (``root/<class>/<image>``). Class folders are matched to
-the model's output indices by name (against the model's class names), by number
-(``007`` or ``7``), or, when the folders are exactly as many as the model's classes, by
-sorted order. Unreadable files are skipped and reported, never fatal.
+the model's output indices all or nothing: every folder by name (against the model's class
+names), or every folder by number (``7``, ``007``, ``00_name``, CUB's ``001.Name``); a partial
+match is refused with the folders that did not match. When the model has no class names and
+the folders are exactly as many as its classes, the sorted folder names name the classes. The
+mapping is kept in ``ImageFolderData.class_mapping``. Unreadable files are skipped and
+reported, never fatal.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import torch
 from PIL import Image, ImageOps
 
 from .errors import ConfigError, DataError
+from .validation import check_finite
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 # Guard against decompression bombs: larger images are refused with a clear message.
@@ -151,6 +155,10 @@ class ImageFolderData:
     root: Path
     classes: list  # list[ClassImages], sorted by class_index
     skipped: list = field(default_factory=list)  # (relative path, reason)
+    # How the folders were matched to the model's classes (see match_class_folders); stored in
+    # each run's meta as data.class_mapping.
+    class_mapping: dict = field(default_factory=dict)
+    class_names: Optional[list] = None  # set only when the names were taken from the folders
 
     @property
     def class_indices(self) -> list:
@@ -170,24 +178,157 @@ class ImageFolderData:
             "images": sum(len(c.paths) for c in self.classes),
             "per_class": {c.folder: len(c.paths) for c in self.classes},
             "skipped": [list(s) for s in self.skipped],
+            "class_mapping": self.class_mapping,
         }
 
 
-def _match_folder(folder: str, class_names: Optional[Sequence[str]], num_classes: Optional[int]) -> Optional[int]:
-    key = folder.strip().lower().replace("_", " ")
-    if class_names is not None:
-        for i, name in enumerate(class_names):
-            if name.strip().lower().replace("_", " ") == key:
-                return i
-    # "7", "007" and "007.Sooty_Albatross" (CUB style) name classes by number.
-    head = folder.split(".", 1)[0].split("_", 1)[0]
-    if head.isdigit():
-        idx = int(head)
-        if folder.split(".", 1)[0] != folder and class_names is None:
-            idx -= 1  # CUB folders count from 1
-        if num_classes is None or 0 <= idx < num_classes:
-            return idx
-    return None
+MAPPING_BY = {
+    "name": "by name (folder names equal the model's class names)",
+    "index": "by index (folder names are class numbers counted from 0)",
+    "index-from-1": "by index counted from 1 (CUB-style 'NNN.Name' folders)",
+    "folder-names": "by sorted folder name (the model has no class names, so the folders name the classes)",
+}
+
+
+def _name_key(text: str) -> str:
+    """Compare names ignoring case, spaces and punctuation: 'ankle_boot' = 'Ankle boot',
+    't-shirt-top' = 'T-shirt/top'."""
+    return "".join(ch for ch in text.casefold() if ch.isalnum())
+
+
+def _folder_number(folder: str) -> Optional[tuple]:
+    """(number, separator, rest) for '7', '007', '00_t-shirt-top', '001.Black_footed_Albatross'."""
+    for sep in (".", "_"):
+        head, found, rest = folder.partition(sep)
+        if found and head.isdigit() and rest:
+            return int(head), sep, rest
+    return (int(folder), "", "") if folder.isdigit() else None
+
+
+def _match_by_name(folders: list, class_names: Sequence[str]) -> tuple:
+    """({folder: index}, {folder: [candidate indices]} for ambiguous names)."""
+    lookup: dict = {}
+    for i, name in enumerate(class_names):
+        lookup.setdefault(_name_key(str(name)), []).append(i)
+    found, ambiguous = {}, {}
+    for folder in folders:
+        hits = lookup.get(_name_key(folder), [])
+        if len(hits) == 1:
+            found[folder] = hits[0]
+        elif hits:
+            ambiguous[folder] = hits
+    return found, ambiguous
+
+
+def _match_by_index(folders: list, class_names: Optional[Sequence[str]]) -> tuple:
+    """({folder: index}, how) when every folder is numbered, else ({...partial}, None).
+
+    Plain numbers and 'NN_name' count from 0; CUB's 'NNN.Name' counts from 1. When the model
+    has class names, the name after the number decides instead.
+    """
+    found, bases = {}, set()
+    for folder in folders:
+        parsed = _folder_number(folder)
+        if parsed is None:
+            continue
+        number, sep, rest = parsed
+        base = 1 if sep == "." else 0
+        if rest and class_names is not None:
+            for candidate in (0, 1):
+                i = number - candidate
+                if 0 <= i < len(class_names) and _name_key(str(class_names[i])) == _name_key(rest):
+                    base = candidate
+                    break
+        bases.add(base)
+        found[folder] = number - base
+    how = None
+    if len(found) == len(folders):
+        how = "index-from-1" if bases == {1} else "index" if bases == {0} else None
+    return found, how
+
+
+def match_class_folders(folders: Sequence[str], class_names: Optional[Sequence[str]] = None,
+                        num_classes: Optional[int] = None) -> tuple:
+    """Map class folder names to the model's class indices, all or nothing.
+
+    Every folder matches by name, or every folder by index; otherwise a DataError lists the
+    folders that did not match, the names expected and a suggestion. When the model has no
+    class names and there are exactly as many folders (not numbered) as classes, the sorted
+    folder names become the class names. Returns ``(indices, how, names_from_folders)``:
+    ``how`` is a key of MAPPING_BY; ``names_from_folders`` is None unless the folders name
+    the classes.
+    """
+    folders = list(folders)
+    if class_names is not None and num_classes is None:
+        num_classes = len(class_names)
+    if class_names is not None and num_classes is not None and len(class_names) != num_classes:
+        raise DataError(f"The class-names list has {len(class_names)} names but the model has {num_classes} classes.",
+                        "Give one name per class, in the model's class order.")
+    by_name, ambiguous = ({}, {}) if class_names is None else _match_by_name(folders, class_names)
+    by_index, index_how = _match_by_index(folders, class_names)
+
+    if class_names is not None and len(by_name) == len(folders):
+        indices, how = [by_name[f] for f in folders], "name"
+    elif index_how is not None:
+        indices, how = [by_index[f] for f in folders], index_how
+        limit = num_classes
+        bad = [f for f, i in zip(folders, indices) if i < 0 or (limit is not None and i >= limit)]
+        if bad:
+            numbers = sorted(_folder_number(f)[0] for f in folders)
+            hint = "Name the folders by class index, 0 to {}.".format((limit or 1) - 1)
+            if how == "index" and limit is not None and numbers[0] >= 1 and numbers[-1] == limit:
+                hint = (f"The folders look numbered from 1 (1 to {limit}): rename them 0 to {limit - 1}, "
+                        "or name them by class name.")
+            raise DataError(f"These class folders name classes the model does not have (it has {limit} classes, "
+                            f"numbered 0 to {limit - 1}): {', '.join(bad[:10])}.", hint)
+    elif class_names is None and num_classes is not None and len(folders) == num_classes and not by_index:
+        return list(range(len(folders))), "folder-names", list(folders)
+    elif class_names is None and num_classes is None and not by_index:
+        return list(range(len(folders))), "folder-names", list(folders)
+    elif class_names is None:
+        unmatched = [f for f in folders if f not in by_index]
+        if by_index:
+            raise DataError(f"Some class folders are numbered and others are not: {', '.join(unmatched[:10])} "
+                            "have no class number.", "Name every folder by its class index (0, 1, ...), or none.")
+        raise DataError(
+            f"The image folder has {len(folders)} class folders but the model has {num_classes} classes, "
+            "and the folder names are neither class numbers nor class names.",
+            "Name each folder by its class index (0, 1, ...) or provide a class-names file.",
+        )
+    else:
+        raise DataError(*_unmatched_message(folders, by_name, ambiguous, by_index, class_names))
+    if len(set(indices)) != len(indices):
+        dup = sorted({i for i in indices if indices.count(i) > 1})
+        pairs = [f for f, i in zip(folders, indices) if i in dup]
+        raise DataError(f"Two class folders map to the same model class: {', '.join(pairs[:10])}.",
+                        "Merge or rename them.")
+    return indices, how, None
+
+
+def _unmatched_message(folders, by_name, ambiguous, by_index, class_names) -> tuple:
+    import difflib
+
+    unmatched = [f for f in folders if f not in by_name]
+    expected = [str(n) for n in class_names]
+    shown = ", ".join(expected[:12]) + (f", ... ({len(expected)} in all)" if len(expected) > 12 else "")
+    problem = (f"These class folders match none of the model's class names: {', '.join(unmatched[:10])}"
+               f"{' ...' if len(unmatched) > 10 else ''}. Expected names: {shown}.")
+    hints = []
+    for folder, hits in list(ambiguous.items())[:3]:
+        hints.append(f"'{folder}' fits several classes ({', '.join(map(str, hits))}): name it by index")
+    keys = {_name_key(n): n for n in expected}
+    for folder in [f for f in unmatched if f not in ambiguous][:5]:
+        close = difflib.get_close_matches(_name_key(folder), list(keys), n=1, cutoff=0.8)
+        close = close or [k for k in keys if _name_key(folder) and k.startswith(_name_key(folder))][:1]
+        if close:
+            hints.append(f"'{folder}' might be '{keys[close[0]]}'")
+    if by_index and len(by_index) == len(folders):
+        hints.append("the folders are numbered, but some numbers are out of range")
+    fix = ("Rename the folders to the model's class names or to class indices (all of them, one way), "
+           "or give the right class-names file.")
+    if hints:
+        fix = "Perhaps: " + "; ".join(hints) + ". " + fix
+    return problem, fix
 
 
 def _sample(paths: list, cap: Optional[int], seed: int, folder: str) -> list:
@@ -225,23 +366,10 @@ def scan_image_folder(
         raise DataError(f"{root} has no class sub-folders.",
                         "Arrange images as root/<class name>/<image>, one sub-folder per class.")
 
-    indices = [_match_folder(f.name, class_names, num_classes) for f in folders]
-    if any(i is None for i in indices):
-        if num_classes is not None and len(folders) != num_classes and class_names is None:
-            raise DataError(
-                f"{root} has {len(folders)} class folders but the model has {num_classes} classes, "
-                "and the folder names are neither class numbers nor class names.",
-                "Name each folder by its class index (0, 1, ...) or provide a class-names file.",
-            )
-        if class_names is not None and (num_classes is None or len(folders) != num_classes):
-            unknown = [f.name for f, i in zip(folders, indices) if i is None][:5]
-            raise DataError(
-                f"These class folders match no class name of the model: {', '.join(unknown)}.",
-                "Rename them to the model's class names (or indices), or provide the right class-names file.",
-            )
-        indices = list(range(len(folders)))  # as many folders as classes: sorted order
-    if len(set(indices)) != len(indices):
-        raise DataError("Two class folders map to the same model class.", "Merge or rename them.")
+    indices, how, folder_names = match_class_folders([f.name for f in folders], class_names, num_classes)
+    mapping = {"by": how, "meaning": MAPPING_BY[how],
+               "folders": {f.name: int(i) for f, i in sorted(zip(folders, indices), key=lambda t: t[1])},
+               "class_names_from_folders": folder_names is not None}
 
     skipped: list = []
     classes = []
@@ -270,7 +398,8 @@ def scan_image_folder(
                             "Add images to it or remove the folder.")
         classes.append(ClassImages(folder=folder.name, class_index=int(idx), paths=chosen))
     classes.sort(key=lambda c: c.class_index)
-    return ImageFolderData(root=root, classes=classes, skipped=skipped)
+    return ImageFolderData(root=root, classes=classes, skipped=skipped, class_mapping=mapping,
+                           class_names=folder_names)
 
 
 def load_batch(root: Path, rel_paths: Sequence[str], preprocess: Preprocess):

@@ -78,7 +78,7 @@ def test_mismatched_classes_messages(tmp_path):
     root = _folder(tmp_path / "a", ["zebra", "ant"])
     with pytest.raises(DataError, match="2 class folders but the model has 5 classes"):
         scan_image_folder(root, num_classes=5)
-    with pytest.raises(DataError, match="match no class name of the model: ant, zebra"):
+    with pytest.raises(DataError, match="match none of the model's class names: ant, zebra"):
         scan_image_folder(root, class_names=["cat", "dog", "bird"], num_classes=3)
 
 

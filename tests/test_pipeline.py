@@ -81,8 +81,10 @@ def test_run_round_trip_and_checkpoint_check(tiny_loaded, image_folder, tmp_path
     assert not list(tmp_path.glob(".run*"))  # no temporary folders left behind
     with pytest.raises(RunError, match="different checkpoint"):
         load_run(path, expected_sha256="b" * 64)
-    # Saving over an existing run replaces it whole.
-    save_run(again, path)
+    # Saving over an existing run needs overwrite=True, then replaces it whole.
+    with pytest.raises(RunError, match="already holds a phpn run"):
+        save_run(again, path)
+    save_run(again, path, overwrite=True)
     assert load_run(path).meta["classes"] == run.meta["classes"]
 
 

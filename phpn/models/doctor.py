@@ -11,8 +11,9 @@ the result into a verdict a user can act on (METHOD.md section 4):
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -22,6 +23,48 @@ from .head import HeadSplit, LoadedModel
 from .split import split_head
 
 VERDICTS = ("exact", "exact-after-folding", "impossible")
+# The doctor's trial forward (tracing, verification) must finish within this many seconds: a
+# model whose forward never returns gets a verdict instead of hanging the caller.
+TRIAL_TIME_LIMIT_S = 120.0
+
+
+class TimeLimitExceeded(Exception):
+    """The call did not return in time (it may still be running in its thread)."""
+
+
+def call_with_time_limit(fn: Callable, seconds: float):
+    """Run ``fn()`` in a daemon thread and return its result, or raise TimeLimitExceeded.
+
+    Python cannot stop a thread: a call that never returns keeps its thread (and a CPU core)
+    busy until the process exits, but the caller gets control back.
+    """
+    result: dict = {}
+
+    def target():
+        try:
+            result["value"] = fn()
+        except BaseException as exc:  # handed to the caller's thread below
+            result["error"] = exc
+
+    thread = threading.Thread(target=target, name="phpn-trial-forward", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise TimeLimitExceeded(f"did not return within {seconds:g} s")
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def non_finite_weights(model: nn.Module, limit: int = 3) -> list:
+    """Names of the first parameters or buffers holding NaN or infinite values."""
+    bad = []
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and not bool(torch.isfinite(t.detach()).all()):
+            bad.append(name)
+            if len(bad) >= limit:
+                break
+    return bad
 
 
 @dataclass
@@ -57,12 +100,14 @@ class Diagnosis:
 
 
 def diagnose(loaded_or_model, input_size: Optional[tuple] = None, *, feature_layer: Optional[str] = None,
-             head_layer: Optional[str] = None) -> Diagnosis:
+             head_layer: Optional[str] = None, time_limit_s: float = TRIAL_TIME_LIMIT_S) -> Diagnosis:
     """Check whether the model decomposes exactly; never raises NotDecomposableError.
 
     ``input_size`` is (channels, height, width); by default the loaded model's crop
     (channels x crop x crop) or 3x224x224 for a bare module. ``feature_layer`` /
-    ``head_layer`` name the cut by hand when the automatic search cannot find it.
+    ``head_layer`` name the cut by hand when the automatic search cannot find it. The verdict
+    needs finite weights and finite logits on the trial input, and the trial (tracing and
+    forward passes) must finish within ``time_limit_s``.
     """
     if isinstance(loaded_or_model, LoadedModel):
         model, arch = loaded_or_model.model, loaded_or_model.arch
@@ -73,10 +118,32 @@ def diagnose(loaded_or_model, input_size: Optional[tuple] = None, *, feature_lay
     else:
         raise TypeError(f"diagnose needs a LoadedModel or an nn.Module, not {type(loaded_or_model).__name__}")
     size = tuple(int(v) for v in (input_size or default))
+    if len(size) != 3 or min(size) < 1:
+        raise PhpnError(f"The input size {size} is not (channels, height, width) with positive values.",
+                        "Check --crop and the model's input channels.")
     x = torch.randn((2,) + size, generator=torch.Generator().manual_seed(0))
+    bad = non_finite_weights(model)
+    if bad:
+        return Diagnosis("impossible", f"The model's weights contain NaN or infinite values (in {', '.join(bad)}), "
+                         "so its logits are not numbers phpn can decompose.",
+                         notes=["the checkpoint is damaged or the training diverged: use an earlier checkpoint"],
+                         arch=arch, input_size=size)
+
+    def trial():
+        split = split_head(model, example_input=x, feature_layer=feature_layer, head_layer=head_layer)
+        with torch.no_grad():
+            feats = split.backbone(x[:1].to(split.weight.dtype))
+            logits = model(x[:1])
+        return split, feats, logits
 
     try:
-        split = split_head(model, example_input=x, feature_layer=feature_layer, head_layer=head_layer)
+        split, feats, logits = call_with_time_limit(trial, time_limit_s)
+    except TimeLimitExceeded:
+        return Diagnosis("impossible", f"The model's forward pass did not finish within {time_limit_s:g} s on a "
+                         f"{'x'.join(map(str, (2,) + size))} input, so phpn could not check it.",
+                         notes=["a forward that never returns (an endless loop, a wait) cannot be decomposed; "
+                                "fix the model, or check the input size if it is just very slow"],
+                         arch=arch, input_size=size)
     except NotDecomposableError as err:
         return Diagnosis("impossible", err.problem, notes=list(getattr(err, "notes", [])), arch=arch, input_size=size)
     except PhpnError:
@@ -86,8 +153,17 @@ def diagnose(loaded_or_model, input_size: Optional[tuple] = None, *, feature_lay
                          notes=["name the layers with --feature-layer and --head-layer to skip the automatic search"],
                          arch=arch, input_size=size)
 
-    with torch.no_grad():
-        feature_shape = tuple(int(v) for v in split.backbone(x[:1].to(split.weight.dtype)).shape[1:])
+    feature_shape = tuple(int(v) for v in feats.shape[1:])
+    logits = logits[0] if isinstance(logits, (tuple, list)) else getattr(logits, "logits", logits)
+    finite = all(bool(torch.isfinite(t).all()) for t in (split.weight, split.bias, feats)
+                 if isinstance(t, torch.Tensor))
+    if finite and isinstance(logits, torch.Tensor):
+        finite = bool(torch.isfinite(logits).all())
+    if not finite:
+        return Diagnosis("impossible", "The model gives NaN or infinite values (features, head weights or logits) "
+                         "on the trial input, so its logits are not numbers phpn can decompose.",
+                         notes=["check the checkpoint (a diverged training?) and the preprocessing"],
+                         arch=arch, input_size=size)
     folded = split.folded or bool(split.folded_layers)
     verdict = "exact-after-folding" if folded else "exact"
     return Diagnosis(verdict, _reason(split, verdict), split=split, feature_shape=feature_shape,

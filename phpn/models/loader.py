@@ -21,6 +21,7 @@ from ..data import Preprocess
 from ..errors import CheckpointError, ConfigError
 from . import lite0, zoo
 from .checkpoint import read_checkpoint
+from .doctor import TRIAL_TIME_LIMIT_S, call_with_time_limit
 from .head import LoadedModel
 from .user_code import build_user_model, guess_num_classes, load_into
 
@@ -92,12 +93,15 @@ def _from_pickled_module(ckpt, source: str, arch, model_def, num_classes) -> Loa
 
 def _count_classes(model: nn.Module, state_dict, pre: Preprocess) -> int:
     """Classes = width of the model's output on one blank image; else the last 2-D weight's rows."""
-    try:
+    def forward():
         with torch.no_grad():
-            out = model(torch.zeros(1, pre.channels, pre.crop, pre.crop))
+            return model(torch.zeros(1, pre.channels, pre.crop, pre.crop))
+
+    try:
+        out = call_with_time_limit(forward, TRIAL_TIME_LIMIT_S)
         if isinstance(out, torch.Tensor) and out.ndim == 2:
             return int(out.shape[1])
-    except Exception:  # the model may want another input size; fall back to the weights
+    except Exception:  # another input size wanted, or a forward that never returns: read the weights
         pass
     rows = guess_num_classes(state_dict)
     if rows is None:
