@@ -1,8 +1,11 @@
-"""The high-level steps the CLI and the app share.
+"""The high-level steps the CLI, the app and Python callers share: phpn's front door.
 
-open a model (checkpoint or demo) -> diagnose it -> open an image folder -> discover ->
-certify -> explain images. Each step raises :class:`phpn.errors.PhpnError` subclasses with
-messages meant for the user.
+open a model (checkpoint, demo or a live ``nn.Module``) -> diagnose it -> open images (a
+folder, a Dataset or a DataLoader) -> discover -> certify -> explain images. Each step raises
+:class:`phpn.errors.PhpnError` subclasses with messages meant for the user.
+
+For Python callers the short form is :func:`decompose` (model + data -> :class:`Run`), then
+``run.certify(data)``, ``run.explain(image)``, ``run.save(path)`` and :func:`load_run`.
 """
 from __future__ import annotations
 
@@ -15,14 +18,19 @@ import torch
 from PIL import Image
 
 from .certify import Certificate, certify
+from .defaults import BATCH_SIZE, DEVICE, IMAGES_PER_CLASS, K, SEED, TOP_CLASSES, class_name, class_names_or_indices
 from .data import ImageFolderData, Preprocess, load_batch, load_image, scan_image_folder
 from .device import resolve_device
 from .discover import DiscoveryConfig, discover
-from .errors import NotDecomposableError
+from .errors import ConfigError, NotDecomposableError
+from .explanation import Explanation
+from .inputs import (InMemoryImages, TensorInput, as_preprocess, first_image, from_dataset, from_loader,
+                     holds_pictures, module_sha256, peek_input_size)
 from .models.head import HeadSplit, LoadedModel
 from .network import PrototypeNetwork
 from .progress import ProgressFn, report
-from .runs import Run, load_run
+from .runs import Run, check_model, load_run
+from .validation import check_class_names
 
 
 @dataclass
@@ -43,18 +51,69 @@ class ModelSession:
 
     @property
     def class_names(self) -> list:
-        names = self.loaded.class_names
-        return list(names) if names else [str(i) for i in range(self.loaded.num_classes)]
+        return class_names_or_indices(self.loaded.class_names, self.loaded.num_classes)
+
+
+PREPROCESS_FIELDS = ("resize", "crop", "mean", "std", "channels", "interpolation")
+
+
+def merge_preprocess(default: Preprocess, overrides: Optional[dict] = None) -> Preprocess:
+    """``default`` with the user's overrides (None values ignored): the one rule CLI and app share.
+
+    A crop larger than the default resize raises the resize with it; a change of channels
+    without a mean/std gives the neutral 0.5 / 0.25 per channel.
+    """
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    unknown = set(overrides) - set(PREPROCESS_FIELDS)
+    if unknown:
+        raise ConfigError(f"Unknown preprocessing setting(s): {', '.join(sorted(unknown))}.",
+                          f"Use: {', '.join(PREPROCESS_FIELDS)}.")
+    if not overrides:
+        return default
+    values = default.to_dict()
+    values.update(overrides)
+    if "channels" in overrides and int(overrides["channels"]) != default.channels:
+        values.setdefault("mean", None)
+        if "mean" not in overrides:
+            values["mean"] = [0.5] * int(overrides["channels"])
+        if "std" not in overrides:
+            values["std"] = [0.25] * int(overrides["channels"])
+    if "crop" in overrides and "resize" not in overrides:
+        values["resize"] = max(int(values["resize"]), int(overrides["crop"]))
+    for name in ("mean", "std"):
+        values[name] = [float(v) for v in values[name]]
+    return Preprocess.from_dict(values)
 
 
 def open_model(checkpoint=None, *, demo: Optional[str] = None, arch: Optional[str] = None,
                model_def: Optional[str] = None, trust_pickle: bool = False, num_classes: Optional[int] = None,
-               class_names: Optional[Sequence[str]] = None, preprocess: Optional[Preprocess] = None,
-               feature_layer: Optional[str] = None, head_layer: Optional[str] = None) -> ModelSession:
-    """Load a checkpoint (or a built-in demo's model) and run the checkpoint doctor on it."""
+               class_names: Optional[Sequence[str]] = None, preprocess=None, overrides: Optional[dict] = None,
+               feature_layer: Optional[str] = None, head_layer: Optional[str] = None,
+               input_size: Optional[Sequence[int]] = None) -> ModelSession:
+    """Open a model and run the checkpoint doctor on it (one load, one trace).
+
+    ``checkpoint`` is a checkpoint file (or a Hugging Face folder), a live ``torch.nn.Module``,
+    or None with ``demo=`` a built-in demo. ``preprocess`` (a :class:`phpn.Preprocess` or a dict
+    of its fields) replaces the model's default preprocessing; ``overrides`` changes some of its
+    fields (see :func:`merge_preprocess`). Both apply *before* the doctor runs, so the diagnosis is
+    made at the input size that will be used. For a live module without a preprocessing spec,
+    ``input_size`` (channels, height, width) says what the doctor tries (default 3x224x224;
+    :func:`decompose` re-checks at the data's own size).
+    """
     from .models import diagnose, load_model
 
-    if demo is not None:
+    if demo is not None and (checkpoint is not None or arch or model_def):
+        raise ConfigError("A demo brings its own model, so it cannot be combined with a checkpoint, --arch or "
+                          "--model-def.", "Pass either --demo NAME or --checkpoint PATH, not both.")
+    if isinstance(checkpoint, ModelSession):  # the same model at another preprocessing
+        if preprocess is None and not overrides and class_names is None:
+            return checkpoint
+        loaded, demo = checkpoint.loaded, checkpoint.demo
+        preprocess = preprocess if preprocess is not None else checkpoint.preprocess
+    elif isinstance(checkpoint, torch.nn.Module):
+        loaded = _loaded_from_module(checkpoint, preprocess=as_preprocess(preprocess), input_size=input_size)
+        preprocess = None
+    elif demo is not None:
         from .demos import get_demo
 
         loaded = get_demo(demo).load_model()
@@ -62,44 +121,116 @@ def open_model(checkpoint=None, *, demo: Optional[str] = None, arch: Optional[st
         loaded = load_model(checkpoint, arch=arch, model_def=model_def, trust_pickle=trust_pickle,
                             num_classes=num_classes)
     if class_names is not None:
-        loaded = replace(loaded, class_names=list(class_names))
-    pre = preprocess or loaded.preprocess
-    diagnosis = diagnose(loaded, input_size=(pre.channels, pre.crop, pre.crop), feature_layer=feature_layer,
-                         head_layer=head_layer)
+        loaded = replace(loaded, class_names=check_class_names(list(class_names), loaded.num_classes))
+    pre = as_preprocess(preprocess) or loaded.preprocess
+    if overrides:
+        pre = merge_preprocess(pre, overrides)
+    diagnosis = diagnose(loaded, input_size=_input_size(pre), feature_layer=feature_layer, head_layer=head_layer)
     return ModelSession(loaded=loaded, diagnosis=diagnosis, preprocess=pre, demo=demo)
 
 
-def read_class_names(path) -> list:
-    """One class name per line (blank lines ignored), or a JSON list."""
-    text = Path(path).read_text(encoding="utf-8", errors="replace")
-    if text.lstrip().startswith("["):
-        import json
+def _input_size(pre) -> tuple:
+    if isinstance(pre, TensorInput):
+        return pre.input_size
+    return (pre.channels, pre.crop, pre.crop)
 
-        return [str(x) for x in json.loads(text)]
-    return [line.strip() for line in text.splitlines() if line.strip()]
+
+def _loaded_from_module(model: torch.nn.Module, *, preprocess=None, input_size=None) -> LoadedModel:
+    """A live model as phpn's LoadedModel: eval mode, on the CPU (phpn moves it where the work runs)."""
+    model = model.cpu().eval()
+    if preprocess is None:
+        c, h, w = (int(v) for v in (input_size or (3, 224, 224)))
+        preprocess = TensorInput(c, h, w)
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros((1,) + _input_size(preprocess)))
+    except Exception as exc:  # the model's own error, for an input size it does not take
+        raise ConfigError(f"The model cannot run on one image of size {_input_size(preprocess)} "
+                          f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]}).",
+                          "Pass input_size=(channels, height, width) or preprocess= for the images it takes.") from None
+    out = getattr(out, "logits", out)
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        raise ConfigError(f"The model returned {type(out).__name__} {tuple(getattr(out, 'shape', ()))} for one "
+                          f"image of size {_input_size(preprocess)}, not a (1, classes) tensor of logits.",
+                          "Pass a classifier whose forward returns logits, and the input size it expects.")
+    return LoadedModel(model=model, arch=f"module:{type(model).__name__}", num_classes=int(out.shape[1]),
+                       sha256=module_sha256(model), preprocess=preprocess, source="a live torch.nn.Module",
+                       notes=["given as a live nn.Module"])
+
+
+MAX_CLASS_NAMES_BYTES = 16 * 2 ** 20
+
+
+def read_class_names(path, num_classes: Optional[int] = None) -> list:
+    """One class name per line (blank lines ignored), or a JSON list of texts; UTF-8 text only.
+
+    With ``num_classes`` the count must match. Every problem is a ConfigError naming it."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"The class-names file {path} does not exist or is not a file.", "Check the path.")
+    if path.stat().st_size > MAX_CLASS_NAMES_BYTES:
+        raise ConfigError(f"The class-names file {path.name} is larger than {MAX_CLASS_NAMES_BYTES >> 20} MB.",
+                          "Give a text file with one class name per line.")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"The class-names file {path.name} is not UTF-8 text (byte {exc.start} cannot be "
+                          "decoded); it may be a binary file.", "Give a UTF-8 text file with one class name per line.") \
+            from None
+    if "\x00" in text:
+        raise ConfigError(f"The class-names file {path.name} contains NUL bytes: it is a binary file, not text.",
+                          "Give a UTF-8 text file with one class name per line.")
+    if text.lstrip().startswith("["):
+        try:
+            names = json.loads(text)
+        except ValueError as exc:
+            raise ConfigError(f"The class-names file {path.name} starts like a JSON list but is not valid JSON "
+                              f"({exc}).", "Fix the JSON, or write one class name per line.") from None
+        if not isinstance(names, list) or not all(isinstance(n, (str, int)) for n in names):
+            raise ConfigError(f"The JSON in {path.name} is not a list of names.", "Write a list of texts.")
+        names = [str(n) for n in names]
+    else:
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+    if not names:
+        raise ConfigError(f"The class-names file {path.name} holds no names.", "Write one class name per line.")
+    return check_class_names(names, num_classes)
 
 
 def open_data(session: ModelSession, root, images_per_class: Optional[int] = None, seed: int = 0) -> ImageFolderData:
-    return scan_image_folder(root, class_names=session.loaded.class_names, num_classes=session.loaded.num_classes,
+    """Scan a class-folder dataset for this model. When the model has no class names and the
+    folders name its classes (data.class_mapping says so), the session takes those names."""
+    data = scan_image_folder(root, class_names=session.loaded.class_names, num_classes=session.loaded.num_classes,
                              images_per_class=images_per_class, seed=seed)
+    if data.class_names is not None:
+        session.loaded = replace(session.loaded, class_names=list(data.class_names))
+    return data
 
 
 def run_discovery(session: ModelSession, data: ImageFolderData, config: DiscoveryConfig,
                   progress: Optional[ProgressFn] = None, certify_images: bool = True,
-                  data_label: Optional[str] = None) -> Run:
-    """Discover, then certify on the discovery images and record the certificate in the run."""
-    run = discover(session.loaded, session.split, data, session.preprocess, config, progress, data_label=data_label)
-    if certify_images:
-        cert = certify_run(session, run, data, config.batch_size, config.device, progress)
-        run.meta["certificate"] = cert.to_dict()
+                  data_label: Optional[str] = None, **options) -> Run:
+    """Discover and certify on the discovery images from the same forward passes; the certificate
+    is recorded in the run. ``options`` go to :func:`phpn.discover.discover` (held_out,
+    progress_dir, resume, workers, shard); under a shard, ranks other than 0 return None."""
+    run = discover(session.loaded, session.split, data, session.preprocess, config, progress, data_label=data_label,
+                   certify=certify_images, **options)
+    if run is None:
+        return None
     run.meta["demo"] = session.demo
     run.meta["model"]["diagnosis"] = session.diagnosis.to_dict()
     return run
 
 
 def open_run(session: ModelSession, path) -> tuple:
-    """Load a saved run for this model: returns (run, network). Refuses another checkpoint's run."""
-    run = load_run(path, expected_sha256=session.loaded.sha256)
+    """Load a saved run for this model: returns (run, network). Refuses a damaged run and another
+    checkpoint's, architecture's or cut's run."""
+    from .runs import load_run as read_run  # this module's load_run is the public wrapper
+
+    run = read_run(path, expected_sha256=session.loaded.sha256)
+    check_model(run, session.loaded, session.split)
     return run, run.network(session.split)
 
 
@@ -125,43 +256,33 @@ def certify_run(session: ModelSession, run: Run, data: ImageFolderData, batch_si
                    total=len(paths), cancel=cancel)
 
 
-@dataclass
-class ImageExplanation:
-    """Everything shown for one image and one class."""
-
-    image: Image.Image  # the resized, cropped picture the model saw
-    class_index: int
-    class_name: str
-    logit: float
-    bias: float
-    contributions: np.ndarray  # (k,)
-    maps: np.ndarray  # (k, H, W) on the feature grid
-    top: list  # [(class index, name, logit, probability)], best first
-    decomposed: bool = True
-
-    @property
-    def class_map(self) -> np.ndarray:
-        """The class activation map: the sum of the prototype maps."""
-        return self.maps.sum(0)
-
-    def to_dict(self) -> dict:
-        return {
-            "class": self.class_index, "class_name": self.class_name, "logit": self.logit, "bias": self.bias,
-            "contributions": [float(c) for c in self.contributions],
-            "contributions_plus_bias": float(self.contributions.sum() + self.bias),
-            "top": [{"class": c, "name": n, "logit": lg, "probability": p} for c, n, lg, p in self.top],
-        }
+# The explanation object (kept under its older name for the pages and reports).
+ImageExplanation = Explanation
 
 
 def explain_image(session: ModelSession, network: PrototypeNetwork, image, class_index: Optional[int] = None,
-                  top: int = 5, class_names: Optional[Sequence[str]] = None) -> ImageExplanation:
-    """Explain one image (path, file object or PIL image) for ``class_index`` (default: the
-    best-scoring class that has prototypes)."""
-    if not isinstance(image, Image.Image):
-        image = load_image(image)
+                  top: int = TOP_CLASSES, class_names: Optional[Sequence[str]] = None) -> Explanation:
+    """Explain one image for ``class_index`` (default: the best-scoring class that has prototypes).
+
+    ``image`` is a path, a file object, a PIL image, or a tensor (C, H, W) already preprocessed
+    for the model (its picture is then the tensor rescaled to its own range, or un-normalised
+    with the session's mean/std when phpn knows them).
+    """
+    source = ""
+    if isinstance(image, torch.Tensor):
+        x = image.detach().float().cpu()
+        x = x[None] if x.ndim == 3 else x
+        if x.ndim != 4 or x.shape[0] != 1:
+            raise ConfigError(f"An image tensor must be (channels, height, width), got shape {tuple(image.shape)}.",
+                              "Pass one preprocessed image.")
+        seen = _picture_of(x[0], session.preprocess)
+    else:
+        if not isinstance(image, Image.Image):
+            source = Path(getattr(image, "name", str(image))).name
+            image = load_image(image)
+        seen = session.preprocess.geometry(image)
+        x = session.preprocess.normalise(seen)[None]
     names = list(class_names or session.class_names)
-    seen = session.preprocess.geometry(image)
-    x = session.preprocess.normalise(seen)[None]
     with torch.inference_mode():
         feats = network.backbone(x.to(network.backbone_device)).float()
         base = network.explain_features(feats, classes=[], with_maps=False)
@@ -170,11 +291,227 @@ def explain_image(session: ModelSession, network: PrototypeNetwork, image, class
             ranked = torch.argsort(logits, descending=True).tolist()
             decomposed = set(network.class_indices.tolist())
             class_index = next(c for c in ranked if c in decomposed)
-        out = network.explain_features(feats, classes=[class_index])
+        out = network.explain_features(feats, classes=[int(class_index)])
     probs = torch.softmax(logits.double(), 0)
     best = torch.argsort(logits, descending=True)[:top].tolist()
-    return ImageExplanation(
-        image=seen, class_index=int(class_index), class_name=names[class_index], logit=float(logits[class_index]),
-        bias=float(out.bias[class_index]), contributions=out.contributions[0, 0].cpu().numpy().astype(np.float64),
-        maps=out.maps[0, 0].cpu().numpy(), top=[(c, names[c], float(logits[c]), float(probs[c])) for c in best],
+    return Explanation(
+        image=seen, class_index=int(class_index), class_name=class_name(names, class_index),
+        logit=float(logits[class_index]), bias=float(out.bias[class_index]),
+        contributions=out.contributions[0, 0].cpu().numpy().astype(np.float64), maps=out.maps[0, 0].cpu().numpy(),
+        top=[(c, class_name(names, c), float(logits[c]), float(probs[c])) for c in best], source=source,
+        preprocess=session.preprocess,
     )
+
+
+def _picture_of(x: torch.Tensor, preprocess) -> Image.Image:
+    """A preprocessed (C, H, W) tensor as a picture: un-normalised when the mean/std are known."""
+    if isinstance(preprocess, Preprocess) and len(preprocess.mean) == x.shape[0]:
+        mean = torch.tensor(preprocess.mean)[:, None, None]
+        std = torch.tensor(preprocess.std)[:, None, None]
+        x = (x * std + mean).clamp(0, 1)
+    else:
+        lo, hi = float(x.min()), float(x.max())
+        x = (x - lo) / (hi - lo) if hi > lo else torch.zeros_like(x)
+    arr = (x.numpy().transpose(1, 2, 0) * 255).round().astype(np.uint8)
+    if arr.shape[2] == 1:
+        return Image.fromarray(arr[:, :, 0], "L").convert("RGB")
+    return Image.fromarray(arr[:, :, :3], "RGB")
+
+
+# --- the Python API: decompose a model you hold, on images you hold ----------------------------
+
+def as_data(session: ModelSession, data, images_per_class: Optional[int] = None, seed: int = SEED) -> ImageFolderData:
+    """An image folder (path), a Dataset of (image, label) or a DataLoader of (images, labels) batches
+    as phpn's ImageFolderData. Labels are the model's class indices."""
+    if isinstance(data, ImageFolderData):
+        return data
+    if isinstance(data, (str, Path)):
+        return open_data(session, data, images_per_class, seed)
+    kw = dict(num_classes=session.loaded.num_classes, images_per_class=images_per_class,
+              class_names=session.loaded.class_names)
+    if isinstance(data, torch.utils.data.DataLoader):
+        return from_loader(data, **kw)
+    if hasattr(data, "__getitem__") and hasattr(data, "__len__"):
+        return from_dataset(data, **kw)
+    raise ConfigError(f"phpn cannot read images from a {type(data).__name__}.",
+                      "Pass an image folder (one sub-folder per class), a torch Dataset yielding (image, label) "
+                      "or a DataLoader yielding (images, labels).")
+
+
+def _fit_session_to(session: ModelSession, data: ImageFolderData, preprocess=None) -> ModelSession:
+    """For in-memory images: make sure the model is diagnosed at the images' own size."""
+    if not isinstance(data.root, InMemoryImages):
+        return session if preprocess is None else open_model(session, preprocess=preprocess)
+    if preprocess is not None:
+        session = open_model(session, preprocess=preprocess)
+    if holds_pictures(data):
+        if isinstance(session.preprocess, TensorInput):
+            raise ConfigError("The dataset yields pictures (PIL images), but phpn does not know how to preprocess "
+                              "them for this model.", "Pass preprocess=phpn.Preprocess(resize=..., crop=..., mean=..., "
+                              "std=...) or make the dataset return preprocessed tensors.")
+        return session
+    shape = tuple(first_image(data, session.preprocess).shape)
+    if tuple(session.diagnosis.input_size) != shape:
+        if isinstance(session.preprocess, Preprocess):
+            raise ConfigError(f"The images are tensors of shape {shape}, but the preprocessing gives "
+                              f"{_input_size(session.preprocess)}.", "Pass tensors preprocessed as the model expects, "
+                              "or drop preprocess= to take the tensors as they are.")
+        from .models import diagnose
+
+        session = ModelSession(loaded=session.loaded, diagnosis=diagnose(session.loaded, input_size=shape),
+                               preprocess=TensorInput(*shape), demo=session.demo)
+    return session
+
+
+def _progress_fn(progress) -> Optional[ProgressFn]:
+    if progress is True:
+        from .progress import TqdmProgress
+
+        return TqdmProgress()
+    return progress or None
+
+
+def _config(k, images_per_class, device, options: dict) -> DiscoveryConfig:
+    allowed = set(DiscoveryConfig.__dataclass_fields__) - {"k", "images_per_class", "device"}
+    unknown = set(options) - allowed
+    if unknown:
+        raise ConfigError(f"Unknown discovery option(s): {', '.join(sorted(unknown))}.",
+                          f"Use: {', '.join(sorted(allowed))}.")
+    if options.get("classes") is not None:
+        options = dict(options, classes=tuple(int(c) for c in options["classes"]))
+    return DiscoveryConfig(k=k, images_per_class=images_per_class, device=device, **options)
+
+
+def decompose(model, data, *, k: int = K, images_per_class: Optional[int] = IMAGES_PER_CLASS, preprocess=None,
+              device: str = DEVICE, progress=True, **options) -> "DecomposedRun":
+    """Turn a trained classifier into a part-prototype network: k prototypes per class that sum
+    exactly to the class's head row, discovered on ``data``.
+
+    ``model``: a ``torch.nn.Module`` (in your own code, with your weights), a checkpoint path,
+    or what :func:`open_model` returned. ``data``: an image folder (one sub-folder per class),
+    a ``Dataset`` yielding ``(image, label)`` (a PIL image, or a tensor already preprocessed) or a
+    ``DataLoader`` yielding ``(images, labels)``; labels are the model's class indices.
+    ``preprocess``: a :class:`phpn.Preprocess` (or dict) for pictures; not needed for tensors.
+    ``progress``: True for progress bars, False for none, or a callback ``(stage, done, total)``.
+    ``options``: the other discovery settings (solver, objective, scaling, nmf_solver, seed,
+    batch_size, top_patches, classes, ...; defaults in :mod:`phpn.defaults`).
+
+    The returned run is certified on the discovery images (``run.certificate``).
+    """
+    if isinstance(model, ModelSession):
+        session = model
+    elif isinstance(model, torch.nn.Module):  # diagnosed at the data's own input size
+        session = open_model(model, preprocess=preprocess, input_size=None if preprocess else peek_input_size(data))
+    else:
+        session = open_model(model, preprocess=preprocess)
+    config = _config(k, images_per_class, device, options)
+    images = as_data(session, data, images_per_class, config.seed)
+    session = _fit_session_to(session, images, preprocess)
+    bar = _progress_fn(progress)
+    try:
+        run = run_discovery(session, images, config, progress=bar, data_label=str(images.root))
+    finally:
+        if hasattr(bar, "close"):
+            bar.close()
+    return DecomposedRun.attach(run, session)
+
+
+@dataclass
+class DecomposedRun(Run):
+    """A run (prototypes, records, certificate) attached to the model it decomposes.
+
+    ``certify(data)``, ``explain(image)`` and ``save(path)``; ``network()`` is the decomposed
+    network itself (an ``nn.Module`` whose logits equal the model's).
+    """
+
+    session: Optional[ModelSession] = None
+
+    @classmethod
+    def attach(cls, run: Run, session: Optional[ModelSession]) -> "DecomposedRun":
+        fields = {name: getattr(run, name) for name, f in Run.__dataclass_fields__.items() if f.init}
+        out = cls(**fields, session=session)
+        if session is not None:
+            out.network()  # checks that the run fits the model's head
+        return out
+
+    def _session(self) -> ModelSession:
+        if self.session is None:
+            raise ConfigError("This run is not attached to a model.",
+                              "Open it with phpn.load_run(path, model=your_model).")
+        return self.session
+
+    def network(self, split: Optional[HeadSplit] = None) -> PrototypeNetwork:
+        """The decomposed network (an ``nn.Module``: logits, contributions and maps for any batch);
+        by default on the attached model's head, built once."""
+        if split is not None:
+            return super().network(split)
+        net = self.__dict__.get("_network")
+        if net is None:
+            net = self.__dict__["_network"] = super().network(self._session().split)
+        return net
+
+    @property
+    def certificate(self) -> Optional[dict]:
+        """The certificate recorded at discovery (on the discovery images), or None."""
+        return self.meta.get("certificate")
+
+    def certify(self, data, *, images_per_class: Optional[int] = None, batch_size: int = BATCH_SIZE,
+                device: str = DEVICE, progress=False) -> Certificate:
+        """Check on ``data`` (folder, Dataset or DataLoader, as for :func:`decompose`) that the
+        decomposed network gives the model's logits: agreement, max |Δlogit|, head error."""
+        session = self._session()
+        images = as_data(session, data, images_per_class)
+        bar = _progress_fn(progress)
+        try:
+            return certify_run(session, self, images, batch_size, device, bar)
+        finally:
+            if hasattr(bar, "close"):
+                bar.close()
+
+    def explain(self, image, class_index: Optional[int] = None, *, top: int = TOP_CLASSES) -> Explanation:
+        """Explain ``image`` (a path, a PIL image or a preprocessed tensor) for ``class_index``
+        (default: the best-scoring decomposed class)."""
+        session = self._session()
+        out = explain_image(session, self.network(), image, class_index, top=top)
+        out.run = self
+        root = self.meta.get("data", {}).get("root") or ""
+        if not isinstance(session.preprocess, TensorInput) and Path(root).is_dir():
+            out.image_root = Path(root)
+        return out
+
+    def save(self, path, **options) -> Path:
+        """Write the run (atomically) to the folder ``path``; reopen it with :func:`load_run`."""
+        from .runs import save_run
+
+        return save_run(self, path, **options)
+
+
+def load_run(path, model=None, **open_options) -> DecomposedRun:
+    """Open a saved run. With ``model`` (an nn.Module, a checkpoint path or an opened model) it is
+    attached to it, after checking that it is the model the run decomposed; a demo's run finds its
+    model by itself. Without a model the run can be read and saved, not certified or explained."""
+    from .runs import load_run as read_run
+
+    run = read_run(path)
+    recorded = run.meta.get("preprocess", {})
+    if model is None and not run.meta.get("demo"):
+        return DecomposedRun.attach(run, None)
+    if model is None:
+        session = open_model(demo=run.meta["demo"], preprocess=Preprocess.from_dict(recorded))
+    else:
+        session = model if isinstance(model, ModelSession) else open_model(model, **open_options)
+        if "given" in recorded and isinstance(session.preprocess, TensorInput):
+            session = _fit_session_to(session, _shape_probe(recorded["channels"], *recorded["size"]))
+        elif "given" not in recorded and isinstance(session.preprocess, TensorInput):
+            session = open_model(session, preprocess=Preprocess.from_dict(recorded))
+    run, _ = open_run(session, path)
+    return DecomposedRun.attach(run, session)
+
+
+def _shape_probe(channels: int, height: int, width: int) -> ImageFolderData:
+    """A one-image in-memory set of the given shape, to diagnose a live model at that size."""
+    from .data import ClassImages
+
+    store = InMemoryImages("shape probe")
+    store.add("memory/0/000000", torch.zeros(int(channels), int(height), int(width)))
+    return ImageFolderData(root=store, classes=[ClassImages("0", 0, ["memory/0/000000"])])
