@@ -30,23 +30,21 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import streamlit as st  # noqa: E402
 
-from phpn.errors import Cancelled, PhpnError, RunError  # noqa: E402
+from phpn import jobs, serving  # noqa: E402
+from phpn.errors import PhpnError, RunError  # noqa: E402
+from phpn.jobs import STAGE_LABELS, STAGES, format_seconds  # noqa: E402,F401 - the pages use them through here
 
 DEFAULT_DEMO = "fashion-mnist"
-STAGES = ("features", "nmf", "refine", "certify")
-STAGE_LABELS = {"features": "Features", "nmf": "NMF", "refine": "Refinement", "certify": "Certificate"}
-# Rough share of the total time of each stage, for the overall estimate before a stage starts.
-STAGE_WEIGHTS = {"features": 0.25, "nmf": 0.15, "refine": 0.4, "certify": 0.2}
-RUNS_DIR = ROOT / "runs"
+SWEEP_EVERY_S = 600  # idle visitors' workspaces are looked for this often
 
 
 # --- errors ----------------------------------------------------------------------------------
 
 def error_text(exc: BaseException) -> str:
-    if isinstance(exc, PhpnError):
-        return str(exc)
-    return (f"Something went wrong: {type(exc).__name__}: {exc}. The session is still usable; "
-            "check the inputs and try again.")
+    """The message for the page: never a server path (see phpn.serving.redact_paths)."""
+    from phpn.jobs import error_message
+
+    return serving.redact_paths(error_message(exc))
 
 
 def show_error(exc: BaseException) -> None:
@@ -110,6 +108,8 @@ def _load_model_entry(spec: tuple) -> ModelEntry:
     from phpn.data import Preprocess
 
     s = dict(spec)
+    if s.get("model_def") or s.get("trust_pickle"):
+        serving.require_code_allowed("a model file" if s.get("model_def") else "a trusted (pickled) checkpoint")
     pre = Preprocess.from_dict(dict(s["preprocess"])) if "preprocess" in s else None
     session = open_model(s.get("checkpoint"), demo=s.get("demo"), arch=s.get("arch"), model_def=s.get("model_def"),
                          trust_pickle=bool(s.get("trust_pickle", False)), num_classes=s.get("num_classes"),
@@ -122,8 +122,21 @@ def _load_model_entry(spec: tuple) -> ModelEntry:
     return ModelEntry(session=session, key=repr(spec), label=label)
 
 
+_TRIED_CODE: set = set()  # specs whose code already passed its trial in a separate process
+
+
 def load_model_entry(**spec) -> ModelEntry:
-    return _load_model_entry(_freeze(spec))
+    """The cached model for ``spec``; a visitor's code (model file, trusted pickle) runs only if
+    the operator allows it, and only after a trial in a separate process with a time limit."""
+    key = _freeze(spec)
+    if (spec.get("model_def") or spec.get("trust_pickle")) and key not in _TRIED_CODE:
+        pre = spec.get("preprocess")
+        size = (int(pre.get("channels", 3)), int(pre["crop"]), int(pre["crop"])) if pre else None
+        serving.try_in_child_process(spec.get("checkpoint"), model_def=spec.get("model_def"),
+                                     trust_pickle=bool(spec.get("trust_pickle")), arch=spec.get("arch"),
+                                     num_classes=spec.get("num_classes"), input_size=size)
+        _TRIED_CODE.add(key)
+    return _load_model_entry(key)
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
@@ -205,10 +218,58 @@ def session_id() -> str:
     return st.session_state["_sid"]
 
 
-def upload_dir() -> Path:
-    from phpn.uploads import new_upload_dir, session_dir
+def workspace() -> "serving.Workspace":
+    """This visitor's private folder (uploads, saved runs); marked active on every page."""
+    ws = st.session_state.get("_workspace")
+    if ws is None or not ws.path.is_dir():  # first use, or swept while the visitor was away
+        ws = serving.Workspace(session_id())
+        st.session_state["_workspace"] = ws
+    else:
+        ws.touch()
+    return ws
 
-    return new_upload_dir(session_dir(session_id()))
+
+def upload_dir() -> Path:
+    return workspace().new_upload_dir()
+
+
+def upload_room() -> int:
+    """Bytes this visitor may still upload (their quota and the server's, whichever is smaller)."""
+    return workspace().room()
+
+
+def shown_path(path) -> str:
+    """A path as a visitor may see it: inside their workspace 'my runs/…', else its last part."""
+    path = Path(path)
+    ws = st.session_state.get("_workspace")
+    if ws is not None and ws.owns(path):
+        return "my files/" + path.resolve().relative_to(ws.path.resolve()).as_posix()
+    return serving.redact_paths(str(path)) if path.is_absolute() else str(path)
+
+
+def visitor_path(text: str, what: str) -> Path:
+    """A server path the visitor typed, if they may read it (their workspace, the demos, the
+    shared runs, the operator's PHPN_DATA_ROOTS); else a clear error."""
+    return serving.visitor_path(text, what, workspace=workspace())
+
+
+def known_runs() -> list:
+    """(label, folder) of the runs this visitor may open: theirs, the shared ones, the demos'."""
+    return serving.readable_runs(workspace())
+
+
+def save_target(text: str) -> Path:
+    """Where the visitor may save a run called ``text`` (a name: in their workspace)."""
+    return serving.run_save_target(text, workspace())
+
+
+def run_folder(text: str) -> Path:
+    """The run folder a visitor picked or typed, if they may read it."""
+    text = str(text).strip()
+    for label, path in known_runs():
+        if text in (label, str(path)):
+            return path
+    return visitor_path(text, "run folder")
 
 
 def current_model() -> Optional[ModelEntry]:
@@ -289,17 +350,26 @@ def bootstrap() -> None:
     if st.session_state.get("_booted"):
         return
     st.session_state["_booted"] = True
-    try:
-        from phpn.uploads import prune
-
-        prune()  # other sessions' uploads older than two days
-    except Exception:  # noqa: BLE001 - housekeeping must never stop the app
-        pass
+    sweep_idle_workspaces()
     try:
         with st.spinner("Loading the Fashion-MNIST demo…"):
             st.session_state["boot_warnings"] = load_demo(DEFAULT_DEMO)
     except Exception as exc:  # noqa: BLE001
         st.session_state["boot_warnings"] = [f"The built-in demo could not be loaded: {error_text(exc)}"]
+
+
+_LAST_SWEEP = [0.0]
+
+
+def sweep_idle_workspaces() -> None:
+    """Delete idle visitors' workspaces (at a session's start, then at most every SWEEP_EVERY_S)."""
+    if time.time() - _LAST_SWEEP[0] < SWEEP_EVERY_S and _LAST_SWEEP[0]:
+        return
+    _LAST_SWEEP[0] = time.time()
+    try:
+        serving.sweep_idle(keep=(session_id(),))
+    except Exception:  # noqa: BLE001 - housekeeping must never stop the app
+        traceback.print_exc()
 
 
 def image_root_for_run(run) -> Optional[Path]:
@@ -326,8 +396,10 @@ def image_root_for_run(run) -> Optional[Path]:
                 break
         if probe:
             break
+    ws = workspace()
     for root in candidates:
-        if root.is_dir() and (probe is None or (root / probe).is_file()):
+        # Only folders this visitor may read: a run's recorded folder may be another visitor's.
+        if serving.may_read(root, ws) and root.is_dir() and (probe is None or (root / probe).is_file()):
             return root
     return None
 
@@ -368,112 +440,13 @@ PAGES = {
 
 # --- the live discovery ----------------------------------------------------------------------
 
-@dataclass
-class StageProgress:
-    done: int = 0
-    total: int = 0
-    started: float = 0.0
-    updated: float = 0.0
-
-    @property
-    def fraction(self) -> float:
-        return min(1.0, self.done / self.total) if self.total else 0.0
-
-    def remaining(self, now: float) -> Optional[float]:
-        f = self.fraction
-        if f <= 0 or f >= 1:
-            return 0.0 if f >= 1 else None
-        return (now - self.started) * (1 - f) / f
-
-
-class DiscoveryJob:
-    """Discovery in a background thread; the progress callback raises Cancelled on request.
-
-    Nothing here touches Streamlit: the page polls ``stages``, ``status`` and ``result``.
-    """
+class DiscoveryJob(jobs.DiscoveryJob):
+    """The library's discovery job (phpn.jobs) on a cached model: a GPU job works on its own
+    copy, errors are worded for the page, and it waits its turn in the server's queue."""
 
     def __init__(self, entry: ModelEntry, data, config, data_label: str):
-        self.model_key = entry.key
-        self.entry, self.data, self.config, self.data_label = entry, data, config, data_label
-        self.cancel_event = threading.Event()
-        self.stages = {s: StageProgress() for s in STAGES}
-        self.current: Optional[str] = None
-        self.status = "running"  # running | done | cancelled | failed
-        self.result = None
-        self.error: Optional[str] = None
-        self.adopted = False
-        self.started = time.time()
-        self.finished: Optional[float] = None
-        self.thread = threading.Thread(target=self._work, name="phpn-discovery", daemon=True)
-
-    def start(self) -> "DiscoveryJob":
-        self.thread.start()
-        return self
-
-    def cancel(self) -> None:
-        self.cancel_event.set()
-
-    @property
-    def running(self) -> bool:
-        return self.status == "running"
-
-    def progress(self, stage: str, done: int, total: int) -> None:
-        if self.cancel_event.is_set():
-            raise Cancelled()
-        now = time.time()
-        p = self.stages.setdefault(stage, StageProgress())
-        if not p.started:
-            p.started = now
-        p.done, p.total, p.updated = int(done), int(total), now
-        self.current = stage
-
-    def _work(self) -> None:
-        from phpn.api import run_discovery
-
-        try:
-            session = self.entry.session_for(self.config.device)
-            self.result = run_discovery(session, self.data, self.config, progress=self.progress,
-                                        data_label=self.data_label)
-            self.status = "done"
-        except Cancelled:
-            self.status = "cancelled"
-        except Exception as exc:  # noqa: BLE001
-            if not isinstance(exc, PhpnError):
-                traceback.print_exc()
-            self.error = error_text(exc)
-            self.status = "failed"
-        finally:
-            self.finished = time.time()
-
-    def wall_times(self) -> dict:
-        """Seconds per stage (first to last report) and in all."""
-        out = {s: round(p.updated - p.started, 3) for s, p in self.stages.items() if p.started}
-        out["total"] = round(self.elapsed(), 3)
-        return out
-
-    def elapsed(self) -> float:
-        return (self.finished or time.time()) - self.started
-
-    def overall(self) -> float:
-        return sum(STAGE_WEIGHTS[s] * self.stages[s].fraction for s in STAGES if s in self.stages)
-
-    def remaining(self) -> Optional[float]:
-        """Seconds left (rough): the current stage's own estimate plus the later stages' shares."""
-        if not self.running:
-            return 0.0
-        f = self.overall()
-        if f <= 0.02:
-            return None
-        return self.elapsed() * (1 - f) / f
-
-
-def format_seconds(s: Optional[float]) -> str:
-    if s is None:
-        return "estimating…"
-    s = max(0.0, float(s))
-    if s < 60:
-        return f"{s:.0f} s"
-    return f"{int(s // 60)} min {int(s % 60):02d} s"
+        super().__init__(entry.session, data, config, data_label, model_key=entry.key, describe_error=error_text,
+                         session_for=entry.session_for)
 
 
 def adopt_finished_job() -> None:
@@ -562,6 +535,8 @@ def frame() -> None:
     """
     configure_page()
     bootstrap()
+    workspace()  # marks this visitor active, so the sweep keeps their files
+    sweep_idle_workspaces()
     adopt_finished_job()
     sidebar()
 
@@ -590,13 +565,15 @@ def sidebar() -> None:
             st.caption(f"Run: {len(r.meta.get('classes', []))} classes × k = {r.k} ({run.origin}); "
                        f"certificate {certificate_line(r.meta.get('certificate'))}")
             if run.saved_to:
-                st.caption(f"Saved at `{run.saved_to}`")
+                st.caption(f"Saved at `{shown_path(run.saved_to)}`")
             else:
                 st.caption("Not saved yet (Discover page).")
         else:
             st.caption("Run: none")
         job = st.session_state.get("job")
-        if job is not None and job.running:
+        if job is not None and job.waiting:
+            st.caption(f":material/hourglass_top: Discovery waiting in the queue (position {job.queue_position()})")
+        elif job is not None and job.running:
             st.caption(f":material/hourglass_top: Discovery running ({format_seconds(job.elapsed())})")
         for w in st.session_state.get("boot_warnings", []) or []:
             st.warning(w)

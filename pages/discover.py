@@ -2,7 +2,6 @@
 certificate, timings, the per-class refinement table; save and load runs."""
 import time
 from datetime import datetime
-from pathlib import Path
 
 import pandas as pd
 import streamlit as st
@@ -103,7 +102,10 @@ def live_progress():
     if not job.running:
         st.rerun()  # the whole page: show the result
     with st.container(border=True):
-        st.markdown("**Discovery running…**")
+        if job.waiting:
+            st.info(job.queue_text(), icon=":material/hourglass_top:")
+        else:
+            st.markdown("**Discovery running…**")
         _progress_body(job)
         if st.button("Cancel", key="cancel_job", disabled=job.cancel_event.is_set()):
             job.cancel()
@@ -189,23 +191,22 @@ if entry is not None:
 
     st.subheader("Save this run")
     if entry.saved_to:
-        st.caption(f"Saved at `{entry.saved_to}`.")
+        st.caption(f"Saved at `{S.shown_path(entry.saved_to)}`.")
     stem = (model.session.demo or model.session.loaded.arch).replace("/", "-").replace(":", "-")
-    default_path = S.RUNS_DIR / f"{stem}-k{run.k}-{datetime.now():%Y%m%d-%H%M%S}"
-    save_path = st.text_input("Folder (a new folder under ./runs/, or any path on this server)",
-                              value=str(default_path.relative_to(S.ROOT)), key="save_path")
+    save_path = st.text_input("Name (saved in your private workspace; a folder under PHPN_DATA_ROOTS if the "
+                              "operator allows one)", value=f"{stem}-k{run.k}-{datetime.now():%Y%m%d-%H%M%S}",
+                              key="save_path")
     if st.button("Save run", key="save_run"):
         with S.user_errors():
             from phpn.runs import save_run
 
-            target = Path(save_path.strip()).expanduser()
-            if not target.is_absolute():
-                target = S.ROOT / target
+            target = S.save_target(save_path)
             if target.exists() and not (target / "run.json").is_file():
                 raise DataError(f"{target} exists and is not a run folder.", "Choose a new folder name.")
             save_run(run, target)
             entry.saved_to = target
-            S.flash(f"Saved to `{target}` (written atomically: a complete run or nothing).", place="save")
+            S.flash(f"Saved to `{S.shown_path(target)}` (written atomically: a complete run or nothing).",
+                    place="save")
             st.rerun()
     S.show_flash("save")
 
@@ -213,22 +214,9 @@ if entry is not None:
 st.header("Load a saved run")
 
 
-def _known_runs() -> list:
-    from phpn.demos import DEMOS
-
-    found = []
-    if S.RUNS_DIR.is_dir():
-        found += sorted((p.parent for p in S.RUNS_DIR.glob("*/run.json")), key=lambda p: p.stat().st_mtime,
-                        reverse=True)
-    for demo in DEMOS.values():
-        if (demo.run_dir / "run.json").is_file():
-            found.append(demo.run_dir)
-    return found
-
-
-known = _known_runs()
-choice = st.selectbox("Runs found", ["(type a path below)"] + [str(p) for p in known], key="load_choice")
-typed = st.text_input("Run folder path", key="load_path")
+known = S.known_runs()  # this visitor's runs, the shared ones, the demos'
+choice = st.selectbox("Runs found", ["(type a path below)"] + [label for label, _ in known], key="load_choice")
+typed = st.text_input("Run folder path (under PHPN_DATA_ROOTS, if the operator allows paths)", key="load_path")
 if st.button("Load run", key="load_run", disabled=running):
     with S.user_errors():
         from phpn.api import open_run
@@ -236,8 +224,9 @@ if st.button("Load run", key="load_run", disabled=running):
         path = typed.strip() or (choice if not choice.startswith("(") else "")
         if not path:
             raise DataError("No run folder given.", "Pick one of the runs found or type the folder's path.")
-        run, _ = open_run(model.session, Path(path).expanduser())
-        S.set_run(run, f"loaded from {path}", saved_to=Path(path).expanduser())
-        S.flash(f"Loaded the run at `{path}`.", place="load")
+        folder = S.run_folder(path)
+        run, _ = open_run(model.session, folder)
+        S.set_run(run, f"loaded from {S.shown_path(folder)}", saved_to=folder)
+        S.flash(f"Loaded the run at `{S.shown_path(folder)}`.", place="load")
         st.rerun()
 S.show_flash("load")

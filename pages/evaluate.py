@@ -2,7 +2,6 @@
 attribution axioms, deletion curves (faithfulness), and with part annotations consistency
 and stability (Huang et al., ICCV 2023)."""
 import json
-from pathlib import Path
 
 import pandas as pd
 import streamlit as st
@@ -51,8 +50,8 @@ if go:
 
         session = model.session_for(device)
         result = evaluate_run(run, session.split, session.preprocess,
-                              Path(data_root.strip()).expanduser() if data_root.strip() else None,
-                              Path(parts_root.strip()).expanduser() if parts_root.strip() else None,
+                              S.visitor_path(data_root, "image folder") if data_root.strip() else None,
+                              S.visitor_path(parts_root, "part-annotated dataset") if parts_root.strip() else None,
                               images_per_class=int(per_class), deletion=bool(deletion),
                               deletion_images_per_class=int(del_per_class), baselines=tuple(baselines),
                               device=device, progress=progress)

@@ -1,11 +1,10 @@
 """Model & data: a built-in demo, an uploaded checkpoint or one on the server; the doctor's
 verdict; an image folder (zip upload or server path) and what was found in it."""
-from pathlib import Path
-
 import pandas as pd
 import streamlit as st
 
 from pages import _shared as S
+from phpn import serving
 from phpn.demos import DEMOS, get_demo
 from phpn.errors import ConfigError, DataError
 
@@ -48,13 +47,19 @@ if source == "Built-in demo":
 else:
     upload = source == "Upload a checkpoint"
     from phpn.models.zoo import known_archs
-    from phpn.uploads import CHECKPOINT_SUFFIXES
 
+    settings = serving.load_settings()
+    paths_on = bool(settings.data_roots)
+    code_on = settings.allow_code
     if upload:
-        ckpt_file = st.file_uploader("Checkpoint: a state dict (.pt, .pth, .bin, .ckpt) or .safetensors",
-                                     type=[s.lstrip(".") for s in CHECKPOINT_SUFFIXES], key="ckpt_upload")
+        # Any name or extension (.pt, .pth, .th, .tar, .ckpt, none…): the content is checked instead.
+        ckpt_file = st.file_uploader("Checkpoint: weights saved with torch.save or safetensors (any file name)",
+                                     key="ckpt_upload")
     else:
-        ckpt_path = st.text_input("Checkpoint path on this server", key="ckpt_path",
+        if not paths_on:
+            st.info("Paths on this server are turned off for visitors. " + serving.paths.PATHS_OFF_FIX,
+                    icon=":material/lock:")
+        ckpt_path = st.text_input("Checkpoint path on this server", key="ckpt_path", disabled=not paths_on,
                                   placeholder="/data/models/resnet50_cub.pth")
     c1, c2 = st.columns(2)
     archs = ["(detect automatically)", "efficientnet-lite0"] + list(known_archs())
@@ -63,23 +68,30 @@ else:
     num_classes = c2.number_input("Number of classes (0: read it from the checkpoint)", min_value=0, value=0,
                                   step=1, key="num_classes")
     with st.expander("Your own architecture (a Python file that builds the model)"):
-        st.caption("The file is **executed on this server** to build the network; only use your own code.")
-        if upload:
-            def_file = st.file_uploader("Model definition (.py)", type=["py"], key="def_upload")
+        if code_on:
+            st.caption("The file is **executed on this server** to build the network; only use your own code. "
+                       f"It is tried first in a separate process (time limit {settings.code_timeout_s:.0f} s).")
         else:
-            def_path = st.text_input("Model definition path (.py)", key="def_path")
-        factory = st.text_input("Function or class that builds the model", key="factory", placeholder="make_model")
-        run_code = st.checkbox("Run this Python file to build the model", key="run_model_code",
+            st.info(f"{serving.CODE_OFF_MESSAGE} {serving.ENABLE_HINT}", icon=":material/lock:")
+        if upload:
+            def_file = st.file_uploader("Model definition (.py)", type=["py"], key="def_upload", disabled=not code_on)
+        else:
+            def_path = st.text_input("Model definition path (.py)", key="def_path", disabled=not (code_on and paths_on))
+        factory = st.text_input("Function or class that builds the model", key="factory", placeholder="make_model",
+                                disabled=not code_on)
+        run_code = st.checkbox("Run this Python file to build the model", key="run_model_code", disabled=not code_on,
                                help="Required: phpn never executes a file you have not explicitly allowed.")
-    trust = st.checkbox("Trust this checkpoint: allow a whole pickled model", key="trust_pickle")
-    if trust:
+    trust = st.checkbox("Trust this checkpoint: allow a whole pickled model", key="trust_pickle", disabled=not code_on,
+                        help=None if code_on else f"{serving.CODE_OFF_MESSAGE} {serving.ENABLE_HINT}")
+    if trust and code_on:
         st.warning("Unpickling a file can run arbitrary code on this server. Tick this only for a file you made "
                    "yourself or got from a source you trust; a state dict never needs it.", icon=":material/warning:")
     if upload:
         names_file = st.file_uploader("Class names (optional): one per line, or a JSON list", type=["txt", "json"],
                                       key="names_upload")
     else:
-        names_path = st.text_input("Class-names file on this server (optional)", key="names_path")
+        names_path = st.text_input("Class-names file on this server (optional)", key="names_path",
+                                   disabled=not paths_on)
     with st.expander("Preprocessing and layers (defaults come from the model)"):
         p1, p2, p3 = st.columns(3)
         resize = p1.number_input("Resize (shorter side, 0: default)", min_value=0, value=0, key="pre_resize")
@@ -94,14 +106,19 @@ else:
         with S.user_errors():
             from phpn.api import read_class_names
             from phpn.data import Preprocess
-            from phpn.uploads import save_upload
+            from phpn.uploads import save_checkpoint_upload, save_upload
 
             if upload:
                 if ckpt_file is None:
                     raise DataError("No checkpoint uploaded.", "Choose a checkpoint file first.")
-                folder = S.upload_dir()
-                checkpoint = save_upload(ckpt_file, folder, suffixes=CHECKPOINT_SUFFIXES, what="checkpoint")
-                model_def_file = save_upload(def_file, folder, suffixes=(".py",), what="model file") if def_file else None
+                ws = S.workspace()
+                ws.check_room(int(ckpt_file.size), "This checkpoint")
+                folder = ws.new_upload_dir()
+                checkpoint = save_checkpoint_upload(ckpt_file, folder)
+                model_def_file = None
+                if def_file is not None:
+                    serving.require_code_allowed("a model file")
+                    model_def_file = save_upload(def_file, folder, suffixes=(".py",), what="model file")
                 class_names = None
                 if names_file is not None:
                     class_names = read_class_names(save_upload(names_file, folder, suffixes=(".txt", ".json"),
@@ -109,11 +126,15 @@ else:
             else:
                 if not ckpt_path.strip():
                     raise DataError("No checkpoint path given.", "Type the path of the checkpoint file on this server.")
-                checkpoint = Path(ckpt_path.strip()).expanduser()
-                model_def_file = Path(def_path.strip()).expanduser() if def_path.strip() else None
-                class_names = read_class_names(Path(names_path.strip()).expanduser()) if names_path.strip() else None
+                checkpoint = S.visitor_path(ckpt_path, "checkpoint")
+                model_def_file = S.visitor_path(def_path, "model file") if def_path.strip() else None
+                class_names = read_class_names(S.visitor_path(names_path, "class-names file")) \
+                    if names_path.strip() else None
+            if trust:
+                serving.require_code_allowed("a trusted (pickled) checkpoint")
             model_def = None
             if model_def_file is not None:
+                serving.require_code_allowed("a model file")
                 if not run_code:
                     raise ConfigError("A model file was given, but running it was not allowed.",
                                       "Tick 'Run this Python file to build the model' if it is code you trust.")
@@ -174,7 +195,7 @@ if model is not None:
     with st.expander("Details"):
         if d.split is not None:
             st.write(f"Features from `{d.split.feature_layer}`, head `{d.split.head_layer}`.")
-        st.write(f"Checkpoint sha256 `{sess.loaded.sha256[:16]}…` · source: {sess.loaded.source}")
+        st.write(f"Checkpoint sha256 `{sess.loaded.sha256[:16]}…` · source: {S.shown_path(sess.loaded.source)}")
         st.write(f"Preprocessing: resize {pre.resize}, crop {pre.crop}, mean {list(pre.mean)}, std {list(pre.std)}")
         for n in list(sess.loaded.notes) + list(d.notes):
             st.caption(f"• {n}")
@@ -204,11 +225,16 @@ zip_file = None
 if data_source == "Upload a zip of an image folder":
     zip_file = st.file_uploader("Zip of the image folder", type=["zip"], key="zip_upload")
 elif data_source == "Image folder on this server":
-    folder_path = st.text_input("Image folder path", key="data_path", placeholder="/data/CUB_200_2011/images")
+    data_paths_on = bool(serving.load_settings().data_roots)
+    if not data_paths_on:
+        st.info("Paths on this server are turned off for visitors. " + serving.paths.PATHS_OFF_FIX,
+                icon=":material/lock:")
+    folder_path = st.text_input("Image folder path", key="data_path", placeholder="/data/CUB_200_2011/images",
+                                disabled=not data_paths_on)
 
 if st.button("Scan images", type="primary", key="scan"):
     with S.user_errors():
-        from phpn.uploads import extract_zip, save_upload
+        from phpn.uploads import MAX_ZIP_BYTES, unpack_uploaded_zip
 
         explain_root = None
         if data_source == "The demo's images":
@@ -220,16 +246,17 @@ if st.button("Scan images", type="primary", key="scan"):
         elif data_source == "Upload a zip of an image folder":
             if zip_file is None:
                 raise DataError("No zip uploaded.", "Choose a .zip of the image folder first.")
-            folder = S.upload_dir()
+            ws = S.workspace()
+            room = ws.room()
+            ws.check_room(int(zip_file.size), "This zip file")
             with st.spinner("Unpacking…"):
-                archive = save_upload(zip_file, folder / "archive", suffixes=(".zip",), what="zip file")
-                root = extract_zip(archive, folder / "images")
-                archive.unlink(missing_ok=True)
-            label, kind = str(root), "upload"
+                # The quota bounds what the archive unpacks to; the archive itself is deleted at once.
+                root = unpack_uploaded_zip(zip_file, ws.new_upload_dir(), max_bytes=min(MAX_ZIP_BYTES, room))
+            label, kind = f"upload:{zip_file.name}", "upload"
         else:
             if not folder_path.strip():
                 raise DataError("No folder given.", "Type the path of the image folder on this server.")
-            root = Path(folder_path.strip()).expanduser()
+            root = S.visitor_path(folder_path, "image folder")
             label, kind = str(root), "path"
         with st.spinner("Scanning the class folders…"):
             data = S.scan_data(model, root, int(cap) or None, int(seed))
@@ -255,4 +282,4 @@ if data is not None:
     if summary["skipped"]:
         with st.expander(f"Skipped files ({len(summary['skipped'])})"):
             st.dataframe(pd.DataFrame(summary["skipped"], columns=["file", "why"]), hide_index=True)
-    st.caption(f"Folder: `{data.data.root}`")
+    st.caption(f"Folder: `{S.shown_path(data.data.root)}`")

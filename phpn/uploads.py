@@ -1,9 +1,13 @@
 """Files that users hand to the app: saved safely, unpacked safely.
 
-- :func:`session_dir` / :func:`new_upload_dir`: a private temporary folder per app session,
-  and a fresh folder per upload inside it, so uploads never overwrite each other.
+Where they go (a private workspace per visitor, within quotas) is :mod:`phpn.serving.workspace`.
+
 - :func:`save_upload`: write an uploaded file (anything with ``.name`` and ``.read()``/
   ``.getbuffer()``, e.g. Streamlit's ``UploadedFile``) under a sanitised name.
+- :func:`save_checkpoint_upload`: the same for a checkpoint, whatever its extension, after
+  sniffing its content (torch zip, safetensors, pickle); anything else is refused and deleted.
+- :func:`unpack_uploaded_zip`: save a zip, unpack it and delete the archive, whether the
+  archive was accepted or not.
 - :func:`extract_zip`: unpack a zip of an image folder, refusing archives that could
   escape their folder (absolute paths, ``..``), contain links, or are too large once
   unpacked (file count and total size, counted while writing so a lying header does not
@@ -20,48 +24,19 @@ import os
 import re
 import shutil
 import stat
-import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Optional
 
 from .errors import DataError
+from .serving.workspace import human_size
 
 MAX_ZIP_FILES = 200_000
-MAX_ZIP_BYTES = 8 * 2 ** 30  # total uncompressed size
+MAX_ZIP_BYTES = 2 * 2 ** 30  # total uncompressed size; the visitor's quota may lower it
 MAX_IMAGE_PIXELS = 100_000_000
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".pkl")
 _CHUNK = 1 << 20
 _IGNORED_TOP = {"__MACOSX"}
 _SAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-def _human(n: float) -> str:
-    for unit in ("bytes", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
-
-
-def upload_root() -> Path:
-    """All app uploads live below ``$PHPN_UPLOAD_DIR`` or ``<tmp>/phpn-uploads``."""
-    base = os.environ.get("PHPN_UPLOAD_DIR") or os.path.join(tempfile.gettempdir(), "phpn-uploads")
-    return Path(base)
-
-
-def session_dir(session_id: str, root: Optional[Path] = None) -> Path:
-    """The private folder of one app session (created, mode 700)."""
-    safe = _SAFE_CHARS.sub("_", str(session_id))[:64] or "session"
-    path = Path(root or upload_root()) / safe
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return path
-
-
-def new_upload_dir(parent: Path, prefix: str = "upload-") -> Path:
-    """A fresh, empty folder inside ``parent`` for one upload."""
-    Path(parent).mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
 
 
 def safe_filename(name: str, default: str = "upload") -> str:
@@ -97,8 +72,8 @@ def save_upload(uploaded, directory, *, suffixes: Optional[tuple] = None, max_by
                         f"Upload a file ending in {', '.join(suffixes)}.")
     size = _size_of(uploaded)
     if max_bytes is not None and size is not None and size > max_bytes:
-        raise DataError(f"The {what} '{name}' is {_human(size)}, more than the {_human(max_bytes)} allowed.",
-                        "Give its path on the server instead of uploading it.")
+        raise DataError(f"The {what} '{name}' is {human_size(size)}, more than the {human_size(max_bytes)} allowed.",
+                        "Upload a smaller file, or ask the operator of this server for more room.")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / name
@@ -112,6 +87,99 @@ def save_upload(uploaded, directory, *, suffixes: Optional[tuple] = None, max_by
         with open(path, "wb") as fh:
             shutil.copyfileobj(uploaded, fh, _CHUNK)
     return path
+
+
+def _sniff_zip(path: Path) -> Optional[str]:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return "a damaged zip archive"
+    if any(n.endswith("data.pkl") for n in names):
+        return None  # torch.save's zip format
+    return "a zip archive of other files (an image folder goes in the Images section)"
+
+
+def _sniff_other(head: bytes) -> str:
+    kinds = [(b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+             (b"%PDF", "a PDF document"), (b"\x1f\x8b", "a gzip archive"), (b"BZh", "a bzip2 archive"),
+             (b"\x93NUMPY", "a NumPy array file"), (b"\x89HDF", "an HDF5 (Keras) file")]
+    for magic, kind in kinds:
+        if head.startswith(magic):
+            return kind
+    try:
+        text = head.decode("utf-8").lstrip().lower()
+    except UnicodeDecodeError:
+        return "a file of unknown type"
+    if any(ord(ch) < 32 and ch not in "\t\n\r" for ch in text):
+        return "a file of unknown type"
+    if text.startswith(("<!doctype html", "<html")):
+        return "a web page (HTML)"
+    return "a text file"
+
+
+def sniff_checkpoint(path) -> str:
+    """What a file holds by its first bytes: 'torch-zip', 'safetensors' or 'pickle'.
+
+    The extension is not looked at (``.th``, ``.tar``, ``.ckpt`` or none are all fine). Anything
+    else is a DataError that says what the file looks like instead.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(64)
+    name = path.name
+    fix = ("Upload the weights saved with torch.save(model.state_dict(), path) or safetensors; any file name "
+           "or extension will do.")
+    if size == 0:
+        raise DataError(f"The checkpoint '{name}' is empty (0 bytes).", fix)
+    if head.startswith(b"PK\x03\x04"):
+        other = _sniff_zip(path)
+        if other:
+            raise DataError(f"'{name}' is not a checkpoint: it is {other}.", fix)
+        return "torch-zip"
+    if len(head) >= 9:
+        n = int.from_bytes(head[:8], "little")
+        if 0 < n <= size - 8 and head[8:9] == b"{":
+            return "safetensors"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "pickle"  # torch.save's legacy format, or a plain pickle
+    raise DataError(f"'{name}' is not a checkpoint: it looks like {_sniff_other(head)}.", fix)
+
+
+def save_checkpoint_upload(uploaded, directory, *, max_bytes: Optional[int] = None) -> Path:
+    """Save an uploaded checkpoint under any name; refuse (and delete) what is not one."""
+    path = save_upload(uploaded, directory, max_bytes=max_bytes, what="checkpoint")
+    try:
+        sniff_checkpoint(path)
+    except DataError:
+        path.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def unpack_uploaded_zip(uploaded, folder, *, max_bytes: int = MAX_ZIP_BYTES, max_files: int = MAX_ZIP_FILES) -> Path:
+    """Save an uploaded zip in ``folder``, unpack it to ``folder/images`` and delete the archive.
+
+    The archive is deleted at once whether it was accepted or refused, and a refused one
+    leaves nothing behind. ``max_bytes`` bounds both the archive and what it unpacks to.
+    """
+    folder = Path(folder)
+    archive = None
+    try:
+        archive = save_upload(uploaded, folder / "archive", suffixes=(".zip",), max_bytes=max_bytes,
+                              what="zip file")
+        return extract_zip(archive, folder / "images", max_files=max_files,
+                           max_bytes=max(0, max_bytes - archive.stat().st_size))
+    except BaseException:
+        shutil.rmtree(folder / "images", ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(folder / "archive", ignore_errors=True)
+        try:
+            folder.rmdir()  # only when nothing is left in it: a refused upload leaves no trace
+        except OSError:
+            pass
 
 
 def _member_parts(name: str) -> Optional[tuple]:
@@ -180,7 +248,7 @@ def extract_zip(source, dest, *, max_files: int = MAX_ZIP_FILES, max_bytes: int 
                 raise DataError(f"The zip file holds more than {max_files:,} files.",
                                 "Upload fewer images (for example fewer per class) or give a folder on the server.")
         if declared > max_bytes:
-            raise DataError(f"The zip file would unpack to {_human(declared)}, more than the {_human(max_bytes)} "
+            raise DataError(f"The zip file would unpack to {human_size(declared)}, more than the {human_size(max_bytes)} "
                             "allowed.", "Upload fewer or smaller images, or give a folder on the server.")
         if not plan:
             raise DataError("The zip file is empty.", "Zip a folder with one sub-folder of images per class.")
@@ -202,7 +270,7 @@ def extract_zip(source, dest, *, max_files: int = MAX_ZIP_FILES, max_bytes: int 
                             break
                         written += len(chunk)
                         if written > max_bytes:
-                            raise DataError(f"The zip file unpacks to more than the {_human(max_bytes)} allowed "
+                            raise DataError(f"The zip file unpacks to more than the {human_size(max_bytes)} allowed "
                                             "(its headers understate its size).",
                                             "Upload fewer or smaller images, or give a folder on the server.")
                         out.write(chunk)
@@ -260,27 +328,3 @@ def open_uploaded_image(source, max_pixels: int = MAX_IMAGE_PIXELS):
     if hasattr(source, "seek"):
         source.seek(0)
     return load_image(source)
-
-
-def prune(root: Optional[Path] = None, max_age_s: float = 2 * 86400) -> int:
-    """Delete session folders under the upload root untouched for ``max_age_s``; returns how many."""
-    import time
-
-    root = Path(root or upload_root())
-    if not root.is_dir():
-        return 0
-    now, removed = time.time(), 0
-    for child in root.iterdir():
-        try:
-            if child.is_dir() and not child.is_symlink() and now - child.stat().st_mtime > max_age_s:
-                shutil.rmtree(child, ignore_errors=True)
-                removed += 1
-        except OSError:
-            continue
-    return removed
-
-
-def remove_tree(path) -> None:
-    """Delete an upload folder (errors ignored)."""
-    if path:
-        shutil.rmtree(path, ignore_errors=True)

@@ -36,7 +36,17 @@ needs_demo = pytest.mark.skipif(not _demo_ready(), reason="the fashion-mnist dem
 
 @pytest.fixture(autouse=True)
 def _uploads_in_tmp(tmp_path, monkeypatch):
+    """Workspaces in the test's folder; typed paths allowed there only; visitors' code off
+    unless a test turns it on (the operator's switch)."""
     monkeypatch.setenv("PHPN_UPLOAD_DIR", str(tmp_path / "uploads"))
+    monkeypatch.setenv("PHPN_DATA_ROOTS", str(tmp_path))
+    monkeypatch.delenv("PHPN_ALLOW_CODE", raising=False)
+    monkeypatch.setenv("PHPN_SETTINGS_FILE", str(tmp_path / "no-settings.toml"))
+
+
+@pytest.fixture
+def code_allowed(monkeypatch):
+    monkeypatch.setenv("PHPN_ALLOW_CODE", "1")
 
 
 def _app() -> AppTest:
@@ -307,7 +317,7 @@ def test_export_builds_reports(demo_app):
     assert "Dress" in html_text and "data:image/png;base64," in html_text
 
 
-def test_evaluate_page_shows_the_numbers(demo_app):
+def test_evaluate_page_shows_the_numbers(demo_app, tmp_path):
     at = demo_app
     at.switch_page("pages/evaluate.py").run()
     _clean(at)
@@ -320,10 +330,14 @@ def test_evaluate_page_shows_the_numbers(demo_app):
     assert metrics["Top-1 agreement"] == "100.00%"
     assert "Completeness error" in metrics and "Mean own-contribution gap (top − random)" in metrics
     # A bad folder is a message, not a crash.
-    at.text_input(key="eval_root").set_value("/nonexistent/folder")
+    at.text_input(key="eval_root").set_value(str(tmp_path / "nonexistent" / "folder"))
     at.button(key="FormSubmitter:evaluate_form-Evaluate").click().run()
     _clean(at)
     assert any("does not exist" in e for e in _errors(at))
+    at.text_input(key="eval_root").set_value("/etc")  # outside the operator's folders
+    at.button(key="FormSubmitter:evaluate_form-Evaluate").click().run()
+    _clean(at)
+    assert any("outside the folders this server allows" in e for e in _errors(at))
 
 
 # --- uploads: checkpoints and image folders -----------------------------------------------------------
@@ -399,14 +413,14 @@ def _load_uploaded_tiny(at: AppTest, cls_name: str = "TinyNet", allow_code: bool
     _clean(at)
 
 
-def test_a_model_file_is_not_run_without_the_opt_in():
+def test_a_model_file_is_not_run_without_the_opt_in(code_allowed):
     at = _app().run()
     _load_uploaded_tiny(at, allow_code=False)
     assert any("running it was not allowed" in e for e in _errors(at))
     assert at.session_state["model"].label.startswith("demo")  # the session keeps its model
 
 
-def test_uploaded_checkpoint_model_file_and_zip_then_discover_browse_explain():
+def test_uploaded_checkpoint_model_file_and_zip_then_discover_browse_explain(code_allowed):
     at = _app().run()
     _load_uploaded_tiny(at)
     assert not _errors(at), _errors(at)
@@ -434,7 +448,7 @@ def test_uploaded_checkpoint_model_file_and_zip_then_discover_browse_explain():
     assert at.session_state["explained"]["explanation"].maps.shape[0] == 2
 
 
-def test_a_head_that_cannot_be_decomposed_is_explained():
+def test_a_head_that_cannot_be_decomposed_is_explained(code_allowed):
     at = _app().run()
     _load_uploaded_tiny(at, "MLPHead")
     model = at.session_state["model"]
@@ -445,7 +459,7 @@ def test_a_head_that_cannot_be_decomposed_is_explained():
     assert any("cannot be decomposed exactly" in e for e in _errors(at))
 
 
-def test_bad_uploads_and_paths_show_errors_and_keep_the_session():
+def test_bad_uploads_and_paths_show_errors_and_keep_the_session(tmp_path):
     at = _app().run()
     _clean(at)
     before = at.session_state["model"] if "model" in at.session_state else None
@@ -458,7 +472,7 @@ def test_bad_uploads_and_paths_show_errors_and_keep_the_session():
     assert (at.session_state["model"] if "model" in at.session_state else None) is before
 
     at.radio(key="model_source").set_value("Checkpoint on this server").run()
-    at.text_input(key="ckpt_path").set_value("/nonexistent/model.pth")
+    at.text_input(key="ckpt_path").set_value(str(tmp_path / "nonexistent" / "model.pth"))
     at.button(key="load_model").click().run()
     _clean(at)
     assert any("does not exist" in e for e in _errors(at))
@@ -485,7 +499,7 @@ def test_bad_uploads_and_paths_show_errors_and_keep_the_session():
     _clean(at)
     assert any("match no class name" in e or "class folders" in e for e in _errors(at))
     at.radio(key="data_source").set_value("Image folder on this server").run()
-    at.text_input(key="data_path").set_value("/nonexistent/images")
+    at.text_input(key="data_path").set_value(str(tmp_path / "nonexistent" / "images"))
     at.button(key="scan").click().run()
     _clean(at)
     assert any("does not exist" in e for e in _errors(at))
@@ -495,7 +509,7 @@ def test_bad_uploads_and_paths_show_errors_and_keep_the_session():
     _clean(at)
 
 
-def test_trusting_a_pickle_needs_a_visible_choice():
+def test_trusting_a_pickle_needs_a_visible_choice(code_allowed):
     at = _app().run()
     at.radio(key="model_source").set_value("Upload a checkpoint").run()
     assert not any("arbitrary code" in w.value for w in at.warning)

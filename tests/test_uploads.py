@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from phpn.errors import DataError
-from phpn.uploads import (extract_zip, find_image_root, new_upload_dir, open_uploaded_image, prune, safe_filename,
-                          save_upload, session_dir)
+from phpn.uploads import (extract_zip, find_image_root, open_uploaded_image, safe_filename, save_checkpoint_upload,
+                          save_upload, sniff_checkpoint, unpack_uploaded_zip)
 
 
 def _png(color=(200, 30, 30), size=(8, 8)) -> bytes:
@@ -106,8 +106,7 @@ def test_upload_names_are_sanitised_and_types_checked(tmp_path):
     assert safe_filename("../../etc/passwd") == "passwd"
     assert safe_filename("C:\\Users\\me\\model weights.pt") == "model_weights.pt"
     assert safe_filename("...") == "upload"
-    folder = new_upload_dir(session_dir("abc/../x", root=tmp_path))
-    assert folder.parent.parent == tmp_path
+    folder = tmp_path / "upload"
     path = save_upload(_Upload(b"abc", "../../model.pt"), folder, suffixes=(".pt",))
     assert path.parent == folder and path.read_bytes() == b"abc"
     with pytest.raises(DataError, match="unexpected file type"):
@@ -153,9 +152,80 @@ def test_find_image_root_stops_at_the_class_folders(tmp_path):
     assert find_image_root(tmp_path / "flat") == tmp_path / "flat"
 
 
-def test_prune_removes_only_old_session_folders(tmp_path):
-    old, new = session_dir("old", root=tmp_path), session_dir("new", root=tmp_path)
-    (old / "x.pt").write_bytes(b"x")
-    os.utime(old, (0, 0))
-    assert prune(tmp_path, max_age_s=3600) == 1
-    assert not old.exists() and new.exists()
+def _torch_bytes(obj, legacy: bool = False) -> bytes:
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf, _use_new_zipfile_serialization=not legacy)
+    return buf.getvalue()
+
+
+def _safetensors_bytes() -> bytes:
+    import torch
+    from safetensors.torch import save
+
+    return save({"fc.weight": torch.zeros(2, 3)})
+
+
+@pytest.mark.parametrize("name", ["model.pt", "model.th", "model.tar", "model.ckpt", "model", "weights.bin"])
+@pytest.mark.parametrize("kind", ["torch-zip", "pickle", "safetensors"])
+def test_checkpoints_are_recognised_by_content_whatever_their_name(tmp_path, name, kind):
+    import torch
+
+    data = {"torch-zip": lambda: _torch_bytes({"w": torch.ones(2)}),
+            "pickle": lambda: _torch_bytes({"w": torch.ones(2)}, legacy=True),
+            "safetensors": _safetensors_bytes}[kind]()
+    path = save_checkpoint_upload(_Upload(data, name), tmp_path)
+    assert path.name == name and sniff_checkpoint(path) == kind and path.read_bytes() == data
+
+
+@pytest.mark.parametrize("data, looks_like", [
+    (_png(), "it looks like a PNG image"),
+    (b"\xff\xd8\xff\xe0 jpeg", "it looks like a JPEG image"),
+    (b"<!DOCTYPE html><html>", "it looks like a web page (HTML)"),
+    (b"epoch,loss\n1,0.5\n", "it looks like a text file"),
+    (b"\x93NUMPY\x01\x00", "it looks like a NumPy array file"),
+    (b"\x00\x01\x02\x03garbage", "it looks like a file of unknown type"),
+])
+def test_files_that_are_not_checkpoints_are_refused_and_deleted(tmp_path, data, looks_like):
+    with pytest.raises(DataError) as err:
+        save_checkpoint_upload(_Upload(data, "weights.th"), tmp_path)
+    assert str(err.value).startswith(f"'weights.th' is not a checkpoint: {looks_like}.")
+    assert "any file name or extension will do" in str(err.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_zip_of_images_is_not_taken_for_a_checkpoint(tmp_path):
+    z = _zip(tmp_path, [("a/1.png", _png())])
+    with pytest.raises(DataError, match="it is a zip archive of other files"):
+        sniff_checkpoint(z)
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(DataError, match="is empty"):
+        sniff_checkpoint(empty)
+
+
+def test_an_uploaded_zip_is_unpacked_and_the_archive_deleted(tmp_path):
+    with open(_zip(tmp_path, [("shirts/a/1.png", _png()), ("shirts/b/1.png", _png())]), "rb") as fh:
+        good = _Upload(fh.read(), "shirts.zip")
+    folder = tmp_path / "upload-1"
+    folder.mkdir()
+    root = unpack_uploaded_zip(good, folder)
+    assert root == folder / "images" / "shirts" and sorted(os.listdir(folder)) == ["images"]
+
+
+@pytest.mark.parametrize("entries, limit, phrase", [
+    ([("a/1.png", _png()), ("../evil.png", b"x")], 1 << 20, "outside its folder"),
+    ([("a/zeros.bmp", b"\0" * (1 << 20))], 64 << 10, "more than the"),
+])
+def test_a_refused_zip_leaves_nothing_behind(tmp_path, entries, limit, phrase):
+    path = tmp_path / "src" / "x.zip"
+    path.parent.mkdir()
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in entries:
+            zf.writestr(name, data)
+    folder = tmp_path / "upload-1"
+    folder.mkdir()
+    with pytest.raises(DataError, match=phrase):
+        unpack_uploaded_zip(_Upload(path.read_bytes(), "x.zip"), folder, max_bytes=limit)
+    assert not folder.exists()

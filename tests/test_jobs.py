@@ -1,0 +1,121 @@
+"""The discovery job (phpn.jobs): a real discovery in the background with progress, cancel,
+and the queue that lets only a few run at once, with each waiting job's position."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from phpn.api import ModelSession
+from phpn.data import scan_image_folder
+from phpn.discover import DiscoveryConfig
+from phpn.errors import ConfigError
+from phpn.jobs import DiscoveryJob, DiscoveryQueue, format_seconds
+from phpn.models import diagnose
+
+
+class _Holder:
+    """Stands in a queue line, like a job, until released."""
+
+    def __init__(self, queue: DiscoveryQueue):
+        self.queue, self.release, self.cancelled = queue, threading.Event(), threading.Event()
+        self.entered = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        self.entered = self.queue.enter(self, self.cancelled.is_set, poll_s=0.01)
+        if self.entered:
+            self.release.wait(10)
+            self.queue.leave(self)
+
+
+def _wait_until(condition, timeout=10.0):
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < timeout, "timed out"
+        time.sleep(0.01)
+
+
+def test_the_queue_runs_at_most_its_slots_and_keeps_order():
+    queue = DiscoveryQueue(2)
+    holders = [_Holder(queue) for _ in range(5)]
+    for h in holders:
+        h.thread.start()
+        _wait_until(lambda h=h: queue.position(h) is not None)
+    assert [queue.position(h) for h in holders] == [0, 0, 1, 2, 3]
+    assert (queue.running, queue.waiting) == (2, 3)
+    holders[3].cancelled.set()  # a cancelled job leaves the line; those behind move up
+    _wait_until(lambda: queue.position(holders[3]) is None)
+    assert holders[3].entered is False
+    assert [queue.position(h) for h in (holders[2], holders[4])] == [1, 2]
+    holders[1].release.set()
+    _wait_until(lambda: queue.position(holders[2]) == 0)
+    assert [queue.position(h) for h in holders] == [0, None, 0, None, 1]
+    for h in holders:
+        h.release.set()
+    for h in holders:
+        h.thread.join(5)
+    assert (queue.running, queue.waiting) == (0, 0)
+    with pytest.raises(ValueError):
+        DiscoveryQueue(0)
+
+
+@pytest.fixture
+def session(tiny_loaded):
+    pre = tiny_loaded.preprocess
+    return ModelSession(loaded=tiny_loaded, diagnosis=diagnose(tiny_loaded, input_size=(3, pre.crop, pre.crop)),
+                        preprocess=pre)
+
+
+def test_a_job_discovers_in_the_background_after_waiting_its_turn(session, image_folder):
+    data = scan_image_folder(image_folder, class_names=session.loaded.class_names, num_classes=4,
+                             images_per_class=4)
+    queue = DiscoveryQueue(1)
+    blocker = _Holder(queue)
+    blocker.thread.start()
+    _wait_until(lambda: queue.position(blocker) == 0)
+    job = DiscoveryJob(session, data, DiscoveryConfig(k=2, images_per_class=4, device="cpu"), "test-folder",
+                       model_key="m1", queue=queue).start()
+    _wait_until(lambda: job.queue_position() == 1)
+    assert job.waiting and job.running and job.elapsed() == 0.0
+    assert job.queue_text() == ("Waiting in the queue: position 1 (one discovery runs at a time on this server). "
+                                "It starts by itself; you can keep browsing meanwhile.")
+    time.sleep(0.2)
+    assert job.status == "queued" and not any(p.total for p in job.stages.values())
+    blocker.release.set()
+    assert job.wait(120) == "done", job.error
+    assert job.queue_position() is None and queue.running == 0
+    run = job.result
+    assert run.k == 2 and len(run.meta["classes"]) == 4 and run.meta["certificate"]["passed"]
+    assert all(p.fraction == 1.0 for p in job.stages.values() if p.total)
+    wall = job.wall_times()
+    assert wall["queued"] >= 0.2 and wall["total"] == pytest.approx(job.elapsed(), abs=1e-3)
+    assert job.remaining() == 0.0
+
+
+def test_cancel_while_waiting_and_errors_are_reported(session, image_folder):
+    data = scan_image_folder(image_folder, class_names=session.loaded.class_names, num_classes=4,
+                             images_per_class=4)
+    queue = DiscoveryQueue(1)
+    blocker = _Holder(queue)
+    blocker.thread.start()
+    _wait_until(lambda: queue.position(blocker) == 0)
+    job = DiscoveryJob(session, data, DiscoveryConfig(k=2, images_per_class=4, device="cpu"), "x", queue=queue).start()
+    _wait_until(lambda: job.queue_position() == 1)
+    job.cancel()
+    assert job.wait(10) == "cancelled" and job.result is None and queue.waiting == 0
+    blocker.release.set()
+
+    def failing(device):
+        raise ConfigError("The device is busy.", "Try later.")
+
+    job = DiscoveryJob(session, data, DiscoveryConfig(k=2, device="cpu"), "x", queue=queue, session_for=failing,
+                       describe_error=lambda exc: f"[{exc}]").start()
+    assert job.wait(10) == "failed" and job.error == "[The device is busy. Try later.]"
+    assert queue.running == 0
+
+
+def test_format_seconds():
+    assert [format_seconds(s) for s in (None, -1, 4.4, 59.6, 61, 3725)] == [
+        "estimating…", "0 s", "4 s", "60 s", "1 min 01 s", "62 min 05 s"]
