@@ -109,14 +109,29 @@ def cmd_discover(args) -> int:
     solver = args.solver or defaults.get("solver", "lbfgs")
     config = DiscoveryConfig(k=k, images_per_class=cap, solver=solver, nmf_solver=args.nmf_solver,
                              objective=args.objective, scaling=args.scaling,
-                             seed=args.seed, device=args.device, batch_size=args.batch_size)
+                             seed=args.seed, device=args.device, batch_size=args.batch_size,
+                             classes=_class_list(args.classes, session.class_names),
+                             **({"memory_budget_mb": args.memory_budget} if args.memory_budget is not None else {}))
     data_dir = _data_dir(args, session)
     data = open_data(session, data_dir, cap, args.seed)
-    bar = TqdmProgress(disable=args.quiet)
+    held_out = open_data(session, args.held_out, None, args.seed) if args.held_out else None
+    from . import distributed
+    from .resume import discard_progress, progress_dir_for
+
+    shard = distributed.from_environment(args.device)
+    bar = TqdmProgress(disable=args.quiet or (shard is not None and shard.rank != 0))
     label = f"demo:{session.demo}" if session.demo and not args.data else str(data_dir)
-    run = run_discovery(session, data, config, progress=bar, data_label=label)
-    bar.close()
+    try:
+        run = run_discovery(session, data, config, progress=bar, data_label=label, held_out=held_out,
+                            progress_dir=progress_dir_for(args.out), resume=args.resume, workers=args.workers,
+                            shard=shard)
+    finally:
+        bar.close()
+        distributed.close(shard)
+    if run is None:  # another rank than 0: rank 0 writes the run
+        return 0
     path = save_run(run, args.out)
+    discard_progress(progress_dir_for(args.out))
     cert = run.meta.get("certificate", {})
     t = run.meta["timings"]
     obj = {"run": str(path), "classes": len(run.meta["classes"]), "k": run.k, "timings": t, "certificate": cert,
@@ -130,6 +145,24 @@ def cmd_discover(args) -> int:
         text += f"\nskipped {len(run.meta['data']['skipped'])} unreadable files (see run.json)"
     _emit(args, obj, text)
     return 0
+
+
+def _class_list(value: Optional[str], names: list) -> Optional[tuple]:
+    """``--classes 0,5-9,Bag`` -> (0, 5, 6, 7, 8, 9): indices, inclusive ranges, class names."""
+    if not value:
+        return None
+    out = []
+    for part in (p.strip() for p in value.split(",")):
+        lo, dash, hi = part.partition("-")
+        if dash and lo.strip().isdigit() and hi.strip().isdigit():
+            out += range(int(lo), int(hi) + 1)
+        elif part:
+            out.append(_class_index(part, names))
+    bad = [c for c in out if c >= len(names)]
+    if bad:
+        raise PhpnError(f"--classes names class {bad[0]}, but the model has {len(names)} classes.",
+                        f"Use indices from 0 to {len(names) - 1}.")
+    return tuple(dict.fromkeys(out))
 
 
 def _cert_text(cert: dict) -> str:
@@ -259,6 +292,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--out", type=Path, required=True, help="folder to write the run to")
+    g = p.add_argument_group("scale (torchrun --nproc_per_node N -m phpn discover ... shards the classes)")
+    g.add_argument("--classes", help="decompose only these classes: indices, ranges and names, e.g. 0,5-9,Bag")
+    g.add_argument("--memory-budget", type=int, metavar="MB",
+                   help="features held at once, per group of classes (default 2048; 0: one class at a time)")
+    g.add_argument("--workers", type=int, help="image decoding processes (default: the cores less one)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue an interrupted discovery into the same --out, keeping its finished groups")
+    g.add_argument("--held-out", type=Path, metavar="DIR",
+                   help="images not used for discovery, certified separately (same folder layout)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_discover)

@@ -3,25 +3,36 @@
 Classes are processed in groups whose features fit a memory budget; each group is
 factorised and refined as one batched problem, then only its prototypes, statistics and
 top patches are kept, so memory stays bounded however many classes there are.
+
+The images stream through once: decoding workers read ahead while the model runs, and with
+``certify=True`` each batch is one forward pass of the whole model that yields both the
+features at the cut and the model's own logits, so the certificate on the discovery images
+costs a pooling and a matrix product. Finished groups can be saved (``progress_dir``) so an
+interrupted discovery resumes, and groups can be shared out among torchrun ranks; both give
+the same run, since a group's result depends only on the group.
 """
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
 from . import __version__
-from .data import ImageFolderData, Preprocess
+from .certify import CertificateAccumulator
+from .data import ImageFolderData, Preprocess, iter_batches, load_batch
 from .device import resolve_device
 from .errors import ConfigError, DataError
-from .features import extract_features
+from .features import FeatureTap, backbone_features, prepare_backbone
 from .models.head import HeadSplit, LoadedModel
 from .nmf import NMFConfig, nmf
 from .progress import ProgressFn, report
 from .refine import RefineConfig, refine
+from .resume import GroupResult, fingerprint, open_store
 from .runs import Run
 
 
@@ -152,13 +163,7 @@ def _model_record(loaded: LoadedModel, split: HeadSplit, feature_shape: tuple) -
     }
 
 
-def discover(loaded: LoadedModel, split: HeadSplit, data: ImageFolderData, preprocess: Preprocess,
-             config: DiscoveryConfig = DiscoveryConfig(), progress: Optional[ProgressFn] = None,
-             data_label: Optional[str] = None) -> Run:
-    """Decompose the head of ``split`` for every class of ``data`` (or ``config.classes``)."""
-    device = resolve_device(config.device)
-    started = time.perf_counter()
-    timings = {"features_s": 0.0, "nmf_s": 0.0, "refine_s": 0.0}
+def _wanted(data: ImageFolderData, config: DiscoveryConfig, split: HeadSplit) -> list:
     wanted = data.classes
     if config.classes is not None:
         wanted = [data.by_index(c) for c in config.classes]
@@ -166,94 +171,325 @@ def discover(loaded: LoadedModel, split: HeadSplit, data: ImageFolderData, prepr
         if entry.class_index >= split.num_classes:
             raise DataError(f"Class folder '{entry.folder}' maps to class {entry.class_index}, but the model has "
                             f"{split.num_classes} classes.", "Rename the folder or check the class-names file.")
+    if not wanted:
+        raise DataError("No class to decompose.", "Check --classes and the image folder.")
+    return wanted
 
-    # Probe one image for the feature-map shape, to size the groups of classes.
-    probe, kept, _ = extract_features(split, data.root, wanted[0].paths[:1], preprocess, device)
-    if not kept:
-        raise DataError(f"The first image of '{wanted[0].folder}' could not be read.", "Check the image folder.")
-    _, d, h, w = probe.shape
-    per_class = [len(c.paths) * h * w * d * 4 for c in wanted]
-    groups = _groups(wanted, per_class, config.memory_budget_mb * 2 ** 20)
-    total_images = sum(len(c.paths) for c in wanted)
 
-    prototypes, nmf_protos, alphas, class_meta, skipped_all = [], [], [], [], list(data.skipped)
-    images_done = classes_done = 0
-    nmf_cfg, refine_cfg = config.nmf_config(), config.refine_config()
-    report(progress, "features", 0, total_images)
-    for group in groups:
-        # 1. Features, class by class.
+def _probe(data: ImageFolderData, entry, preprocess: Preprocess, forward) -> tuple:
+    """(D, H, W) of the feature map, from the first readable image of ``entry``."""
+    for rel in entry.paths[:5]:
+        batch, kept, _ = load_batch(data.root, [rel], preprocess)
+        if kept:
+            return tuple(forward(batch)[0].shape[1:])
+    raise DataError(f"The first images of '{entry.folder}' could not be read.", "Check the image folder.")
+
+
+def plan_groups(wanted: list, feature_shape: tuple, budget_mb: int) -> list:
+    """Classes in order, cut into groups whose features fit ``budget_mb``. The groups decide the
+    result (each is factorised and refined as one batch), so resuming and sharding reuse them."""
+    if budget_mb < 0:  # 0: one class at a time
+        raise ConfigError(f"The memory budget cannot be negative, got {budget_mb} MB.",
+                          "Use --memory-budget 2048, for example (0: one class at a time).")
+    d, h, w = feature_shape
+    return _groups(wanted, [len(c.paths) * h * w * d * 4 for c in wanted], budget_mb * 2 ** 20)
+
+
+class _Features:
+    """Per batch: (features, model logits or None), with the certificate's pass when asked."""
+
+    def __init__(self, loaded: LoadedModel, split: HeadSplit, device: torch.device, config: DiscoveryConfig,
+                 certify: bool):
+        self.device, self.autocast = device, config.autocast
+        self.tap = FeatureTap(split, loaded.model, device) if certify else None
+        self.backbone = None if certify else prepare_backbone(split, device)
+
+    def __call__(self, images: torch.Tensor):
+        if self.tap is not None:
+            return self.tap(images)
+        return backbone_features(self.backbone, images, self.device, self.autocast), None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _factorise_group(g: int, group: list, stacked: torch.Tensor, counts: torch.Tensor, images_in: list,
+                     paths: list, shape: tuple, split: HeadSplit, config: DiscoveryConfig, preprocess: Preprocess,
+                     progress, classes_done: int, classes_total: int, device: torch.device, timings: dict) -> tuple:
+    """NMF, refinement and per-class records of one group from its padded features (B, N, D)."""
+    d, h, w = shape
+    nmf_input = stacked.clamp(min=0) if split.signed_features else stacked
+    t0 = time.perf_counter()
+    report(progress, "nmf", classes_done, classes_total)
+    # Ticks inside the solvers let a cancelling progress callback stop them promptly.
+    found = nmf(nmf_input, config.nmf_config(), counts,
+                tick=lambda: report(progress, "nmf", classes_done, classes_total))
+    _sync(device)
+    timings["nmf_s"] = time.perf_counter() - t0
+    if not bool(torch.isfinite(found.prototypes).all()):
+        bad = [e.folder for e, ok in zip(group, torch.isfinite(found.prototypes).all(2).all(1).tolist()) if not ok]
+        raise ConfigError(f"NMF failed numerically for the class folder(s) {', '.join(bad[:5])}.",
+                          "Run discovery again with --nmf-solver sklearn (or on the CPU), and report the case.")
+    report(progress, "nmf", classes_done + len(group), classes_total)
+    del nmf_input
+
+    t0 = time.perf_counter()
+    report(progress, "refine", classes_done, classes_total)
+    heads = split.weight.detach().to(device).float()[[e.class_index for e in group]]
+    refined = refine(stacked, found.prototypes, heads, config.refine_config(), counts,
+                     tick=lambda: report(progress, "refine", classes_done, classes_total))
+    _sync(device)
+    timings["refine_s"] = time.perf_counter() - t0
+
+    records = []
+    for i, entry in enumerate(group):
+        class_feats = stacked[i, :counts[i]].reshape(images_in[i], h, w, d).permute(0, 3, 1, 2)
+        records.append(_class_record(entry, class_feats, paths[i], refined, found, i, split,
+                                     config.top_patches, preprocess.crop))
+    return records, refined.prototypes.cpu(), found.prototypes.float().cpu(), refined.alpha.cpu()
+
+
+def _stream_groups(todo: list, groups: list, data: ImageFolderData, preprocess: Preprocess, forward, shape: tuple,
+                   split: HeadSplit, config: DiscoveryConfig, device: torch.device, progress, workers,
+                   images_total: int, images_done: int, classes_total: int, classes_done: dict):
+    """Yield a GroupResult per group index in ``todo``, in order, from one stream of decoded batches.
+
+    Features go straight into their group's padded (B, N, D) batch; a group is factorised as
+    soon as its last image has passed, while the decoding workers read ahead.
+    """
+    d, h, w = shape
+    certify = isinstance(forward, _Features) and forward.tap is not None
+    where, order = {}, []
+    for g in todo:
+        for ci, entry in enumerate(groups[g]):
+            for rel in entry.paths:
+                where[rel] = (g, ci)
+                order.append(rel)
+    pending = {g: sum(len(e.paths) for e in groups[g]) for g in todo}
+    state = {}
+
+    def open_group(g):
+        group = groups[g]
+        n_max = max(len(e.paths) for e in group) * h * w
+        return {"stacked": torch.zeros(len(group), n_max, d, device=device), "rows": [0] * len(group),
+                "paths": [[] for _ in group], "pooled": [], "logits": [], "labels": [], "skipped": [],
+                "wait_s": 0.0, "features_s": 0.0, "certify_s": 0.0}
+
+    def add(g, ci, feats, rels, pooled, logits):
+        s = state.setdefault(g, open_group(g))
+        n = feats.shape[0] * h * w
+        s["stacked"][ci, s["rows"][ci]:s["rows"][ci] + n] = feats.permute(0, 2, 3, 1).reshape(-1, d)
+        s["rows"][ci] += n
+        s["paths"][ci] += rels
+        if pooled is not None:
+            s["pooled"].append(pooled)
+            s["logits"].append(logits)
+            s["labels"].append(torch.full((feats.shape[0],), groups[g][ci].class_index, dtype=torch.long))
+
+    wait = fwd = cert = 0.0
+    next_todo = 0
+    batches = iter(iter_batches(data.root, order, preprocess, config.batch_size, workers, device.type == "cuda"))
+    report(progress, "features", images_done, images_total)
+    while next_todo < len(todo):
         t0 = time.perf_counter()
-        feats, paths = [], []
-        for entry in group:
-            f, kept, bad = extract_features(split, data.root, entry.paths, preprocess, device, config.batch_size,
-                                            autocast=config.autocast, progress=progress, stage="features",
-                                            done_offset=images_done, total=total_images)
-            images_done += len(entry.paths)
-            skipped_all += bad
-            if not kept:
-                raise DataError(f"No image of class folder '{entry.folder}' could be read.", "Check its files.")
-            feats.append(f)
-            paths.append(kept)
-        timings["features_s"] += time.perf_counter() - t0
+        item = next(batches, None)
+        wait += time.perf_counter() - t0
+        if item is None:
+            break
+        x, kept, bad = item
+        for rel, why in bad:
+            g, _ = where[rel]
+            state.setdefault(g, open_group(g))["skipped"].append((rel, why))
+            pending[g] -= 1
+        if kept:
+            t0 = time.perf_counter()
+            feats, logits = forward(x)
+            _sync(device)
+            fwd += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            pooled = feats.mean(dim=(2, 3)).cpu() if certify else None
+            logits = logits.cpu() if certify else None
+            cert += time.perf_counter() - t0
+            start = 0
+            for j in range(1, len(kept) + 1):  # consecutive rows of one class go in together
+                if j == len(kept) or where[kept[j]] != where[kept[start]]:
+                    g, ci = where[kept[start]]
+                    add(g, ci, feats[start:j], kept[start:j], pooled[start:j] if certify else None,
+                        logits[start:j] if certify else None)
+                    pending[g] -= j - start
+                    start = j
+            del feats
+        images_done += len(kept) + len(bad)
+        report(progress, "features", images_done, images_total)
+        while next_todo < len(todo) and pending[todo[next_todo]] == 0:
+            g = todo[next_todo]
+            s = state.pop(g, None) or open_group(g)
+            group = groups[g]
+            empty = [e.folder for e, p in zip(group, s["paths"]) if not p]
+            if empty:
+                raise DataError(f"No image of class folder '{empty[0]}' could be read.", "Check its files.")
+            timings = {"decode_wait_s": wait, "features_s": fwd}
+            counts = torch.tensor(s["rows"])
+            done_before = classes_done["n"]
+            records, protos, nmf_protos, alpha = _factorise_group(
+                g, group, s["stacked"], counts, [len(p) for p in s["paths"]], s["paths"], shape, split, config,
+                preprocess, progress, done_before, classes_total, device, timings)
+            del s["stacked"]
+            classes_done["n"] += len(group)
+            report(progress, "refine", classes_done["n"], classes_total)
+            t0 = time.perf_counter()
+            empty_d = torch.empty(0, d)
+            result = GroupResult(
+                index=g, records=records, prototypes=protos, nmf_prototypes=nmf_protos, alpha=alpha,
+                pooled=torch.cat(s["pooled"]) if s["pooled"] else empty_d,
+                logits=torch.cat(s["logits"]) if s["logits"] else torch.empty(0, split.num_classes),
+                labels=torch.cat(s["labels"]) if s["labels"] else torch.empty(0, dtype=torch.long),
+                skipped=s["skipped"], timings=timings)
+            timings["certify_s"] = cert + time.perf_counter() - t0
+            wait = fwd = cert = 0.0
+            next_todo += 1
+            yield result
 
-        # 2. One padded batch: (B, N, D) with N = most positions of any class in the group.
-        counts = torch.tensor([f.shape[0] * h * w for f in feats])
-        n_max = int(counts.max())
-        stacked = torch.zeros(len(group), n_max, d, device=device)
-        for i, f in enumerate(feats):
-            stacked[i, :counts[i]] = f.permute(0, 2, 3, 1).reshape(-1, d)
-        # From here on each class's features are read back from the batch: one copy in memory.
-        images_in = [f.shape[0] for f in feats]
-        del feats
-        nmf_input = stacked.clamp(min=0) if split.signed_features else stacked
 
-        t0 = time.perf_counter()
-        report(progress, "nmf", classes_done, len(wanted))
-        # Ticks inside the solvers let a cancelling progress callback stop them promptly.
-        found = nmf(nmf_input, nmf_cfg, counts, tick=lambda: report(progress, "nmf", classes_done, len(wanted)))
-        timings["nmf_s"] += time.perf_counter() - t0
-        if not bool(torch.isfinite(found.prototypes).all()):
-            bad = [e.folder for e, ok in zip(group, torch.isfinite(found.prototypes).all(2).all(1).tolist()) if not ok]
-            raise ConfigError(f"NMF failed numerically for the class folder(s) {', '.join(bad[:5])}.",
-                              "Run discovery again with --nmf-solver sklearn (or on the CPU), and report the case.")
-        report(progress, "nmf", classes_done + len(group), len(wanted))
-        del nmf_input
+def discovery_key(loaded: LoadedModel, split: HeadSplit, preprocess: Preprocess, config: DiscoveryConfig,
+                  groups: list, shape: tuple, certify: bool) -> str:
+    """What decides a discovery's result: a resumed or sharded discovery must agree on it."""
+    settings = config.to_dict()
+    settings.pop("device", None)
+    return fingerprint({"version": __version__, "model": loaded.sha256, "arch": loaded.arch,
+                        "cut": [split.feature_layer, split.head_layer], "preprocess": preprocess.to_dict(),
+                        "config": settings, "shape": list(shape), "certify": certify,
+                        "groups": [[(e.class_index, e.folder, list(e.paths)) for e in g] for g in groups]})
 
-        # 3. Scaling and refinement against the effective head rows.
-        t0 = time.perf_counter()
-        report(progress, "refine", classes_done, len(wanted))
-        heads = split.weight.detach().to(device).float()[[e.class_index for e in group]]
-        refined = refine(stacked, found.prototypes, heads, refine_cfg, counts,
-                         tick=lambda: report(progress, "refine", classes_done, len(wanted)))
-        timings["refine_s"] += time.perf_counter() - t0
 
-        # 4. Per-class statistics and top patches from the final prototypes' maps.
-        for i, entry in enumerate(group):
-            class_feats = stacked[i, :counts[i]].reshape(images_in[i], h, w, d).permute(0, 3, 1, 2)
-            class_meta.append(_class_record(entry, class_feats, paths[i], refined, found, i, split,
-                                            config.top_patches, preprocess.crop))
-        del stacked
-        prototypes.append(refined.prototypes.cpu())
-        nmf_protos.append(found.prototypes.float().cpu())
-        alphas.append(refined.alpha.cpu())
-        classes_done += len(group)
-        report(progress, "refine", classes_done, len(wanted))
+def certificate_from_results(split: HeadSplit, prototypes: torch.Tensor, class_indices: torch.Tensor,
+                             head_error: torch.Tensor, pooled: torch.Tensor, logits: torch.Tensor,
+                             labels: torch.Tensor, device: torch.device, chunk: int = 4096):
+    """The certificate from pooled features and the model's own logits captured in discovery's pass:
+    the decomposed network's logits for a pooled vector z are those of the map z (1×1)."""
+    from .network import PrototypeNetwork
 
-    timings["total_s"] = time.perf_counter() - started
+    network = PrototypeNetwork(split, prototypes, class_indices)
+    network.prototypes = network.prototypes.to(device)
+    for name in ("class_indices", "head_weight", "head_bias"):
+        setattr(network, name, getattr(network, name).to(device))
+    acc = CertificateAccumulator()
+    with torch.inference_mode():
+        for start in range(0, pooled.shape[0], chunk):
+            z = pooled[start:start + chunk].to(device)
+            ours = network.explain_features(z[:, :, None, None], classes=[], with_maps=False).logits
+            acc.add(logits[start:start + chunk].to(device), ours, labels[start:start + chunk].to(device))
+    return acc.certificate(head_error)
+
+
+def discover(loaded: LoadedModel, split: HeadSplit, data: ImageFolderData, preprocess: Preprocess,
+             config: DiscoveryConfig = DiscoveryConfig(), progress: Optional[ProgressFn] = None,
+             data_label: Optional[str] = None, *, certify: bool = False, held_out: Optional[ImageFolderData] = None,
+             progress_dir=None, resume: bool = False, workers: Optional[int] = None, shard=None) -> Run:
+    """Decompose the head of ``split`` for every class of ``data`` (or ``config.classes``).
+
+    ``certify``: one forward pass of the whole model per batch gives the features and the
+    model's own logits, and the run's certificate is computed from them (plus ``held_out``
+    images, certified separately). ``progress_dir``: each finished group of classes is saved
+    there, and with ``resume`` the groups already saved are not redone. ``workers``: decoding
+    processes (None: from the cores). ``shard``: a :class:`phpn.distributed.Shard`; each rank
+    does every world-th group and rank 0 gathers and returns the run (other ranks return None).
+    """
+    device = resolve_device(config.device)
+    started = time.perf_counter()
+    wanted = _wanted(data, config, split)
+    forward = _Features(loaded, split, device, config, certify)
+    shape = _probe(data, wanted[0], preprocess, forward)
+    if certify and forward.tap.layer is None:
+        warnings.warn(f"The certificate takes a second forward pass: {forward.tap.mode}.")
+    groups = plan_groups(wanted, shape, config.memory_budget_mb)
+    key = discovery_key(loaded, split, preprocess, config, groups, shape, certify)
+    rank, world = (shard.rank, shard.world) if shard is not None else (0, 1)
+    if shard is not None:
+        shard.agree(key)
+    store = open_store(Path(progress_dir) if progress_dir is not None else None, key, resume) if rank == 0 or \
+        progress_dir is None else None
+    if shard is not None:
+        shard.barrier()  # rank 0 has set up the progress folder
+        if store is None and progress_dir is not None:
+            store = open_store(Path(progress_dir), key, True)
+    results = {g: r for g, r in (store.finished() if store is not None else {}).items() if g % world == rank}
+    todo = [g for g in range(len(groups)) if g % world == rank and g not in results]
+    images_total = sum(len(e.paths) for g in todo for e in groups[g])
+    classes_total = sum(len(groups[g]) for g in todo)
+    for result in _stream_groups(todo, groups, data, preprocess, forward, shape, split, config, device, progress,
+                                 workers, images_total, 0, classes_total, {"n": 0}):
+        if store is not None:
+            store.save(result)
+        results[result.index] = result
+    if shard is not None:
+        results = shard.gather(results)
+        if rank != 0:
+            return None
+    ordered = [results[g] for g in range(len(groups))]
+
+    timings = {name: sum(r.timings.get(name, 0.0) for r in ordered)
+               for name in ("decode_wait_s", "features_s", "nmf_s", "refine_s", "certify_s")}
+    prototypes = torch.cat([r.prototypes for r in ordered])
+    class_meta = [m for r in ordered for m in r.records]
     class_indices = torch.tensor([m["index"] for m in class_meta], dtype=torch.long)
+    run = Run(prototypes=prototypes, nmf_prototypes=torch.cat([r.nmf_prototypes for r in ordered]),
+              alpha=torch.cat([r.alpha for r in ordered]), class_indices=class_indices,
+              head_rows=split.weight.detach().cpu()[class_indices].clone(),
+              head_bias=split.bias.detach().cpu().clone(), meta={})
+    skipped_all = list(data.skipped) + [s for r in ordered for s in r.skipped]
     meta = {
         "phpn_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": _model_record(loaded, split, (d, h, w)),
+        "model": _model_record(loaded, split, shape),
         "preprocess": preprocess.to_dict(),
-        "data": {"root": data_label or str(data.root), "skipped": [list(s) for s in skipped_all]},
+        "data": {"root": data_label or str(data.root), "skipped": [list(s) for s in skipped_all],
+                 "class_mapping": data.class_mapping},
         "config": config.to_dict(),
-        "nmf": nmf_cfg.to_dict(),
-        "refine": refine_cfg.to_dict(),
+        "nmf": config.nmf_config().to_dict(),
+        "refine": config.refine_config().to_dict(),
         "device": str(device),
+        "groups": len(groups),
+        "ranks": world,
         "timings": timings,
         "classes": class_meta,
     }
-    return Run(prototypes=torch.cat(prototypes), nmf_prototypes=torch.cat(nmf_protos), alpha=torch.cat(alphas),
-               class_indices=class_indices, head_rows=split.weight.detach().cpu()[class_indices].clone(),
-               head_bias=split.bias.detach().cpu().clone(), meta=meta)
+    if certify:
+        t0 = time.perf_counter()
+        head_error = run.head_error()
+        cert = certificate_from_results(split, prototypes, class_indices, head_error,
+                                        torch.cat([r.pooled for r in ordered]), torch.cat([r.logits for r in ordered]),
+                                        torch.cat([r.labels for r in ordered]), device)
+        timings["certify_s"] += time.perf_counter() - t0
+        cert.seconds = round(timings["certify_s"], 3)
+        meta["certificate"] = cert.to_dict()
+        meta["certificate"]["pass"] = forward.tap.mode
+        if held_out is not None:
+            meta["certificate_held_out"] = certify_images(forward, split, run, held_out, preprocess, config,
+                                                          device, progress, workers).to_dict()
+    timings["total_s"] = time.perf_counter() - started
+    run.meta = meta
+    return run
+
+
+def certify_images(forward: "_Features", split: HeadSplit, run: Run, data: ImageFolderData, preprocess: Preprocess,
+                   config: DiscoveryConfig, device: torch.device, progress=None, workers=None):
+    """The certificate on other images (held out from discovery), one tapped pass per batch."""
+    label_of = {rel: c.class_index for c in data.classes for rel in c.paths}
+    order = list(label_of)
+    pooled, logits, labels = [], [], []
+    done = 0
+    for x, kept, bad in iter_batches(data.root, order, preprocess, config.batch_size, workers, device.type == "cuda"):
+        if kept:
+            feats, lg = forward(x)
+            pooled.append(feats.mean(dim=(2, 3)).cpu())
+            logits.append(lg.cpu())
+            labels.append(torch.tensor([label_of[r] for r in kept]))
+        done += len(kept) + len(bad)
+        report(progress, "certify", done, len(order))
+    if not pooled:
+        raise DataError("None of the held-out images could be read.", "Check the held-out image folder.")
+    return certificate_from_results(split, run.prototypes, run.class_indices, run.head_error(), torch.cat(pooled),
+                                    torch.cat(logits), torch.cat(labels), device)

@@ -1,0 +1,118 @@
+"""The data path: parallel decoding in order, one forward pass for discovery and certificate."""
+
+import pytest
+import torch
+from torch import nn
+
+import phpn.data
+from conftest import TinyNet, tiny_split
+from phpn.api import certify_run, open_model, run_discovery
+from phpn.data import iter_batches, load_batch, scan_image_folder
+from phpn.discover import DiscoveryConfig, discover
+from phpn.errors import ConfigError
+from phpn.features import FeatureTap
+from phpn.models import diagnose
+
+
+def _paths(data):
+    return [p for c in data.classes for p in c.paths]
+
+
+def test_parallel_decoding_keeps_order_and_reports_bad_files(tiny_loaded, image_folder):
+    (image_folder / "1" / "broken.png").write_bytes(b"not an image")
+    data = scan_image_folder(image_folder, num_classes=4, verify=False)
+    paths = _paths(data)
+    assert "1/broken.png" in paths
+    reference, kept_ref, bad_ref = load_batch(data.root, paths, tiny_loaded.preprocess)
+    batches = list(iter_batches(data.root, paths, tiny_loaded.preprocess, batch_size=5, workers=2))
+    assert len(batches) == -(-len(paths) // 5)
+    assert [p for _, kept, _ in batches for p in kept] == kept_ref == [p for p in paths if p != "1/broken.png"]
+    assert torch.equal(torch.cat([b for b, _, _ in batches]), reference)
+    skipped = [s for _, _, bad in batches for s in bad]
+    assert [s[0] for s in skipped] == [s[0] for s in bad_ref] == ["1/broken.png"]
+    assert "not a readable image" in skipped[0][1]
+
+
+def test_workers_and_batch_size_are_checked(tiny_loaded, image_folder):
+    with pytest.raises(ConfigError, match="workers must be 0 or more, got -1"):
+        list(iter_batches(image_folder, ["0/img00.png"], tiny_loaded.preprocess, workers=-1))
+    with pytest.raises(ConfigError, match="batch size must be at least 1, got 0"):
+        list(iter_batches(image_folder, ["0/img00.png"], tiny_loaded.preprocess, batch_size=0))
+
+
+def test_tap_gives_backbone_features_and_model_logits_in_one_pass(tiny_loaded, image_folder):
+    data = scan_image_folder(image_folder, num_classes=4)
+    x, _, _ = load_batch(data.root, _paths(data)[:10], tiny_loaded.preprocess)
+    split = tiny_split(tiny_loaded.model)
+    calls = []
+    handle = tiny_loaded.model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        tap = FeatureTap(split, tiny_loaded.model, torch.device("cpu"))
+        feats, logits = tap(x)  # first batch: checked against the backbone
+        calls.clear()
+        feats, logits = tap(x)
+    finally:
+        handle.remove()
+    assert tap.mode == "one pass" and calls == [1]  # one forward of the model, nothing else
+    assert torch.equal(feats, split.backbone(x))
+    assert torch.equal(logits, tiny_loaded.model(x))
+    assert tap.head_gap < 1e-6
+
+
+class _FunctionalEnd(TinyNet):
+    """The feature map is a function's output (no layer to catch it at)."""
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.features(x) - 0.1).mean((2, 3)))
+
+
+def test_tap_falls_back_to_two_passes_and_says_why():
+    torch.manual_seed(0)
+    model = _FunctionalEnd().eval()
+    split = diagnose_split(model)
+    tap = FeatureTap(split, model, torch.device("cpu"))
+    x = torch.randn(3, 3, 16, 16)
+    feats, logits = tap(x)
+    assert tap.mode == "two passes (the feature map is not a layer's output)"
+    assert torch.equal(logits, model(x)) and torch.equal(feats, split.backbone(x))
+
+
+def diagnose_split(model: nn.Module):
+    from phpn.models.head import LoadedModel
+    from phpn.data import Preprocess
+
+    loaded = LoadedModel(model=model, arch="tiny", num_classes=4, sha256="b" * 64,
+                         preprocess=Preprocess(resize=16, crop=16, mean=(0.5,) * 3, std=(0.25,) * 3))
+    return diagnose(loaded, input_size=(3, 16, 16)).split
+
+
+def test_certificate_from_the_discovery_pass_equals_a_separate_certificate(monkeypatch):
+    session = open_model(demo="fashion-mnist")
+    from phpn.demos import get_demo
+
+    data = scan_image_folder(get_demo("fashion-mnist").discovery_dir(), class_names=session.loaded.class_names,
+                             num_classes=10, images_per_class=6)
+    decoded = []
+    real = phpn.data.load_image
+    monkeypatch.setattr(phpn.data, "load_image", lambda src: decoded.append(str(src)) or real(src))
+    config = DiscoveryConfig(k=2, images_per_class=6, device="cpu", lbfgs_iter=5)
+    run = run_discovery(session, data, config, workers=0)
+    # Every image decoded once, plus the probe of the feature-map shape: no second pass.
+    assert len(decoded) == 60 + 1
+    cert = run.meta["certificate"]
+    assert cert["pass"] == "one pass" and cert["images"] == 60 and cert["passed"]
+    separate = certify_run(session, run, data, 64, "cpu").to_dict()
+    for field in ("images", "agreed", "labelled_images", "correct", "max_abs_logit", "max_head_error"):
+        assert cert[field] == separate[field], field
+    assert cert["max_logit_diff"] == pytest.approx(separate["max_logit_diff"], abs=1e-6)
+
+
+def test_held_out_images_get_their_own_certificate(tiny_loaded, image_folder):
+    data = scan_image_folder(image_folder, num_classes=4, images_per_class=4)
+    held = scan_image_folder(image_folder, num_classes=4)
+    split = tiny_split(tiny_loaded.model)
+    run = discover(tiny_loaded, split, data, tiny_loaded.preprocess, DiscoveryConfig(k=2, device="cpu"),
+                   certify=True, held_out=held, workers=0)
+    assert run.meta["certificate"]["images"] == 16 and run.meta["certificate"]["passed"]
+    assert run.meta["certificate_held_out"]["images"] == 48 and run.meta["certificate_held_out"]["passed"]
+    assert run.meta["certificate_held_out"]["labelled_images"] == 48
