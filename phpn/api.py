@@ -30,7 +30,7 @@ from .models.head import HeadSplit, LoadedModel
 from .network import PrototypeNetwork
 from .progress import ProgressFn, report
 from .runs import Run, check_model, load_run
-from .validation import check_class_names
+from .validation import check_at_least, check_class_names
 
 
 @dataclass
@@ -72,6 +72,7 @@ def merge_preprocess(default: Preprocess, overrides: Optional[dict] = None) -> P
         return default
     values = default.to_dict()
     values.update(overrides)
+    values["source"] = f"{default.source or 'defaults'}; changed by hand: {', '.join(sorted(overrides))}"
     if "channels" in overrides and int(overrides["channels"]) != default.channels:
         values.setdefault("mean", None)
         if "mean" not in overrides:
@@ -117,6 +118,9 @@ def open_model(checkpoint=None, *, demo: Optional[str] = None, arch: Optional[st
         from .demos import get_demo
 
         loaded = get_demo(demo).load_model()
+        if num_classes is not None and int(num_classes) != loaded.num_classes:
+            raise ConfigError(f"You asked for {num_classes} classes but the demo {demo} has {loaded.num_classes}.",
+                              f"Drop --num-classes or set it to {loaded.num_classes}.")
     else:
         loaded = load_model(checkpoint, arch=arch, model_def=model_def, trust_pickle=trust_pickle,
                             num_classes=num_classes)
@@ -239,6 +243,7 @@ def certify_run(session: ModelSession, run: Run, data: ImageFolderData, batch_si
     """Certify ``run`` on ``data``'s images; each image's class folder is its label, so the
     certificate records the model's accuracy beside the agreement."""
     device = resolve_device(device)
+    check_at_least("batch size", batch_size)
     network = run.network(session.split)
     paths = [(c.class_index, p) for c in data.classes for p in c.paths]
     # Small batches on the CPU: a cancel is seen between forward passes, within about a second.
@@ -474,9 +479,8 @@ class DecomposedRun(Run):
         session = self._session()
         out = explain_image(session, self.network(), image, class_index, top=top)
         out.run = self
-        root = self.meta.get("data", {}).get("root") or ""
-        if not isinstance(session.preprocess, TensorInput) and Path(root).is_dir():
-            out.image_root = Path(root)
+        if not isinstance(session.preprocess, TensorInput):
+            out.image_root = run_image_root(self)
         return out
 
     def save(self, path, **options) -> Path:
@@ -515,3 +519,107 @@ def _shape_probe(channels: int, height: int, width: int) -> ImageFolderData:
     store = InMemoryImages("shape probe")
     store.add("memory/0/000000", torch.zeros(int(channels), int(height), int(width)))
     return ImageFolderData(root=store, classes=[ClassImages("0", 0, ["memory/0/000000"])])
+
+
+# --- explanations in bulk (the CLI's ``phpn explain RUN IMAGES... --out DIR``) -----------------
+
+EXPLANATIONS_SUMMARY = "explanations.json"
+
+
+def run_image_root(run: Run) -> Optional[Path]:
+    """Where the run's discovery images (its top patches) can be read now, or None."""
+    label = str(run.meta.get("data", {}).get("root") or "")
+    if label.startswith("demo:"):
+        from .demos import get_demo
+        from .errors import PhpnError
+
+        try:
+            return get_demo(label[5:]).discovery_dir()
+        except PhpnError:
+            return None
+    return Path(label) if label and Path(label).is_dir() else None
+
+
+def list_images(sources: Sequence) -> list:
+    """Image files named directly or found (recursively, sorted) in folders: [(path, name)], where
+    ``name`` is unique and readable (the folder's name, then the path inside it)."""
+    from .data import IMAGE_SUFFIXES
+    from .errors import DataError
+
+    found = []
+    for src in sources:
+        src = Path(src)
+        if src.is_dir():
+            files = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                raise DataError(f"The folder {src} holds no image files.", "Name image files or folders of images.")
+            found += [(p, f"{src.name}/{p.relative_to(src).as_posix()}") for p in files]
+        elif src.is_file():
+            found.append((src, src.name))
+        else:
+            raise DataError(f"{src} does not exist.", "Name image files or folders of images.")
+    return found
+
+
+def _output_stem(name: str, taken: set) -> str:
+    stem = "__".join(Path(name).with_suffix("").parts) or "image"
+    stem = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in stem)
+    unique, n = stem, 1
+    while unique in taken:
+        n += 1
+        unique = f"{stem}-{n}"
+    taken.add(unique)
+    return unique
+
+
+def _check_explain_target(out: Path) -> None:
+    """The output folder is new, empty, or one phpn wrote explanations to before."""
+    from .errors import ConfigError as _ConfigError
+
+    if out.exists() and not out.is_dir():
+        raise _ConfigError(f"{out} exists and is not a folder.", "Pass --out a new or empty folder.")
+    if out.is_dir() and any(out.iterdir()) and not (out / EXPLANATIONS_SUMMARY).is_file():
+        raise _ConfigError(f"{out} is not empty and was not written by 'phpn explain'; phpn will not write into it.",
+                           "Pass --out a new or empty folder.")
+
+
+def explain_to_folder(session: ModelSession, run: Run, sources: Sequence, out, *,
+                      class_index: Optional[int] = None, progress: Optional[ProgressFn] = None,
+                      network: Optional[PrototypeNetwork] = None) -> dict:
+    """Explain every image of ``sources`` (files or folders): one PNG and one self-contained HTML
+    page per image in ``out``, and a JSON summary (``explanations.json``) of them all.
+
+    Unreadable images are skipped and listed in the summary, never fatal."""
+    import json
+    import os
+    import tempfile
+
+    from .errors import DataError
+
+    out = Path(out)
+    _check_explain_target(out)
+    images = list_images(sources)
+    out.mkdir(parents=True, exist_ok=True)
+    network = network or run.network(session.split)
+    root = run_image_root(run)
+    taken, explained, skipped = set(), [], []
+    report(progress, "explain", 0, len(images))
+    for i, (path, name) in enumerate(images):
+        try:
+            ex = explain_image(session, network, path, class_index)
+        except DataError as err:
+            skipped.append({"image": name, "why": str(err)})
+        else:
+            ex.source, ex.run, ex.image_root = name, run, root
+            stem = _output_stem(name, taken)
+            ex.save(out / f"{stem}.png")
+            ex.save(out / f"{stem}.html")
+            explained.append({**ex.to_dict(), "png": f"{stem}.png", "html": f"{stem}.html"})
+        report(progress, "explain", i + 1, len(images))
+    summary = {"run": str(run.path) if run.path else None, "images": len(images), "explained": explained,
+               "skipped": skipped, "certificate": run.meta.get("certificate")}
+    fd, tmp = tempfile.mkstemp(prefix=f".{EXPLANATIONS_SUMMARY}.", suffix=".tmp", dir=out)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(summary, fh, indent=1)
+    os.replace(tmp, out / EXPLANATIONS_SUMMARY)
+    return summary

@@ -236,3 +236,61 @@ def test_public_names_are_documented():
         if callable(obj):
             assert obj.__doc__, name
     assert json.loads(json.dumps(phpn.__version__)) == phpn.__version__
+
+
+# --- the CLI's batch explanations ----------------------------------------------------------------
+
+def test_cli_explains_images_and_folders_into_a_folder(tmp_path, capsys):
+    from phpn.cli import main
+    from phpn.demos import get_demo
+
+    demo = get_demo("fashion-mnist")
+    folder = demo.explain_dir() / sorted(p.name for p in demo.explain_dir().iterdir())[1]
+    single = sorted(folder.iterdir())[0]
+    picked = tmp_path / "picked"
+    picked.mkdir()
+    for p in sorted(folder.iterdir())[:3]:
+        (picked / p.name).write_bytes(p.read_bytes())
+    (picked / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    code = main(["explain", str(demo.run_dir), str(single), str(picked), "--out", str(out), "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["images"] == 5 and result["explained"] == 4 and len(result["skipped"]) == 1
+    summary = json.loads((out / "explanations.json").read_text())
+    assert [e["image"] for e in summary["explained"]] == [single.name] + [f"picked/{p.name}" for p in
+                                                                          sorted(folder.iterdir())[:3]]
+    assert summary["skipped"][0]["image"] == "picked/broken.png"
+    for entry in summary["explained"]:
+        assert (out / entry["png"]).is_file() and (out / entry["html"]).is_file()
+        assert entry["contributions_plus_bias"] == pytest.approx(entry["logit"], abs=1e-4)
+    assert len(list(out.iterdir())) == 2 * 4 + 1
+    # Again into the same folder: allowed (phpn wrote it); into a folder of other files: refused, untouched.
+    assert main(["explain", str(demo.run_dir), str(single), "--out", str(out)]) == 0
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert main(["explain", str(demo.run_dir), str(single), "--out", str(other)]) == 2
+    assert "was not written by 'phpn explain'" in capsys.readouterr().err
+    assert [p.name for p in other.iterdir()] == ["notes.txt"] and (other / "notes.txt").read_text() == "mine"
+
+
+def test_cli_explains_one_image_without_out(capsys):
+    from phpn.cli import main
+    from phpn.demos import get_demo
+
+    demo = get_demo("fashion-mnist")
+    image = next(iter(sorted(next(iter(sorted(demo.explain_dir().iterdir()))).iterdir())))
+    assert main(["explain", str(demo.run_dir), str(image), "--json"]) == 0
+    obj = json.loads(capsys.readouterr().out)
+    assert obj["contributions_plus_bias"] == pytest.approx(obj["logit"], abs=1e-4)
+    assert main(["explain", str(demo.run_dir), str(image.parent)]) == 2
+    assert "Pass --out DIR" in capsys.readouterr().err
+
+
+def test_cli_doctor_honours_the_preprocessing_flags(capsys):
+    from phpn.cli import main
+
+    assert main(["doctor", "--demo", "fashion-mnist", "--resize", "56", "--crop", "56", "--json"]) == 0
+    obj = json.loads(capsys.readouterr().out)
+    assert obj["input_size"] == [1, 56, 56] and obj["feature_shape"] == [128, 14, 14]
