@@ -26,6 +26,7 @@ page = st.navigation([
     st.Page(shared.PAGES["discover"], title="Discover", icon=":material/search:"),
     st.Page(shared.PAGES["classes"], title="Class browser", icon=":material/extension:"),
     st.Page(shared.PAGES["explain"], title="Explain an image", icon=":material/image_search:"),
+    st.Page(shared.PAGES["mistakes"], title="Mistakes first", icon=":material/rule:"),
     st.Page(shared.PAGES["export"], title="Export", icon=":material/download:"),
     st.Page(shared.PAGES["evaluate"], title="Evaluate", icon=":material/straighten:"),
 ])

@@ -433,6 +433,7 @@ PAGES = {
     "discover": "pages/discover.py",
     "classes": "pages/classes.py",
     "explain": "pages/explain.py",
+    "mistakes": "pages/mistakes.py",
     "export": "pages/export.py",
     "evaluate": "pages/evaluate.py",
 }
@@ -520,8 +521,23 @@ def certificate_line(cert: Optional[dict]) -> str:
     return format_certificate(cert, short=True)
 
 
+@st.cache_resource(show_spinner=False)
+def page_icon():
+    """The favicon, drawn here: four prototype colours. A ``:material/…:`` or emoji favicon
+    makes the browser fetch it from a font CDN, which fails offline."""
+    from PIL import Image, ImageDraw
+
+    from phpn import viz
+
+    icon = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(icon)
+    for i, (x, y) in enumerate(((0, 0), (17, 0), (0, 17), (17, 17))):
+        draw.rounded_rectangle((x, y, x + 14, y + 14), radius=3, fill=viz.prototype_color(i))
+    return icon
+
+
 def configure_page() -> None:
-    st.set_page_config(page_title="phpn: part-prototypes for any classifier", page_icon=":material/extension:", layout="wide")
+    st.set_page_config(page_title="phpn: part-prototypes for any classifier", page_icon=page_icon(), layout="wide")
 
 
 def frame() -> None:
@@ -564,6 +580,11 @@ def sidebar() -> None:
             r = run.run
             st.caption(f"Run: {len(r.meta.get('classes', []))} classes × k = {r.k} ({run.origin}); "
                        f"certificate {certificate_line(r.meta.get('certificate'))}")
+            from phpn.certify import chance_warning
+
+            if chance_warning(r.meta.get("certificate")):
+                st.error("The model is near chance on the labelled images: its preprocessing is probably wrong. "
+                         "See Discover → Check preprocessing.", icon=":material/warning:")
             if run.saved_to:
                 st.caption(f"Saved at `{shown_path(run.saved_to)}`")
             else:

@@ -78,6 +78,44 @@ else:
             running = True
 
 
+# --- check preprocessing ---------------------------------------------------------------------
+def _check_preprocessing_section() -> None:
+    from phpn.certify import chance_warning
+    from phpn.preprocess_check import describe
+
+    current = S.current_run()
+    at_chance = bool(current and chance_warning(current.run.meta.get("certificate")))
+    with st.expander("Check preprocessing: does the model read these images?", expanded=at_chance,
+                     icon=":material/tune:"):
+        st.caption(f"In use: {describe(model.session.preprocess)}. The check runs the model on a few labelled "
+                   "images per class with the usual input sizes (with and without a centre crop) and "
+                   "normalisations, and ranks them by accuracy.")
+        per_class = st.number_input("Images per class", 1, 20, 3, key="check_pre_images")
+        if st.button("Check preprocessing", key="check_pre", disabled=running):
+            with S.user_errors():
+                from phpn.preprocess_check import check_preprocessing
+
+                bar = st.progress(0.0, text="Trying settings…")
+                with model.lock:
+                    check = check_preprocessing(
+                        model.session, data.data, images_per_class=int(per_class),
+                        progress=lambda _s, d, t: bar.progress(min(1.0, d / max(t, 1)), text=f"Settings tried: {d}"))
+                bar.empty()
+                st.session_state["preprocess_check"] = (model.key, check)
+        done = st.session_state.get("preprocess_check")
+        if done and done[0] == model.key:
+            check = done[1]
+            (st.warning if check.improves or check.best_near_chance else st.success)(check.proposal())
+            if check.improves:
+                st.caption("Set it on the **Model & data** page (preprocessing), then discover again.")
+            st.dataframe(pd.DataFrame(check.table()), hide_index=True,
+                         column_config={"accuracy": st.column_config.NumberColumn(format="percent")})
+
+
+if data is not None:
+    _check_preprocessing_section()
+
+
 # --- live progress -----------------------------------------------------------------------------
 def _progress_body(job) -> None:
     now = time.time()
@@ -135,16 +173,26 @@ if entry is not None:
                f"scaling {run.meta['config']['scaling']}, device {run.meta.get('device', '?')}")
     cert = run.meta.get("certificate")
     if cert:
+        from phpn.certify import Certificate, chance_warning
+        from phpn.glossary import explain as term
+
+        warning = chance_warning(cert)
+        if warning:  # before anything else about this run: its explanations would mislead
+            st.error(warning, icon=":material/warning:")
+        c = Certificate.from_dict(cert)
         passed = cert["passed"]
         headline = (f"**Certificate {'PASSED' if passed else 'FAILED'}**: the part-prototype network "
                     f"{'reproduces' if passed else 'does not reproduce'} the original model on {cert['images']} images.")
         (st.success if passed else st.error)(headline, icon=":material/verified:" if passed else ":material/cancel:")
-        c1, c2, c3, c4 = st.columns(4)
-        c1.metric("Top-1 agreement", f"{100 * cert['top1_agreement']:.2f}%")
-        c2.metric("Max |Δ logit|", f"{cert['max_logit_diff']:.2g}",
+        c1, c2, c3, c4, c5 = st.columns(5)
+        c1.metric("Agrees with the model on", f"{c.agreed} of {c.images} images", help=term("agreement"))
+        c2.metric("Model accuracy", f"{100 * c.accuracy:.1f}%" if c.accuracy is not None else "unknown",
+                  help=term("accuracy") + (f" Here: {c.correct} right of {c.labelled_images} labelled images."
+                                           if c.labelled_images else " These images had no labels."))
+        c3.metric("Max |Δ logit|", f"{cert['max_logit_diff']:.2g}",
                   help=f"{cert['relative_logit_diff']:.2g} of the largest |logit| ({cert['max_abs_logit']:.3g})")
-        c3.metric("Max head error ‖Σp̃ − v‖/‖v‖", f"{cert['max_head_error']:.2g}")
-        c4.metric("Images checked", cert["images"])
+        c4.metric("Max head error ‖Σp̃ − v‖/‖v‖", f"{cert['max_head_error']:.2g}")
+        c5.metric("Certificate time", f"{c.seconds:.1f} s" if c.seconds is not None else "not recorded")
     else:
         st.info("This run has no certificate.")
     t = run.meta.get("timings", {})

@@ -21,6 +21,19 @@ names = model.session.class_names
 pre_key = S.preprocess_key(model.session.preprocess)
 train_root = S.image_root_for_run(run)
 
+from phpn.certify import chance_warning  # noqa: E402
+
+_chance = chance_warning(run.meta.get("certificate"))
+if _chance:  # before any explanation: the model cannot read these inputs
+    st.error(_chance, icon=":material/warning:")
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def _folder_labels(root: str, model_key: str, _model) -> dict:
+    from phpn.mistakes import folder_labels
+
+    return folder_labels(root, _model.session)
+
 
 def _name(i: int) -> str:
     return names[i] if i < len(names) else str(i)
@@ -44,7 +57,7 @@ options = list(folders) + ["Upload an image"]
 S.remember("explain_source", "explain_opacity", "explain_mode", options={"explain_source": options})
 source = st.radio("Image", options, horizontal=True, key="explain_source")
 
-image, image_key, image_label = None, None, None
+image, image_key, image_label, true_class = None, None, None, None
 if source == "Upload an image":
     up = st.file_uploader("An image (PNG, JPEG, BMP, GIF, TIFF, WebP)",
                           type=["png", "jpg", "jpeg", "bmp", "gif", "tif", "tiff", "webp"], key="explain_upload")
@@ -83,6 +96,7 @@ else:
         image = load_image(path)
         image_key = f"file:{path}:{path.stat().st_mtime_ns}"
         image_label = f"{folder}/{name}"
+        true_class = _folder_labels(str(root), model.key, model).get(folder)
 
 if image is None:
     st.info("Pick or upload an image.")
@@ -107,12 +121,19 @@ with c_class:
     S.memorise("explain_source", "explain_opacity", "explain_mode")
     if top1 not in decomposed:
         st.info(f"The top prediction {_name(top1)} has no prototypes in this run.")
+if true_class is not None and true_class != top1:
+    st.error(f"**Mistake**: the model predicts **{_name(top1)}**, but this image is labelled **{_name(true_class)}** "
+             f"(its folder). The **Mistakes first** page shows why {_name(top1)} and not {_name(true_class)}.",
+             icon=":material/close:")
+elif true_class is not None:
+    st.success(f"The model is right: the image is labelled **{_name(true_class)}** (its folder).",
+               icon=":material/check:")
 with c_pred:
     st.plotly_chart(viz.figure_top_predictions(best.top, title="Top-5 predictions"), key=f"top_{image_key}",
                     config={"displayModeBar": False})
 
 e = best if cls == best.class_index else _explain(entry.id, image_key, int(cls), model, network, image)
-st.session_state["explained"] = {"explanation": e, "label": image_label, "run_id": entry.id,
+st.session_state["explained"] = {"explanation": e, "label": image_label, "run_id": entry.id, "true_class": true_class,
                                  "opacity": float(opacity)}
 k = len(e.contributions)
 colors = [viz.prototype_color(i) for i in range(k)]

@@ -74,7 +74,9 @@ else:
         with S.user_errors():
             html_text = report.explanation_report(e, run, image_root=S.image_root_for_run(run),
                                                   preprocess=model.session.preprocess,
-                                                  opacity=explained.get("opacity", 0.6))
+                                                  opacity=explained.get("opacity", 0.6),
+                                                  image_name=explained["label"], model_label=model.label,
+                                                  run_label=entry.origin, true_class=explained.get("true_class"))
             st.session_state["explanation_report"] = (entry.id, explained["label"], e.class_index, html_text)
     built = st.session_state.get("explanation_report")
     if built and built[0] == entry.id and built[1] == explained["label"] and built[2] == e.class_index:

@@ -82,6 +82,13 @@ class Certificate:
     def summary(self) -> str:
         return format_certificate(self.to_dict())
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Certificate":
+        """A certificate recorded in a run (older runs lack the accuracy fields: no labels)."""
+        fields = ("images", "top1_agreement", "max_logit_diff", "max_abs_logit", "max_head_error", "mean_head_error",
+                  "agreed", "labelled_images", "correct", "labelled_classes", "seconds")
+        return cls(**{k: d[k] for k in fields if k in d})
+
 
 class CertificateAccumulator:
     """Builds a certificate batch by batch from the two networks' logits (and labels).

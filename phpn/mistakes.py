@@ -127,6 +127,20 @@ class FolderPredictions:
         return text
 
 
+def folder_labels(root, session) -> dict:
+    """{class folder name: model class index} for a labelled folder, matched as for discovery;
+    {} when the folders do not match the model's classes (the images then have no labels)."""
+    from .data import scan_image_folder
+    from .errors import PhpnError
+
+    try:
+        found = scan_image_folder(root, class_names=session.loaded.class_names, num_classes=session.loaded.num_classes,
+                                  images_per_class=1, verify=False)
+    except PhpnError:
+        return {}
+    return {c.folder: c.class_index for c in found.classes}
+
+
 def _logits(model, batch: torch.Tensor) -> torch.Tensor:
     out = model(batch)
     return getattr(out, "logits", out).float()

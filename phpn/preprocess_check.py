@@ -75,10 +75,21 @@ class PreprocessCheck:
     images: int
     classes: int
     notes: list = field(default_factory=list)
+    tried: list = field(default_factory=list)  # the same results in the order tried (in use, recorded, ...)
+
+    def within_noise(self, a: int, b: int) -> bool:
+        """Right on ``a`` and ``b`` images: too close to tell apart on this many images."""
+        return abs(a - b) < max(2, MIN_GAIN * self.images)
 
     @property
     def best(self) -> SettingResult:
-        return self.results[0]
+        """The first setting tried (in use, recorded, the family's, then the grid) whose accuracy is
+        within the noise of the top one: a plausible prior beats a one-image lead."""
+        top = self.results[0]
+        for r in self.tried or self.results:
+            if r.error is None and self.within_noise(r.correct, top.correct):
+                return r
+        return top
 
     @property
     def best_near_chance(self) -> bool:
@@ -91,8 +102,7 @@ class PreprocessCheck:
             return False
         current_near_chance = self.current.error is not None or near_chance(self.current.correct, self.images,
                                                                             self.classes)
-        gain = self.best.correct - self.current.correct
-        return current_near_chance or gain >= max(2, MIN_GAIN * self.images)
+        return current_near_chance or not self.within_noise(self.best.correct, self.current.correct)
 
     def proposal(self) -> str:
         """What to do, in one or two sentences, with the numbers."""
@@ -102,8 +112,9 @@ class PreprocessCheck:
                     f"right on {best.correct} of {best.images} images. The class order (which folder is which "
                     "class) or the model itself is the likely cause; check the class-names file and the folders.")
         if not self.improves:
-            lead = "" if best.preprocess == cur.preprocess else (
-                f" ({best.label} is right on {best.correct}: within the noise of {self.images} images)")
+            top = self.results[0]
+            lead = "" if top.preprocess == cur.preprocess else (
+                f" ({top.label} is right on {top.correct}: within the noise of {self.images} images)")
             return (f"Keep the setting in use ({describe(cur.preprocess)}): right on {cur.correct} of "
                     f"{cur.images} images ({100 * (cur.accuracy or 0):.0f}%){lead}.")
         return (f"Use {describe(best.preprocess)} ({best.label}): right on {best.correct} of {best.images} images "
@@ -280,4 +291,4 @@ def check_preprocessing(session, data: ImageFolderData, *, images_per_class: int
     report(progress, "check", total, total)
     current_result = next(r for r in results if r.preprocess == current)
     return PreprocessCheck(results=_rank(results), current=current_result, images=len(images), classes=classes,
-                           notes=notes)
+                           notes=notes, tried=results)

@@ -183,9 +183,47 @@ def class_report(run, class_index: int, *, image_root=None, preprocess=None, net
     return _page(f"phpn: {name}", "".join(body))
 
 
+def provenance(explanation, run, *, image_name: Optional[str] = None, model_label: Optional[str] = None,
+               run_label: Optional[str] = None, true_class: Optional[int] = None) -> list:
+    """(what, value) rows saying where an explanation comes from: the image, the model, the run,
+    the predicted and the explained class (and the labelled one when known), the certificate."""
+    from .certify import format_certificate
+
+    e = explanation
+    names = run.class_names
+
+    def named(i):
+        return f"{names[i] if 0 <= i < len(names) else i} ({i})"
+
+    model = run.meta.get("model", {})
+    image = image_name or getattr(e, "source", "") or "an image without a name"
+    if run_label is None:
+        where = getattr(run, "path", None)
+        run_label = f"{where}" if where else "not saved"
+    rows = [("Image", image),
+            ("Model", f"{model_label + ' · ' if model_label else ''}{model.get('arch', '?')}, sha256 "
+                      f"{str(model.get('sha256', ''))[:12]}…"),
+            ("Run", f"{run_label} · made {run.meta.get('created', '?')} · k = {run.k}")]
+    top_class, _, _, top_p = e.top[0]
+    rows.append(("Predicted class", f"{named(top_class)}, probability {100 * top_p:.1f}%"))
+    explained = named(e.class_index)
+    if e.class_index != top_class:
+        explained += " (not the predicted class: this report explains another class's score)"
+    rows.append(("Explained class", explained))
+    if true_class is not None:
+        verdict = "the model is right" if int(true_class) == top_class else "the model is WRONG on this image"
+        rows.append(("Labelled class", f"{named(int(true_class))}: {verdict}"))
+    rows.append(("Certificate", format_certificate(run.meta.get("certificate"))))
+    return rows
+
+
 def explanation_report(explanation, run, *, image_root=None, preprocess=None, opacity: float = 0.6,
-                       patches: int = 4, size: int = 196) -> str:
-    """HTML report of one image explained for one class (``phpn.api.ImageExplanation``)."""
+                       patches: int = 4, size: int = 196, image_name: Optional[str] = None,
+                       model_label: Optional[str] = None, run_label: Optional[str] = None,
+                       true_class: Optional[int] = None) -> str:
+    """HTML report of one image explained for one class (``phpn.api.ImageExplanation``), with
+    its provenance (see :func:`provenance`) at the top."""
+    from .certify import chance_warning
     from .data import Preprocess
 
     preprocess = preprocess or Preprocess.from_dict(run.meta["preprocess"])
@@ -197,7 +235,13 @@ def explanation_report(explanation, run, *, image_root=None, preprocess=None, op
     vmax = viz.signed_scale(e.maps)
     meta = run.class_meta(e.class_index)
 
-    body = [f"<h1>Why “{_esc(e.class_name)}”?</h1>",
+    rows = provenance(e, run, image_name=image_name, model_label=model_label, run_label=run_label,
+                      true_class=true_class)
+    warning = chance_warning(run.meta.get("certificate"))
+    body = [f"<h1>Why “{_esc(e.class_name)}”? — {_esc(rows[0][1])}</h1>",
+            (f'<p class="bad">Warning: {_esc(warning)}</p>' if warning else ""),
+            "<table>" + "".join(f"<tr><th class=l>{_esc(a)}</th><td class=l>{_esc(b)}</td></tr>" for a, b in rows)
+            + "</table>",
             f'<p class="meta">Class {e.class_index}; logit {e.logit:.3f} = bias {e.bias:.3f} + Σ prototype '
             f"contributions {float(np.sum(e.contributions)):.3f}.</p>",
             '<div class="row">', _img(picture, "the image as the model sees it", size),
@@ -222,7 +266,7 @@ def explanation_report(explanation, run, *, image_root=None, preprocess=None, op
         if tiles:
             body.append(_img(viz.image_grid(tiles, columns=2), "looks like (training patches)"))
         body.append("</div></div>")
-    return _page(f"phpn: {e.class_name}", "".join(body))
+    return _page(f"phpn: why {e.class_name}? ({rows[0][1]})", "".join(body))
 
 
 def run_zip_bytes(run, name: Optional[str] = None) -> bytes:

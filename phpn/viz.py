@@ -499,9 +499,10 @@ def figure_contributions(mean_contribution: Sequence[float], labels: Optional[Se
 
 def figure_waterfall(bias: float, contributions: Sequence[float], logit: float,
                      labels: Optional[Sequence[str]] = None, colors: Optional[Sequence[str]] = None,
-                     title: Optional[str] = None, height: int = 340):
+                     title: Optional[str] = None, height: int = 340, start_label: str = "bias",
+                     end_label: str = "logit"):
     """From the bias to the logit, one floating bar per prototype in its own colour; a
-    contribution that subtracts is hatched."""
+    contribution that subtracts is hatched. (Also a logit gap: from the bias difference.)"""
     import plotly.graph_objects as go
 
     c = [float(v) for v in contributions]
@@ -509,7 +510,7 @@ def figure_waterfall(bias: float, contributions: Sequence[float], logit: float,
     labels = list(labels) if labels is not None else [f"prototype {i + 1}" for i in range(k)]
     colors = list(colors) if colors is not None else [prototype_color(i) for i in range(k)]
     starts = list(np.cumsum([float(bias)] + c)[:-1])
-    x = ["bias"] + labels + ["logit"]
+    x = [start_label] + labels + [end_label]
     base = [0.0] + starts + [0.0]
     y = [float(bias)] + c + [float(logit)]
     fig = go.Figure(go.Bar(
@@ -518,7 +519,7 @@ def figure_waterfall(bias: float, contributions: Sequence[float], logit: float,
                                                       fgcolor=NEGATIVE_COLOR)),
         text=[f"{float(bias):+.2f}"] + [f"{v:+.2f}" for v in c] + [f"{float(logit):.2f}"], textposition="outside",
         hovertemplate="%{x}: %{text}<extra></extra>"))
-    fig.update_yaxes(title="logit", zeroline=True)
+    fig.update_yaxes(title=end_label, zeroline=True)
     return _layout(fig, height, title)
 
 

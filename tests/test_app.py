@@ -540,3 +540,101 @@ def test_discovery_on_the_gpu_leaves_the_shared_model_on_the_cpu():
     _clean(at)
     assert not _errors(at), _errors(at)
     assert all(p.device.type == "cpu" for p in model.loaded.model.parameters())
+
+
+# --- accuracy beside agreement, the chance warning, check preprocessing, mistakes first -----------
+
+def _wrong_size_model(at: AppTest, size: int = 96) -> None:
+    """The demo's model with a wrong input size, as a visitor who left the default size would have it."""
+    from dataclasses import replace as _replace
+
+    from pages._shared import ModelEntry
+    from phpn.api import open_model
+
+    session = open_model(demo="fashion-mnist")
+    session.preprocess = _replace(session.preprocess, resize=size, crop=size)
+    at.session_state["model"] = ModelEntry(session=session, key=f"fashion-mnist at {size} px",
+                                           label=f"demo: fashion-mnist at {size} px")
+    del at.session_state["run"]
+
+
+@pytest.mark.slow
+@needs_demo
+def test_a_model_at_the_wrong_size_is_flagged_before_any_explanation_and_the_check_proposes_28_px():
+    at = _app().run()
+    _wrong_size_model(at)
+    _small_discovery(at, k=2, cap=3)
+    cert = at.session_state["run"].run.meta["certificate"]
+    assert cert["passed"] and cert["labelled_images"] == 30 and cert["near_chance"]  # exact, and at chance
+    from phpn.certify import chance_warning
+
+    warning = chance_warning(cert)
+    assert warning in _errors(at)
+    assert any(m.label == "Model accuracy" and m.value == f"{100 * cert['accuracy']:.1f}%" for m in at.metric)
+    assert any(m.label == "Agrees with the model on" and m.value == "30 of 30 images" for m in at.metric)
+    assert any("near chance" in e.value for e in at.sidebar.error)
+    at.switch_page("pages/explain.py").run()
+    _clean(at)
+    assert _errors(at)[0] == warning  # the first thing on the page, before any explanation
+    at.switch_page("pages/discover.py").run()
+    at.number_input(key="check_pre_images").set_value(1)
+    at.button(key="check_pre").click().run()
+    _clean(at)
+    proposal = next(w.value for w in at.warning if w.value.startswith("Use "))
+    assert proposal.startswith("Use 28 px, mean 0.286, std 0.353 normalisation (recorded with the model)")
+    check = at.session_state["preprocess_check"][1]
+    assert check.current.preprocess.crop == 96 and check.best.preprocess.crop == 28 and check.improves
+
+
+@needs_demo
+def test_mistakes_first_gallery_confusions_and_why_a_not_b():
+    from phpn.api import open_data
+    from phpn.mistakes import predict_folder
+
+    at = _app().run()
+    at.switch_page("pages/mistakes.py").run()
+    _clean(at)
+    at.radio(key="mistakes_source").set_value("The demo's held-out images")
+    at.number_input(key="mistakes_cap").set_value(5)
+    at.button(key="mistakes_predict").click().run()
+    _clean(at)
+    assert not _errors(at), _errors(at)
+    found = at.session_state["mistakes"]["found"]
+    model = at.session_state["model"]
+    again = predict_folder(model.session, open_data(model.session, at.session_state["data"].explain_root, 5))
+    assert [p.predicted for p in found.predictions] == [p.predicted for p in again.predictions]
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Model accuracy"] == f"{100 * found.accuracy:.1f}%" and metrics["Images"] == "50"
+    assert metrics["Mistakes"] == str(found.images - found.correct)
+    assert found.summary() in [m.value for m in at.markdown]
+    wrong = [p for p in found.mistakes_first() if not p.correct]
+    assert wrong, "the demo model makes a few mistakes on its held-out images"
+    # The contrast opens on the most confident mistake: its prediction against its label.
+    first = wrong[0]
+    gap_title = next(s.value for s in at.subheader if "logit gap" in s.value)
+    assert f"{found.name(first.predicted)} over {found.name(first.true_class)}" in gap_title
+    assert len(at.get("plotly_chart")) == 1
+    # Another image through its own "Why?" button.
+    other = wrong[-1]
+    at.button(key=f"why_{other.path}").click().run()
+    _clean(at)
+    assert any(other.path in c.value for c in at.caption)
+
+
+@needs_demo
+def test_explain_marks_a_mistake_against_the_images_label():
+    from phpn.api import open_data
+    from phpn.mistakes import predict_folder
+
+    at = _app().run()
+    model, data = at.session_state["model"], at.session_state["data"]
+    found = predict_folder(model.session, open_data(model.session, data.explain_root))
+    wrong = next(p for p in found.predictions if not p.correct)
+    folder, name = wrong.path.split("/", 1)
+    at.switch_page("pages/explain.py").run()
+    at.selectbox(key="explain_folder").set_value(folder).run()
+    at.selectbox(key="explain_file").set_value(name).run()
+    _clean(at)
+    assert any(e.value.startswith(f"**Mistake**: the model predicts **{found.name(wrong.predicted)}**, but this image "
+                                  f"is labelled **{found.name(wrong.true_class)}**") for e in at.error)
+    assert at.session_state["explained"]["true_class"] == wrong.true_class

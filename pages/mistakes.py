@@ -1,0 +1,188 @@
+"""Mistakes first: a labelled test folder through the model, its mistakes before its successes,
+the most frequent confusions, and "why A and not B" on one image: both classes' prototypes
+side by side and the logit gap as a waterfall. Every number comes from phpn.mistakes."""
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from pages import _shared as S
+from phpn import viz
+from phpn.certify import chance_warning
+from phpn.errors import DataError
+
+S.frame()
+st.title("Mistakes first")
+entry = S.require_run()
+model = S.current_model()
+run, network = entry.run, entry.network
+data = S.current_data()
+names = model.session.class_names
+pre_key = S.preprocess_key(model.session.preprocess)
+
+
+def _name(i: int) -> str:
+    return names[i] if 0 <= i < len(names) else str(i)
+
+
+warning = chance_warning(run.meta.get("certificate"))
+if warning:
+    st.error(warning, icon=":material/warning:")
+
+# --- which labelled folder ------------------------------------------------------------------------
+st.caption("A labelled folder: one sub-folder of images per class, matched to the model's classes as on the "
+           "Model & data page. Each image's folder is its true class.")
+options = []
+if data is not None and data.explain_root is not None:
+    options.append("The demo's held-out images")
+if data is not None:
+    options.append("The images loaded on Model & data")
+options += ["Upload a zip of a labelled folder", "Labelled folder on this server"]
+S.remember("mistakes_source", "mistakes_cap", options={"mistakes_source": options})
+source = st.radio("Test images", options, horizontal=True, key="mistakes_source")
+zip_file, folder_path = None, ""
+if source == "Upload a zip of a labelled folder":
+    zip_file = st.file_uploader("Zip of the labelled folder", type=["zip"], key="mistakes_zip")
+elif source == "Labelled folder on this server":
+    folder_path = st.text_input("Folder path", key="mistakes_path", placeholder="/data/my-test-set")
+cap = st.number_input("Images per class (0: all)", min_value=0, value=20, step=10, key="mistakes_cap")
+S.memorise("mistakes_source", "mistakes_cap")
+
+if st.button("Predict the folder", type="primary", key="mistakes_predict"):
+    with S.user_errors():
+        from phpn.mistakes import predict_folder
+
+        if source == "The demo's held-out images":
+            root, label = Path(data.explain_root), "the demo's held-out images"
+        elif source == "The images loaded on Model & data":
+            root, label = Path(data.data.root), data.label
+        elif source == "Upload a zip of a labelled folder":
+            from phpn.uploads import MAX_ZIP_BYTES, unpack_uploaded_zip
+
+            if zip_file is None:
+                raise DataError("No zip uploaded.", "Choose a .zip of the labelled folder first.")
+            ws = S.workspace()
+            ws.check_room(int(zip_file.size), "This zip file")
+            with st.spinner("Unpacking…"):
+                root = unpack_uploaded_zip(zip_file, ws.new_upload_dir(), max_bytes=min(MAX_ZIP_BYTES, ws.room()))
+            label = zip_file.name
+        else:
+            if not folder_path.strip():
+                raise DataError("No folder given.", "Type the path of the labelled folder on this server.")
+            root = S.visitor_path(folder_path, "image folder")
+            label = S.shown_path(root)
+        with st.spinner("Scanning the class folders…"):
+            folder = S.scan_data(model, root, int(cap) or None, 0)
+        bar = st.progress(0.0, text="Predicting…")
+        found = predict_folder(model.session, folder,
+                               progress=lambda _s, done, total: bar.progress(done / max(total, 1),
+                                                                             text=f"Predicting: {done}/{total}"))
+        bar.empty()
+        st.session_state["mistakes"] = {"found": found, "label": label, "model_key": model.key}
+        st.session_state.pop("mistakes_pick", None)
+
+result = st.session_state.get("mistakes")
+if not result or result.get("model_key") != model.key:
+    st.info("Pick a labelled folder and press **Predict the folder**.")
+    st.stop()
+found = result["found"]
+
+# --- the summary -------------------------------------------------------------------------------------
+st.header(f"{result['label']}")
+m1, m2, m3 = st.columns(3)
+m1.metric("Model accuracy", f"{100 * (found.accuracy or 0):.1f}%", help="The original model's predictions against "
+          "the folders' classes.")
+m2.metric("Images", found.images)
+m3.metric("Mistakes", found.images - found.correct)
+st.write(found.summary())
+folder_warning = chance_warning({"labelled_images": found.images, "correct": found.correct,
+                                 "labelled_classes": len({p.true_class for p in found.predictions})})
+if folder_warning and not warning:
+    st.error(folder_warning, icon=":material/warning:")
+if found.skipped:
+    st.caption(f"{len(found.skipped)} files could not be read and were left out.")
+
+c1, c2 = st.columns(2)
+with c1:
+    st.subheader("Most frequent confusions")
+    confusions = found.confusions(top=10)
+    if confusions:
+        st.dataframe(pd.DataFrame([{"true class": c["true_name"], "taken for": c["predicted_name"], "images": c["count"],
+                                    "share of the class": c["share"]} for c in confusions]), hide_index=True,
+                     column_config={"share of the class": st.column_config.NumberColumn(format="percent")})
+    else:
+        st.success("No mistakes on these images.")
+with c2:
+    st.subheader("Accuracy per class (worst first)")
+    st.dataframe(pd.DataFrame([{"class": r["name"], "images": r["images"], "right": r["correct"],
+                                "accuracy": r["accuracy"]} for r in found.per_class()]), hide_index=True,
+                 column_config={"accuracy": st.column_config.NumberColumn(format="percent")})
+
+# --- the gallery ----------------------------------------------------------------------------------------
+st.subheader("Gallery: mistakes first")
+only_mistakes = st.toggle("Mistakes only", value=False, key="mistakes_only")
+ordered = found.mistakes_first()
+shown = [p for p in ordered if not p.correct] if only_mistakes else ordered
+per_page = 24
+pages = max(1, (len(shown) + per_page - 1) // per_page)
+page = st.number_input("Page", 1, pages, 1, key="mistakes_page") if pages > 1 else 1
+columns = st.columns(6)
+for i, p in enumerate(shown[(page - 1) * per_page: page * per_page]):
+    with columns[i % 6]:
+        seen = S.seen_image(str(found.root / p.path), pre_key)
+        if seen is not None:
+            st.image(viz.enlarge(seen, 112), width=112)
+        mark = ":green[✓ right]" if p.correct else ":red[✗ wrong]"
+        st.markdown(f"{mark} · true **{found.name(p.true_class)}**  \npredicted **{found.name(p.predicted)}** "
+                    f"({100 * p.confidence:.0f}%)")
+        if st.button("Why?", key=f"why_{p.path}"):
+            st.session_state["mistakes_pick"] = p.path
+
+# --- why A and not B ------------------------------------------------------------------------------------
+pick = next((p for p in found.predictions if p.path == st.session_state.get("mistakes_pick")), None)
+if pick is None:
+    pick = ordered[0] if ordered else None
+if pick is None:
+    st.stop()
+decomposed = sorted(int(c) for c in run.class_indices.tolist())
+st.header("Why A and not B?")
+st.caption(f"Image `{pick.path}`: labelled **{found.name(pick.true_class)}**, predicted "
+           f"**{found.name(pick.predicted)}** ({'right' if pick.correct else 'a mistake'}).")
+default_a, default_b = pick.predicted, pick.rival if pick.correct else pick.true_class
+if default_a not in decomposed or default_b not in decomposed:
+    st.info("Both classes need prototypes in this run; pick two classes that were decomposed.")
+a1, a2 = st.columns(2)
+class_a = a1.selectbox("A (the model's choice)", decomposed, format_func=lambda i: f"{_name(i)} ({i})",
+                       index=decomposed.index(default_a) if default_a in decomposed else 0, key=f"contrast_a_{pick.path}")
+b_choices = [c for c in decomposed if c != class_a]
+if not b_choices:
+    st.info("This run has prototypes for one class only: there is nothing to compare with.")
+    st.stop()
+class_b = a2.selectbox("B (the class it was not)", b_choices, format_func=lambda i: f"{_name(i)} ({i})",
+                       index=b_choices.index(default_b) if default_b in b_choices else 0, key=f"contrast_b_{pick.path}")
+
+with S.user_errors():
+    from phpn.mistakes import contrast_image
+
+    with model.lock:
+        c = contrast_image(model.session, network, found.root / pick.path, int(class_a), int(class_b))
+    verdict = "prefers" if c.gap >= 0 else "does not prefer"
+    st.subheader(f"The model {verdict} {c.name_a} over {c.name_b}: logit gap {c.gap:+.3f}")
+    steps = c.steps()
+    k = len(c.contributions_a)
+    colors = [viz.prototype_color(i) for i in range(k)] * 2
+    st.plotly_chart(viz.figure_waterfall(steps[0][1], [v for _, v in steps[1:]], c.gap, [lab for lab, _ in steps[1:]],
+                                         colors, title=f"logit({c.name_a}) − logit({c.name_b}), term by term: "
+                                                       f"{c.name_a}'s prototypes add, {c.name_b}'s subtract",
+                                         start_label="bias difference", end_label="logit gap"),
+                    key=f"contrast_waterfall_{pick.path}_{class_a}_{class_b}", config={"displayModeBar": False})
+    picture = viz.enlarge(c.image, 224)
+    left, right = st.columns(2)
+    for col, name, logit, bias, contrib, maps in ((left, c.name_a, c.logit_a, c.bias_a, c.contributions_a, c.maps_a),
+                                                  (right, c.name_b, c.logit_b, c.bias_b, c.contributions_b, c.maps_b)):
+        with col:
+            st.markdown(f"**{name}**: logit {logit:.3f} = bias {bias:.3f} + Σ prototypes {float(contrib.sum()):.3f}")
+            tiles = st.columns(k)
+            for i in range(k):
+                tiles[i].image(viz.prototype_overlay(picture, maps[i], 0.6, colors=[colors[i]]),
+                               caption=f"prototype {i + 1}: {float(contrib[i]):+.3f}")
