@@ -1,0 +1,68 @@
+"""Explanation reports say where they come from: the image, the model, the run, the predicted and
+the explained class, the labelled class when known, and the certificate (with its warning)."""
+from __future__ import annotations
+
+import html
+
+import pytest
+
+from conftest import tiny_split
+from phpn import report
+from phpn.certify import chance_warning, format_certificate
+from phpn.data import scan_image_folder
+from phpn.discover import DiscoveryConfig, discover
+
+
+@pytest.fixture
+def explained(tiny_loaded, image_folder):
+    from phpn.api import explain_image
+
+    data = scan_image_folder(image_folder, class_names=tiny_loaded.class_names, num_classes=4)
+    split = tiny_split(tiny_loaded.model)
+    run = discover(tiny_loaded, split, data, tiny_loaded.preprocess, DiscoveryConfig(k=2, device="cpu"))
+    run.meta["certificate"] = {"images": 48, "top1_agreement": 1.0, "agreed": 48, "max_logit_diff": 1e-7,
+                               "max_abs_logit": 2.0, "relative_logit_diff": 5e-8, "max_head_error": 1e-9,
+                               "mean_head_error": 1e-10, "passed": True, "labelled_images": 48, "correct": 40,
+                               "labelled_classes": 4, "seconds": 0.25}
+
+    class Session:  # the parts of ModelSession explain_image uses
+        preprocess = tiny_loaded.preprocess
+        class_names = tiny_loaded.class_names
+
+    network = run.network(split)
+    best = explain_image(Session(), network, image_folder / "2" / "img05.png")
+    other = next(c for c in range(4) if c != best.top[0][0])
+    return run, explain_image(Session(), network, image_folder / "2" / "img05.png", class_index=other), best
+
+
+def test_provenance_names_image_model_run_classes_and_certificate(explained):
+    run, e, best = explained
+    top, name, _, p = best.top[0]
+    rows = dict(report.provenance(e, run, image_name="2/img05.png", model_label="my model", run_label="runs/a",
+                                  true_class=2))
+    assert rows["Image"] == "2/img05.png"
+    assert rows["Model"] == "my model · tiny, sha256 aaaaaaaaaaaa…"
+    assert rows["Run"] == f"runs/a · made {run.meta['created']} · k = 2"
+    assert rows["Predicted class"] == f"{name} ({top}), probability {100 * p:.1f}%"
+    assert rows["Explained class"] == (f"{e.class_name} ({e.class_index}) (not the predicted class: this report "
+                                       "explains another class's score)")
+    right = "the model is right" if top == 2 else "the model is WRONG on this image"
+    assert rows["Labelled class"] == f"blue (2): {right}"
+    assert rows["Certificate"] == format_certificate(run.meta["certificate"])
+    assert "agrees with the model on 48 of 48 images" in rows["Certificate"]
+    assert "accuracy on the 48 labelled images: 83.3% (40 right)" in rows["Certificate"]
+
+
+def test_the_report_carries_its_provenance_and_the_chance_warning(explained, tiny_loaded):
+    run, e, _ = explained
+    page = report.explanation_report(e, run, preprocess=tiny_loaded.preprocess, image_name="2/img05.png",
+                                     model_label="my <model>")
+    assert f"<h1>Why “{e.class_name}”? — 2/img05.png</h1>" in page
+    assert "my &lt;model&gt; · tiny" in page and "<script" not in page
+    assert html.escape(format_certificate(run.meta["certificate"])) in page
+    assert "Warning:" not in page  # 40 of 48: far from chance
+    run.meta["certificate"]["correct"] = 13
+    page = report.explanation_report(e, run, preprocess=tiny_loaded.preprocess)
+    assert f'<p class="bad">Warning: {html.escape(chance_warning(run.meta["certificate"]))}</p>' in page
+    unnamed = getattr(e, "source", "") or "an image without a name"  # the explanation's own source, if any
+    assert f"— {html.escape(str(unnamed))}</h1>" in page
