@@ -57,6 +57,15 @@ def test_bad_settings_name_the_variable(tmp_path, env, phrase):
     assert phrase in str(err.value)
 
 
+def test_the_readme_and_the_shipped_settings_file_name_every_setting():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    shipped = Path(__file__).resolve().parents[1] / ".streamlit" / "phpn.toml"
+    for key, variable, _, _ in settings_table():
+        assert f"| `{variable}` | `{key}` |" in readme
+        assert f"# {key} = " in shipped.read_text(encoding="utf-8")
+    assert load_settings(environ={}, settings_file=shipped) == ServerSettings()
+
+
 def test_unknown_keys_in_the_settings_file_are_refused(tmp_path):
     file = tmp_path / "phpn.toml"
     file.write_text("[phpn]\nallow_cod = true\n")
