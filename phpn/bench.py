@@ -1,6 +1,8 @@
-"""Benchmark: discovery + refinement against scikit-learn's NMF, in the same process.
+"""Benchmark: discovery + refinement against scikit-learn's NMF, in the same process; and, with
+``--end-to-end``, a JPEG folder to a certified run, timed by stage.
 
     python -m phpn.bench [--quick] [--json] [--device auto|cpu|cuda]
+    python -m phpn.bench --end-to-end [--quick] [--workers N] [--json]
 
 Data: CUB-shaped synthetic post-ReLU features — 200 classes × 30 images × 7×7 positions ×
 2048 channels. Each class mixes a few sparse non-negative part directions (its own and
@@ -8,6 +10,12 @@ some shared with other classes), switched on at some positions of each image, pl
 Gaussian noise, through a ReLU: the statistics of the last block of a ResNet-50 in
 miniature. The baseline is ``sklearn.decomposition.NMF(init="nndsvda", solver="cd")``
 fitted class by class on a sample of classes, its time scaled to all classes.
+
+End to end: a synthetic folder of JPEGs (200 classes × 30 images at 256 px, CUB-sized;
+``--quick``: 10 × 8) and a torchvision ResNet-50 with random weights (nothing downloaded).
+It reports each stage's time and images/s, decoding alone, a pure forward pass over the
+same images preloaded as tensors, and the two ratios the pipeline aims at: feature stage /
+pure forward (≥ 0.9 when decoding keeps up) and certificate / feature stage (≤ 0.1).
 """
 from __future__ import annotations
 
@@ -121,6 +129,142 @@ def run_benchmark(quick: bool = False, device: str = "auto", k: int = 3, baselin
     return result
 
 
+# ----------------------------------------------------------------------------- end to end
+
+def synthetic_jpeg_folder(root, classes: int, images: int, size: int = 256, seed: int = 0):
+    """``root/<class>/<image>.jpg``: per class a tint and a few blobs, plus noise (decoding cost is real)."""
+    from pathlib import Path
+
+    from PIL import Image, ImageDraw
+
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        folder = root / f"{c:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        tint = rng.integers(40, 215, 3)
+        for i in range(images):
+            noise = rng.normal(0, 40, (size, size, 3)) + tint
+            image = Image.fromarray(np.clip(noise, 0, 255).astype(np.uint8))
+            draw = ImageDraw.Draw(image)
+            for _ in range(4):
+                x, y, r = rng.integers(0, size, 2).tolist() + [int(rng.integers(size // 12, size // 4))]
+                draw.ellipse([x - r, y - r, x + r, y + r], fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+            image.save(folder / f"{i:03d}.jpg", quality=90)
+    return root
+
+
+def run_end_to_end(quick: bool = False, device: str = "auto", classes: int = 0, images: int = 0,
+                   workers=None, batch_size: int = 64, k: int = 3, seed: int = 0, folder=None) -> dict:
+    """Folder of JPEGs -> certified run with a random-weight torchvision ResNet-50, timed by stage."""
+    import tempfile
+    from pathlib import Path
+
+    import torchvision
+
+    from .data import Preprocess, default_workers, iter_batches, scan_image_folder
+    from .discover import DiscoveryConfig, discover
+    from .features import FeatureTap
+    from .models import diagnose
+    from .models.head import LoadedModel
+    from .runs import save_run
+
+    dev = resolve_device(device)
+    classes = classes or (10 if quick else 200)
+    images = images or (8 if quick else 30)
+    workers = default_workers() if workers is None else workers
+    with tempfile.TemporaryDirectory(prefix="phpn-bench-") as tmp:
+        tmp = Path(tmp)
+        t0 = time.perf_counter()
+        root = Path(folder) if folder else synthetic_jpeg_folder(tmp / "images", classes, images, seed=seed)
+        make_folder_s = time.perf_counter() - t0
+
+        torch.manual_seed(seed)
+        model = torchvision.models.resnet50(weights=None, num_classes=classes).eval()
+        pre = Preprocess(resize=256, crop=224)
+        loaded = LoadedModel(model=model, arch="resnet50", num_classes=classes, sha256="0" * 64, preprocess=pre,
+                             source="random weights (benchmark)")
+        split = diagnose(loaded, input_size=(3, 224, 224)).split
+        data = scan_image_folder(root, num_classes=classes)
+        n = sum(len(c.paths) for c in data.classes)
+        paths = [p for c in data.classes for p in c.paths]
+
+        # Decoding alone, with the same workers: what the folder can deliver.
+        t0 = time.perf_counter()
+        preloaded = [x for x, _, _ in iter_batches(root, paths, pre, batch_size, workers)]
+        decode_alone_s = time.perf_counter() - t0
+
+        # A pure forward over preloaded tensors, in the same precision as discovery's pass.
+        tap = FeatureTap(split, model, dev)
+        tap(preloaded[0][:2])  # warm-up (and the tap's one-time check)
+        _sync(dev)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            for x in preloaded:
+                model(x.to(dev, non_blocking=True).contiguous(
+                    memory_format=torch.channels_last if dev.type == "cuda" else torch.contiguous_format))
+        _sync(dev)
+        forward_s = time.perf_counter() - t0
+        del preloaded
+
+        config = DiscoveryConfig(k=k, device=str(dev), batch_size=batch_size, seed=seed)
+        t0 = time.perf_counter()
+        run = discover(loaded, split, data, pre, config, certify=True, workers=workers)
+        discover_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        save_run(run, tmp / "run")
+        save_s = time.perf_counter() - t0
+
+    t = run.meta["timings"]
+    feature_stage_s = t["decode_wait_s"] + t["features_s"]
+    stages = {"decode (waiting on the workers)": t["decode_wait_s"], "features + logits (model)": t["features_s"],
+              "NMF": t["nmf_s"], "refinement": t["refine_s"], "certificate": t["certify_s"], "save": save_s}
+    cert = run.meta["certificate"]
+    return {
+        "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
+        "torch_threads": torch.get_num_threads(),
+        "workers": workers,
+        "classes": classes,
+        "images": n,
+        "image_size": 256,
+        "batch_size": batch_size,
+        "k": k,
+        "make_folder_s": make_folder_s,
+        "stages_s": stages,
+        "folder_to_certified_run_s": discover_s + save_s,
+        "decode_alone_s": decode_alone_s,
+        "decode_alone_images_per_s": n / decode_alone_s,
+        "pure_forward_s": forward_s,
+        "pure_forward_images_per_s": n / forward_s,
+        "feature_stage_s": feature_stage_s,
+        "feature_stage_images_per_s": n / feature_stage_s,
+        "feature_stage_over_pure_forward": (n / feature_stage_s) / (n / forward_s),
+        "certificate_over_feature_stage": t["certify_s"] / feature_stage_s,
+        "certificate_pass": cert["pass"],
+        "certificate_passed": cert["passed"],
+        "certificate_images": cert["images"],
+        "max_relative_logit_diff": cert["relative_logit_diff"],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def print_end_to_end(r: dict) -> None:
+    n = r["images"]
+    print(f"device {r['device']} ({r['torch_threads']} threads, {r['workers']} decoding workers), ResNet-50 (random "
+          f"weights), {r['classes']} classes x {n // r['classes']} JPEGs at {r['image_size']} px, k = {r['k']}")
+    print(f"{'stage':34s} {'seconds':>8s} {'images/s':>9s}")
+    for name, s in r["stages_s"].items():
+        print(f"{name:34s} {s:8.2f} {n / s if s > 0 else float('inf'):9.1f}")
+    print(f"{'folder -> certified run':34s} {r['folder_to_certified_run_s']:8.2f} "
+          f"{n / r['folder_to_certified_run_s']:9.1f}")
+    print(f"{'decoding alone (same workers)':34s} {r['decode_alone_s']:8.2f} {r['decode_alone_images_per_s']:9.1f}")
+    print(f"{'pure forward (preloaded tensors)':34s} {r['pure_forward_s']:8.2f} {r['pure_forward_images_per_s']:9.1f}")
+    print(f"feature stage / pure forward: {r['feature_stage_over_pure_forward']:.2f} (target >= 0.90)")
+    print(f"certificate / feature stage: {r['certificate_over_feature_stage']:.3f} (target <= 0.10); "
+          f"{'PASSED' if r['certificate_passed'] else 'FAILED'} on {r['certificate_images']} images, "
+          f"{r['certificate_pass']}, max |Δlogit| {r['max_relative_logit_diff']:.1g} of max |logit|")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m phpn.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="40 classes instead of 200")
@@ -128,7 +272,19 @@ def main(argv=None) -> int:
     parser.add_argument("--baseline-classes", type=int, default=0, help="classes scikit-learn is timed on")
     parser.add_argument("--classes", type=int, default=0, help="override the number of classes")
     parser.add_argument("--json", action="store_true")
+    g = parser.add_argument_group("end to end: a JPEG folder -> certified run with a random-weight ResNet-50")
+    g.add_argument("--end-to-end", action="store_true",
+                   help="time decode, features, NMF, refinement, certificate, save (CUB-sized: 200 x 30 at 256 px)")
+    g.add_argument("--images", type=int, default=0, help="images per class (default 30, --quick 8)")
+    g.add_argument("--workers", type=int, help="decoding processes (default: the cores less one)")
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--folder", help="an existing class-folder tree to use instead of the synthetic one")
     args = parser.parse_args(argv)
+    if args.end_to_end:
+        r = run_end_to_end(quick=args.quick, device=args.device, classes=args.classes, images=args.images,
+                           workers=args.workers, batch_size=args.batch_size, folder=args.folder)
+        print(json.dumps(r)) if args.json else print_end_to_end(r)
+        return 0
     r = run_benchmark(quick=args.quick, device=args.device, baseline_classes=args.baseline_classes,
                       classes=args.classes)
     if args.json:
