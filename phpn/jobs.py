@@ -212,10 +212,11 @@ class DiscoveryJob:
         return self.status
 
     def wall_times(self) -> dict:
-        """Seconds per stage (first to last report), in the queue, and in all."""
+        """Seconds per stage (first to last report), in the queue, and in all (from the start
+        request to the end, the queue included)."""
         out = {s: round(p.updated - p.started, 3) for s, p in self.stages.items() if p.started}
         out["queued"] = round((self.began or self.finished or time.time()) - self.started, 3)
-        out["total"] = round(self.elapsed(), 3)
+        out["total"] = round((self.finished or time.time()) - self.started, 3)
         return out
 
     def elapsed(self) -> float:

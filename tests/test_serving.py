@@ -444,3 +444,14 @@ def test_a_discovery_waits_its_turn_with_its_position_shown(app_env):
     finally:
         release.set()
     assert job.wait(120) == "done", job.error
+
+
+def test_an_unsafe_workspace_root_stops_the_app_with_a_message(app_env, monkeypatch):
+    target = app_env / "elsewhere"
+    target.mkdir()
+    (app_env / "planted").symlink_to(target)
+    monkeypatch.setenv("PHPN_UPLOAD_DIR", str(app_env / "planted"))
+    at = _app()
+    assert _errors(at) == ["The workspace root is a symbolic link; phpn refuses to write through it. Remove it or "
+                           "point PHPN_UPLOAD_DIR at a new folder, then restart the app."]
+    assert list(target.iterdir()) == []
