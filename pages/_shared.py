@@ -372,20 +372,6 @@ def sweep_idle_workspaces() -> None:
         traceback.print_exc()
 
 
-_LAST_SWEEP = [0.0]
-
-
-def sweep_idle_workspaces() -> None:
-    """Delete idle visitors' workspaces (at a session's start, then at most every SWEEP_EVERY_S)."""
-    if time.time() - _LAST_SWEEP[0] < SWEEP_EVERY_S and _LAST_SWEEP[0]:
-        return
-    _LAST_SWEEP[0] = time.time()
-    try:
-        serving.sweep_idle(keep=(session_id(),))
-    except Exception:  # noqa: BLE001 - housekeeping must never stop the app
-        traceback.print_exc()
-
-
 def image_root_for_run(run) -> Optional[Path]:
     """Where the run's training images (top patches) can be read now, or None."""
     from phpn.demos import get_demo
