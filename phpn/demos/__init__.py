@@ -21,9 +21,10 @@ from ..data import Preprocess
 from ..errors import CheckpointError, ConfigError
 from ..models.checkpoint import file_sha256 as checkpoint_sha256
 from ..models.head import LoadedModel
+from ..resources import assets_dir
 from . import lite0
 
-ASSETS = Path(__file__).resolve().parents[2] / "assets"
+ASSETS = assets_dir()  # the repository's assets/, or phpn/assets when installed
 
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
