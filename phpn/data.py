@@ -316,10 +316,12 @@ def _unmatched_message(folders, by_name, ambiguous, by_index, class_names) -> tu
     hints = []
     for folder, hits in list(ambiguous.items())[:3]:
         hints.append(f"'{folder}' fits several classes ({', '.join(map(str, hits))}): name it by index")
-    keys = {_name_key(n): n for n in expected}
+    taken = set(by_name.values())  # suggest only names no other folder has
+    keys = {_name_key(n): n for i, n in enumerate(expected) if i not in taken}
     for folder in [f for f in unmatched if f not in ambiguous][:5]:
-        close = difflib.get_close_matches(_name_key(folder), list(keys), n=1, cutoff=0.8)
-        close = close or [k for k in keys if _name_key(folder) and k.startswith(_name_key(folder))][:1]
+        key = _name_key(folder)
+        close = [k for k in keys if key and (k.startswith(key) or key.startswith(k))][:1]
+        close = close or difflib.get_close_matches(key, list(keys), n=1, cutoff=0.8)
         if close:
             hints.append(f"'{folder}' might be '{keys[close[0]]}'")
     if by_index and len(by_index) == len(folders):

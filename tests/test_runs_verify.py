@@ -1,0 +1,137 @@
+"""Runs are written without touching anything else and verified when opened."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import TinyNet, tiny_split
+from phpn.data import scan_image_folder
+from phpn.discover import DiscoveryConfig, discover
+from phpn.errors import RunError
+from phpn.models.checkpoint import file_sha256
+from phpn.runs import META, TENSORS, check_model, check_run_target, load_run, save_run
+
+
+@pytest.fixture
+def saved(tiny_loaded, image_folder, tmp_path):
+    data = scan_image_folder(image_folder, class_names=tiny_loaded.class_names, num_classes=4)
+    run = discover(tiny_loaded, tiny_split(tiny_loaded.model), data, tiny_loaded.preprocess,
+                   DiscoveryConfig(k=2, device="cpu", solver="none"))
+    return save_run(run, tmp_path / "run"), run
+
+
+def _rewrite(path, *, meta=None, tensors=None, checksum=True):
+    """Change a saved run by hand; with ``checksum`` the recorded sha256 is updated to match."""
+    m = json.loads((path / META).read_text())
+    if tensors is not None:
+        current = load_file(str(path / TENSORS))
+        current.update(tensors)
+        save_file(current, str(path / TENSORS))
+    if checksum:
+        m["tensors_sha256"] = file_sha256(path / TENSORS)
+    if meta is not None:
+        meta(m)
+    (path / META).write_text(json.dumps(m))
+
+
+def test_checksum_is_recorded_and_the_mapping_stored(saved):
+    path, run = saved
+    meta = json.loads((path / META).read_text())
+    assert meta["tensors_sha256"] == file_sha256(path / TENSORS)
+    assert meta["data"]["class_mapping"]["by"] == "index"
+    assert meta["data"]["class_mapping"]["folders"] == {"0": 0, "1": 1, "2": 2, "3": 3}
+    again = load_run(path)
+    assert torch.equal(again.prototypes, run.prototypes)
+
+
+def test_a_flipped_bit_is_refused(saved):
+    path, _ = saved
+    raw = bytearray((path / TENSORS).read_bytes())
+    raw[-3] ^= 0x01
+    (path / TENSORS).write_bytes(bytes(raw))
+    with pytest.raises(RunError, match="does not match the checksum recorded in run.json"):
+        load_run(path)
+
+
+def test_nan_prototypes_are_refused(saved):
+    path, run = saved
+    bad = run.prototypes.clone()
+    bad[0, 0, 0] = float("nan")
+    _rewrite(path, tensors={"prototypes": bad})
+    with pytest.raises(RunError, match="prototypes contains NaN or infinite values"):
+        load_run(path)
+
+
+def test_prototypes_that_no_longer_sum_to_the_head_are_refused(saved):
+    path, run = saved
+    bad = run.prototypes.clone()
+    bad[1, 0] *= 1.01
+    _rewrite(path, tensors={"prototypes": bad})
+    with pytest.raises(RunError, match="its prototypes do not sum to the head rows they decompose"):
+        load_run(path)
+
+
+@pytest.mark.parametrize("change, phrase", [
+    (lambda m: m.update(classes={"0": 1}), "'classes' is not a list of class records"),
+    (lambda m: m["classes"][0].pop("index"), "class records lack an integer 'index'"),
+    (lambda m: m["classes"].pop(), "class records (3) do not match the run's decomposed classes"),
+    (lambda m: m["classes"][0].update(fidelity=[0.5]), "class 0's 'fidelity' is not a list of 2 numbers"),
+    (lambda m: m["model"].update(class_names=["a", "b"]), "run.json names 2 classes but the head has 4"),
+    (lambda m: m["model"].update(class_names="abcd"), "model.class_names is not a list of names"),
+    (lambda m: m.update(preprocess={"resize": 8}), "'preprocess' is missing or invalid"),
+    (lambda m: m.update(model=[1, 2]), "run.json's 'model' is not an object"),
+])
+def test_a_malformed_run_json_is_refused_with_the_reason(saved, change, phrase):
+    path, _ = saved
+    _rewrite(path, meta=change)
+    with pytest.raises(RunError) as err:
+        load_run(path)
+    assert phrase in str(err.value)
+
+
+def test_overwrite_replaces_only_a_run(saved, tmp_path):
+    path, run = saved
+    with pytest.raises(RunError, match="already holds a phpn run"):
+        save_run(run, path)
+    run.meta["note"] = "second"
+    save_run(run, path, overwrite=True)
+    assert load_run(path).meta["note"] == "second"
+    assert sorted(p.name for p in path.iterdir()) == [META, TENSORS]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no hidden leftovers
+    (path / "mine.txt").write_text("keep me")
+    with pytest.raises(RunError, match=r"also holds files phpn did not write \(mine.txt\)"):
+        save_run(run, path, overwrite=True)
+    assert (path / "mine.txt").read_text() == "keep me"
+
+
+def test_an_empty_folder_is_used_and_foreign_ones_are_refused(saved, tmp_path):
+    _, run = saved
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert load_run(save_run(run, empty)).k == 2
+    repo = tmp_path / "repo"
+    (repo / ".git").mkdir(parents=True)
+    (repo / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    with pytest.raises(RunError, match=r"is a folder that is not a phpn run \(it holds .git\)"):
+        save_run(run, repo, overwrite=True)
+    assert (repo / ".git" / "HEAD").read_text() == "ref: refs/heads/main\n"
+    with pytest.raises(RunError, match="is a file, not a folder"):
+        check_run_target(repo / ".git" / "HEAD" / "run")
+
+
+def test_a_run_opened_with_another_architecture_or_cut_is_refused(saved, tiny_loaded):
+    from dataclasses import replace
+
+    path, _ = saved
+    run = load_run(path)
+    split = tiny_split(tiny_loaded.model)
+    check_model(run, tiny_loaded, split)  # the same model: accepted
+    with pytest.raises(RunError, match="made with the architecture 'tiny', but the model opened now has 'other'"):
+        check_model(run, replace(tiny_loaded, arch="other"), split)
+    split.feature_layer = "features.1"
+    with pytest.raises(RunError, match="made with the feature layer 'features', but the model opened now has"):
+        check_model(run, tiny_loaded, split)
+    torch.manual_seed(5)
+    with pytest.raises(RunError, match="head weights differ"):
+        check_model(run, tiny_loaded, tiny_split(TinyNet().eval()))
