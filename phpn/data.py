@@ -190,6 +190,16 @@ MAPPING_BY = {
 }
 
 
+def describe_class_mapping(mapping: dict, shown: int = 8) -> str:
+    """One line saying how the class folders were matched, for the CLI and the app."""
+    if not mapping:
+        return "class folders: mapping not recorded"
+    folders = mapping.get("folders", {})
+    pairs = ", ".join(f"{f} -> {i}" for f, i in list(folders.items())[:shown])
+    more = f", ... ({len(folders)} in all)" if len(folders) > shown else ""
+    return f"{len(folders)} class folders matched {MAPPING_BY.get(mapping.get('by'), mapping.get('by'))}: {pairs}{more}"
+
+
 def _name_key(text: str) -> str:
     """Compare names ignoring case, spaces and punctuation: 'ankle_boot' = 'Ankle boot',
     't-shirt-top' = 'T-shirt/top'."""

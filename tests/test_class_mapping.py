@@ -91,3 +91,41 @@ def test_the_mapping_is_kept_with_the_data(tmp_path):
     data = scan_image_folder(_folder(tmp_path / "d", ["Bag", "coat"]), class_names=FASHION, num_classes=10)
     assert data.class_mapping["by"] == "name" and data.class_mapping["folders"] == {"coat": 4, "Bag": 8}
     assert data.class_names is None and data.summary()["class_mapping"] == data.class_mapping
+
+
+def test_cli_takes_class_names_from_folders_and_records_the_mapping(tmp_path, capsys):
+    import json
+    import textwrap
+
+    import torch
+    from safetensors.torch import save_file
+
+    from conftest import TinyNet
+    from phpn.cli import main
+
+    (tmp_path / "net.py").write_text(textwrap.dedent('''
+        from torch import nn
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                                              nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU())
+                self.fc = nn.Linear(8, 4)
+
+            def forward(self, x):
+                return self.fc(self.features(x).mean((2, 3)))
+    '''))
+    torch.manual_seed(0)
+    save_file({k: v.contiguous() for k, v in TinyNet().state_dict().items()}, str(tmp_path / "net.safetensors"))
+    data = _folder(tmp_path / "data", ["dog", "ant", "cat", "bee"])
+    code = main(["discover", "--checkpoint", str(tmp_path / "net.safetensors"), "--model-def",
+                 f"{tmp_path / 'net.py'}:Net", "--resize", "16", "--crop", "16", "--data", str(data), "--k", "2",
+                 "--solver", "none", "--device", "cpu", "--quiet", "--json", "--out", str(tmp_path / "run")])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert out["class_mapping"]["by"] == "folder-names" and out["class_mapping"]["class_names_from_folders"]
+    assert out["class_mapping"]["folders"] == {"ant": 0, "bee": 1, "cat": 2, "dog": 3}
+    meta = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert meta["model"]["class_names"] == ["ant", "bee", "cat", "dog"]
+    assert meta["data"]["class_mapping"] == out["class_mapping"]
