@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import threading
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -458,10 +459,14 @@ def iter_batches(root, rel_paths: Sequence[str], preprocess: Preprocess, batch_s
     """Yield (tensor, kept paths, skipped) batch by batch, in the order of ``rel_paths``.
 
     With ``workers`` > 0 the images are decoded by that many processes while the caller runs
-    the model on the previous batch (``None``: :func:`default_workers`); ``pin_memory`` lets a
-    CUDA copy overlap with compute.
+    the model on the previous batch (``None``: :func:`default_workers` on the main thread, none
+    on other threads); ``pin_memory`` lets a CUDA copy overlap with compute.
     """
-    workers = default_workers() if workers is None else int(workers)
+    if workers is None:
+        # Off the main thread (the app's discovery job, a server's threads) forking would copy
+        # the other threads' held locks into the workers: decode here unless asked otherwise.
+        workers = default_workers() if threading.current_thread() is threading.main_thread() else 0
+    workers = int(workers)
     if workers < 0:
         raise ConfigError(f"workers must be 0 or more, got {workers}.", "Use --workers 0 to decode in this process.")
     if batch_size < 1:

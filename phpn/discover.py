@@ -53,10 +53,11 @@ class DiscoveryConfig:
     lbfgs_iter: int = 100
     nelder_mead_evaluations: int = 2000
     subspace_rank: int = 128
-    memory_budget_mb: int = 2048  # features held at once (per group of classes)
+    memory_budget_mb: int = 2048  # features held at once (per group of classes); 0: one class at a time
     # bfloat16 autocast for discovery features on CUDA only: rounding can shift which parts
     # are found and the run's statistics, never exactness (the decomposed network and the
-    # certificate run the float32 backbone).
+    # certificate run the float32 backbone). A certificate taken from discovery's own pass
+    # needs the model's float32 logits, so that pass runs in float32.
     autocast: bool = True
     classes: Optional[tuple] = None  # model class indices to decompose; None: every class with images
 
@@ -173,6 +174,8 @@ def _wanted(data: ImageFolderData, config: DiscoveryConfig, split: HeadSplit) ->
                             f"{split.num_classes} classes.", "Rename the folder or check the class-names file.")
     if not wanted:
         raise DataError("No class to decompose.", "Check --classes and the image folder.")
+    if len({e.class_index for e in wanted}) != len(wanted):
+        raise ConfigError("A class is listed twice in the classes to decompose.", "List each class once.")
     return wanted
 
 

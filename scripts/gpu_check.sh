@@ -15,3 +15,7 @@ python3 -m phpn.bench --device cuda 2>&1 | tee "$out/bench_gpu.txt"
 python3 -m phpn discover --demo fashion-mnist --device cuda --out /tmp/fashion-gpu-run --quiet 2>&1 | tee "$out/fashion_gpu.txt"
 # Refinement's time against its iterations and subspace rank, and its top kernels.
 PYTHONPATH=. python3 scripts/profile_refine.py --device cuda 2>&1 | tee "$out/profile_refine.txt"
+# Folder -> certified run, timed by stage: CUB-sized (200 classes x 30 JPEGs at 256 px), ResNet-50
+# with random weights; the feature stage against a pure forward pass in the same run.
+python3 -m phpn.bench --end-to-end --device cuda --json > "$out/bench_end_to_end_gpu.json"
+python3 -m phpn.bench --end-to-end --device cuda 2>&1 | tee "$out/bench_end_to_end_gpu.txt"

@@ -116,3 +116,26 @@ def test_held_out_images_get_their_own_certificate(tiny_loaded, image_folder):
     assert run.meta["certificate"]["images"] == 16 and run.meta["certificate"]["passed"]
     assert run.meta["certificate_held_out"]["images"] == 48 and run.meta["certificate_held_out"]["passed"]
     assert run.meta["certificate_held_out"]["labelled_images"] == 48
+
+
+def test_cli_classes_subset_and_memory_budget(tmp_path, capsys):
+    import json
+
+    from phpn.cli import _class_list, main
+
+    names = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+    assert _class_list("0,5-7,Bag,5", names) == (0, 5, 6, 7, 8)
+    assert _class_list(None, names) is None
+    assert main(["discover", "--demo", "fashion-mnist", "--images-per-class", "2", "--classes", "12",
+                 "--out", str(tmp_path / "bad"), "--json", "--quiet"]) == 2
+    assert "Unknown class '12'" in capsys.readouterr().err
+    assert main(["discover", "--demo", "fashion-mnist", "--images-per-class", "2", "--classes", "1,Bag",
+                 "--memory-budget", "0", "--workers", "0", "--device", "cpu", "--out", str(tmp_path / "run"),
+                 "--json", "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["classes"] == 2 and report["certificate"]["images"] == 4 and report["certificate"]["passed"]
+    from phpn.runs import load_run
+
+    run = load_run(tmp_path / "run")
+    assert run.class_indices.tolist() == [1, 8] and run.meta["groups"] == 2
+    assert not (tmp_path / ".run.progress").exists()
