@@ -332,6 +332,7 @@ def as_data(session: ModelSession, data, images_per_class: Optional[int] = None,
         return data
     if isinstance(data, (str, Path)):
         return open_data(session, data, images_per_class, seed)
+    _names_from_dataset(session, getattr(data, "dataset", data))
     kw = dict(num_classes=session.loaded.num_classes, images_per_class=images_per_class,
               class_names=session.loaded.class_names)
     if isinstance(data, torch.utils.data.DataLoader):
@@ -341,6 +342,15 @@ def as_data(session: ModelSession, data, images_per_class: Optional[int] = None,
     raise ConfigError(f"phpn cannot read images from a {type(data).__name__}.",
                       "Pass an image folder (one sub-folder per class), a torch Dataset yielding (image, label) "
                       "or a DataLoader yielding (images, labels).")
+
+
+def _names_from_dataset(session: ModelSession, dataset) -> None:
+    """A model without class names takes a dataset's (torchvision's ``classes``) when they are
+    exactly one per class, as an image folder's names are taken (the same rule as open_data)."""
+    names = getattr(dataset, "classes", None)
+    if (session.loaded.class_names is None and isinstance(names, (list, tuple))
+            and len(names) == session.loaded.num_classes and all(isinstance(n, str) for n in names)):
+        session.loaded = replace(session.loaded, class_names=list(names))
 
 
 def _fit_session_to(session: ModelSession, data: ImageFolderData, preprocess=None) -> ModelSession:
