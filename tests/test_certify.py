@@ -190,3 +190,61 @@ def test_the_fashion_demo_at_the_wrong_size_is_certified_but_flagged_at_chance(c
     assert code == 0 and obj["labelled_images"] == 50 and obj["correct"] == right.correct
     assert obj["accuracy"] == pytest.approx(right.accuracy) and obj["chance_warning"] is None
     assert "WARNING" not in out.err
+
+
+class _Slow(torch.nn.Module):
+    """A layer that takes a while and records that it ran (and optionally asks for a cancel)."""
+
+    def __init__(self, log, name, stop=None):
+        super().__init__()
+        self.log, self.name, self.stop = log, name, stop
+
+    def forward(self, x):
+        time.sleep(0.06)
+        self.log.append(self.name)
+        if self.stop is not None:
+            self.stop.set()
+        return x
+
+
+def test_a_cancel_stops_inside_a_forward_within_one_layer():
+    from phpn.certify import checks_inside
+
+    log, stop = [], threading.Event()
+    model = torch.nn.Sequential(_Slow(log, "a"), _Slow(log, "b", stop), _Slow(log, "c"), _Slow(log, "d"))
+
+    def tick():
+        if stop.is_set():
+            raise Cancelled()
+
+    with checks_inside([model], tick):
+        with pytest.raises(Cancelled):
+            model(torch.zeros(1))
+    assert log == ["a", "b"]  # stopped before the next layer, not at the end of the batch
+    log.clear()
+    model(torch.zeros(1))  # the hooks are gone once the certificate ends
+    assert log == ["a", "b", "c", "d"]
+
+
+def test_a_cancel_does_not_stop_another_threads_forward_on_a_shared_model():
+    from phpn.certify import checks_inside
+
+    log = []
+    model = torch.nn.Sequential(_Slow(log, "a"), _Slow(log, "b"), _Slow(log, "c"))
+
+    def tick():
+        raise Cancelled()  # this caller has cancelled
+
+    errors = []
+
+    def other_visitor():
+        try:
+            model(torch.zeros(1))
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    with checks_inside([model], tick):
+        t = threading.Thread(target=other_visitor)
+        t.start()
+        t.join()
+    assert not errors and log == ["a", "b", "c"]
