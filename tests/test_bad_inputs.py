@@ -171,6 +171,10 @@ PARAMETERS = {
     "num-classes-mismatch-demo": (lambda w, t: ["doctor", "--demo", "fashion-mnist", "--num-classes", "7"],
                                   "You asked for 7 classes but the demo fashion-mnist has 10"),
     "no-data": (lambda w, t: ["discover", *w.model, "--out", t / "out"], "No image folder given"),
+    "crop-huge": (lambda w, t: ["doctor", *w.model, "--resize", "100000", "--crop", "100000"],
+                  "The input size 100000x100000 is far larger than any classifier's input"),
+    "feature-layer-unknown": (lambda w, t: ["doctor", *w.model, "--feature-layer", "nosuch"],
+                              "The model has no layer named 'nosuch' (--feature-layer)"),
 }
 
 
@@ -282,6 +286,8 @@ CHECKPOINTS = {
     "model-def-no-factory": (_model_file("def other():\n    pass\n"), "m.py has no function or class named 'Net'"),
     "model-def-syntax-error": (_model_file("def Net(:\n"), "Running the model file m.py failed (SyntaxError"),
     "model-def-not-a-module": (_model_file("def Net():\n    return 42\n"), "Net in m.py returned a int, not a torch.nn.Module"),
+    "model-forward-raises": (_model_file(MODEL_SOURCE + "\n    def forward(self, x):\n        raise ValueError('boom')\n"),
+                             "The model fails on an input of shape (2, 3, 224, 224) (ValueError: boom)"),
     "model-def-no-colon": (lambda w, t: ["doctor", "--checkpoint", w.checkpoint, "--model-def", str(w.source)],
                            "is not of the form FILE.py:FACTORY"),
 }

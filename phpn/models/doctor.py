@@ -26,6 +26,8 @@ VERDICTS = ("exact", "exact-after-folding", "impossible")
 # The doctor's trial forward (tracing, verification) must finish within this many seconds: a
 # model whose forward never returns gets a verdict instead of hanging the caller.
 TRIAL_TIME_LIMIT_S = 120.0
+# Larger inputs are refused before any memory is allocated for them (a typo such as --crop 100000).
+MAX_TRIAL_PIXELS = 4096 * 4096
 
 
 class TimeLimitExceeded(Exception):
@@ -121,6 +123,9 @@ def diagnose(loaded_or_model, input_size: Optional[tuple] = None, *, feature_lay
     if len(size) != 3 or min(size) < 1:
         raise PhpnError(f"The input size {size} is not (channels, height, width) with positive values.",
                         "Check --crop and the model's input channels.")
+    if size[1] * size[2] > MAX_TRIAL_PIXELS:
+        raise PhpnError(f"The input size {size[1]}x{size[2]} is far larger than any classifier's input "
+                        f"(at most {MAX_TRIAL_PIXELS:,} pixels are tried).", "Check --crop and --resize.")
     x = torch.randn((2,) + size, generator=torch.Generator().manual_seed(0))
     bad = non_finite_weights(model)
     if bad:
