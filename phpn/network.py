@@ -21,6 +21,20 @@ from .errors import ConfigError
 from .models.head import HeadSplit
 
 
+def prototype_maps(features: torch.Tensor, prototypes: torch.Tensor, scale: Optional[torch.Tensor] = None):
+    """Where each prototype fires: ``map = s(z) · x · p̃`` at every position (the one formula).
+
+    ``features`` (B, D, H, W); ``prototypes`` (k, D) -> maps (B, k, H, W), or (C, k, D) ->
+    (B, C, k, H, W); ``scale`` (B,) the per-image factor s(z) (None: 1). The mean of a map over
+    positions is that prototype's contribution to the logit.
+    """
+    p = prototypes.to(features)
+    maps = torch.einsum("bdhw,kd->bkhw" if p.ndim == 2 else "bdhw,ckd->bckhw", features, p)
+    if scale is not None:
+        maps = scale.to(maps).reshape((-1,) + (1,) * (maps.ndim - 1)) * maps
+    return maps
+
+
 @dataclass
 class Explanation:
     logits: torch.Tensor  # (B, C) for every class of the model
@@ -32,6 +46,9 @@ class Explanation:
 
 
 class PrototypeNetwork(nn.Module):
+    """The model read through its prototypes: ``net(images)`` gives an :class:`Explanation` whose
+    logits are the model's and whose contributions (and maps) sum to them class by class."""
+
     def __init__(self, split: HeadSplit, prototypes: torch.Tensor, class_indices: Sequence[int],
                  dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -77,7 +94,7 @@ class PrototypeNetwork(nn.Module):
         contributions = all_contrib[:, rows]
         maps = None
         if with_maps:
-            maps = scale[:, None, None, None, None] * torch.einsum("bdhw,ckd->bckhw", feats, self.prototypes[rows])
+            maps = prototype_maps(feats, self.prototypes[rows], scale)
         return Explanation(logits=logits, bias=self.head_bias, classes=classes, contributions=contributions, maps=maps,
                            features=feats)
 
