@@ -129,3 +129,9 @@ def test_cli_takes_class_names_from_folders_and_records_the_mapping(tmp_path, ca
     meta = json.loads((tmp_path / "run" / "run.json").read_text())
     assert meta["model"]["class_names"] == ["ant", "bee", "cat", "dog"]
     assert meta["data"]["class_mapping"] == out["class_mapping"]
+    # Explaining with the run uses the names it recorded, though the model itself has none.
+    code = main(["explain", str(tmp_path / "run"), str(data / "cat" / "0.png"), "--checkpoint",
+                 str(tmp_path / "net.safetensors"), "--model-def", f"{tmp_path / 'net.py'}:Net", "--resize", "16",
+                 "--crop", "16", "--class", "cat", "--json"])
+    explained = json.loads(capsys.readouterr().out)
+    assert code == 0 and explained["class"] == 2 and explained["class_name"] == "cat"
