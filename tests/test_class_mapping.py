@@ -135,3 +135,20 @@ def test_cli_takes_class_names_from_folders_and_records_the_mapping(tmp_path, ca
                  "--crop", "16", "--class", "cat", "--json"])
     explained = json.loads(capsys.readouterr().out)
     assert code == 0 and explained["class"] == 2 and explained["class_name"] == "cat"
+
+
+def test_a_run_records_folder_names_without_changing_the_shared_model(tiny_loaded, tmp_path):
+    """The app shares one loaded model between visitors: discovery records the folders' names
+    in the run instead of renaming the model's classes."""
+    from dataclasses import replace
+
+    from conftest import tiny_split
+    from phpn.discover import DiscoveryConfig, discover
+
+    nameless = replace(tiny_loaded, class_names=None)
+    data = scan_image_folder(_folder(tmp_path / "d", ["dog", "ant", "cat", "bee"], per_class=3), num_classes=4)
+    run = discover(nameless, tiny_split(nameless.model), data, nameless.preprocess,
+                   DiscoveryConfig(k=2, device="cpu", solver="none"))
+    assert run.meta["model"]["class_names"] == ["ant", "bee", "cat", "dog"] and nameless.class_names is None
+    assert run.meta["data"]["class_mapping"]["class_names_from_folders"] is True
+    assert run.class_names[3] == "dog"
