@@ -235,9 +235,6 @@ def open_run(session: ModelSession, path) -> tuple:
 
     run = read_run(path, expected_sha256=session.loaded.sha256)
     check_model(run, session.loaded, session.split)
-    recorded = run.meta.get("model", {}).get("class_names")
-    if recorded and not session.loaded.class_names:  # names the run took from its class folders
-        session.loaded = replace(session.loaded, class_names=list(recorded))
     return run, run.network(session.split)
 
 
