@@ -206,6 +206,9 @@ class RunEntry:
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     saved_to: Optional[Path] = None
     wall: Optional[dict] = None  # live runs: seconds per stage as the app saw them, certificate included
+    notes: object = None  # phpn.annotations.Annotations: the expert's notes on the prototypes
+    notes_problem: Optional[str] = None  # why the saved notes could not be read (then they are not overwritten)
+    notes_unsaved: bool = False  # edited notes not yet written beside the run
 
 
 def state():
@@ -288,10 +291,7 @@ def set_model(entry: ModelEntry) -> None:
     old = current_model()
     st.session_state["model"] = entry
     if old is None or old.key != entry.key:
-        st.session_state.pop("data", None)
-        st.session_state.pop("run", None)
-        st.session_state.pop("explained", None)
-        st.session_state.pop("evaluation", None)
+        forget_model_state()
 
 
 def set_data(entry: DataEntry) -> None:
@@ -307,11 +307,219 @@ def set_run(run, origin: str, saved_to: Optional[Path] = None, wall: Optional[di
     network = run.network(model.session.split)  # refuses a run made for another head
     entry = RunEntry(run=run, network=network.eval(), origin=origin, model_key=model.key,
                      saved_to=Path(saved_to) if saved_to else None, wall=wall)
+    _open_notes(entry)
     st.session_state["run"] = entry
     st.session_state.pop("boot_warnings", None)
     st.session_state.pop("explained", None)
     st.session_state.pop("evaluation", None)
     return entry
+
+
+# --- state that lasts: per-model state, notes beside the run, the URL ---------------------------
+
+# What belongs to one model: results, messages and the settings chosen for it (widget keys and
+# the values remember() keeps). All of it is forgotten when another model is loaded.
+MODEL_STATE_KEYS = ("data", "run", "explained", "evaluation", "job_note", "class_report", "explanation_report",
+                    "switch_off", "pending_run", "_flash")
+MODEL_SETTING_PREFIXES = ("disc_", "browser_", "explain_", "export_", "eval_", "notes_", "off_")
+
+
+def forget_model_state() -> None:
+    """Forget everything that belonged to the previous model (a finished discovery included; a
+    running one is kept: adopt_finished_job() says it was not kept)."""
+    for key in MODEL_STATE_KEYS:
+        st.session_state.pop(key, None)
+    job = st.session_state.get("job")
+    if job is not None and not job.running:
+        st.session_state.pop("job", None)
+    for key in list(st.session_state.keys()):
+        bare = key[len("_kept_"):] if key.startswith("_kept_") else key
+        if bare.startswith(MODEL_SETTING_PREFIXES):
+            st.session_state.pop(key, None)
+
+
+def _notes_writable(entry: RunEntry) -> Optional[str]:
+    """Why the notes cannot be written beside the run now, or None."""
+    if entry.saved_to is None:
+        return "the run is not saved yet: save it on the Discover page and the notes go with it"
+    if entry.notes_problem:
+        return entry.notes_problem
+    reason = serving.read_only_reason(entry.saved_to)
+    if reason:
+        return f"{reason}: save a copy of the run on the Discover page to keep notes"
+    return None
+
+
+def _open_notes(entry: RunEntry) -> None:
+    from phpn.annotations import Annotations, load_annotations
+
+    try:
+        entry.notes = load_annotations(entry.run, entry.saved_to)
+    except PhpnError as exc:
+        entry.notes = Annotations.for_run(entry.run)
+        entry.notes_problem = f"the saved notes could not be read ({error_text(exc)})"
+
+
+def save_notes(entry: RunEntry) -> Optional[str]:
+    """Write the run's notes beside it when possible; returns why not, or None when saved."""
+    from phpn.annotations import save_annotations
+
+    why = _notes_writable(entry)
+    if why is None:
+        save_annotations(entry.notes, entry.saved_to)
+        entry.notes_unsaved = False
+    else:
+        entry.notes_unsaved = True
+    return why
+
+
+def flush_notes() -> None:
+    """Notes edited before the run was saved are written once it is."""
+    entry = current_run()
+    if entry is not None and entry.notes_unsaved and _notes_writable(entry) is None:
+        try:
+            save_notes(entry)
+        except PhpnError as exc:
+            show_error(exc)
+
+
+def run_url_label(entry: Optional[RunEntry]) -> Optional[str]:
+    """How the URL names the current run: its label among the runs this visitor may open."""
+    if entry is None or entry.saved_to is None:
+        return None
+    for label, path in known_runs():
+        if Path(path).resolve() == Path(entry.saved_to).resolve():
+            return label
+    return None
+
+
+def set_url(**values) -> None:
+    """Put values in the page's URL (None removes one), so a reload or a link restores them."""
+    for key, value in values.items():
+        if value is None:
+            st.query_params.pop(key, None)
+        elif st.query_params.get(key) != str(value):
+            st.query_params[key] = str(value)
+
+
+def sync_url() -> None:
+    """The session, the model (a demo) and the run in the URL; pages add the class and image."""
+    model = current_model()
+    set_url(session=session_id(), demo=model.session.demo if model is not None else None,
+            run=run_url_label(current_run()))
+
+
+def model_spec_of_run(run) -> Optional[dict]:
+    """How to load the model a run was made from (load_model_entry's arguments), or None when
+    its file is not on this server or not readable by this visitor."""
+    meta = run.meta
+    if meta.get("demo"):
+        return {"demo": meta["demo"]}
+    model = meta.get("model", {})
+    source = model.get("source")
+    if not source or str(model.get("arch", "")).startswith("pickled:"):
+        return None
+    path = Path(str(source))
+    if not path.is_file() or not serving.may_read(path, workspace()):
+        return None
+    spec = {"checkpoint": str(path), "preprocess": meta.get("preprocess"),
+            "class_names": model.get("class_names"), "feature_layer": model.get("feature_layer") or None,
+            "head_layer": model.get("head_layer") or None}
+    return {k: v for k, v in spec.items() if v is not None}
+
+
+def reopen_run(folder: Path, origin: str) -> Optional[str]:
+    """Open a saved run with the model it was made from (loaded from where the run says);
+    returns what is missing when the model file is not here (the run then waits for it)."""
+    from phpn.runs import load_run
+
+    run = load_run(folder)
+    model = current_model()
+    if model is None or model.session.loaded.sha256 != run.checkpoint_sha256:
+        spec = model_spec_of_run(run)
+        if spec is None:
+            st.session_state["pending_run"] = (Path(folder), origin, run.checkpoint_sha256)
+            name = Path(str(run.meta.get("model", {}).get("source", "the model file"))).name
+            return (f"This run was made from {name} (sha256 {run.checkpoint_sha256[:12]}…), which is not on this "
+                    "server for you. Load that model on the Model & data page: the run opens as soon as it is "
+                    "loaded.")
+        if spec.get("demo"):
+            load_demo(spec["demo"], with_run=False)
+        else:
+            set_model(load_model_entry(**spec))
+    from phpn.api import open_run
+
+    run, _ = open_run(current_model().session, folder)
+    set_run(run, origin, saved_to=folder)
+    return None
+
+
+def open_pending_run() -> None:
+    """A run that waited for its model opens once that model is loaded."""
+    pending = st.session_state.get("pending_run")
+    model = current_model()
+    if not pending or model is None or model.session.loaded.sha256 != pending[2]:
+        return
+    st.session_state.pop("pending_run", None)
+    with user_errors():
+        reopen_run(pending[0], pending[1])
+        flash(f"Opened the run that was waiting for this model ({pending[1]}).", place="main")
+
+
+def _returning_session(sid: str) -> bool:
+    """Whether ``sid`` (from the URL) names a workspace that is still there. The id is random
+    (uuid4, 128 bits): the link works like a private share link to the visitor's own files."""
+    import re
+
+    return bool(re.fullmatch(r"[0-9a-f]{32}", str(sid))) and (serving.workspace_root() / str(sid)).is_dir()
+
+
+def _keep_link_warnings() -> None:
+    """What the link could not restore, shown in the sidebar with the start-up warnings."""
+    link = st.session_state.pop("_link_warnings", [])
+    if link:
+        st.session_state["boot_warnings"] = link + list(st.session_state.get("boot_warnings") or [])
+
+
+def restore_from_url() -> bool:
+    """First start of a session from a link or a reload: the session's files, the model, the
+    run, the class and the image named in the URL. Returns whether a run or model was restored."""
+    q = st.query_params
+    sid = q.get("session")
+    if sid and sid != st.session_state.get("_sid") and _returning_session(sid):
+        st.session_state["_sid"] = sid  # the same visitor's files after a reload
+        st.session_state.pop("_workspace", None)  # a fresh one may have been made already
+    restored, warnings = False, []
+    label, demo = q.get("run"), q.get("demo")
+    try:
+        if label:
+            folder = run_folder(label)
+            missing = reopen_run(folder, f"reopened from the link ({label})")
+            if missing:
+                warnings.append(missing)
+            restored = True
+        elif demo:
+            warnings += load_demo(demo)
+            restored = True
+    except Exception as exc:  # noqa: BLE001 - a stale link must not stop the app
+        warnings.append(f"The link's {'run' if label else 'model'} could not be opened: {error_text(exc)}")
+    st.session_state["_link_warnings"] = warnings
+    for key, stores in (("class", ("_kept_browser_class", "_kept_export_class")), ("image", ("_kept_explain_file",))):
+        value = q.get(key)
+        if value is not None:
+            if key == "class":
+                try:
+                    value = int(value)
+                except ValueError:
+                    continue
+            else:
+                folder, _, name = str(value).rpartition("/")
+                if folder:
+                    st.session_state["_kept_explain_folder"] = folder
+                value = name
+            for store in stores:
+                st.session_state[store] = value
+    return restored
 
 
 def load_demo(name: str, with_data: bool = True, with_run: bool = True) -> list:
@@ -350,12 +558,15 @@ def bootstrap() -> None:
     if st.session_state.get("_booted"):
         return
     st.session_state["_booted"] = True
+    if restore_from_url() and current_model() is not None:
+        return _keep_link_warnings()
     sweep_idle_workspaces()
     try:
         with st.spinner("Loading the Fashion-MNIST demo…"):
             st.session_state["boot_warnings"] = load_demo(DEFAULT_DEMO)
     except Exception as exc:  # noqa: BLE001
         st.session_state["boot_warnings"] = [f"The built-in demo could not be loaded: {error_text(exc)}"]
+    _keep_link_warnings()
 
 
 _LAST_SWEEP = [0.0]
@@ -558,6 +769,9 @@ def frame() -> None:
     bootstrap()
     sweep_idle_workspaces()
     adopt_finished_job()
+    open_pending_run()
+    flush_notes()
+    sync_url()
     sidebar()
 
 

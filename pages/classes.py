@@ -1,18 +1,24 @@
-"""Class browser: a class's prototypes: their share of the logit, what they look like (top
-training patches), where they fire on a few class images, and which other classes have
-similar prototypes ("shared parts")."""
+"""Class browser: a class's prototypes: their share of the score, what they look like (top
+training patches, zoomed), where they respond on a few class images, which other classes
+have similar prototypes, the expert's own notes on each, and what switching some off would
+do (an edited model, marked as such)."""
 
 import numpy as np
+import pandas as pd
 import streamlit as st
 
 from pages import _shared as S
 from phpn import viz
+from phpn.annotations import EDITED_MODEL, SUGGESTED_FLAGS
+from phpn.defaults import class_name
+from phpn.errors import ConfigError
+from phpn.glossary import explain, fidelity_warning
 
 S.frame()
 st.title("Class browser")
 entry = S.require_run()
 model = S.current_model()
-run, network = entry.run, entry.network
+run, network, notes = entry.run, entry.network, entry.notes
 names = run.class_names
 classes = run.class_indices.tolist()
 pre = model.session.preprocess
@@ -21,7 +27,7 @@ root = S.image_root_for_run(run)
 
 
 def _name(i: int) -> str:
-    return names[i] if i < len(names) else str(i)
+    return class_name(names, i)
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
@@ -37,79 +43,168 @@ def _maps(run_id: str, class_index: int, paths: tuple, root: str, _entry, _netwo
 
 
 @st.cache_data(max_entries=256, show_spinner=False)
-def _overlay_row(run_id: str, class_index: int, proto: int, paths: tuple, opacity: float, _pictures, _maps, vmax: float):
+def _overlay_row(run_id: str, class_index: int, proto: int, paths: tuple, opacity: float, outline: bool,
+                 _pictures, _maps):
     color = viz.prototype_color(proto)
-    tiles = [viz.prototype_overlay(viz.enlarge(p, 112), m[proto], opacity, colors=[color], vmax=vmax)
+    tiles = [viz.prototype_overlay(viz.enlarge(p, 112), m[proto], opacity, colors=[color], outline=outline)
              for p, m in zip(_pictures, _maps)]
-    return np.asarray(viz.image_grid(tiles, columns=len(tiles)))
+    scales = [viz.own_scale(m[proto]) for m in _maps]
+    return np.asarray(viz.image_grid(tiles, columns=len(tiles))), scales
 
 
-S.remember("browser_class", "browser_n_maps", "browser_opacity", options={"browser_class": classes})
+S.remember("browser_class", "browser_n_maps", "browser_opacity", "browser_outline", options={"browser_class": classes})
 c_sel, c_opts = st.columns([3, 2])
 class_index = c_sel.selectbox("Class (type to search)", classes, format_func=lambda i: f"{_name(i)} ({i})",
                               key="browser_class")
 n_maps = c_opts.slider("Class images for the maps", 1, 8, 4, key="browser_n_maps")
-opacity = c_opts.slider("Map opacity", 0.0, 1.0, 0.6, 0.05, key="browser_opacity")
-S.memorise("browser_class", "browser_n_maps", "browser_opacity")
+opacity = c_opts.slider("Map opacity", 0.0, 1.0, 0.7, 0.05, key="browser_opacity")
+outline = c_opts.toggle("Outline each map's strongest region", value=False, key="browser_outline")
+S.memorise("browser_class", "browser_n_maps", "browser_opacity", "browser_outline")
+S.set_url(**{"class": int(class_index)})
 meta = run.class_meta(class_index)
 k = run.k
 colors = [viz.prototype_color(i) for i in range(k)]
-labels = [f"prototype {i + 1}" for i in range(k)]
+labels = notes.labels(class_index)
 shares = viz.contribution_shares(meta["mean_contribution"])
 
 left, right = st.columns([3, 2])
 with left:
     st.plotly_chart(viz.figure_contributions(meta["mean_contribution"], labels, colors,
-                                             title=f"{_name(class_index)}: mean contribution of each prototype"),
+                                             title=f"{_name(class_index)}: what each prototype adds to the score"),
                     key=f"contrib_{class_index}", config={"displayModeBar": False})
 with right:
     st.markdown(f"**{_name(class_index)}** (class {class_index}) · {meta['images']} discovery images")
-    a, b = st.columns(2)
-    a.metric("Residual ‖R‖/‖v‖", f"{meta['residual_ratio']:.3f}", help="How much of the head row the scaled NMF "
-             "parts did not explain, before the residual was split among them.")
-    b.metric("Negative α", meta["negative_alpha"])
-    a.metric("Objective before", f"{meta['objective_before']:.4g}")
-    b.metric("Objective after", f"{meta['objective_after']:.4g}")
-    st.caption("Each prototype's contribution to an image's logit is the mean of its map; the bars are the "
-               "means over the class's discovery images, and the shares are of (logit − bias).")
+    with st.popover("What do these words mean?", icon=":material/help:"):
+        for term in ("prototype", "contribution", "logit", "share", "map", "fidelity", "top patches"):
+            st.markdown(f"**{term.capitalize()}**: {explain(term)}")
+    st.caption("A bar is a prototype's average contribution over the class's discovery images, with its share of "
+               "the score (score − bias). Hatched bars subtract.")
+    with st.expander("Expert details (α, residual, refinement objective)"):
+        a, b = st.columns(2)
+        a.metric("Residual ‖R‖/‖v‖", f"{meta['residual_ratio']:.3f}", help=explain("residual"))
+        b.metric("Negative α", meta["negative_alpha"], help=explain("alpha"))
+        a.metric("Objective before", f"{meta['objective_before']:.4g}", help=explain("objective"))
+        b.metric("Objective after", f"{meta['objective_after']:.4g}", help=explain("objective"))
+        st.caption("α per prototype: " + ", ".join(f"{lab}: {a_:.3g}" for lab, a_ in zip(labels, meta["alpha"])))
 
 if root is None:
     st.warning("The training images of this run are not available here, so the patches and maps cannot be shown. "
                "Scan the image folder the run was made from on the Model & data page.")
 paths = tuple(meta.get("paths", [])[:n_maps])
-pictures, maps, vmax = [], None, 1.0
+pictures, maps = [], None
 if root is not None and paths:
     pictures, maps, contrib, kept = _maps(entry.id, class_index, paths, str(root), model, network)
-    if len(pictures):
-        vmax = viz.signed_scale(maps)
 similar = _similar(entry.id, class_index, 3, run)
+if entry.notes_problem:
+    st.warning(f"Notes are not saved: {entry.notes_problem}.")
+
+
+def _notes_form(i: int) -> None:
+    note = notes.get(class_index, i)
+    custom = [f for f in note.flags if f not in SUGGESTED_FLAGS]
+    with st.form(f"notes_{class_index}_{i}", border=False):
+        a, b = st.columns([1, 2])
+        name = a.text_input("Name", value=note.name, max_chars=80, placeholder="e.g. beak, wheel, sky",
+                            key=f"notes_name_{class_index}_{i}")
+        flags = b.multiselect("Flags", list(SUGGESTED_FLAGS) + custom, default=list(note.flags),
+                              key=f"notes_flags_{class_index}_{i}")
+        other = b.text_input("Another flag (your own word)", key=f"notes_other_{class_index}_{i}")
+        description = st.text_area("Description", value=note.description, height=68,
+                                   key=f"notes_desc_{class_index}_{i}")
+        if st.form_submit_button("Save the note"):
+            with S.user_errors():
+                notes.set(class_index, i, name=name, description=description,
+                          flags=list(flags) + ([other] if other.strip() else []))
+                why = S.save_notes(entry)
+                S.flash("Note saved beside the run." if why is None else f"Note kept for this session; {why}.",
+                        "success" if why is None else "warning", place=f"notes_{class_index}_{i}")
+                st.rerun()
+    S.show_flash(f"notes_{class_index}_{i}")
+
 
 for i in range(k):
     with st.container(border=True):
         fid = meta["fidelity"][i]
-        st.markdown(f"{viz.color_swatch(colors[i], 16)} **Prototype {i + 1}** &nbsp;·&nbsp; mean contribution "
-                    f"**{meta['mean_contribution'][i]:+.3f}** ({100 * shares[i]:.0f}% of the logit) &nbsp;·&nbsp; "
-                    f"map fidelity **{fid:.3f}** &nbsp;·&nbsp; α {meta['alpha'][i]:.3g}", unsafe_allow_html=True,
-                    help="Map fidelity: correlation between this prototype's map and its NMF part's map over the "
-                         "discovery images. α: the least-squares scale of its NMF part.")
-        if fid < 0.5:
-            st.caption(":material/warning: Low fidelity: the patches below may not be what this prototype "
-                       "responds to.")
+        note = notes.get(class_index, i)
+        flags = "".join(f" `{f}`" for f in note.flags)
+        st.markdown(f"{viz.color_swatch(colors[i], 16)} **{labels[i].capitalize()}**{flags} &nbsp;·&nbsp; adds "
+                    f"**{meta['mean_contribution'][i]:+.3f}** on average ({100 * shares[i]:.0f}% of the score) "
+                    f"&nbsp;·&nbsp; map fidelity **{fid:.2f}**", unsafe_allow_html=True, help=explain("fidelity"))
+        warning = fidelity_warning(fid)
+        if warning:
+            st.warning(warning, icon=":material/warning:")
+        if note.description:
+            st.caption(note.description)
         what, where = st.columns([1, 1])
         with what:
-            st.markdown("*What* — its top training patches (boxed)")
+            st.markdown("*What*: its top training patches, boxed, each zoomed beside its image")
             if root is not None:
                 grid = S.patch_grid(str(root), tuple((p["path"], tuple(p["box"])) for p in meta["top_patches"][i]),
-                                   colors[i], pre_key, 96, 3)
+                                    colors[i], pre_key, 96, 2)
                 if grid is not None:
                     st.image(grid)
         with where:
-            st.markdown("*Where* — on class images (colour adds, grey subtracts)")
+            st.markdown("*Where*: on class images (its colour adds, grey hatching subtracts)")
             if len(pictures):
-                st.image(_overlay_row(entry.id, class_index, i, paths, float(opacity), pictures, maps, float(vmax)))
+                row, scales = _overlay_row(entry.id, class_index, i, paths, float(opacity), bool(outline),
+                                           pictures, maps)
+                st.image(row, caption="Each picture on this prototype's own scale: full colour = "
+                                      + ", ".join(f"{s:.3g}" for s in scales) + " (its largest |value| there)")
         if similar[i]:
-            items = " · ".join(f"{_name(s['class_index'])} prototype {s['prototype'] + 1} (cos {s['cosine']:.2f})"
-                               for s in similar[i])
-            st.caption(f"Shared parts — similar prototypes of other classes: {items}")
+            items = " · ".join(f"{_name(s['class_index'])} {notes.label(s['class_index'], s['prototype'])} "
+                               f"(cos {s['cosine']:.2f})" for s in similar[i])
+            st.caption(f"Shared parts, similar prototypes of other classes: {items}")
         else:
             st.caption("Shared parts: no prototype of another class points the same way (cosine > 0).")
+        with st.expander("Your notes: name, describe and flag this prototype"):
+            _notes_form(i)
+
+# --- switching prototypes off ------------------------------------------------------------------
+st.header("Switch prototypes off")
+st.caption("What the model would predict without some of this class's prototypes, on labelled images. "
+           + explain("edited model"))
+data = S.current_data()
+sources = {}
+if data is not None and data.explain_root is not None:
+    sources["Held-out images"] = data.explain_root
+if data is not None:
+    sources["Discovery images"] = data.data.root
+if not sources:
+    st.info("Scan a labelled image folder (one sub-folder per class) on the Model & data page first.")
+else:
+    with st.form(f"off_form_{class_index}"):
+        a, b, c = st.columns([3, 2, 1])
+        off = a.multiselect("Prototypes to switch off", list(range(k)), format_func=lambda i: labels[i],
+                            key=f"off_protos_{class_index}")
+        source = b.selectbox("Labelled images", list(sources), key="off_source")
+        per_class = c.number_input("Per class", 1, 200, 10, key="off_per_class")
+        go = st.form_submit_button("Compare with the original model")
+    if go:
+        with S.user_errors():
+            from phpn.annotations import switch_off
+
+            if not off:
+                raise ConfigError("No prototype picked.", "Pick at least one prototype to switch off.")
+            folder = sources[source]
+            labelled = data.data if folder == data.data.root else S.scan_data(model, folder, None, 0)
+            with st.spinner("Predicting with and without those prototypes…"), model.lock:
+                result = switch_off(network, labelled, pre, {int(class_index): list(off)},
+                                    images_per_class=int(per_class))
+            st.session_state["switch_off"] = (entry.id, int(class_index), result)
+    stored = st.session_state.get("switch_off")
+    if stored and stored[0] == entry.id and stored[1] == int(class_index):
+        result = stored[2]
+        with st.container(border=True):
+            st.warning(f"**{EDITED_MODEL}**", icon=":material/construction:")
+            m1, m2, m3 = st.columns(3)
+            m1.metric("Original model accuracy", f"{100 * result.original_accuracy:.1f}%",
+                      help=explain("accuracy"))
+            m2.metric("Edited model accuracy", f"{100 * result.edited_accuracy:.1f}%",
+                      delta=f"{100 * result.accuracy_change:+.1f} points")
+            m3.metric("Predictions changed", f"{len(result.changed)} of {result.images}")
+            st.caption(result.summary(names))
+            if result.changed:
+                st.dataframe(pd.DataFrame([{"image": ch["path"], "true class": _name(ch["true"]),
+                                            "original model": _name(ch["original"]),
+                                            "edited model": _name(ch["edited"])} for ch in result.changed]),
+                             hide_index=True)

@@ -9,6 +9,7 @@ import torch
 
 from pages import _shared as S
 from phpn import viz
+from phpn.glossary import explain
 from phpn.errors import DataError
 
 S.frame()
@@ -68,10 +69,11 @@ if stored and stored[0] == entry.id:
         f"**{'Exact' if ex.get('passed') else 'Not exact'}** on {ex.get('images', 0)} images "
         f"(tolerance {ex.get('tolerance', 0):.2g}).")
     c1, c2, c3, c4 = st.columns(4)
-    c1.metric("Top-1 agreement", f"{ex.get('top1_agreement', 0):.2f}%")
+    c1.metric("Top-1 agreement", f"{ex.get('top1_agreement', 0):.2f}%", help=explain("agreement"))
     c2.metric("Max |Δ logit|", f"{ex.get('max_abs_logit_diff', 0):.2g}")
     c3.metric("Completeness error", f"{ex.get('completeness_max_error', 0):.2g}",
-              help="max |Σ contributions + bias − logit|")
+              help="max |Σ contributions + bias − logit|: how far the prototypes' contributions and the bias are "
+                   "from adding up to the model's score (0 up to rounding). " + explain("contribution"))
     lin = ex.get("linearity_max_error")
     c4.metric("Linearity error", "—" if lin is None else f"{lin:.2g}")
 

@@ -10,6 +10,7 @@ import streamlit as st
 
 from pages import _shared as S
 from phpn import viz
+from phpn.glossary import explain, fidelity_warning
 
 S.frame()
 st.title("Explain an image")
@@ -137,7 +138,8 @@ st.session_state["explained"] = {"explanation": e, "label": image_label, "run_id
                                  "opacity": float(opacity)}
 k = len(e.contributions)
 colors = [viz.prototype_color(i) for i in range(k)]
-labels = [f"prototype {i + 1}" for i in range(k)]
+labels = entry.notes.labels(e.class_index) if entry.notes is not None else [f"prototype {i + 1}" for i in range(k)]
+S.set_url(image=image_label if source != "Upload an image" else None)
 size = 224
 picture = viz.enlarge(e.image, size)
 vmax = viz.signed_scale(e.maps)
@@ -147,27 +149,33 @@ st.subheader(f"Why “{e.class_name}”? logit {e.logit:.3f} = bias {e.bias:.3f}
 v1, v2, v3, v4 = st.columns(4)
 v1.image(picture, caption="What the model sees")
 v2.image(viz.prototype_overlay(picture, e.maps, opacity, colors=colors, vmax=vmax, mode=smooth),
-         caption="All prototypes (each pixel: the one that adds most)")
+         caption="All prototypes, each on its own scale (stripes: two overlap; hatching: the class map subtracts)")
 v3.image(viz.heat_overlay(picture, e.class_map, opacity, mode=smooth),
-         caption="Class map = Σ prototype maps (red adds, blue subtracts)")
+         caption="Class map = Σ prototype maps (yellow-red adds, grey hatching subtracts)")
 v4.image(viz.grid_image(e.class_map, size), caption=f"Class map on the raw {e.maps.shape[1]}×{e.maps.shape[2]} grid")
 st.markdown(" ".join(f"{viz.color_swatch(colors[i])}{labels[i]}" for i in range(k)), unsafe_allow_html=True)
 
 st.plotly_chart(viz.figure_waterfall(e.bias, e.contributions, e.logit, labels, colors,
                                      title="From the bias to the logit, prototype by prototype"),
                 key=f"waterfall_{image_key}_{cls}", config={"displayModeBar": False})
+with st.popover("What do these words mean?", icon=":material/help:"):
+    for term in ("logit", "bias", "prototype", "contribution", "map", "fidelity", "agreement"):
+        st.markdown(f"**{term.capitalize()}**: {explain(term)}")
 
 st.subheader("This looks like that")
 meta = run.class_meta(e.class_index)
 for i in range(k):
     with st.container(border=True):
-        st.markdown(f"{viz.color_swatch(colors[i], 16)} **Prototype {i + 1}**: contributes "
+        st.markdown(f"{viz.color_swatch(colors[i], 16)} **{labels[i].capitalize()}**: contributes "
                     f"{float(e.contributions[i]):+.3f} here (class mean {meta['mean_contribution'][i]:+.3f}; "
-                    f"map fidelity {meta['fidelity'][i]:.2f})", unsafe_allow_html=True)
+                    f"map fidelity {meta['fidelity'][i]:.2f})", unsafe_allow_html=True, help=explain("fidelity"))
+        if fidelity_warning(meta["fidelity"][i]):
+            st.warning(fidelity_warning(meta["fidelity"][i]), icon=":material/warning:")
         a, b, c = st.columns([1, 1, 2])
         a.image(viz.prototype_overlay(picture, e.maps[i], opacity, colors=[colors[i]], vmax=vmax, mode=smooth),
-                caption="Where, upsampled (colour adds, grey subtracts)")
-        b.image(viz.grid_image(e.maps[i], 180, vmax=vmax), caption="Raw feature grid (blue < 0 < red)")
+                caption="Where, upsampled: " + viz.scale_caption(viz.own_scale(e.maps[i])))
+        b.image(viz.grid_image(e.maps[i], 180, color=colors[i]), caption="Raw feature grid (its colour adds, grey "
+                                                                          "subtracts)")
         with c:
             if train_root is not None:
                 grid = S.patch_grid(str(train_root), tuple((p["path"], tuple(p["box"])) for p in meta["top_patches"][i]),

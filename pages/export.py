@@ -1,4 +1,6 @@
-"""Export: the run as a zip, and self-contained HTML reports of a class or an explanation."""
+"""Export: the run as a zip, and self-contained HTML reports of a class or an explanation;
+the expert's notes on the prototypes go with each."""
+import json
 import re
 
 import streamlit as st
@@ -11,7 +13,9 @@ st.title("Export")
 entry = S.require_run()
 model = S.current_model()
 run = entry.run
+notes = entry.notes
 names = run.class_names
+notes_key = json.dumps(notes.to_dict(), sort_keys=True) if notes is not None else ""
 
 
 def _name(i: int) -> str:
@@ -27,16 +31,17 @@ stem = _slug(model.session.demo or model.session.loaded.arch)
 st.header("The run")
 st.caption("A zip of the run folder: `tensors.safetensors` (prototypes, α, the head they sum to) and `run.json` "
            "(model identity, every setting and seed, timings, per-class statistics, top patches, certificate). "
-           "Load it again on the Discover page or with `python -m phpn explain --run …`.")
+           "Load it again on the Discover page or with `python -m phpn explain --run …`. Your notes on the "
+           "prototypes (names, flags, descriptions) are in it as `annotations.json`.")
 
 
 @st.cache_data(max_entries=4, show_spinner=False)
-def _run_zip(run_id: str, name: str, _run) -> bytes:
-    return report.run_zip_bytes(_run, name)
+def _run_zip(run_id: str, name: str, notes_key: str, _run, _notes) -> bytes:
+    return report.run_zip_bytes(_run, name, notes=_notes)
 
 
 with S.user_errors():
-    st.download_button("Download the run (.zip)", data=_run_zip(entry.id, f"phpn-run-{stem}-k{run.k}", run),
+    st.download_button("Download the run (.zip)", data=_run_zip(entry.id, f"phpn-run-{stem}-k{run.k}", notes_key, run, notes),
                        file_name=f"phpn-run-{stem}-k{run.k}.zip", mime="application/zip", key="dl_run",
                        type="primary")
 
@@ -49,16 +54,16 @@ S.memorise("export_class")
 
 def _class_html(class_index: int) -> str:
     return report.class_report(run, class_index, image_root=S.image_root_for_run(run),
-                               preprocess=model.session.preprocess, network=entry.network)
+                               preprocess=model.session.preprocess, network=entry.network, notes=notes)
 
 
 if st.button("Build the class report", key="build_class_report"):
     with S.user_errors():
         with st.spinner("Drawing the report…"):
             with model.lock:
-                st.session_state["class_report"] = (entry.id, cls, _class_html(int(cls)))
+                st.session_state["class_report"] = (entry.id, cls, _class_html(int(cls)), notes_key)
 built = st.session_state.get("class_report")
-if built and built[0] == entry.id and built[1] == cls:
+if built and built[0] == entry.id and built[1] == cls and built[3] == notes_key:
     st.download_button("Download the class report (.html)", data=built[2],
                        file_name=f"phpn-{stem}-{_slug(_name(cls))}.html", mime="text/html", key="dl_class")
     st.caption(f"{len(built[2]) / 1024:.0f} KB, one file with every image embedded.")
@@ -76,7 +81,8 @@ else:
                                                   preprocess=model.session.preprocess,
                                                   opacity=explained.get("opacity", 0.6),
                                                   image_name=explained["label"], model_label=model.label,
-                                                  run_label=entry.origin, true_class=explained.get("true_class"))
+                                                  run_label=entry.origin, true_class=explained.get("true_class"),
+                                                  notes=notes)
             st.session_state["explanation_report"] = (entry.id, explained["label"], e.class_index, html_text)
     built = st.session_state.get("explanation_report")
     if built and built[0] == entry.id and built[1] == explained["label"] and built[2] == e.class_index:

@@ -189,6 +189,15 @@ def save_annotations(annotations: Annotations, run_dir) -> Path:
     if not (folder / META).is_file():
         raise RunError(f"{folder} is not a saved phpn run, so the notes have nowhere to go.",
                        "Save the run first (Discover page, or --out on the command line).")
+    try:
+        recorded = json.loads((folder / META).read_text(encoding="utf-8")).get("tensors_sha256")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if annotations.run_sha256 is None:
+        annotations.run_sha256 = recorded  # notes made before the run was saved: now they name it
+    elif recorded is not None and recorded != annotations.run_sha256:
+        raise RunError(f"These notes describe another run than the one saved in {folder.name}.",
+                       "Open that run and write its notes there.")
     text = json.dumps(annotations.to_dict(), indent=1, ensure_ascii=False)
     fd, tmp = tempfile.mkstemp(prefix=f".{ANNOTATIONS}.", suffix=".tmp", dir=folder)
     try:
@@ -300,3 +309,25 @@ def switch_off(network, data, preprocess, off: dict, *, images_per_class: Option
                            original_accuracy=float((before_t == truth_t).double().mean()),
                            edited_accuracy=float((after_t == truth_t).double().mean()), changed=changed,
                            skipped=[list(s) if isinstance(s, tuple) else s for s in skipped])
+
+
+# --- in reports ---------------------------------------------------------------------------------
+
+def prototype_note_html(notes: Optional[Annotations], class_index: int, prototype: int,
+                        fidelity: Optional[float] = None) -> str:
+    """The expert's flags and description of a prototype, and the low-fidelity warning, as
+    escaped HTML for the reports ('' when there is nothing to say)."""
+    import html
+
+    from .glossary import fidelity_warning
+
+    parts = []
+    warning = fidelity_warning(fidelity)
+    if warning:
+        parts.append(f'<p class="bad">{html.escape(warning)}</p>')
+    note = notes.get(class_index, prototype) if notes is not None else PrototypeNote()
+    if note.flags:
+        parts.append("<p>Flagged: " + ", ".join(f"<b>{html.escape(f)}</b>" for f in note.flags) + "</p>")
+    if note.description:
+        parts.append(f'<p class="note">{html.escape(note.description)}</p>')
+    return "".join(parts)

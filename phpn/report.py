@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import tempfile
 import zipfile
 from datetime import datetime, timezone
@@ -22,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from . import viz
+from .annotations import prototype_note_html
 from .data import load_image
 
 _CSS = """
@@ -116,7 +118,7 @@ def _certificate_html(cert: Optional[dict]) -> str:
 
 
 def class_report(run, class_index: int, *, image_root=None, preprocess=None, network=None, map_images: int = 4,
-                 patch_size: int = 112, similar_top: int = 3) -> str:
+                 patch_size: int = 112, similar_top: int = 3, notes=None) -> str:
     """HTML report of one class's prototypes (see module doc)."""
     from .data import Preprocess
 
@@ -126,7 +128,7 @@ def class_report(run, class_index: int, *, image_root=None, preprocess=None, net
     name = names[class_index] if class_index < len(names) else str(class_index)
     k = run.k
     colors = [viz.prototype_color(i) for i in range(k)]
-    labels = [f"prototype {i + 1}" for i in range(k)]
+    labels = notes.labels(class_index) if notes is not None else [f"prototype {i + 1}" for i in range(k)]
     contrib = meta["mean_contribution"]
     shares = viz.contribution_shares(contrib)
     similar = viz.prototype_similarity(run.prototypes, run.class_indices, class_index, top=similar_top)
@@ -167,6 +169,7 @@ def class_report(run, class_index: int, *, image_root=None, preprocess=None, net
         tiles = _patch_tiles(meta["top_patches"][i], image_root, preprocess, colors[i], patch_size)
         body.append(f'<div class="proto"><h3><span class="sw" style="background:{colors[i]}"></span>{labels[i]}: '
                     f"contribution {contrib[i]:.3f} ({100 * shares[i]:.0f}%), fidelity {meta['fidelity'][i]:.3f}</h3>")
+        body.append(prototype_note_html(notes, class_index, i, meta["fidelity"][i]))
         if tiles:
             body.append("<div>What it looks for (its top training patches, boxed):</div>")
             body.append(_img(viz.image_grid(tiles, columns=6)))
@@ -220,7 +223,7 @@ def provenance(explanation, run, *, image_name: Optional[str] = None, model_labe
 def explanation_report(explanation, run, *, image_root=None, preprocess=None, opacity: float = 0.6,
                        patches: int = 4, size: int = 196, image_name: Optional[str] = None,
                        model_label: Optional[str] = None, run_label: Optional[str] = None,
-                       true_class: Optional[int] = None) -> str:
+                       true_class: Optional[int] = None, notes=None) -> str:
     """HTML report of one image explained for one class (``phpn.api.ImageExplanation``), with
     its provenance (see :func:`provenance`) at the top."""
     from .certify import chance_warning
@@ -230,7 +233,7 @@ def explanation_report(explanation, run, *, image_root=None, preprocess=None, op
     e = explanation
     k = len(e.contributions)
     colors = [viz.prototype_color(i) for i in range(k)]
-    labels = [f"prototype {i + 1}" for i in range(k)]
+    labels = notes.labels(e.class_index) if notes is not None else [f"prototype {i + 1}" for i in range(k)]
     picture = viz.enlarge(e.image, size)
     vmax = viz.signed_scale(e.maps)
     meta = run.class_meta(e.class_index)
@@ -259,18 +262,21 @@ def explanation_report(explanation, run, *, image_root=None, preprocess=None, op
     for i in range(k):
         tiles = _patch_tiles(meta["top_patches"][i][:patches], image_root, preprocess, colors[i], 112)
         body.append(f'<div class="proto"><h3><span class="sw" style="background:{colors[i]}"></span>{labels[i]}: '
-                    f"{float(e.contributions[i]):+.3f} (fidelity {meta['fidelity'][i]:.3f})</h3><div class=row>")
+                    f"{float(e.contributions[i]):+.3f} (fidelity {meta['fidelity'][i]:.3f})</h3>"
+                    + prototype_note_html(notes, e.class_index, i, meta["fidelity"][i]) + "<div class=row>")
         body.append(_img(viz.prototype_overlay(picture, e.maps[i], opacity, colors=[colors[i]], vmax=vmax),
                          "where, on this image", size // 1.3))
-        body.append(_img(viz.grid_image(e.maps[i], size // 1.3, vmax=vmax), "raw feature grid", size // 1.3))
+        body.append(_img(viz.grid_image(e.maps[i], size // 1.3, vmax=vmax, color=colors[i]), "raw feature grid",
+                         size // 1.3))
         if tiles:
             body.append(_img(viz.image_grid(tiles, columns=2), "looks like (training patches)"))
         body.append("</div></div>")
     return _page(f"phpn: why {e.class_name}? ({rows[0][1]})", "".join(body))
 
 
-def run_zip_bytes(run, name: Optional[str] = None) -> bytes:
-    """The run's folder as a zip (saved first to a temporary folder when it has none)."""
+def run_zip_bytes(run, name: Optional[str] = None, notes=None) -> bytes:
+    """The run's folder as a zip (saved first to a temporary folder when it has none); with
+    ``notes`` (phpn.annotations.Annotations), those as the zip's annotations.json."""
     from .runs import save_run
 
     tmp = None
@@ -285,8 +291,10 @@ def run_zip_bytes(run, name: Optional[str] = None) -> bytes:
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
             for p in sorted(folder.rglob("*")):
-                if p.is_file():
+                if p.is_file() and not (notes is not None and p.name == "annotations.json"):
                     zf.write(p, f"{top}/{p.relative_to(folder).as_posix()}")
+            if notes is not None and notes.notes:
+                zf.writestr(f"{top}/annotations.json", json.dumps(notes.to_dict(), indent=1, ensure_ascii=False))
         return buf.getvalue()
     finally:
         if tmp is not None:

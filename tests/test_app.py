@@ -441,7 +441,8 @@ def test_uploaded_checkpoint_model_file_and_zip_then_discover_browse_explain(cod
     _small_discovery(at, k=2, cap=6)
     at.switch_page("pages/classes.py").run()
     _clean(at)
-    assert not _errors(at) and not at.warning
+    # Only the flags of low-fidelity prototypes (a tiny model's parts), nothing else.
+    assert not _errors(at) and all(w.value.startswith("Low fidelity") for w in at.warning)
     at.switch_page("pages/explain.py").run()
     _clean(at)
     assert at.radio(key="explain_source").options == ["Discovery images", "Upload an image"]

@@ -1,0 +1,146 @@
+"""The app for an expert, driven headless with AppTest: notes on prototypes saved beside the
+run and carried into reports and exports, switching prototypes off (an edited model, marked
+as such), plain-language help and low-fidelity flags, and state that lasts: the URL restores
+the session's run, class and image; settings and messages belong to one model."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import zipfile
+
+import pytest
+
+from test_app import _app, _clean, _errors, _small_discovery, _uploads_in_tmp, needs_demo  # noqa: F401
+
+pytest.importorskip("streamlit.testing.v1")
+
+NOTES_SUBMIT = "FormSubmitter:notes_{c}_{i}-Save the note"
+OFF_SUBMIT = "FormSubmitter:off_form_{c}-Compare with the original model"
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _save_run(at, name: str):
+    at.switch_page("pages/discover.py").run()
+    at.text_input(key="save_path").set_value(name)
+    at.button(key="save_run").click().run()
+    _clean(at)
+    assert not _errors(at), _errors(at)
+    return at.session_state["run"].saved_to
+
+
+@needs_demo
+def test_notes_are_saved_beside_the_run_survive_a_reload_and_reach_reports_and_exports():
+    from phpn.annotations import load_annotations
+    from phpn.runs import load_run
+
+    at = _app().run()
+    folder = _save_run(at, "annotated")
+    before = {name: _sha(folder / name) for name in ("run.json", "tensors.safetensors")}
+    at.switch_page("pages/classes.py").run()
+    at.selectbox(key="browser_class").set_value(3).run()
+    at.text_input(key="notes_name_3_1").set_value("collar")
+    at.multiselect(key="notes_flags_3_1").set_value(["spurious"])
+    at.text_input(key="notes_other_3_1").set_value("Stripes")
+    at.text_area(key="notes_desc_3_1").set_value("Fires on the neckline.")
+    at.button(key=NOTES_SUBMIT.format(c=3, i=1)).click().run()
+    _clean(at)
+    assert "Note saved beside the run." in [s.value for s in at.success]
+    # annotations.json beside the run; the run itself untouched and still verified when opened.
+    assert {name: _sha(folder / name) for name in before} == before
+    saved = load_annotations(load_run(folder))
+    assert saved.get(3, 1).name == "collar" and saved.get(3, 1).flags == ("spurious", "stripes")
+    query = dict(at.query_params)
+    assert query["run"] == "my runs / annotated" and query["class"] == "3" and query["demo"] == "fashion-mnist"
+
+    # A reload (a new session with the same URL) restores the run, its notes and the class.
+    again = _app()
+    for key, value in query.items():
+        again.query_params[key] = value
+    again.run()
+    _clean(again)
+    run = again.session_state["run"]
+    assert run.origin == "reopened from the link (my runs / annotated)" and run.saved_to == folder
+    assert run.notes.label(3, 1) == "prototype 2 “collar”"
+    again.switch_page("pages/classes.py").run()
+    _clean(again)
+    assert again.selectbox(key="browser_class").value == 3
+    header = [m.value for m in again.markdown if "collar" in m.value]
+    assert header and "`spurious` `stripes`" in header[0]
+    assert "Fires on the neckline." in [c.value for c in again.caption]
+
+    # The class report and the run's zip carry the notes.
+    again.switch_page("pages/export.py").run()
+    assert again.selectbox(key="export_class").value == 3
+    again.button(key="build_class_report").click().run()
+    _clean(again)
+    html_text = again.session_state["class_report"][2]
+    assert "prototype 2 “collar”" in html_text and "Flagged: <b>spurious</b>, <b>stripes</b>" in html_text
+    assert "Fires on the neckline." in html_text
+    archive = zipfile.ZipFile(io.BytesIO(_zip_bytes(again)))  # what the page's download button holds
+    notes = json.loads(archive.read(next(n for n in archive.namelist() if n.endswith("/annotations.json"))))
+    assert notes["prototypes"] == [{"class_index": 3, "prototype": 1, "name": "collar",
+                                    "description": "Fires on the neckline.", "flags": ["spurious", "stripes"]}]
+
+
+def _zip_bytes(at) -> bytes:
+    from phpn.report import run_zip_bytes
+
+    entry = at.session_state["run"]
+    return run_zip_bytes(entry.run, "run", notes=entry.notes)
+
+
+@needs_demo
+def test_switching_prototypes_off_is_an_edited_model_with_its_accuracy_beside_the_original():
+    at = _app().run()
+    at.switch_page("pages/classes.py").run()
+    at.selectbox(key="browser_class").set_value(3).run()
+    # Plain language: the method's quantities sit in an expert section, every word has help.
+    assert any(e.label.startswith("Expert details") for e in at.expander)
+    assert {m.label for m in at.metric} >= {"Residual ‖R‖/‖v‖", "Negative α", "Objective before", "Objective after"}
+    at.multiselect(key="off_protos_3").set_value([0, 1])
+    at.button(key=OFF_SUBMIT.format(c=3)).click().run()
+    _clean(at)
+    assert not _errors(at), _errors(at)
+    assert any(w.value.startswith("**Edited model: prototypes switched off. It no longer equals the original model")
+               for w in at.warning)
+    result = at.session_state["switch_off"][2]
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Original model accuracy"] == f"{100 * result.original_accuracy:.1f}%"
+    assert metrics["Edited model accuracy"] == f"{100 * result.edited_accuracy:.1f}%"
+    assert metrics["Predictions changed"] == f"{len(result.changed)} of {result.images}"
+    assert result.images == 100 and result.switched_off == {3: [0, 1]}
+    assert result.edited_accuracy < result.original_accuracy  # the dress's main parts matter
+    # A low-fidelity prototype is flagged where it is shown (the threshold lives in phpn.glossary).
+    from phpn.glossary import LOW_FIDELITY
+
+    at.session_state["run"].run.class_meta(3)["fidelity"][2] = LOW_FIDELITY / 2
+    at.run()
+    assert any(w.value.startswith(f"Low fidelity ({LOW_FIDELITY / 2:.2f} < {LOW_FIDELITY:g})") for w in at.warning)
+
+
+@needs_demo
+def test_settings_and_messages_belong_to_one_model_and_a_stale_link_is_a_warning():
+    at = _app().run()
+    _small_discovery(at, k=2, cap=4)
+    at.number_input(key="disc_cap").set_value(600).run()  # a setting chosen for this model
+    assert any("Discovery finished" in s.value for s in at.success)
+    at.switch_page("pages/model.py").run()
+    at.selectbox(key="demo_name").set_value("imagenet-lite0").run()
+    at.button(key="load_demo").click().run()
+    _clean(at)
+    assert at.query_params["demo"] == "imagenet-lite0" and at.query_params["run"] == "demo / imagenet-lite0"
+    at.switch_page("pages/discover.py").run()
+    _clean(at)
+    assert not any("Discovery finished" in s.value for s in at.success)  # that was the other model's
+    assert at.number_input(key="disc_cap").value != 600  # the other model's setting is not carried
+
+    stale = _app()
+    stale.query_params["run"] = "my runs / gone"
+    stale.run()
+    _clean(stale)
+    assert any("The link's run could not be opened" in w.value for w in stale.sidebar.warning)
+    assert stale.session_state["model"].session.demo == "fashion-mnist"  # the default demo instead
