@@ -13,6 +13,7 @@ check out, the tap falls back to two passes (backbone, then model) and says why.
 from __future__ import annotations
 
 import contextlib
+import threading
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -111,8 +112,13 @@ class FeatureTap:
 
     def _one_pass(self, x: torch.Tensor):
         box, seen = {}, [0]
+        owner = threading.get_ident()
 
         def grab(module, inputs, output):
+            # The model may be shared: another thread's forward (another visitor's discovery or
+            # explanation in the app) passes through the same hook and must not be caught.
+            if threading.get_ident() != owner:
+                return
             if seen[0] == self.call:
                 box["out"] = output
             seen[0] += 1

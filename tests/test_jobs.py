@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from phpn.api import ModelSession
 from phpn.data import scan_image_folder
@@ -120,3 +121,33 @@ def test_cancel_while_waiting_and_errors_are_reported(session, image_folder):
 def test_format_seconds():
     assert [format_seconds(s) for s in (None, -1, 4.4, 59.6, 61, 3725)] == [
         "estimating…", "0 s", "4 s", "60 s", "1 min 01 s", "62 min 05 s"]
+
+
+def test_discoveries_sharing_a_model_with_other_visitors_get_their_own_features(session, image_folder):
+    """In the app one cached model serves every visitor: forwards from other threads (another
+    discovery, an explanation) must not leak into a discovery's features."""
+    data = scan_image_folder(image_folder, class_names=session.loaded.class_names, num_classes=4,
+                             images_per_class=6)
+    config = DiscoveryConfig(k=2, images_per_class=6, device="cpu", batch_size=4)
+    alone = DiscoveryJob(session, data, config, "x", queue=DiscoveryQueue(1)).start()
+    assert alone.wait(120) == "done", alone.error
+    stop = threading.Event()
+
+    def other_visitor():
+        blank = torch.zeros(3, 3, 16, 16)
+        with torch.inference_mode():
+            while not stop.is_set():
+                session.loaded.model(blank)
+
+    browsing = threading.Thread(target=other_visitor, daemon=True)
+    browsing.start()
+    try:
+        queue = DiscoveryQueue(2)
+        jobs = [DiscoveryJob(session, data, config, "x", queue=queue).start() for _ in range(2)]
+        assert [job.wait(120) for job in jobs] == ["done", "done"], [job.error for job in jobs]
+    finally:
+        stop.set()
+        browsing.join(10)
+    for job in jobs:
+        assert torch.equal(job.result.prototypes, alone.result.prototypes)
+        assert job.result.meta["certificate"]["passed"]
