@@ -4,7 +4,9 @@
 function or an ``nn.Module`` class) to build the network, then loads the checkpoint's state
 dict into it. Importing a file runs its code: phpn does this *only* for a file the user
 names explicitly with ``--model-def`` (or the model-file field in the app). That explicit
-argument is the opt-in; phpn never imports code found next to a checkpoint by itself.
+argument is the opt-in; phpn never imports code found next to a checkpoint by itself. In
+the app, a visitor's file is accepted only where the operator allows visitors' code, and it
+is tried first in a separate process with a time limit (:mod:`phpn.serving.isolation`).
 
 If the factory takes a ``num_classes`` argument it receives ``--num-classes`` when given,
 otherwise the row count of the checkpoint's last 2-D weight (the usual head).
