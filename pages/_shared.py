@@ -319,8 +319,9 @@ def set_run(run, origin: str, saved_to: Optional[Path] = None, wall: Optional[di
 
 # What belongs to one model: results, messages and the settings chosen for it (widget keys and
 # the values remember() keeps). All of it is forgotten when another model is loaded.
+# (A run waiting for its model, "pending_run", is kept: it opens when that model is loaded.)
 MODEL_STATE_KEYS = ("data", "run", "explained", "evaluation", "job_note", "class_report", "explanation_report",
-                    "switch_off", "pending_run", "_flash")
+                    "switch_off", "_flash")
 MODEL_SETTING_PREFIXES = ("disc_", "browser_", "explain_", "export_", "eval_", "notes_", "off_")
 
 
@@ -463,7 +464,7 @@ def open_pending_run() -> None:
     st.session_state.pop("pending_run", None)
     with user_errors():
         reopen_run(pending[0], pending[1])
-        flash(f"Opened the run that was waiting for this model ({pending[1]}).", place="main")
+        st.toast(f"Opened the run that was waiting for this model ({pending[1]}).", icon=":material/history:")
 
 
 def _returning_session(sid: str) -> bool:

@@ -11,15 +11,17 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .data import Preprocess
+from .data import INTERPOLATIONS, Preprocess
 from .errors import PhpnError
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--demo", help="a built-in demo: fashion-mnist or imagenet-lite0 (instead of --checkpoint)")
-    g.add_argument("--checkpoint", type=Path, help="state dict (.pt/.pth/.bin/.safetensors) or, with --trust-pickle, a pickled model")
-    g.add_argument("--arch", help="torchvision architecture name (inferred from the checkpoint when omitted)")
+    g.add_argument("--checkpoint", type=Path, help="state dict (.pt/.pth/.bin/.safetensors), a Hugging Face model folder "
+                   "(save_pretrained), or, with --trust-pickle, a pickled model")
+    g.add_argument("--arch", help="torchvision architecture name, or timm/NAME for a timm model "
+                   "(inferred from the checkpoint when omitted)")
     g.add_argument("--model-def", metavar="FILE.py:FACTORY",
                    help="your own architecture: a Python file and the class or function that builds it (the file is executed)")
     g.add_argument("--trust-pickle", action="store_true",
@@ -33,7 +35,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--crop", type=int)
     g.add_argument("--mean", type=float, nargs="+")
     g.add_argument("--std", type=float, nargs="+")
-    g.add_argument("--interpolation", choices=["bilinear", "bicubic", "nearest"])
+    g.add_argument("--interpolation", choices=list(INTERPOLATIONS))
 
 
 def _preprocess(args, default: Preprocess) -> Preprocess:
@@ -82,9 +84,11 @@ def cmd_doctor(args) -> int:
     session = _session(args)
     d = session.diagnosis
     obj = {"checkpoint": str(args.checkpoint or args.demo), "arch": session.loaded.arch,
-           "num_classes": session.loaded.num_classes, "sha256": session.loaded.sha256, **d.to_dict()}
+           "num_classes": session.loaded.num_classes, "sha256": session.loaded.sha256, **d.to_dict(),
+           "preprocess": session.preprocess.to_dict(), "load_notes": list(session.loaded.notes)}
     lines = [f"model: {session.loaded.arch} ({session.loaded.num_classes} classes)", f"verdict: {d.verdict}",
-             f"why: {d.reason}"]
+             f"why: {d.reason}", f"preprocessing: {session.preprocess.describe()}"]
+    lines += [f"loaded: {n}" for n in session.loaded.notes if not n.startswith("preprocessing: ")]
     if d.split is not None:
         lines.append(f"features: {d.split.feature_layer} -> head: {d.split.head_layer}, feature map {tuple(d.feature_shape)}")
     lines += [f"note: {n}" for n in d.notes]

@@ -32,12 +32,36 @@ MAX_IMAGE_PIXELS = 100_000_000
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
 
-_RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+# Resize interpolations (PIL names them the same way).
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+# "shorter": the shorter side becomes ``resize`` and the aspect ratio is kept (torchvision, timm's
+# default crop mode, Hugging Face's shortest_edge); "square": both sides become ``resize`` (Hugging
+# Face's height/width sizes, timm's "squash" crop mode).
+RESIZE_MODES = ("shorter", "square")
+# Where the resize runs. "pil": Pillow's resize of the 8-bit image (timm's and Hugging Face's PIL
+# transforms); "tensor": torchvision's antialiased resize of the uint8 tensor (torchvision's weights'
+# transforms, Hugging Face's default image processors). The two differ by one grey level on a few
+# pixels, so each model gets the one it was evaluated with.
+BACKENDS = ("pil", "tensor")
+# The centre crop's offset (size - crop) / 2 when it is not whole: torchvision and timm round it,
+# Hugging Face's image processors floor it.
+CROP_OFFSETS = ("round", "floor")
+
+
+def _interpolation_mode(name: str):
+    from torchvision.transforms import InterpolationMode
+
+    return InterpolationMode(name)
 
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Resize (shorter side) then centre-crop, then normalise per channel."""
+    """Resize, centre-crop, then normalise per channel: torchvision's ``Resize`` + ``CenterCrop``.
+
+    Sizes round as torchvision (and so timm and Hugging Face) do: a 640x427 photo resized to a
+    shorter side of 232 becomes 347x232 (the longer side is truncated), and the crop's offset
+    is ``round((size - crop) / 2)``.
+    """
 
     resize: int = 256
     crop: int = 224
@@ -45,6 +69,12 @@ class Preprocess:
     std: tuple = (0.229, 0.224, 0.225)
     channels: int = 3
     interpolation: str = "bilinear"  # of the resize: bilinear, bicubic or nearest (as the model was trained)
+    resize_mode: str = "shorter"  # see RESIZE_MODES
+    backend: str = "pil"  # see BACKENDS
+    crop_offset: str = "round"  # see CROP_OFFSETS
+    # Where these values came from (e.g. "timm pretrained_cfg of convnext_tiny"), shown to the user;
+    # not part of equality: the same numbers are the same preprocessing.
+    source: str = field(default="", compare=False)
 
     def __post_init__(self):
         if self.channels not in (1, 3):
@@ -55,11 +85,18 @@ class Preprocess:
                 f"got {len(self.mean)} and {len(self.std)}.",
                 "Pass --mean and --std with one number per channel.",
             )
+        check_finite("mean", self.mean), check_finite("std", self.std)
         if any(s <= 0 for s in self.std):
             raise ConfigError("std values must be positive.", "Check --std.")
-        if self.interpolation not in _RESAMPLE:
+        if self.interpolation not in INTERPOLATIONS:
             raise ConfigError(f"Unknown interpolation '{self.interpolation}'.",
-                              f"Use one of: {', '.join(_RESAMPLE)}.")
+                              f"Use one of: {', '.join(INTERPOLATIONS)}.")
+        if self.resize_mode not in RESIZE_MODES:
+            raise ConfigError(f"Unknown resize mode '{self.resize_mode}'.", f"Use one of: {', '.join(RESIZE_MODES)}.")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"Unknown resize backend '{self.backend}'.", f"Use one of: {', '.join(BACKENDS)}.")
+        if self.crop_offset not in CROP_OFFSETS:
+            raise ConfigError(f"Unknown crop offset '{self.crop_offset}'.", f"Use one of: {', '.join(CROP_OFFSETS)}.")
         if self.crop <= 0 or self.resize < self.crop:
             raise ConfigError(
                 f"resize ({self.resize}) must be at least crop ({self.crop}) and both positive.",
@@ -73,29 +110,58 @@ class Preprocess:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocess":
+        # Runs written before resize_mode/backend existed resized the shorter side with Pillow.
         return cls(
             resize=int(d["resize"]), crop=int(d["crop"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
             channels=int(d.get("channels", 3)), interpolation=str(d.get("interpolation", "bilinear")),
+            resize_mode=str(d.get("resize_mode", "shorter")), backend=str(d.get("backend", "pil")),
+            crop_offset=str(d.get("crop_offset", "round")),
+            source=str(d.get("source", "")),
         )
+
+    def describe(self) -> str:
+        """One line for the user: what is done to each image."""
+        size = (f"shorter side to {self.resize}" if self.resize_mode == "shorter"
+                else f"to {self.resize}x{self.resize}")
+        fmt = lambda v: ", ".join(f"{x:.4g}" for x in v)  # noqa: E731
+        text = (f"resize {size} ({self.interpolation}, {'Pillow' if self.backend == 'pil' else 'torch tensor'}), "
+                f"centre crop {self.crop}, mean ({fmt(self.mean)}), std ({fmt(self.std)})")
+        return f"{text}; from {self.source}" if self.source else text
+
+    def resized_size(self, width: int, height: int) -> tuple:
+        """(width, height) after the resize, rounded as torchvision's ``Resize`` rounds."""
+        if self.resize_mode == "square":
+            return self.resize, self.resize
+        if width <= height:
+            return self.resize, int(self.resize * height / width)
+        return int(self.resize * width / height), self.resize
+
+    def crop_box(self, width: int, height: int) -> tuple:
+        """(left, top) of the centre crop in a resized image of that size."""
+        if self.crop_offset == "floor":
+            return (width - self.crop) // 2, (height - self.crop) // 2
+        return int(round((width - self.crop) / 2.0)), int(round((height - self.crop) / 2.0))
 
     def geometry(self, image: Image.Image) -> Image.Image:
         """Resize and crop only: the picture the model sees, before normalisation."""
-        w, h = image.size
-        scale = self.resize / min(w, h)
-        nw, nh = max(self.crop, round(w * scale)), max(self.crop, round(h * scale))
-        image = image.resize((nw, nh), _RESAMPLE[self.interpolation])
-        left, top = (nw - self.crop) // 2, (nh - self.crop) // 2
-        return image.crop((left, top, left + self.crop, top + self.crop))
+        from torchvision.transforms.v2 import functional as TF
+
+        nw, nh = self.resized_size(*image.size)
+        mode = _interpolation_mode(self.interpolation)
+        if self.backend == "tensor":
+            resized = TF.resize(TF.pil_to_tensor(image), [nh, nw], interpolation=mode, antialias=True)
+        else:
+            resized = TF.resize(image, [nh, nw], interpolation=mode)
+        left, top = self.crop_box(nw, nh)
+        cropped = TF.crop(resized, top, left, self.crop, self.crop)
+        return TF.to_pil_image(cropped) if self.backend == "tensor" else cropped
 
     def normalise(self, image: Image.Image) -> torch.Tensor:
+        from torchvision.transforms.v2 import functional as TF
+
         mode = "L" if self.channels == 1 else "RGB"
-        arr = np.asarray(image.convert(mode), dtype=np.float32) / 255.0
-        if arr.ndim == 2:
-            arr = arr[:, :, None]
-        t = torch.from_numpy(arr.transpose(2, 0, 1).copy())
-        mean = torch.tensor(self.mean, dtype=torch.float32)[:, None, None]
-        std = torch.tensor(self.std, dtype=torch.float32)[:, None, None]
-        return (t - mean) / std
+        t = TF.to_dtype(TF.pil_to_tensor(image.convert(mode)), torch.float32, scale=True)
+        return TF.normalize(t, list(self.mean), list(self.std))
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return self.normalise(self.geometry(image))

@@ -28,7 +28,7 @@ from .data import ImageFolderData, Preprocess, iter_batches, load_batch
 from .device import resolve_device
 from .errors import ConfigError, DataError
 from .features import FeatureTap, backbone_features, prepare_backbone
-from .models.head import HeadSplit, LoadedModel
+from .models.head import NONNEGATIVE_FEATURES_NMF, SIGNED_FEATURES_NMF, HeadSplit, LoadedModel
 from .nmf import NMFConfig, nmf
 from .progress import ProgressFn, report
 from .refine import RefineConfig, refine
@@ -159,6 +159,7 @@ def _model_record(loaded: LoadedModel, split: HeadSplit, feature_shape: tuple) -
         "feature_shape": list(feature_shape),
         "folded_norm": split.folded,
         "signed_features": split.signed_features,
+        "nmf_input": SIGNED_FEATURES_NMF if split.signed_features else NONNEGATIVE_FEATURES_NMF,
         "feature_layer": split.feature_layer,
         "head_layer": split.head_layer,
     }

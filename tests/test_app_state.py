@@ -144,3 +144,34 @@ def test_settings_and_messages_belong_to_one_model_and_a_stale_link_is_a_warning
     _clean(stale)
     assert any("The link's run could not be opened" in w.value for w in stale.sidebar.warning)
     assert stale.session_state["model"].session.demo == "fashion-mnist"  # the default demo instead
+
+
+@needs_demo
+def test_a_run_whose_model_file_is_missing_asks_for_it_and_opens_once_it_is_loaded(tmp_path):
+    at = _app().run()
+    at.switch_page("pages/model.py").run()
+    at.selectbox(key="demo_name").set_value("imagenet-lite0").run()
+    at.button(key="load_demo").click().run()
+    folder = _save_run(at, "lite0-copy")
+    meta = json.loads((folder / "run.json").read_text())
+    meta["demo"] = None  # as if made from an uploaded file that is gone now
+    meta["model"]["source"] = str(tmp_path / "gone" / "lite0.safetensors")
+    (folder / "run.json").write_text(json.dumps(meta))
+    sha = meta["model"]["sha256"]
+
+    again = _app()
+    again.query_params["session"] = at.query_params["session"]
+    again.query_params["run"] = "my runs / lite0-copy"
+    again.run()
+    _clean(again)
+    assert [w.value for w in again.sidebar.warning] == [
+        f"This run was made from lite0.safetensors (sha256 {sha[:12]}…), which is not on this server for you. Load "
+        "that model on the Model & data page: the run opens as soon as it is loaded."]
+    assert again.session_state["model"].session.demo == "fashion-mnist"  # meanwhile, the default demo
+    again.switch_page("pages/model.py").run()
+    again.selectbox(key="demo_name").set_value("imagenet-lite0").run()
+    again.button(key="load_demo").click().run()
+    _clean(again)
+    run = again.session_state["run"]
+    assert run.saved_to == folder and run.origin == "reopened from the link (my runs / lite0-copy)"
+    assert "pending_run" not in again.session_state

@@ -152,9 +152,8 @@ def preprocess_keypoints(keypoints, image_size, preprocess: Preprocess):
     Pixel centres map to pixel centres: ``x' = (x + 0.5) * new_w / w - 0.5 - left``.
     """
     w, h = image_size
-    scale = preprocess.resize / min(w, h)
-    nw, nh = max(preprocess.crop, round(w * scale)), max(preprocess.crop, round(h * scale))
-    left, top = (nw - preprocess.crop) // 2, (nh - preprocess.crop) // 2
+    nw, nh = preprocess.resized_size(w, h)
+    left, top = preprocess.crop_box(nw, nh)
     kp = np.asarray(keypoints, dtype=np.float64)
     out = np.empty_like(kp)
     out[:, 0] = (kp[:, 0] + 0.5) * nw / w - 0.5 - left

@@ -18,6 +18,14 @@ import torch
 from torch import nn
 
 
+# How discovery treats features that can be negative (token models, no final ReLU): recorded in
+# each run and shown to the user.
+SIGNED_FEATURES_NMF = ("the features can be negative, so NMF factorises them clamped at zero (it finds parts where "
+                       "features are positive); the prototypes still sum exactly to each head row, and every "
+                       "contribution and map is computed from the signed features")
+NONNEGATIVE_FEATURES_NMF = "the features are non-negative (they end in a ReLU), so NMF factorises them as they are"
+
+
 @dataclass
 class PostPoolNorm:
     """A LayerNorm over channels applied to the pooled vector, folded into the head.

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..data import Preprocess
 from ..errors import CheckpointError, ConfigError
-from . import lite0, zoo
+from . import hf, lite0, zoo
 from .checkpoint import read_checkpoint
 from .doctor import TRIAL_TIME_LIMIT_S, call_with_time_limit
 from .head import LoadedModel
@@ -41,6 +41,8 @@ def load_model(checkpoint=None, *, arch: Optional[str] = None, model_def: Option
         _check_classes(num_classes, loaded.num_classes, "the built-in EfficientNet-Lite0")
         return loaded
 
+    if hf.is_model_folder(checkpoint):  # what Hugging Face's save_pretrained writes
+        return hf.load_model_folder(checkpoint, num_classes=num_classes)
     ckpt = read_checkpoint(checkpoint, trust_pickle=trust_pickle)
     source = str(Path(checkpoint))
     if ckpt.module is not None:
@@ -64,10 +66,7 @@ def load_model(checkpoint=None, *, arch: Optional[str] = None, model_def: Option
                            preprocess=lite0.PREPROCESS, class_names=zoo.imagenet_categories() if rows == 1000 else None,
                            source=source, notes=["EfficientNet-Lite0 architecture"])
 
-    model, name, rows, notes = zoo.load_torchvision(sd, arch, num_classes)
-    return LoadedModel(model=model, arch=name, num_classes=rows, sha256=ckpt.sha256,
-                       preprocess=zoo.default_preprocess(name), class_names=zoo.class_names(name, rows),
-                       source=source, notes=notes)
+    return zoo.load_architecture(sd, arch, num_classes, sha256=ckpt.sha256, source=source)
 
 
 def _from_pickled_module(ckpt, source: str, arch, model_def, num_classes) -> LoadedModel:

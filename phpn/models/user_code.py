@@ -9,7 +9,7 @@ the app, a visitor's file is accepted only where the operator allows visitors' c
 is tried first in a separate process with a time limit (:mod:`phpn.serving.isolation`).
 
 If the factory takes a ``num_classes`` argument it receives ``--num-classes`` when given,
-otherwise the row count of the checkpoint's last 2-D weight (the usual head).
+otherwise the row count of the checkpoint's classifier (found by its usual names).
 """
 from __future__ import annotations
 
@@ -68,11 +68,10 @@ def _module_builders(module) -> list:
 
 
 def guess_num_classes(state_dict: Mapping) -> Optional[int]:
-    """Rows of the last 2-D weight: the head in nearly every classifier."""
-    for key in reversed(list(state_dict)):
-        if key.endswith("weight") and state_dict[key].ndim == 2:
-            return int(state_dict[key].shape[0])
-    return None
+    """Rows of the classifier, found by its name (see ``zoo.guess_num_classes``)."""
+    from .zoo import guess_num_classes as by_head_name
+
+    return by_head_name(state_dict)
 
 
 def build_user_model(spec: str, *, num_classes: Optional[int] = None, state_dict: Optional[Mapping] = None):

@@ -23,9 +23,10 @@ import torchvision
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..data import Preprocess
+from ..data import INTERPOLATIONS, Preprocess
 from ..errors import CheckpointError
 from .checkpoint import strip_common_prefix, strip_wrapper_prefixes
+from .head import LoadedModel
 
 # family -> (architecture names, keys every member's state dict has). The markers only
 # narrow the search; the exact comparison decides.
@@ -157,12 +158,16 @@ class _Diff:
 
 
 def _compare(state_dict: Mapping, arch: str) -> _Diff:
-    sig = _signature(arch)
+    return diff_shapes(state_dict, _signature(arch).shapes)
+
+
+def diff_shapes(state_dict: Mapping, shapes: Mapping) -> _Diff:
+    """Keys missing, unexpected or of the wrong shape; a -1 first dimension (the class count) is free."""
     have = {k: tuple(v.shape) for k, v in state_dict.items() if not _ignored(k)}
-    missing = [k for k in sig.shapes if k not in have]
-    unexpected = [k for k in have if k not in sig.shapes]
+    missing = [k for k in shapes if k not in have]
+    unexpected = [k for k in have if k not in shapes]
     wrong = []
-    for key, expected in sig.shapes.items():
+    for key, expected in shapes.items():
         got = have.get(key)
         if got is None:
             continue
@@ -202,6 +207,39 @@ def _views(state_dict: Mapping):
         yield stripped, prefix
 
 
+# Classifier weight names in torchvision, timm and Hugging Face models, most common first.
+HEAD_KEYS = ("fc.weight", "head.fc.weight", "head.weight", "classifier.weight", "classifier.1.weight",
+             "heads.head.weight", "classifier.fc.weight", "classifier.2.weight", "classifier.3.weight",
+             "classifier.6.weight", "_fc.weight", "last_linear.weight", "head.l.weight", "linear.weight")
+
+
+def find_head_weight(state_dict: Mapping) -> Optional[str]:
+    """The classifier's weight by its name (the outermost one when several match), else None.
+
+    Key order cannot tell: safetensors files store their keys sorted by name.
+    """
+    found = []
+    for key, tensor in state_dict.items():
+        for rank, name in enumerate(HEAD_KEYS):
+            if key == name or key.endswith("." + name):
+                linear = tensor.ndim == 2 or (tensor.ndim == 4 and tuple(tensor.shape[2:]) == (1, 1))
+                if linear:
+                    found.append((key.count("."), rank, key))
+                break
+    return min(found)[2] if found else None
+
+
+def guess_num_classes(state_dict: Mapping) -> Optional[int]:
+    """Rows of the classifier found by name; else of the last 2-D weight in the file's order."""
+    key = find_head_weight(state_dict)
+    if key is not None:
+        return int(state_dict[key].shape[0])
+    for key in reversed(list(state_dict)):
+        if key.endswith("weight") and state_dict[key].ndim == 2:
+            return int(state_dict[key].shape[0])
+    return None
+
+
 def head_rows(state_dict: Mapping, arch: str) -> int:
     return int(state_dict[_signature(arch).head_weight].shape[0])
 
@@ -233,11 +271,61 @@ def _infer(sd: dict) -> tuple[str, int, dict]:
     hint = ""
     if best is not None and best[0] <= max(8, len(sd) // 10):
         hint = f" The nearest is {best[1]}, but {best[2].describe(3)}."
-    raise CheckpointError(
+    raise _NoMatch(
         f"Could not tell the architecture from the checkpoint's {len(sd)} weight names and shapes: "
         f"it matches none of torchvision's {', '.join(sorted(FAMILIES))} models exactly.{hint}",
-        "Name it with --arch, or give your model's code with --model-def FILE.py:FACTORY.",
+        "Name it with --arch (a torchvision name, or timm/NAME for a timm model), or give your model's code "
+        "with --model-def FILE.py:FACTORY.",
     )
+
+
+class _NoMatch(CheckpointError):
+    """No torchvision architecture fits the state dict (several fitting is another error)."""
+
+
+def load_architecture(state_dict: Mapping, arch: Optional[str] = None, num_classes: Optional[int] = None, *,
+                      sha256: str = "", source: str = "") -> LoadedModel:
+    """A torchvision or timm classifier, named by ``arch`` or inferred, with ``state_dict`` loaded.
+
+    Inference tries torchvision's architectures first, then timm's (when timm is installed).
+    """
+    from . import timm_models
+
+    if timm_models.is_timm_arch(arch):
+        return _load_timm(normalise_state_dict(state_dict), arch, num_classes, sha256, source, [])
+    try:
+        model, name, rows, notes = load_torchvision(state_dict, arch, num_classes)
+    except _NoMatch as err:
+        sd = normalise_state_dict(state_dict)
+        for view, _prefix in _views(sd):
+            found = timm_models.infer(view)
+            if found is not None:
+                note = f"architecture inferred from the weight names and shapes: timm's {found}"
+                return _load_timm(view, timm_models.PREFIX + found, num_classes, sha256, source, [note])
+        if not timm_models.available():
+            raise CheckpointError(err.problem + " timm is not installed, so timm's models were not tried.",
+                                  err.fix + " For a timm model: " + timm_models.INSTALL_HINT) from None
+        raise CheckpointError(err.problem[:-1] + ", nor any timm model of the families phpn indexes.",
+                              err.fix) from None
+    pre, pre_notes = default_preprocess_with_notes(name, sha256)
+    return LoadedModel(model=model, arch=name, num_classes=rows, sha256=sha256, preprocess=pre,
+                       class_names=class_names(name, rows), source=source, notes=notes + pre_notes)
+
+
+def _load_timm(sd: dict, arch: str, num_classes, sha256: str, source: str, notes: list) -> LoadedModel:
+    from . import timm_models
+
+    last = None
+    for view, _prefix in _views(sd):
+        try:
+            model, name, rows, pre, more = timm_models.load(view, arch, num_classes)
+        except CheckpointError as err:
+            last = last or err
+            continue
+        return LoadedModel(model=model, arch=name, num_classes=rows, sha256=sha256, preprocess=pre,
+                           class_names=imagenet_categories() if rows == 1000 else None, source=source,
+                           notes=notes + more)
+    raise last
 
 
 def load_torchvision(state_dict: Mapping, arch: Optional[str] = None, num_classes: Optional[int] = None):
@@ -300,16 +388,57 @@ def _first_line(text: str) -> str:
     return next((ln.strip() for ln in text.splitlines() if ln.strip()), text)[:300]
 
 
-def default_preprocess(arch: str) -> Preprocess:
+def default_preprocess(arch: str, sha256: str = "") -> Preprocess:
     """Resize/crop/mean/std of torchvision's reference weights for ``arch`` (metadata only)."""
+    return default_preprocess_with_notes(arch, sha256)[0]
+
+
+def _weights_preprocess(weights) -> Preprocess:
+    t = weights.transforms()
+    interpolation = getattr(t.interpolation, "value", "bilinear")
+    # torchvision's ImageClassification resizes a PIL image with Pillow, as phpn's "pil" backend does.
+    return Preprocess(resize=int(t.resize_size[0]), crop=int(t.crop_size[0]),
+                      mean=tuple(float(m) for m in t.mean), std=tuple(float(s) for s in t.std),
+                      interpolation=interpolation if interpolation in INTERPOLATIONS else "bilinear",
+                      backend="pil", crop_offset="round", source=f"torchvision {weights}.transforms()")
+
+
+def _weights_hash(weights) -> str:
+    # torchvision names its files NAME-<first 8 hex digits of the file's SHA-256>.pth
+    match = re.search(r"-([0-9a-f]{8,})\.pth$", getattr(weights, "url", "") or "")
+    return match.group(1) if match else ""
+
+
+def default_preprocess_with_notes(arch: str, sha256: str = "") -> tuple:
+    """``(Preprocess, notes)``: the transforms of the torchvision weights this file is (told by its
+    SHA-256, as torchvision's file names record it), else of the DEFAULT weights, saying which
+    other weights would preprocess differently."""
     try:
-        t = torchvision.models.get_model_weights(arch).DEFAULT.transforms()
-        interpolation = getattr(t.interpolation, "value", "bilinear")
-        return Preprocess(resize=int(t.resize_size[0]), crop=int(t.crop_size[0]),
-                          mean=tuple(float(m) for m in t.mean), std=tuple(float(s) for s in t.std),
-                          interpolation=interpolation if interpolation in ("bilinear", "bicubic", "nearest") else "bilinear")
+        enum = torchvision.models.get_model_weights(arch)
+        weights = list(enum)
+        default = enum.DEFAULT
     except (ValueError, KeyError, AttributeError, TypeError):
-        return Preprocess()
+        return Preprocess(source="ImageNet defaults"), ["preprocessing: ImageNet defaults (resize 256, crop 224)"]
+    if sha256:
+        for w in weights:
+            h = _weights_hash(w)
+            if h and sha256.lower().startswith(h):
+                pre = _weights_preprocess(w)
+                return pre, [f"the checkpoint is torchvision's {w} (its SHA-256 starts with {h})",
+                             f"preprocessing: {pre.describe()}"]
+    pre = _weights_preprocess(default)
+    notes = [f"preprocessing: {pre.describe()}"]
+    others = {}
+    for w in weights:
+        other = _weights_preprocess(w)
+        if other != pre:
+            others[str(w).split(".")[-1]] = other
+    if others:
+        shown = "; ".join(f"{n}: resize {o.resize}, crop {o.crop}, {o.interpolation}" for n, o in others.items())
+        notes.append(f"torchvision's {arch} weights differ in preprocessing ({shown}) and the checkpoint does not "
+                     f"say which it was trained like; phpn uses {str(default).split('.')[-1]}'s. "
+                     "If yours was trained otherwise, pass --resize/--crop/--interpolation")
+    return pre, notes
 
 
 def imagenet_categories() -> list:

@@ -1,0 +1,112 @@
+"""Hugging Face transformers classifiers from a save_pretrained folder: logits, class names, preprocessing."""
+import json
+
+import pytest
+import torch
+
+from phpn.api import open_model
+from phpn.errors import CheckpointError
+from phpn.models import load_model, zoo
+from phpn.models.hf import LogitsOnly
+
+transformers = pytest.importorskip("transformers")
+
+LABELS = {i: f"kind {i}" for i in range(10)}
+SMALL = dict(hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 2, 1])
+
+
+def _convnext(tmp_path, processor=True, **extra):
+    torch.manual_seed(0)
+    cfg = transformers.ConvNextConfig(num_labels=10, id2label=LABELS, label2id={v: k for k, v in LABELS.items()},
+                                      **SMALL, **extra)
+    model = transformers.ConvNextForImageClassification(cfg).eval()
+    folder = tmp_path / "convnext"
+    model.save_pretrained(folder)
+    if processor:
+        transformers.ConvNextImageProcessor(size={"shortest_edge": 64}, crop_pct=0.875).save_pretrained(folder)
+    return model, folder
+
+
+def test_convnext_folder_loads_unwrapped_with_names_and_processor(tmp_path):
+    model, folder = _convnext(tmp_path)
+    loaded = load_model(folder)
+    assert isinstance(loaded.model, LogitsOnly)
+    assert (loaded.arch, loaded.num_classes) == ("hf/ConvNextForImageClassification", 10)
+    assert loaded.class_names == [f"kind {i}" for i in range(10)]
+    pre = loaded.preprocess
+    assert (pre.resize, pre.crop, pre.interpolation, pre.resize_mode, pre.backend, pre.crop_offset) == \
+        (73, 64, "bicubic", "shorter", "tensor", "floor")  # int(64 / 0.875) = 73
+    saved = json.loads((folder / "preprocessor_config.json").read_text())
+    assert pre.mean == tuple(saved["image_mean"]) and pre.std == tuple(saved["image_std"])
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), model(pixel_values=x).logits)
+
+
+def test_convnext_folder_decomposes_after_folding_its_layernorm(tmp_path):
+    _, folder = _convnext(tmp_path)
+    d = open_model(folder).diagnosis
+    assert d.verdict == "exact-after-folding"
+    assert "'model.convnext.layernorm'" in d.reason and d.split.num_classes == 10
+
+
+def test_vit_reading_the_class_token_is_refused_with_the_reason(tmp_path):
+    cfg = transformers.ViTConfig(num_labels=10, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=64, image_size=64, patch_size=16)
+    transformers.ViTForImageClassification(cfg).save_pretrained(tmp_path / "vit")
+    d = open_model(tmp_path / "vit", overrides={"resize": 64, "crop": 64}).diagnosis
+    assert d.verdict == "impossible"
+    assert d.reason.startswith("The head reads a single token ([:, 0, :], the class token")
+
+
+def test_placeholder_labels_are_not_class_names_and_no_processor_means_defaults(tmp_path):
+    torch.manual_seed(0)
+    transformers.ConvNextForImageClassification(
+        transformers.ConvNextConfig(num_labels=10, **SMALL)).save_pretrained(tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    assert loaded.class_names is None
+    assert loaded.preprocess.source == "ImageNet defaults (the folder has no preprocessor_config.json)"
+
+
+def test_class_count_mismatch_and_bad_folders(tmp_path):
+    _, folder = _convnext(tmp_path)
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder, num_classes=5)
+    assert err.value.problem.startswith("You asked for 5 classes but the model folder's classifier has 10")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CheckpointError) as err:
+        load_model(empty)
+    assert "is a folder without config.json" in err.value.problem
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder)
+    assert "has config.json but no weights" in err.value.problem
+
+
+def test_remote_code_folders_are_refused(tmp_path):
+    _, folder = _convnext(tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForImageClassification": "modeling_mine.MyNet"}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder)
+    assert "asks for the model's own code (auto_map)" in err.value.problem
+
+
+def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
+    _, folder = _convnext(tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["hidden_sizes"] = [16, 32, 64, 256]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder)
+    assert "The weights do not fit the ConvNextForImageClassification that config.json describes" in err.value.problem
+
+
+def test_head_found_by_name_in_sorted_safetensors(tmp_path):
+    _, folder = _convnext(tmp_path)
+    from safetensors.torch import load_file
+
+    sd = load_file(str(folder / "model.safetensors"))
+    assert zoo.find_head_weight(sd) == "classifier.weight" and zoo.guess_num_classes(sd) == 10
