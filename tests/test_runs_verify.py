@@ -135,3 +135,53 @@ def test_a_run_opened_with_another_architecture_or_cut_is_refused(saved, tiny_lo
     torch.manual_seed(5)
     with pytest.raises(RunError, match="head weights differ"):
         check_model(run, tiny_loaded, tiny_split(TinyNet().eval()))
+
+
+def test_a_crash_while_replacing_a_run_leaves_a_refused_run_not_a_wrong_one(saved, monkeypatch):
+    import os
+
+    import phpn.runs as runs
+
+    path, run = saved
+    run.prototypes = run.prototypes.clone()
+    run.prototypes[:, [0, 1]] = run.prototypes[:, [1, 0]]  # another valid run: prototypes swapped
+    real_replace = os.replace
+
+    def crash_before_meta(src, dst):
+        if str(dst).endswith(META):
+            raise KeyboardInterrupt  # the process dies between the two files
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(runs.os, "replace", crash_before_meta)
+    with pytest.raises(KeyboardInterrupt):
+        save_run(run, path, overwrite=True)
+    monkeypatch.setattr(runs.os, "replace", real_replace)
+    with pytest.raises(RunError, match="does not match the checksum recorded in run.json"):
+        load_run(path)
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # the temporary folder is gone
+
+
+def test_two_saves_racing_for_one_folder_give_one_run_and_one_refusal(saved, tmp_path):
+    import threading
+
+    _, run = saved
+    target = tmp_path / "raced"
+    barrier, outcomes = threading.Barrier(2), []
+
+    def save():
+        barrier.wait()
+        try:
+            save_run(run, target)
+            outcomes.append("saved")
+        except RunError as err:
+            outcomes.append(str(err))
+
+    threads = [threading.Thread(target=save) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(outcomes) == 2 and outcomes.count("saved") == 1
+    refusal = next(o for o in outcomes if o != "saved")
+    assert "already holds a phpn run" in refusal or "was created by something else" in refusal
+    assert torch.equal(load_run(target).prototypes, run.prototypes.double())
