@@ -9,6 +9,7 @@ import streamlit as st
 from pages import _shared as S
 from phpn import viz
 from phpn.certify import chance_warning
+from phpn.defaults import class_name
 from phpn.errors import DataError
 
 S.frame()
@@ -22,7 +23,7 @@ pre_key = S.preprocess_key(model.session.preprocess)
 
 
 def _name(i: int) -> str:
-    return names[i] if 0 <= i < len(names) else str(i)
+    return class_name(names, i)
 
 
 warning = chance_warning(run.meta.get("certificate"))
@@ -88,7 +89,7 @@ if not result or result.get("model_key") != model.key:
 found = result["found"]
 
 # --- the summary -------------------------------------------------------------------------------------
-st.header(f"{result['label']}")
+st.header(f"Test images: {result['label']}")
 m1, m2, m3 = st.columns(3)
 m1.metric("Model accuracy", f"{100 * (found.accuracy or 0):.1f}%", help="The original model's predictions against "
           "the folders' classes.")

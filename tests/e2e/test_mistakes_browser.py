@@ -1,0 +1,52 @@
+"""In a real browser: the mistakes-first page on the demo's held-out images (gallery, confusions,
+"why A and not B"), and the page fetches nothing from outside the app's own server (no
+favicon or font from a CDN). Same server and skips as ``test_browser.py``."""
+from __future__ import annotations
+
+import pytest
+
+from test_browser import CHROMIUM, CHROMIUM_ARGS, _idle, _main, _nav, _shot, server, sync_api  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def watched_page(server):  # noqa: F811 - the fixture imported above
+    """A page whose every request is recorded from the first one on."""
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        context = browser.new_context(viewport={"width": 1440, "height": 1300}, device_scale_factor=1)
+        requests = []
+        context.on("request", lambda r: requests.append(r.url))
+        pg = context.new_page()
+        pg.set_default_timeout(60_000)
+        pg.goto(server)
+        yield pg, requests, server
+        context.close()
+        browser.close()
+
+
+def test_mistakes_first_and_nothing_fetched_from_the_internet(watched_page):
+    pg, requests, url = watched_page
+    _main(pg).get_by_text("Doctor's verdict").wait_for()
+    _idle(pg)
+    _nav(pg, "Mistakes first", "Mistakes first")
+    _main(pg).get_by_text("The demo's held-out images").click()
+    pg.get_by_label("Images per class (0: all)").fill("5")
+    pg.get_by_label("Images per class (0: all)").press("Enter")
+    _idle(pg)
+    pg.get_by_role("button", name="Predict the folder").click()
+    pg.get_by_role("heading", name="Why A and not B?").wait_for(timeout=120_000)
+    _main(pg).get_by_text("logit gap").first.wait_for()
+    _idle(pg)
+    assert _main(pg).get_by_text("Most frequent confusions").is_visible()
+    assert _main(pg).get_by_text("✗ wrong").count() > 0  # the demo model's few mistakes come first
+    assert pg.locator("[data-testid='stException']").count() == 0
+    _shot(pg, "9-mistakes-first")
+    pg.get_by_role("heading", name="Why A and not B?").scroll_into_view_if_needed()
+    _idle(pg)
+    _shot(pg, "10-why-a-not-b")
+
+    icon = pg.evaluate("() => Array.from(document.querySelectorAll('link[rel~=icon]')).map(l => l.href)")
+    assert icon and all(h.startswith(url) or h.startswith("data:") for h in icon), icon
+    outside = [u for u in requests if not u.startswith((url, "data:", "blob:", "about:"))
+               and not u.startswith(url.replace("http", "ws"))]
+    assert not outside, outside
