@@ -322,7 +322,8 @@ def set_run(run, origin: str, saved_to: Optional[Path] = None, wall: Optional[di
 # (A run waiting for its model, "pending_run", is kept: it opens when that model is loaded.)
 MODEL_STATE_KEYS = ("data", "run", "explained", "evaluation", "job_note", "class_report", "explanation_report",
                     "switch_off", "_flash")
-MODEL_SETTING_PREFIXES = ("disc_", "browser_", "explain_", "export_", "eval_", "notes_", "off_")
+MODEL_SETTING_PREFIXES = ("disc_", "browser_", "explain_", "export_", "eval_", "notes_", "off_", "mistakes",
+                          "contrast_", "why_")
 
 
 def forget_model_state() -> None:

@@ -309,3 +309,17 @@ def test_run_zip_holds_the_run_files(tiny_run, tmp_path):
     again = load_run(tmp_path / "unzipped" / "saved")
     assert torch.equal(again.prototypes, run.prototypes.double())
     run.path = None
+
+
+def test_grid_and_class_maps_use_the_prototype_colour_and_grey_for_what_subtracts():
+    m = np.array([[1.0, -1.0], [0.0, 0.5]])
+    color = viz.prototype_color(3)
+    g = np.asarray(viz.grid_image(m, size=20, lines=False, color=color)).astype(int)
+    assert tuple(g[0, 0]) == viz.hex_to_rgb(color)  # full colour at its largest value
+    assert tuple(g[0, 15]) == viz.NEGATIVE_RGB  # grey where it subtracts
+    assert tuple(g[15, 0]) == (250, 250, 250)  # white at zero
+    heat = np.asarray(viz.heat_overlay(_grey_photo(40), np.array([[0.0, -1.0], [0.0, 0.0]]), 1.0,
+                                       mode="nearest")).astype(int)
+    right_top = heat[2:18, 22:38].reshape(-1, 3)
+    assert (np.abs(right_top - viz.NEGATIVE_RGB).max(axis=1) < 3).mean() > 0.3  # hatched grey
+    assert (np.abs(right_top - 100).max(axis=1) < 3).mean() > 0.3  # and the photo between the stripes
