@@ -1,216 +1,19 @@
-"""Cut a classifier into backbone (unpooled feature map) and an affine head.
-
-How the cut is found, generically:
-
-1. Trace the model with torch.fx. Submodules stay opaque ("leaves") unless they are plain
-   ``nn.Sequential`` containers, so odd code inside blocks cannot break the trace; a custom
-   module that sits on the path we need to read (the head, or the layer producing the
-   features) is traced into on a second pass.
-2. Walk back from the output: the head (Linear, F.linear, 1x1 conv on the pooled map,
-   BatchNorm in eval, scalar scaling) <- shape-only ops and dropout <- optionally one
-   LayerNorm over the pooled channels (folded: see ``PostPoolNorm``) <- a global average
-   pooling (AdaptiveAvgPool2d(1), F.adaptive_avg_pool2d(x, 1), x.mean((2, 3)),
-   x.view(B, C, -1).mean(-1), avg_pool2d over the whole map, mean over tokens). The pooling's
-   input is the feature map; the backbone is the traced graph cut there, returning
-   (B, D, H, W) channels-first whatever the model's own layout.
-3. Anything else after the feature map (a ReLU between two Linears, a class token picked
-   with x[:, 0], max pooling, ...) makes the model not decomposable, and the reason says what
-   was found.
-4. When tracing fails, forward hooks find the head (the Linear whose output is the logits)
-   and the feature layer (the last 4-D output with the head's width), or the user names them.
-
-Whatever found the cut, it is verified numerically: the split's logits must equal the
-model's on a random input (relative 1e-4 in the model's dtype; call it on a float64 model
-for a float64 check), and the model's own layers after the cut are re-run in float64 to
-check the folded head far below float32 rounding.
-"""
+"""Walking the traced graph back from the logits: the head (Linear, F.linear, 1x1 conv, BatchNorm,
+scalar scaling) <- shape-only ops and dropout <- optionally one LayerNorm <- a global average
+pooling. Anything else after the feature map is a refusal with the reason found."""
 from __future__ import annotations
 
-import copy
 import math
 import operator
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 
-from ..errors import ConfigError, NotDecomposableError
-from .head import HeadSplit, PostPoolNorm
-
-TOL_FLOAT64 = 1e-8
-TOL_FLOAT32 = 1e-4
-_MAX_EXPANSIONS = 12
-_MAX_WALK = 48
-
-EXACTNESS_NEEDS = ("Exact decomposition needs features -> global average pooling -> one affine layer "
-                   "(see METHOD.md section 4).")
-
-
-# ----------------------------------------------------------------------------- public entry
-
-
-def split_head(model: nn.Module, *, feature_layer: Optional[str] = None, head_layer: Optional[str] = None,
-               example_input: Optional[torch.Tensor] = None, verify: bool = True) -> HeadSplit:
-    """Find backbone + affine head of ``model`` and check that they reproduce its logits.
-
-    ``example_input`` (default: two random 3x224x224 images) fixes the map size used to
-    check poolings such as ``avg_pool2d(x, 7)``. Naming ``feature_layer`` and/or
-    ``head_layer`` (module names as in ``model.named_modules()``) skips tracing.
-    The model is put in eval mode. Raises NotDecomposableError with the reason.
-    """
-    model.eval()
-    x, logits = _example(model, example_input)
-    if feature_layer or head_layer:
-        plan = _plan_from_hooks(model, x, logits, feature_layer, head_layer)
-    else:
-        plan = _plan_from_trace(model, x, logits)
-    return _finish(model, plan, x, logits, verify)
-
-
-# ----------------------------------------------------------------------------- the plan
-
-
-@dataclass
-class _Affine:
-    """An affine map y = A z + c of the pooled vector (A, c read from the model when needed)."""
-
-    name: str
-    read: Callable  # (root module, input width) -> (A (out, in), c (out,)) float64
-    scalar: bool = False  # a scalar op: its input width is whatever comes in
-
-
-@dataclass
-class _LayerNorm:
-    name: str
-    read: Callable  # root module -> (gamma (D,), beta (D,), eps)
-
-
-@dataclass
-class _Plan:
-    make_backbone: Callable  # root module -> nn.Module returning (B, D, H, W)
-    ops: list  # _Affine / _LayerNorm, in forward order after the pooling
-    feature_layer: str
-    head_layer: str
-    signed: Optional[bool]  # None: decide from the example's features
-    notes: list = field(default_factory=list)
-    make_tail: Optional[Callable] = None  # root -> module (features, input) -> logits: the model's own head
-
-
-def _example(model: nn.Module, example_input) -> tuple:
-    """(input, the model's logits on it), after checking the model accepts it."""
-    if example_input is None:
-        gen = torch.Generator().manual_seed(0)
-        example_input = torch.randn(2, 3, 224, 224, generator=gen)
-    x = example_input.to(_dtype(model))
-    try:
-        with torch.no_grad():
-            out = model(x)
-    except Exception as exc:
-        raise ConfigError(f"The model fails on an input of shape {tuple(x.shape)} ({type(exc).__name__}: {exc}).",
-                          "Give an input size the model accepts (e.g. its training crop).") from None
-    if not isinstance(out, torch.Tensor) or out.ndim != 2:
-        what = type(out).__name__ if not isinstance(out, torch.Tensor) else f"a tensor of shape {tuple(out.shape)}"
-        raise NotDecomposableError(
-            f"The model returns {what}, not a (batch, classes) tensor of logits.",
-            "Wrap it so that forward() returns only the logits.",
-        )
-    return x, out
-
-
-# ----------------------------------------------------------------------------- tracing
-
-
-class _Tracer(fx.Tracer):
-    """Leaves: every module except plain Sequential containers and those named in ``expand``."""
-
-    def __init__(self, expand: set):
-        super().__init__()
-        self.expand = expand
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if qualname in self.expand:
-            return False
-        return type(m).forward is not nn.Sequential.forward
-
-
-def _trace(model: nn.Module, expand: set) -> fx.GraphModule:
-    tracer = _Tracer(expand)
-    graph = tracer.trace(model)
-    return fx.GraphModule(tracer.root, graph)
-
-
-def _plan_from_trace(model: nn.Module, x: torch.Tensor, logits: torch.Tensor) -> _Plan:
-    expand, opaque = set(), set()
-    just_opened = None  # the module added to ``expand`` on the previous pass
-    shaped = False  # shapes are read (one forward pass) only once the structure has settled
-    for _ in range(2 * _MAX_EXPANSIONS):
-        try:
-            gm = _trace(model, expand)
-        except Exception as exc:
-            if just_opened is None:
-                why = f"torch.fx could not trace the model ({type(exc).__name__}: {exc})"
-                return _fallback_after_trace_failure(model, x, logits, why)
-            opaque.add(just_opened)  # that module's own code is not traceable: keep it closed
-            expand.discard(just_opened)
-            just_opened = None
-            continue
-        just_opened = None
-        if shaped:
-            try:
-                ShapeProp(gm).propagate(x)
-            except Exception as exc:
-                why = f"the traced graph did not run ({type(exc).__name__}: {exc})"
-                return _fallback_after_trace_failure(model, x, logits, why)
-        result = _Walk(gm, shapes=shaped, opaque=opaque).run()
-        if result.expand:
-            if len(expand) < _MAX_EXPANSIONS:
-                expand.add(result.expand)
-                just_opened = result.expand
-            else:  # opened enough modules: read this one from the outside
-                opaque.add(result.expand)
-            continue
-        if not shaped:
-            shaped = True
-            continue
-        if result.plan is not None:
-            result.plan.notes.insert(0, "found by tracing the model with torch.fx")
-            return result.plan
-        if result.certain:
-            raise _refusal(result.reason, result.notes)
-        # Tracing met something it cannot read; forward hooks may still find a plain head.
-        try:
-            plan = _plan_from_hooks(model, x, logits, None, None)
-        except NotDecomposableError:
-            raise _refusal(result.reason, result.notes) from None
-        plan.notes.insert(0, f"tracing was inconclusive ({result.reason}); found with forward hooks instead")
-        return plan
-    raise _refusal("The model's structure could not be resolved after several tracing passes.", [])
-
-
-def _fallback_after_trace_failure(model, x, logits, why: str) -> _Plan:
-    try:
-        plan = _plan_from_hooks(model, x, logits, None, None)
-    except NotDecomposableError as err:
-        raise NotDecomposableError(
-            f"{why}; and looking at the layers' outputs did not find a plain pooling + linear head either "
-            f"({err.problem})",
-            "Name the layers with --feature-layer (the last layer before the pooling) and --head-layer "
-            "(the final Linear).",
-        ) from None
-    plan.notes.insert(0, f"{why}; found with forward hooks instead")
-    return plan
-
-
-def _refusal(reason: str, notes: list) -> NotDecomposableError:
-    err = NotDecomposableError(reason, EXACTNESS_NEEDS)
-    err.notes = notes
-    return err
-
-
-# ----------------------------------------------------------------------------- walking the graph
+from .plan import (_MAX_WALK, _Affine, _LayerNorm, _Plan, _batchnorm_params, _conv1x1_params, _cut_graph, _cut_tail,
+                   _layernorm_params, _linear_params, _shape)
 
 
 @dataclass
@@ -223,35 +26,55 @@ class _WalkResult:
 
 
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
 _SHAPE_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten) + _DROPOUTS
+
+
 _SHAPE_METHODS = {"flatten", "view", "reshape", "squeeze", "unsqueeze", "contiguous", "permute", "transpose",
                   "clone", "view_as", "reshape_as", "float", "to", "type_as", "detach"}
+
+
 _SHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose,
                     torch.clone, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
                     F.feature_alpha_dropout, torch.detach}
+
+
 _DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout}
+
+
 _NONNEG_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Softplus, nn.Hardsigmoid, nn.Softmax)
+
+
 _NONNEG_FUNCTIONS = {F.relu, F.relu6, torch.relu, torch.relu_, F.relu_, torch.sigmoid, F.sigmoid, F.softplus,
                      F.hardsigmoid}
+
+
 _NONNEG_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_"}
+
+
 _ALMOST_NONNEG_MODULES = (nn.SiLU, nn.Hardswish, nn.GELU, nn.Mish)
+
+
 _ALMOST_NONNEG_FUNCTIONS = {F.silu, F.hardswish, F.gelu, F.mish}
+
+
 _LOWER_BOUND = {"SiLU": -0.2785, "silu": -0.2785, "Swish": -0.2785, "Hardswish": -0.375, "hardswish": -0.375,
                 "GELU": -0.17, "gelu": -0.17, "Mish": -0.309, "mish": -0.309}
+
+
 _MAX_POOLS = (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.MaxPool1d, nn.MaxPool2d)
+
+
 _MAX_FUNCTIONS = {F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.max_pool1d, F.max_pool2d, torch.amax, torch.max}
+
+
 _SCALAR_OPS = {operator.mul, operator.truediv, operator.add, operator.sub, torch.mul, torch.div, torch.add,
                torch.sub, operator.imul, operator.itruediv, operator.iadd, operator.isub}
 
 
 def _is_torch_module(m: nn.Module) -> bool:
     return type(m).__module__.startswith("torch.nn")
-
-
-def _shape(node) -> Optional[tuple]:
-    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-    shape = getattr(meta, "shape", None)
-    return tuple(shape) if shape is not None else None
 
 
 def _per_sample_dims(shape: tuple) -> list:
@@ -845,362 +668,3 @@ def _scalar_affine(node: fx.Node, value: float) -> Optional[_Affine]:
 def _clamp_min(node: fx.Node) -> float:
     low = _arg(node, 1, "min")
     return float(low) if isinstance(low, (int, float)) else -math.inf
-
-
-# ----------------------------------------------------------------------------- reading the head
-
-
-def _linear_params(m: nn.Linear):
-    w = m.weight.detach().double()
-    b = m.bias.detach().double() if m.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
-    return w, b
-
-
-def _conv1x1_params(m: nn.Conv2d):
-    w = m.weight.detach().double().reshape(m.out_channels, m.in_channels)
-    b = m.bias.detach().double() if m.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
-    return w, b
-
-
-def _batchnorm_params(m):
-    scale = m.weight.detach().double() if m.weight is not None else torch.ones_like(m.running_var, dtype=torch.float64)
-    shift = m.bias.detach().double() if m.bias is not None else torch.zeros_like(m.running_mean, dtype=torch.float64)
-    a = scale / torch.sqrt(m.running_var.double() + m.eps)
-    return torch.diag(a), shift - a * m.running_mean.double()
-
-
-def _layernorm_params(m: nn.LayerNorm):
-    d = m.normalized_shape[0]
-    g = m.weight.detach().double() if m.weight is not None else torch.ones(d, dtype=torch.float64)
-    beta = m.bias.detach().double() if getattr(m, "bias", None) is not None else torch.zeros(d, dtype=torch.float64)
-    return g, beta, float(m.eps)
-
-
-def _pooled_width(root: nn.Module, ops: list) -> int:
-    """Width of the pooled vector: the input width of the first op that has a fixed one."""
-    for op in ops:
-        if isinstance(op, _LayerNorm):
-            return int(op.read(root)[0].shape[0])
-        if not op.scalar:
-            return int(op.read(root)[0].shape[1])
-    raise NotDecomposableError("The head has no linear layer.", EXACTNESS_NEEDS)
-
-
-def _effective_head(root: nn.Module, ops: list):
-    """Compose the post-pool ops into (W, b, PostPoolNorm or None), all float64."""
-    width = _pooled_width(root, ops)
-    A = torch.eye(width, dtype=torch.float64)
-    c = torch.zeros(width, dtype=torch.float64)
-    ln = None
-    for op in ops:
-        if isinstance(op, _LayerNorm):
-            ln = op.read(root)
-            continue
-        M, m = op.read(root, A.shape[0])
-        A, c = M @ A, M @ c + m
-    if ln is None:
-        return A, c, None
-    g, beta, eps = ln
-    # LN(z) . v = (1/sigma(z)) z . (g*v - mean(g*v)) + beta . v  (METHOD.md section 4)
-    gv = A * g[None, :]
-    return gv - gv.mean(dim=1, keepdim=True), c + A @ beta, PostPoolNorm(eps=eps)
-
-
-# ----------------------------------------------------------------------------- the backbone
-
-
-def _to_channels_first(t: torch.Tensor, layout: str) -> torch.Tensor:
-    if layout == "NHWC":
-        return t.permute(0, 3, 1, 2)
-    if layout == "NCL":
-        return t.unsqueeze(-1)
-    if layout == "NLD":
-        n = t.shape[1]
-        side = math.isqrt(n)
-        t = t.transpose(1, 2)
-        return t.reshape(t.shape[0], t.shape[1], side, side) if side * side == n else t.unsqueeze(-1)
-    return t
-
-
-def _cut_graph(root: nn.Module, graph: fx.Graph, feature: fx.Node, layout: str, pool: fx.Node) -> fx.GraphModule:
-    """A GraphModule computing the traced graph up to ``feature`` (sharing root's parameters).
-
-    Ops between the feature map and the pooling whose result nobody uses (``x.relu_()``) are
-    kept: they act by mutating the map.
-    """
-    new = fx.Graph()
-    env = {}
-    past_feature = False
-    for node in graph.nodes:
-        if node.op == "output" or node is pool:
-            break
-        if past_feature and (node.users or not all(a in env for a in node.all_input_nodes)):
-            continue
-        env[node] = new.node_copy(node, lambda n: env[n])
-        past_feature = past_feature or node is feature
-    out = env[feature]
-    if layout != "NCHW":
-        out = new.call_function(_to_channels_first, (out, layout))
-    new.output(out)
-    # No dead-code elimination: it would drop in-place ops whose result is unused (x.relu_()).
-    return fx.GraphModule(root, new, class_name="Backbone")
-
-
-def _from_channels_first(t: torch.Tensor, layout: str, like_shape: tuple) -> torch.Tensor:
-    if layout == "NHWC":
-        return t.permute(0, 2, 3, 1)
-    if layout == "NCL":
-        return t.squeeze(-1)
-    if layout == "NLD":
-        return t.flatten(2).transpose(1, 2)
-    return t
-
-
-def _cut_tail(root: nn.Module, graph: fx.Graph, feature: fx.Node, layout: str) -> fx.GraphModule:
-    """A GraphModule (features (B, D, H, W), *model inputs) -> logits: the model after ``feature``.
-
-    Nodes after the cut may only depend on the feature map, the inputs (e.g. ``x.size(0)``)
-    and attributes; anything else raises, and the float64 head check is skipped.
-    """
-    new = fx.Graph()
-    fin = new.placeholder("phpn_features")
-    like = _shape(feature)
-    env = {feature: new.call_function(_from_channels_first, (fin, layout, like))}
-    for node in graph.nodes:
-        if node.op == "placeholder":
-            env[node] = new.node_copy(node, lambda n: env[n])
-    order = {n: i for i, n in enumerate(graph.nodes)}
-
-    def bring(node):
-        if node in env:
-            return env[node]
-        if node.op == "get_attr" or (order[node] > order[feature]):
-            env[node] = new.node_copy(node, bring)
-            return env[node]
-        if bring_ok(node):
-            env[node] = new.node_copy(node, bring)
-            return env[node]
-        raise ValueError(f"the head also reads {node.name}, computed before the feature map")
-
-    def bring_ok(node):  # sizes and other non-tensor values read off the inputs
-        return (node in env or node.op in ("placeholder", "get_attr")
-                or (_shape(node) is None and all(bring_ok(a) for a in node.all_input_nodes)))
-
-    out = next(n for n in graph.nodes if n.op == "output")
-    new.output(fx.map_arg(out.args[0], bring))
-    return fx.GraphModule(root, new, class_name="Head")
-
-
-class _Stop(Exception):
-    pass
-
-
-class HookedBackbone(nn.Module):
-    """Runs the model until ``layer`` has produced its output, and returns that output."""
-
-    def __init__(self, model: nn.Module, layer: str, layout: str = "NCHW"):
-        super().__init__()
-        self.model = model
-        self.layer = layer
-        self.layout = layout
-
-    def forward(self, x):
-        box = {}
-
-        def grab(module, inputs, output):
-            box["out"] = output
-            raise _Stop  # the rest of the network is not needed
-
-        handle = self.model.get_submodule(self.layer).register_forward_hook(grab)
-        try:
-            self.model(x)
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-        if "out" not in box:
-            raise NotDecomposableError(f"The layer '{self.layer}' did not run during the forward pass.",
-                                       "Pick a layer that the model uses (see model.named_modules()).")
-        return _to_channels_first(box["out"], self.layout)
-
-
-def _record_outputs(model: nn.Module, x: torch.Tensor):
-    records, handles = [], []
-    for name, module in model.named_modules():
-        if not name:
-            continue
-        handles.append(module.register_forward_hook(
-            lambda m, i, o, name=name: records.append((name, m, o if isinstance(o, torch.Tensor) else None))))
-    try:
-        with torch.no_grad():
-            logits = model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return records, logits
-
-
-def _layout_for(shape: tuple, width: int) -> Optional[str]:
-    if len(shape) == 4:
-        return "NCHW" if shape[1] == width else "NHWC" if shape[3] == width else None
-    if len(shape) == 3:
-        return "NLD" if shape[2] == width else "NCL" if shape[1] == width else None
-    return None
-
-
-def _plan_from_hooks(model: nn.Module, x: torch.Tensor, logits: torch.Tensor,
-                     feature_layer: Optional[str], head_layer: Optional[str]) -> _Plan:
-    names = dict(model.named_modules())
-    for label, given in (("--feature-layer", feature_layer), ("--head-layer", head_layer)):
-        if given and given not in names:
-            close = [n for n in names if n and (given in n or n.endswith(given))][:6]
-            raise ConfigError(f"The model has no layer named '{given}' ({label}).",
-                              f"Similar names: {', '.join(close)}." if close
-                              else "List them with model.named_modules().")
-    records, _ = _record_outputs(model, x)
-    order = {name: i for i, (name, _, _) in enumerate(records)}
-
-    if head_layer:
-        head_mod = names[head_layer]
-        if not isinstance(head_mod, nn.Linear):
-            raise NotDecomposableError(f"The head layer '{head_layer}' is a {type(head_mod).__name__}, "
-                                       "not a Linear layer.",
-                                       "Name the final nn.Linear with --head-layer.")
-        head_name = head_layer
-    else:
-        found = [name for name, m, out in records if isinstance(m, nn.Linear) and out is not None
-                 and out.shape == logits.shape and torch.equal(out, logits)]
-        if not found:
-            raise NotDecomposableError("No Linear layer's output is the model's output (the logits).",
-                                       "Name the head with --head-layer and the feature layer with --feature-layer.")
-        head_name = found[-1]
-        head_mod = names[head_name]
-    width = head_mod.in_features
-    head_at = order.get(head_name, len(records))
-
-    if feature_layer:
-        candidates = [feature_layer]
-    else:
-        scored = []
-        for i, (name, _, out) in enumerate(records[:head_at]):
-            if out is None or _layout_for(tuple(out.shape), width) is None:
-                continue
-            positions = math.prod(out.shape[1:]) // width
-            scored.append((positions > 1, i, name))
-        candidates = [name for _, _, name in sorted(scored, reverse=True)][:8]
-        if not candidates:
-            raise NotDecomposableError(
-                f"No layer before the head '{head_name}' outputs a feature map with {width} channels.",
-                "Name the feature layer with --feature-layer.")
-
-    ops = [_Affine(head_name, lambda root, width=None, n=head_name: _linear_params(root.get_submodule(n)))]
-    tried = []
-    for name in candidates:
-        out = next((o for n, _, o in records if n == name and o is not None), None)
-        if out is None:
-            tried.append(f"{name} (no tensor output)")
-            continue
-        layout = _layout_for(tuple(out.shape), width)
-        if layout is None:
-            tried.append(f"{name} (output {tuple(out.shape)} does not have {width} channels)")
-            continue
-        plan = _Plan(make_backbone=lambda root, n=name, lay=layout: HookedBackbone(root, n, lay),
-                     ops=ops, feature_layer=name, head_layer=head_name, signed=None,
-                     notes=[f"feature layer '{name}' (output {tuple(out.shape)}, {layout}) and head '{head_name}' "
-                            f"({'given' if feature_layer or head_layer else 'found from the layer outputs'})"])
-        try:
-            _check(model, plan, x, logits, full=False)
-            return plan
-        except NotDecomposableError as err:
-            tried.append(f"{name} ({err.problem})")
-    raise NotDecomposableError(
-        f"Averaging the output of {'the layer' if feature_layer else 'each candidate layer'} and applying "
-        f"'{head_name}' does not reproduce the logits: {'; '.join(tried[:4])}.",
-        "Name the layer right before the global average pooling with --feature-layer.",
-    )
-
-
-# ----------------------------------------------------------------------------- building and checking
-
-
-def _realise(root: nn.Module, plan: _Plan, dtype: torch.dtype) -> HeadSplit:
-    backbone = plan.make_backbone(root)
-    W, b, norm = _effective_head(root, plan.ops)
-    folded = [op.name for op in plan.ops if op.name != plan.head_layer]
-    return HeadSplit(backbone=backbone, weight=W.to(dtype), bias=b.to(dtype), post_pool_norm=norm,
-                     signed_features=bool(plan.signed), feature_layer=plan.feature_layer,
-                     head_layer=plan.head_layer, notes=list(plan.notes), folded_layers=folded)
-
-
-def _dtype(model: nn.Module) -> torch.dtype:
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-
-
-def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    scale = float(b.abs().max()) or 1.0
-    return float((a - b).abs().max()) / max(scale, 1e-12)
-
-
-def _check(model: nn.Module, plan: _Plan, x: torch.Tensor, logits: torch.Tensor, *, full: bool) -> HeadSplit:
-    """The split, after checking that it reproduces the model's logits on ``x``."""
-    split = _realise(model, plan, _dtype(model))
-    with torch.no_grad():
-        feats = split.backbone(x)
-        if feats.ndim != 4:
-            raise NotDecomposableError(f"The feature layer returns shape {tuple(feats.shape)}, not (B, D, H, W).", "")
-        if feats.shape[1] != split.num_features:
-            raise NotDecomposableError(f"The features have {feats.shape[1]} channels but the head expects "
-                                       f"{split.num_features}.", "")
-        err = _relative_error(split.logits_from_features(feats), logits)
-    dtype_name = str(x.dtype).replace("torch.", "")
-    if err > TOL_FLOAT32:
-        raise NotDecomposableError(
-            f"The split does not reproduce the model's logits (max relative difference {err:.2g} in {dtype_name}): "
-            f"something between '{plan.feature_layer}' and the output is not a plain mean + affine head.",
-            "Check that the model is deterministic in eval mode, or name the layers with --feature-layer/--head-layer.",
-        )
-    if not full:
-        return split
-    if plan.signed is None:
-        plan.signed = bool(feats.min() < 0)
-        plan.notes.append("no activation before the pooling was recognised; on the example input the features were "
-                          + ("negative in places (signed)" if plan.signed else "non-negative"))
-        split.signed_features, split.notes = plan.signed, list(plan.notes)
-    size = "x".join(str(s) for s in x.shape[1:])
-    note = f"verified on a random {size} input: max relative logit difference {err:.1e} ({dtype_name})"
-    err64 = _tail_error_float64(model, plan, x, feats)
-    if err64 is not None:
-        if err64 > TOL_FLOAT64:
-            raise NotDecomposableError(
-                f"In float64 the folded head differs from the model's head by {err64:.2g} (relative): the layers "
-                "after the pooling are not exactly affine.", EXACTNESS_NEEDS)
-        note += f"; the head alone agrees to {err64:.1e} in float64"
-    split.notes.append(note)
-    return split
-
-
-def _tail_error_float64(model: nn.Module, plan: _Plan, x: torch.Tensor, feats: torch.Tensor) -> Optional[float]:
-    """Run the model's own layers after the feature map in float64 and compare with the folded head.
-
-    The backbone is the model's own graph, so the float32 check covers it; this checks the
-    algebra of the head (pooling, folding) far below float32 rounding, at almost no cost.
-    """
-    if plan.make_tail is None:
-        return None
-    try:
-        tail = copy.deepcopy(plan.make_tail(model)).double().eval()
-        W, b, norm = _effective_head(model, plan.ops)
-        head64 = HeadSplit(backbone=nn.Identity(), weight=W, bias=b, post_pool_norm=norm)
-        f64 = feats.double()
-        with torch.no_grad():
-            return _relative_error(head64.logits_from_features(f64), tail(f64, x.double()))
-    except Exception:
-        return None  # e.g. a layer with hard-coded float32 constants; the float32 check stands
-
-
-def _finish(model: nn.Module, plan: _Plan, x: torch.Tensor, logits: torch.Tensor, verify: bool) -> HeadSplit:
-    if not verify:
-        split = _realise(model, plan, _dtype(model))
-        split.signed_features = bool(plan.signed) if plan.signed is not None else True
-        return split
-    return _check(model, plan, x, logits, full=True)
