@@ -10,6 +10,7 @@ import streamlit as st
 from pages import _shared as S
 from phpn import viz
 from phpn.annotations import EDITED_MODEL, SUGGESTED_FLAGS
+from phpn.defaults import MAP_OPACITY
 from phpn.defaults import class_name
 from phpn.errors import ConfigError
 from phpn.glossary import explain, fidelity_warning
@@ -57,7 +58,7 @@ c_sel, c_opts = st.columns([3, 2])
 class_index = c_sel.selectbox("Class (type to search)", classes, format_func=lambda i: f"{_name(i)} ({i})",
                               key="browser_class")
 n_maps = c_opts.slider("Class images for the maps", 1, 8, 4, key="browser_n_maps")
-opacity = c_opts.slider("Map opacity", 0.0, 1.0, 0.7, 0.05, key="browser_opacity")
+opacity = c_opts.slider("Map opacity", 0.0, 1.0, MAP_OPACITY, 0.05, key="browser_opacity")
 outline = c_opts.toggle("Outline each map's strongest region", value=False, key="browser_outline")
 S.memorise("browser_class", "browser_n_maps", "browser_opacity", "browser_outline")
 S.set_url(**{"class": int(class_index)})

@@ -175,3 +175,26 @@ def test_a_run_whose_model_file_is_missing_asks_for_it_and_opens_once_it_is_load
     run = again.session_state["run"]
     assert run.saved_to == folder and run.origin == "reopened from the link (my runs / lite0-copy)"
     assert "pending_run" not in again.session_state
+
+
+@needs_demo
+def test_the_url_carries_the_image_and_a_reload_shows_it_again():
+    at = _app().run()
+    at.switch_page("pages/explain.py").run()
+    _clean(at)
+    folders = at.selectbox(key="explain_folder").options
+    at.selectbox(key="explain_folder").set_value(folders[2]).run()
+    files = at.selectbox(key="explain_file").options
+    at.selectbox(key="explain_file").set_value(files[1]).run()
+    _clean(at)
+    image = f"{folders[2]}/{files[1]}"
+    assert at.query_params["image"] == image
+    again = _app()
+    for key, value in dict(at.query_params).items():
+        again.query_params[key] = value
+    again.run()
+    again.switch_page("pages/explain.py").run()
+    _clean(again)
+    assert again.selectbox(key="explain_folder").value == folders[2]
+    assert again.selectbox(key="explain_file").value == files[1]
+    assert again.session_state["explained"]["label"] == image
