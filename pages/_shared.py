@@ -134,7 +134,8 @@ def load_model_entry(**spec) -> ModelEntry:
         size = (int(pre.get("channels", 3)), int(pre["crop"]), int(pre["crop"])) if pre else None
         serving.try_in_child_process(spec.get("checkpoint"), model_def=spec.get("model_def"),
                                      trust_pickle=bool(spec.get("trust_pickle")), arch=spec.get("arch"),
-                                     num_classes=spec.get("num_classes"), input_size=size)
+                                     num_classes=spec.get("num_classes"), input_size=size,
+                                     overrides=dict(spec["overrides"]) if spec.get("overrides") else None)
         _TRIED_CODE.add(key)
     return _load_model_entry(key)
 

@@ -74,7 +74,7 @@ else:
     root = folders[source]
     class_dirs = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
-        st.error(f"{root} has no class folders.")
+        st.error(f"{S.shown_path(root)} has no class folders.")
         st.stop()
     c1, c2, c3 = st.columns([2, 3, 1])
     S.remember("explain_folder", options={"explain_folder": class_dirs})

@@ -87,7 +87,7 @@ else:
         st.warning("Unpickling a file can run arbitrary code on this server. Tick this only for a file you made "
                    "yourself or got from a source you trust; a state dict never needs it.", icon=":material/warning:")
     if upload:
-        names_file = st.file_uploader("Class names (optional): one per line, or a JSON list", type=["txt", "json"],
+        names_file = st.file_uploader("Class names (optional): one per line, or a JSON list (any file name)",
                                       key="names_upload")
     else:
         names_path = st.text_input("Class-names file on this server (optional)", key="names_path",
@@ -121,8 +121,7 @@ else:
                     model_def_file = save_upload(def_file, folder, suffixes=(".py",), what="model file")
                 class_names = None
                 if names_file is not None:
-                    class_names = read_class_names(save_upload(names_file, folder, suffixes=(".txt", ".json"),
-                                                               what="class-names file"))
+                    class_names = read_class_names(save_upload(names_file, folder, what="class-names file"))
             else:
                 if not ckpt_path.strip():
                     raise DataError("No checkpoint path given.", "Type the path of the checkpoint file on this server.")

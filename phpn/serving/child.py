@@ -30,6 +30,10 @@ def main(argv: list) -> int:
                             trust_pickle=bool(request.get("trust_pickle")), num_classes=request.get("num_classes"))
         size = request.get("input_size")
         pre = loaded.preprocess
+        if request.get("overrides"):  # the visitor's preprocessing, merged as the server will merge it
+            from phpn.api import merge_preprocess
+
+            pre = merge_preprocess(pre, request["overrides"])
         diagnosis = diagnose(loaded, input_size=tuple(size) if size else (pre.channels, pre.crop, pre.crop))
         result = {"ok": True, "num_classes": int(loaded.num_classes), "arch": str(loaded.arch),
                   "verdict": str(diagnosis.verdict)}

@@ -60,10 +60,11 @@ def _kill(proc: subprocess.Popen) -> None:
 
 def try_in_child_process(checkpoint, *, model_def: Optional[str] = None, trust_pickle: bool = False,
                          arch: Optional[str] = None, num_classes: Optional[int] = None,
-                         input_size: Optional[tuple] = None, timeout_s: Optional[float] = None,
-                         settings: Optional[ServerSettings] = None) -> dict:
+                         input_size: Optional[tuple] = None, overrides: Optional[dict] = None,
+                         timeout_s: Optional[float] = None, settings: Optional[ServerSettings] = None) -> dict:
     """Load the model in a separate process with a time limit; return what the child found.
 
+    ``input_size`` (C, H, W) or the preprocessing ``overrides`` set the trial forward's input.
     Raises ConfigError when the switch is off, the code ends the process, runs out of time or
     fails (with the child's message).
     """
@@ -72,7 +73,7 @@ def try_in_child_process(checkpoint, *, model_def: Optional[str] = None, trust_p
     limit = float(timeout_s if timeout_s is not None else settings.code_timeout_s)
     request = {"checkpoint": str(checkpoint) if checkpoint is not None else None, "model_def": model_def,
                "trust_pickle": bool(trust_pickle), "arch": arch, "num_classes": num_classes,
-               "input_size": list(input_size) if input_size else None}
+               "input_size": list(input_size) if input_size else None, "overrides": overrides or None}
     with tempfile.TemporaryDirectory(prefix="phpn-child-") as tmp:
         tmp = Path(tmp)
         req, res, ready, log = tmp / "request.json", tmp / "result.json", tmp / "ready", tmp / "stderr.txt"
