@@ -198,3 +198,25 @@ def test_the_url_carries_the_image_and_a_reload_shows_it_again():
     assert again.selectbox(key="explain_folder").value == folders[2]
     assert again.selectbox(key="explain_file").value == files[1]
     assert again.session_state["explained"]["label"] == image
+
+
+@needs_demo
+def test_notes_on_a_read_only_demo_run_are_kept_and_written_when_a_copy_is_saved():
+    from phpn.annotations import load_annotations
+    from phpn.runs import load_run
+
+    at = _app().run()
+    at.switch_page("pages/classes.py").run()
+    at.text_input(key="notes_name_0_0").set_value("neckline")
+    at.button(key=NOTES_SUBMIT.format(c=0, i=0)).click().run()
+    _clean(at)
+    assert [w.value for w in at.warning] == [
+        "Note kept for this session; the fashion-mnist demo's files are read-only: save a copy of the run on the "
+        "Discover page to keep notes."]
+    demo_run = at.session_state["run"].saved_to
+    assert not (demo_run / "annotations.json").exists()  # the shipped run is never written
+    folder = _save_run(at, "my-copy")
+    at.switch_page("pages/classes.py").run()
+    _clean(at)
+    assert load_annotations(load_run(folder)).label(0, 0) == "prototype 1 “neckline”"
+    assert not at.session_state["run"].notes_unsaved
