@@ -269,7 +269,7 @@ S.show_flash("data")
 data = S.current_data()
 if data is not None:
     summary = data.data.summary()
-    names = model.session.class_names
+    names = data.data.class_names or model.session.class_names  # a model without names: the folders'
     n1, n2, n3 = st.columns(3)
     n1.metric("Classes found", summary["classes"])
     n2.metric("Images", summary["images"])
@@ -278,6 +278,9 @@ if data is not None:
              "class name": names[c.class_index] if c.class_index < len(names) else "?", "images": len(c.paths)}
             for c in data.data.classes]
     st.dataframe(pd.DataFrame(rows), hide_index=True, height=min(400, 38 + 35 * len(rows)))
+    from phpn.data import describe_class_mapping
+
+    st.caption(describe_class_mapping(data.data.class_mapping))
     if summary["skipped"]:
         with st.expander(f"Skipped files ({len(summary['skipped'])})"):
             st.dataframe(pd.DataFrame(summary["skipped"], columns=["file", "why"]), hide_index=True)
