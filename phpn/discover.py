@@ -370,7 +370,8 @@ def discovery_key(loaded: LoadedModel, split: HeadSplit, preprocess: Preprocess,
 
 def certificate_from_results(split: HeadSplit, prototypes: torch.Tensor, class_indices: torch.Tensor,
                              head_error: torch.Tensor, pooled: torch.Tensor, logits: torch.Tensor,
-                             labels: torch.Tensor, device: torch.device, chunk: int = 4096):
+                             labels: torch.Tensor, device: torch.device, progress: Optional[ProgressFn] = None,
+                             chunk: int = 4096):
     """The certificate from pooled features and the model's own logits captured in discovery's pass:
     the decomposed network's logits for a pooled vector z are those of the map z (1×1)."""
     from .network import PrototypeNetwork
@@ -385,6 +386,7 @@ def certificate_from_results(split: HeadSplit, prototypes: torch.Tensor, class_i
             z = pooled[start:start + chunk].to(device)
             ours = network.explain_features(z[:, :, None, None], classes=[], with_maps=False).logits
             acc.add(logits[start:start + chunk].to(device), ours, labels[start:start + chunk].to(device))
+            report(progress, "certify", min(start + chunk, pooled.shape[0]), pooled.shape[0])
     return acc.certificate(head_error)
 
 
@@ -465,7 +467,7 @@ def discover(loaded: LoadedModel, split: HeadSplit, data: ImageFolderData, prepr
         head_error = run.head_error()
         cert = certificate_from_results(split, prototypes, class_indices, head_error,
                                         torch.cat([r.pooled for r in ordered]), torch.cat([r.logits for r in ordered]),
-                                        torch.cat([r.labels for r in ordered]), device)
+                                        torch.cat([r.labels for r in ordered]), device, progress)
         timings["certify_s"] += time.perf_counter() - t0
         cert.seconds = round(timings["certify_s"], 3)
         meta["certificate"] = cert.to_dict()
@@ -496,4 +498,4 @@ def certify_images(forward: "_Features", split: HeadSplit, run: Run, data: Image
     if not pooled:
         raise DataError("None of the held-out images could be read.", "Check the held-out image folder.")
     return certificate_from_results(split, run.prototypes, run.class_indices, run.head_error(), torch.cat(pooled),
-                                    torch.cat(logits), torch.cat(labels), device)
+                                    torch.cat(logits), torch.cat(labels), device, progress)
