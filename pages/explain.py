@@ -10,6 +10,7 @@ import streamlit as st
 
 from pages import _shared as S
 from phpn import viz
+from phpn.defaults import class_name
 from phpn.glossary import explain, fidelity_warning
 
 S.frame()
@@ -37,7 +38,7 @@ def _folder_labels(root: str, model_key: str, _model) -> dict:
 
 
 def _name(i: int) -> str:
-    return names[i] if i < len(names) else str(i)
+    return class_name(names, i)
 
 
 @st.cache_data(max_entries=256, show_spinner=False)

@@ -500,7 +500,9 @@ class ImageList(torch.utils.data.Dataset):
     """Images at ``root/rel_paths``, decoded and preprocessed; an unreadable one yields its reason."""
 
     def __init__(self, root, rel_paths: Sequence[str], preprocess: Preprocess):
-        self.root, self.rel_paths, self.preprocess = Path(root), list(rel_paths), preprocess
+        # A root with get() holds the images in memory (phpn.inputs, the Python API's objects).
+        root = root if hasattr(root, "get") else Path(root)
+        self.root, self.rel_paths, self.preprocess = root, list(rel_paths), preprocess
 
     def __len__(self) -> int:
         return len(self.rel_paths)
@@ -508,6 +510,8 @@ class ImageList(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         rel = self.rel_paths[i]
         try:
+            if hasattr(self.root, "get"):
+                return rel, self.root.get(rel, self.preprocess), None
             return rel, self.preprocess(load_image(self.root / rel)), None
         except Exception as exc:  # skip and report, never fatal
             return rel, None, str(exc)
@@ -540,6 +544,8 @@ def iter_batches(root, rel_paths: Sequence[str], preprocess: Preprocess, batch_s
     dataset = ImageList(root, rel_paths, preprocess)
     if not len(dataset):
         return
+    if hasattr(root, "get"):
+        workers = 0  # images already in this process's memory: nothing to decode in parallel
     workers = min(workers, -(-len(dataset) // batch_size))  # no idle process for a short list
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                                          collate_fn=_collate_images, pin_memory=pin_memory,

@@ -72,7 +72,9 @@ class FolderPredictions:
         return self.correct / self.images if self.images else None
 
     def name(self, index: int) -> str:
-        return self.class_names[index] if 0 <= index < len(self.class_names) else str(index)
+        from .defaults import class_name
+
+        return class_name(self.class_names, index)
 
     def mistakes_first(self) -> list:
         """Mistakes, the most confident first; then the right ones, the least sure first."""

@@ -25,6 +25,7 @@ from PIL import Image
 from . import viz
 from .annotations import prototype_note_html
 from .data import load_image
+from .defaults import class_name
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1100px;color:#222}
@@ -125,7 +126,7 @@ def class_report(run, class_index: int, *, image_root=None, preprocess=None, net
     preprocess = preprocess or Preprocess.from_dict(run.meta["preprocess"])
     meta = run.class_meta(class_index)
     names = run.class_names
-    name = names[class_index] if class_index < len(names) else str(class_index)
+    name = class_name(names, class_index)
     k = run.k
     colors = [viz.prototype_color(i) for i in range(k)]
     labels = notes.labels(class_index) if notes is not None else [f"prototype {i + 1}" for i in range(k)]

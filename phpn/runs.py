@@ -54,7 +54,9 @@ class Run:
 
     @property
     def class_names(self) -> list:
-        return self.meta.get("model", {}).get("class_names") or [str(i) for i in range(self.head_bias.shape[0])]
+        from .defaults import class_names_or_indices
+
+        return class_names_or_indices(self.meta.get("model", {}).get("class_names"), self.head_bias.shape[0])
 
     @property
     def checkpoint_sha256(self) -> str:

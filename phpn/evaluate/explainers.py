@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 
 from ..errors import ConfigError
+from ..network import prototype_maps
 
 
 class NetworkExplainer:
@@ -49,7 +50,7 @@ class PrototypeExplainer:
         p = self.prototypes[self.rows[int(class_index)]].to(feats.device, feats.dtype)  # (k, D)
         pooled = feats.mean(dim=(2, 3))
         scale = self.split.image_scale(pooled)
-        maps = torch.einsum("bdhw,kd->bkhw", feats, p) * scale[:, None, None, None]
+        maps = prototype_maps(feats, p, scale)
         logit = self.split.logits_from_features(feats)[:, int(class_index)]
         return maps, maps.mean(dim=(2, 3)), logit
 

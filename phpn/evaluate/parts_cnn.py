@@ -26,8 +26,9 @@ from torch import nn
 
 from ..data import Preprocess
 from ..errors import CheckpointError
+from ..resources import assets_dir
 
-ASSET_DIR = Path(__file__).resolve().parents[2] / "assets" / "parts-benchmark"
+ASSET_DIR = assets_dir() / "parts-benchmark"
 WEIGHTS_FILE = "parts_cnn.safetensors"
 METRICS_FILE = "metrics.json"
 
