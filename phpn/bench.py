@@ -178,6 +178,8 @@ def run_end_to_end(quick: bool = False, device: str = "auto", classes: int = 0, 
         t0 = time.perf_counter()
         root = Path(folder) if folder else synthetic_jpeg_folder(tmp / "images", classes, images, seed=seed)
         make_folder_s = time.perf_counter() - t0
+        if folder:
+            classes = sum(1 for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
         torch.manual_seed(seed)
         model = torchvision.models.resnet50(weights=None, num_classes=classes).eval()

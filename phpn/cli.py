@@ -129,6 +129,10 @@ def cmd_discover(args) -> int:
         run = run_discovery(session, data, config, progress=bar, data_label=label, held_out=held_out,
                             progress_dir=progress_dir_for(args.out), resume=args.resume, workers=args.workers,
                             shard=shard)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the finished groups of classes are saved; run the same command with --resume "
+              "to continue", file=sys.stderr)
+        return 130
     finally:
         bar.close()
         distributed.close(shard)

@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import fx
 
-from .data import Preprocess, iter_batches
 from .models.head import HeadSplit
-from .progress import ProgressFn
 
 # The first batch's caught features must match the backbone's own output this closely
 # (relative to their largest magnitude): identical ops give identical numbers.
@@ -164,24 +161,3 @@ class FeatureTap:
             return self._fallback(f"the model's output {tuple(logits.shape)} is not (images, classes)")
         # Recorded, not acted on: the certificate measures the same gap through the prototypes.
         self.head_gap = float((recomputed - logits.float()).abs().max()) / max(float(logits.abs().max()), 1e-30)
-
-
-def extract_features(split: HeadSplit, root: Path, paths: Sequence[str], preprocess: Preprocess,
-                     device: torch.device, batch_size: int = 64, autocast: bool = False,
-                     progress: Optional[ProgressFn] = None, stage: str = "features", done_offset: int = 0,
-                     total: Optional[int] = None, workers: Optional[int] = 0):
-    """Features of the images at ``root/paths``: returns (features (n, D, H, W), kept paths, skipped)."""
-    backbone = prepare_backbone(split, device)
-    chunks, kept, skipped = [], [], []
-    total = total if total is not None else len(paths)
-    done = 0
-    for batch, ok, bad in iter_batches(root, paths, preprocess, batch_size, workers, device.type == "cuda"):
-        skipped += bad
-        done += len(ok) + len(bad)
-        if ok:
-            chunks.append(backbone_features(backbone, batch, device, autocast))
-            kept += ok
-        if progress is not None:
-            progress(stage, done_offset + done, total)
-    feats = torch.cat(chunks) if chunks else torch.empty(0, device=device)
-    return feats, kept, skipped
