@@ -537,5 +537,70 @@ def test_unpacking_into_a_used_folder_is_refused_and_keeps_it(tmp_path):
     assert mine.read_text() == "mine" and sorted(p.name for p in (tmp_path / "dest").iterdir()) == ["mine.txt"]
 
 
+
+
+# ---------------------------------------------------------------- the same refusals through the Python API
+
+def _api_cases():
+    """Each case prepares its files and returns the call to make."""
+    from phpn import api
+    from phpn.data import Preprocess
+    from phpn.device import resolve_device
+    from phpn.discover import DiscoveryConfig
+    from phpn.runs import load_run, save_run
+
+    def names_file(data):
+        def prepare(w, t):
+            path = _write(t / "names.txt", data)
+            return lambda: api.read_class_names(path, num_classes=4)
+        return prepare
+
+    def save_over(what):
+        def prepare(w, t):
+            target = _write(t / "mine" / "thesis.tex", "x").parent if what == "folder" else _write(t / "mine.txt", "x")
+            return lambda: save_run(load_run(w.run), target, overwrite=True)
+        return prepare
+
+    def call(fn):
+        return lambda w, t: (lambda: fn(w, t))
+
+    return {
+        "api-demo-and-checkpoint": (call(lambda w, t: api.open_model(w.checkpoint, demo="fashion-mnist")),
+                                    "A demo brings its own model"),
+        "api-class-names-count": (call(lambda w, t: api.open_model(demo="fashion-mnist", class_names=["a", "b"])),
+                                  "There are 2 class names but the model has 10 classes"),
+        "api-class-names-binary": (names_file(b"\xff\xfe\x00\x01"), "is not UTF-8 text"),
+        "api-class-names-count-file": (names_file("a\nb\n"), "There are 2 class names but the model has 4 classes"),
+        "api-seed": (call(lambda w, t: DiscoveryConfig(seed=2 ** 40)), "is out of range"),
+        "api-seed-float": (call(lambda w, t: DiscoveryConfig(seed=1.5)), "The seed 1.5 is out of range"),
+        "api-batch-size": (call(lambda w, t: DiscoveryConfig(batch_size=0)),
+                           "batch size must be a whole number of at least 1"),
+        "api-device-meta": (call(lambda w, t: DiscoveryConfig(device="meta")), "Unknown device 'meta'"),
+        "api-resolve-device": (call(lambda w, t: resolve_device("cuda:x")), "Unknown device 'cuda:x'"),
+        "api-std-nan": (call(lambda w, t: Preprocess(std=(float("nan"), 1.0, 1.0))),
+                        "std must be finite numbers, got nan"),
+        "api-mean-inf": (call(lambda w, t: Preprocess(mean=(0.0, float("inf"), 0.0))),
+                         "mean must be finite numbers, got inf"),
+        "api-save-over-a-folder": (save_over("folder"), "is a folder that is not a phpn run (it holds thesis.tex)"),
+        "api-save-over-a-file": (save_over("file"), "mine.txt exists and is a file, not a phpn run"),
+    }
+
+
+API_CASES = list(_api_cases())
+
+
+@pytest.mark.parametrize("case", API_CASES)
+def test_the_api_refuses_the_same_inputs(case, world, tmp_path):
+    from phpn.errors import PhpnError
+
+    prepare, phrase = _api_cases()[case]
+    call = prepare(world, tmp_path)
+    before = _snapshot(tmp_path, world.root)
+    with pytest.raises(PhpnError) as err:
+        call()
+    assert phrase in str(err.value)
+    assert _snapshot(tmp_path, world.root) == before
+
+
 def test_the_catalogue_is_large_enough():
-    assert len(CLI_CASES) + len(ZIPS) >= 80
+    assert len(CLI_CASES) + len(ZIPS) + len(API_CASES) >= 80
