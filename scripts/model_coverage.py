@@ -54,6 +54,7 @@ class Row:
     verdict: str
     agreement: Optional[float] = None
     max_logit_diff: Optional[float] = None
+    max_abs_logit: Optional[float] = None
     reason: str = ""
     notes: list = field(default_factory=list)
     seconds: float = 0.0
@@ -61,7 +62,8 @@ class Row:
     def markdown(self) -> str:
         agreement = f"{self.agreement:.0%}" if self.agreement is not None else "–"
         diff = f"{self.max_logit_diff:.1e}" if self.max_logit_diff is not None else "–"
-        return f"| {self.family} | {self.label} | {self.verdict} | {agreement} | {diff} | {self.reason} |"
+        scale = f"{self.max_abs_logit:.2g}" if self.max_abs_logit is not None else "–"
+        return f"| {self.family} | {self.label} | {self.verdict} | {agreement} | {diff} | {scale} | {self.reason} |"
 
 
 # ----------------------------------------------------------------------------- what is built
@@ -128,7 +130,7 @@ CASES = [
     Case("timm ViT (class token)", "vit_tiny_patch16_224", _timm("vit_tiny_patch16_224"), 224),
     Case("timm DeiT (avg pool)", "deit_tiny_patch16_224, global_pool='avg'",
          _timm("deit_tiny_patch16_224", global_pool="avg"), 224),
-    Case("timm EVA (avg pool)", "eva02_tiny_patch14_224 (global_pool='avg' by default)",
+    Case("timm EVA (avg pool)", "eva02_tiny_patch14_224, global_pool='avg'",
          _timm("eva02_tiny_patch14_224.mim_in22k", global_pool="avg"), 224),
     Case("timm Swin", "swin_tiny_patch4_window7_224", _timm("swin_tiny_patch4_window7_224"), 224),
     Case("HF ResNet", "ResNetForImageClassification", _hf("ResNetConfig", "ResNetForImageClassification",
@@ -181,20 +183,25 @@ def check(case: Case, workdir: Path, images: Path) -> Row:
     except PhpnError as err:
         return Row(case.family, case.label, "not loaded", reason=str(err), seconds=time.perf_counter() - start)
     d = session.diagnosis
-    row = Row(case.family, case.label, d.verdict, reason=_first_sentence(d.reason), notes=list(session.loaded.notes))
+    row = Row(case.family, case.label, d.verdict, reason=_short_reason(d.reason, d.decomposable),
+              notes=list(session.loaded.notes))
     if d.decomposable:
         data = open_data(session, images)
         config = DiscoveryConfig(k=3, images_per_class=None, device="cpu", batch_size=8)
         run = run_discovery(session, data, config, certify_images=True)
         cert = run.meta["certificate"]
         row.agreement, row.max_logit_diff = float(cert["top1_agreement"]), float(cert["max_logit_diff"])
+        row.max_abs_logit = float(cert["max_abs_logit"])
     row.seconds = time.perf_counter() - start
     return row
 
 
-def _first_sentence(text: str) -> str:
-    head = text.split(". ")[0].rstrip(".")
-    return head.replace("|", "/") + "."
+def _short_reason(text: str, decomposable: bool) -> str:
+    """What the doctor found: its first clause for a yes, the whole first sentence for a refusal."""
+    sentence = text.split(". ")[0].rstrip(".")
+    if decomposable:
+        sentence = sentence.split(", so ")[0].split(": each logit")[0]
+    return sentence.replace("|", "/") + "."
 
 
 def run_cases(cases: list, log=print) -> list:
@@ -211,8 +218,8 @@ def run_cases(cases: list, log=print) -> list:
     return rows
 
 
-TABLE_HEADER = ("| family | model (random weights, 10 classes) | verdict | agreement | max abs Δlogit | reason |\n"
-                "|---|---|---|---|---|---|")
+TABLE_HEADER = ("| family | model (random weights, 10 classes) | verdict | agreement | max abs Δlogit | max abs logit "
+                "| reason |\n|---|---|---|---|---|---|---|")
 
 
 def write_index(path: Path) -> None:

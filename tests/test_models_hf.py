@@ -110,3 +110,21 @@ def test_head_found_by_name_in_sorted_safetensors(tmp_path):
 
     sd = load_file(str(folder / "model.safetensors"))
     assert zoo.find_head_weight(sd) == "classifier.weight" and zoo.guess_num_classes(sd) == 10
+
+
+def test_avgpool_with_ceil_mode_over_the_whole_map_is_global_pooling():
+    # Hugging Face's EfficientNet pools with AvgPool2d(hidden_dim, ceil_mode=True): a kernel larger
+    # than the map, whose divisor counts only the positions inside it, so it is the map's mean.
+    from torch import nn
+
+    from phpn.models import diagnose
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.AvgPool2d(2560, ceil_mode=True), nn.Flatten(),
+                          nn.Linear(8, 10)).eval()
+    x = torch.randn(1, 3, 33, 33)
+    assert torch.allclose(model[1](model[0](x)).flatten(1), model[0](x).mean((2, 3)), atol=1e-6)
+    d = diagnose(model, (3, 33, 33))
+    assert d.verdict == "exact" and "AvgPool2d '1'" in d.reason
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.AvgPool2d(4), nn.Flatten(), nn.Linear(8 * 16, 10)).eval()
+    assert diagnose(plain, (3, 33, 33)).verdict == "impossible"

@@ -341,7 +341,7 @@ def index_candidates(state_dict: Mapping) -> list:
 
 def infer(state_dict: Mapping) -> Optional[str]:
     """The one timm model this state dict is, None when none fits; CheckpointError when several
-    fit (the user must say which: they differ in padding or preprocessing)."""
+    fit (the user must say which: they may differ in padding, pooling or preprocessing)."""
     if not available():
         return None
     exact = []
@@ -357,7 +357,7 @@ def infer(state_dict: Mapping) -> Optional[str]:
         shown = ", ".join(PREFIX + n for n in exact[:8]) + (f" and {len(exact) - 8} more" if len(exact) > 8 else "")
         raise CheckpointError(
             f"The checkpoint fits several timm models equally well: {shown}. Their weights have the same names "
-            "and shapes, but they differ in padding or preprocessing.",
+            "and shapes, but they may compute differently (padding, pooling) or expect other preprocessing.",
             f"Say which one with --arch (e.g. --arch {PREFIX}{exact[0]}).",
         )
     return None

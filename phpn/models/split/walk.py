@@ -206,7 +206,8 @@ class _Walk:
         if isinstance(m, nn.AdaptiveAvgPool1d):
             return ("pool", "NCL") if _int_pair(m.output_size)[0] == 1 else ("partial-pool", None)
         if isinstance(m, nn.AvgPool2d):
-            return self.avg_pool(node, m.kernel_size, m.padding)
+            ceil_whole = m.ceil_mode and m.divisor_override is None  # e.g. HF EfficientNet's pooler
+            return self.avg_pool(node, m.kernel_size, m.padding, ceil_whole)
         if isinstance(m, _MAX_POOLS):
             return "max-pool", None
         if not _is_torch_module(m) and name not in self.opaque:
@@ -279,7 +280,7 @@ class _Walk:
             return "pool", "NCHW"
         return "partial-pool", size
 
-    def avg_pool(self, node, kernel, padding):
+    def avg_pool(self, node, kernel, padding, ceil_whole: bool = False):
         if not self.shapes:
             return "pool", "NCHW"  # decided once shapes are known
         shape, out = _shape(node.args[0]), _shape(node)
@@ -289,6 +290,10 @@ class _Walk:
             whole = out is not None and len(out) == 4 and out[2] == out[3] == 1
         else:
             whole = shape is not None and len(shape) == 4 and _int_pair(kernel) == tuple(shape[2:])
+            # With ceil_mode (and no padding) a kernel larger than the map averages the whole map:
+            # the divisor counts only the positions inside it.
+            whole = whole or (ceil_whole and shape is not None and len(shape) == 4
+                              and all(k >= s for k, s in zip(_int_pair(kernel), shape[2:])))
         if whole and _int_pair(padding or 0) == (0, 0):
             return "pool", "NCHW"
         return "partial-pool", None
