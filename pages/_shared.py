@@ -114,6 +114,7 @@ def _load_model_entry(spec: tuple) -> ModelEntry:
     session = open_model(s.get("checkpoint"), demo=s.get("demo"), arch=s.get("arch"), model_def=s.get("model_def"),
                          trust_pickle=bool(s.get("trust_pickle", False)), num_classes=s.get("num_classes"),
                          class_names=list(s["class_names"]) if "class_names" in s else None, preprocess=pre,
+                         overrides=dict(s["overrides"]) if "overrides" in s else None,
                          feature_layer=s.get("feature_layer"), head_layer=s.get("head_layer"))
     if s.get("demo"):
         label = f"demo: {s['demo']}"

@@ -8,6 +8,7 @@ import streamlit as st
 import torch
 
 from pages import _shared as S
+from phpn import defaults as D
 from phpn.errors import DataError
 
 S.frame()
@@ -18,11 +19,7 @@ job = st.session_state.get("job")
 running = job is not None and job.running
 
 # --- settings ------------------------------------------------------------------------------
-defaults = {"k": 3, "images_per_class": 100, "solver": "lbfgs", "seed": 0}
-if model.session.demo:
-    from phpn.demos import get_demo
-
-    defaults.update(get_demo(model.session.demo).defaults)
+defaults = D.discovery_defaults(model.session.demo)  # the table the CLI and the API use too
 
 if data is None:
     st.info("No images are loaded: scan an image folder on the **Model & data** page to run a discovery. "
@@ -32,11 +29,12 @@ else:
                "disc_top")
     with st.form("discover_form", border=True):
         c1, c2, c3, c4 = st.columns(4)
-        k = c1.slider("Prototypes per class (k)", 1, 20, int(defaults["k"]), key="disc_k")
-        cap_default = int(data.cap or defaults.get("images_per_class") or 100)
+        k = c1.slider("Prototypes per class (k)", D.K_MIN, D.K_MAX, int(defaults["k"]), key="disc_k")
+        # Every scanned image unless capped: the largest class's count means "all".
+        cap_all = max(len(c.paths) for c in data.data.classes) if data.data.classes else 1
+        cap_default = int(data.cap or defaults["images_per_class"] or cap_all)
         cap = c2.number_input("Images per class", min_value=1, value=cap_default, step=10, key="disc_cap")
-        solver = c3.selectbox("Refinement solver", ["lbfgs", "nelder-mead", "none"],
-                              index=["lbfgs", "nelder-mead", "none"].index(defaults.get("solver", "lbfgs")),
+        solver = c3.selectbox("Refinement solver", D.SOLVERS, index=D.SOLVERS.index(defaults["solver"]),
                               key="disc_solver",
                               help="lbfgs: gradient-based (default, fast). nelder-mead: the paper's solver (barely "
                                    "moves in high dimensions). none: equal split of the residual.")
@@ -44,13 +42,16 @@ else:
         device = c4.selectbox("Device", devices, key="disc_device")
         with st.expander("More settings"):
             a1, a2, a3, a4 = st.columns(4)
-            objective = a1.selectbox("Objective", ["prototype", "residual"], key="disc_objective",
+            objective = a1.selectbox("Objective", D.OBJECTIVES, index=D.OBJECTIVES.index(defaults["objective"]),
+                                     key="disc_objective",
                                      help="prototype: keep each final prototype's map like its NMF part (default). "
                                           "residual: the paper's objective on the residual shares.")
-            scaling = a2.selectbox("Scaling", ["lstsq", "nnls"], key="disc_scaling",
+            scaling = a2.selectbox("Scaling", D.SCALINGS, index=D.SCALINGS.index(defaults["scaling"]),
+                                   key="disc_scaling",
                                    help="lstsq: least squares (α may be negative). nnls: non-negative α.")
-            seed = a3.number_input("Seed", min_value=0, value=int(defaults.get("seed", 0)), key="disc_seed")
-            top_patches = a4.number_input("Top patches per prototype", 1, 24, 6, key="disc_top")
+            seed = a3.number_input("Seed", min_value=0, value=int(defaults["seed"]), key="disc_seed")
+            top_patches = a4.number_input("Top patches per prototype", 1, 24, int(defaults["top_patches"]),
+                                          key="disc_top")
             names = model.session.class_names
             subset = st.multiselect("Only these classes (empty: every class with images)",
                                     [c.class_index for c in data.data.classes],
@@ -68,7 +69,7 @@ else:
                                      scaling=scaling, seed=int(seed), device=device, top_patches=int(top_patches),
                                      classes=tuple(int(c) for c in subset) if subset else None)
             run_data = data.data
-            if data.cap != int(cap) or data.seed != int(seed):
+            if (data.cap or cap_all) != int(cap) or data.seed != int(seed):
                 run_data = S.scan_data(model, data.data.root, int(cap), int(seed))
             if not run_data.classes:
                 raise DataError("The image folder has no classes.", "Scan another folder on the Model & data page.")

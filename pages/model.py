@@ -6,6 +6,7 @@ import streamlit as st
 from pages import _shared as S
 from phpn import serving
 from phpn.demos import DEMOS, get_demo
+from phpn.defaults import discovery_defaults
 from phpn.errors import ConfigError, DataError
 
 S.frame()
@@ -105,7 +106,6 @@ else:
     if st.button("Load model", type="primary", key="load_model"):
         with S.user_errors():
             from phpn.api import read_class_names
-            from phpn.data import Preprocess
             from phpn.uploads import save_checkpoint_upload, save_upload
 
             if upload:
@@ -145,26 +145,14 @@ else:
                         model_def=model_def, trust_pickle=bool(trust), num_classes=int(num_classes) or None,
                         class_names=tuple(class_names) if class_names else None,
                         feature_layer=feature_layer.strip() or None, head_layer=head_layer.strip() or None)
+            # Merged into the model's own preprocessing by the library before the doctor runs: one load.
+            overrides = {"resize": int(resize) or None, "crop": int(crop) or None,
+                         "channels": None if channels == "default" else int(channels),
+                         "mean": list(_parse_floats(mean_text, "Mean")) if mean_text.strip() else None,
+                         "std": list(_parse_floats(std_text, "Std")) if std_text.strip() else None}
+            spec["overrides"] = {k: v for k, v in overrides.items() if v is not None} or None
             with st.spinner("Loading the checkpoint and checking its head…"):
                 entry = S.load_model_entry(**spec)
-                if resize or crop or channels != "default" or mean_text.strip() or std_text.strip():
-                    values = entry.session.loaded.preprocess.to_dict()
-                    if channels != "default":
-                        values["channels"] = int(channels)
-                        if not mean_text.strip():
-                            values["mean"] = [0.5] * int(channels)
-                        if not std_text.strip():
-                            values["std"] = [0.25] * int(channels)
-                    if crop:
-                        values["crop"] = int(crop)
-                        values["resize"] = max(int(resize or values["resize"]), int(crop))
-                    if resize:
-                        values["resize"] = int(resize)
-                    if mean_text.strip():
-                        values["mean"] = list(_parse_floats(mean_text, "Mean"))
-                    if std_text.strip():
-                        values["std"] = list(_parse_floats(std_text, "Std"))
-                    entry = S.load_model_entry(**spec, preprocess=Preprocess.from_dict(values).to_dict())
             S.set_model(entry)
             st.session_state.pop("boot_warnings", None)
             S.flash(f"Loaded {entry.label}.", place="model")
@@ -216,7 +204,7 @@ st.caption("Layout: one sub-folder per class (`root/<class>/<image>`). Folders a
            "classes by name, by number (`7`, `007`, `007_name`) or, when there are exactly as many folders as "
            "classes, by sorted order.")
 demo = get_demo(model.session.demo) if model.session.demo else None
-default_cap = int(demo.defaults.get("images_per_class") or 100) if demo else 100
+default_cap = int(discovery_defaults(demo.name if demo else None)["images_per_class"] or 0)  # 0: all
 c1, c2 = st.columns(2)
 cap = c1.number_input("Images per class (0: all)", min_value=0, value=default_cap, step=10, key="data_cap")
 seed = c2.number_input("Sampling seed", min_value=0, value=0, step=1, key="data_seed")
