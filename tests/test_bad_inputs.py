@@ -604,3 +604,16 @@ def test_the_api_refuses_the_same_inputs(case, world, tmp_path):
 
 def test_the_catalogue_is_large_enough():
     assert len(CLI_CASES) + len(ZIPS) + len(API_CASES) >= 80
+
+
+def test_running_out_of_memory_is_one_line(world, tmp_path, capsys, monkeypatch):
+    import phpn.api
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(phpn.api, "run_discovery", no_memory)
+    code, _, err = _cli(capsys, world.discover(tmp_path))
+    assert code == 2 and err == ("error: There is not enough memory for this work. Lower --batch-size or "
+                                 "--memory-budget, use fewer images per class, or a smaller input size.\n")
+    assert not (tmp_path / "out").exists()
