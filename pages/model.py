@@ -65,7 +65,11 @@ else:
     c1, c2 = st.columns(2)
     archs = ["(detect automatically)", "efficientnet-lite0"] + list(known_archs())
     arch = c1.selectbox("Architecture", archs, key="arch",
-                        help="torchvision architectures are recognised from the weights' names and shapes.")
+                        help="torchvision and timm architectures are recognised from the weights' names and shapes.")
+    timm_arch = c1.text_input("…or a timm model name", key="timm_arch", placeholder="timm/convnext_tiny",
+                              help="Built with timm.create_model(NAME, pretrained=False): for a timm state dict "
+                                   "whose weights' names do not tell the model. A Hugging Face model is a folder "
+                                   "written by save_pretrained: give its path.")
     num_classes = c2.number_input("Number of classes (0: read it from the checkpoint)", min_value=0, value=0,
                                   step=1, key="num_classes")
     with st.expander("Your own architecture (a Python file that builds the model)"):
@@ -141,7 +145,10 @@ else:
                     raise ConfigError("A model file was given without the name of its factory.",
                                       "Type the function or class in the file that builds the model.")
                 model_def = f"{model_def_file}:{factory.strip()}"
-            spec = dict(checkpoint=str(checkpoint), arch=None if arch.startswith("(") else arch,
+            named = timm_arch.strip()
+            if named and not named.startswith("timm/"):
+                named = "timm/" + named
+            spec = dict(checkpoint=str(checkpoint), arch=named or (None if arch.startswith("(") else arch),
                         model_def=model_def, trust_pickle=bool(trust), num_classes=int(num_classes) or None,
                         class_names=tuple(class_names) if class_names else None,
                         feature_layer=feature_layer.strip() or None, head_layer=head_layer.strip() or None)

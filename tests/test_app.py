@@ -639,3 +639,26 @@ def test_explain_marks_a_mistake_against_the_images_label():
     assert any(e.value.startswith(f"**Mistake**: the model predicts **{found.name(wrong.predicted)}**, but this image "
                                   f"is labelled **{found.name(wrong.true_class)}**") for e in at.error)
     assert at.session_state["explained"]["true_class"] == wrong.true_class
+
+
+def test_uploaded_timm_state_dict_with_its_timm_name():
+    timm = pytest.importorskip("timm")
+    from safetensors.torch import save as save_safetensors
+
+    torch.manual_seed(0)
+    model = timm.create_model("convnext_atto", pretrained=False, num_classes=4).eval()
+    data = save_safetensors({k: v.contiguous() for k, v in model.state_dict().items()})
+    at = _app().run()
+    at.switch_page("pages/model.py").run()
+    at.radio(key="model_source").set_value("Upload a checkpoint").run()
+    _clean(at)
+    at.file_uploader(key="ckpt_upload").set_value(("weights.safetensors", data, "application/octet-stream"))
+    at.text_input(key="timm_arch").set_value("convnext_atto")
+    at.number_input(key="pre_resize").set_value(64)
+    at.number_input(key="pre_crop").set_value(64)
+    at.button(key="load_model").click().run()
+    _clean(at)
+    assert not _errors(at), _errors(at)
+    loaded = at.session_state["model"].session
+    assert loaded.loaded.arch == "timm/convnext_atto" and loaded.loaded.num_classes == 4
+    assert loaded.diagnosis.verdict == "exact-after-folding"
