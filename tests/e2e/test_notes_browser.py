@@ -1,0 +1,71 @@
+"""In a real browser: name and flag a prototype, reload the page (F5), and find the run, the
+class and the note again; the note reaches the class report. Same server and skips as
+``test_browser.py``."""
+from __future__ import annotations
+
+import pytest
+
+from test_browser import CHROMIUM, CHROMIUM_ARGS, _choose, _idle, _main, _nav, _shot, server, sync_api  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def notes_page(server):  # noqa: F811 - the fixture imported above
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        context = browser.new_context(viewport={"width": 1440, "height": 1300}, device_scale_factor=1,
+                                      accept_downloads=True)
+        pg = context.new_page()
+        pg.set_default_timeout(60_000)
+        pg.goto(server)
+        yield pg
+        context.close()
+        browser.close()
+
+
+def test_a_named_prototype_survives_a_reload_and_reaches_the_report(notes_page):
+    pg = notes_page
+    _main(pg).get_by_text("Doctor's verdict").wait_for()
+    _idle(pg)
+    # The shipped demo run is read-only: save a copy to annotate.
+    _nav(pg, "Discover", "Discover part-prototypes")
+    name_box = pg.get_by_label("Name (saved in your private workspace", exact=False)
+    name_box.fill("annotated-in-browser")
+    name_box.press("Enter")
+    _idle(pg)
+    pg.get_by_role("button", name="Save run").click()
+    _main(pg).get_by_text("Saved to").wait_for()
+    _idle(pg)
+
+    _nav(pg, "Class browser", "Class browser")
+    _choose(pg, "Class (type to search)", "Bag", "Bag (8)").click()
+    _main(pg).get_by_text("(class 8)").wait_for()
+    _idle(pg)
+    _main(pg).get_by_text("Your notes: name, describe and flag this prototype").first.click()
+    form = pg.locator("[data-testid='stForm']").first
+    form.get_by_label("Name").fill("handle")
+    form.get_by_label("Another flag (your own word)").fill("background")
+    form.get_by_role("button", name="Save the note").click()
+    _main(pg).get_by_text("Note saved beside the run.").wait_for()
+    _idle(pg)
+    assert "run=my+runs" in pg.url.replace("%20", "+") and "class=8" in pg.url
+
+    pg.reload()  # F5: a new session from the same URL
+    pg.get_by_role("heading", name="Class browser").first.wait_for()
+    _main(pg).get_by_text("(class 8)").wait_for()
+    _idle(pg)
+    header = _main(pg).get_by_text("Prototype 1 “handle”", exact=True)
+    header.wait_for()
+    assert _main(pg).get_by_text("background", exact=True).count() > 0
+    assert pg.locator("[data-testid='stException']").count() == 0
+    header.scroll_into_view_if_needed()
+    _idle(pg)
+    _shot(pg, "11-class-browser-notes")
+
+    _nav(pg, "Export", "Export")
+    pg.get_by_role("button", name="Build the class report").click()
+    download_button = pg.get_by_role("button", name="Download the class report (.html)")
+    download_button.wait_for()
+    with pg.expect_download() as info:
+        download_button.click()
+    html_text = open(info.value.path(), encoding="utf-8").read()
+    assert "prototype 1 “handle”" in html_text and "Flagged: <b>background</b>" in html_text
