@@ -13,6 +13,7 @@ the same run, since a group's result depends only on the group.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -23,14 +24,14 @@ from typing import Optional, Sequence
 import torch
 
 from . import __version__
-from .certify import CertificateAccumulator
+from .certify import CertificateAccumulator, checks_inside
 from .data import ImageFolderData, Preprocess, iter_batches, load_batch
 from .device import resolve_device
 from .errors import ConfigError, DataError
 from .features import FeatureTap, backbone_features, prepare_backbone
 from .models.head import NONNEGATIVE_FEATURES_NMF, SIGNED_FEATURES_NMF, HeadSplit, LoadedModel
 from .nmf import NMFConfig, nmf
-from .progress import ProgressFn, report
+from .progress import ProgressFn, RepeatLast, report
 from .refine import RefineConfig, refine
 from .resume import GroupResult, fingerprint, open_store
 from .runs import Run
@@ -202,6 +203,8 @@ def plan_groups(wanted: list, feature_shape: tuple, budget_mb: int) -> list:
 class _Features:
     """Per batch: (features, model logits or None), with the certificate's pass when asked."""
 
+    tick = None  # called between layers (a cancel stops a forward pass mid-batch)
+
     def __init__(self, loaded: LoadedModel, split: HeadSplit, device: torch.device, config: DiscoveryConfig,
                  certify: bool):
         self.device, self.autocast = device, config.autocast
@@ -209,9 +212,11 @@ class _Features:
         self.backbone = None if certify else prepare_backbone(split, device)
 
     def __call__(self, images: torch.Tensor):
-        if self.tap is not None:
-            return self.tap(images)
-        return backbone_features(self.backbone, images, self.device, self.autocast), None
+        modules = [self.tap.model, self.tap.backbone] if self.tap is not None else [self.backbone]
+        with checks_inside(modules, self.tick) if self.tick is not None else contextlib.nullcontext():
+            if self.tap is not None:
+                return self.tap(images)
+            return backbone_features(self.backbone, images, self.device, self.autocast), None
 
 
 def _sync(device: torch.device) -> None:
@@ -407,6 +412,9 @@ def discover(loaded: LoadedModel, split: HeadSplit, data: ImageFolderData, prepr
     started = time.perf_counter()
     wanted = _wanted(data, config, split)
     forward = _Features(loaded, split, device, config, certify)
+    if progress is not None:
+        progress = RepeatLast(progress)
+        forward.tick = progress.repeat
     shape = _probe(data, wanted[0], preprocess, forward)
     if certify and forward.tap.layer is None:
         warnings.warn(f"The certificate takes a second forward pass: {forward.tap.mode}.")

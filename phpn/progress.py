@@ -39,3 +39,22 @@ class TqdmProgress:
 def report(progress: Optional[ProgressFn], stage: str, done: int, total: int) -> None:
     if progress is not None:
         progress(stage, done, total)
+
+
+class RepeatLast:
+    """A progress callback that remembers its last report; ``repeat()`` sends it again.
+
+    Called between the layers of a long forward pass, ``repeat`` gives a cancelling callback
+    (one that raises :class:`phpn.errors.Cancelled`) the chance to stop it mid-batch.
+    """
+
+    def __init__(self, progress: ProgressFn):
+        self.progress, self.last = progress, None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        self.last = (stage, done, total)
+        self.progress(stage, done, total)
+
+    def repeat(self) -> None:
+        if self.last is not None:
+            self.progress(*self.last)

@@ -248,3 +248,46 @@ def test_a_cancel_does_not_stop_another_threads_forward_on_a_shared_model():
         t.start()
         t.join()
     assert not errors and log == ["a", "b", "c"]
+
+
+class _Counting(torch.nn.Module):
+    """Counts its calls; sleeps, and asks for a cancel on the ``stop_at``-th call."""
+
+    def __init__(self, stop=None, stop_at=None):
+        super().__init__()
+        self.calls, self.stop, self.stop_at = 0, stop, stop_at
+
+    def forward(self, x):
+        self.calls += 1
+        if self.stop is not None and self.calls == self.stop_at:
+            time.sleep(0.06)
+            self.stop.set()
+        return x
+
+
+@pytest.mark.parametrize("with_certificate", [False, True])
+def test_a_cancel_stops_discovery_inside_a_forward(tiny_loaded, image_folder, with_certificate):
+    import inspect
+
+    from conftest import TinyNet
+
+    if with_certificate and "certify" not in inspect.signature(discover).parameters:
+        pytest.skip("discovery does not certify in its own pass here")
+    stop = threading.Event()
+    torch.manual_seed(0)
+    net = TinyNet().eval()
+    marker, after = _Counting(stop, stop_at=3), _Counting()
+    net.features = torch.nn.Sequential(net.features[0], net.features[1], marker, net.features[2], net.features[3],
+                                       after)
+    loaded = replace(tiny_loaded, model=net)
+    data = scan_image_folder(image_folder, class_names=loaded.class_names, num_classes=4)
+
+    def progress(stage, done, total):
+        if stop.is_set():
+            raise Cancelled()
+
+    options = {"certify": True} if with_certificate else {}
+    with pytest.raises(Cancelled):
+        discover(loaded, tiny_split(net), data, loaded.preprocess, DiscoveryConfig(k=2, device="cpu", batch_size=4),
+                 progress=progress, **options)
+    assert marker.calls == 3 and after.calls == 2  # the third forward stopped between its layers
