@@ -416,7 +416,7 @@ def discover(loaded: LoadedModel, split: HeadSplit, data: ImageFolderData, prepr
         progress = RepeatLast(progress)
         forward.tick = progress.repeat
     shape = _probe(data, wanted[0], preprocess, forward)
-    if certify and forward.tap.layer is None:
+    if certify and forward.tap.anchors is None:
         warnings.warn(f"The certificate takes a second forward pass: {forward.tap.mode}.")
     groups = plan_groups(wanted, shape, config.memory_budget_mb)
     key = discovery_key(loaded, split, preprocess, config, groups, shape, certify)

@@ -60,21 +60,48 @@ def test_tap_gives_backbone_features_and_model_logits_in_one_pass(tiny_loaded, i
 
 
 class _FunctionalEnd(TinyNet):
-    """The feature map is a function's output (no layer to catch it at)."""
+    """The feature map is a function of a layer's output: the function is replayed on it."""
 
     def forward(self, x):
         return self.fc(torch.relu(self.features(x) - 0.1).mean((2, 3)))
 
 
-def test_tap_falls_back_to_two_passes_and_says_why():
+class _InPlaceResidual(TinyNet):
+    """The model adds to a layer's output in place after it was caught: copies are caught."""
+
+    def __init__(self):
+        super().__init__()
+        self.last = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        f = self.features(x)
+        out = self.last(f)
+        out += f
+        return self.fc(out.mean((2, 3)))
+
+
+class _FromTheInput(TinyNet):
+    """The feature map mixes in the input itself: no layer output gives it, so two passes."""
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.features(x) + x.mean()).mean((2, 3)))
+
+
+@pytest.mark.parametrize("cls, mode, copies", [(_FunctionalEnd, "one pass", False), (_InPlaceResidual, "one pass", True),
+                                               (_FromTheInput, "two passes (the feature map is computed from the "
+                                                               "input directly)", False)])
+def test_tap_catches_what_the_backbone_computes_or_says_why_not(cls, mode, copies):
     torch.manual_seed(0)
-    model = _FunctionalEnd().eval()
+    model = cls().eval()
     split = diagnose_split(model)
     tap = FeatureTap(split, model, torch.device("cpu"))
     x = torch.randn(3, 3, 16, 16)
+    tap(x)
     feats, logits = tap(x)
-    assert tap.mode == "two passes (the feature map is not a layer's output)"
-    assert torch.equal(logits, model(x)) and torch.equal(feats, split.backbone(x))
+    assert tap.mode == mode and tap.copy == copies
+    assert torch.equal(logits, model(x))
+    with torch.no_grad():
+        assert float((feats - split.backbone(x)).abs().max()) <= 1e-6
 
 
 def diagnose_split(model: nn.Module):
