@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 # name -> module that defines it (imported when the name is first used)
 _EXPORTS = {
     "decompose": "api", "open_model": "api", "load_run": "api", "merge_preprocess": "api",
-    "DecomposedRun": "api", "ModelSession": "api",
+    "DecomposedRun": "api", "ModelSession": "api", "ClassView": "api",
     "Explanation": "explanation",
     "Certificate": "certify",
     "Preprocess": "data",

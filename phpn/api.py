@@ -152,14 +152,31 @@ def _loaded_from_module(model: torch.nn.Module, *, preprocess=None, input_size=N
         raise ConfigError(f"The model cannot run on one image of size {_input_size(preprocess)} "
                           f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]}).",
                           "Pass input_size=(channels, height, width) or preprocess= for the images it takes.") from None
-    out = getattr(out, "logits", out)
+    if not isinstance(out, torch.Tensor) and isinstance(getattr(out, "logits", None), torch.Tensor):
+        model, out = _LogitsOf(model), out.logits  # e.g. a transformers classifier: phpn reads .logits
     if not isinstance(out, torch.Tensor) or out.ndim != 2:
         raise ConfigError(f"The model returned {type(out).__name__} {tuple(getattr(out, 'shape', ()))} for one "
                           f"image of size {_input_size(preprocess)}, not a (1, classes) tensor of logits.",
                           "Pass a classifier whose forward returns logits, and the input size it expects.")
-    return LoadedModel(model=model, arch=f"module:{type(model).__name__}", num_classes=int(out.shape[1]),
+    inner = model.model if isinstance(model, _LogitsOf) else model
+    names = None
+    id2label = getattr(getattr(inner, "config", None), "id2label", None)
+    if isinstance(id2label, dict) and len(id2label) == out.shape[1]:
+        names = [str(id2label.get(i, id2label.get(str(i), i))) for i in range(int(out.shape[1]))]
+    return LoadedModel(model=model, arch=f"module:{type(inner).__name__}", num_classes=int(out.shape[1]),
                        sha256=module_sha256(model), preprocess=preprocess, source="a live torch.nn.Module",
-                       notes=["given as a live nn.Module"])
+                       class_names=names, notes=["given as a live nn.Module"])
+
+
+class _LogitsOf(torch.nn.Module):
+    """A classifier whose forward returns an object with ``.logits``, seen as one returning the logits."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x).logits
 
 
 MAX_CLASS_NAMES_BYTES = 16 * 2 ** 20
@@ -292,6 +309,12 @@ def explain_image(session: ModelSession, network: PrototypeNetwork, image, class
         feats = network.backbone(x.to(network.backbone_device)).float()
         base = network.explain_features(feats, classes=[], with_maps=False)
         logits = base.logits[0]
+        if not bool(torch.isfinite(logits).all()):
+            from .errors import DataError
+
+            raise DataError(f"The model gives NaN or infinite logits on {source or 'this image'}, so there is "
+                            "nothing to explain.", "Check the image and the preprocessing (a blank image can "
+                            "divide by zero inside some models).")
         if class_index is None:
             ranked = torch.argsort(logits, descending=True).tolist()
             decomposed = set(network.class_indices.tolist())
@@ -431,6 +454,26 @@ def decompose(model, data, *, k: int = K, images_per_class: Optional[int] = IMAG
     return DecomposedRun.attach(run, session)
 
 
+@dataclass(frozen=True)
+class ClassView:
+    """One decomposed class of a run: the numbers most often read, and the whole record."""
+
+    index: int
+    name: str
+    images: int  # discovery images
+    mean_contribution: tuple  # per prototype, over the discovery images (sums to mean logit - bias)
+    fidelity: tuple  # per prototype: how well its final map keeps its NMF part's map
+    alpha: tuple  # per prototype: the NMF part's scale
+    warnings: tuple  # plain-language warnings discovery attached to the class
+    record: dict  # everything run.json holds for the class
+
+    @classmethod
+    def of(cls, entry: dict, name: str) -> "ClassView":
+        return cls(index=int(entry["index"]), name=name, images=int(entry.get("images", 0)),
+                   mean_contribution=tuple(entry.get("mean_contribution", ())), fidelity=tuple(entry.get("fidelity", ())),
+                   alpha=tuple(entry.get("alpha", ())), warnings=tuple(entry.get("warnings", ())), record=entry)
+
+
 @dataclass
 class DecomposedRun(Run):
     """A run (prototypes, records, certificate) attached to the model it decomposes.
@@ -466,9 +509,16 @@ class DecomposedRun(Run):
         return net
 
     @property
-    def certificate(self) -> Optional[dict]:
+    def certificate(self) -> Optional[Certificate]:
         """The certificate recorded at discovery (on the discovery images), or None."""
-        return self.meta.get("certificate")
+        recorded = self.meta.get("certificate")
+        return Certificate.from_dict(recorded) if recorded else None
+
+    @property
+    def classes(self) -> list:
+        """The decomposed classes as the run records them (:class:`ClassView`, in the run's order)."""
+        names = self.class_names
+        return [ClassView.of(entry, class_name(names, entry["index"])) for entry in self.meta.get("classes", [])]
 
     def certify(self, data, *, images_per_class: Optional[int] = None, batch_size: int = BATCH_SIZE,
                 device: str = DEVICE, progress=False) -> Certificate:

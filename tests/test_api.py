@@ -56,7 +56,9 @@ def test_decompose_a_live_model_from_a_dataloader_is_exact(user_model, loader, t
     # The prototypes of each class sum to its head row (float64), so the logits are the model's.
     head = user_model.classifier.weight.detach().double()
     assert torch.allclose(run.prototypes.sum(1), head[run.class_indices], atol=1e-6)
-    assert run.certificate["images"] == 40 and run.certificate["top1_agreement"] == 1.0
+    assert run.certificate.images == 40 and run.certificate.top1_agreement == 1.0 and run.certificate.passed
+    assert [c.index for c in run.classes] == run.class_indices.tolist()
+    assert all(len(c.mean_contribution) == 2 and c.images == 10 for c in run.classes)
     cert = run.certify(loader)
     assert isinstance(cert, phpn.Certificate)
     assert cert.images == 40 and cert.top1_agreement == 1.0 and cert.passed
@@ -71,7 +73,7 @@ def test_decompose_a_live_model_from_a_dataloader_is_exact(user_model, loader, t
 def test_images_per_class_caps_the_discovery_set(user_model, loader):
     run = phpn.decompose(user_model, loader, k=2, images_per_class=3, progress=False)
     assert [c["images"] for c in run.meta["classes"]] == [3, 3, 3, 3]
-    assert run.certificate["images"] == 12
+    assert run.certificate.images == 12
 
 
 def test_a_dataset_of_pil_images_with_a_preprocess_spec(user_model):
@@ -79,7 +81,7 @@ def test_a_dataset_of_pil_images_with_a_preprocess_spec(user_model):
     items = [(Image.fromarray(rng.integers(0, 255, (14, 18, 3), dtype=np.uint8)), i % 4) for i in range(16)]
     pre = {"resize": 12, "crop": 12, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
     run = phpn.decompose(user_model, items, k=2, preprocess=pre, progress=False)
-    assert run.certificate["top1_agreement"] == 1.0 and run.certificate["images"] == 16
+    assert run.certificate.top1_agreement == 1.0 and run.certificate.images == 16
     assert run.meta["preprocess"]["crop"] == 12
     ex = run.explain(items[0][0])
     assert ex.image.size == (12, 12)
@@ -201,10 +203,10 @@ def test_fashion_mnist_model_from_a_users_own_dataloader():
             len(per_class[y]) <= 8]
     loader = DataLoader(Subset(folder, keep), batch_size=32)
     run = phpn.decompose(model, loader, k=3, progress=False)
-    assert run.certificate["images"] == 80 and run.certificate["top1_agreement"] == 1.0
-    assert run.certificate["relative_logit_diff"] <= 1e-4
+    cert = run.certificate
+    assert cert.images == 80 and cert.top1_agreement == 1.0 and cert.relative_logit_diff <= 1e-4
     # A trained model on its own training images: far above chance (10 classes).
-    assert run.certificate["accuracy"] >= 0.8
+    assert cert.accuracy >= 0.8
     ex = run.explain(folder[keep[0]][0])
     assert ex.maps.shape == (3, 7, 7)
 
@@ -294,3 +296,37 @@ def test_cli_doctor_honours_the_preprocessing_flags(capsys):
     assert main(["doctor", "--demo", "fashion-mnist", "--resize", "56", "--crop", "56", "--json"]) == 0
     obj = json.loads(capsys.readouterr().out)
     assert obj["input_size"] == [1, 56, 56] and obj["feature_shape"] == [128, 14, 14]
+
+
+def test_a_torchvision_model_built_in_user_code():
+    from torchvision.models import resnet18
+
+    torch.manual_seed(0)
+    model = resnet18(num_classes=5)
+    with torch.no_grad():  # a trained-looking BatchNorm, not the identity of a fresh one
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    x = torch.randn(20, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    loader = DataLoader(TensorDataset(x, torch.arange(20) % 5), batch_size=10)
+    run = phpn.decompose(model, loader, k=2, progress=False)
+    assert run.meta["model"]["feature_shape"] == [512, 1, 1]
+    cert = run.certify(loader)
+    assert cert.top1_agreement == 1.0 and cert.passed
+
+
+def test_a_live_transformers_classifier_is_read_through_its_logits():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ConvNextConfig(num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2,
+                                      num_labels=3, id2label={0: "a", 1: "b", 2: "c"}, label2id={"a": 0, "b": 1, "c": 2})
+    torch.manual_seed(0)
+    model = transformers.ConvNextForImageClassification(cfg).eval()
+    x = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    run = phpn.decompose(model, DataLoader(TensorDataset(x, torch.arange(12) % 3), batch_size=4), k=2,
+                         progress=False)
+    assert run.certificate.top1_agreement == 1.0 and run.certificate.passed
+    assert run.class_names == ["a", "b", "c"]
+    ex = run.explain(x[0])
+    with torch.no_grad():
+        assert ex.logit == pytest.approx(float(model(x[:1]).logits.max()), abs=1e-4)
