@@ -41,7 +41,7 @@ def test_mistakes_first_and_nothing_fetched_from_the_internet(watched_page):
     assert _main(pg).get_by_text("✗ wrong").count() > 0  # the demo model's few mistakes come first
     assert pg.locator("[data-testid='stException']").count() == 0
     _shot(pg, "9-mistakes-first")
-    pg.get_by_role("heading", name="Why A and not B?").scroll_into_view_if_needed()
+    pg.get_by_role("heading", name="Why A and not B?").evaluate("e => e.scrollIntoView({block: 'start'})")
     _idle(pg)
     _shot(pg, "10-why-a-not-b")
 
