@@ -152,7 +152,11 @@ def test_live_discovery_shows_the_certificate_and_the_refinement_table(demo_app)
     assert run.origin == "live discovery" and run.run.k == 3
     assert any("Certificate PASSED" in s.value for s in at.success)
     labels = [m.label for m in at.metric]
-    assert {"Top-1 agreement", "Max |Δ logit|", "Features", "NMF", "Refinement"} <= set(labels)
+    assert {"Agrees with the model on", "Model accuracy", "Max |Δ logit|", "Features", "NMF", "Refinement"} <= set(labels)
+    metrics = {m.label: m.value for m in at.metric}
+    cert = run.run.meta["certificate"]
+    assert metrics["Agrees with the model on"] == f"{cert['images']} of {cert['images']} images"
+    assert metrics["Model accuracy"] == f"{100 * cert['correct'] / cert['labelled_images']:.1f}%"
     table = at.dataframe[0].value
     assert len(table) == 10 and {"α", "negative α", "fidelity", "objective before", "objective after"} <= set(table)
     job = at.session_state["job"]
