@@ -376,17 +376,14 @@ def _names_from_dataset(session: ModelSession, dataset) -> None:
         session.loaded = replace(session.loaded, class_names=list(names))
 
 
-def _fit_session_to(session: ModelSession, data: ImageFolderData, preprocess=None) -> ModelSession:
-    """For in-memory images: make sure the model is diagnosed at the images' own size."""
-    if not isinstance(data.root, InMemoryImages):
-        return session if preprocess is None else open_model(session, preprocess=preprocess)
-    if preprocess is not None:
-        session = open_model(session, preprocess=preprocess)
-    if holds_pictures(data):
+def _fit_session_to(session: ModelSession, data: ImageFolderData) -> ModelSession:
+    """Check that phpn can feed ``data`` to the model, and that the model is diagnosed at the
+    size of in-memory tensors."""
+    if not isinstance(data.root, InMemoryImages) or holds_pictures(data):
         if isinstance(session.preprocess, TensorInput):
-            raise ConfigError("The dataset yields pictures (PIL images), but phpn does not know how to preprocess "
-                              "them for this model.", "Pass preprocess=phpn.Preprocess(resize=..., crop=..., mean=..., "
-                              "std=...) or make the dataset return preprocessed tensors.")
+            raise ConfigError("These images are pictures (files or PIL images), but phpn does not know how to "
+                              "preprocess them for this model.", "Pass preprocess=phpn.Preprocess(resize=..., crop=..., "
+                              "mean=..., std=...) or give preprocessed tensors (a Dataset or DataLoader).")
         return session
     shape = tuple(first_image(data, session.preprocess).shape)
     if tuple(session.diagnosis.input_size) != shape:
@@ -436,15 +433,12 @@ def decompose(model, data, *, k: int = K, images_per_class: Optional[int] = IMAG
 
     The returned run is certified on the discovery images (``run.certificate``).
     """
-    if isinstance(model, ModelSession):
-        session = model
-    elif isinstance(model, torch.nn.Module):  # diagnosed at the data's own input size
-        session = open_model(model, preprocess=preprocess, input_size=None if preprocess else peek_input_size(data))
-    else:
-        session = open_model(model, preprocess=preprocess)
+    # One load, one trace: a live module is diagnosed at the data's own input size.
+    peek = peek_input_size(data) if isinstance(model, torch.nn.Module) and preprocess is None else None
+    session = open_model(model, preprocess=preprocess, input_size=peek)
     config = _config(k, images_per_class, device, options)
     images = as_data(session, data, images_per_class, config.seed)
-    session = _fit_session_to(session, images, preprocess)
+    session = _fit_session_to(session, images)
     bar = _progress_fn(progress)
     try:
         run = run_discovery(session, images, config, progress=bar, data_label=str(images.root))

@@ -88,10 +88,17 @@ def test_a_dataset_of_pil_images_with_a_preprocess_spec(user_model):
     assert ex.logit == pytest.approx(float(ex.contributions.sum() + ex.bias), abs=1e-5)
 
 
-def test_pictures_without_preprocessing_are_refused_with_the_fix(user_model):
+def test_pictures_without_preprocessing_are_refused_with_the_fix(user_model, image_folder):
     items = [(Image.new("RGB", (12, 12)), 0)]
-    with pytest.raises(ConfigError, match="does not know how to preprocess"):
+    with pytest.raises(ConfigError, match="does not know how to preprocess them for this model. Pass preprocess="):
         phpn.decompose(user_model, items, progress=False)
+    with pytest.raises(ConfigError, match="does not know how to preprocess"):
+        phpn.decompose(user_model, image_folder, progress=False)
+    # With a spec, a folder works as well as objects.
+    run = phpn.decompose(user_model, image_folder, k=2, progress=False,
+                         preprocess={"resize": 16, "crop": 16, "mean": [0.5] * 3, "std": [0.25] * 3})
+    assert run.certificate.images == 48 and run.certificate.passed
+    assert run.explain(image_folder / "1" / "img03.png").image.size == (16, 16)
 
 
 def test_labels_must_be_the_models_classes(user_model):
