@@ -617,3 +617,18 @@ def test_running_out_of_memory_is_one_line(world, tmp_path, capsys, monkeypatch)
     assert code == 2 and err == ("error: There is not enough memory for this work. Lower --batch-size or "
                                  "--memory-budget, use fewer images per class, or a smaller input size.\n")
     assert not (tmp_path / "out").exists()
+
+
+def test_an_image_the_model_gives_nan_for_is_refused_not_printed_as_nan(world, tmp_path, capsys):
+    """A model normalising each input by its own spread divides by zero on a blank image."""
+    source = MODEL_SOURCE.replace("return self.classifier(", "x = x / x.std((2, 3), keepdim=True)\n        return self.classifier(")
+    _write(tmp_path / "spread.py", source)
+    model = ["--checkpoint", world.checkpoint, "--model-def", f"{tmp_path / 'spread.py'}:Net", "--resize", "16",
+             "--crop", "16"]
+    run = tmp_path / "run"
+    assert _cli(capsys, ["discover", *model, "--data", world.images, "--k", "2", "--solver", "none", "--device",
+                         "cpu", "--quiet", "--out", run])[0] == 0
+    Image.new("RGB", (20, 20), (128, 128, 128)).save(tmp_path / "blank.png")
+    code, out, err = _cli(capsys, ["explain", run, tmp_path / "blank.png", *model, "--json"])
+    assert code == 2 and list(json.loads(out)) == ["error"]  # valid JSON, no "logit": NaN
+    assert json.loads(out)["error"].startswith("The model gives NaN or infinite logits on blank.png")
