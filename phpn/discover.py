@@ -465,6 +465,8 @@ def discover(loaded: LoadedModel, split: HeadSplit, data: ImageFolderData, prepr
         "nmf": config.nmf_config().to_dict(),
         "refine": config.refine_config().to_dict(),
         "device": str(device),
+        # The certificate's one pass runs float32; without it CUDA features may be bfloat16.
+        "features_dtype": "bfloat16" if not certify and config.autocast and device.type == "cuda" else "float32",
         "groups": len(groups),
         "ranks": world,
         "timings": timings,

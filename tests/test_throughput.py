@@ -166,3 +166,18 @@ def test_cli_classes_subset_and_memory_budget(tmp_path, capsys):
     run = load_run(tmp_path / "run")
     assert run.class_indices.tolist() == [1, 8] and run.meta["groups"] == 2
     assert not (tmp_path / ".run.progress").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_one_pass_certificate_on_cuda_with_decoding_workers(tiny_loaded, image_folder):
+    data = scan_image_folder(image_folder, num_classes=4)
+    split = tiny_split(tiny_loaded.model)
+    config = DiscoveryConfig(k=2, device="cuda", memory_budget_mb=0)
+    run = discover(tiny_loaded, split, data, tiny_loaded.preprocess, config, certify=True, workers=2)
+    cert = run.meta["certificate"]
+    assert cert["pass"] == "one pass" and cert["images"] == 48 and cert["passed"]
+    tiny_loaded.model.cpu()
+    separate = discover(tiny_loaded, tiny_split(tiny_loaded.model), data, tiny_loaded.preprocess,
+                        DiscoveryConfig(k=2, device="cpu", memory_budget_mb=0), certify=True, workers=0)
+    assert separate.meta["certificate"]["agreed"] == cert["agreed"] == 48
