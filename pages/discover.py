@@ -57,6 +57,12 @@ else:
                                     [c.class_index for c in data.data.classes],
                                     format_func=lambda i: f"{names[i] if i < len(names) else i} ({i})",
                                     key="disc_classes")
+            from phpn.discover import DiscoveryConfig
+
+            budget = st.number_input("Memory budget (MB)", min_value=0, value=DiscoveryConfig.memory_budget_mb,
+                                     step=256, key="disc_budget",
+                                     help="Features held at once: classes are decomposed in groups that fit. "
+                                          "Lower it if discovery runs out of memory (0: one class at a time).")
         start = st.form_submit_button("Start discovery", type="primary", disabled=running)
     S.memorise("disc_k", "disc_cap", "disc_solver", "disc_device", "disc_objective", "disc_scaling", "disc_seed",
                "disc_top")
@@ -67,7 +73,8 @@ else:
 
             config = DiscoveryConfig(k=int(k), images_per_class=int(cap), solver=solver, objective=objective,
                                      scaling=scaling, seed=int(seed), device=device, top_patches=int(top_patches),
-                                     classes=tuple(int(c) for c in subset) if subset else None)
+                                     classes=tuple(int(c) for c in subset) if subset else None,
+                                     memory_budget_mb=int(budget))
             run_data = data.data
             if (data.cap or cap_all) != int(cap) or data.seed != int(seed):
                 run_data = S.scan_data(model, data.data.root, int(cap), int(seed))
