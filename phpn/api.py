@@ -547,32 +547,27 @@ class DecomposedRun(Run):
 def load_run(path, model=None, **open_options) -> DecomposedRun:
     """Open a saved run. With ``model`` (an nn.Module, a checkpoint path or an opened model) it is
     attached to it, after checking that it is the model the run decomposed; a demo's run finds its
-    model by itself. Without a model the run can be read and saved, not certified or explained."""
+    model by itself. The run's own preprocessing is used unless ``preprocess=`` is given. Without a
+    model the run can be read and saved, not certified or explained."""
     from .runs import load_run as read_run
 
     run = read_run(path)
     recorded = run.meta.get("preprocess", {})
     if model is None and not run.meta.get("demo"):
         return DecomposedRun.attach(run, None)
-    if model is None:
-        session = open_model(demo=run.meta["demo"], preprocess=Preprocess.from_dict(recorded))
+    if isinstance(model, ModelSession):
+        session = model
     else:
-        session = model if isinstance(model, ModelSession) else open_model(model, **open_options)
-        if "given" in recorded and isinstance(session.preprocess, TensorInput):
-            session = _fit_session_to(session, _shape_probe(recorded["channels"], *recorded["size"]))
-        elif "given" not in recorded and isinstance(session.preprocess, TensorInput):
-            session = open_model(session, preprocess=Preprocess.from_dict(recorded))
+        if "given" in recorded:  # made from tensors: the model is diagnosed at their size
+            open_options.setdefault("input_size", TensorInput.from_dict(recorded).input_size)
+        else:
+            open_options.setdefault("preprocess", Preprocess.from_dict(recorded))
+        if model is None:
+            session = open_model(demo=run.meta["demo"], **open_options)
+        else:
+            session = open_model(model, **open_options)
     run, _ = open_run(session, path)
     return DecomposedRun.attach(run, session)
-
-
-def _shape_probe(channels: int, height: int, width: int) -> ImageFolderData:
-    """A one-image in-memory set of the given shape, to diagnose a live model at that size."""
-    from .data import ClassImages
-
-    store = InMemoryImages("shape probe")
-    store.add("memory/0/000000", torch.zeros(int(channels), int(height), int(width)))
-    return ImageFolderData(root=store, classes=[ClassImages("0", 0, ["memory/0/000000"])])
 
 
 # --- explanations in bulk (the CLI's ``phpn explain RUN IMAGES... --out DIR``) -----------------

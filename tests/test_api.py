@@ -76,7 +76,7 @@ def test_images_per_class_caps_the_discovery_set(user_model, loader):
     assert run.certificate.images == 12
 
 
-def test_a_dataset_of_pil_images_with_a_preprocess_spec(user_model):
+def test_a_dataset_of_pil_images_with_a_preprocess_spec(user_model, tmp_path):
     rng = np.random.default_rng(0)
     items = [(Image.fromarray(rng.integers(0, 255, (14, 18, 3), dtype=np.uint8)), i % 4) for i in range(16)]
     pre = {"resize": 12, "crop": 12, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
@@ -86,6 +86,18 @@ def test_a_dataset_of_pil_images_with_a_preprocess_spec(user_model):
     ex = run.explain(items[0][0])
     assert ex.image.size == (12, 12)
     assert ex.logit == pytest.approx(float(ex.contributions.sum() + ex.bias), abs=1e-5)
+    # Reopened on the live model, the run brings its own preprocessing back.
+    again = phpn.load_run(run.save(tmp_path / "run"), user_model)
+    assert again.session.preprocess.crop == 12 and again.session.diagnosis.input_size == (3, 12, 12)
+    assert again.explain(items[0][0]).logit == pytest.approx(ex.logit, abs=1e-6)
+
+
+def test_a_demo_run_opens_with_its_model():
+    from phpn.demos import get_demo
+
+    run = phpn.load_run(get_demo("fashion-mnist").run_dir)
+    assert run.session.demo == "fashion-mnist" and run.session.preprocess.crop == 28
+    assert run.certificate.passed and len(run.classes) == 10 and run.classes[0].name == "T-shirt/top"
 
 
 def test_pictures_without_preprocessing_are_refused_with_the_fix(user_model, image_folder):
