@@ -280,14 +280,16 @@ def _stream_groups(todo: list, groups: list, data: ImageFolderData, preprocess: 
     state = {}
 
     def open_group(g):
-        group = groups[g]
-        n_max = max(len(e.paths) for e in group) * h * w
-        return {"stacked": torch.zeros(len(group), n_max, d, device=device), "rows": [0] * len(group),
-                "paths": [[] for _ in group], "pooled": [], "logits": [], "labels": [], "skipped": [],
-                "wait_s": 0.0, "features_s": 0.0, "certify_s": 0.0}
+        """The group's padded (B, N, D) batch, allocated once, when its first image arrives."""
+        if g not in state:
+            group = groups[g]
+            n_max = max(len(e.paths) for e in group) * h * w
+            state[g] = {"stacked": torch.zeros(len(group), n_max, d, device=device), "rows": [0] * len(group),
+                        "paths": [[] for _ in group], "pooled": [], "logits": [], "labels": [], "skipped": []}
+        return state[g]
 
     def add(g, ci, feats, rels, pooled, logits):
-        s = state.setdefault(g, open_group(g))
+        s = open_group(g)
         n = feats.shape[0] * h * w
         s["stacked"][ci, s["rows"][ci]:s["rows"][ci] + n] = feats.permute(0, 2, 3, 1).reshape(-1, d)
         s["rows"][ci] += n
@@ -310,7 +312,7 @@ def _stream_groups(todo: list, groups: list, data: ImageFolderData, preprocess: 
         x, kept, bad = item
         for rel, why in bad:
             g, _ = where[rel]
-            state.setdefault(g, open_group(g))["skipped"].append((rel, why))
+            open_group(g)["skipped"].append((rel, why))
             pending[g] -= 1
         if kept:
             t0 = time.perf_counter()
@@ -334,7 +336,8 @@ def _stream_groups(todo: list, groups: list, data: ImageFolderData, preprocess: 
         report(progress, "features", images_done, images_total)
         while next_todo < len(todo) and pending[todo[next_todo]] == 0:
             g = todo[next_todo]
-            s = state.pop(g, None) or open_group(g)
+            s = open_group(g)
+            del state[g]
             group = groups[g]
             empty = [e.folder for e, p in zip(group, s["paths"]) if not p]
             if empty:
