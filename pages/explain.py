@@ -10,7 +10,7 @@ import streamlit as st
 
 from pages import _shared as S
 from phpn import viz
-from phpn.defaults import class_name
+from phpn.defaults import MAP_OPACITY, class_name
 from phpn.glossary import explain, fidelity_warning
 
 S.frame()
@@ -117,7 +117,7 @@ c_pred, c_class = st.columns([3, 2])
 with c_class:
     cls = st.selectbox("Explain the class", choices, format_func=lambda i: f"{_name(i)} ({i})",
                        key=f"explain_class_{image_key}")
-    opacity = st.slider("Map opacity", 0.0, 1.0, 0.6, 0.05, key="explain_opacity")
+    opacity = st.slider("Map opacity", 0.0, 1.0, MAP_OPACITY, 0.05, key="explain_opacity")
     smooth = st.radio("Upsampling", ["bicubic", "nearest"], horizontal=True, key="explain_mode",
                       help="How the feature-grid map is stretched over the image; the raw grid is always shown too.")
     S.memorise("explain_source", "explain_opacity", "explain_mode")

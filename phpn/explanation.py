@@ -18,6 +18,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .defaults import MAP_OPACITY
 from .errors import ConfigError
 
 SAVE_FORMATS = (".png", ".html")
@@ -160,10 +161,11 @@ def render_png(e: Explanation, size: int = 224) -> Image.Image:
     picture = viz.enlarge(e.image, size).resize((size, size))
     vmax = viz.signed_scale(e.maps)
     tiles = [(picture, "the image as the model sees it"),
-             (viz.prototype_overlay(picture, e.maps, 0.6, colors=colors, vmax=vmax), "all prototypes"),
-             (viz.heat_overlay(picture, e.class_map, 0.6), "class map = sum of prototype maps")]
+             (viz.prototype_overlay(picture, e.maps, MAP_OPACITY, colors=colors, vmax=vmax), "all prototypes"),
+             (viz.heat_overlay(picture, e.class_map, MAP_OPACITY), "class map = sum of prototype maps")]
     small = max(96, size * 2 // 3)
-    protos = [(viz.prototype_overlay(picture, e.maps[i], 0.6, colors=[colors[i]], vmax=vmax).resize((small, small)),
+    protos = [(viz.prototype_overlay(picture, e.maps[i], MAP_OPACITY, colors=[colors[i]], vmax=vmax)
+               .resize((small, small)),
                f"prototype {i + 1}: {float(e.contributions[i]):+.3f}") for i in range(e.k)]
     pad, caption = 8, 20
     width = max(3 * (size + pad), min(len(protos), 6) * (small + pad)) + pad

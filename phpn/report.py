@@ -25,7 +25,7 @@ from PIL import Image
 from . import viz
 from .annotations import prototype_note_html
 from .data import load_image
-from .defaults import class_name
+from .defaults import MAP_OPACITY, class_name
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1100px;color:#222}
@@ -221,7 +221,7 @@ def provenance(explanation, run, *, image_name: Optional[str] = None, model_labe
     return rows
 
 
-def explanation_report(explanation, run, *, image_root=None, preprocess=None, opacity: float = 0.6,
+def explanation_report(explanation, run, *, image_root=None, preprocess=None, opacity: float = MAP_OPACITY,
                        patches: int = 4, size: int = 196, image_name: Optional[str] = None,
                        model_label: Optional[str] = None, run_label: Optional[str] = None,
                        true_class: Optional[int] = None, notes=None) -> str:
