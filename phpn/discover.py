@@ -323,6 +323,7 @@ def _stream_groups(todo: list, groups: list, data: ImageFolderData, preprocess: 
             pooled = feats.mean(dim=(2, 3)).cpu() if certify else None
             logits = logits.cpu() if certify else None
             cert += time.perf_counter() - t0
+            t0 = time.perf_counter()  # placing the features in their groups' batches counts as features
             start = 0
             for j in range(1, len(kept) + 1):  # consecutive rows of one class go in together
                 if j == len(kept) or where[kept[j]] != where[kept[start]]:
@@ -332,6 +333,8 @@ def _stream_groups(todo: list, groups: list, data: ImageFolderData, preprocess: 
                     pending[g] -= j - start
                     start = j
             del feats
+            _sync(device)
+            fwd += time.perf_counter() - t0
         images_done += len(kept) + len(bad)
         report(progress, "features", images_done, images_total)
         while next_todo < len(todo) and pending[todo[next_todo]] == 0:
