@@ -69,6 +69,17 @@ class Row:
 # ----------------------------------------------------------------------------- what is built
 
 
+def _no_zero_weights(model: torch.nn.Module) -> torch.nn.Module:
+    """Libraries zero-initialise some layers (a classifier, the last norm of residual blocks), which
+    makes every logit 0 or nearly so; random values there make the agreement mean something."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.is_floating_point() and not param.any():
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+    return model
+
+
 def _timm(name: str, by_name: bool = True, **kwargs) -> Callable:
     """Save a random-init timm model's state dict; phpn gets --arch timm/NAME (or infers it)."""
 
@@ -77,7 +88,7 @@ def _timm(name: str, by_name: bool = True, **kwargs) -> Callable:
         from safetensors.torch import save_file
 
         torch.manual_seed(0)
-        model = timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES, **kwargs).eval()
+        model = _no_zero_weights(timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES, **kwargs).eval())
         path = folder / f"{name}.safetensors"
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
         return path, (f"timm/{name}" if by_name else None)
@@ -95,7 +106,7 @@ def _hf(config_name: str, model_name: str, processor: Optional[Callable] = None,
         labels = {i: f"class {i}" for i in range(NUM_CLASSES)}
         cfg = getattr(transformers, config_name)(num_labels=NUM_CLASSES, id2label=labels,
                                                  label2id={v: k for k, v in labels.items()}, **config)
-        model = getattr(transformers, model_name)(cfg).eval()
+        model = _no_zero_weights(getattr(transformers, model_name)(cfg).eval())
         out = folder / model_name
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

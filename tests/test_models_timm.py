@@ -133,3 +133,14 @@ def test_without_timm_the_message_says_how_to_install(monkeypatch, tmp_path):
         load_model(path, arch="timm/convnext_atto")
     assert err.value.problem == "This is a timm model, but timm is not installed."
     assert "pip install 'phpn[timm]'" in err.value.fix
+
+
+def test_pretrained_tag_chooses_the_preprocessing(tmp_path):
+    _, path = _save(tmp_path, "resnet18", suffix=".pt")
+    a1 = load_model(path, arch="timm/resnet18.a1_in1k").preprocess
+    tv = load_model(path, arch="timm/resnet18.tv_in1k").preprocess
+    cfg_a1 = timm.models.get_pretrained_cfg("resnet18.a1_in1k")
+    cfg_tv = timm.models.get_pretrained_cfg("resnet18.tv_in1k")
+    assert (a1.interpolation, a1.resize) == (cfg_a1.interpolation, int(224 / cfg_a1.crop_pct))
+    assert (tv.interpolation, tv.resize) == (cfg_tv.interpolation, int(224 / cfg_tv.crop_pct))
+    assert a1 != tv and tv.source == "timm pretrained_cfg of resnet18.tv_in1k"

@@ -98,12 +98,16 @@ def model_name(arch: str) -> str:
 
 
 def _registry_module(base: str) -> str:
-    from timm.models import _registry
-
-    return str(_registry._model_to_module.get(base, ""))
+    """The timm module that defines model ``base`` ("vision_transformer", ...)."""
+    timm = require_timm()
+    for module in VARIANTS:
+        if base in timm.list_models(module=module):
+            return module
+    return ""
 
 
 def variants(name: str) -> tuple:
+    """The option sets to try for this model: timm's defaults first."""
     return VARIANTS.get(_registry_module(name.split(".", 1)[0]), ({},))
 
 
