@@ -29,7 +29,7 @@ from .inputs import (InMemoryImages, TensorInput, as_preprocess, first_image, fr
 from .models.head import HeadSplit, LoadedModel
 from .network import PrototypeNetwork
 from .progress import ProgressFn, report
-from .runs import Run, check_model, load_run
+from .runs import Run, check_model
 from .validation import check_at_least, check_class_names
 
 
@@ -141,7 +141,9 @@ def _input_size(pre) -> tuple:
 
 def _loaded_from_module(model: torch.nn.Module, *, preprocess=None, input_size=None) -> LoadedModel:
     """A live model as phpn's LoadedModel: eval mode, on the CPU (phpn moves it where the work runs)."""
-    model = model.cpu().eval()
+    from .models.hf import logits_only
+
+    model = logits_only(model).cpu().eval()  # a transformers model answers with an output object
     if preprocess is None:
         c, h, w = (int(v) for v in (input_size or (3, 224, 224)))
         preprocess = TensorInput(c, h, w)
@@ -255,7 +257,8 @@ def open_run(session: ModelSession, path) -> tuple:
     return run, run.network(session.split)
 
 
-def certify_run(session: ModelSession, run: Run, data: ImageFolderData, batch_size: int = 64, device: str = "auto",
+def certify_run(session: ModelSession, run: Run, data: ImageFolderData, batch_size: int = BATCH_SIZE,
+                device: str = DEVICE,
                 progress: Optional[ProgressFn] = None, cancel=None) -> Certificate:
     """Certify ``run`` on ``data``'s images; each image's class folder is its label, so the
     certificate records the model's accuracy beside the agreement."""
@@ -382,8 +385,9 @@ def _fit_session_to(session: ModelSession, data: ImageFolderData) -> ModelSessio
     if not isinstance(data.root, InMemoryImages) or holds_pictures(data):
         if isinstance(session.preprocess, TensorInput):
             raise ConfigError("These images are pictures (files or PIL images), but phpn does not know how to "
-                              "preprocess them for this model.", "Pass preprocess=phpn.Preprocess(resize=..., crop=..., "
-                              "mean=..., std=...) or give preprocessed tensors (a Dataset or DataLoader).")
+                              "preprocess them for this model.",
+                              "Pass preprocess=phpn.Preprocess(resize=..., crop=..., mean=..., std=...) or give "
+                              "preprocessed tensors (a Dataset or DataLoader).")
         return session
     shape = tuple(first_image(data, session.preprocess).shape)
     if tuple(session.diagnosis.input_size) != shape:
@@ -464,7 +468,8 @@ class ClassView:
     @classmethod
     def of(cls, entry: dict, name: str) -> "ClassView":
         return cls(index=int(entry["index"]), name=name, images=int(entry.get("images", 0)),
-                   mean_contribution=tuple(entry.get("mean_contribution", ())), fidelity=tuple(entry.get("fidelity", ())),
+                   mean_contribution=tuple(entry.get("mean_contribution", ())),
+                   fidelity=tuple(entry.get("fidelity", ())),
                    alpha=tuple(entry.get("alpha", ())), warnings=tuple(entry.get("warnings", ())), record=entry)
 
 

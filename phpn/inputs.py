@@ -162,15 +162,6 @@ class InMemoryImages:
             return preprocess(item.convert("RGB"))
         return item
 
-    def picture(self, key: str, preprocess) -> Optional[Image.Image]:
-        """The picture the model saw, for overlays: None for tensors (phpn cannot undo the caller's steps)."""
-        item = self._items.get(key)
-        if isinstance(item, tuple):
-            item = _pair(self._dataset[item[1]], f"item {item[1]}")[0]
-        if isinstance(item, Image.Image) and hasattr(preprocess, "geometry") and not isinstance(preprocess, TensorInput):
-            return preprocess.geometry(item.convert("RGB"))
-        return None
-
     def load_batch(self, keys, preprocess):
         """Same contract as :func:`phpn.data.load_batch`: (tensor (n, C, H, W), kept keys, skipped)."""
         tensors, kept, skipped = [], [], []
@@ -297,8 +288,10 @@ def peek_input_size(data) -> Optional[tuple]:
     try:
         if isinstance(data, torch.utils.data.DataLoader):
             images, _ = _pair(next(iter(data)), "batch 0")
-            return tuple(int(v) for v in images.shape[1:]) if isinstance(images, torch.Tensor) and images.ndim == 4 else None
-        if hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, (str, bytes)) and len(data):
+            is_batch = isinstance(images, torch.Tensor) and images.ndim == 4
+            return tuple(int(v) for v in images.shape[1:]) if is_batch else None
+        if hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, (str, bytes)) \
+                and len(data):
             image = _image(_pair(data[0], "item 0")[0], "item 0")
             return tuple(int(v) for v in image.shape) if isinstance(image, torch.Tensor) else None
     except (StopIteration, DataError):

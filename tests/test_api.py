@@ -337,8 +337,8 @@ def test_a_torchvision_model_built_in_user_code():
 
 def test_a_live_transformers_classifier_is_read_through_its_logits():
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.ConvNextConfig(num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2,
-                                      num_labels=3, id2label={0: "a", 1: "b", 2: "c"}, label2id={"a": 0, "b": 1, "c": 2})
+    cfg = transformers.ConvNextConfig(num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, num_labels=3,
+                                      id2label={0: "a", 1: "b", 2: "c"}, label2id={"a": 0, "b": 1, "c": 2})
     torch.manual_seed(0)
     model = transformers.ConvNextForImageClassification(cfg).eval()
     x = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(3))
