@@ -234,12 +234,12 @@ def chance_threshold(classes: int) -> float:
     return min(CHANCE_FACTOR * chance, (1.0 + chance) / 2)
 
 
-def near_chance(correct: int, labelled: int, classes: int) -> bool:
+def near_chance(correct: int, labelled: int, classes: int, p_value: float = CHANCE_P_VALUE) -> bool:
     """True when the accuracy on the labelled images is not clearly better than guessing."""
     if not labelled or classes < 2:
         return False
     return (correct / labelled <= chance_threshold(classes)
-            or binomial_p_value(correct, labelled, 1.0 / classes) > CHANCE_P_VALUE)
+            or binomial_p_value(correct, labelled, 1.0 / classes) > p_value)
 
 
 def chance_warning(cert: Optional[Union[dict, Certificate]]) -> Optional[str]:

@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .certify import CancelCheck, check_cancel, near_chance
+from .certify import CHANCE_P_VALUE, CancelCheck, check_cancel, near_chance
 from .data import ImageFolderData, Preprocess, load_image
 from .errors import DataError
 from .progress import ProgressFn, report
@@ -55,6 +55,7 @@ class SettingResult:
     images: int = 0
     error: Optional[str] = None  # the model could not run on this input (e.g. a fixed-size layer)
     seconds: float = 0.0
+    predicted: list = field(default_factory=list, repr=False)  # the model's class for each image
 
     @property
     def accuracy(self) -> Optional[float]:
@@ -76,6 +77,8 @@ class PreprocessCheck:
     classes: int
     notes: list = field(default_factory=list)
     tried: list = field(default_factory=list)  # the same results in the order tried (in use, recorded, ...)
+    labels: list = field(default_factory=list)  # each image's true class (its folder's)
+    folders: dict = field(default_factory=dict)  # class index -> folder name
 
     def within_noise(self, a: int, b: int) -> bool:
         """Right on ``a`` and ``b`` images: too close to tell apart on this many images."""
@@ -93,24 +96,59 @@ class PreprocessCheck:
 
     @property
     def best_near_chance(self) -> bool:
-        return near_chance(self.best.correct, self.best.images, self.classes)
+        """The best setting is not clearly better than guessing, allowing for having picked it
+        among many (the binomial test's level divided by the number of settings tried)."""
+        return near_chance(self.best.correct, self.best.images, self.classes,
+                           p_value=CHANCE_P_VALUE / max(1, len(self.results)))
 
     @property
     def improves(self) -> bool:
         """The best setting is clearly better than the one in use (see MIN_GAIN)."""
-        if self.best.preprocess == self.current.preprocess or self.best.correct <= self.current.correct:
+        if (self.best.preprocess == self.current.preprocess or self.best.correct <= self.current.correct
+                or self.best_near_chance):
             return False
         current_near_chance = self.current.error is not None or near_chance(self.current.correct, self.images,
                                                                             self.classes)
         return current_near_chance or not self.within_noise(self.best.correct, self.current.correct)
 
+    def _majorities(self, result: SettingResult) -> dict:
+        """true class -> (the class the model reads it as most, how often, of how many)."""
+        by_class = {}
+        for truth, guess in zip(self.labels, result.predicted):
+            by_class.setdefault(truth, []).append(guess)
+        out = {}
+        for truth, guesses in by_class.items():
+            top = max(sorted(set(guesses)), key=guesses.count)
+            out[truth] = (top, guesses.count(top), len(guesses))
+        return out
+
+    def class_order_hint(self) -> Optional[str]:
+        """When the model reads most folders consistently as *another* class (at the setting
+        where its reading is most consistent), the folders are matched to the wrong classes:
+        say which, with the counts."""
+        usable = [r for r in self.tried or self.results if r.error is None and len(r.predicted) == len(self.labels)]
+        if not usable or not self.labels:
+            return None
+        # The most consistent reading: images of a folder mostly go to one class, whichever it is.
+        consistent = max(usable, key=lambda r: sum(n for _, n, _ in self._majorities(r).values()))
+        majorities = self._majorities(consistent)
+        swapped = [(t, g, n, m) for t, (g, n, m) in sorted(majorities.items()) if g != t and n * 3 >= m * 2]
+        if len(swapped) * 2 < len(majorities):  # most folders must agree on another class
+            return None
+        examples = "; ".join(f"folder '{self.folders.get(t, t)}' (matched to class {t}) is read as class {g} on "
+                             f"{n} of {m} images" for t, g, n, m in swapped[:4])
+        return (f"The class order looks wrong ({describe(consistent.preprocess)}): {examples}. Check the class-names "
+                "file, or name each folder by its class index or class name.")
+
     def proposal(self) -> str:
         """What to do, in one or two sentences, with the numbers."""
         cur, best = self.current, self.best
         if self.best_near_chance:
+            hint = self.class_order_hint()
             return (f"No setting tried reads these images: the best, {best.label} ({describe(best.preprocess)}), is "
-                    f"right on {best.correct} of {best.images} images. The class order (which folder is which "
-                    "class) or the model itself is the likely cause; check the class-names file and the folders.")
+                    f"right on {best.correct} of {best.images} images. "
+                    + (hint or "The class order (which folder is which class) or the model itself is the likely "
+                               "cause; check the class-names file and the folders."))
         if not self.improves:
             top = self.results[0]
             lead = "" if top.preprocess == cur.preprocess else (
@@ -207,18 +245,19 @@ def _sample(data: ImageFolderData, per_class: int) -> list:
 def _evaluate(model, images: list, labels: torch.Tensor, result: SettingResult, batch_size: int,
               cancel: CancelCheck) -> SettingResult:
     started = time.perf_counter()
-    correct = 0
+    correct, predicted = 0, []
     try:
         for start in range(0, len(images), batch_size):
             check_cancel(cancel)
             batch = torch.stack([result.preprocess(im) for im in images[start:start + batch_size]])
             out = model(batch)
-            out = getattr(out, "logits", out)
-            correct += int((out.argmax(1) == labels[start:start + batch_size]).sum())
+            guess = getattr(out, "logits", out).argmax(1)
+            correct += int((guess == labels[start:start + batch_size]).sum())
+            predicted += guess.tolist()
     except (RuntimeError, ValueError) as exc:  # e.g. a fixed-size layer refuses this input size
         result.error = f"the model cannot run on this input ({str(exc).splitlines()[0][:120]})"
     else:
-        result.correct, result.images = correct, len(images)
+        result.correct, result.images, result.predicted = correct, len(images), predicted
     result.seconds = time.perf_counter() - started
     return result
 
@@ -291,4 +330,5 @@ def check_preprocessing(session, data: ImageFolderData, *, images_per_class: int
     report(progress, "check", total, total)
     current_result = next(r for r in results if r.preprocess == current)
     return PreprocessCheck(results=_rank(results), current=current_result, images=len(images), classes=classes,
-                           notes=notes, tried=results)
+                           notes=notes, tried=results, labels=labels.tolist(),
+                           folders={c.class_index: c.folder for c in data.classes})

@@ -120,3 +120,30 @@ def test_cli_check_preprocessing(capsys):
     text = capsys.readouterr().out
     assert code == 0 and text.startswith("10 labelled images of 10 classes; settings ranked by the model's accuracy:")
     assert text.splitlines()[-1].startswith("Keep the setting in use (28 px, mean 0.286, std 0.353 normalisation)")
+
+
+def test_folders_matched_to_the_wrong_classes_are_named(tmp_path):
+    """Every folder holds the next class's images: no size helps, and the check says the class
+    order is wrong, naming the folders and what the model reads them as."""
+    import shutil
+
+    from phpn.data import scan_image_folder
+
+    session, data = _fashion()
+    root = tmp_path / "shifted"
+    for c in data.classes:
+        folder = root / str((c.class_index + 1) % 10)
+        folder.mkdir(parents=True)
+        for rel in c.paths[:3]:
+            shutil.copy(data.root / rel, folder / rel.split("/")[-1])
+    shifted = scan_image_folder(root, class_names=session.loaded.class_names, num_classes=10)
+    check = check_preprocessing(session, shifted, images_per_class=3, sizes=(28, 32))
+    assert check.best_near_chance and not check.improves
+    hint = check.class_order_hint()
+    assert hint is not None and hint.startswith(
+        "The class order looks wrong (28 px, mean 0.286, std 0.353 normalisation): folder '0' (matched to class 0) is "
+        "read as class 9 on 3 of 3 images; folder '1' (matched to class 1) is read as class 0 on ")
+    assert hint in check.proposal() and check.proposal().startswith("No setting tried reads these images")
+    # With the folders right, there is no such hint.
+    right = check_preprocessing(session, data, images_per_class=3, sizes=(28,))
+    assert right.class_order_hint() is None
