@@ -128,3 +128,11 @@ def test_avgpool_with_ceil_mode_over_the_whole_map_is_global_pooling():
     assert d.verdict == "exact" and "AvgPool2d '1'" in d.reason
     plain = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.AvgPool2d(4), nn.Flatten(), nn.Linear(8 * 16, 10)).eval()
     assert diagnose(plain, (3, 33, 33)).verdict == "impossible"
+
+
+def test_a_live_transformers_model_is_read_through_its_logits():
+    torch.manual_seed(0)
+    model = transformers.ConvNextForImageClassification(transformers.ConvNextConfig(num_labels=10, **SMALL)).eval()
+    session = open_model(model, input_size=(3, 64, 64))
+    assert isinstance(session.loaded.model, LogitsOnly) and session.loaded.num_classes == 10
+    assert session.diagnosis.verdict == "exact-after-folding"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -62,6 +63,14 @@ class LogitsOnly(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values=pixel_values).logits
+
+
+def logits_only(model: nn.Module) -> nn.Module:
+    """A live transformers classifier wrapped in :class:`LogitsOnly`; any other module as it is."""
+    transformers = sys.modules.get("transformers")  # a transformers model means it is imported already
+    if transformers is not None and isinstance(model, transformers.PreTrainedModel):
+        return LogitsOnly(model)
+    return model
 
 
 def _read_json(path: Path, what: str) -> dict:
