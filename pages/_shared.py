@@ -310,6 +310,7 @@ def set_run(run, origin: str, saved_to: Optional[Path] = None, wall: Optional[di
     entry = RunEntry(run=run, network=network.eval(), origin=origin, model_key=model.key,
                      saved_to=Path(saved_to) if saved_to else None, wall=wall)
     _open_notes(entry)
+    _record_how_the_model_was_loaded(run, model)
     st.session_state["run"] = entry
     st.session_state.pop("boot_warnings", None)
     st.session_state.pop("explained", None)
@@ -413,6 +414,35 @@ def sync_url() -> None:
             run=run_url_label(current_run()))
 
 
+def _spec_of(entry: ModelEntry) -> dict:
+    """The arguments load_model_entry was given for ``entry`` (its cache key is their frozen form)."""
+    import ast
+
+    def thaw(v):
+        if isinstance(v, tuple) and v and all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str)
+                                              for x in v):
+            return {k: thaw(x) for k, x in v}
+        return list(thaw(x) for x in v) if isinstance(v, tuple) else v
+
+    try:
+        return {k: thaw(v) for k, v in ast.literal_eval(entry.key)}
+    except (ValueError, SyntaxError, TypeError):
+        return {}
+
+
+def _record_how_the_model_was_loaded(run, entry: ModelEntry) -> None:
+    """The run remembers how the app loaded its model (file, architecture file, preprocessing,
+    layers), so that a saved run can reopen it later."""
+    spec = _spec_of(entry)
+    if spec and not spec.get("demo"):
+        run.meta.setdefault("model", {}).setdefault("app_load", spec)
+    data = current_data()
+    recorded = run.meta.setdefault("data", {})
+    if data is not None and data.kind != "demo" and recorded.get("root") == data.label:
+        recorded.setdefault("app_folder", {"root": str(data.data.root), "kind": data.kind, "cap": data.cap,
+                                           "seed": data.seed})
+
+
 def model_spec_of_run(run) -> Optional[dict]:
     """How to load the model a run was made from (load_model_entry's arguments), or None when
     its file is not on this server or not readable by this visitor."""
@@ -420,6 +450,15 @@ def model_spec_of_run(run) -> Optional[dict]:
     if meta.get("demo"):
         return {"demo": meta["demo"]}
     model = meta.get("model", {})
+    recorded = model.get("app_load")
+    if isinstance(recorded, dict) and recorded.get("checkpoint"):
+        model_def = recorded.get("model_def")  # "file.py" or "file.py:Factory"
+        if model_def and not Path(str(model_def)).is_file():
+            model_def = str(model_def).rsplit(":", 1)[0]
+        files = [recorded.get("checkpoint"), model_def]
+        if all(f is None or (Path(str(f)).is_file() and serving.may_read(Path(str(f)), workspace())) for f in files):
+            return dict(recorded)
+        return None
     source = model.get("source")
     if not source or str(model.get("arch", "")).startswith("pickled:"):
         return None
@@ -455,7 +494,26 @@ def reopen_run(folder: Path, origin: str) -> Optional[str]:
 
     run, _ = open_run(current_model().session, folder)
     set_run(run, origin, saved_to=folder)
+    _reopen_data(run)
     return None
+
+
+def _reopen_data(run) -> None:
+    """The image folder the run was made from, scanned again when this visitor may read it."""
+    recorded = run.meta.get("data", {})
+    folder = recorded.get("app_folder") or {}
+    root = str(folder.get("root") or recorded.get("root", ""))
+    if current_data() is not None or not root or root.startswith("demo:"):
+        return
+    path = Path(root)
+    if not path.is_dir() or not serving.may_read(path, workspace()):
+        return
+    config = run.meta.get("config", {})
+    cap = folder.get("cap", config.get("images_per_class"))
+    seed = int(folder.get("seed", config.get("seed", 0)) or 0)
+    data = scan_data(current_model(), path, cap, seed)
+    set_data(DataEntry(data=data, label=str(recorded.get("root", root)), cap=cap, seed=seed,
+                       kind=folder.get("kind") or ("upload" if workspace().owns(path) else "path")))
 
 
 def open_pending_run() -> None:

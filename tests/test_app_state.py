@@ -11,7 +11,8 @@ import zipfile
 
 import pytest
 
-from test_app import _app, _clean, _errors, _small_discovery, _uploads_in_tmp, needs_demo  # noqa: F401
+from test_app import (_app, _clean, _errors, _folder_zip, _load_uploaded_tiny, _small_discovery,  # noqa: F401
+                      _uploads_in_tmp, code_allowed, needs_demo)
 
 pytest.importorskip("streamlit.testing.v1")
 
@@ -28,7 +29,7 @@ def _save_run(at, name: str):
     at.text_input(key="save_path").set_value(name)
     at.button(key="save_run").click().run()
     _clean(at)
-    assert not _errors(at), _errors(at)
+    assert any(s.value.startswith("Saved to") for s in at.success), _errors(at)
     return at.session_state["run"].saved_to
 
 
@@ -220,3 +221,29 @@ def test_notes_on_a_read_only_demo_run_are_kept_and_written_when_a_copy_is_saved
     _clean(at)
     assert load_annotations(load_run(folder)).label(0, 0) == "prototype 1 “neckline”"
     assert not at.session_state["run"].notes_unsaved
+
+
+@needs_demo
+def test_a_saved_run_of_an_uploaded_model_reopens_with_its_model_and_images_after_a_reload(code_allowed):
+    at = _app().run()
+    _load_uploaded_tiny(at)
+    at.radio(key="data_source").set_value("Upload a zip of an image folder").run()
+    at.file_uploader(key="zip_upload").set_value(("colours.zip", _folder_zip(), "application/zip"))
+    at.number_input(key="data_cap").set_value(0)
+    at.button(key="scan").click().run()
+    _small_discovery(at, k=2, cap=6)
+    folder = _save_run(at, "tiny-run")
+    model_key = at.session_state["model"].key
+    query = dict(at.query_params)
+    assert query["run"] == "my runs / tiny-run" and "demo" not in query
+
+    again = _app()
+    for key, value in query.items():
+        again.query_params[key] = value
+    again.run()
+    _clean(again)
+    assert not [w.value for w in again.sidebar.warning if "link" in w.value or "run was made from" in w.value]
+    assert again.session_state["model"].key == model_key  # the same file, architecture file and preprocessing
+    assert again.session_state["run"].saved_to == folder
+    data = again.session_state["data"]
+    assert data.kind == "upload" and [len(c.paths) for c in data.data.classes] == [6, 6, 6, 6]
