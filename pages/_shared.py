@@ -647,34 +647,13 @@ def sweep_idle_workspaces() -> None:
 
 def image_root_for_run(run) -> Optional[Path]:
     """Where the run's training images (top patches) can be read now, or None."""
-    from phpn.demos import get_demo
+    from phpn.api import run_image_root
 
-    label = str(run.meta.get("data", {}).get("root", ""))
-    candidates = []
-    if label.startswith("demo:"):
-        try:
-            candidates.append(get_demo(label[5:]).discovery_dir())
-        except PhpnError:
-            pass
-    elif label:
-        candidates.append(Path(label))
     data = current_data()
-    if data is not None:
-        candidates.append(Path(data.data.root))
-    probe = None
-    for entry in run.meta.get("classes", []):
-        for patches in entry.get("top_patches", []):
-            if patches:
-                probe = patches[0]["path"]
-                break
-        if probe:
-            break
     ws = workspace()
-    for root in candidates:
-        # Only folders this visitor may read: a run's recorded folder may be another visitor's.
-        if serving.may_read(root, ws) and root.is_dir() and (probe is None or (root / probe).is_file()):
-            return root
-    return None
+    # Only folders this visitor may read: a run's recorded folder may be another visitor's.
+    return run_image_root(run, also=[data.data.root] if data is not None else [],
+                          allowed=lambda root: serving.may_read(root, ws))
 
 
 def require_model(decomposable: bool = True) -> ModelEntry:

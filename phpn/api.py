@@ -580,18 +580,32 @@ def load_run(path, model=None, **open_options) -> DecomposedRun:
 EXPLANATIONS_SUMMARY = "explanations.json"
 
 
-def run_image_root(run: Run) -> Optional[Path]:
-    """Where the run's discovery images (its top patches) can be read now, or None."""
+def run_image_root(run: Run, also: Sequence = (), allowed=None) -> Optional[Path]:
+    """Where the run's discovery images (its top patches) can be read now, or None.
+
+    Tried in order: the folder the run records (a demo's own), then the folders in ``also``;
+    a folder counts when ``allowed(folder)`` (default: any) and it holds a top patch's image.
+    """
+    from .errors import PhpnError
+
     label = str(run.meta.get("data", {}).get("root") or "")
+    candidates = []
     if label.startswith("demo:"):
         from .demos import get_demo
-        from .errors import PhpnError
 
         try:
-            return get_demo(label[5:]).discovery_dir()
+            candidates.append(get_demo(label[5:]).discovery_dir())
         except PhpnError:
-            return None
-    return Path(label) if label and Path(label).is_dir() else None
+            pass
+    elif label:
+        candidates.append(Path(label))
+    candidates += [Path(p) for p in also]
+    probe = next((patches[0]["path"] for entry in run.meta.get("classes", [])
+                  for patches in entry.get("top_patches", []) if patches), None)
+    for root in candidates:
+        if (allowed is None or allowed(root)) and root.is_dir() and (probe is None or (root / probe).is_file()):
+            return root
+    return None
 
 
 def list_images(sources: Sequence) -> list:
