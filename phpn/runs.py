@@ -135,7 +135,8 @@ def check_run_target(path, overwrite: bool = False) -> Path:
                                "Move those files away or choose a new folder.")
             if not overwrite:
                 raise RunError(f"{path} already holds a phpn run.",
-                               "Choose a new folder, or pass --overwrite (overwrite=True) to replace it.")
+                               "Choose a new folder, or replace it on purpose (--overwrite on the command line, "
+                               "overwrite=True in Python).")
             if (path / ANNOTATIONS).exists():
                 raise RunError(f"The run at {path} carries prototype notes ({ANNOTATIONS}) that would no longer "
                                "match a new run.", "Save the new run to another folder, or move the notes away first.")

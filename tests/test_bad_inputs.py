@@ -201,7 +201,7 @@ OUTPUTS = {
     "out-has-a-hidden-file": (lambda w, t: w.discover(t, out=_write(t / "d" / ".DS_Store", "x").parent),
                               "is a folder that is not a phpn run (it holds .DS_Store)"),
     "out-is-a-run-without-overwrite": (lambda w, t: _existing_run(w, t, overwrite=False),
-                                       "already holds a phpn run. Choose a new folder, or pass --overwrite"),
+                                       "already holds a phpn run. Choose a new folder, or replace it on purpose (--overwrite"),
     "out-is-a-run-with-foreign-files": (lambda w, t: _existing_run(w, t, extra="results.csv"),
                                         "also holds files phpn did not write (results.csv)"),
     "out-is-a-run-with-notes": (lambda w, t: _existing_run(w, t, extra="annotations.json"),
