@@ -257,9 +257,7 @@ if entry is not None:
             from phpn.runs import save_run
 
             target = S.save_target(save_path)
-            if target.exists() and not (target / "run.json").is_file():
-                raise DataError(f"{target} exists and is not a run folder.", "Choose a new folder name.")
-            save_run(run, target)
+            save_run(run, target)  # refuses anything there already: a file, a folder, another run
             entry.saved_to = target
             S.flash(f"Saved to `{S.shown_path(target)}` (written atomically: a complete run or nothing).",
                     place="save")
