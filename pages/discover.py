@@ -200,7 +200,9 @@ if entry is not None:
         c3.metric("Max |Δ logit|", f"{cert['max_logit_diff']:.2g}",
                   help=f"{cert['relative_logit_diff']:.2g} of the largest |logit| ({cert['max_abs_logit']:.3g})")
         c4.metric("Max head error ‖Σp̃ − v‖/‖v‖", f"{cert['max_head_error']:.2g}")
-        c5.metric("Certificate time", f"{c.seconds:.1f} s" if c.seconds is not None else "not recorded")
+        c5.metric("Certificate time", f"{c.seconds:.2g} s" if c.seconds is not None else "not recorded",
+                  help="Wall-clock time of the certificate itself; from discovery's own forward pass it costs "
+                       "little beyond the features.")
     else:
         st.info("This run has no certificate.")
     t = run.meta.get("timings", {})

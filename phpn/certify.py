@@ -289,5 +289,6 @@ def format_certificate(cert: Optional[Union[dict, Certificate]], short: bool = F
     else:
         text += "; model accuracy unknown (no labelled images)"
     if d.get("seconds") is not None:
-        text += f"; checked in {float(d['seconds']):.1f} s"
+        seconds = float(d["seconds"])  # real time, never rounded to "0.0 s"
+        text += f"; checked in {seconds:.2g} s" if seconds < 10 else f"; checked in {seconds:.0f} s"
     return text

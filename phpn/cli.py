@@ -149,6 +149,11 @@ def cmd_discover(args) -> int:
             f"(features {t['features_s']:.1f}s, NMF {t['nmf_s']:.1f}s, refinement {t['refine_s']:.1f}s)\n"
             f"map fidelity: median {sorted(fid)[len(fid) // 2]:.3f}, min {min(fid):.3f}\n"
             f"certificate: {_cert_text(cert)}")
+    held = run.meta.get("certificate_held_out")
+    if held:
+        obj["certificate_held_out"] = held
+        obj["chance_warning"] = obj["chance_warning"] or _warn_if_chance(held)
+        text += f"\nheld-out certificate: {_cert_text(held)}"
     if run.meta["data"]["skipped"]:
         text += f"\nskipped {len(run.meta['data']['skipped'])} unreadable files (see run.json)"
     _emit(args, obj, text)

@@ -291,3 +291,11 @@ def test_a_cancel_stops_discovery_inside_a_forward(tiny_loaded, image_folder, wi
         discover(loaded, tiny_split(net), data, loaded.preprocess, DiscoveryConfig(k=2, device="cpu", batch_size=4),
                  progress=progress, **options)
     assert marker.calls == 3 and after.calls == 2  # the third forward stopped between its layers
+
+
+def test_the_certificate_time_is_never_rounded_to_zero():
+    cert = {"images": 10, "top1_agreement": 1.0, "max_logit_diff": 0.0, "relative_logit_diff": 0.0,
+            "max_head_error": 0.0, "passed": True}
+    assert format_certificate({**cert, "seconds": 0.012}).endswith("; checked in 0.012 s")
+    assert format_certificate({**cert, "seconds": 3.456}).endswith("; checked in 3.5 s")
+    assert format_certificate({**cert, "seconds": 72.3}).endswith("; checked in 72 s")
