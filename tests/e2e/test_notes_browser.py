@@ -69,3 +69,28 @@ def test_a_named_prototype_survives_a_reload_and_reaches_the_report(notes_page):
         download_button.click()
     html_text = open(info.value.path(), encoding="utf-8").read()
     assert "prototype 1 “handle”" in html_text and "Flagged: <b>background</b>" in html_text
+
+
+def test_every_prototype_map_is_visible_on_natural_photos(notes_page):
+    """The ImageNet demo on real photos: the Explain page draws every prototype on its own
+    scale (the screenshot shows them), and the Class browser zooms the top patches."""
+    pg = notes_page
+    _nav(pg, "Model & data", "Model & data")
+    _choose(pg, "Demo", "ImageNet", "ImageNet: EfficientNet-Lite0 on a few real photos").click()
+    _idle(pg)
+    pg.get_by_role("button", name="Load this demo").click()
+    _main(pg).get_by_text("Loaded the imagenet-lite0 demo.").wait_for(timeout=120_000)
+    _idle(pg)
+    _nav(pg, "Explain an image", "Explain an image")
+    _choose(pg, "Class folder", "espresso", "967_espresso").click()
+    _main(pg).get_by_text("All prototypes, each on its own scale").wait_for()
+    _idle(pg)
+    assert _main(pg).get_by_text("Where, upsampled: full colour =").count() == 3
+    assert pg.locator("[data-testid='stException']").count() == 0
+    _main(pg).get_by_text("All prototypes, each on its own scale").scroll_into_view_if_needed()
+    _idle(pg)
+    _shot(pg, "12-explain-natural-photo")
+    _nav(pg, "Class browser", "Class browser")
+    _main(pg).get_by_text("each zoomed beside its image").first.wait_for()
+    _idle(pg)
+    _shot(pg, "13-class-browser-natural-photos")
