@@ -159,6 +159,13 @@ def _existing_ancestor(path: Path) -> Path:
     return path
 
 
+def _plain(value):
+    """JSON for numpy numbers and arrays (a caller's settings may hold them)."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} cannot be written to {META}")
+
+
 def _write_fsync(path: Path, write) -> None:
     with open(path, "wb") as fh:
         write(fh)
@@ -191,7 +198,7 @@ def save_run(run: Run, path, overwrite: bool = False) -> Path:
     try:
         _write_fsync(tmp / TENSORS, lambda fh: fh.write(save(tensors)))
         meta["tensors_sha256"] = file_sha256(tmp / TENSORS)
-        _write_fsync(tmp / META, lambda fh: fh.write(json.dumps(meta, indent=1).encode("utf-8")))
+        _write_fsync(tmp / META, lambda fh: fh.write(json.dumps(meta, indent=1, default=_plain).encode("utf-8")))
         if is_run_folder(path):
             check_run_target(path, overwrite)  # still only phpn's files, just before the swap
             os.replace(tmp / TENSORS, path / TENSORS)

@@ -7,6 +7,7 @@ inputs with the same words.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Iterable
 
 from .errors import ConfigError
@@ -16,7 +17,7 @@ MAX_SEED = 2 ** 32 - 1
 
 
 def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # numpy integers too
 
 
 def check_seed(seed) -> int:
@@ -36,7 +37,7 @@ def check_at_least(name: str, value, minimum: int = 1) -> int:
 def check_finite(name: str, values: Iterable) -> tuple:
     """Every value a finite number (means, stds, thresholds)."""
     values = tuple(values)
-    bad = [v for v in values if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)]
+    bad = [v for v in values if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v)]
     if bad:
         raise ConfigError(f"{name} must be finite numbers, got {', '.join(map(repr, bad))}.",
                           f"Give {name} as ordinary numbers (no nan or inf).")

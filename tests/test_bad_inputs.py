@@ -632,3 +632,12 @@ def test_an_image_the_model_gives_nan_for_is_refused_not_printed_as_nan(world, t
     code, out, err = _cli(capsys, ["explain", run, tmp_path / "blank.png", *model, "--json"])
     assert code == 2 and list(json.loads(out)) == ["error"]  # valid JSON, no "logit": NaN
     assert json.loads(out)["error"].startswith("The model gives NaN or infinite logits on blank.png")
+
+
+def test_numpy_numbers_are_ordinary_numbers():
+    from phpn.data import Preprocess
+    from phpn.discover import DiscoveryConfig
+
+    assert DiscoveryConfig(seed=np.int64(7), batch_size=np.int32(4)).seed == 7
+    pre = Preprocess(mean=tuple(np.float32([0.5, 0.5, 0.5])), std=tuple(np.float32([0.25, 0.25, 0.25])))
+    assert pre.std[0] == 0.25

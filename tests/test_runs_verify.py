@@ -185,3 +185,13 @@ def test_two_saves_racing_for_one_folder_give_one_run_and_one_refusal(saved, tmp
     refusal = next(o for o in outcomes if o != "saved")
     assert "already holds a phpn run" in refusal or "was created by something else" in refusal
     assert torch.equal(load_run(target).prototypes, run.prototypes.double())
+
+
+def test_numpy_numbers_in_the_metadata_are_saved_as_numbers(saved, tmp_path):
+    import numpy as np
+
+    _, run = saved
+    run.meta["preprocess"]["std"] = list(np.float32([0.25, 0.25, 0.25]))
+    run.meta["note"] = np.arange(3)
+    again = load_run(save_run(run, tmp_path / "numpy"))
+    assert again.meta["preprocess"]["std"] == [0.25, 0.25, 0.25] and again.meta["note"] == [0, 1, 2]
