@@ -299,3 +299,28 @@ def test_the_certificate_time_is_never_rounded_to_zero():
     assert format_certificate({**cert, "seconds": 0.012}).endswith("; checked in 0.012 s")
     assert format_certificate({**cert, "seconds": 3.456}).endswith("; checked in 3.5 s")
     assert format_certificate({**cert, "seconds": 72.3}).endswith("; checked in 72 s")
+
+
+def test_cli_warns_before_any_result_when_the_model_is_at_chance(tmp_path, capsys):
+    """discover at the wrong input size: the certificate passes, the accuracy is at chance, and
+    both discover and explain say so on stderr (and in --json) before their results."""
+    from phpn.cli import main
+    from phpn.demos import get_demo
+
+    demo = get_demo("fashion-mnist")
+    if not (demo.assets_dir / "model.safetensors").is_file():
+        pytest.skip("the fashion-mnist demo assets are not there")
+    out = tmp_path / "run96"
+    code = main(["discover", "--demo", "fashion-mnist", "--resize", "96", "--crop", "96", "--images-per-class", "3",
+                 "--k", "2", "--device", "cpu", "--out", str(out), "--quiet", "--json"])
+    printed = capsys.readouterr()
+    found = json.loads(printed.out)
+    cert = found["certificate"]
+    assert code == 0 and cert["passed"] and cert["labelled_images"] == 30 and cert["near_chance"]
+    assert found["chance_warning"] == chance_warning(cert)
+    assert printed.err.startswith(f"WARNING: {chance_warning(cert)}")
+    image = next((demo.explain_dir() / "07_sneaker").iterdir())
+    code = main(["explain", str(out), str(image), "--demo", "fashion-mnist", "--json"])
+    printed = capsys.readouterr()
+    assert code == 0 and json.loads(printed.out)["chance_warning"] == chance_warning(cert)
+    assert printed.err.startswith("WARNING: The model is right on only")
