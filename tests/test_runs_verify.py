@@ -1,5 +1,6 @@
 """Runs are written without touching anything else and verified when opened."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -195,3 +196,52 @@ def test_numpy_numbers_in_the_metadata_are_saved_as_numbers(saved, tmp_path):
     run.meta["note"] = np.arange(3)
     again = load_run(save_run(run, tmp_path / "numpy"))
     assert again.meta["preprocess"]["std"] == [0.25, 0.25, 0.25] and again.meta["note"] == [0, 1, 2]
+
+
+KILLER = """
+import os, signal, sys
+import phpn.runs as runs
+
+source, target, at = sys.argv[1:4]
+real_replace = os.replace
+
+def replace(src, dst):
+    if os.path.basename(str(dst)) == at:
+        os.kill(os.getpid(), signal.SIGKILL)  # no clean-up, no finally: as if the power went
+    return real_replace(src, dst)
+
+runs.os.replace = replace
+runs.save_run(runs.load_run(source), target, overwrite=True)
+"""
+
+
+@pytest.mark.slow  # a fresh interpreter per kill
+@pytest.mark.parametrize("at, outcome", [
+    ("fresh", "absent"),  # killed before the finished run is renamed into place
+    (TENSORS, "old"),  # killed before anything of the old run was replaced
+    (META, "refused"),  # killed between the two files of an overwrite
+])
+def test_a_killed_save_never_leaves_a_run_that_loads_wrong(saved, tmp_path, at, outcome):
+    import shutil
+    import subprocess
+    import sys
+
+    path, run = saved
+    if at == "fresh":
+        target = tmp_path / "fresh"
+    else:
+        target = Path(shutil.copytree(path, tmp_path / "old"))
+        changed = load_run(target)
+        changed.prototypes = changed.prototypes.flip(1)  # another valid run to write over it
+        source = save_run(changed, tmp_path / "changed")
+        path = source
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(path), str(target), at], capture_output=True, timeout=120)
+    assert proc.returncode == -9
+    if outcome == "absent":
+        with pytest.raises(RunError, match="is not a phpn run"):
+            load_run(target)
+    elif outcome == "old":
+        assert torch.equal(load_run(target).prototypes, run.prototypes)
+    else:
+        with pytest.raises(RunError, match="does not match the checksum recorded in run.json"):
+            load_run(target)
