@@ -429,7 +429,9 @@ def decompose(model, data, *, k: int = K, images_per_class: Optional[int] = IMAG
     ``model``: a ``torch.nn.Module`` (in your own code, with your weights), a checkpoint path,
     or what :func:`open_model` returned. ``data``: an image folder (one sub-folder per class),
     a ``Dataset`` yielding ``(image, label)`` (a PIL image, or a tensor already preprocessed) or a
-    ``DataLoader`` yielding ``(images, labels)``; labels are the model's class indices.
+    ``DataLoader`` yielding ``(images, labels)``; labels are the model's class indices. A Dataset is
+    read by index when needed; a DataLoader's images are held in memory (``images_per_class``
+    caps them: the first N of each class in the loader's order).
     ``preprocess``: a :class:`phpn.Preprocess` (or dict) for pictures; not needed for tensors.
     ``progress``: True for progress bars, False for none, or a callback ``(stage, done, total)``.
     ``options``: the other discovery settings (solver, objective, scaling, nmf_solver, seed,

@@ -23,6 +23,9 @@ from .data import ClassImages, ImageFolderData
 from .errors import ConfigError, DataError
 
 KEY_PREFIX = "memory"
+# A DataLoader's images are held in memory (it can only be read in its own order); past this
+# size phpn stops and asks for a cap, a Dataset (read by index) or a folder instead.
+MAX_LOADER_BYTES = 8 * 2 ** 30
 
 
 def _key(label: int, n: int) -> str:
@@ -212,10 +215,11 @@ def _folder_name(c: int, names) -> str:
 
 
 def from_loader(loader, *, num_classes: int, images_per_class: Optional[int] = None,
-                class_names=None) -> ImageFolderData:
+                class_names=None, max_bytes: int = MAX_LOADER_BYTES) -> ImageFolderData:
     """Gather a DataLoader's ``(images, labels)`` batches by class (the first ``images_per_class`` of each)."""
     store = InMemoryImages(f"in-memory DataLoader ({type(getattr(loader, 'dataset', loader)).__name__})")
     keys: dict = {}
+    held = 0
     for b, batch in enumerate(loader):
         images, labels = _pair(batch, f"batch {b}")
         if isinstance(images, torch.Tensor) and images.ndim == 3:
@@ -236,6 +240,12 @@ def from_loader(loader, *, num_classes: int, images_per_class: Optional[int] = N
                 key = _key(label, len(have))
                 store.add(key, image.detach().cpu().float().clone())
                 have.append(key)
+                held += image.numel() * 4
+                if held > max_bytes:
+                    raise DataError(f"The DataLoader's images take more than {max_bytes / 2 ** 30:.0f} GiB of "
+                                    "memory, which phpn would hold for discovery.",
+                                    "Pass images_per_class=N, or give the Dataset itself (read by index, not held) "
+                                    "or an image folder.")
     return _as_data(store, keys, class_names)
 
 

@@ -119,6 +119,15 @@ def test_labels_must_be_the_models_classes(user_model):
         phpn.decompose(user_model, data, progress=False)
 
 
+def test_a_dataloader_too_large_to_hold_asks_for_a_cap(loader):
+    from phpn.inputs import from_loader
+
+    with pytest.raises(DataError, match="more than 0 GiB of memory.*Pass images_per_class=N"):
+        from_loader(loader, num_classes=4, max_bytes=5 * 3 * 10 * 10 * 4)
+    data = from_loader(loader, num_classes=4, images_per_class=1, max_bytes=5 * 3 * 10 * 10 * 4)
+    assert [len(c.paths) for c in data.classes] == [1, 1, 1, 1]
+
+
 def test_unknown_option_names_the_allowed_ones(user_model, loader):
     with pytest.raises(ConfigError, match="Unknown discovery option.*solverr"):
         phpn.decompose(user_model, loader, solverr="lbfgs", progress=False)
