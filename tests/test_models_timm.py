@@ -37,7 +37,7 @@ def test_named_timm_model_loads_with_its_class_count_and_preprocessing(tmp_path)
     cfg = timm.data.resolve_data_config({}, model=model)
     assert cfg["crop_pct"] == 0.875 and cfg["interpolation"] == "bicubic"
     assert (pre.resize, pre.crop, pre.interpolation) == (256, 224, "bicubic")  # 224 / 0.875
-    assert pre.source.startswith("timm pretrained_cfg of convnext_atto")
+    assert pre.source == f"timm pretrained_cfg of convnext_atto.{model.pretrained_cfg['tag']}"
     assert any(n.startswith("preprocessing: resize shorter side to 256 (bicubic") for n in loaded.notes)
 
 
@@ -144,3 +144,23 @@ def test_pretrained_tag_chooses_the_preprocessing(tmp_path):
     assert (a1.interpolation, a1.resize) == (cfg_a1.interpolation, int(224 / cfg_a1.crop_pct))
     assert (tv.interpolation, tv.resize) == (cfg_tv.interpolation, int(224 / cfg_tv.crop_pct))
     assert a1 != tv and tv.source == "timm pretrained_cfg of resnet18.tv_in1k"
+
+
+@pytest.mark.slow
+def test_cli_doctor_with_a_timm_name(tmp_path):
+    import json
+    import subprocess
+
+    _, path = _save(tmp_path, "convnext_atto")
+    proc = subprocess.run([sys.executable, "-m", "phpn", "doctor", "--checkpoint", str(path), "--arch",
+                           "timm/convnext_atto", "--crop", "64", "--json"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert (out["arch"], out["num_classes"], out["verdict"]) == ("timm/convnext_atto", 10, "exact-after-folding")
+    assert out["preprocess"]["crop"] == 64 and out["preprocess"]["interpolation"] == "bicubic"
+    assert out["preprocess"]["source"].startswith("timm pretrained_cfg of convnext_atto")
+    assert out["preprocess"]["source"].endswith("; changed by hand: crop")
+    bad = subprocess.run([sys.executable, "-m", "phpn", "doctor", "--checkpoint", str(path), "--arch",
+                          "timm/convnext_atto", "--num-classes", "3"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    assert "You asked for 3 classes but the checkpoint's classifier (head.fc.weight) has 10 rows" in bad.stderr
