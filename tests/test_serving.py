@@ -450,3 +450,124 @@ def test_an_unsafe_workspace_root_stops_the_app_with_a_message(app_env, monkeypa
     assert _errors(at) == ["The workspace root is a symbolic link; phpn refuses to write through it. Remove it or "
                            "point PHPN_UPLOAD_DIR at a new folder, then restart the app."]
     assert list(target.iterdir()) == []
+
+
+# --- bad input through the app: one clear message each, no traceback, nothing lost ----------------------
+
+def _png_bytes() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _zip_bytes(entries) -> bytes:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in entries:
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def _truncated_state_dict() -> bytes:
+    return _torch_state_dict_bytes()[:300]
+
+
+CHECKPOINT_CASES = [
+    ("empty.pt", lambda: b"", "The checkpoint 'empty.pt' is empty (0 bytes)."),
+    ("photo.ckpt", _png_bytes, "'photo.ckpt' is not a checkpoint: it looks like a PNG image."),
+    ("page.bin", lambda: b"<html><body>404</body></html>", "'page.bin' is not a checkpoint: it looks like a web page"),
+    ("images.pt", lambda: _zip_bytes([("a/1.png", _png_bytes())]), "it is a zip archive of other files"),
+    ("cut.pth", _truncated_state_dict, "it is a damaged zip archive"),
+]
+
+
+@pytest.mark.parametrize("name, make, phrase", CHECKPOINT_CASES, ids=[c[0] for c in CHECKPOINT_CASES])
+def test_bad_checkpoint_uploads_get_one_clear_message(app_env, name, make, phrase):
+    at = _app()
+    before = at.session_state["model"]
+    at.radio(key="model_source").set_value("Upload a checkpoint").run()
+    at.file_uploader(key="ckpt_upload").set_value((name, make(), "application/octet-stream"))
+    at.button(key="load_model").click().run()
+    assert not at.exception
+    errors = _errors(at)
+    assert len(errors) == 1 and phrase in errors[0], errors
+    assert str(app_env) not in errors[0]
+    assert at.session_state["model"] is before
+    uploads = app_env / "uploads"
+    assert not [p for p in uploads.rglob("*") if p.is_file() and p.name == name]  # refused files are deleted
+
+
+ZIP_CASES = [
+    ("notzip", lambda: b"just text", "is not a readable zip archive"),
+    ("empty", lambda: _zip_bytes([]), "The zip file is empty."),
+    ("escape", lambda: _zip_bytes([("a/1.png", _png_bytes()), ("../../evil.png", b"x")]), "outside its folder"),
+    ("over-quota", lambda: _zip_bytes([("a/zeros.bmp", b"\0" * (3 << 20))]), "more than the 2.0 MB allowed"),
+]
+
+
+@pytest.mark.parametrize("name, make, phrase", ZIP_CASES, ids=[c[0] for c in ZIP_CASES])
+def test_bad_image_zips_get_one_clear_message_and_leave_nothing(app_env, monkeypatch, name, make, phrase):
+    monkeypatch.setenv("PHPN_SESSION_QUOTA_MB", "2")
+    at = _app()
+    data_before = at.session_state["data"]
+    at.radio(key="data_source").set_value("Upload a zip of an image folder").run()
+    at.file_uploader(key="zip_upload").set_value((f"{name}.zip", make(), "application/zip"))
+    at.button(key="scan").click().run()
+    assert not at.exception
+    errors = _errors(at)
+    assert len(errors) == 1 and phrase in errors[0], errors
+    assert str(app_env) not in errors[0]
+    assert at.session_state["data"] is data_before
+    ws = at.session_state["_workspace"]
+    assert [p for p in ws.uploads.rglob("*")] == []  # neither the archive nor a half-unpacked folder
+    assert not (app_env / "evil.png").exists()
+
+
+def test_a_zip_larger_than_the_visitors_room_is_refused_before_it_is_written(app_env, monkeypatch):
+    monkeypatch.setenv("PHPN_SESSION_QUOTA_MB", "0.05")
+    at = _app()
+    at.radio(key="data_source").set_value("Upload a zip of an image folder").run()
+    payload = _zip_bytes([(f"a/{i}.bin", os.urandom(20_000)) for i in range(4)])
+    at.file_uploader(key="zip_upload").set_value(("big.zip", payload, "application/zip"))
+    at.button(key="scan").click().run()
+    errors = _errors(at)
+    assert len(errors) == 1 and errors[0].startswith("This zip file (78.")
+    assert "past this server's 51.2 KB per visitor" in errors[0]
+    assert [p for p in at.session_state["_workspace"].uploads.rglob("*")] == []
+
+
+RUN_CASES = [
+    ("not-a-run", None, "is not a phpn run"),
+    ("bad-json", "{ not json", "run.json"),
+    ("classes-not-a-list", '{"format": "phpn-run", "classes": "oops"}', "run.json"),
+]
+
+
+@pytest.mark.parametrize("name, content, phrase", RUN_CASES, ids=[c[0] for c in RUN_CASES])
+def test_damaged_runs_are_refused_with_a_message_and_the_current_run_kept(app_env, monkeypatch, name, content,
+                                                                          phrase):
+    folder = app_env / "data" / name
+    folder.mkdir(parents=True)
+    if content is not None:
+        (folder / "run.json").write_text(content)
+    monkeypatch.setenv("PHPN_DATA_ROOTS", str(app_env / "data"))
+    at = _app()
+    run_before = at.session_state["run"]
+    at.switch_page("pages/discover.py").run()
+    at.text_input(key="load_path").set_value(str(folder))
+    at.button(key="load_run").click().run()
+    assert not at.exception
+    errors = _errors(at)
+    assert len(errors) == 1 and phrase in errors[0], errors
+    assert str(app_env) not in errors[0]
+    assert at.session_state["run"] is run_before
+    for page in ("pages/classes.py", "pages/explain.py"):
+        at.switch_page(page).run()
+        assert not at.exception and not _errors(at)
