@@ -100,6 +100,9 @@ folder_warning = chance_warning({"labelled_images": found.images, "correct": fou
                                  "labelled_classes": len({p.true_class for p in found.predictions})})
 if folder_warning and not warning:
     st.error(folder_warning, icon=":material/warning:")
+order_hint = found.class_order_hint()
+if order_hint:
+    st.error(order_hint, icon=":material/swap_horiz:")
 if found.skipped:
     st.caption(f"{len(found.skipped)} files could not be read and were left out.")
 

@@ -58,6 +58,7 @@ class FolderPredictions:
     predictions: list  # list[Prediction], in folder order
     class_names: list
     skipped: list = field(default_factory=list)  # (relative path, why)
+    folders: dict = field(default_factory=dict)  # class index -> folder name
 
     @property
     def images(self) -> int:
@@ -115,6 +116,10 @@ class FolderPredictions:
             r["accuracy"] = r["correct"] / r["images"]
         return sorted(out, key=lambda r: (r["accuracy"], r["class"]))
 
+    def class_order_hint(self) -> Optional[str]:
+        return class_order_hint([p.true_class for p in self.predictions], [p.predicted for p in self.predictions],
+                                self.folders)
+
     def summary(self) -> str:
         if not self.images:
             return "No labelled image could be read."
@@ -127,6 +132,33 @@ class FolderPredictions:
             text += (f" Most frequent: {c['true_name']} taken for {c['predicted_name']} ({c['count']} of the "
                      f"{c['true_name']} images).")
         return text
+
+
+def majorities(labels: Sequence[int], predicted: Sequence[int]) -> dict:
+    """true class -> (the class the model reads it as most, how often, of how many images)."""
+    by_class = {}
+    for truth, guess in zip(labels, predicted):
+        by_class.setdefault(int(truth), []).append(int(guess))
+    out = {}
+    for truth, guesses in by_class.items():
+        top = max(sorted(set(guesses)), key=guesses.count)
+        out[truth] = (top, guesses.count(top), len(guesses))
+    return out
+
+
+def class_order_hint(labels: Sequence[int], predicted: Sequence[int], folders: dict,
+                     setting: str = "") -> Optional[str]:
+    """When most folders' images are read consistently (at least 2 in 3) as one *other* class,
+    the folders are matched to the wrong classes: say which, with the counts; else None."""
+    found = majorities(labels, predicted)
+    swapped = [(t, g, n, m) for t, (g, n, m) in sorted(found.items()) if g != t and n * 3 >= m * 2]
+    if not found or len(swapped) * 2 < len(found):
+        return None
+    examples = "; ".join(f"folder '{folders.get(t, t)}' (matched to class {t}) is read as class {g} on {n} of {m} "
+                         "images" for t, g, n, m in swapped[:4])
+    where = f" ({setting})" if setting else ""
+    return (f"The class order looks wrong{where}: {examples}. Check the class-names file, or name each folder by "
+            "its class index or class name.")
 
 
 def folder_labels(root, session) -> dict:
@@ -181,7 +213,7 @@ def predict_folder(session, data: ImageFolderData, *, batch_size: int = 32, devi
                                               runner_up=second))
         report(progress, "predict", min(start + batch_size, len(items)), len(items))
     return FolderPredictions(root=Path(data.root), predictions=predictions, class_names=list(session.class_names),
-                             skipped=skipped)
+                             skipped=skipped, folders={c.class_index: c.folder for c in data.classes})
 
 
 @dataclass

@@ -27,6 +27,7 @@ import torch
 from .certify import CHANCE_P_VALUE, CancelCheck, check_cancel, near_chance
 from .data import ImageFolderData, Preprocess, load_image
 from .errors import DataError
+from .mistakes import class_order_hint, majorities
 from .progress import ProgressFn, report
 
 COMMON_SIZES = (28, 32, 64, 96, 128, 224, 256, 299, 384)
@@ -111,34 +112,16 @@ class PreprocessCheck:
                                                                             self.classes)
         return current_near_chance or not self.within_noise(self.best.correct, self.current.correct)
 
-    def _majorities(self, result: SettingResult) -> dict:
-        """true class -> (the class the model reads it as most, how often, of how many)."""
-        by_class = {}
-        for truth, guess in zip(self.labels, result.predicted):
-            by_class.setdefault(truth, []).append(guess)
-        out = {}
-        for truth, guesses in by_class.items():
-            top = max(sorted(set(guesses)), key=guesses.count)
-            out[truth] = (top, guesses.count(top), len(guesses))
-        return out
-
     def class_order_hint(self) -> Optional[str]:
         """When the model reads most folders consistently as *another* class (at the setting
-        where its reading is most consistent), the folders are matched to the wrong classes:
-        say which, with the counts."""
+        where its reading is most consistent), the folders are matched to the wrong classes."""
         usable = [r for r in self.tried or self.results if r.error is None and len(r.predicted) == len(self.labels)]
         if not usable or not self.labels:
             return None
         # The most consistent reading: images of a folder mostly go to one class, whichever it is.
-        consistent = max(usable, key=lambda r: sum(n for _, n, _ in self._majorities(r).values()))
-        majorities = self._majorities(consistent)
-        swapped = [(t, g, n, m) for t, (g, n, m) in sorted(majorities.items()) if g != t and n * 3 >= m * 2]
-        if len(swapped) * 2 < len(majorities):  # most folders must agree on another class
-            return None
-        examples = "; ".join(f"folder '{self.folders.get(t, t)}' (matched to class {t}) is read as class {g} on "
-                             f"{n} of {m} images" for t, g, n, m in swapped[:4])
-        return (f"The class order looks wrong ({describe(consistent.preprocess)}): {examples}. Check the class-names "
-                "file, or name each folder by its class index or class name.")
+        consistent = max(usable, key=lambda r: sum(n for _, n, _ in majorities(self.labels, r.predicted).values()))
+        return class_order_hint(self.labels, consistent.predicted, self.folders,
+                                setting=describe(consistent.preprocess))
 
     def proposal(self) -> str:
         """What to do, in one or two sentences, with the numbers."""

@@ -92,3 +92,20 @@ def test_why_a_and_not_b_adds_up_to_the_logit_gap(setup, tiny_loaded, image_fold
     partial = discover(tiny_loaded, split, data, session.preprocess, DiscoveryConfig(k=2, device="cpu", classes=(0, 1)))
     with pytest.raises(ConfigError, match="Class 3 has no prototypes in this run."):
         contrast_image(session, partial.network(split), path, 0, 3)
+
+
+def test_a_class_order_that_is_off_by_one_is_named():
+    from phpn.mistakes import class_order_hint
+
+    labels = [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    shifted = [1, 1, 1, 2, 2, 0, 0, 0, 0]  # each folder read as the next class (one image strays)
+    assert class_order_hint(labels, shifted, {0: "cat", 1: "dog", 2: "fox"}) == (
+        "The class order looks wrong: folder 'cat' (matched to class 0) is read as class 1 on 3 of 3 images; folder "
+        "'dog' (matched to class 1) is read as class 2 on 2 of 3 images; folder 'fox' (matched to class 2) is read "
+        "as class 0 on 3 of 3 images. Check the class-names file, or name each folder by its class index or class "
+        "name.")
+    assert class_order_hint(labels, labels, {}) is None  # right
+    assert class_order_hint(labels, [1, 2, 0, 2, 0, 1, 0, 1, 2], {}) is None  # scattered: not an order problem
+    found = _toy([(t, q, 0.9) for t, q in zip(labels, shifted)])
+    found.folders = {0: "cat", 1: "dog", 2: "fox"}
+    assert found.class_order_hint() == class_order_hint(labels, shifted, found.folders)
