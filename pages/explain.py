@@ -167,7 +167,8 @@ st.subheader("This looks like that")
 meta = run.class_meta(e.class_index)
 for i in range(k):
     with st.container(border=True):
-        st.markdown(f"{viz.color_swatch(colors[i], 16)} **{labels[i].capitalize()}**: contributes "
+        flags = "".join(f" `{f}`" for f in entry.notes.get(e.class_index, i).flags) if entry.notes else ""
+        st.markdown(f"{viz.color_swatch(colors[i], 16)} **{labels[i].capitalize()}**{flags}: contributes "
                     f"{float(e.contributions[i]):+.3f} here (class mean {meta['mean_contribution'][i]:+.3f}; "
                     f"map fidelity {meta['fidelity'][i]:.2f})", unsafe_allow_html=True, help=explain("fidelity"))
         if fidelity_warning(meta["fidelity"][i]):
