@@ -232,16 +232,16 @@ if entry is not None:
             "min fidelity": min(c["fidelity"]),
             "NMF rel. error": c["nmf_relative_error"],
         })
-    st.subheader("Refinement, class by class")
-    st.caption("Map fidelity: correlation of each final prototype's map with its NMF part's map over the "
-               "discovery images (1 = the picture of the part is exactly what the prototype uses).")
-    st.dataframe(pd.DataFrame(rows), hide_index=True,
-                 column_config={"improvement": st.column_config.NumberColumn(format="percent"),
-                                "residual ‖R‖/‖v‖": st.column_config.NumberColumn(format="%.3f"),
-                                "objective before": st.column_config.NumberColumn(format="%.4g"),
-                                "objective after": st.column_config.NumberColumn(format="%.4g"),
-                                "min fidelity": st.column_config.NumberColumn(format="%.3f"),
-                                "NMF rel. error": st.column_config.NumberColumn(format="%.3f")})
+    with st.expander("Expert details: the refinement, class by class (α, residual, objective, fidelity)"):
+        st.caption("Map fidelity: correlation of each final prototype's map with its NMF part's map over the "
+                   "discovery images (1 = the picture of the part is exactly what the prototype uses).")
+        st.dataframe(pd.DataFrame(rows), hide_index=True,
+                     column_config={"improvement": st.column_config.NumberColumn(format="percent"),
+                                    "residual ‖R‖/‖v‖": st.column_config.NumberColumn(format="%.3f"),
+                                    "objective before": st.column_config.NumberColumn(format="%.4g"),
+                                    "objective after": st.column_config.NumberColumn(format="%.4g"),
+                                    "min fidelity": st.column_config.NumberColumn(format="%.3f"),
+                                    "NMF rel. error": st.column_config.NumberColumn(format="%.3f")})
     skipped = run.meta.get("data", {}).get("skipped", [])
     if skipped:
         with st.expander(f"Files skipped during discovery ({len(skipped)})"):
