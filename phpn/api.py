@@ -141,7 +141,7 @@ def _input_size(pre) -> tuple:
 
 def _loaded_from_module(model: torch.nn.Module, *, preprocess=None, input_size=None) -> LoadedModel:
     """A live model as phpn's LoadedModel: eval mode, on the CPU (phpn moves it where the work runs)."""
-    from .models.hf import logits_only
+    from .models.hf import LogitsOnly, class_names, logits_only
 
     model = logits_only(model).cpu().eval()  # a transformers model answers with an output object
     if preprocess is None:
@@ -154,34 +154,16 @@ def _loaded_from_module(model: torch.nn.Module, *, preprocess=None, input_size=N
         raise ConfigError(f"The model cannot run on one image of size {_input_size(preprocess)} "
                           f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]}).",
                           "Pass input_size=(channels, height, width) or preprocess= for the images it takes.") from None
-    if not isinstance(out, torch.Tensor) and isinstance(getattr(out, "logits", None), torch.Tensor):
-        model, out = _LogitsOf(model), out.logits  # e.g. a transformers classifier: phpn reads .logits
     if not isinstance(out, torch.Tensor) or out.ndim != 2:
         raise ConfigError(f"The model returned {type(out).__name__} {tuple(getattr(out, 'shape', ()))} for one "
                           f"image of size {_input_size(preprocess)}, not a (1, classes) tensor of logits.",
                           "Pass a classifier whose forward returns logits, and the input size it expects.")
-    inner = model.model if isinstance(model, _LogitsOf) else model
-    names = None
-    id2label = getattr(getattr(inner, "config", None), "id2label", None)
-    if isinstance(id2label, dict) and len(id2label) == out.shape[1]:
-        names = [str(id2label.get(i, id2label.get(str(i), i))) for i in range(int(out.shape[1]))]
+    inner = model.model if isinstance(model, LogitsOnly) else model
+    config = getattr(inner, "config", None)
+    names = class_names(config, int(out.shape[1])) if config is not None else None
     return LoadedModel(model=model, arch=f"module:{type(inner).__name__}", num_classes=int(out.shape[1]),
                        sha256=module_sha256(model), preprocess=preprocess, source="a live torch.nn.Module",
                        class_names=names, notes=["given as a live nn.Module"])
-
-
-class _LogitsOf(torch.nn.Module):
-    """A classifier whose forward returns an object with ``.logits``, seen as one returning the logits."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return self.model(x).logits
-
-
-MAX_CLASS_NAMES_BYTES = 16 * 2 ** 20
 
 
 def read_class_names(path, num_classes: Optional[int] = None) -> list:
