@@ -151,3 +151,35 @@ def test_discoveries_sharing_a_model_with_other_visitors_get_their_own_features(
     for job in jobs:
         assert torch.equal(job.result.prototypes, alone.result.prototypes)
         assert job.result.meta["certificate"]["passed"]
+
+
+def test_the_hooked_backbone_ignores_other_threads_using_the_same_model(tiny_model):
+    """The hook-based backbone (used when a model cannot be traced) stops the forward at the
+    cut: only its own forward, never another visitor's pass through the shared model."""
+    from phpn.models.split import HookedBackbone
+
+    backbone = HookedBackbone(tiny_model, "features")
+    x = torch.randn(2, 3, 16, 16)
+    with torch.inference_mode():
+        expected_feats, expected_logits = tiny_model.features(x), tiny_model(x)
+    stop, failures, wrong = threading.Event(), [], []
+
+    def other_visitor():
+        with torch.inference_mode():
+            while not stop.is_set():
+                try:
+                    if not torch.allclose(tiny_model(x), expected_logits, atol=1e-6):
+                        wrong.append("logits")
+                except Exception as exc:  # noqa: BLE001 - recorded and asserted below
+                    failures.append(repr(exc))
+
+    thread = threading.Thread(target=other_visitor, daemon=True)
+    thread.start()
+    try:
+        with torch.inference_mode():
+            for _ in range(300):
+                assert torch.allclose(backbone(x), expected_feats, atol=1e-6)
+    finally:
+        stop.set()
+        thread.join(10)
+    assert failures == [] and wrong == []

@@ -4,6 +4,7 @@ head's width, or the layers the user names."""
 from __future__ import annotations
 
 import math
+import threading
 from typing import Optional
 
 import torch
@@ -28,9 +29,13 @@ class HookedBackbone(nn.Module):
         self.layout = layout
 
     def forward(self, x):
-        box = {}
+        box, owner = {}, threading.get_ident()
 
         def grab(module, inputs, output):
+            # The model may be shared (the app serves every visitor from one copy): another
+            # thread's forward through this layer must neither be caught nor stopped.
+            if threading.get_ident() != owner:
+                return
             box["out"] = output
             raise _Stop  # the rest of the network is not needed
 
