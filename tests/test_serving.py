@@ -280,6 +280,8 @@ def test_saving_runs_never_touches_the_demos_or_the_shared_folder(tmp_path):
     ("in ~/private/data/x.png: bad", "in …/x.png: bad"),
     ("Folders 1/2 and T-shirt/top stay; so do 0.5/0.25 and |Δlogit|.",
      "Folders 1/2 and T-shirt/top stay; so do 0.5/0.25 and |Δlogit|."),
+    ("pip install torch --index-url https://download.pytorch.org/whl/cpu",
+     "pip install torch --index-url https://download.pytorch.org/whl/cpu"),
 ])
 def test_messages_never_show_server_paths(text, expected):
     assert redact_paths(text) == expected

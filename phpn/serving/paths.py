@@ -22,7 +22,7 @@ PATHS_OFF_FIX = ("Upload the file instead. The operator can allow folders on thi
                  "PHPN_DATA_ROOTS=/data/models:/data/images before `streamlit run app.py`.")
 
 # An absolute POSIX path (two or more components) or a Windows drive path, inside a message.
-_POSIX_PATH = re.compile(r"(?<![\w.~-])/(?:[^\s'\"`,;:()<>|*?/]+/)+([^\s'\"`,;:()<>|*?/]*)")
+_POSIX_PATH = re.compile(r"(?<![\w.~:/-])/(?:[^\s'\"`,;:()<>|*?/]+/)+([^\s'\"`,;:()<>|*?/]*)")
 _WINDOWS_PATH = re.compile(r"\b[A-Za-z]:\\(?:[^\s'\"`,;:()<>|*?\\]+\\)+([^\s'\"`,;:()<>|*?\\]*)")
 _HOME_PATH = re.compile(r"~/(?:[^\s'\"`,;:()<>|*?/]+/)*([^\s'\"`,;:()<>|*?/]*)")
 
