@@ -166,6 +166,9 @@ def _loaded_from_module(model: torch.nn.Module, *, preprocess=None, input_size=N
                        class_names=names, notes=["given as a live nn.Module"])
 
 
+MAX_CLASS_NAMES_BYTES = 16 * 2 ** 20
+
+
 def read_class_names(path, num_classes: Optional[int] = None) -> list:
     """One class name per line (blank lines ignored), or a JSON list of texts; UTF-8 text only.
 
