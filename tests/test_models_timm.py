@@ -164,3 +164,24 @@ def test_cli_doctor_with_a_timm_name(tmp_path):
                           "timm/convnext_atto", "--num-classes", "3"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
     assert "You asked for 3 classes but the checkpoint's classifier (head.fc.weight) has 10 rows" in bad.stderr
+
+
+def test_unknown_weights_without_timm_say_that_timm_was_not_tried(monkeypatch, tmp_path):
+    _, path = _save(tmp_path, "convnext_atto")
+    monkeypatch.setitem(sys.modules, "timm", None)
+    with pytest.raises(CheckpointError) as err:
+        load_model(path)
+    assert err.value.problem.endswith("timm is not installed, so timm's models were not tried.")
+    assert "pip install 'phpn[timm]'" in err.value.fix
+
+
+def test_unknown_weights_with_timm_name_both_libraries(tmp_path):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                              torch.nn.Linear(4, 10))
+    path = tmp_path / "mine.pt"
+    torch.save(net.state_dict(), path)
+    with pytest.raises(CheckpointError) as err:
+        load_model(path)
+    assert err.value.problem.endswith("models exactly, nor any timm model of the families phpn indexes.")
+    assert "timm/NAME" in err.value.fix and "--model-def" in err.value.fix
