@@ -100,7 +100,7 @@ def _patch_tiles(entries: Sequence[dict], root, preprocess, color: str, size: in
     for e in entries:
         seen = _load_seen(root, e["path"], preprocess)
         if seen is not None:
-            tiles.append(viz.patch_tile(seen, e["box"], color, size))
+            tiles.append(viz.patch_pair(seen, e["box"], color, size))
     return tiles
 
 
@@ -172,8 +172,8 @@ def class_report(run, class_index: int, *, image_root=None, preprocess=None, net
                     f"contribution {contrib[i]:.3f} ({100 * shares[i]:.0f}%), fidelity {meta['fidelity'][i]:.3f}</h3>")
         body.append(prototype_note_html(notes, class_index, i, meta["fidelity"][i]))
         if tiles:
-            body.append("<div>What it looks for (its top training patches, boxed):</div>")
-            body.append(_img(viz.image_grid(tiles, columns=6)))
+            body.append("<div>What it looks for (its top training patches, boxed, each zoomed beside its image):</div>")
+            body.append(_img(viz.image_grid(tiles, columns=3)))
         else:
             body.append("<p class=meta>The training images are not available here.</p>")
         if maps_block.get(i):
