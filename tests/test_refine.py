@@ -3,7 +3,7 @@ import torch
 
 from phpn.errors import ConfigError
 from phpn.nmf import NMFConfig, nmf
-from phpn.refine import RefineConfig, refine, scale
+from phpn.refine import RefineConfig, part_shares, refine, scale
 
 
 def _problem(b=2, n=300, d=24, k=3, seed=0):
@@ -54,7 +54,7 @@ def test_scaling_is_least_squares_and_nnls_is_non_negative():
 def test_fidelity_is_one_for_the_equal_split_when_the_head_is_in_the_span():
     features, protos, _ = _problem()
     heads = (torch.tensor([[1.0, 2.0, 3.0], [0.5, 0.5, 4.0]], dtype=torch.float64)[:, :, None] * protos).sum(1)
-    result = refine(features, protos, heads, RefineConfig(solver="none"))
+    result = refine(features, protos, heads, RefineConfig(solver="none", contributions="free"))
     assert float(result.residual_ratio.max()) < 1e-10
     torch.testing.assert_close(result.fidelity, torch.ones(2, 3, dtype=torch.float64))
     assert int(result.negative_alpha.sum()) == 0
@@ -80,3 +80,57 @@ def test_scaling_copes_with_repeated_and_null_prototypes():
     assert bool(torch.isfinite(alpha).all())
     best = (protos[:, 0] * heads).sum(1) / (protos[:, 0] * protos[:, 0]).sum(1)  # projection on the one direction
     torch.testing.assert_close(alpha[:, 0] + alpha[:, 1], best)
+
+
+def _usage(features, k=3):
+    found = nmf(features, NMFConfig(k=k))
+    return found.prototypes, found.encodings.mean(1)
+
+
+@pytest.mark.parametrize("solver", ["lbfgs", "none"])
+def test_part_contributions_are_held_at_the_parts_shares(solver):
+    features, _, heads = _problem()
+    protos, usage = _usage(features)
+    result = refine(features, protos, heads, RefineConfig(solver=solver), usage=usage)
+    total = (features.mean(1) * heads).sum(1, keepdim=True)
+    # The shares sum to the class's mean logit minus bias, and the contributions equal them.
+    torch.testing.assert_close(result.part_share.sum(1), total[:, 0], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(result.mean_contribution, result.part_share, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(result.mean_contribution, (result.prototypes @ features.mean(1)[:, :, None])[:, :, 0])
+    raw = usage * (protos @ heads[:, :, None])[:, :, 0]
+    assert bool((torch.sign(result.part_share) == torch.sign(raw)).all())
+    assert float((result.prototypes.sum(1) - heads).abs().max()) < 1e-12
+
+
+def test_free_contributions_are_not_held():
+    features, _, heads = _problem()
+    protos, usage = _usage(features)
+    result = refine(features, protos, heads, RefineConfig(contributions="free"), usage=usage)
+    assert float((result.mean_contribution - result.part_share).abs().max()) > 1e-3
+
+
+def test_part_shares_keep_signs_or_shift_equally():
+    usage = torch.tensor([[1.0, 2.0, 1.0], [1.0, 1.0, 1.0]], dtype=torch.float64)
+    protos = torch.eye(3, dtype=torch.float64).repeat(2, 1, 1)
+    heads = torch.tensor([[1.0, 1.0, -1.0], [1.0, -1.0, 0.0]], dtype=torch.float64)
+    total = torch.tensor([4.0, 3.0], dtype=torch.float64)
+    shares = part_shares(usage, protos, heads, total)
+    # Class 0: raw shares 1, 2, -1 sum to 2, same sign as the total: scaled by 2.
+    torch.testing.assert_close(shares[0], torch.tensor([2.0, 4.0, -2.0], dtype=torch.float64))
+    # Class 1: raw shares 1, -1, 0 sum to 0: each is shifted by (3 - 0) / 3.
+    torch.testing.assert_close(shares[1], torch.tensor([2.0, 0.0, 1.0], dtype=torch.float64))
+
+
+def test_usage_defaults_to_the_non_negative_fit_of_the_mean_feature():
+    features, _, heads = _problem()
+    protos, _ = _usage(features)
+    result = refine(features, protos, heads, RefineConfig())
+    torch.testing.assert_close(result.part_share.sum(1), (features.mean(1) * heads).sum(1))
+    torch.testing.assert_close(result.mean_contribution, result.part_share, rtol=1e-7, atol=1e-9)
+
+
+def test_bad_contributions_and_ridge_messages():
+    with pytest.raises(ConfigError, match="Unknown contributions 'none'"):
+        RefineConfig(contributions="none")
+    with pytest.raises(ConfigError, match="ridge must be zero or positive, got -1"):
+        RefineConfig(ridge=-1)
