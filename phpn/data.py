@@ -24,7 +24,7 @@ import torch
 from PIL import Image, ImageOps
 
 from .errors import ConfigError, DataError
-from .validation import check_finite
+from .validation import check_finite, check_input_side
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 # Guard against decompression bombs: larger images are refused with a clear message.
@@ -97,6 +97,7 @@ class Preprocess:
             raise ConfigError(f"Unknown resize backend '{self.backend}'.", f"Use one of: {', '.join(BACKENDS)}.")
         if self.crop_offset not in CROP_OFFSETS:
             raise ConfigError(f"Unknown crop offset '{self.crop_offset}'.", f"Use one of: {', '.join(CROP_OFFSETS)}.")
+        check_input_side("resize", self.resize), check_input_side("crop", self.crop)
         if self.crop <= 0 or self.resize < self.crop:
             raise ConfigError(
                 f"resize ({self.resize}) must be at least crop ({self.crop}) and both positive.",

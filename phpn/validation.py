@@ -14,6 +14,15 @@ from .errors import ConfigError
 
 # numpy's and scikit-learn's generators take seeds below 2**32; torch's would take more.
 MAX_SEED = 2 ** 32 - 1
+# No classifier reads larger inputs; a typo (--crop 100000) must not allocate for them.
+MAX_INPUT_SIDE = 4096
+
+
+def check_input_side(name: str, value) -> int:
+    if not _is_int(value) or not 1 <= value <= MAX_INPUT_SIDE:
+        raise ConfigError(f"{name} must be a whole number of pixels from 1 to {MAX_INPUT_SIDE}, got {value!r}.",
+                          "Use the size the model was trained at (e.g. 224).")
+    return value
 
 
 def _is_int(value) -> bool:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import NotDecomposableError, PhpnError
+from ..validation import MAX_INPUT_SIDE
 from .head import HeadSplit, LoadedModel
 from .split import split_head
 
@@ -27,7 +28,7 @@ VERDICTS = ("exact", "exact-after-folding", "impossible")
 # model whose forward never returns gets a verdict instead of hanging the caller.
 TRIAL_TIME_LIMIT_S = 120.0
 # Larger inputs are refused before any memory is allocated for them (a typo such as --crop 100000).
-MAX_TRIAL_PIXELS = 4096 * 4096
+MAX_TRIAL_PIXELS = MAX_INPUT_SIDE ** 2
 
 
 class TimeLimitExceeded(Exception):
