@@ -108,7 +108,7 @@ else:
         head_layer = st.text_input("Head layer (if detection fails)", key="head_layer")
 
     if st.button("Load model", type="primary", key="load_model"):
-        with S.user_errors():
+        with S.user_errors(), serving.removed_on_error([]) as made:  # a failed load keeps no upload
             from phpn.api import read_class_names
             from phpn.uploads import save_checkpoint_upload, save_upload
 
@@ -118,6 +118,7 @@ else:
                 ws = S.workspace()
                 ws.check_room(int(ckpt_file.size), "This checkpoint")
                 folder = ws.new_upload_dir()
+                made.append(folder)
                 checkpoint = save_checkpoint_upload(ckpt_file, folder)
                 model_def_file = None
                 if def_file is not None:
@@ -161,6 +162,8 @@ else:
             with st.spinner("Loading the checkpoint and checking its head…"):
                 entry = S.load_model_entry(**spec)
             S.set_model(entry)
+            if upload:  # the earlier uploads' model and images are gone from the session: free their room
+                S.workspace().forget_uploads(keep=[checkpoint])
             st.session_state.pop("boot_warnings", None)
             S.flash(f"Loaded {entry.label}.", place="model")
             st.rerun()

@@ -201,6 +201,16 @@ def test_quotas_per_visitor_and_in_total(settings):
     assert b.room() == int(1.5 * 2 ** 20) - 1_400_000 - (a.usage() - 700_000) - (b.usage() - 700_000)
 
 
+def test_a_visitor_forgets_earlier_uploads_but_keeps_what_is_in_use_and_their_runs(settings):
+    ws = Workspace(SID_A, settings)
+    old, current = ws.new_upload_dir(), ws.new_upload_dir()
+    (old / "old.pt").write_bytes(b"x")
+    (current / "images" / "a").mkdir(parents=True)
+    (ws.runs / "saved").mkdir()
+    assert ws.forget_uploads(keep=[current / "images", None]) == 1
+    assert not old.exists() and current.exists() and (ws.runs / "saved").exists()
+
+
 def test_idle_workspaces_are_swept_and_active_ones_kept(settings):
     idle, active, kept = (Workspace(s, settings) for s in (SID_A, SID_B, "c" * 32))
     old = time.time() - 7 * 3600
@@ -384,6 +394,7 @@ def test_server_paths_are_off_and_uploads_take_any_checkpoint_name(app_env, monk
     errors = _errors(at)  # read as a checkpoint: whatever is wrong now is about its weights, not its name
     assert len(errors) == 1 and "not a checkpoint" not in errors[0] and "No checkpoint uploaded" not in errors[0]
     assert str(app_env) not in errors[0]
+    assert [p for p in at.session_state["_workspace"].uploads.rglob("*")] == []  # a failed load keeps nothing
 
 
 def test_two_visitors_see_only_their_own_runs_and_the_demo_run_stays_read_only(app_env):
@@ -502,8 +513,7 @@ def test_bad_checkpoint_uploads_get_one_clear_message(app_env, name, make, phras
     assert len(errors) == 1 and phrase in errors[0], errors
     assert str(app_env) not in errors[0]
     assert at.session_state["model"] is before
-    uploads = app_env / "uploads"
-    assert not [p for p in uploads.rglob("*") if p.is_file() and p.name == name]  # refused files are deleted
+    assert [p for p in at.session_state["_workspace"].uploads.rglob("*")] == []  # refused: nothing kept
 
 
 ZIP_CASES = [

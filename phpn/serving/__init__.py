@@ -13,11 +13,12 @@ None of this imports Streamlit; the app's pages call it.
 from .isolation import CODE_OFF_MESSAGE, ENABLE_HINT, code_allowed, require_code_allowed, try_in_child_process
 from .paths import (may_read, read_only_reason, readable_runs, redact_paths, run_save_target, visitor_path)
 from .settings import SETTINGS, ServerSettings, load_settings, settings_table
-from .workspace import Workspace, folder_size, human_size, is_within, sweep_idle, workspace_root
+from .workspace import (Workspace, folder_size, human_size, is_within, removed_on_error, sweep_idle,
+                        workspace_root)
 
 __all__ = [
     "CODE_OFF_MESSAGE", "ENABLE_HINT", "SETTINGS", "ServerSettings", "Workspace", "code_allowed", "folder_size",
     "human_size", "is_within", "load_settings", "may_read", "read_only_reason", "readable_runs", "redact_paths",
-    "require_code_allowed", "run_save_target", "settings_table", "sweep_idle", "try_in_child_process",
+    "removed_on_error", "require_code_allowed", "run_save_target", "settings_table", "sweep_idle", "try_in_child_process",
     "visitor_path", "workspace_root",
 ]

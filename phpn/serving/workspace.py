@@ -19,6 +19,7 @@ import shutil
 import stat
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -135,8 +136,32 @@ class Workspace:
     def owns(self, path) -> bool:
         return is_within(path, self.path)
 
+    def forget_uploads(self, keep=()) -> int:
+        """Delete this visitor's upload folders that hold none of ``keep`` (the files still in
+        use); return how many. Saved runs are not touched."""
+        removed = 0
+        for folder in self.uploads.iterdir():
+            if folder.is_symlink() or not folder.is_dir():
+                continue
+            if not any(is_within(path, folder) for path in keep if path):
+                shutil.rmtree(folder, ignore_errors=True)
+                removed += 1
+        return removed
+
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+@contextmanager
+def removed_on_error(folders: list):
+    """Delete the folders appended to ``folders`` inside the block if the block fails: a refused
+    upload leaves nothing behind. Streamlit's rerun/stop signals (not Exceptions) pass through."""
+    try:
+        yield folders
+    except Exception:
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
 
 
 def folder_size(path) -> int:
