@@ -113,6 +113,7 @@ def cmd_discover(args) -> int:
     solver = args.solver or defaults.get("solver", "lbfgs")
     config = DiscoveryConfig(k=k, images_per_class=cap, solver=solver, nmf_solver=args.nmf_solver,
                              objective=args.objective, scaling=args.scaling,
+                             contributions=args.contributions, holdout=args.holdout,
                              seed=args.seed, device=args.device, batch_size=args.batch_size,
                              classes=_class_list(args.classes, session.class_names),
                              **({"memory_budget_mb": args.memory_budget} if args.memory_budget is not None else {}))
@@ -144,10 +145,13 @@ def cmd_discover(args) -> int:
     t = run.meta["timings"]
     obj = {"run": str(path), "classes": len(run.meta["classes"]), "k": run.k, "timings": t, "certificate": cert,
            "skipped": run.meta["data"]["skipped"], "chance_warning": _warn_if_chance(cert)}
+    from .part_metrics import part_metrics_summary
+
     fid = [f for c in run.meta["classes"] for f in c["fidelity"]]
     text = (f"saved {path}: {len(run.meta['classes'])} classes x {run.k} prototypes in {t['total_s']:.1f}s "
             f"(features {t['features_s']:.1f}s, NMF {t['nmf_s']:.1f}s, refinement {t['refine_s']:.1f}s)\n"
             f"map fidelity: median {sorted(fid)[len(fid) // 2]:.3f}, min {min(fid):.3f}\n"
+            f"{part_metrics_summary(run.meta['classes'])}\n"
             f"certificate: {_cert_text(cert)}")
     held = run.meta.get("certificate_held_out")
     if held:
@@ -301,6 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hals: batched, GPU when present (default); sklearn: the reference, class by class")
     p.add_argument("--objective", choices=["prototype", "residual"], default="prototype")
     p.add_argument("--scaling", choices=["lstsq", "nnls"], default="lstsq")
+    p.add_argument("--contributions", choices=["part", "free"], default="part",
+                   help="part: each prototype's mean contribution is held at its NMF part's share (no cancelling); "
+                        "free: left to the map objective")
+    p.add_argument("--holdout", type=float, default=0.0, metavar="FRACTION",
+                   help="keep this fraction of each class's images out of discovery and report the prototypes' "
+                        "fidelity and specificity on them (default 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--batch-size", type=int, default=64)

@@ -16,6 +16,8 @@ IMAGES_PER_CLASS: Optional[int] = None  # None: every image of each class (a cap
 SOLVER = "lbfgs"  # refinement of the residual split
 OBJECTIVE = "prototype"  # keep each final prototype's map like its NMF part
 SCALING = "lstsq"  # α by least squares (may be negative); nnls keeps α >= 0
+CONTRIBUTION = "part"  # each prototype's mean contribution held at its NMF part's share (no cancelling)
+HOLDOUT = 0.0  # fraction of each class's images kept out of discovery to measure held-out fidelity
 NMF_SOLVER = "hals"  # batched, on the GPU when there is one
 SEED = 0
 TOP_PATCHES = 6  # training patches kept per prototype
@@ -25,6 +27,7 @@ DEVICE = "auto"  # the GPU when there is one, else the CPU
 SOLVERS = refine.SOLVERS
 OBJECTIVES = refine.OBJECTIVES
 SCALINGS = refine.SCALINGS
+CONTRIBUTIONS = refine.CONTRIBUTIONS
 NMF_SOLVERS = nmf.SOLVERS
 DEVICES = ("auto", "cpu", "cuda")
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional, Sequence
@@ -24,15 +24,18 @@ from typing import Optional, Sequence
 import torch
 
 from . import __version__
+from . import defaults as D
 from .certify import CertificateAccumulator, checks_inside
 from .data import ImageFolderData, Preprocess, iter_batches, load_batch
 from .device import resolve_device
 from .errors import ConfigError, DataError
 from .features import FeatureTap, backbone_features, prepare_backbone
 from .models.head import NONNEGATIVE_FEATURES_NMF, SIGNED_FEATURES_NMF, HeadSplit, LoadedModel
+from .network import prototype_maps
 from .nmf import NMFConfig, nmf
 from .progress import ProgressFn, RepeatLast, report
-from .refine import RefineConfig, refine
+from .part_metrics import class_part_metrics, fidelity_and_specificity, warnings_for
+from .refine import RefineConfig, part_signs, refine
 from .resume import GroupResult, fingerprint, open_store
 from .runs import Run
 
@@ -61,11 +64,18 @@ class DiscoveryConfig:
     # needs the model's float32 logits, so that pass runs in float32.
     autocast: bool = True
     classes: Optional[tuple] = None  # model class indices to decompose; None: every class with images
+    contributions: str = D.CONTRIBUTION  # part: mean contributions held at the NMF parts' shares; free (see refine)
+    ridge: float = 1e-3  # refinement's ridge on the residual split (makes the solution unique)
+    holdout: float = D.HOLDOUT  # fraction of each class's images kept out of discovery, for held-out fidelity
 
     def __post_init__(self):
         if not 1 <= self.k <= 20:
             raise ConfigError(f"k = {self.k} is out of range.", "Choose between 1 and 20 prototypes per class.")
-        RefineConfig(solver=self.solver, objective=self.objective, scaling=self.scaling)  # validates names
+        RefineConfig(solver=self.solver, objective=self.objective, scaling=self.scaling,
+                     contributions=self.contributions, ridge=self.ridge)  # validates names
+        if not 0 <= self.holdout < 1:
+            raise ConfigError(f"The held-out fraction must be at least 0 and below 1, got {self.holdout}.",
+                              "Use --holdout 0.2, for example, to keep a fifth of each class's images out of discovery.")
         NMFConfig(k=self.k, solver=self.nmf_solver)
         if self.top_patches < 1:
             raise ConfigError("top_patches must be at least 1.", "")
@@ -76,7 +86,8 @@ class DiscoveryConfig:
     def refine_config(self) -> RefineConfig:
         return RefineConfig(solver=self.solver, objective=self.objective, scaling=self.scaling,
                             max_iter=self.lbfgs_iter, max_evaluations=self.nelder_mead_evaluations,
-                            subspace_rank=self.subspace_rank, seed=self.seed)
+                            subspace_rank=self.subspace_rank, seed=self.seed, contributions=self.contributions,
+                            ridge=self.ridge)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -127,12 +138,50 @@ def _groups(classes: list, per_class_bytes: list, budget: int) -> list:
     return groups
 
 
+def hold_out(wanted: list, fraction: float, k: int) -> tuple:
+    """Keep the last ``round(fraction · n)`` images of each class out of discovery (at least one
+    image stays for discovery). Returns (classes with their discovery images, {class index: held-out paths})."""
+    kept, held = [], {}
+    for entry in wanted:
+        n = len(entry.paths)
+        count = min(int(round(fraction * n)), n - 1) if fraction > 0 else 0
+        held[entry.class_index] = list(entry.paths[n - count:]) if count else []
+        kept.append(replace(entry, paths=list(entry.paths[:n - count])) if count else entry)
+    return kept, held
+
+
+def add_heldout_metrics(records: list, run: Run, split: HeadSplit, root, held_paths: dict, preprocess: Preprocess,
+                        forward, batch_size: int) -> None:
+    """Fidelity and specificity of each class's prototypes on its held-out images, into its record."""
+    for row, record in enumerate(records):
+        paths = held_paths.get(record["index"]) or []
+        chunks, kept = [], []
+        for start in range(0, len(paths), batch_size):
+            x, ok, _ = load_batch(root, paths[start:start + batch_size], preprocess)
+            if ok:
+                chunks.append(forward(x)[0].float())
+                kept += ok
+        record["heldout_images"] = len(kept)
+        record["heldout_paths"] = kept
+        if not chunks:
+            continue
+        feats = torch.cat(chunks)
+        signs = part_signs(torch.tensor(record["part_share"], dtype=torch.float64)).tolist()
+        fid, spec = fidelity_and_specificity(feats, run.prototypes[row].to(feats), run.nmf_prototypes[row].to(feats),
+                                             signs)
+        record["fidelity_heldout"], record["specificity_heldout"] = fid, spec
+        record["warnings"] = warnings_for(record)
+
+
 def _class_record(entry, feats: torch.Tensor, paths: list, refined, found, i: int, split: HeadSplit,
                   top: int, crop: int) -> dict:
-    """What a run keeps of one class: the refinement's numbers, mean contributions, top patches."""
+    """What a run keeps of one class: the refinement's numbers, part metrics, top patches."""
     pooled = feats.mean(dim=(2, 3))
     final = refined.prototypes[i].to(feats.device).float()
-    maps = split.image_scale(pooled)[:, None, None, None] * torch.einsum("ndhw,kd->nkhw", feats, final)
+    scale = split.image_scale(pooled)
+    maps = prototype_maps(feats, final, scale)
+    metrics = class_part_metrics(feats, final, found.prototypes[i].to(feats), split.weight[entry.class_index],
+                                 scale, refined.alpha[i].tolist(), refined.part_share[i].tolist())
     return {
         "index": entry.class_index,
         "folder": entry.folder,
@@ -142,9 +191,8 @@ def _class_record(entry, feats: torch.Tensor, paths: list, refined, found, i: in
         "residual_ratio": float(refined.residual_ratio[i]),
         "objective_before": float(refined.objective_before[i]),
         "objective_after": float(refined.objective_after[i]),
-        "fidelity": refined.fidelity[i].tolist(),
         "nmf_relative_error": float(found.relative_error[i]),
-        "mean_contribution": maps.mean(dim=(2, 3)).mean(0).tolist(),
+        **metrics,
         "top_patches": top_patches(maps, paths, top, crop),
         "paths": paths,
     }
@@ -247,8 +295,9 @@ def _factorise_group(g: int, group: list, stacked: torch.Tensor, counts: torch.T
     t0 = time.perf_counter()
     report(progress, "refine", classes_done, classes_total)
     heads = split.weight.detach().to(device).float()[[e.class_index for e in group]]
+    usage = found.encodings.sum(1) / counts.to(found.encodings)[:, None]  # each part's mean encoding
     refined = refine(stacked, found.prototypes, heads, config.refine_config(), counts,
-                     tick=lambda: report(progress, "refine", classes_done, classes_total))
+                     tick=lambda: report(progress, "refine", classes_done, classes_total), usage=usage)
     _sync(device)
     timings["refine_s"] = time.perf_counter() - t0
 
@@ -416,7 +465,7 @@ def discover(loaded: LoadedModel, split: HeadSplit, data: ImageFolderData, prepr
     """
     device = resolve_device(config.device)
     started = time.perf_counter()
-    wanted = _wanted(data, config, split)
+    wanted, held_paths = hold_out(_wanted(data, config, split), config.holdout, config.k)
     forward = _Features(loaded, split, device, config, certify)
     if progress is not None:
         progress = RepeatLast(progress)
@@ -460,6 +509,8 @@ def discover(loaded: LoadedModel, split: HeadSplit, data: ImageFolderData, prepr
               head_rows=split.weight.detach().cpu()[class_indices].clone(),
               head_bias=split.bias.detach().cpu().clone(), meta={})
     skipped_all = list(data.skipped) + [s for r in ordered for s in r.skipped]
+    if any(held_paths.values()):
+        add_heldout_metrics(class_meta, run, split, data.root, held_paths, preprocess, forward, config.batch_size)
     meta = {
         "phpn_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
