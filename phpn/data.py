@@ -550,5 +550,13 @@ def iter_batches(root, rel_paths: Sequence[str], preprocess: Preprocess, batch_s
     workers = min(workers, -(-len(dataset) // batch_size))  # no idle process for a short list
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                                          collate_fn=_collate_images, pin_memory=pin_memory,
-                                         prefetch_factor=4 if workers else None, persistent_workers=False)
-    yield from loader
+                                         prefetch_factor=2 if workers else None, persistent_workers=False)
+    try:
+        yield from loader
+    except RuntimeError as exc:
+        # Workers hand batches over in shared memory; a container's small /dev/shm kills them.
+        if workers and any(s in str(exc) for s in ("shared memory", "killed by signal", "exited unexpectedly")):
+            raise DataError(f"The image-decoding workers stopped ({exc}).",
+                            "Decode in this process with --workers 0, or give the machine or container more "
+                            "shared memory (docker run --shm-size 8g).") from None
+        raise

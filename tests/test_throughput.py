@@ -181,3 +181,16 @@ def test_one_pass_certificate_on_cuda_with_decoding_workers(tiny_loaded, image_f
     separate = discover(tiny_loaded, tiny_split(tiny_loaded.model), data, tiny_loaded.preprocess,
                         DiscoveryConfig(k=2, device="cpu", memory_budget_mb=0), certify=True, workers=0)
     assert separate.meta["certificate"]["agreed"] == cert["agreed"] == 48
+
+
+def test_a_decoding_worker_that_dies_gets_a_clear_message(tiny_loaded, image_folder, monkeypatch):
+    import os
+    import signal
+
+    from phpn.errors import DataError
+
+    # A worker killed by the kernel, as a container's full /dev/shm does (SIGBUS).
+    monkeypatch.setattr(phpn.data, "load_image", lambda src: os.kill(os.getpid(), signal.SIGBUS))
+    with pytest.raises(DataError, match="The image-decoding workers stopped .*--workers 0.*--shm-size"):
+        list(iter_batches(image_folder, [f"0/img{i:02d}.png" for i in range(8)], tiny_loaded.preprocess,
+                          batch_size=2, workers=1))
