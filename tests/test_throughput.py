@@ -194,3 +194,25 @@ def test_a_decoding_worker_that_dies_gets_a_clear_message(tiny_loaded, image_fol
     with pytest.raises(DataError, match="The image-decoding workers stopped .*--workers 0.*--shm-size"):
         list(iter_batches(image_folder, [f"0/img{i:02d}.png" for i in range(8)], tiny_loaded.preprocess,
                           batch_size=2, workers=1))
+
+
+class _Untraceable(TinyNet):
+    """Control flow on the input defeats torch.fx: the split is read from layer hooks instead."""
+
+    def forward(self, x):
+        if float(x.abs().sum()) > 0:
+            x = x * 1.0
+        return self.fc(self.features(x).mean((2, 3)))
+
+
+def test_tap_on_a_backbone_read_from_layer_hooks():
+    torch.manual_seed(0)
+    model = _Untraceable().eval()
+    split = diagnose_split(model)
+    assert type(split.backbone).__name__ == "HookedBackbone"
+    tap = FeatureTap(split, model, torch.device("cpu"))
+    x = torch.randn(3, 3, 16, 16)
+    tap(x)
+    feats, logits = tap(x)
+    assert tap.mode == "one pass"
+    assert torch.equal(logits, model(x)) and torch.equal(feats, split.backbone(x))
