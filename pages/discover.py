@@ -193,7 +193,7 @@ if entry is not None:
                     f"{'reproduces' if passed else 'does not reproduce'} the original model on {cert['images']} images.")
         (st.success if passed else st.error)(headline, icon=":material/verified:" if passed else ":material/cancel:")
         c1, c2, c3, c4, c5 = st.columns(5)
-        c1.metric("Agrees with the model on", f"{c.agreed} of {c.images} images", help=term("agreement"))
+        c1.metric("Agreement (images)", f"{c.agreed} / {c.images}", help=term("agreement"))
         c2.metric("Model accuracy", f"{100 * c.accuracy:.1f}%" if c.accuracy is not None else "unknown",
                   help=term("accuracy") + (f" Here: {c.correct} right of {c.labelled_images} labelled images."
                                            if c.labelled_images else " These images had no labels."))

@@ -152,10 +152,11 @@ def test_live_discovery_shows_the_certificate_and_the_refinement_table(demo_app)
     assert run.origin == "live discovery" and run.run.k == 3
     assert any("Certificate PASSED" in s.value for s in at.success)
     labels = [m.label for m in at.metric]
-    assert {"Agrees with the model on", "Model accuracy", "Max |Δ logit|", "Features", "NMF", "Refinement"} <= set(labels)
+    assert {"Agreement (images)", "Model accuracy", "Max |Δ logit|", "Features", "NMF",
+            "Refinement"} <= set(labels)
     metrics = {m.label: m.value for m in at.metric}
     cert = run.run.meta["certificate"]
-    assert metrics["Agrees with the model on"] == f"{cert['images']} of {cert['images']} images"
+    assert metrics["Agreement (images)"] == f"{cert['images']} / {cert['images']}"
     assert metrics["Model accuracy"] == f"{100 * cert['correct'] / cert['labelled_images']:.1f}%"
     table = at.dataframe[0].value
     assert len(table) == 10 and {"α", "negative α", "fidelity", "objective before", "objective after"} <= set(table)
@@ -576,7 +577,7 @@ def test_a_model_at_the_wrong_size_is_flagged_before_any_explanation_and_the_che
     warning = chance_warning(cert)
     assert warning in _errors(at)
     assert any(m.label == "Model accuracy" and m.value == f"{100 * cert['accuracy']:.1f}%" for m in at.metric)
-    assert any(m.label == "Agrees with the model on" and m.value == "30 of 30 images" for m in at.metric)
+    assert any(m.label == "Agreement (images)" and m.value == "30 / 30" for m in at.metric)
     assert any("near chance" in e.value for e in at.sidebar.error)
     at.switch_page("pages/explain.py").run()
     _clean(at)
