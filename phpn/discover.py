@@ -429,10 +429,10 @@ def discovery_key(loaded: LoadedModel, split: HeadSplit, preprocess: Preprocess,
 
 
 def certificate_from_results(split: HeadSplit, prototypes: torch.Tensor, class_indices: torch.Tensor,
-                             head_error: torch.Tensor, pooled: torch.Tensor, logits: torch.Tensor,
-                             labels: torch.Tensor, device: torch.device, progress: Optional[ProgressFn] = None,
-                             chunk: int = 4096):
-    """The certificate from pooled features and the model's own logits captured in discovery's pass:
+                             head_error: torch.Tensor, parts: Sequence[tuple], device: torch.device,
+                             progress: Optional[ProgressFn] = None, chunk: int = 4096):
+    """The certificate from pooled features and the model's own logits captured in discovery's pass,
+    ``parts`` [(pooled (n, D), logits (n, C), labels (n,))] group by group (never concatenated):
     the decomposed network's logits for a pooled vector z are those of the map z (1×1)."""
     from .network import PrototypeNetwork
 
@@ -441,12 +441,15 @@ def certificate_from_results(split: HeadSplit, prototypes: torch.Tensor, class_i
     for name in ("class_indices", "head_weight", "head_bias"):
         setattr(network, name, getattr(network, name).to(device))
     acc = CertificateAccumulator()
+    total, done = sum(p[0].shape[0] for p in parts), 0
     with torch.inference_mode():
-        for start in range(0, pooled.shape[0], chunk):
-            z = pooled[start:start + chunk].to(device)
-            ours = network.explain_features(z[:, :, None, None], classes=[], with_maps=False).logits
-            acc.add(logits[start:start + chunk].to(device), ours, labels[start:start + chunk].to(device))
-            report(progress, "certify", min(start + chunk, pooled.shape[0]), pooled.shape[0])
+        for pooled, logits, labels in parts:
+            for start in range(0, pooled.shape[0], chunk):
+                z = pooled[start:start + chunk].to(device)
+                ours = network.explain_features(z[:, :, None, None], classes=[], with_maps=False).logits
+                acc.add(logits[start:start + chunk].to(device), ours, labels[start:start + chunk].to(device))
+                done += z.shape[0]
+                report(progress, "certify", done, total)
     return acc.certificate(head_error)
 
 
@@ -533,8 +536,7 @@ def discover(loaded: LoadedModel, split: HeadSplit, data: ImageFolderData, prepr
         t0 = time.perf_counter()
         head_error = run.head_error()
         cert = certificate_from_results(split, prototypes, class_indices, head_error,
-                                        torch.cat([r.pooled for r in ordered]), torch.cat([r.logits for r in ordered]),
-                                        torch.cat([r.labels for r in ordered]), device, progress)
+                                        [(r.pooled, r.logits, r.labels) for r in ordered], device, progress)
         timings["certify_s"] += time.perf_counter() - t0
         cert.seconds = round(timings["certify_s"], 3)
         meta["certificate"] = cert.to_dict()
@@ -564,5 +566,5 @@ def certify_images(forward: "_Features", split: HeadSplit, run: Run, data: Image
         report(progress, "certify", done, len(order))
     if not pooled:
         raise DataError("None of the held-out images could be read.", "Check the held-out image folder.")
-    return certificate_from_results(split, run.prototypes, run.class_indices, run.head_error(), torch.cat(pooled),
-                                    torch.cat(logits), torch.cat(labels), device, progress)
+    return certificate_from_results(split, run.prototypes, run.class_indices, run.head_error(),
+                                    list(zip(pooled, logits, labels)), device, progress)
