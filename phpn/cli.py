@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from .data import INTERPOLATIONS, Preprocess
 from .errors import PhpnError
 
@@ -38,17 +40,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--interpolation", choices=list(INTERPOLATIONS))
 
 
-def _preprocess(args, default: Preprocess) -> Preprocess:
-    values = default.to_dict()
-    for name in ("resize", "crop", "mean", "std", "interpolation"):
-        if getattr(args, name, None) is not None:
-            values[name] = getattr(args, name)
-    if args.crop is not None and args.resize is None:
-        values["resize"] = max(values["resize"], args.crop)
-    return Preprocess.from_dict(values)
+def _overrides(args) -> dict:
+    """The preprocessing flags given (merged into the model's own by phpn.api.merge_preprocess)."""
+    return {name: getattr(args, name, None) for name in ("resize", "crop", "mean", "std", "interpolation")}
 
 
-def _session(args):
+def _session(args, preprocess: Optional[Preprocess] = None):
+    """Open the model the flags name; the preprocessing flags (over ``preprocess``, e.g. a run's
+    own) are merged before the doctor runs, so it diagnoses the input size that will be used."""
     from .api import open_model, read_class_names
 
     if not args.demo and not args.checkpoint:
@@ -56,10 +55,8 @@ def _session(args):
     names = read_class_names(args.class_names) if args.class_names else None
     session = open_model(args.checkpoint, demo=args.demo, arch=args.arch, model_def=args.model_def,
                          trust_pickle=args.trust_pickle, num_classes=args.num_classes, class_names=names,
-                         feature_layer=args.feature_layer, head_layer=args.head_layer)
-    pre = _preprocess(args, session.loaded.preprocess)
-    if pre != session.preprocess:
-        session.preprocess = pre
+                         feature_layer=args.feature_layer, head_layer=args.head_layer, preprocess=preprocess,
+                         overrides=_overrides(args))
     return session
 
 
@@ -100,17 +97,16 @@ def cmd_discover(args) -> int:
     from .api import open_data, run_discovery
     from .discover import DiscoveryConfig
     from .progress import TqdmProgress
-    from .runs import save_run
+    from .runs import check_run_target, save_run
 
+    check_run_target(args.out, args.overwrite)  # before any work: a bad --out fails at once
     session = _session(args)
-    defaults = {}
-    if session.demo:
-        from .demos import get_demo
+    from .defaults import discovery_defaults
 
-        defaults = dict(get_demo(session.demo).defaults)
-    k = args.k if args.k is not None else defaults.get("k", 3)
-    cap = args.images_per_class if args.images_per_class is not None else defaults.get("images_per_class")
-    solver = args.solver or defaults.get("solver", "lbfgs")
+    defaults = discovery_defaults(session.demo)
+    k = args.k if args.k is not None else defaults["k"]
+    cap = args.images_per_class if args.images_per_class is not None else defaults["images_per_class"]
+    solver = args.solver or defaults["solver"]
     config = DiscoveryConfig(k=k, images_per_class=cap, solver=solver, nmf_solver=args.nmf_solver,
                              objective=args.objective, scaling=args.scaling,
                              contributions=args.contributions, holdout=args.holdout,
@@ -139,7 +135,7 @@ def cmd_discover(args) -> int:
         distributed.close(shard)
     if run is None:  # another rank than 0: rank 0 writes the run
         return 0
-    path = save_run(run, args.out)
+    path = save_run(run, args.out, overwrite=args.overwrite)
     discard_progress(progress_dir_for(args.out))
     cert = run.meta.get("certificate", {})
     t = run.meta["timings"]
@@ -160,6 +156,10 @@ def cmd_discover(args) -> int:
         text += f"\nheld-out certificate: {_cert_text(held)}"
     if run.meta["data"]["skipped"]:
         text += f"\nskipped {len(run.meta['data']['skipped'])} unreadable files (see run.json)"
+    from .data import describe_class_mapping
+
+    obj["class_mapping"] = run.meta["data"].get("class_mapping", {})
+    text += "\n" + describe_class_mapping(obj["class_mapping"])
     _emit(args, obj, text)
     return 0
 
@@ -207,11 +207,19 @@ def _run_session(args):
         args.demo = meta_run.meta.get("demo")
         if not args.demo:
             raise PhpnError("This run was made from a checkpoint.", "Pass --checkpoint PATH (and --arch/--model-def as for discover).")
-    session = _session(args)
-    session.preprocess = Preprocess.from_dict(meta_run.meta["preprocess"])
+    recorded = meta_run.meta["preprocess"]
+    if "given" in recorded:
+        raise PhpnError("This run was decomposed in Python from images preprocessed there.",
+                        "Open it with phpn.load_run(path, model) in Python.")
+    session = _session(args, preprocess=Preprocess.from_dict(recorded))
     from .api import open_run
 
     run, network = open_run(session, args.run)
+    if run.meta["model"].get("class_names") and not session.loaded.class_names:
+        # The run named the classes after its folders; this session is the command's own.
+        from dataclasses import replace
+
+        session.loaded = replace(session.loaded, class_names=list(run.meta["model"]["class_names"]))
     return session, run, network
 
 
@@ -235,7 +243,11 @@ def cmd_explain(args) -> int:
     if args.class_ is not None:
         class_index = _class_index(args.class_, session.class_names)
     warning = _warn_if_chance(run.meta.get("certificate"))
-    ex = explain_image(session, network, args.image, class_index)
+    if args.out is not None:
+        return _explain_to_folder(args, session, run, network, class_index)
+    if len(args.images) != 1 or args.images[0].is_dir():
+        raise PhpnError("Several images (or a folder) are explained into a folder.", "Pass --out DIR.")
+    ex = explain_image(session, network, args.images[0], class_index)
     obj = ex.to_dict()
     obj["chance_warning"] = warning
     obj["prototypes"] = [{"prototype": i, "contribution": float(c)} for i, c in enumerate(ex.contributions)]
@@ -245,6 +257,24 @@ def cmd_explain(args) -> int:
     lines.append(f"  bias: {ex.bias:+.4f}")
     lines.append(f"  contributions + bias = {ex.contributions.sum() + ex.bias:.4f}")
     _emit(args, obj, "\n".join(lines))
+    return 0
+
+
+def _explain_to_folder(args, session, run, network, class_index) -> int:
+    from .api import EXPLANATIONS_SUMMARY, explain_to_folder
+    from .progress import TqdmProgress
+
+    bar = TqdmProgress(disable=args.json)
+    summary = explain_to_folder(session, run, args.images, args.out, class_index=class_index, progress=bar,
+                                network=network)
+    bar.close()
+    obj = {"out": str(args.out), "summary": str(args.out / EXPLANATIONS_SUMMARY), "images": summary["images"],
+           "explained": len(summary["explained"]), "skipped": summary["skipped"]}
+    text = (f"explained {len(summary['explained'])} of {summary['images']} images into {args.out} "
+            f"(a PNG and an HTML page each; summary in {EXPLANATIONS_SUMMARY})")
+    if summary["skipped"]:
+        text += "\n" + "\n".join(f"skipped {s['image']}: {s['why']}" for s in summary["skipped"])
+    _emit(args, obj, text)
     return 0
 
 
@@ -292,29 +322,38 @@ def cmd_evaluate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m phpn", description="Post-hoc part-prototype networks.")
+    from . import __version__
+    from . import defaults as D
+
+    # Named as it was started: the console script "phpn" or "python -m phpn".
+    prog = "python -m phpn" if Path(sys.argv[0]).name == "__main__.py" else "phpn"
+    parser = argparse.ArgumentParser(prog=prog, description="Post-hoc part-prototype networks.")
+    parser.add_argument("--version", action="version", version=f"phpn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("discover", help="discover and refine part-prototypes; save a run")
     _add_model_args(p)
     p.add_argument("--data", type=Path, help="image folder, one sub-folder per class (the demo's own with --demo)")
-    p.add_argument("--k", type=int, help="prototypes per class (default 3)")
-    p.add_argument("--images-per-class", type=int, help="cap per class, sampled deterministically")
-    p.add_argument("--solver", choices=["lbfgs", "nelder-mead", "none"])
-    p.add_argument("--nmf-solver", choices=["hals", "sklearn"], default="hals",
+    p.add_argument("--k", type=int, help=f"prototypes per class (default {D.K}, or the demo's)")
+    p.add_argument("--images-per-class", type=int,
+                   help="cap per class, sampled deterministically (default: every image, or the demo's)")
+    p.add_argument("--solver", choices=D.SOLVERS, help=f"refinement solver (default {D.SOLVER}, or the demo's)")
+    p.add_argument("--nmf-solver", choices=D.NMF_SOLVERS, default=D.NMF_SOLVER,
                    help="hals: batched, GPU when present (default); sklearn: the reference, class by class")
-    p.add_argument("--objective", choices=["prototype", "residual"], default="prototype")
-    p.add_argument("--scaling", choices=["lstsq", "nnls"], default="lstsq")
-    p.add_argument("--contributions", choices=["part", "free"], default="part",
+    p.add_argument("--objective", choices=D.OBJECTIVES, default=D.OBJECTIVE)
+    p.add_argument("--scaling", choices=D.SCALINGS, default=D.SCALING)
+    p.add_argument("--contributions", choices=D.CONTRIBUTIONS, default=D.CONTRIBUTION,
                    help="part: each prototype's mean contribution is held at its NMF part's share (no cancelling); "
                         "free: left to the map objective")
-    p.add_argument("--holdout", type=float, default=0.0, metavar="FRACTION",
+    p.add_argument("--holdout", type=float, default=D.HOLDOUT, metavar="FRACTION",
                    help="keep this fraction of each class's images out of discovery and report the prototypes' "
                         "fidelity and specificity on them (default 0)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--out", type=Path, required=True, help="folder to write the run to")
+    p.add_argument("--seed", type=int, default=D.SEED)
+    p.add_argument("--device", default=D.DEVICE, help="auto, cpu or cuda")
+    p.add_argument("--batch-size", type=int, default=D.BATCH_SIZE)
+    p.add_argument("--out", type=Path, required=True,
+                   help="new or empty folder to write the run to; phpn never writes over anything else")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already saved at --out")
     g = p.add_argument_group("scale (torchrun --nproc_per_node N -m phpn discover ... shards the classes)")
     g.add_argument("--classes", help="decompose only these classes: indices, ranges and names, e.g. 0,5-9,Bag")
     g.add_argument("--memory-budget", type=int, metavar="MB",
@@ -333,14 +372,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--data", type=Path)
     p.add_argument("--images-per-class", type=int)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default=D.DEVICE)
+    p.add_argument("--batch-size", type=int, default=D.BATCH_SIZE)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_certify)
 
-    p = sub.add_parser("explain", help="explain one image with a run's prototypes")
+    p = sub.add_parser("explain", help="explain images with a run's prototypes (one, or many into --out)")
     p.add_argument("run", type=Path)
-    p.add_argument("image", type=Path)
+    p.add_argument("images", type=Path, nargs="+", metavar="IMAGE_OR_FOLDER")
+    p.add_argument("--out", type=Path, help="folder for a PNG and an HTML page per image and explanations.json")
     p.add_argument("--class", dest="class_", help="class index or name (default: the top decomposed class)")
     _add_model_args(p)
     p.add_argument("--json", action="store_true")
@@ -370,12 +410,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_options(args) -> None:
+    """Refuse impossible numbers before any model is loaded (the same checks the library makes)."""
+    from .device import check_device_name
+    from .validation import check_at_least, check_finite, check_input_side, check_seed
+
+    if getattr(args, "seed", None) is not None:
+        check_seed(args.seed)
+    if getattr(args, "device", None) is not None:
+        check_device_name(args.device)
+    for flag in ("batch_size", "images_per_class", "k"):
+        if getattr(args, flag, None) is not None:
+            check_at_least("--" + flag.replace("_", "-"), getattr(args, flag))
+    for flag in ("resize", "crop"):
+        if getattr(args, flag, None) is not None:
+            check_input_side("--" + flag, getattr(args, flag))
+    for size in getattr(args, "sizes", None) or ():
+        check_input_side("--sizes", size)
+    for flag in ("mean", "std"):
+        if getattr(args, flag, None) is not None:
+            check_finite("--" + flag, getattr(args, flag))
+
+
 def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _check_options(args)
         return args.func(args)
-    except PhpnError as err:
+    except (PhpnError, OSError, MemoryError, torch.OutOfMemoryError) as err:
+        if isinstance(err, PhpnError):
+            message = str(err)
+        elif isinstance(err, OSError):  # a file or folder the user named cannot be read or written
+            message = f"{err.strerror or err}: {err.filename or ''}".strip()
+        else:
+            message = ("There is not enough memory for this work. Lower --batch-size or --memory-budget, "
+                       "use fewer images per class, or a smaller input size.")
+        message = " ".join(message.split())  # one line, whatever the message held
         if getattr(args, "json", False):
-            print(json.dumps({"error": str(err)}))
-        print(f"error: {err}", file=sys.stderr)
+            print(json.dumps({"error": message}))
+        print(f"error: {message}", file=sys.stderr)
         return 2
