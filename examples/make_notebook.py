@@ -25,13 +25,13 @@ def cells(source: str) -> list:
 
 def notebook(source: str) -> dict:
     def lines(text: str) -> list:
-        parts = text.splitlines(keepends=True)
-        return parts
+        return text.splitlines(keepends=True)
 
     return {
-        "cells": [({"cell_type": "markdown", "metadata": {}, "source": lines(text)} if kind == "markdown" else
-                   {"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [],
-                    "source": lines(text)}) for kind, text in cells(source)],
+        "cells": [({"cell_type": "markdown", "id": f"cell-{i}", "metadata": {}, "source": lines(text)}
+                   if kind == "markdown" else
+                   {"cell_type": "code", "execution_count": None, "id": f"cell-{i}", "metadata": {}, "outputs": [],
+                    "source": lines(text)}) for i, (kind, text) in enumerate(cells(source))],
         "metadata": {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
                      "language_info": {"name": "python"}},
         "nbformat": 4, "nbformat_minor": 5,
