@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import NotDecomposableError, PhpnError
 from ..validation import MAX_INPUT_SIDE
-from .head import HeadSplit, LoadedModel
+from .head import SIGNED_FEATURES_NMF, HeadSplit, LoadedModel
 from .split import split_head
 
 VERDICTS = ("exact", "exact-after-folding", "impossible")
@@ -194,5 +194,5 @@ def _reason(split: HeadSplit, verdict: str) -> str:
         text = (f"The model ends in global average pooling ({_pool_text(split)}) followed by one linear layer "
                 f"('{split.head_layer}'), so each logit is exactly the mean over positions of per-position scores.")
     if split.signed_features:
-        text += " Its features can be negative (no ReLU before the pooling), which prototype discovery must allow for."
+        text += f" Its features can be negative (no ReLU before the pooling): {SIGNED_FEATURES_NMF}."
     return text
