@@ -648,3 +648,24 @@ def test_numpy_numbers_are_ordinary_numbers():
     assert DiscoveryConfig(seed=np.int64(7), batch_size=np.int32(4)).seed == 7
     pre = Preprocess(mean=tuple(np.float32([0.5, 0.5, 0.5])), std=tuple(np.float32([0.25, 0.25, 0.25])))
     assert pre.std[0] == 0.25
+
+
+def test_a_model_file_whose_forward_never_returns_is_refused_in_time(world, tmp_path, monkeypatch):
+    import phpn.models.loader as loader
+    from phpn.errors import CheckpointError
+    from phpn.models import load_model
+
+    gate = threading.Event()
+    source = MODEL_SOURCE.replace("import torch\n", "import torch\nimport builtins\n").replace(
+        "return self.classifier(", "builtins.phpn_test_gate.wait()\n        return self.classifier(")
+    _write(tmp_path / "stuck.py", source)
+    import builtins
+
+    builtins.phpn_test_gate = gate
+    monkeypatch.setattr(loader, "TRIAL_TIME_LIMIT_S", 0.3)
+    try:
+        with pytest.raises(CheckpointError, match=r"forward pass did not finish within 0.3 s on one 3x224x224 image"):
+            load_model(world.checkpoint, model_def=f"{tmp_path / 'stuck.py'}:Net")
+    finally:
+        gate.set()
+        del builtins.phpn_test_gate

@@ -21,7 +21,7 @@ from ..data import Preprocess
 from ..errors import CheckpointError, ConfigError
 from . import hf, lite0, zoo
 from .checkpoint import read_checkpoint
-from .doctor import TRIAL_TIME_LIMIT_S, call_with_time_limit
+from .doctor import TRIAL_TIME_LIMIT_S, TimeLimitExceeded, call_with_time_limit
 from .head import LoadedModel
 from .user_code import build_user_model, guess_num_classes, load_into
 
@@ -100,7 +100,11 @@ def _count_classes(model: nn.Module, state_dict, pre: Preprocess) -> int:
         out = call_with_time_limit(forward, TRIAL_TIME_LIMIT_S)
         if isinstance(out, torch.Tensor) and out.ndim == 2:
             return int(out.shape[1])
-    except Exception:  # another input size wanted, or a forward that never returns: read the weights
+    except TimeLimitExceeded:
+        raise CheckpointError(f"The model's forward pass did not finish within {TRIAL_TIME_LIMIT_S:g} s on one "
+                              f"{pre.channels}x{pre.crop}x{pre.crop} image, so phpn cannot use it.",
+                              "Check the model's forward (an endless loop or a wait never returns).") from None
+    except Exception:  # the model may want another input size: read the weights instead
         pass
     rows = guess_num_classes(state_dict)
     if rows is None:
