@@ -209,6 +209,8 @@ def compare(state_dict: Mapping, sig: Signature):
 
 @dataclass
 class TimmFit:
+    """How a state dict fits a timm model: the options it was built with, its class count."""
+
     name: str
     kwargs: dict
     num_classes: int
@@ -222,6 +224,8 @@ def fit(state_dict: Mapping, name: str) -> TimmFit:
         try:
             sig = signature(name, kwargs)
         except Exception:  # this option does not apply to this model
+            continue
+        if not sig.head_weight:  # no classifier to read the class count from
             continue
         diff = compare(state_dict, sig)
         if diff.size == 0:
