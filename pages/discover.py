@@ -260,6 +260,8 @@ if entry is not None:
 
             target = S.save_target(save_path)
             save_run(run, target)  # refuses anything there already: a file, a folder, another run
+            if S.workspace().owns(target):
+                S.workspace().keep_within_quota(target)  # over the visitor's quota: removed again
             entry.saved_to = target
             S.flash(f"Saved to `{S.shown_path(target)}` (written atomically: a complete run or nothing).",
                     place="save")

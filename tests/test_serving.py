@@ -583,3 +583,14 @@ def test_damaged_runs_are_refused_with_a_message_and_the_current_run_kept(app_en
     for page in ("pages/classes.py", "pages/explain.py"):
         at.switch_page(page).run()
         assert not at.exception and not _errors(at)
+
+
+def test_a_saved_run_over_the_visitors_quota_is_removed_again(app_env, monkeypatch):
+    monkeypatch.setenv("PHPN_SESSION_QUOTA_MB", "0.05")  # 51.2 KB: less than the demo run's tensors
+    at = _app()
+    at.switch_page("pages/discover.py").run()
+    at.text_input(key="save_path").set_value("too-big")
+    at.button(key="save_run").click().run()
+    errors = _errors(at)
+    assert len(errors) == 1 and errors[0].startswith("This run (") and "per visitor" in errors[0], errors
+    assert not (at.session_state["_workspace"].runs / "too-big").exists()

@@ -133,6 +133,16 @@ class Workspace:
             raise DataError(f"{what} ({human_size(nbytes)}) does not fit: the server's space for uploads "
                             "is full.", "Try again later or upload fewer images.")
 
+    def keep_within_quota(self, new_folder, what: str = "This run") -> None:
+        """After writing ``new_folder`` here: over a quota, delete it again and say so."""
+        size = folder_size(new_folder)
+        try:
+            self.check_room(0, what)
+        except DataError:
+            shutil.rmtree(new_folder, ignore_errors=True)
+            self.check_room(size, what)  # the message, with the folder's size
+            raise
+
     def owns(self, path) -> bool:
         return is_within(path, self.path)
 
