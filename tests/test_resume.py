@@ -84,3 +84,36 @@ def test_a_folder_phpn_did_not_write_is_never_used_for_progress(tiny_loaded, ima
         _run(tiny_loaded, data, progress_dir=foreign)
     discard_progress(foreign)
     assert (foreign / "notes.txt").read_text() == "mine"
+
+
+def test_cli_interrupted_then_resumed_writes_the_uninterrupted_run(tmp_path, monkeypatch, capsys):
+    import phpn.progress
+    from phpn.cli import main
+    from phpn.runs import load_run
+
+    args = ["discover", "--demo", "fashion-mnist", "--images-per-class", "3", "--memory-budget", "0", "--k", "2",
+            "--device", "cpu", "--workers", "0", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+
+    class CtrlCInSecondGroup(phpn.progress.TqdmProgress):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.stop = _stop_in_second_group()
+
+        def __call__(self, stage, done, total):
+            try:
+                self.stop(stage, done, total)
+            except Cancelled:
+                raise KeyboardInterrupt from None
+
+    with monkeypatch.context() as m:
+        m.setattr(phpn.progress, "TqdmProgress", CtrlCInSecondGroup)
+        assert main([*args, "--out", str(tmp_path / "run")]) == 130
+    assert "run the same command with --resume" in capsys.readouterr().err
+    assert len(list((tmp_path / ".run.progress").glob("group-*.json"))) == 1 and not (tmp_path / "run").exists()
+    assert main([*args, "--out", str(tmp_path / "run"), "--resume"]) == 0
+    whole, resumed = load_run(tmp_path / "whole"), load_run(tmp_path / "run")
+    for name in ("prototypes", "nmf_prototypes", "alpha", "class_indices"):
+        assert torch.equal(getattr(whole, name), getattr(resumed, name)), name
+    assert resumed.meta["certificate"]["images"] == 30 and resumed.meta["certificate"]["passed"]
+    assert not (tmp_path / ".run.progress").exists()
