@@ -489,11 +489,13 @@ def load_batch(root: Path, rel_paths: Sequence[str], preprocess: Preprocess):
 
 
 def default_workers() -> int:
-    """Decoding processes: one core is left to the main process (it drives the model)."""
+    """Decoding processes: this process's share of the cores (torchrun starts several per
+    machine), less one left to the process itself (it drives the model)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
+    cores //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return max(0, min(cores - 1, 16))
 
 

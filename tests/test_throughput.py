@@ -216,3 +216,15 @@ def test_tap_on_a_backbone_read_from_layer_hooks():
     feats, logits = tap(x)
     assert tap.mode == "one pass"
     assert torch.equal(logits, model(x)) and torch.equal(feats, split.backbone(x))
+
+
+def test_default_workers_share_the_cores_among_local_ranks(monkeypatch):
+    from phpn.data import default_workers
+
+    monkeypatch.setattr(phpn.data.os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert default_workers() == 15
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert default_workers() == 3
+    monkeypatch.setattr(phpn.data.os, "sched_getaffinity", lambda pid: {0})
+    assert default_workers() == 0
