@@ -8,8 +8,8 @@ the picture is drawn here with the same colours (``phpn.viz``).
 """
 from __future__ import annotations
 
-import html
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,10 +71,8 @@ class Explanation:
         return explanation_report(self, self.run, image_root=self.image_root, preprocess=self.preprocess)
 
     def _repr_html_(self) -> str:
-        # An iframe keeps the page's styles from leaking into the notebook; still one self-contained string.
-        page = html.escape(self.to_html(), quote=True)
-        return (f'<iframe srcdoc="{page}" style="width:100%;height:760px;border:1px solid #ddd" '
-                f'title="phpn explanation: {html.escape(self.class_name)}"></iframe>')
+        """The page's body inline (Jupyter), its styles scoped to it so the notebook keeps its own."""
+        return html_fragment(self.to_html())
 
     def to_image(self, size: int = 224) -> Image.Image:
         """One picture: the image, all prototypes, the class map, each prototype's map and the
@@ -114,6 +112,22 @@ class Explanation:
             Path(tmp).unlink(missing_ok=True)
             raise
         return path
+
+
+_SCOPE = "phpn-explanation"
+
+
+def html_fragment(page: str) -> str:
+    """A self-contained HTML page as one ``<div>``: the body, and the page's CSS with every
+    selector scoped to that div (``body`` becomes the div itself)."""
+    style = re.search(r"<style>(.*?)</style>", page, re.S)
+    body = re.search(r"<body>(.*)</body>", page, re.S)
+    rules = []
+    for selectors, block in re.findall(r"([^{}]+)\{([^{}]*)\}", style.group(1) if style else ""):
+        scoped = [f".{_SCOPE}" if sel.strip() == "body" else f".{_SCOPE} {sel.strip()}"
+                  for sel in selectors.split(",") if sel.strip()]
+        rules.append(f"{','.join(scoped)}{{{block}}}")
+    return f'<div class="{_SCOPE}"><style>{"".join(rules)}</style>{body.group(1) if body else page}</div>'
 
 
 def _font(size: int):

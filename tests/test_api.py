@@ -145,8 +145,10 @@ def test_explain_a_tensor_renders_a_self_contained_page_and_a_picture(user_model
     assert ex.maps.shape == (3, 10, 10)
     assert np.allclose(ex.maps.mean((1, 2)), ex.contributions, atol=1e-6)
 
-    page = ex._repr_html_()
-    assert page.startswith("<iframe srcdoc=")
+    inline = ex._repr_html_()
+    assert inline.startswith('<div class="phpn-explanation"><style>') and inline.endswith("</div>")
+    assert "body{" not in inline and ".phpn-explanation h1{" in inline  # the notebook's own styles stay
+    assert len(re.findall(r"data:image/png;base64,", inline)) >= 7 and "<script" not in inline
     inner = ex.to_html()
     assert "<script" not in inner and "http://" not in inner and "https://" not in inner
     pngs = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", inner)
