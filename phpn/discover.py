@@ -105,21 +105,47 @@ def patch_box(position, grid, crop: int, scale: float = 2.0) -> list:
             min(crop, round(cy + half_h))]
 
 
-def top_patches(maps: torch.Tensor, paths: Sequence[str], count: int, crop: int) -> list:
-    """Per prototype, the ``count`` images where its map peaks highest (at most one patch per image).
+PATCH_MIN_STRENGTH = 0.1  # a patch must peak at >= this fraction of the prototype's strongest patch
+PATCH_DUPLICATE_COSINE = 0.98  # patches whose features are this similar show the same thing: keep one
+
+
+def top_patches(maps: torch.Tensor, paths: Sequence[str], count: int, crop: int,
+                features: Optional[torch.Tensor] = None, min_strength: float = PATCH_MIN_STRENGTH,
+                duplicate_cosine: float = PATCH_DUPLICATE_COSINE, signs: Optional[Sequence[float]] = None) -> list:
+    """Per prototype, up to ``count`` images where its map peaks highest (at most one patch per image).
 
     ``maps`` is (n, k, H, W) for one class; returns k lists of {path, score, position, box}.
+    Images where the prototype barely fires (peak ≤ 0 or below ``min_strength`` of its highest
+    peak) are skipped, and with ``features`` (n, D, H, W) a patch whose feature vector is within
+    ``duplicate_cosine`` of one already kept (a near-identical crop) is skipped too. A prototype
+    whose sign is −1 (its part counts against the class) is shown where it subtracts most.
     """
     n, k, h, w = maps.shape
     flat = maps.reshape(n, k, h * w)
+    if signs is not None:
+        flat = flat * torch.as_tensor(signs, dtype=flat.dtype, device=flat.device)[None, :, None]
     peak, where = flat.max(dim=2)  # (n, k)
+    cells = None
+    if features is not None:
+        cells = torch.nn.functional.normalize(features.reshape(n, features.shape[1], h * w).float(), dim=1)
     out = []
     for i in range(k):
-        order = torch.argsort(peak[:, i], descending=True)[:count]
-        entries = []
-        for j in order.tolist():
+        order = torch.argsort(peak[:, i], descending=True).tolist()
+        best = float(peak[order[0], i]) if order else 0.0
+        entries, kept_vectors = [], []
+        for j in order:
+            if len(entries) == count:
+                break
+            score = float(peak[j, i])
+            if score <= 0 or score < min_strength * best:
+                break  # sorted: every later image fires less
+            if cells is not None:
+                vector = cells[j, :, int(where[j, i])]
+                if any(float(vector @ other) >= duplicate_cosine for other in kept_vectors):
+                    continue
+                kept_vectors.append(vector)
             pos = divmod(int(where[j, i]), w)
-            entries.append({"path": paths[j], "score": float(peak[j, i]), "position": list(pos),
+            entries.append({"path": paths[j], "score": float(maps[j, i, pos[0], pos[1]]), "position": list(pos),
                             "box": patch_box(pos, (h, w), crop)})
         out.append(entries)
     return out
@@ -193,7 +219,8 @@ def _class_record(entry, feats: torch.Tensor, paths: list, refined, found, i: in
         "objective_after": float(refined.objective_after[i]),
         "nmf_relative_error": float(found.relative_error[i]),
         **metrics,
-        "top_patches": top_patches(maps, paths, top, crop),
+        "top_patches": top_patches(maps, paths, top, crop, features=feats,
+                                   signs=part_signs(torch.tensor(metrics["part_share"])).tolist()),
         "paths": paths,
     }
 

@@ -109,3 +109,20 @@ def test_holdout_out_of_range_message():
 
     with pytest.raises(ConfigError, match="The held-out fraction must be at least 0 and below 1, got 1.0"):
         DiscoveryConfig(holdout=1.0)
+
+
+def test_top_patches_skip_weak_peaks_and_near_identical_crops():
+    from phpn.discover import top_patches
+
+    maps = torch.zeros(5, 1, 2, 2)
+    maps[:, 0, 0, 0] = torch.tensor([10.0, 9.0, 8.0, 0.5, -1.0])  # images 3, 4 barely fire or subtract
+    feats = torch.zeros(5, 3, 2, 2)
+    feats[:, :, 0, 0] = torch.tensor([[1.0, 0, 0], [1.0, 0.01, 0], [0, 1.0, 0], [0, 0, 1.0], [0, 0, 1.0]])
+    patches = top_patches(maps, [f"im{j}.png" for j in range(5)], 4, 32, features=feats)[0]
+    # Image 1 repeats image 0's patch (cosine 0.99995); images 3 and 4 peak below 10% of the best.
+    assert [p["path"] for p in patches] == ["im0.png", "im2.png"]
+    plain = top_patches(maps, [f"im{j}.png" for j in range(5)], 4, 32, min_strength=0.0)[0]
+    assert [p["path"] for p in plain] == ["im0.png", "im1.png", "im2.png", "im3.png"]
+    # A prototype whose part counts against the class is shown where it subtracts most.
+    negative = top_patches(maps, [f"im{j}.png" for j in range(5)], 4, 32, signs=[-1.0])[0]
+    assert [(p["path"], p["score"]) for p in negative] == [("im4.png", -1.0)]

@@ -25,7 +25,8 @@ def test_discovery_is_exact_and_certified(tiny_loaded, image_folder, tmp_path):
     assert run.prototypes.shape == (4, 3, 8)
     assert float(run.head_error().max()) < 1e-12
     for entry in run.meta["classes"]:
-        assert len(entry["top_patches"]) == 3 and len(entry["top_patches"][0]) == 6
+        # Up to 6 per prototype: weak peaks and near-identical crops are skipped.
+        assert len(entry["top_patches"]) == 3 and 1 <= len(entry["top_patches"][0]) <= 6
         assert len(entry["fidelity"]) == 3 and all(-1 <= f <= 1 for f in entry["fidelity"])
         assert entry["objective_after"] <= entry["objective_before"] + 1e-9
         paths = [p["path"] for p in entry["top_patches"][0]]
