@@ -145,7 +145,8 @@ def cmd_discover(args) -> int:
 
     fid = [f for c in run.meta["classes"] for f in c["fidelity"]]
     text = (f"saved {path}: {len(run.meta['classes'])} classes x {run.k} prototypes in {t['total_s']:.1f}s "
-            f"(features {t['features_s']:.1f}s, NMF {t['nmf_s']:.1f}s, refinement {t['refine_s']:.1f}s)\n"
+            f"(waiting for images {t['decode_wait_s']:.1f}s, features {t['features_s']:.1f}s, "
+            f"NMF {t['nmf_s']:.1f}s, refinement {t['refine_s']:.1f}s, certificate {t['certify_s']:.1f}s)\n"
             f"map fidelity: median {sorted(fid)[len(fid) // 2]:.3f}, min {min(fid):.3f}\n"
             f"{part_metrics_summary(run.meta['classes'])}\n"
             f"certificate: {_cert_text(cert)}")
