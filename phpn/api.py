@@ -23,7 +23,7 @@ from .data import ImageFolderData, Preprocess, load_batch, load_image, scan_imag
 from .device import resolve_device
 from .discover import DiscoveryConfig, discover
 from .errors import ConfigError, NotDecomposableError
-from .explanation import Explanation
+from .explanation import Explanation, picture_of_tensor
 from .inputs import (InMemoryImages, TensorInput, as_preprocess, first_image, from_dataset, from_loader,
                      holds_pictures, module_sha256, peek_input_size)
 from .models.head import HeadSplit, LoadedModel
@@ -285,7 +285,7 @@ def explain_image(session: ModelSession, network: PrototypeNetwork, image, class
         if x.ndim != 4 or x.shape[0] != 1:
             raise ConfigError(f"An image tensor must be (channels, height, width), got shape {tuple(image.shape)}.",
                               "Pass one preprocessed image.")
-        seen = _picture_of(x[0], session.preprocess)
+        seen = picture_of_tensor(x[0], session.preprocess)
     else:
         if not isinstance(image, Image.Image):
             source = Path(getattr(image, "name", str(image))).name
@@ -317,21 +317,6 @@ def explain_image(session: ModelSession, network: PrototypeNetwork, image, class
         top=[(c, class_name(names, c), float(logits[c]), float(probs[c])) for c in best], source=source,
         preprocess=session.preprocess,
     )
-
-
-def _picture_of(x: torch.Tensor, preprocess) -> Image.Image:
-    """A preprocessed (C, H, W) tensor as a picture: un-normalised when the mean/std are known."""
-    if isinstance(preprocess, Preprocess) and len(preprocess.mean) == x.shape[0]:
-        mean = torch.tensor(preprocess.mean)[:, None, None]
-        std = torch.tensor(preprocess.std)[:, None, None]
-        x = (x * std + mean).clamp(0, 1)
-    else:
-        lo, hi = float(x.min()), float(x.max())
-        x = (x - lo) / (hi - lo) if hi > lo else torch.zeros_like(x)
-    arr = (x.numpy().transpose(1, 2, 0) * 255).round().astype(np.uint8)
-    if arr.shape[2] == 1:
-        return Image.fromarray(arr[:, :, 0], "L").convert("RGB")
-    return Image.fromarray(arr[:, :, :3], "RGB")
 
 
 # --- the Python API: decompose a model you hold, on images you hold ----------------------------
@@ -436,7 +421,10 @@ def decompose(model, data, *, k: int = K, images_per_class: Optional[int] = IMAG
     finally:
         if hasattr(bar, "close"):
             bar.close()
-    return DecomposedRun.attach(run, session)
+    out = DecomposedRun.attach(run, session)
+    if isinstance(images.root, InMemoryImages):
+        out.__dict__["_images"] = images.root  # in memory only (never saved): pictures of the top patches
+    return out
 
 
 @dataclass(frozen=True)
@@ -525,8 +513,7 @@ class DecomposedRun(Run):
         session = self._session()
         out = explain_image(session, self.network(), image, class_index, top=top)
         out.run = self
-        if not isinstance(session.preprocess, TensorInput):
-            out.image_root = run_image_root(self)
+        out.image_root = self.__dict__.get("_images") or run_image_root(self)
         return out
 
     def save(self, path, **options) -> Path:

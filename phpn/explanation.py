@@ -40,7 +40,7 @@ class Explanation:
     source: str = ""  # where the image came from (a file name), for reports
     run: object = field(default=None, repr=False)  # the run that explained it, for its prototypes' records
     preprocess: object = field(default=None, repr=False)
-    image_root: object = field(default=None, repr=False)  # the discovery images, for top patches
+    image_root: object = field(default=None, repr=False)  # the discovery images (a folder or in memory)
 
     @property
     def class_map(self) -> np.ndarray:
@@ -50,6 +50,25 @@ class Explanation:
     @property
     def k(self) -> int:
         return int(len(self.contributions))
+
+    @property
+    def top_patches(self) -> list:
+        """Per prototype, its top training patches as the run records them ({path, score, box}, best
+        first): what the prototype looks for."""
+        return list(self.run.class_meta(self.class_index).get("top_patches", [])) if self.run is not None else []
+
+    def patch_pictures(self, prototype: int, count: int = 4, size: int = 96) -> list:
+        """Prototype ``prototype``'s top patches as pictures (crops of the discovery images as the
+        model saw them); empty when those images cannot be read here."""
+        from .viz import crop_patch
+
+        entries = self.top_patches[prototype][:count] if prototype < len(self.top_patches) else []
+        out = []
+        for entry in entries:
+            seen = _seen_image(self.image_root, entry["path"], self.preprocess)
+            if seen is not None:
+                out.append(crop_patch(seen, entry["box"], size))
+        return out
 
     def to_dict(self) -> dict:
         return {
@@ -112,6 +131,39 @@ class Explanation:
             Path(tmp).unlink(missing_ok=True)
             raise
         return path
+
+
+def picture_of_tensor(x, preprocess) -> Image.Image:
+    """A preprocessed (C, H, W) tensor as a picture: un-normalised when the mean/std are known,
+    else rescaled to its own range."""
+    import torch
+
+    x = x.detach().float().cpu()
+    mean, std = getattr(preprocess, "mean", None), getattr(preprocess, "std", None)
+    if mean is not None and std is not None and len(mean) == x.shape[0]:
+        x = (x * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]).clamp(0, 1)
+    else:
+        lo, hi = float(x.min()), float(x.max())
+        x = (x - lo) / (hi - lo) if hi > lo else torch.zeros_like(x)
+    arr = (x.numpy().transpose(1, 2, 0) * 255).round().astype(np.uint8)
+    if arr.shape[2] == 1:
+        return Image.fromarray(arr[:, :, 0], "L").convert("RGB")
+    return Image.fromarray(arr[:, :, :3], "RGB")
+
+
+def _seen_image(source, key: str, preprocess) -> Optional[Image.Image]:
+    """A discovery image as the model saw it, from a folder or an in-memory store; None if unreadable."""
+    if source is None:
+        return None
+    try:
+        if hasattr(source, "get"):  # phpn.inputs.InMemoryImages
+            item = source.get(key, preprocess)
+            return picture_of_tensor(item, preprocess)
+        from .data import load_image
+
+        return preprocess.geometry(load_image(Path(source) / key))
+    except Exception:  # a missing or unreadable image only loses its tile
+        return None
 
 
 _SCOPE = "phpn-explanation"
@@ -181,11 +233,15 @@ def render_png(e: Explanation, size: int = 224) -> Image.Image:
     protos = [(viz.prototype_overlay(picture, e.maps[i], MAP_OPACITY, colors=[colors[i]], vmax=vmax)
                .resize((small, small)),
                f"prototype {i + 1}: {float(e.contributions[i]):+.3f}") for i in range(e.k)]
+    strip = (small - 2 * 4) // 3  # three top patches under each map: what the prototype looks for
+    patches = [e.patch_pictures(i, 3, strip) for i in range(e.k)]
+    patch_row = strip + 4 if any(patches) else 0
     pad, caption = 8, 20
     width = max(3 * (size + pad), min(len(protos), 6) * (small + pad)) + pad
     waterfall = _waterfall(e, width - 2 * pad, colors)
     proto_rows = -(-len(protos) // 6)
-    height = 34 + (size + caption + pad) + proto_rows * (small + caption + pad) + waterfall.height + 2 * pad
+    height = (34 + (size + caption + pad) + proto_rows * (small + caption + patch_row + pad) + waterfall.height
+              + 2 * pad)
     canvas = Image.new("RGB", (width, height), "white")
     draw, font = ImageDraw.Draw(canvas), _font(13)
     title = (f"{e.class_name} (class {e.class_index}): logit {e.logit:.3f} = bias {e.bias:.3f} "
@@ -198,11 +254,13 @@ def render_png(e: Explanation, size: int = 224) -> Image.Image:
     y += size + caption + pad
     for i, (tile, text) in enumerate(protos):
         r, c = divmod(i, 6)
-        top = y + r * (small + caption + pad)
+        top = y + r * (small + caption + patch_row + pad)
+        for j, crop in enumerate(patches[i]):
+            canvas.paste(crop.convert("RGB"), (pad + c * (small + pad) + j * (strip + 4), top + small + caption))
         canvas.paste(tile.convert("RGB"), (pad + c * (small + pad), top))
         draw.rectangle([pad + c * (small + pad), top + small + 2, pad + c * (small + pad) + 10, top + small + 12],
                        fill=colors[i])
         draw.text((pad + c * (small + pad) + 14, top + small + 1), text, fill=(60, 60, 60), font=font)
-    y += proto_rows * (small + caption + pad)
+    y += proto_rows * (small + caption + patch_row + pad)
     canvas.paste(waterfall, (pad, y))
     return canvas

@@ -95,9 +95,14 @@ def test_a_dataset_of_pil_images_with_a_preprocess_spec(user_model, tmp_path):
 def test_a_demo_run_opens_with_its_model():
     from phpn.demos import get_demo
 
-    run = phpn.load_run(get_demo("fashion-mnist").run_dir)
+    demo = get_demo("fashion-mnist")
+    run = phpn.load_run(demo.run_dir)
     assert run.session.demo == "fashion-mnist" and run.session.preprocess.crop == 28
     assert run.certificate.passed and len(run.classes) == 10 and run.classes[0].name == "T-shirt/top"
+    image = sorted((demo.explain_dir() / "07_sneaker").iterdir())[0]
+    ex = run.explain(image)
+    assert ex.source == image.name and ex.image_root == demo.discovery_dir()
+    assert [c.size for c in ex.patch_pictures(1, count=3)] == [(96, 96)] * 3
 
 
 def test_pictures_without_preprocessing_are_refused_with_the_fix(user_model, image_folder):
@@ -144,6 +149,10 @@ def test_explain_a_tensor_renders_a_self_contained_page_and_a_picture(user_model
     assert float(ex.contributions.sum() + ex.bias) == pytest.approx(ex.logit, abs=1e-5)
     assert ex.maps.shape == (3, 10, 10)
     assert np.allclose(ex.maps.mean((1, 2)), ex.contributions, atol=1e-6)
+    # What each prototype looks for: its top training patches, as records and as pictures.
+    assert len(ex.top_patches) == 3 and all(len(p) == run.meta["config"]["top_patches"] for p in ex.top_patches)
+    crops = ex.patch_pictures(0, count=2, size=48)
+    assert len(crops) == 2 and crops[0].size == (48, 48)
 
     inline = ex._repr_html_()
     assert inline.startswith('<div class="phpn-explanation"><style>') and inline.endswith("</div>")
