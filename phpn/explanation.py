@@ -65,7 +65,7 @@ class Explanation:
         entries = self.top_patches[prototype][:count] if prototype < len(self.top_patches) else []
         out = []
         for entry in entries:
-            seen = _seen_image(self.image_root, entry["path"], self.preprocess)
+            seen = seen_image(self.image_root, entry["path"], self.preprocess)
             if seen is not None:
                 out.append(crop_patch(seen, entry["box"], size))
         return out
@@ -151,7 +151,7 @@ def picture_of_tensor(x, preprocess) -> Image.Image:
     return Image.fromarray(arr[:, :, :3], "RGB")
 
 
-def _seen_image(source, key: str, preprocess) -> Optional[Image.Image]:
+def seen_image(source, key: str, preprocess) -> Optional[Image.Image]:
     """A discovery image as the model saw it, from a folder or an in-memory store; None if unreadable."""
     if source is None:
         return None

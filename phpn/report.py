@@ -87,12 +87,9 @@ def _bars_svg(values: Sequence[float], labels: Sequence[str], colors: Sequence[s
 
 
 def _load_seen(root, rel: str, preprocess) -> Optional[Image.Image]:
-    if root is None:
-        return None
-    try:
-        return preprocess.geometry(load_image(Path(root) / rel))
-    except Exception:
-        return None
+    from .explanation import seen_image  # a folder or the Python API's in-memory images
+
+    return seen_image(root, rel, preprocess)
 
 
 def _patch_tiles(entries: Sequence[dict], root, preprocess, color: str, size: int) -> list:

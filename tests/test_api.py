@@ -161,7 +161,7 @@ def test_explain_a_tensor_renders_a_self_contained_page_and_a_picture(user_model
     inner = ex.to_html()
     assert "<script" not in inner and "http://" not in inner and "https://" not in inner
     pngs = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", inner)
-    assert len(pngs) >= 4 + 3  # picture, overlays, class map, one map per prototype
+    assert len(pngs) >= 4 + 3 + 3  # picture, overlays, class map, per prototype its map and its top patches
     Image.open(__import__("io").BytesIO(base64.b64decode(pngs[0]))).verify()
 
     png, page_file = ex.save(tmp_path / "x.png"), ex.save(tmp_path / "x.html")
