@@ -1,0 +1,125 @@
+"""In a real browser, the issue's case: a visitor's own model (the fashion-mnist network loaded
+from its weights and model file, as an operator who allows code and server paths would serve
+it) left at a wrong input size. The discovery is exact and certified, yet the app says the
+model is at chance before any explanation, and "Check preprocessing" proposes 28 px."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from test_browser import CHROMIUM, CHROMIUM_ARGS, ROOT, _idle, _main, _nav, _shot, sync_api
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def operator_server(tmp_path_factory):
+    """The app served with visitors' code and server paths under the repository allowed."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("e2e-operator") / "streamlit.log"
+    env = dict(os.environ, PHPN_UPLOAD_DIR=str(log.parent / "uploads"), PYTHONUNBUFFERED="1", PHPN_ALLOW_CODE="1",
+               PHPN_DATA_ROOTS=str(ROOT))
+    cmd = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port", str(port),
+           "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"]
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                    if r.read().strip() == b"ok":
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"streamlit did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
+
+
+@pytest.mark.slow
+def test_a_wrong_input_size_is_caught_before_any_explanation(operator_server):
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        context = browser.new_context(viewport={"width": 1440, "height": 1300}, device_scale_factor=1)
+        pg = context.new_page()
+        pg.set_default_timeout(120_000)
+        try:
+            pg.goto(operator_server)
+            _main(pg).get_by_text("Doctor's verdict").wait_for()
+            _idle(pg)
+            main = _main(pg)
+            # The model: weights and model file on the server, input size left wrong (96 px).
+            main.get_by_text("Checkpoint on this server").click()
+            _idle(pg)
+            pg.get_by_label("Checkpoint path on this server").fill(str(ROOT / "assets/fashion-mnist/model.safetensors"))
+            main.get_by_text("Your own architecture").click()
+            pg.get_by_label("Model definition path (.py)").fill(str(ROOT / "phpn/demos/fashion_cnn.py"))
+            pg.get_by_label("Function or class that builds the model").fill("FashionCNN")
+            main.get_by_text("Run this Python file to build the model").click()
+            main.get_by_text("Preprocessing and layers").click()
+            pg.get_by_label("Resize (shorter side, 0: default)").fill("96")
+            pg.get_by_label("Centre crop (0: default)").fill("96")
+            pg.get_by_label("Mean (comma separated)").fill("0.286")
+            pg.get_by_label("Std (comma separated)").fill("0.353")
+            pg.get_by_label("Std (comma separated)").press("Enter")
+            _idle(pg)
+            pg.get_by_role("combobox", name="Input channels").click()
+            pg.get_by_role("option", name="1", exact=True).click()
+            _idle(pg)
+            pg.get_by_role("button", name="Load model").click()
+            main.get_by_text("Loaded fashion_cnn.py").or_(main.get_by_text("Loaded model.safetensors")).first.wait_for()
+            _idle(pg)
+            # The images: the demo's discovery folder on the server, 3 per class.
+            main.get_by_text("Image folder on this server").click()
+            _idle(pg)
+            pg.get_by_label("Image folder path").fill(str(ROOT / "assets/fashion-mnist/discover"))
+            pg.get_by_label("Images per class (0: all)").fill("3")
+            pg.get_by_label("Images per class (0: all)").press("Enter")
+            _idle(pg)
+            pg.get_by_role("button", name="Scan images").click()
+            main.get_by_text("Found 10 classes").wait_for()
+            _idle(pg)
+            # Discover: exact, certified, and at chance.
+            _nav(pg, "Discover", "Discover part-prototypes")
+            pg.get_by_role("button", name="Start discovery").click()
+            main.get_by_text("Discovery finished").wait_for(timeout=480_000)
+            main.get_by_text("Certificate PASSED").wait_for()
+            main.get_by_text("The model is right on only").first.wait_for()
+            assert pg.locator("[data-testid='stSidebar']").get_by_text("near chance").count() == 1
+            pg.get_by_label("Images per class").last.fill("1")
+            pg.get_by_role("button", name="Check preprocessing").click()
+            main.get_by_text("Use 28 px").wait_for(timeout=180_000)
+            _idle(pg)
+            main.get_by_text("Check preprocessing: does the model read these images?").evaluate(
+                "e => e.scrollIntoView({block: 'start'})")
+            _idle(pg)
+            _shot(pg, "11-wrong-size-caught")
+            # Explain: the warning comes first.
+            _nav(pg, "Explain an image", "Explain an image")
+            first_alert = main.locator("[data-testid='stAlertContentError']").first
+            assert "The model is right on only" in first_alert.inner_text()  # after the alert's icon name
+            assert pg.locator("[data-testid='stException']").count() == 0
+        finally:
+            context.close()
+            browser.close()
