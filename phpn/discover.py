@@ -54,7 +54,7 @@ class DiscoveryConfig:
     nmf_solver: str = "hals"  # hals | sklearn (the reference, class by class on the CPU)
     nmf_max_iter: int = 400
     nmf_tol: float = 1e-5
-    lbfgs_iter: int = 100
+    lbfgs_iter: int = 300
     nelder_mead_evaluations: int = 2000
     subspace_rank: int = 128
     memory_budget_mb: int = 2048  # features held at once (per group of classes); 0: one class at a time
@@ -65,14 +65,15 @@ class DiscoveryConfig:
     autocast: bool = True
     classes: Optional[tuple] = None  # model class indices to decompose; None: every class with images
     contributions: str = D.CONTRIBUTION  # part: mean contributions held at the NMF parts' shares; free (see refine)
-    ridge: float = 1e-3  # refinement's ridge on the residual split (makes the solution unique)
+    ridge: float = 1e-2  # refinement's ridge on the residual split (makes the solution unique)
+    norm: str = "zscore"  # how refinement compares maps: zscore (smooth, converges) | minmax (the paper's)
     holdout: float = D.HOLDOUT  # fraction of each class's images kept out of discovery, for held-out fidelity
 
     def __post_init__(self):
         if not 1 <= self.k <= 20:
             raise ConfigError(f"k = {self.k} is out of range.", "Choose between 1 and 20 prototypes per class.")
         RefineConfig(solver=self.solver, objective=self.objective, scaling=self.scaling,
-                     contributions=self.contributions, ridge=self.ridge)  # validates names
+                     contributions=self.contributions, ridge=self.ridge, norm=self.norm)  # validates names
         if not 0 <= self.holdout < 1:
             raise ConfigError(f"The held-out fraction must be at least 0 and below 1, got {self.holdout}.",
                               "Use --holdout 0.2, for example, to keep a fifth of each class's images out of discovery.")
@@ -87,7 +88,7 @@ class DiscoveryConfig:
         return RefineConfig(solver=self.solver, objective=self.objective, scaling=self.scaling,
                             max_iter=self.lbfgs_iter, max_evaluations=self.nelder_mead_evaluations,
                             subspace_rank=self.subspace_rank, seed=self.seed, contributions=self.contributions,
-                            ridge=self.ridge)
+                            ridge=self.ridge, norm=self.norm)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -7,7 +7,9 @@ For each class (METHOD.md §3), with NMF prototypes p_i (unit rows) and head row
 3. split    R = r_1 + … + r_k, chosen so each prototype's map keeps the shape of its NMF map,
 4. final    p̃_i = α_i p_i + r_i, and Σ p̃_i = v exactly whatever the solver did.
 
-Objectives (maps are F xᵀ over all discovery positions, Norm is min–max over them):
+Objectives (maps are F xᵀ over all discovery positions, Norm standardises them to mean 0 and
+unit spread, ``norm="zscore"``, or scales them to [0, 1], ``norm="minmax"``; with z-scores the
+objective is 2N Σ_i (1 − corr(F p_i, F p̃_i)), smooth, so L-BFGS converges):
   ``prototype`` (default)  Σ_i ‖Norm(F p_i) − Norm(F p̃_i)‖²
   ``residual`` (the paper) Σ_i ‖Norm(F p_i) − Norm(F r_i)‖²
 Contributions (``contributions``):
@@ -46,13 +48,13 @@ class RefineConfig:
     solver: str = "lbfgs"
     objective: str = "prototype"
     scaling: str = "lstsq"
-    max_iter: int = 100  # L-BFGS iterations
+    max_iter: int = 300  # L-BFGS iterations (the split converges: the result does not depend on rounding)
     max_evaluations: int = 2000  # Nelder–Mead objective evaluations per class
     subspace_rank: int = 128  # search the split in F's top row space; 0 searches all of R^D
     seed: int = 0
     contributions: str = "part"  # part: mean contributions held at the parts' shares; free: unconstrained
-    ridge: float = 1e-3  # weight of Σ‖r_i − R/k‖² / ‖v‖² per discovery position
-    norm: str = "minmax"  # how maps are normalised before comparison (zscore: mean 0, std 1; smooth)
+    ridge: float = 1e-2  # weight of Σ‖r_i − R/k‖² / ‖v‖² per discovery position
+    norm: str = "zscore"  # maps compared after scaling to mean 0, std 1 (smooth); minmax: to [0, 1] (the paper's)
 
     def __post_init__(self):
         for value, allowed, name in ((self.solver, SOLVERS, "solver"), (self.objective, OBJECTIVES, "objective"),
