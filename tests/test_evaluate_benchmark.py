@@ -67,6 +67,13 @@ def test_evaluate_run_on_the_benchmark_data(small, tmp_path):
     assert not math.isnan(res["summary"]["consistency"])
     assert len(res["deletion"]["prototypes"]) == 6
     assert res["deletion"]["prototypes"][0]["fractions"] == [0.0, 0.1, 0.3]
+    # Annotation-free separation, with both baselines computed in the same run.
+    sep = res["separation"]
+    assert {c["class_index"] for c in sep["classes"]} == {0, 5}
+    for name in ("peak_purity", "overlap_iou"):
+        row = sep["summary"][name]
+        assert row["equal"] == pytest.approx(0.0 if name == "peak_purity" else 1.0, abs=1e-9)
+        assert row["random_std"] >= 0 and res["summary"][f"{name}_separates"] == row["separates"]
 
 
 def test_evaluate_run_on_an_image_folder_with_separate_parts(small):
@@ -91,5 +98,6 @@ def test_evaluate_run_on_an_image_folder_with_separate_parts(small):
     assert set(res["interpretability"]["refined"]["stability"]) == {"unclipped"}
     assert res["deletion"] is None
     assert "consistency" in summary_text(res)
+    assert "peak purity: phpn" in summary_text(res)
     with pytest.raises(ConfigError):
         evaluate_run(run, split, PREPROCESS, out / "data", no_such_option=1)

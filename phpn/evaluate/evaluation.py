@@ -32,6 +32,7 @@ DEFAULTS = dict(
     images_per_class=8,  # images per class from --data for exactness and the axioms
     axiom_images=64,  # at most this many of them in total
     deletion=True,
+    separation=True,  # peak purity and top-region overlap beside random directions and the equal split
     deletion_images_per_class=4,
     deletion_max_classes=20,  # classes spread evenly over the run's classes
     fractions=FA.FRACTIONS,
@@ -157,6 +158,27 @@ def deletion_of(explainer, images: _Images, classes: Sequence[int], *, per_class
     return {"summary": FA.deletion_summary(per_proto), "prototypes": per_proto}
 
 
+@torch.no_grad()
+def separation_of(split, run, images: "_Images", classes: Sequence[int], *, per_class: int, device,
+                  progress: Optional[ProgressFn] = None) -> dict:
+    """Peak purity and top-region overlap of the run's prototypes and of both baselines (see
+    :mod:`phpn.evaluate.separation`), per class and summarised with the random draws' spread."""
+    from .separation import class_separation, summarise
+
+    rows = {int(c): i for i, c in enumerate(run.class_indices.tolist())}
+    records = []
+    for ci, c in enumerate(classes):
+        report(progress, "separation", ci, len(classes))
+        x = images.load(c, per_class)
+        if x.numel() == 0:
+            continue
+        feats = split.backbone(x.to(device)).float()
+        scores = class_separation(feats, run.prototypes[rows[int(c)]].float(), split.weight[int(c)].detach().float())
+        records.append({"class_index": int(c), **scores})
+    report(progress, "separation", len(classes), len(classes))
+    return {"summary": summarise(records) if records else {}, "classes": records}
+
+
 def evaluate_run(run, split, preprocess: Preprocess, data_root, parts_root=None, **params) -> dict:
     """Evaluate ``run`` (a :class:`phpn.runs.Run`) on the model ``split``.
 
@@ -247,6 +269,11 @@ def evaluate_run(run, split, preprocess: Preprocess, data_root, parts_root=None,
                                per_class=p["deletion_images_per_class"], fractions=p["fractions"], fill=p["fill"],
                                seed=p["seed"], device=device, progress=progress)
 
+    separation = None
+    if p["separation"]:
+        separation = separation_of(split, run, images, avail, per_class=p["images_per_class"], device=device,
+                                   progress=progress)
+
     summary = {
         "exact": exact["passed"],
         "max_abs_logit_diff": exact["max_abs_logit_diff"],
@@ -259,6 +286,9 @@ def evaluate_run(run, split, preprocess: Preprocess, data_root, parts_root=None,
     if deletion is not None and deletion["summary"]:
         summary["deletion_mean_own_gap"] = deletion["summary"]["mean_own_gap"]
         summary["deletion_positive_gap_percent"] = deletion["summary"]["prototypes_with_positive_gap"]
+    if separation is not None:
+        for name, v in separation["summary"].items():
+            summary[f"{name}_separates"] = v["separates"]
     out = {
         "kind": "phpn-evaluation",
         "version": 1,
@@ -271,6 +301,7 @@ def evaluate_run(run, split, preprocess: Preprocess, data_root, parts_root=None,
         "exactness": exact,
         "interpretability": interp,
         "deletion": deletion,
+        "separation": separation,
         "seconds": round(time.time() - start, 2),
     }
     out["params"]["device"] = str(device)
@@ -299,4 +330,10 @@ def summary_text(result: dict) -> str:
         s = dl["summary"]
         lines.append(f"deletion: own region vs random, mean gap {s['mean_own_gap']:.2f} "
                      f"(positive for {s['prototypes_with_positive_gap']:.0f}% of prototypes)")
+    sep = (result.get("separation") or {}).get("summary") or {}
+    for name, s in sep.items():
+        verdict = "separates parts from both baselines" if s["separates"] else "does NOT separate parts from the baselines"
+        lines.append(f"{name.replace('_', ' ')}: phpn {s['phpn']:.3f}, random directions {s['random_mean']:.3f} "
+                     f"± {s['random_std']:.3f}, equal split {s['equal']:.3f} ({'higher' if s['higher_is_better'] else 'lower'}"
+                     f" is better): {verdict}")
     return "\n".join(lines)
