@@ -109,7 +109,7 @@ def cmd_discover(args) -> int:
     solver = args.solver or defaults["solver"]
     config = DiscoveryConfig(k=k, images_per_class=cap, solver=solver, nmf_solver=args.nmf_solver,
                              objective=args.objective, scaling=args.scaling,
-                             contributions=args.contributions, holdout=args.holdout,
+                             contributions=args.contributions, holdout=args.holdout, nmf_data=args.nmf_data,
                              seed=args.seed, device=args.device, batch_size=args.batch_size,
                              classes=_class_list(args.classes, session.class_names),
                              **({"memory_budget_mb": args.memory_budget} if args.memory_budget is not None else {}))
@@ -346,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--contributions", choices=D.CONTRIBUTIONS, default=D.CONTRIBUTION,
                    help="part: each prototype's mean contribution is held at its NMF part's share (no cancelling); "
                         "free: left to the map objective")
+    p.add_argument("--nmf-data", choices=D.NMF_DATA_CHOICES, default=D.NMF_DATA,
+                   help="features that can be negative (ConvNeXt, ViT): clamped = NMF on max(F, 0) (default); "
+                        "signed = semi-NMF on F itself (parts may have negative channels)")
     p.add_argument("--holdout", type=float, default=D.HOLDOUT, metavar="FRACTION",
                    help="keep this fraction of each class's images out of discovery and report the prototypes' "
                         "fidelity and specificity on them (default 0)")

@@ -17,6 +17,7 @@ SOLVER = "lbfgs"  # refinement of the residual split
 OBJECTIVE = "prototype"  # keep each final prototype's map like its NMF part
 SCALING = "lstsq"  # α by least squares (may be negative); nnls keeps α >= 0
 CONTRIBUTION = "part"  # each prototype's mean contribution held at its NMF part's share (no cancelling)
+NMF_DATA = "clamped"  # signed features: NMF on max(F, 0); "signed": semi-NMF on F (E >= 0, P signed)
 HOLDOUT = 0.0  # fraction of each class's images kept out of discovery to measure held-out fidelity
 NMF_SOLVER = "hals"  # batched, on the GPU when there is one
 SEED = 0
@@ -28,6 +29,7 @@ SOLVERS = refine.SOLVERS
 OBJECTIVES = refine.OBJECTIVES
 SCALINGS = refine.SCALINGS
 CONTRIBUTIONS = refine.CONTRIBUTIONS
+NMF_DATA_CHOICES = nmf.DATA
 NMF_SOLVERS = nmf.SOLVERS
 DEVICES = ("auto", "cpu", "cuda")
 

@@ -67,6 +67,7 @@ class DiscoveryConfig:
     contributions: str = D.CONTRIBUTION  # part: mean contributions held at the NMF parts' shares; free (see refine)
     ridge: float = 1e-2  # refinement's ridge on the residual split (makes the solution unique)
     norm: str = "zscore"  # how refinement compares maps: zscore (smooth, converges) | minmax (the paper's)
+    nmf_data: str = D.NMF_DATA  # signed features: clamped (NMF on max(F, 0)) | signed (semi-NMF, P signed)
     holdout: float = D.HOLDOUT  # fraction of each class's images kept out of discovery, for held-out fidelity
 
     def __post_init__(self):
@@ -77,12 +78,13 @@ class DiscoveryConfig:
         if not 0 <= self.holdout < 1:
             raise ConfigError(f"The held-out fraction must be at least 0 and below 1, got {self.holdout}.",
                               "Use --holdout 0.2, for example, to keep a fifth of each class's images out of discovery.")
-        NMFConfig(k=self.k, solver=self.nmf_solver)
+        NMFConfig(k=self.k, solver=self.nmf_solver, data=self.nmf_data)
         if self.top_patches < 1:
             raise ConfigError("top_patches must be at least 1.", "")
 
     def nmf_config(self) -> NMFConfig:
-        return NMFConfig(k=self.k, solver=self.nmf_solver, max_iter=self.nmf_max_iter, tol=self.nmf_tol, seed=self.seed)
+        return NMFConfig(k=self.k, solver=self.nmf_solver, max_iter=self.nmf_max_iter, tol=self.nmf_tol, seed=self.seed,
+                         data=self.nmf_data)
 
     def refine_config(self) -> RefineConfig:
         return RefineConfig(solver=self.solver, objective=self.objective, scaling=self.scaling,
@@ -305,7 +307,7 @@ def _factorise_group(g: int, group: list, stacked: torch.Tensor, counts: torch.T
                      progress, classes_done: int, classes_total: int, device: torch.device, timings: dict) -> tuple:
     """NMF, refinement and per-class records of one group from its padded features (B, N, D)."""
     d, h, w = shape
-    nmf_input = stacked.clamp(min=0) if split.signed_features else stacked
+    nmf_input = stacked.clamp(min=0) if split.signed_features and config.nmf_data == "clamped" else stacked
     t0 = time.perf_counter()
     report(progress, "nmf", classes_done, classes_total)
     # Ticks inside the solvers let a cancelling progress callback stop them promptly.

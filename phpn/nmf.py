@@ -26,6 +26,9 @@ EPS = 1e-12
 
 
 SOLVERS = ("hals", "sklearn")
+# What is factorised when features can be negative: "clamped" runs NMF on max(F, 0);
+# "signed" runs semi-NMF on F itself (E ≥ 0, P signed; Ding, Li & Jordan, 2010).
+DATA = ("clamped", "signed")
 
 
 @dataclass(frozen=True)
@@ -38,10 +41,14 @@ class NMFConfig:
     sketch_rank: Optional[int] = None  # None: max(4k, k + 16); 0 disables the sketch
     power_iter: int = 3
     seed: int = 0
+    data: str = "clamped"  # clamped | signed (semi-NMF; see DATA)
+    semi_iter: int = 100  # semi-NMF iterations after the start from NMF on max(F, 0)
 
     def __post_init__(self):
         if self.solver not in SOLVERS:
             raise ConfigError(f"Unknown NMF solver '{self.solver}'.", f"Choose one of: {', '.join(SOLVERS)}.")
+        if self.data not in DATA:
+            raise ConfigError(f"Unknown NMF data '{self.data}'.", f"Choose one of: {', '.join(DATA)}.")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -56,7 +63,7 @@ class NMFResult:
     iterations: int
 
 
-def _check(features: torch.Tensor, counts: Optional[torch.Tensor], k: int) -> torch.Tensor:
+def _check(features: torch.Tensor, counts: Optional[torch.Tensor], k: int, signed: bool = False) -> torch.Tensor:
     if features.ndim != 3:
         raise ValueError(f"features must be (classes, positions, channels), got shape {tuple(features.shape)}")
     b, n, d = features.shape
@@ -70,7 +77,7 @@ def _check(features: torch.Tensor, counts: Optional[torch.Tensor], k: int) -> to
             f"k = {k} prototypes need at least {k} feature vectors per class, but a class has only {smallest}.",
             "Lower k or add images to the smallest class.",
         )
-    if float(features.min()) < 0:
+    if not signed and float(features.min()) < 0:
         raise ConfigError(
             "NMF needs non-negative features, but the backbone produced negative values.",
             "Use a model whose features end in a ReLU, or let phpn clamp signed features (done automatically "
@@ -180,7 +187,9 @@ def nmf(features: torch.Tensor, config: NMFConfig = NMFConfig(), counts: Optiona
     to stop the work promptly.
     """
     k = config.k
-    counts = _check(features, counts, k)
+    counts = _check(features, counts, k, signed=config.data == "signed")
+    if config.data == "signed":
+        return semi_nmf(features, config, counts, tick)
     if config.solver == "sklearn":
         return _nmf_sklearn(features, config, counts, tick)
     b, n, d = features.shape
@@ -215,6 +224,49 @@ def nmf(features: torch.Tensor, config: NMFConfig = NMFConfig(), counts: Optiona
             break
         prev = rel
 
+    return _finish(work, e, p, sq_norm, iterations)
+
+
+def semi_nmf(features: torch.Tensor, config: NMFConfig, counts: torch.Tensor,
+             tick: Optional[Callable[[], None]] = None) -> NMFResult:
+    """Semi-NMF F ≈ E P with E ≥ 0 and P signed, for features that can be negative.
+
+    Starts from NMF on max(F, 0) (same settings), then alternates the exact least-squares P
+    for the current E and a HALS sweep over E's columns (which needs only E ≥ 0). The error
+    never increases: each step is an exact minimisation over its block.
+    """
+    from dataclasses import replace
+
+    b, n, d = features.shape
+    work = features if features.dtype in (torch.float32, torch.float64) else features.float()
+    start = nmf(work.clamp(min=0), replace(config, data="clamped"), counts, tick)
+    mask = _row_mask(counts, n, work.device, work.dtype)
+    e = start.encodings.to(work.dtype).clone()
+    p = start.prototypes.to(work.dtype).clone()
+    sq_norm = torch.linalg.vector_norm(work, dim=(1, 2)).square()
+    eye = torch.eye(config.k, dtype=torch.float64, device=work.device)
+    iterations = start.iterations
+    prev = None
+    for _ in range(config.semi_iter):
+        if tick is not None:
+            tick()
+        et_e = (e.transpose(1, 2) @ e).double()
+        et_f = (e.transpose(1, 2) @ work).double()
+        # Least-squares P; a tiny ridge keeps the k×k solve defined when a part is unused.
+        ridge = 1e-10 * et_e.diagonal(dim1=1, dim2=2).mean(1).clamp(min=EPS)[:, None, None]
+        p = torch.linalg.solve((et_e + ridge * eye).cpu(), et_f.cpu()).to(work.device, work.dtype)
+        f_pt = work @ p.transpose(1, 2)
+        pp_t = p @ p.transpose(1, 2)
+        for j in range(config.k):
+            num = f_pt[:, :, j] - (e @ pp_t[:, :, j:j + 1])[:, :, 0]
+            e[:, :, j] = (e[:, :, j] + num / (pp_t[:, j, j][:, None] + EPS)).clamp(min=0)
+        e *= mask[:, :, None]
+        iterations += 1
+        rel = torch.sqrt(_objective(sq_norm, e, p, e.transpose(1, 2) @ work, e.transpose(1, 2) @ e)
+                         / sq_norm.clamp(min=EPS))
+        if prev is not None and bool(torch.all((prev - rel) <= config.tol)):
+            break
+        prev = rel
     return _finish(work, e, p, sq_norm, iterations)
 
 

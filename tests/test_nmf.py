@@ -75,3 +75,25 @@ def test_scikit_learn_reference_solver_through_the_same_interface():
     assert bool((ours.error <= reference.error * 1.02).all())
     with pytest.raises(ConfigError, match="Unknown NMF solver 'mu'"):
         NMFConfig(solver="mu")
+
+
+def test_semi_nmf_fits_signed_features_that_clamped_nmf_cannot():
+    g = torch.Generator().manual_seed(0)
+    e = torch.rand(2, 400, 3, generator=g, dtype=torch.float64)
+    p = torch.randn(2, 3, 30, generator=g, dtype=torch.float64)
+    features = e @ p + 0.01 * torch.randn(2, 400, 30, generator=g, dtype=torch.float64)
+    semi = nmf(features, NMFConfig(k=3, data="signed"))
+    clamped = nmf(features.clamp(min=0), NMFConfig(k=3))
+    clamped_error = torch.linalg.vector_norm(features - clamped.encodings @ clamped.prototypes, dim=(1, 2))
+    exact = torch.linalg.vector_norm(features - semi.encodings @ semi.prototypes, dim=(1, 2))
+    torch.testing.assert_close(semi.error, exact)
+    assert bool((semi.encodings >= 0).all()) and float(semi.prototypes.min()) < 0
+    assert float(semi.relative_error.max()) < 0.05
+    assert bool((exact < 0.1 * clamped_error).all())
+    with pytest.raises(ConfigError, match="Unknown NMF data 'raw'"):
+        NMFConfig(data="raw")
+
+
+def test_clamped_nmf_still_refuses_negative_features():
+    with pytest.raises(ConfigError, match="NMF needs non-negative features"):
+        nmf(-torch.ones(1, 10, 4), NMFConfig(k=2))
