@@ -110,6 +110,7 @@ def cmd_discover(args) -> int:
     config = DiscoveryConfig(k=k, images_per_class=cap, solver=solver, nmf_solver=args.nmf_solver,
                              objective=args.objective, scaling=args.scaling,
                              contributions=args.contributions, holdout=args.holdout, nmf_data=args.nmf_data,
+                             suggest_k=args.suggest_k,
                              seed=args.seed, device=args.device, batch_size=args.batch_size,
                              classes=_class_list(args.classes, session.class_names),
                              **({"memory_budget_mb": args.memory_budget} if args.memory_budget is not None else {}))
@@ -349,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nmf-data", choices=D.NMF_DATA_CHOICES, default=D.NMF_DATA,
                    help="features that can be negative (ConvNeXt, ViT): clamped = NMF on max(F, 0) (default); "
                         "signed = semi-NMF on F itself (parts may have negative channels)")
+    p.add_argument("--suggest-k", type=int, metavar="K_MAX",
+                   help="also factorise each class with k = 2..K_MAX and record the k where NMF's error curve bends, "
+                        "with the reason (run.json: classes[].k_suggested, k_reason)")
     p.add_argument("--holdout", type=float, default=D.HOLDOUT, metavar="FRACTION",
                    help="keep this fraction of each class's images out of discovery and report the prototypes' "
                         "fidelity and specificity on them (default 0)")

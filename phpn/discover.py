@@ -32,7 +32,7 @@ from .errors import ConfigError, DataError
 from .features import FeatureTap, backbone_features, prepare_backbone
 from .models.head import NONNEGATIVE_FEATURES_NMF, SIGNED_FEATURES_NMF, HeadSplit, LoadedModel
 from .network import prototype_maps
-from .nmf import NMFConfig, nmf
+from .nmf import NMFConfig, nmf, suggest_k
 from .progress import ProgressFn, RepeatLast, report
 from .part_metrics import class_part_metrics, fidelity_and_specificity, warnings_for
 from .refine import RefineConfig, part_signs, refine
@@ -67,6 +67,7 @@ class DiscoveryConfig:
     contributions: str = D.CONTRIBUTION  # part: mean contributions held at the NMF parts' shares; free (see refine)
     ridge: float = 1e-2  # refinement's ridge on the residual split (makes the solution unique)
     norm: str = "zscore"  # how refinement compares maps: zscore (smooth, converges) | minmax (the paper's)
+    suggest_k: Optional[int] = None  # also try k = 2..this per class and record the elbow of NMF's error
     nmf_data: str = D.NMF_DATA  # signed features: clamped (NMF on max(F, 0)) | signed (semi-NMF, P signed)
     holdout: float = D.HOLDOUT  # fraction of each class's images kept out of discovery, for held-out fidelity
 
@@ -320,6 +321,7 @@ def _factorise_group(g: int, group: list, stacked: torch.Tensor, counts: torch.T
         raise ConfigError(f"NMF failed numerically for the class folder(s) {', '.join(bad[:5])}.",
                           "Run discovery again with --nmf-solver sklearn (or on the CPU), and report the case.")
     report(progress, "nmf", classes_done + len(group), classes_total)
+    suggestions = suggest_k(nmf_input, config.nmf_config(), counts, config.suggest_k) if config.suggest_k else None
     del nmf_input
 
     t0 = time.perf_counter()
@@ -336,6 +338,8 @@ def _factorise_group(g: int, group: list, stacked: torch.Tensor, counts: torch.T
         class_feats = stacked[i, :counts[i]].reshape(images_in[i], h, w, d).permute(0, 3, 1, 2)
         records.append(_class_record(entry, class_feats, paths[i], refined, found, i, split,
                                      config.top_patches, preprocess.crop))
+    for record, (k, reason, errors) in zip(records, suggestions or []):
+        record["k_suggested"], record["k_reason"], record["k_relative_errors"] = k, reason, errors
     return records, refined.prototypes.cpu(), found.prototypes.float().cpu(), refined.alpha.cpu()
 
 

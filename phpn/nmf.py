@@ -314,3 +314,44 @@ def sklearn_nmf(features: np.ndarray, k: int, seed: int = 0, max_iter: int = 200
     e = model.fit_transform(features)
     p = model.components_
     return e, p, float(np.linalg.norm(features - e @ p)), int(model.n_iter_)
+
+
+def elbow_k(ks, errors) -> tuple:
+    """The k where the error curve bends most, and why.
+
+    ``ks`` increasing, ``errors`` the relative reconstruction error at each. The bend is the
+    point furthest below the straight line from the first to the last point (both axes
+    scaled to [0, 1]); with two points or a flat curve, the smallest k.
+    """
+    ks, errors = list(ks), [float(e) for e in errors]
+    listing = ", ".join(f"{e:.3f} at k = {k}" for k, e in zip(ks, errors))
+    span = errors[0] - errors[-1]
+    if len(ks) < 3 or span <= 1e-9:
+        return ks[0], f"relative error {listing}: no bend to find, so the smallest k"
+    x = [(k - ks[0]) / (ks[-1] - ks[0]) for k in ks]
+    y = [(e - errors[-1]) / span for e in errors]
+    below = [(1 - xi) - yi for xi, yi in zip(x, y)]  # the chord runs from (0, 1) to (1, 0)
+    best = max(range(len(ks)), key=lambda i: below[i])
+    if below[best] <= 0:
+        return ks[0], f"relative error {listing}: it falls evenly, no bend, so the smallest k"
+    return ks[best], (f"relative error {listing}: the curve bends most at k = {ks[best]} (further k lower the "
+                      "error less)")
+
+
+def suggest_k(features: torch.Tensor, config: NMFConfig, counts: Optional[torch.Tensor] = None, k_max: int = 8,
+              tick: Optional[Callable[[], None]] = None) -> list:
+    """Per class, (k, reason, {k: relative error}) from the elbow of NMF's error for k = 2..k_max."""
+    from dataclasses import replace
+
+    if k_max < 2:
+        raise ConfigError(f"The largest k to try must be at least 2, got {k_max}.", "Use --suggest-k 8, for example.")
+    b = features.shape[0]
+    smallest = int(counts.min()) if counts is not None else features.shape[1]
+    ks = list(range(2, min(k_max, smallest, features.shape[2], 20) + 1))
+    errors = [nmf(features, replace(config, k=k), counts, tick).relative_error.tolist() for k in ks]
+    out = []
+    for c in range(b):
+        curve = [errors[j][c] for j in range(len(ks))]
+        k, reason = elbow_k(ks, curve)
+        out.append((k, reason, {str(kk): e for kk, e in zip(ks, curve)}))
+    return out

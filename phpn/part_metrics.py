@@ -44,6 +44,8 @@ FIELDS = {
     "alpha_flags": "per prototype: 'zero' (α = 0: holds no NMF part), 'negative' (α < 0: holds its part "
                    "reversed) or None",
     "warnings": "plain-language warnings from the numbers above",
+    "k_suggested": "with --suggest-k: the k where NMF's error for k = 2..K_MAX bends most (the run keeps its own k)",
+    "k_reason": "why that k: the error at each k and where the curve bends",
 }
 
 WARNING_LIMITS = {

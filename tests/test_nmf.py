@@ -97,3 +97,25 @@ def test_semi_nmf_fits_signed_features_that_clamped_nmf_cannot():
 def test_clamped_nmf_still_refuses_negative_features():
     with pytest.raises(ConfigError, match="NMF needs non-negative features"):
         nmf(-torch.ones(1, 10, 4), NMFConfig(k=2))
+
+
+def test_elbow_k_finds_the_bend_and_says_why():
+    from phpn.nmf import elbow_k
+
+    k, reason = elbow_k([2, 3, 4, 5, 6], [0.8, 0.4, 0.35, 0.32, 0.3])
+    assert k == 3 and reason.startswith("relative error 0.800 at k = 2, 0.400 at k = 3")
+    assert "bends most at k = 3" in reason
+    assert elbow_k([2, 3, 4], [0.5, 0.5, 0.5])[0] == 2
+    assert elbow_k([2, 3], [0.5, 0.4])[0] == 2
+
+
+def test_suggest_k_recovers_the_number_of_parts():
+    from phpn.nmf import suggest_k
+
+    g = torch.Generator().manual_seed(0)
+    parts = torch.rand(4, 30, generator=g, dtype=torch.float64) ** 4
+    e = torch.rand(1, 300, 4, generator=g, dtype=torch.float64)
+    features = e @ parts[None] + 0.001 * torch.rand(1, 300, 30, generator=g, dtype=torch.float64)
+    (k, reason, errors), = suggest_k(features, NMFConfig(), k_max=7)
+    assert k == 4 and set(errors) == {"2", "3", "4", "5", "6", "7"}
+    assert errors["4"] < 0.05 < errors["3"]

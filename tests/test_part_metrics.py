@@ -126,3 +126,13 @@ def test_top_patches_skip_weak_peaks_and_near_identical_crops():
     # A prototype whose part counts against the class is shown where it subtracts most.
     negative = top_patches(maps, [f"im{j}.png" for j in range(5)], 4, 32, signs=[-1.0])[0]
     assert [(p["path"], p["score"]) for p in negative] == [("im4.png", -1.0)]
+
+
+def test_discovery_records_a_suggested_k_with_its_reason(tiny_loaded, image_folder):
+    data = scan_image_folder(image_folder, class_names=tiny_loaded.class_names, num_classes=4)
+    run = discover(tiny_loaded, tiny_split(tiny_loaded.model), data, tiny_loaded.preprocess,
+                   DiscoveryConfig(k=3, device="cpu", suggest_k=5))
+    for entry in run.meta["classes"]:
+        assert 2 <= entry["k_suggested"] <= 5 and set(entry["k_relative_errors"]) == {"2", "3", "4", "5"}
+        assert entry["k_reason"].startswith("relative error ")
+        assert f"k = {entry['k_suggested']}" in entry["k_reason"]
