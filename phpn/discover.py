@@ -229,7 +229,11 @@ def _class_record(entry, feats: torch.Tensor, paths: list, refined, found, i: in
     }
 
 
-def _model_record(loaded: LoadedModel, split: HeadSplit, feature_shape: tuple) -> dict:
+SIGNED_FEATURES_SEMI_NMF = ("the features can be negative, and semi-NMF factorises them as they are (encodings "
+                            "non-negative, parts signed); the prototypes still sum exactly to each head row")
+
+
+def _model_record(loaded: LoadedModel, split: HeadSplit, feature_shape: tuple, nmf_data: str = "clamped") -> dict:
     return {
         "arch": loaded.arch,
         "sha256": loaded.sha256,
@@ -239,7 +243,8 @@ def _model_record(loaded: LoadedModel, split: HeadSplit, feature_shape: tuple) -
         "feature_shape": list(feature_shape),
         "folded_norm": split.folded,
         "signed_features": split.signed_features,
-        "nmf_input": SIGNED_FEATURES_NMF if split.signed_features else NONNEGATIVE_FEATURES_NMF,
+        "nmf_input": (SIGNED_FEATURES_SEMI_NMF if nmf_data == "signed" else SIGNED_FEATURES_NMF)
+        if split.signed_features else NONNEGATIVE_FEATURES_NMF,
         "feature_layer": split.feature_layer,
         "head_layer": split.head_layer,
     }
@@ -551,7 +556,7 @@ def discover(loaded: LoadedModel, split: HeadSplit, data: ImageFolderData, prepr
     meta = {
         "phpn_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": _model_record(loaded, split, shape),
+        "model": _model_record(loaded, split, shape, config.nmf_data),
         "preprocess": preprocess.to_dict(),
         "data": {"root": data_label or str(data.root), "skipped": [list(s) for s in skipped_all],
                  "class_mapping": data.class_mapping},

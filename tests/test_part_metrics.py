@@ -136,3 +136,20 @@ def test_discovery_records_a_suggested_k_with_its_reason(tiny_loaded, image_fold
         assert 2 <= entry["k_suggested"] <= 5 and set(entry["k_relative_errors"]) == {"2", "3", "4", "5"}
         assert entry["k_reason"].startswith("relative error ")
         assert f"k = {entry['k_suggested']}" in entry["k_reason"]
+
+
+@pytest.mark.parametrize("nmf_data", ["clamped", "signed"])
+def test_signed_features_by_nmf_on_the_clamped_or_semi_nmf_on_the_signed(tiny_loaded, image_folder, nmf_data):
+    from phpn.models.head import HeadSplit
+
+    model = tiny_loaded.model
+    split = HeadSplit(backbone=model.features[:-1], weight=model.fc.weight.detach(), bias=model.fc.bias.detach(),
+                      feature_layer="features.2", head_layer="fc", signed_features=True)
+    data = scan_image_folder(image_folder, class_names=tiny_loaded.class_names, num_classes=4)
+    run = discover(tiny_loaded, split, data, tiny_loaded.preprocess,
+                   DiscoveryConfig(k=3, device="cpu", nmf_data=nmf_data))
+    assert float(run.head_error().max()) < 1e-12
+    assert run.meta["nmf"]["data"] == nmf_data
+    assert run.meta["model"]["nmf_input"].startswith(
+        "the features can be negative, and semi-NMF" if nmf_data == "signed" else "the features can be negative, so")
+    assert (float(run.nmf_prototypes.min()) < 0) == (nmf_data == "signed")
