@@ -332,8 +332,9 @@ def summary_text(result: dict) -> str:
                      f"(positive for {s['prototypes_with_positive_gap']:.0f}% of prototypes)")
     sep = (result.get("separation") or {}).get("summary") or {}
     for name, s in sep.items():
-        verdict = "separates parts from both baselines" if s["separates"] else "does NOT separate parts from the baselines"
+        verdict = ("separates parts from both baselines" if s["separates"]
+                   else "does NOT separate parts from the baselines")
+        better = "higher" if s["higher_is_better"] else "lower"
         lines.append(f"{name.replace('_', ' ')}: phpn {s['phpn']:.3f}, random directions {s['random_mean']:.3f} "
-                     f"± {s['random_std']:.3f}, equal split {s['equal']:.3f} ({'higher' if s['higher_is_better'] else 'lower'}"
-                     f" is better): {verdict}")
+                     f"± {s['random_std']:.3f}, equal split {s['equal']:.3f} ({better} is better): {verdict}")
     return "\n".join(lines)
