@@ -7,6 +7,7 @@ import streamlit as st
 
 from pages import _shared as S
 from phpn import report
+from phpn.defaults import class_name
 
 S.frame()
 st.title("Export")
@@ -19,7 +20,7 @@ notes_key = json.dumps(notes.to_dict(), sort_keys=True) if notes is not None els
 
 
 def _name(i: int) -> str:
-    return names[i] if i < len(names) else str(i)
+    return class_name(names, i)
 
 
 def _slug(text: str) -> str:
@@ -81,7 +82,8 @@ else:
                                                   preprocess=model.session.preprocess,
                                                   opacity=explained.get("opacity", 0.6),
                                                   image_name=explained["label"], model_label=model.label,
-                                                  run_label=entry.origin, true_class=explained.get("true_class"),
+                                                  run_label=S.shown_path(entry.saved_to) if entry.saved_to
+                                                  else entry.origin, true_class=explained.get("true_class"),
                                                   notes=notes)
             st.session_state["explanation_report"] = (entry.id, explained["label"], e.class_index, html_text)
     built = st.session_state.get("explanation_report")

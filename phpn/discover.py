@@ -27,7 +27,7 @@ from . import __version__
 from . import defaults as D
 from .certify import CertificateAccumulator, checks_inside
 from .data import ImageFolderData, Preprocess, iter_batches, load_batch
-from .device import resolve_device
+from .device import check_device_name, resolve_device
 from .errors import ConfigError, DataError
 from .features import FeatureTap, backbone_features, prepare_backbone
 from .models.head import NONNEGATIVE_FEATURES_NMF, SIGNED_FEATURES_NMF, HeadSplit, LoadedModel
@@ -38,20 +38,22 @@ from .part_metrics import class_part_metrics, fidelity_and_specificity, warnings
 from .refine import RefineConfig, part_signs, refine
 from .resume import GroupResult, fingerprint, open_store
 from .runs import Run
+from .validation import check_at_least, check_seed
 
 
 @dataclass(frozen=True)
 class DiscoveryConfig:
-    k: int = 3
-    images_per_class: Optional[int] = None  # cap per class (deterministic sample); None: all
-    solver: str = "lbfgs"  # lbfgs | nelder-mead | none
-    objective: str = "prototype"  # prototype | residual
-    scaling: str = "lstsq"  # lstsq | nnls
-    seed: int = 0
-    device: str = "auto"
-    batch_size: int = 64
-    top_patches: int = 6
-    nmf_solver: str = "hals"  # hals | sklearn (the reference, class by class on the CPU)
+    # Defaults from phpn.defaults, the table the CLI, the app and the API share.
+    k: int = D.K
+    images_per_class: Optional[int] = D.IMAGES_PER_CLASS  # cap per class (deterministic sample); None: all
+    solver: str = D.SOLVER  # lbfgs | nelder-mead | none
+    objective: str = D.OBJECTIVE  # prototype | residual
+    scaling: str = D.SCALING  # lstsq | nnls
+    seed: int = D.SEED
+    device: str = D.DEVICE
+    batch_size: int = D.BATCH_SIZE
+    top_patches: int = D.TOP_PATCHES
+    nmf_solver: str = D.NMF_SOLVER  # hals | sklearn (the reference, class by class on the CPU)
     nmf_max_iter: int = 400
     nmf_tol: float = 1e-5
     lbfgs_iter: int = 300
@@ -82,6 +84,9 @@ class DiscoveryConfig:
         NMFConfig(k=self.k, solver=self.nmf_solver, data=self.nmf_data)
         if self.top_patches < 1:
             raise ConfigError("top_patches must be at least 1.", "")
+        check_seed(self.seed), check_at_least("batch size", self.batch_size), check_device_name(self.device)
+        if self.images_per_class is not None:
+            check_at_least("images per class", self.images_per_class)
 
     def nmf_config(self) -> NMFConfig:
         return NMFConfig(k=self.k, solver=self.nmf_solver, max_iter=self.nmf_max_iter, tol=self.nmf_tol, seed=self.seed,
@@ -556,7 +561,9 @@ def discover(loaded: LoadedModel, split: HeadSplit, data: ImageFolderData, prepr
     meta = {
         "phpn_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": _model_record(loaded, split, shape, config.nmf_data),
+        # Without names of its own, the model's classes are named by the folders when they name them.
+        "model": _model_record(replace(loaded, class_names=loaded.class_names or data.class_names), split, shape,
+                               config.nmf_data),
         "preprocess": preprocess.to_dict(),
         "data": {"root": data_label or str(data.root), "skipped": [list(s) for s in skipped_all],
                  "class_mapping": data.class_mapping},
