@@ -101,3 +101,13 @@ def test_evaluate_run_on_an_image_folder_with_separate_parts(small):
     assert "peak purity: phpn" in summary_text(res)
     with pytest.raises(ConfigError):
         evaluate_run(run, split, PREPROCESS, out / "data", no_such_option=1)
+
+
+def test_benchmark_scores_disjoint_test_draws_with_their_spread():
+    result = run_parts_benchmark("small", solvers=("none",), deletion=False, draws=2)
+    assert result["test_draws"] == 2
+    for row in result["table"]:
+        assert len(row["consistency_draws"]) == 2
+        assert row["consistency"] == pytest.approx(sum(row["consistency_draws"]) / 2)
+        assert row["consistency_std"] is not None
+    assert " ± " in result["markdown"]

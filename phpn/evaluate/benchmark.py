@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -68,6 +69,9 @@ def _parts_found(res: dict, class_parts) -> tuple:
             float(np.mean([p["best_part_fraction"] for p in res["prototypes"]]) * 100.0) if res["prototypes"] else None)
 
 
+SCORES = ("consistency", "stability_unclipped", "stability_clipped", "parts_found", "best_part_hit")
+
+
 def _markdown(rows: list) -> str:
     head = ("| prototypes | consistency % | stability % (σ=0.2) | stability % (clipped ±0.25) "
             "| class parts found % | mean best-part hit % | median map fidelity | deletion gap |\n"
@@ -76,14 +80,30 @@ def _markdown(rows: list) -> str:
     def fmt(v, p=1):
         return "–" if v is None else f"{v:.{p}f}"
 
+    def score(r, key):
+        # With several test draws: mean ± standard deviation over the draws.
+        spread = r.get(f"{key}_std")
+        return fmt(r[key]) + ("" if spread is None else f" ± {spread:.1f}")
+
     return head + "".join(
-        f"| {r['name']} | {fmt(r['consistency'])} | {fmt(r['stability_unclipped'])} | "
-        f"{fmt(r['stability_clipped'])} | {fmt(r['parts_found'])} | {fmt(r['best_part_hit'])} | "
+        f"| {r['name']} | {score(r, 'consistency')} | {score(r, 'stability_unclipped')} | "
+        f"{score(r, 'stability_clipped')} | {score(r, 'parts_found')} | {score(r, 'best_part_hit')} | "
         f"{fmt(r.get('map_fidelity'), 2)} | {fmt(r.get('deletion_gap'), 2)} |\n"
         for r in rows)
 
 
-def run_parts_benchmark(size: str = "small", out_dir=None, *, k: int = 3, seed: int = 0,
+def disjoint_draws(test, draws: int, per_class: int) -> list:
+    """``draws`` disjoint test sets: the d-th takes each class's test images d·n .. (d+1)·n − 1."""
+    out = []
+    for d in range(draws):
+        chosen = []
+        for c, idx in sorted(test.by_class().items()):
+            chosen += [test.images[i] for i in idx[d * per_class:(d + 1) * per_class]]
+        out.append(replace(test, images=chosen))
+    return out
+
+
+def run_parts_benchmark(size: str = "small", out_dir=None, *, k: int = 3, seed: int = 0, draws: int = 1,
                         solvers: Sequence[str] = SOLVERS, deletion: bool = True, asset_dir=None,
                         progress: Optional[ProgressFn] = None, **eval_params) -> dict:
     """Discover prototypes on the benchmark CNN with every solver and score them.
@@ -103,8 +123,10 @@ def run_parts_benchmark(size: str = "small", out_dir=None, *, k: int = 3, seed: 
     trained = json.loads((asset_dir / METRICS_FILE).read_text()) if (asset_dir / METRICS_FILE).is_file() else {}
     loaded, split = load_parts_benchmark(asset_dir)
     # The dataset the CNN was trained on (same seed and drawing settings), fewer images.
+    if draws < 1:
+        raise ConfigError(f"draws must be at least 1, got {draws}.", "")
     data_cfg = SyntheticPartsConfig.from_dict(trained.get("dataset", {}), train_per_class=sz["discovery_per_class"],
-                                              test_per_class=sz["test_per_class"])
+                                              test_per_class=sz["test_per_class"] * draws)
     report(progress, "benchmark data", 0, 1)
     data = generate(data_cfg)
     tmp = None
@@ -152,13 +174,23 @@ def run_parts_benchmark(size: str = "small", out_dir=None, *, k: int = 3, seed: 
                      PrototypeExplainer(split, equal_split_prototypes(split.weight, classes, k), classes), None))
 
         rows, details = [], {}
+        subsets = disjoint_draws(test, draws, sz["test_per_class"]) if draws > 1 else [test]
         for name, explainer, run in sets:
-            res = interpretability_of(explainer, test, PREPROCESS, classes, **common,
-                                      class_names=dataset.class_names)
-            row = {"name": name, "consistency": res["consistency"],
-                   "stability_unclipped": res["stability"].get("unclipped"),
-                   "stability_clipped": res["stability"].get("clipped")}
-            row["parts_found"], row["best_part_hit"] = _parts_found(res, data.class_parts)
+            per_draw = []
+            for subset in subsets:
+                res = interpretability_of(explainer, subset, PREPROCESS, classes, **common,
+                                          class_names=dataset.class_names)
+                one = {"consistency": res["consistency"], "stability_unclipped": res["stability"].get("unclipped"),
+                       "stability_clipped": res["stability"].get("clipped")}
+                one["parts_found"], one["best_part_hit"] = _parts_found(res, data.class_parts)
+                per_draw.append(one)
+            row = {"name": name}
+            for key in SCORES:
+                values = [d[key] for d in per_draw if d[key] is not None]
+                row[key] = float(np.mean(values)) if values else None
+                if draws > 1:
+                    row[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
+                    row[f"{key}_draws"] = [d[key] for d in per_draw]
             entry = {"interpretability": res}
             if run is not None:
                 row["map_fidelity"] = _fidelity(run)
@@ -182,6 +214,7 @@ def run_parts_benchmark(size: str = "small", out_dir=None, *, k: int = 3, seed: 
             "accuracy": accuracy,
             "trained_test_accuracy": trained.get("test_accuracy"),
             "test_images": int(len(kept)),
+            "test_draws": draws,
             "discovery_images_per_class": sz["discovery_per_class"],
             "discovery_budget": sz["discovery"],
             "dataset": data_cfg.to_dict(),
