@@ -59,7 +59,7 @@ def test_a_named_prototype_survives_a_reload_and_reaches_the_report(notes_page):
     assert pg.locator("[data-testid='stException']").count() == 0
     header.scroll_into_view_if_needed()
     _idle(pg)
-    _shot(pg, "11-class-browser-notes")
+    _shot(pg, "12-class-browser-notes")
 
     _nav(pg, "Export", "Export")
     pg.get_by_role("button", name="Build the class report").click()
@@ -89,8 +89,8 @@ def test_every_prototype_map_is_visible_on_natural_photos(notes_page):
     assert pg.locator("[data-testid='stException']").count() == 0
     _main(pg).get_by_text("All prototypes, each on its own scale").scroll_into_view_if_needed()
     _idle(pg)
-    _shot(pg, "12-explain-natural-photo")
+    _shot(pg, "13-explain-natural-photo")
     _nav(pg, "Class browser", "Class browser")
     _main(pg).get_by_text("each zoomed beside its image").first.wait_for()
     _idle(pg)
-    _shot(pg, "13-class-browser-natural-photos")
+    _shot(pg, "14-class-browser-natural-photos")
