@@ -124,7 +124,7 @@ with c_class:
     if top1 not in decomposed:
         st.info(f"The top prediction {_name(top1)} has no prototypes in this run.")
 if true_class is not None and true_class != top1:
-    st.error(f"**Mistake**: the model predicts **{_name(top1)}**, but this image is labelled **{_name(true_class)}** "
+    st.warning(f"**Mistake**: the model predicts **{_name(top1)}**, but this image is labelled **{_name(true_class)}** "
              f"(its folder). The **Mistakes first** page shows why {_name(top1)} and not {_name(true_class)}.",
              icon=":material/close:")
 elif true_class is not None:
