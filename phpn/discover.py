@@ -80,7 +80,7 @@ class DiscoveryConfig:
                      contributions=self.contributions, ridge=self.ridge, norm=self.norm)  # validates names
         if not 0 <= self.holdout < 1:
             raise ConfigError(f"The held-out fraction must be at least 0 and below 1, got {self.holdout}.",
-                              "Use --holdout 0.2, for example, to keep a fifth of each class's images out of discovery.")
+                              "Use --holdout-fraction 0.2, for example, to keep a fifth of each class's images out of discovery.")
         NMFConfig(k=self.k, solver=self.nmf_solver, data=self.nmf_data)
         if self.top_patches < 1:
             raise ConfigError("top_patches must be at least 1.", "")
