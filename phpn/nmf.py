@@ -72,7 +72,10 @@ def _check(features: torch.Tensor, counts: Optional[torch.Tensor], k: int, signe
     if not 1 <= k <= 20:
         raise ConfigError(f"k = {k} is out of range.", "Choose between 1 and 20 prototypes per class.")
     smallest = int(counts.min())
-    if k > min(smallest, d):
+    if k > d:
+        raise ConfigError(f"k = {k} prototypes need at least {k} feature channels, but the features have only {d}.",
+                          f"Choose k of at most {d}.")
+    if k > smallest:
         raise ConfigError(
             f"k = {k} prototypes need at least {k} feature vectors per class, but a class has only {smallest}.",
             "Lower k or add images to the smallest class.",

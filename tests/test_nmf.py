@@ -119,3 +119,9 @@ def test_suggest_k_recovers_the_number_of_parts():
     (k, reason, errors), = suggest_k(features, NMFConfig(), k_max=7)
     assert k == 4 and set(errors) == {"2", "3", "4", "5", "6", "7"}
     assert errors["4"] < 0.05 < errors["3"]
+
+
+def test_k_above_the_channel_count_names_the_channels():
+    features = torch.rand(1, 64, 4)
+    with pytest.raises(ConfigError, match=r"k = 5 prototypes need at least 5 feature channels, but the features have only 4"):
+        nmf(features, NMFConfig(k=5))
