@@ -51,11 +51,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def serve_app(tmp_path_factory, name: str = "e2e", **settings):
+    """``streamlit run app.py`` on a free loopback port with phpn's ``settings`` (environment
+    variables, e.g. PHPN_ALLOW_CODE="1"); yields the URL, then stops the server and fails on
+    any traceback in its log."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("e2e") / "streamlit.log"
-    env = dict(os.environ, PHPN_UPLOAD_DIR=str(log.parent / "uploads"), PYTHONUNBUFFERED="1")
+    log = tmp_path_factory.mktemp(name) / "streamlit.log"
+    env = dict(os.environ, PHPN_UPLOAD_DIR=str(log.parent / "uploads"), PYTHONUNBUFFERED="1", **settings)
     cmd = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port", str(port),
            "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"]
     with open(log, "w") as fh:
@@ -83,6 +85,11 @@ def server(tmp_path_factory):
             proc.wait()
         text = log.read_text()
         assert "Traceback" not in text, text[-3000:]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    yield from serve_app(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -4,57 +4,15 @@ it) left at a wrong input size. The discovery is exact and certified, yet the ap
 model is at chance before any explanation, and "Check preprocessing" proposes 28 px."""
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-
 import pytest
 
-from test_browser import CHROMIUM, CHROMIUM_ARGS, ROOT, _idle, _main, _nav, _shot, sync_api
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from test_browser import CHROMIUM, CHROMIUM_ARGS, ROOT, _idle, _main, _nav, _shot, serve_app, sync_api
 
 
 @pytest.fixture(scope="module")
 def operator_server(tmp_path_factory):
     """The app served with visitors' code and server paths under the repository allowed."""
-    port = _free_port()
-    log = tmp_path_factory.mktemp("e2e-operator") / "streamlit.log"
-    env = dict(os.environ, PHPN_UPLOAD_DIR=str(log.parent / "uploads"), PYTHONUNBUFFERED="1", PHPN_ALLOW_CODE="1",
-               PHPN_DATA_ROOTS=str(ROOT))
-    cmd = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port", str(port),
-           "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"]
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                    if r.read().strip() == b"ok":
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"streamlit did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.3)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
+    yield from serve_app(tmp_path_factory, "e2e-operator", PHPN_ALLOW_CODE="1", PHPN_DATA_ROOTS=str(ROOT))
 
 
 @pytest.mark.slow
