@@ -30,6 +30,7 @@ from ..data import Preprocess
 from ..errors import CheckpointError, ConfigError
 from .checkpoint import read_checkpoint
 from .head import LoadedModel
+from .user_code import format_mismatch
 
 INSTALL_HINT = "Install transformers (pip install 'phpn[hf]', or pip install transformers) and try again."
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -148,7 +149,8 @@ def load_model_folder(folder, num_classes: Optional[int] = None) -> LoadedModel:
 
 def _from_pretrained(folder: Path, raw: dict, transformers) -> nn.Module:
     # transformers maps the names older versions saved (e.g. Swin's attention.self.key) to the
-    # current ones, so it loads the weights itself: offline, no remote code, every key checked.
+    # current ones, so it loads the weights itself: from the local folder only (local_files_only,
+    # never the hub), no remote code, every key checked.
     logging = transformers.utils.logging
     verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
     logging.set_verbosity_error()  # phpn reports what did not fit itself, below
@@ -172,19 +174,11 @@ def _from_pretrained(folder: Path, raw: dict, transformers) -> nn.Module:
             logging.set_verbosity(verbosity)
             if bars:
                 logging.enable_progress_bar()
-    missing = list(info.get("missing_keys") or [])
-    unexpected = list(info.get("unexpected_keys") or [])
-    wrong = [f"{k} is {tuple(a)} but should be {tuple(b)}" for k, a, b in (info.get("mismatched_keys") or [])]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(sorted(missing)[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(sorted(unexpected)[:3])})")
-        if wrong:
-            parts.append(f"{len(wrong)} with the wrong shape ({'; '.join(wrong[:3])})")
+    problem = format_mismatch(sorted(info.get("missing_keys") or []), sorted(info.get("unexpected_keys") or []),
+                              [(k, tuple(a), tuple(b)) for k, a, b in (info.get("mismatched_keys") or [])], limit=3)
+    if problem:
         raise CheckpointError(f"The weights do not fit the {type(model).__name__} that config.json describes: "
-                              f"{', '.join(parts)}.",
+                              f"{problem}.",
                               "Save the classifier (not only its base model) with save_pretrained, and keep "
                               "config.json and the weights from the same save.")
     return model.float().eval()

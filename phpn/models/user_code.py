@@ -134,6 +134,12 @@ def describe_mismatch(expected: Mapping, given: Mapping, limit: int = 4) -> str:
     unexpected = [k for k in given if k not in expected and not ignored(k)]
     wrong = [(k, tuple(given[k].shape), tuple(v.shape)) for k, v in expected.items()
              if k in given and tuple(given[k].shape) != tuple(v.shape)]
+    return format_mismatch(missing, unexpected, wrong, limit)
+
+
+def format_mismatch(missing, unexpected, wrong, limit: int = 4) -> str:
+    """One phrase for weights that do not fit a model: names missing, unexpected, and
+    ``(name, given shape, model's shape)`` of the wrong shape; "" when everything fits."""
     parts = []
     if missing:
         parts.append(f"{len(missing)} weights missing (e.g. {', '.join(missing[:limit])})")
