@@ -359,9 +359,7 @@ def match_class_folders(folders: Sequence[str], class_names: Optional[Sequence[s
                         "or name them by class name.")
             raise DataError(f"These class folders name classes the model does not have (it has {limit} classes, "
                             f"numbered 0 to {limit - 1}): {', '.join(bad[:10])}.", hint)
-    elif class_names is None and num_classes is not None and len(folders) == num_classes and not by_index:
-        return list(range(len(folders))), "folder-names", list(folders)
-    elif class_names is None and num_classes is None and not by_index:
+    elif class_names is None and not by_index and (num_classes is None or len(folders) == num_classes):
         return list(range(len(folders))), "folder-names", list(folders)
     elif class_names is None:
         unmatched = [f for f in folders if f not in by_index]

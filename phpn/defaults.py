@@ -11,7 +11,7 @@ from . import nmf, refine
 
 # --- discovery -----------------------------------------------------------------------------
 K = 3  # part-prototypes per class
-K_MIN, K_MAX = 1, 20
+K_MIN, K_MAX = nmf.K_MIN, nmf.K_MAX
 IMAGES_PER_CLASS: Optional[int] = None  # None: every image of each class (a cap samples deterministically)
 SOLVER = "lbfgs"  # refinement of the residual split
 OBJECTIVE = "prototype"  # keep each final prototype's map like its NMF part

@@ -74,16 +74,17 @@ class DiscoveryConfig:
     holdout: float = D.HOLDOUT  # fraction of each class's images kept out of discovery, for held-out fidelity
 
     def __post_init__(self):
-        if not 1 <= self.k <= 20:
-            raise ConfigError(f"k = {self.k} is out of range.", "Choose between 1 and 20 prototypes per class.")
+        if not D.K_MIN <= self.k <= D.K_MAX:
+            raise ConfigError(f"k = {self.k} is out of range.", f"Choose between {D.K_MIN} and {D.K_MAX} prototypes per class.")
         RefineConfig(solver=self.solver, objective=self.objective, scaling=self.scaling,
                      contributions=self.contributions, ridge=self.ridge, norm=self.norm)  # validates names
         if not 0 <= self.holdout < 1:
             raise ConfigError(f"The held-out fraction must be at least 0 and below 1, got {self.holdout}.",
                               "Use --holdout-fraction 0.2, for example, to keep a fifth of each class's images out of discovery.")
         NMFConfig(k=self.k, solver=self.nmf_solver, data=self.nmf_data)
-        if self.top_patches < 1:
-            raise ConfigError("top_patches must be at least 1.", "")
+        check_at_least("top patches", self.top_patches)
+        if self.suggest_k is not None:
+            check_at_least("suggest_k", self.suggest_k, 2)
         check_seed(self.seed), check_at_least("batch size", self.batch_size), check_device_name(self.device)
         if self.images_per_class is not None:
             check_at_least("images per class", self.images_per_class)
@@ -173,7 +174,7 @@ def _groups(classes: list, per_class_bytes: list, budget: int) -> list:
     return groups
 
 
-def hold_out(wanted: list, fraction: float, k: int) -> tuple:
+def hold_out(wanted: list, fraction: float) -> tuple:
     """Keep the last ``round(fraction · n)`` images of each class out of discovery (at least one
     image stays for discovery). Returns (classes with their discovery images, {class index: held-out paths})."""
     kept, held = [], {}
@@ -185,14 +186,13 @@ def hold_out(wanted: list, fraction: float, k: int) -> tuple:
     return kept, held
 
 
-def add_heldout_metrics(records: list, run: Run, split: HeadSplit, root, held_paths: dict, preprocess: Preprocess,
-                        forward, batch_size: int) -> None:
+def add_heldout_metrics(records: list, run: Run, root, held_paths: dict, preprocess: Preprocess, forward,
+                        batch_size: int, workers: Optional[int] = None, pin_memory: bool = False) -> None:
     """Fidelity and specificity of each class's prototypes on its held-out images, into its record."""
     for row, record in enumerate(records):
         paths = held_paths.get(record["index"]) or []
         chunks, kept = [], []
-        for start in range(0, len(paths), batch_size):
-            x, ok, _ = load_batch(root, paths[start:start + batch_size], preprocess)
+        for x, ok, _ in iter_batches(root, paths, preprocess, batch_size, workers, pin_memory):
             if ok:
                 chunks.append(forward(x)[0].float())
                 kept += ok
@@ -512,7 +512,7 @@ def discover(loaded: LoadedModel, split: HeadSplit, data: ImageFolderData, prepr
     """
     device = resolve_device(config.device)
     started = time.perf_counter()
-    wanted, held_paths = hold_out(_wanted(data, config, split), config.holdout, config.k)
+    wanted, held_paths = hold_out(_wanted(data, config, split), config.holdout)
     forward = _Features(loaded, split, device, config, certify)
     if progress is not None:
         progress = RepeatLast(progress)
@@ -557,7 +557,8 @@ def discover(loaded: LoadedModel, split: HeadSplit, data: ImageFolderData, prepr
               head_bias=split.bias.detach().cpu().clone(), meta={})
     skipped_all = list(data.skipped) + [s for r in ordered for s in r.skipped]
     if any(held_paths.values()):
-        add_heldout_metrics(class_meta, run, split, data.root, held_paths, preprocess, forward, config.batch_size)
+        add_heldout_metrics(class_meta, run, data.root, held_paths, preprocess, forward, config.batch_size, workers,
+                            device.type == "cuda")
     meta = {
         "phpn_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

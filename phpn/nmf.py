@@ -22,6 +22,8 @@ import torch
 from .errors import ConfigError
 from .linalg import orthonormalize
 
+K_MIN, K_MAX = 1, 20  # prototypes per class
+
 EPS = 1e-12
 
 
@@ -69,8 +71,8 @@ def _check(features: torch.Tensor, counts: Optional[torch.Tensor], k: int, signe
     b, n, d = features.shape
     if counts is None:
         counts = torch.full((b,), n, dtype=torch.long)
-    if not 1 <= k <= 20:
-        raise ConfigError(f"k = {k} is out of range.", "Choose between 1 and 20 prototypes per class.")
+    if not K_MIN <= k <= K_MAX:
+        raise ConfigError(f"k = {k} is out of range.", f"Choose between {K_MIN} and {K_MAX} prototypes per class.")
     smallest = int(counts.min())
     if k > d:
         raise ConfigError(f"k = {k} prototypes need at least {k} feature channels, but the features have only {d}.",

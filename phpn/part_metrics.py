@@ -11,8 +11,8 @@ What a user is shown (a map, a contribution, top patches) is only as good as the
   same head row (distinctness, against that baseline computed here with its spread);
 - a prototype that holds no NMF part (α = 0) or holds it negatively (α < 0) is flagged.
 
-:data:`FIELDS` gives each field's meaning in one line: the CLI, the app and the reports read it
-from here. :data:`WARNING_LIMITS` are the thresholds behind the warnings.
+:data:`FIELDS` gives each field's meaning in one line (the one place it is written);
+:data:`WARNING_LIMITS` are the thresholds behind the warnings.
 """
 from __future__ import annotations
 
@@ -52,11 +52,6 @@ WARNING_LIMITS = {
     "specificity": 0.0,  # a prototype at or below this is not specific
     "cancellation": 0.95,  # a class below this cancels
 }
-
-
-def describe(field: str) -> str:
-    """The one-line meaning of a part-metrics field."""
-    return FIELDS[field]
 
 
 def maps_of(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
@@ -148,13 +143,13 @@ def fidelity_and_specificity(features: torch.Tensor, final: torch.Tensor, nmf: t
 
 def class_part_metrics(features: torch.Tensor, final: torch.Tensor, nmf: torch.Tensor, head_row: torch.Tensor,
                        scale: torch.Tensor, alpha: Sequence[float], part_share: Sequence[float],
-                       heldout: Optional[torch.Tensor] = None, seeds: Sequence[int] = RANDOM_SEEDS) -> dict:
+                       seeds: Sequence[int] = RANDOM_SEEDS) -> dict:
     """The part metrics of one class (see :data:`FIELDS`).
 
     features (n, D, h, w) of the discovery images as the head sees them; final (k, D) the
     refined prototypes; nmf (k, D) the NMF parts; head_row (D,); scale (n,) the model's
-    per-image factor on the maps (ones unless a normalisation follows the pooling);
-    heldout (m, D, h, w) features of images held out of discovery, or None.
+    per-image factor on the maps (ones unless a normalisation follows the pooling). The
+    held-out fields stay None here; discovery fills them in once the held-out images are read.
     """
     final = final.to(features)
     k = final.shape[0]
@@ -176,8 +171,6 @@ def class_part_metrics(features: torch.Tensor, final: torch.Tensor, nmf: torch.T
         "fidelity_heldout": None,
         "specificity_heldout": None,
     }
-    if heldout is not None and heldout.shape[0] > 0:
-        out["fidelity_heldout"], out["specificity_heldout"] = fidelity_and_specificity(heldout, final, nmf, signs)
     out["warnings"] = warnings_for(out)
     return out
 
