@@ -616,12 +616,10 @@ def _output_stem(name: str, taken: set) -> str:
 
 def _check_explain_target(out: Path) -> None:
     """The output folder is new, empty, or one phpn wrote explanations to before."""
-    from .errors import ConfigError as _ConfigError
-
     if out.exists() and not out.is_dir():
-        raise _ConfigError(f"{out} exists and is not a folder.", "Pass --out a new or empty folder.")
+        raise ConfigError(f"{out} exists and is not a folder.", "Pass --out a new or empty folder.")
     if out.is_dir() and any(out.iterdir()) and not (out / EXPLANATIONS_SUMMARY).is_file():
-        raise _ConfigError(f"{out} is not empty and was not written by 'phpn explain'; phpn will not write into it.",
+        raise ConfigError(f"{out} is not empty and was not written by 'phpn explain'; phpn will not write into it.",
                            "Pass --out a new or empty folder.")
 
 

@@ -445,7 +445,7 @@ def main(argv: Optional[list] = None) -> int:
     try:
         _check_options(args)
         return args.func(args)
-    except (PhpnError, OSError, MemoryError, torch.OutOfMemoryError) as err:
+    except (PhpnError, OSError, MemoryError, torch.cuda.OutOfMemoryError) as err:  # cuda's name exists from torch 1.13
         if isinstance(err, PhpnError):
             message = str(err)
         elif isinstance(err, OSError):  # a file or folder the user named cannot be read or written
