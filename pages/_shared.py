@@ -234,15 +234,6 @@ def workspace() -> "serving.Workspace":
     return ws
 
 
-def upload_dir() -> Path:
-    return workspace().new_upload_dir()
-
-
-def upload_room() -> int:
-    """Bytes this visitor may still upload (their quota and the server's, whichever is smaller)."""
-    return workspace().room()
-
-
 def shown_path(path) -> str:
     """A path as a visitor may see it: inside their workspace 'my runs/…', else its last part."""
     path = Path(path)

@@ -85,9 +85,11 @@ else:
                                                   run_label=S.shown_path(entry.saved_to) if entry.saved_to
                                                   else entry.origin, true_class=explained.get("true_class"),
                                                   notes=notes)
-            st.session_state["explanation_report"] = (entry.id, explained["label"], e.class_index, html_text)
+            st.session_state["explanation_report"] = (entry.id, explained["label"], e.class_index, html_text,
+                                                      notes_key)
     built = st.session_state.get("explanation_report")
-    if built and built[0] == entry.id and built[1] == explained["label"] and built[2] == e.class_index:
+    if (built and built[0] == entry.id and built[1] == explained["label"] and built[2] == e.class_index
+            and built[4] == notes_key):
         st.download_button("Download the explanation report (.html)", data=built[3],
                            file_name=f"phpn-{stem}-{_slug(explained['label'])}-{_slug(e.class_name)}.html",
                            mime="text/html", key="dl_expl")

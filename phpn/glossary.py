@@ -1,6 +1,6 @@
 """Plain-language explanations of the words phpn shows, and when a prototype is flagged.
 
-One home for this text: the app's help popovers, the reports and the CLI read it from here,
+One home for this text: the app's help popovers and the reports read it from here,
 so a word is explained the same way everywhere. Each entry is short enough for a tooltip and
 written for a domain expert who has not studied machine learning.
 """
@@ -48,7 +48,6 @@ TERMS = {
                     "its predictions and accuracy are shown only to see what those prototypes do.",
 }
 
-EXPERT_TERMS = ("alpha", "residual", "objective")
 
 
 def explain(term: str) -> str:

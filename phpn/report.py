@@ -24,7 +24,6 @@ from PIL import Image
 
 from . import viz
 from .annotations import prototype_note_html
-from .data import load_image
 from .defaults import MAP_OPACITY, class_name
 
 _CSS = """

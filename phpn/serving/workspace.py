@@ -41,7 +41,7 @@ def human_size(n: float) -> str:
 def _check_private_folder(path: Path, what: str) -> None:
     """A real folder (not a link), ours, closed to others; else a ConfigError for the operator."""
     info = os.lstat(path)
-    hint = (f"Remove it or point PHPN_UPLOAD_DIR at a new folder, then restart the app.")
+    hint = ("Remove it or point PHPN_UPLOAD_DIR at a new folder, then restart the app.")
     if stat.S_ISLNK(info.st_mode):
         raise ConfigError(f"The {what} is a symbolic link; phpn refuses to write through it.", hint)
     if not stat.S_ISDIR(info.st_mode):
