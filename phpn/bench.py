@@ -93,7 +93,9 @@ def run_benchmark(quick: bool = False, device: str = "auto", k: int = 3, baselin
     _sync(dev)
     t_nmf = time.perf_counter() - t0
     t0 = time.perf_counter()
-    refined = refine(on_device, found.prototypes, heads, RefineConfig(seed=seed))
+    # As discovery does: each part's share from its mean NMF encoding.
+    usage = found.encodings.sum(1) / on_device.shape[1]
+    refined = refine(on_device, found.prototypes, heads, RefineConfig(seed=seed), usage=usage)
     _sync(dev)
     t_refine = time.perf_counter() - t0
 

@@ -328,7 +328,8 @@ def refine(features: torch.Tensor, prototypes: torch.Tensor, heads: torch.Tensor
     residual = v64 - (alpha[:, :, None] * p64).sum(1)
     clock.lap("scaling")
 
-    mean_feature = (features.double() * mask.double()[:, :, None]).sum(1) / counts.to(features.device)[:, None]
+    # Accumulated in float64 without a float64 copy of the features (twice their memory).
+    mean_feature = (features * mask[:, :, None]).sum(1, dtype=torch.float64) / counts.to(features.device)[:, None]
     total = (mean_feature * v64.to(features.device)).sum(1)  # (B,) f̄ · v, the mean logit minus bias
     if usage is None:
         usage = _usage_from_mean(mean_feature, p64.to(features.device))
