@@ -136,3 +136,26 @@ def test_a_live_transformers_model_is_read_through_its_logits():
     session = open_model(model, input_size=(3, 64, 64))
     assert isinstance(session.loaded.model, LogitsOnly) and session.loaded.num_classes == 10
     assert session.diagnosis.verdict == "exact-after-folding"
+
+
+def test_safetensors_weights_are_hashed_not_read_twice(tmp_path, monkeypatch):
+    """transformers reads a .safetensors file itself; phpn only hashes it (one shard or several)."""
+    import hashlib
+
+    from phpn.models import hf
+    from phpn.models.checkpoint import file_sha256
+
+    _, folder = _convnext(tmp_path)
+
+    def refuse(path, **_):
+        raise AssertionError(f"{path} was read a second time")
+
+    monkeypatch.setattr(hf, "read_checkpoint", refuse)
+    assert load_model(folder).sha256 == file_sha256(folder / "model.safetensors")
+    # Shards: the sha256 is that of the shards' hashes in the index's sorted order, as before.
+    sharded = tmp_path / "sharded"
+    transformers.ConvNextForImageClassification.from_pretrained(folder).save_pretrained(sharded, max_shard_size="200KB")
+    shards = sorted(set(json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"].values()))
+    assert len(shards) > 1
+    expected = hashlib.sha256("".join(file_sha256(sharded / s) for s in shards).encode()).hexdigest()
+    assert load_model(sharded).sha256 == expected

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..data import Preprocess
 from ..errors import CheckpointError, ConfigError
-from .checkpoint import read_checkpoint
+from .checkpoint import file_sha256, read_checkpoint
 from .head import LoadedModel
 from .user_code import format_mismatch
 
@@ -86,25 +86,32 @@ def _read_json(path: Path, what: str) -> dict:
     return data
 
 
-def read_weights(folder: Path) -> tuple:
-    """``(state_dict, sha256, files)``: one weights file, or the shards an index lists (the
-    sha256 of several shards is that of their hashes in order)."""
+def _weights_sha256(path: Path) -> str:
+    """The file's sha256. A ``.safetensors`` file cannot run code, so its hash is all phpn needs
+    before transformers reads it; a ``.bin`` is read here first, through the weights-only check."""
+    if path.suffix.lower() == ".safetensors":
+        if not path.is_file():
+            raise CheckpointError(f"The weights file {path} does not exist.", "Re-save the model with save_pretrained.")
+        return file_sha256(path)
+    return read_checkpoint(path).sha256
+
+
+def weights_sha256(folder: Path) -> tuple:
+    """``(sha256, files)``: of one weights file, or of the shards an index lists (the sha256 of
+    several shards is that of their hashes in order)."""
     for name in SHARD_INDEXES:
         index = folder / name
         if index.is_file():
             files = sorted(set(_read_json(index, "model").get("weight_map", {}).values()))
             if not files:
                 raise CheckpointError(f"{name} lists no weight files.", "Re-save the model with save_pretrained.")
-            state_dict, digest = {}, hashlib.sha256()
+            digest = hashlib.sha256()
             for file in files:
-                ckpt = read_checkpoint(folder / file)
-                state_dict.update(ckpt.state_dict)
-                digest.update(ckpt.sha256.encode())
-            return state_dict, digest.hexdigest(), files
+                digest.update(_weights_sha256(folder / file).encode())
+            return digest.hexdigest(), files
     for name in WEIGHT_FILES:
         if (folder / name).is_file():
-            ckpt = read_checkpoint(folder / name)
-            return ckpt.state_dict, ckpt.sha256, [name]
+            return _weights_sha256(folder / name), [name]
     raise CheckpointError(f"The model folder {folder} has config.json but no weights "
                           f"({' or '.join(WEIGHT_FILES)}).", "Save the model with model.save_pretrained(folder).")
 
@@ -131,9 +138,8 @@ def load_model_folder(folder, num_classes: Optional[int] = None) -> LoadedModel:
             raise CheckpointError(f"transformers could not read {folder.name}/config.json "
                                   f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}).",
                                   "Check that it was written by save_pretrained with a recent transformers.") from None
-    # Read here first: a .bin must pass the weights-only check before transformers opens it.
-    _state_dict, sha256, files = read_weights(folder)
-    del _state_dict
+    # Hashed here first; a .bin must also pass the weights-only check before transformers opens it.
+    sha256, files = weights_sha256(folder)
     model = _from_pretrained(folder, raw, transformers)
     rows = int(config.num_labels)
     if num_classes is not None and int(num_classes) != rows:
