@@ -143,13 +143,12 @@ labels = entry.notes.labels(e.class_index) if entry.notes is not None else [f"pr
 S.set_url(image=image_label if source != "Upload an image" else None)
 size = 224
 picture = viz.enlarge(e.image, size)
-vmax = viz.signed_scale(e.maps)
 
 st.subheader(f"Why “{e.class_name}”? logit {e.logit:.3f} = bias {e.bias:.3f} + Σ prototypes "
              f"{float(np.sum(e.contributions)):.3f}")
 v1, v2, v3, v4 = st.columns(4)
 v1.image(picture, caption="What the model sees")
-v2.image(viz.prototype_overlay(picture, e.maps, opacity, colors=colors, vmax=vmax, mode=smooth),
+v2.image(viz.prototype_overlay(picture, e.maps, opacity, colors=colors, mode=smooth),
          caption="All prototypes, each on its own scale (stripes: two overlap; hatching: the class map subtracts)")
 v3.image(viz.heat_overlay(picture, e.class_map, opacity, mode=smooth),
          caption="Class map = Σ prototype maps (yellow-red adds, grey hatching subtracts)")
@@ -174,10 +173,10 @@ for i in range(k):
         if fidelity_warning(meta["fidelity"][i]):
             st.warning(fidelity_warning(meta["fidelity"][i]), icon=":material/warning:")
         a, b, c = st.columns([1, 1, 2])
-        a.image(viz.prototype_overlay(picture, e.maps[i], opacity, colors=[colors[i]], vmax=vmax, mode=smooth),
+        a.image(viz.prototype_overlay(picture, e.maps[i], opacity, colors=[colors[i]], mode=smooth),
                 caption="Where, upsampled: " + viz.scale_caption(viz.own_scale(e.maps[i])))
-        b.image(viz.grid_image(e.maps[i], 180, color=colors[i]), caption="Raw feature grid (its colour adds, grey "
-                                                                          "subtracts)")
+        b.image(viz.grid_image(e.maps[i], 180, color=colors[i]), caption="Raw feature grid, the same scale (its "
+                                                                          "colour adds, grey subtracts)")
         with c:
             if train_root is not None:
                 grid = S.patch_grid(str(train_root), tuple((p["path"], tuple(p["box"])) for p in meta["top_patches"][i]),

@@ -225,12 +225,11 @@ def render_png(e: Explanation, size: int = 224) -> Image.Image:
 
     colors = [viz.prototype_color(i) for i in range(e.k)]
     picture = viz.enlarge(e.image, size).resize((size, size))
-    vmax = viz.signed_scale(e.maps)
     tiles = [(picture, "the image as the model sees it"),
-             (viz.prototype_overlay(picture, e.maps, MAP_OPACITY, colors=colors, vmax=vmax), "all prototypes"),
+             (viz.prototype_overlay(picture, e.maps, MAP_OPACITY, colors=colors), "all prototypes"),
              (viz.heat_overlay(picture, e.class_map, MAP_OPACITY), "class map = sum of prototype maps")]
     small = max(96, size * 2 // 3)
-    protos = [(viz.prototype_overlay(picture, e.maps[i], MAP_OPACITY, colors=[colors[i]], vmax=vmax)
+    protos = [(viz.prototype_overlay(picture, e.maps[i], MAP_OPACITY, colors=[colors[i]])
                .resize((small, small)),
                f"prototype {i + 1}: {float(e.contributions[i]):+.3f}") for i in range(e.k)]
     strip = (small - 2 * 4) // 3  # three top patches under each map: what the prototype looks for

@@ -134,11 +134,9 @@ def class_report(run, class_index: int, *, image_root=None, preprocess=None, net
     if network is not None and image_root is not None and map_images > 0:
         paths = list(meta.get("paths", []))[:map_images]
         pictures, maps, _, _ = viz.class_maps(network, preprocess, image_root, paths, class_index)
-        if len(pictures):
-            vmax = viz.signed_scale(maps)
-            for i in range(k):
-                maps_block[i] = [viz.prototype_overlay(viz.enlarge(p, 112), m[i], 0.6, colors=[colors[i]], vmax=vmax)
-                                 for p, m in zip(pictures, maps)]
+        for i in range(k if len(pictures) else 0):
+            maps_block[i] = [(viz.prototype_overlay(viz.enlarge(p, 112), m[i], 0.6, colors=[colors[i]]),
+                              f"full colour = {viz.own_scale(m[i]):.3g}") for p, m in zip(pictures, maps)]
 
     model = run.meta.get("model", {})
     body = [f"<h1>{_esc(name)} — {k} part-prototypes</h1>",
@@ -173,8 +171,9 @@ def class_report(run, class_index: int, *, image_root=None, preprocess=None, net
         else:
             body.append("<p class=meta>The training images are not available here.</p>")
         if maps_block.get(i):
-            body.append("<div>Where it fires on a few class images (colour: adds to the logit; grey: subtracts):</div>")
-            body.append('<div class="row">' + "".join(_img(im) for im in maps_block[i]) + "</div>")
+            body.append("<div>Where it fires on a few class images (colour: adds to the logit; grey hatching: "
+                        "subtracts; each map on its own scale, its largest |value| at full colour):</div>")
+            body.append('<div class="row">' + "".join(_img(im, cap) for im, cap in maps_block[i]) + "</div>")
         if similar[i]:
             items = ", ".join(f"{_esc(names[s['class_index']] if s['class_index'] < len(names) else s['class_index'])} "
                               f"prototype {s['prototype'] + 1} (cos {s['cosine']:.2f})" for s in similar[i])
@@ -232,7 +231,6 @@ def explanation_report(explanation, run, *, image_root=None, preprocess=None, op
     colors = [viz.prototype_color(i) for i in range(k)]
     labels = notes.labels(e.class_index) if notes is not None else [f"prototype {i + 1}" for i in range(k)]
     picture = viz.enlarge(e.image, size)
-    vmax = viz.signed_scale(e.maps)
     meta = run.class_meta(e.class_index)
 
     rows = provenance(e, run, image_name=image_name, model_label=model_label, run_label=run_label,
@@ -245,7 +243,8 @@ def explanation_report(explanation, run, *, image_root=None, preprocess=None, op
             f'<p class="meta">Class {e.class_index}; logit {e.logit:.3f} = bias {e.bias:.3f} + Σ prototype '
             f"contributions {float(np.sum(e.contributions)):.3f}.</p>",
             '<div class="row">', _img(picture, "the image as the model sees it", size),
-            _img(viz.prototype_overlay(picture, e.maps, opacity, colors=colors, vmax=vmax), "all prototypes", size),
+            _img(viz.prototype_overlay(picture, e.maps, opacity, colors=colors), "all prototypes, each on its own "
+                 "scale", size),
             _img(viz.heat_overlay(picture, e.class_map, opacity), "class map = Σ prototype maps", size),
             _img(viz.grid_image(e.class_map, size), "class map on the feature grid", size), "</div>",
             "<h2>Top predictions</h2><table><tr><th class=l>class</th><th>logit</th><th>probability</th></tr>"]
@@ -261,10 +260,10 @@ def explanation_report(explanation, run, *, image_root=None, preprocess=None, op
         body.append(f'<div class="proto"><h3><span class="sw" style="background:{colors[i]}"></span>{labels[i]}: '
                     f"{float(e.contributions[i]):+.3f} (fidelity {meta['fidelity'][i]:.3f})</h3>"
                     + prototype_note_html(notes, e.class_index, i, meta["fidelity"][i]) + "<div class=row>")
-        body.append(_img(viz.prototype_overlay(picture, e.maps[i], opacity, colors=[colors[i]], vmax=vmax),
-                         "where, on this image", size // 1.3))
-        body.append(_img(viz.grid_image(e.maps[i], size // 1.3, vmax=vmax, color=colors[i]), "raw feature grid",
-                         size // 1.3))
+        body.append(_img(viz.prototype_overlay(picture, e.maps[i], opacity, colors=[colors[i]]),
+                         "where, on this image: " + viz.scale_caption(viz.own_scale(e.maps[i])), size // 1.3))
+        body.append(_img(viz.grid_image(e.maps[i], int(size // 1.3), color=colors[i]),
+                         "raw feature grid, the same scale", size // 1.3))
         if tiles:
             body.append(_img(viz.image_grid(tiles, columns=2), "looks like (training patches)"))
         body.append("</div></div>")

@@ -113,16 +113,15 @@ def upsample(map2d: np.ndarray, size: tuple, mode: str = "bicubic") -> np.ndarra
     return out[0, 0].numpy()
 
 
-def grid_image(map2d: np.ndarray, size: int = 224, vmax: Optional[float] = None, lines: bool = True,
+def grid_image(map2d: np.ndarray, size: int = 224, lines: bool = True,
                color: Optional[str] = None) -> Image.Image:
-    """The raw feature-grid map, one flat cell per position.
+    """The raw feature-grid map, one flat cell per position, on its own scale (:func:`own_scale`).
 
     With ``color`` (a prototype's map): white to that colour where it adds, white to grey
     where it subtracts. Without (a class map): grey < 0 < yellow-red.
     """
     m = np.asarray(map2d, dtype=np.float64)
-    vmax = vmax or signed_scale(m)
-    v = np.clip(m / vmax, -1, 1)
+    v = np.clip(m / own_scale(m), -1, 1)
     if color is None:
         rgb = colormap(0.5 + 0.5 * v, "signed")
     else:
@@ -142,18 +141,17 @@ def grid_image(map2d: np.ndarray, size: int = 224, vmax: Optional[float] = None,
     return img
 
 
-def heat_overlay(image, map2d: np.ndarray, opacity: float = 0.6, vmax: Optional[float] = None,
-                 mode: str = "bicubic", signed: bool = True) -> Image.Image:
+def heat_overlay(image, map2d: np.ndarray, opacity: float = 0.6, mode: str = "bicubic",
+                 signed: bool = True) -> Image.Image:
     """Image blended with a heat map of ``map2d`` upsampled to the image size.
 
     Signed (a class map): yellow-red where it adds (opacity ∝ value), grey hatching where it
-    subtracts, over the muted photo.
+    subtracts, over the muted photo; on its own scale, as every map.
     """
     base = mute(image)
     up = upsample(map2d, base.shape[:2], mode)
     if signed:
-        vmax = vmax or signed_scale(up)
-        rel = np.clip(up / vmax, -1, 1)
+        rel = np.clip(up / signed_scale(up), -1, 1)
         rgb = colormap(0.5 + 0.5 * np.clip(rel, 0, 1), "signed").astype(np.float64)
         alpha = (opacity * np.clip(rel, 0, 1))[..., None]
         out = _hatch((1 - alpha) * base + alpha * rgb, np.clip(-rel, 0, 1), opacity)
@@ -218,7 +216,8 @@ def map_overlay(image, map2d: np.ndarray, color: str, *, opacity: float = 0.7, s
     """One prototype's map over the image, in its colour.
 
     The photo is muted (:func:`mute`); the colour's opacity is ``opacity`` × value / ``scale``
-    (by default :func:`own_scale` of the map); negative values are hatched grey; with
+    (by default :func:`own_scale` of the map, as everywhere phpn draws maps; another ``scale``
+    only serves to measure what the own scale gains); negative values are hatched grey; with
     ``outline`` the top region (≥ :data:`TOP_REGION` of the scale) is outlined in the colour.
     """
     base = mute(image)
@@ -280,21 +279,19 @@ def combined_overlay(image, maps: np.ndarray, colors: Optional[Sequence[str]] = 
 
 
 def prototype_overlay(image, maps: np.ndarray, opacity: float = 0.7, colors: Optional[Sequence[str]] = None,
-                      vmax: Optional[float] = None, show: Optional[Sequence[int]] = None, mode: str = "bicubic",
-                      negative: bool = True, scale: str = "own", outline: bool = False) -> Image.Image:
-    """The image coloured by prototype maps: one map (h, w) or several (k, h, w).
+                      show: Optional[Sequence[int]] = None, mode: str = "bicubic", negative: bool = True,
+                      outline: bool = False) -> Image.Image:
+    """The image coloured by prototype maps: one map (h, w) or several (k, h, w), each on its
+    own scale (:func:`own_scale`; the rule of every page and report, see the module doc).
 
-    One map: :func:`map_overlay`, scaled to its own range (``scale="own"``, the default) or
-    to ``vmax`` (``scale="shared"``: several pictures on one scale). Several maps:
-    :func:`combined_overlay`.
+    One map: :func:`map_overlay`. Several maps: :func:`combined_overlay`.
     """
     maps = np.asarray(maps, dtype=np.float64)
     if maps.ndim == 3 and maps.shape[0] == 1 and show is None:
         maps = maps[0]
     if maps.ndim == 2:
         color = (list(colors) if colors is not None else [prototype_color(0)])[0]
-        return map_overlay(image, maps, color, opacity=opacity, scale=vmax if scale == "shared" else None,
-                           mode=mode, outline=outline, negative=negative)
+        return map_overlay(image, maps, color, opacity=opacity, mode=mode, outline=outline, negative=negative)
     return combined_overlay(image, maps, colors, opacity=opacity, mode=mode, outline=True, negative=negative,
                             show=show)
 

@@ -42,8 +42,7 @@ def main() -> int:
         for i in range(len(e.contributions)):
             color = viz.prototype_color(i)
             own = viz.prototype_overlay(picture, e.maps[i], MAP_OPACITY, colors=[color])
-            one_scale = viz.prototype_overlay(picture, e.maps[i], MAP_OPACITY, colors=[color], vmax=shared,
-                                              scale="shared")
+            one_scale = viz.map_overlay(picture, e.maps[i], color, opacity=MAP_OPACITY, scale=shared)
             print(f"{name:10s} {e.class_name[:12]:12s} {i + 1:5d}  {float(e.contributions[i]):+12.3f}  "
                   f"{viz.overlay_contrast(own, e.maps[i], color):9.1f}  "
                   f"{viz.overlay_contrast(one_scale, e.maps[i], color):12.1f}")

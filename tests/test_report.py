@@ -66,3 +66,42 @@ def test_the_report_carries_its_provenance_and_the_chance_warning(explained, tin
     assert f'<p class="bad">Warning: {html.escape(chance_warning(run.meta["certificate"]))}</p>' in page
     unnamed = getattr(e, "source", "") or "an image without a name"  # the explanation's own source, if any
     assert f"— {html.escape(str(unnamed))}</h1>" in page
+
+
+def _report_images(page: str) -> dict:
+    """{alt text: picture} of the images embedded in a report."""
+    import base64
+    import io
+    import re
+
+    import numpy as np
+    from PIL import Image
+
+    found = {}
+    for uri, alt in re.findall(r'<img src="data:image/png;base64,([^"]+)"[^>]*alt="([^"]*)"', page):
+        found.setdefault(html.unescape(alt), []).append(np.asarray(Image.open(io.BytesIO(base64.b64decode(uri)))))
+    return found
+
+
+def test_the_report_draws_each_map_on_its_own_scale_as_the_app_does(explained, tiny_loaded):
+    """The raw grid and the overlay of every prototype are on that map's own scale (as on the
+    Explain page), not on one scale shared by the prototypes, and each says its scale."""
+    import numpy as np
+
+    from phpn import viz
+    from phpn.defaults import MAP_OPACITY
+
+    run, e, _ = explained
+    scales = [viz.own_scale(m) for m in e.maps]
+    assert max(scales) > 1.05 * min(scales)  # a shared scale would draw the weaker map fainter
+    images = _report_images(report.explanation_report(e, run, preprocess=tiny_loaded.preprocess, size=196))
+    picture = viz.enlarge(e.image, 196)
+    grids, overlays = images["raw feature grid, the same scale"], []
+    for i, m in enumerate(e.maps):
+        color = viz.prototype_color(i)
+        assert np.array_equal(grids[i], np.asarray(viz.grid_image(m, 150, color=color)))
+        overlays += images["where, on this image: " + viz.scale_caption(scales[i])]
+        assert np.array_equal(overlays[i], np.asarray(viz.prototype_overlay(picture, m, MAP_OPACITY, colors=[color])))
+        # full colour (or full grey where it subtracts most) at the map's largest |value|, whichever is strongest
+        full = viz.hex_to_rgb(color) if m.max() >= -m.min() else viz.NEGATIVE_RGB
+        assert np.abs(grids[i].reshape(-1, 3).astype(int) - full).max(axis=1).min() == 0

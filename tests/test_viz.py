@@ -92,7 +92,7 @@ def test_a_weak_prototype_is_drawn_on_its_own_scale():
     own_strong = np.asarray(viz.prototype_overlay(img, strong, 0.8, colors=[color]))
     own_weak = np.asarray(viz.prototype_overlay(img, weak, 0.8, colors=[color]))
     assert np.array_equal(own_strong, own_weak)  # each scaled to its own range
-    shared_weak = np.asarray(viz.prototype_overlay(img, weak, 0.8, colors=[color], vmax=10.0, scale="shared"))
+    shared_weak = np.asarray(viz.map_overlay(img, weak, color, opacity=0.8, scale=10.0))
     muted = np.asarray(viz.prototype_overlay(img, np.zeros((7, 7)), 0.8, colors=[color]))
     assert np.abs(shared_weak.astype(int) - muted).max() <= 1  # on a shared scale it vanishes
     assert viz.overlay_contrast(own_weak, weak, color) > 30 * viz.overlay_contrast(shared_weak, weak, color) + 30
@@ -244,8 +244,8 @@ def test_every_prototype_is_visible_on_natural_photos(photo):
         assert e.maps[i].max() > 0
         color = viz.prototype_color(i)
         own = viz.overlay_contrast(viz.prototype_overlay(picture, e.maps[i], 0.7, colors=[color]), e.maps[i], color)
-        on_shared = viz.overlay_contrast(viz.prototype_overlay(picture, e.maps[i], 0.7, colors=[color], vmax=shared,
-                                                               scale="shared"), e.maps[i], color)
+        on_shared = viz.overlay_contrast(viz.map_overlay(picture, e.maps[i], color, opacity=0.7, scale=shared),
+                                         e.maps[i], color)
         assert own >= 25, (photo, i, own)
         gains.append(own - on_shared)
     assert min(gains) >= 0 and max(gains) > 0
