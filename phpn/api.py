@@ -25,7 +25,7 @@ from .discover import DiscoveryConfig, discover
 from .errors import ConfigError, NotDecomposableError
 from .explanation import Explanation, picture_of_tensor
 from .inputs import (InMemoryImages, TensorInput, as_preprocess, first_image, from_dataset, from_loader,
-                     holds_pictures, module_sha256, peek_input_size)
+                     holds_pictures, merge_preprocess, module_sha256, peek_input_size)
 from .models.head import HeadSplit, LoadedModel
 from .network import PrototypeNetwork
 from .progress import ProgressFn, report
@@ -52,38 +52,6 @@ class ModelSession:
     @property
     def class_names(self) -> list:
         return class_names_or_indices(self.loaded.class_names, self.loaded.num_classes)
-
-
-PREPROCESS_FIELDS = ("resize", "crop", "mean", "std", "channels", "interpolation")
-
-
-def merge_preprocess(default: Preprocess, overrides: Optional[dict] = None) -> Preprocess:
-    """``default`` with the user's overrides (None values ignored): the one rule CLI and app share.
-
-    A crop larger than the default resize raises the resize with it; a change of channels
-    without a mean/std gives the neutral 0.5 / 0.25 per channel.
-    """
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    unknown = set(overrides) - set(PREPROCESS_FIELDS)
-    if unknown:
-        raise ConfigError(f"Unknown preprocessing setting(s): {', '.join(sorted(unknown))}.",
-                          f"Use: {', '.join(PREPROCESS_FIELDS)}.")
-    if not overrides:
-        return default
-    values = default.to_dict()
-    values.update(overrides)
-    values["source"] = f"{default.source or 'defaults'}; changed by hand: {', '.join(sorted(overrides))}"
-    if "channels" in overrides and int(overrides["channels"]) != default.channels:
-        values.setdefault("mean", None)
-        if "mean" not in overrides:
-            values["mean"] = [0.5] * int(overrides["channels"])
-        if "std" not in overrides:
-            values["std"] = [0.25] * int(overrides["channels"])
-    if "crop" in overrides and "resize" not in overrides:
-        values["resize"] = max(int(values["resize"]), int(overrides["crop"]))
-    for name in ("mean", "std"):
-        values[name] = [float(v) for v in values[name]]
-    return Preprocess.from_dict(values)
 
 
 def open_model(checkpoint=None, *, demo: Optional[str] = None, arch: Optional[str] = None,
@@ -631,9 +599,8 @@ def explain_to_folder(session: ModelSession, run: Run, sources: Sequence, out, *
 
     Unreadable images are skipped and listed in the summary, never fatal."""
     import json
-    import os
-    import tempfile
 
+    from .atomic import write_atomic
     from .errors import DataError
 
     out = Path(out)
@@ -658,8 +625,5 @@ def explain_to_folder(session: ModelSession, run: Run, sources: Sequence, out, *
         report(progress, "explain", i + 1, len(images))
     summary = {"run": str(run.path) if run.path else None, "images": len(images), "explained": explained,
                "skipped": skipped, "certificate": run.meta.get("certificate")}
-    fd, tmp = tempfile.mkstemp(prefix=f".{EXPLANATIONS_SUMMARY}.", suffix=".tmp", dir=out)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(summary, fh, indent=1)
-    os.replace(tmp, out / EXPLANATIONS_SUMMARY)
+    write_atomic(out / EXPLANATIONS_SUMMARY, json.dumps(summary, indent=1))
     return summary

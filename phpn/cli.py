@@ -41,7 +41,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _overrides(args) -> dict:
-    """The preprocessing flags given (merged into the model's own by phpn.api.merge_preprocess)."""
+    """The preprocessing flags given (merged into the model's own by phpn.inputs.merge_preprocess)."""
     return {name: getattr(args, name, None) for name in ("resize", "crop", "mean", "std", "interpolation")}
 
 

@@ -76,24 +76,65 @@ def is_preprocess_spec(pre) -> bool:
     return hasattr(pre, "to_dict") and hasattr(pre, "crop")
 
 
+def _field_names() -> list:
+    from .data import Preprocess
+
+    return list(Preprocess().to_dict())
+
+
+def merge_preprocess(base, overrides: Optional[dict] = None, how: str = "changed by hand"):
+    """``base`` (a Preprocess) with some of its fields changed; None values are ignored.
+
+    The one rule for partial preprocessing, used by the CLI's flags, the app's settings and the
+    Python API's dicts:
+
+    - a crop without a resize keeps ``base``'s resize-to-crop ratio: resize = round(crop x
+      base.resize / base.crop), so over the usual 256/224 a crop of 200 resizes to 229 and a
+      crop of 288 to 329 (what timm's crop_pct and torchvision's recipes do);
+    - a mean and std of one length, without channels, set the channels; a change of channels
+      without a mean or std gives the neutral 0.5 / 0.25 per channel.
+    """
+    from .data import Preprocess
+
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    names = _field_names()
+    unknown = set(overrides) - set(names)
+    if unknown:
+        raise ConfigError(f"Unknown preprocessing setting(s): {', '.join(sorted(unknown))}.",
+                          f"Use: {', '.join(names)}.")
+    if not overrides:
+        return base
+    values = base.to_dict()
+    values.update(overrides)
+    if "source" not in overrides:
+        values["source"] = f"{base.source or 'defaults'}; {how}: {', '.join(sorted(overrides))}"
+    if "channels" not in overrides and "mean" in overrides and "std" in overrides \
+            and len(overrides["mean"]) == len(overrides["std"]):
+        values["channels"] = len(overrides["mean"])
+    channels = int(values["channels"])
+    if channels != base.channels:
+        if "mean" not in overrides:
+            values["mean"] = [0.5] * channels
+        if "std" not in overrides:
+            values["std"] = [0.25] * channels
+    if "crop" in overrides and "resize" not in overrides:
+        crop = int(overrides["crop"])
+        if crop > 0:  # else the crop's own check names the problem
+            values["resize"] = max(crop, int(crop * base.resize / base.crop + 0.5))
+    for name in ("mean", "std"):
+        values[name] = [float(v) for v in values[name]]
+    return Preprocess.from_dict(values)
+
+
 def as_preprocess(spec):
-    """A ``Preprocess`` from a Preprocess, a dict of its fields, or None."""
+    """A ``Preprocess`` from a Preprocess, a dict of its fields (over phpn's defaults, by
+    :func:`merge_preprocess`), or None."""
     from .data import Preprocess
 
     if spec is None or is_preprocess_spec(spec):
         return spec
     if isinstance(spec, dict):
-        values = Preprocess().to_dict()
-        unknown = set(spec) - set(values)
-        if unknown:
-            raise ConfigError(f"Unknown preprocessing field(s): {', '.join(sorted(unknown))}.",
-                              f"Use: {', '.join(values)}.")
-        values.update(spec)
-        if "channels" not in spec and "mean" in spec:
-            values["channels"] = len(spec["mean"])
-        if "resize" not in spec and "crop" in spec:
-            values["resize"] = spec["crop"]
-        return Preprocess.from_dict(values)
+        return merge_preprocess(Preprocess(source="phpn's defaults"), spec, how="given by the caller")
     raise ConfigError(f"preprocess must be a phpn.Preprocess or a dict of its fields, not {type(spec).__name__}.",
                       "For example preprocess={'resize': 256, 'crop': 224, 'mean': [...], 'std': [...]}.")
 

@@ -217,8 +217,8 @@ def test_overrides_reach_the_doctor():
 
 def test_merge_preprocess_rules():
     base = phpn.Preprocess(resize=256, crop=224)
-    assert phpn.merge_preprocess(base, {"crop": 300}).resize == 300  # a larger crop raises the resize
-    assert phpn.merge_preprocess(base, {"crop": 200}).resize == 256
+    assert phpn.merge_preprocess(base, {"crop": 300}).resize == 343  # the crop keeps the 256/224 ratio
+    assert phpn.merge_preprocess(base, {"crop": 200}).resize == 229
     grey = phpn.merge_preprocess(base, {"channels": 1})
     assert grey.mean == (0.5,) and grey.std == (0.25,)
     assert phpn.merge_preprocess(base, {"resize": None}) is base
