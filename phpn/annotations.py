@@ -14,14 +14,13 @@ everything it returns says so.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
+from .atomic import write_atomic
 from .errors import ConfigError, RunError
 from .runs import ANNOTATIONS, META
 
@@ -198,18 +197,7 @@ def save_annotations(annotations: Annotations, run_dir) -> Path:
     elif recorded is not None and recorded != annotations.run_sha256:
         raise RunError(f"These notes describe another run than the one saved in {folder.name}.",
                        "Open that run and write its notes there.")
-    text = json.dumps(annotations.to_dict(), indent=1, ensure_ascii=False)
-    fd, tmp = tempfile.mkstemp(prefix=f".{ANNOTATIONS}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, folder / ANNOTATIONS)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return folder / ANNOTATIONS
+    return write_atomic(folder / ANNOTATIONS, json.dumps(annotations.to_dict(), indent=1, ensure_ascii=False))
 
 
 # --- switching prototypes off -----------------------------------------------------------------

@@ -8,9 +8,7 @@ the picture is drawn here with the same colours (``phpn.viz``).
 """
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -18,6 +16,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .atomic import atomic_file
 from .defaults import MAP_OPACITY
 from .errors import ConfigError
 
@@ -119,17 +118,11 @@ class Explanation:
             raise ConfigError(f"Cannot save an explanation as '{path.suffix or path.name}'.",
                               f"Use a file name ending in {' or '.join(SAVE_FORMATS)}.")
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                if suffix == ".png":
-                    self.to_image().save(fh, format="PNG")
-                else:
-                    fh.write(self.to_html().encode("utf-8"))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(path) as fh:
+            if suffix == ".png":
+                self.to_image().save(fh, format="PNG")
+            else:
+                fh.write(self.to_html().encode("utf-8"))
         return path
 
 

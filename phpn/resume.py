@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
+from .atomic import TEMP_SUFFIX, write_atomic
 from .errors import ConfigError, RunError
 
 MANIFEST = "progress.json"
@@ -70,7 +71,7 @@ class ProgressStore:
                 self.clear()
         if not self.path.exists():
             self.path.mkdir(parents=True)
-            _write_atomic(self.path / MANIFEST, json.dumps({"fingerprint": key}).encode())
+            write_atomic(self.path / MANIFEST, json.dumps({"fingerprint": key}).encode())
 
     def _name(self, index: int) -> str:
         return f"group-{index:05d}"
@@ -93,12 +94,10 @@ class ProgressStore:
     def save(self, result: GroupResult) -> None:
         name = self._name(result.index)
         tensors = {k: getattr(result, k).contiguous().cpu() for k in _TENSORS}
-        tmp = self.path / f".{name}.safetensors.tmp"
-        save_file(tensors, str(tmp))
-        os.replace(tmp, self.path / f"{name}.safetensors")
+        write_atomic(self.path / f"{name}.safetensors", save(tensors))
         meta = {"index": result.index, "records": result.records, "skipped": [list(s) for s in result.skipped],
                 "timings": result.timings}
-        _write_atomic(self.path / f"{name}.json", json.dumps(meta).encode())
+        write_atomic(self.path / f"{name}.json", json.dumps(meta).encode())
 
     def clear(self) -> None:
         _clear(self.path)
@@ -107,21 +106,12 @@ class ProgressStore:
 def _clear(path: Path) -> None:
     """Remove a progress folder: only the files phpn writes there, then the folder if empty."""
     for p in list(path.glob("group-*.json")) + list(path.glob("group-*.safetensors")) \
-            + list(path.glob(".*.tmp")) + [path / MANIFEST]:
+            + list(path.glob(f".*{TEMP_SUFFIX}")) + [path / MANIFEST]:
         p.unlink(missing_ok=True)
     try:
         path.rmdir()
     except OSError:
         pass  # something else is in there: leave it
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def open_store(path: Optional[Path], key: str, resume: bool) -> Optional[ProgressStore]:
