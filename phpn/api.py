@@ -234,10 +234,6 @@ def certify_run(session: ModelSession, run: Run, data: ImageFolderData, batch_si
                    total=len(paths), cancel=cancel)
 
 
-# The explanation object (kept under its older name for the pages and reports).
-ImageExplanation = Explanation
-
-
 def explain_image(session: ModelSession, network: PrototypeNetwork, image, class_index: Optional[int] = None,
                   top: int = TOP_CLASSES, class_names: Optional[Sequence[str]] = None) -> Explanation:
     """Explain one image for ``class_index`` (default: the best-scoring class that has prototypes).

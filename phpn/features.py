@@ -112,12 +112,9 @@ def _tap_point(split: HeadSplit, model: torch.nn.Module):
     if isinstance(layer, str) and isinstance(getattr(backbone, "model", None), torch.nn.Module):
         if layout == "NCHW":
             return [(layer, 0)], None
-        from .models import split as split_module
+        from .models.split.plan import _to_channels_first
 
-        to_cf = getattr(split_module, "_to_channels_first", None)
-        if to_cf is None:
-            return None, f"no conversion from the {layout} layout"
-        return [(layer, 0)], (lambda t, layout=layout: to_cf(t, layout))
+        return [(layer, 0)], (lambda t, layout=layout: _to_channels_first(t, layout))
     return None, f"the backbone is a {type(backbone).__name__}"
 
 

@@ -83,15 +83,6 @@ class FolderPredictions:
         right = sorted((p for p in self.predictions if p.correct), key=lambda p: p.confidence)
         return wrong + right
 
-    def confusion(self) -> tuple:
-        """(classes, matrix): counts[true, predicted] over the true classes and every predicted one."""
-        classes = sorted({p.true_class for p in self.predictions} | {p.predicted for p in self.predictions})
-        where = {c: i for i, c in enumerate(classes)}
-        counts = np.zeros((len(classes), len(classes)), dtype=np.int64)
-        for p in self.predictions:
-            counts[where[p.true_class], where[p.predicted]] += 1
-        return classes, counts
-
     def confusions(self, top: int = 10) -> list:
         """The most frequent mistakes: {true, predicted, count, share of the true class's images}."""
         totals, pairs = {}, {}

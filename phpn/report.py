@@ -220,7 +220,7 @@ def explanation_report(explanation, run, *, image_root=None, preprocess=None, op
                        patches: int = 4, size: int = 196, image_name: Optional[str] = None,
                        model_label: Optional[str] = None, run_label: Optional[str] = None,
                        true_class: Optional[int] = None, notes=None) -> str:
-    """HTML report of one image explained for one class (``phpn.api.ImageExplanation``), with
+    """HTML report of one image explained for one class (:class:`phpn.explanation.Explanation`), with
     its provenance (see :func:`provenance`) at the top."""
     from .certify import chance_warning
     from .data import Preprocess

@@ -11,9 +11,9 @@ from PIL import Image
 
 from conftest import tiny_split
 from phpn import report, viz
-from phpn.api import ImageExplanation
 from phpn.data import scan_image_folder
 from phpn.discover import DiscoveryConfig, discover
+from phpn.explanation import Explanation
 
 
 @pytest.fixture(scope="module")
@@ -288,7 +288,7 @@ def test_explanation_report(tiny_run, tiny_loaded, image_folder):
         class_names = tiny_loaded.class_names
 
     e = explain_image(Session(), net, image_folder / "0" / "img00.png")
-    assert isinstance(e, ImageExplanation)
+    assert isinstance(e, Explanation)
     html_text = report.explanation_report(e, run, image_root=image_folder, preprocess=tiny_loaded.preprocess)
     assert "Why" in html_text and len(_images_in(html_text)) >= 4 + 3 * 2
     assert "<script" not in html_text

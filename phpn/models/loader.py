@@ -23,7 +23,7 @@ from . import hf, lite0, zoo
 from .checkpoint import read_checkpoint
 from .doctor import TRIAL_TIME_LIMIT_S, TimeLimitExceeded, call_with_time_limit
 from .head import LoadedModel
-from .user_code import build_user_model, guess_num_classes, load_into
+from .user_code import build_user_model, load_into
 
 
 def _is_lite0(arch: Optional[str]) -> bool:
@@ -106,7 +106,7 @@ def _count_classes(model: nn.Module, state_dict, pre: Preprocess) -> int:
                               "Check the model's forward (an endless loop or a wait never returns).") from None
     except Exception:  # the model may want another input size: read the weights instead
         pass
-    rows = guess_num_classes(state_dict)
+    rows = zoo.guess_num_classes(state_dict)
     if rows is None:
         raise CheckpointError("Could not tell how many classes the model has.", "Pass --num-classes.")
     return rows

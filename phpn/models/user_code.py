@@ -67,13 +67,6 @@ def _module_builders(module) -> list:
     return sorted(own)
 
 
-def guess_num_classes(state_dict: Mapping) -> Optional[int]:
-    """Rows of the classifier, found by its name (see ``zoo.guess_num_classes``)."""
-    from .zoo import guess_num_classes as by_head_name
-
-    return by_head_name(state_dict)
-
-
 def build_user_model(spec: str, *, num_classes: Optional[int] = None, state_dict: Optional[Mapping] = None):
     """Import the file and call its factory. Returns ``(model, label, notes)``."""
     path, factory_name = parse_model_def(spec)
@@ -90,6 +83,8 @@ def build_user_model(spec: str, *, num_classes: Optional[int] = None, state_dict
     except (TypeError, ValueError):
         params = {}
     if "num_classes" in params:
+        from .zoo import guess_num_classes
+
         wanted = num_classes if num_classes is not None else (guess_num_classes(state_dict) if state_dict else None)
         if wanted is not None:
             kwargs["num_classes"] = int(wanted)

@@ -37,11 +37,11 @@ from torch import nn
 
 from ..head import HeadSplit
 from .hooks import HookedBackbone, _plan_from_hooks
-from .plan import EXACTNESS_NEEDS, TOL_FLOAT32, TOL_FLOAT64, _example, _to_channels_first  # noqa: F401
+from .plan import EXACTNESS_NEEDS, TOL_FLOAT32, TOL_FLOAT64, _example
 from .trace import _plan_from_trace
 from .verify import _finish
 
-# Public names (and the layout conversion phpn.features reuses).
+# Public names.
 __all__ = ["EXACTNESS_NEEDS", "HookedBackbone", "TOL_FLOAT32", "TOL_FLOAT64", "split_head"]
 
 
