@@ -10,6 +10,7 @@ import streamlit as st
 
 from pages import _shared as S
 from phpn import viz
+from phpn.annotations import prototype_labels
 from phpn.defaults import MAP_OPACITY, class_name
 from phpn.glossary import explain, fidelity_warning
 
@@ -139,7 +140,7 @@ st.session_state["explained"] = {"explanation": e, "label": image_label, "run_id
                                  "opacity": float(opacity)}
 k = len(e.contributions)
 colors = [viz.prototype_color(i) for i in range(k)]
-labels = entry.notes.labels(e.class_index) if entry.notes is not None else [f"prototype {i + 1}" for i in range(k)]
+labels = prototype_labels(entry.notes, e.class_index, k)
 S.set_url(image=image_label if source != "Upload an image" else None)
 size = 224
 picture = viz.enlarge(e.image, size)

@@ -169,7 +169,8 @@ with S.user_errors():
     from phpn.mistakes import contrast_image
 
     with model.lock:
-        c = contrast_image(model.session, network, found.root / pick.path, int(class_a), int(class_b))
+        c = contrast_image(model.session, network, found.root / pick.path, int(class_a), int(class_b),
+                           notes=entry.notes)
     verdict = "prefers" if c.gap >= 0 else "does not prefer"
     st.subheader(f"The model {verdict} {c.name_a} over {c.name_b}: logit gap {c.gap:+.3f}")
     steps = c.steps()
@@ -182,11 +183,12 @@ with S.user_errors():
                     key=f"contrast_waterfall_{pick.path}_{class_a}_{class_b}", config={"displayModeBar": False})
     picture = viz.enlarge(c.image, 224)
     left, right = st.columns(2)
-    for col, name, logit, bias, contrib, maps in ((left, c.name_a, c.logit_a, c.bias_a, c.contributions_a, c.maps_a),
-                                                  (right, c.name_b, c.logit_b, c.bias_b, c.contributions_b, c.maps_b)):
+    for col, name, logit, bias, contrib, maps, labels in (
+            (left, c.name_a, c.logit_a, c.bias_a, c.contributions_a, c.maps_a, c.labels_a),
+            (right, c.name_b, c.logit_b, c.bias_b, c.contributions_b, c.maps_b, c.labels_b)):
         with col:
             st.markdown(f"**{name}**: logit {logit:.3f} = bias {bias:.3f} + Σ prototypes {float(contrib.sum()):.3f}")
             tiles = st.columns(k)
             for i in range(k):
                 tiles[i].image(viz.prototype_overlay(picture, maps[i], 0.6, colors=[colors[i]]),
-                               caption=f"prototype {i + 1}: {float(contrib[i]):+.3f}")
+                               caption=f"{labels[i]}: {float(contrib[i]):+.3f}")

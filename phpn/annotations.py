@@ -80,6 +80,17 @@ def run_tensors_sha256(run) -> Optional[str]:
     return run.meta.get("tensors_sha256")
 
 
+def plain_label(prototype: int) -> str:
+    """A prototype without a name: "prototype 2" (counted from 1)."""
+    return f"prototype {int(prototype) + 1}"
+
+
+def prototype_labels(notes: Optional["Annotations"], class_index: int, k: int) -> list:
+    """The ``k`` prototypes of a class as named everywhere: with the expert's names where there are
+    notes (:meth:`Annotations.label`), else "prototype N"."""
+    return notes.labels(class_index) if notes is not None else [plain_label(i) for i in range(k)]
+
+
 @dataclass
 class Annotations:
     """Notes keyed by (class index, prototype index) for one run with ``k`` prototypes per class."""
@@ -125,7 +136,7 @@ class Annotations:
     def label(self, class_index: int, prototype: int) -> str:
         """"prototype 2" or "prototype 2 “beak”": how the prototype is named everywhere."""
         note = self.get(class_index, prototype)
-        return f"prototype {int(prototype) + 1}" + (f" “{note.name}”" if note.name else "")
+        return plain_label(prototype) + (f" “{note.name}”" if note.name else "")
 
     def labels(self, class_index: int) -> list:
         return [self.label(class_index, i) for i in range(self.k)]

@@ -224,6 +224,8 @@ class Contrast:
     contributions_b: np.ndarray  # (k,)
     maps_a: np.ndarray  # (k, H, W) on the feature grid
     maps_b: np.ndarray
+    labels_a: list = field(default_factory=list)  # each prototype as named (the expert's notes, else "prototype N")
+    labels_b: list = field(default_factory=list)
 
     @property
     def gap(self) -> float:
@@ -233,8 +235,8 @@ class Contrast:
     def steps(self) -> list:
         """(label, value) from the bias difference to the gap: A's prototypes add, B's subtract."""
         out = [(f"bias {self.name_a} − bias {self.name_b}", self.bias_a - self.bias_b)]
-        out += [(f"{self.name_a}: prototype {i + 1}", float(c)) for i, c in enumerate(self.contributions_a)]
-        out += [(f"{self.name_b}: prototype {i + 1}", -float(c)) for i, c in enumerate(self.contributions_b)]
+        out += [(f"{self.name_a}: {lab}", float(c)) for lab, c in zip(self.labels_a, self.contributions_a)]
+        out += [(f"{self.name_b}: {lab}", -float(c)) for lab, c in zip(self.labels_b, self.contributions_b)]
         return out
 
     def to_dict(self) -> dict:
@@ -242,16 +244,21 @@ class Contrast:
                 "logit_a": self.logit_a, "logit_b": self.logit_b, "gap": self.gap,
                 "contributions_a": [float(c) for c in self.contributions_a],
                 "contributions_b": [float(c) for c in self.contributions_b],
+                "labels_a": list(self.labels_a), "labels_b": list(self.labels_b),
                 "steps": [{"label": lab, "value": v} for lab, v in self.steps()]}
 
 
 @torch.inference_mode()
 def contrast_image(session, network, image, class_a: int, class_b: int,
-                   class_names: Optional[Sequence[str]] = None) -> Contrast:
+                   class_names: Optional[Sequence[str]] = None, notes=None) -> Contrast:
     """Both classes' prototype contributions and maps on ``image`` (path, file or PIL image).
 
     Both classes must have prototypes in the run (a clear error names the one that has not).
+    With ``notes`` (the run's :class:`phpn.annotations.Annotations`) prototypes are called by
+    the expert's names where they have one.
     """
+    from .annotations import prototype_labels
+
     if not isinstance(image, Image.Image):
         image = load_image(image)
     names = list(class_names or session.class_names)
@@ -267,4 +274,6 @@ def contrast_image(session, network, image, class_a: int, class_b: int,
     return Contrast(image=seen, class_a=int(class_a), class_b=int(class_b), name_a=names[int(class_a)],
                     name_b=names[int(class_b)], logit_a=float(logits[class_a]), logit_b=float(logits[class_b]),
                     bias_a=float(bias[class_a]), bias_b=float(bias[class_b]), contributions_a=contrib[0],
-                    contributions_b=contrib[1], maps_a=maps[0], maps_b=maps[1])
+                    contributions_b=contrib[1], maps_a=maps[0], maps_b=maps[1],
+                    labels_a=prototype_labels(notes, int(class_a), contrib.shape[1]),
+                    labels_b=prototype_labels(notes, int(class_b), contrib.shape[1]))

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from . import viz
-from .annotations import prototype_note_html
+from .annotations import prototype_labels, prototype_note_html
 from .defaults import MAP_OPACITY, class_name
 
 _CSS = """
@@ -125,7 +125,7 @@ def class_report(run, class_index: int, *, image_root=None, preprocess=None, net
     name = class_name(names, class_index)
     k = run.k
     colors = [viz.prototype_color(i) for i in range(k)]
-    labels = notes.labels(class_index) if notes is not None else [f"prototype {i + 1}" for i in range(k)]
+    labels = prototype_labels(notes, class_index, k)
     contrib = meta["mean_contribution"]
     shares = viz.contribution_shares(contrib)
     similar = viz.prototype_similarity(run.prototypes, run.class_indices, class_index, top=similar_top)
@@ -229,7 +229,7 @@ def explanation_report(explanation, run, *, image_root=None, preprocess=None, op
     e = explanation
     k = len(e.contributions)
     colors = [viz.prototype_color(i) for i in range(k)]
-    labels = notes.labels(e.class_index) if notes is not None else [f"prototype {i + 1}" for i in range(k)]
+    labels = prototype_labels(notes, e.class_index, k)
     picture = viz.enlarge(e.image, size)
     meta = run.class_meta(e.class_index)
 

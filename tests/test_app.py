@@ -622,6 +622,18 @@ def test_mistakes_first_gallery_confusions_and_why_a_not_b():
     gap_title = next(s.value for s in at.subheader if "logit gap" in s.value)
     assert f"{found.name(first.predicted)} over {found.name(first.true_class)}" in gap_title
     assert len(at.get("plotly_chart")) == 1
+    # A prototype the expert named is called by its name in the waterfall and under its map.
+    import json
+
+    at.session_state["run"].notes.set(first.predicted, 1, name="collar")
+    at.run()
+    _clean(at)
+    bars = json.loads(at.get("plotly_chart")[0].proto.spec)["data"][0]["x"]
+    a, b = found.name(first.predicted), found.name(first.true_class)
+    assert bars[1:4] == [f"{a}: prototype 1", f"{a}: prototype 2 “collar”", f"{a}: prototype 3"]
+    assert bars[4] == f"{b}: prototype 1"
+    captions = [c for img in at.image for c in img.captions]
+    assert any(c.startswith("prototype 2 “collar”: ") for c in captions), captions
     # Another image through its own "Why?" button.
     other = wrong[-1]
     at.button(key=f"why_{other.path}").click().run()

@@ -85,6 +85,17 @@ def test_why_a_and_not_b_adds_up_to_the_logit_gap(setup, tiny_loaded, image_fold
     assert c.bias_a - c.bias_b == pytest.approx(float(split.bias[2] - split.bias[0]), abs=1e-6)
     assert c.maps_a.shape == (3, 8, 8) and np.allclose(c.maps_a.mean((1, 2)), c.contributions_a, atol=1e-5)
     assert c.to_dict()["gap"] == c.gap
+    from phpn.annotations import Annotations
+
+    notes = Annotations.for_run(run)
+    notes.set(2, 0, name="beak")
+    notes.set(0, 2, name="wing", flags=["background"])
+    named = contrast_image(session, network, path, 2, 0, notes=notes)
+    assert [lab for lab, _ in named.steps()] == [
+        "bias blue − bias red", "blue: prototype 1 “beak”", "blue: prototype 2", "blue: prototype 3",
+        "red: prototype 1", "red: prototype 2", "red: prototype 3 “wing”"]  # the expert's names, else the number
+    assert [v for _, v in named.steps()] == [v for _, v in steps]
+    assert named.to_dict()["labels_b"] == ["prototype 1", "prototype 2", "prototype 3 “wing”"]
     with pytest.raises(DataError, match="Pick two different classes"):
         contrast_image(session, network, path, 1, 1)
     partial = discover(tiny_loaded, split, data, session.preprocess, DiscoveryConfig(k=2, device="cpu", classes=(0, 1)))
