@@ -76,6 +76,7 @@ class ModelEntry:
     key: str
     label: str
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    spec: dict = field(default_factory=dict)  # the arguments load_model_entry was given (how to load it again)
 
     @property
     def decomposable(self) -> bool:
@@ -103,7 +104,7 @@ def _freeze(spec: dict) -> tuple:
 
 
 @st.cache_resource(max_entries=6, show_spinner=False)
-def _load_model_entry(spec: tuple) -> ModelEntry:
+def _load_model_entry(spec: tuple, _given: dict) -> ModelEntry:
     from phpn.api import open_model
     from phpn.data import Preprocess
 
@@ -120,7 +121,8 @@ def _load_model_entry(spec: tuple) -> ModelEntry:
         label = f"demo: {s['demo']}"
     else:
         label = Path(str(s.get("checkpoint"))).name
-    return ModelEntry(session=session, key=repr(spec), label=label)
+    return ModelEntry(session=session, key=repr(spec), label=label,
+                      spec=copy.deepcopy({k: v for k, v in _given.items() if v is not None}))
 
 
 _TRIED_CODE: set = set()  # specs whose code already passed its trial in a separate process
@@ -138,7 +140,7 @@ def load_model_entry(**spec) -> ModelEntry:
                                      num_classes=spec.get("num_classes"), input_size=size,
                                      overrides=dict(spec["overrides"]) if spec.get("overrides") else None)
         _TRIED_CODE.add(key)
-    return _load_model_entry(key)
+    return _load_model_entry(key, spec)
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
@@ -211,6 +213,7 @@ class RunEntry:
     notes: object = None  # phpn.annotations.Annotations: the expert's notes on the prototypes
     notes_problem: Optional[str] = None  # why the saved notes could not be read (then they are not overwritten)
     notes_unsaved: bool = False  # edited notes not yet written beside the run
+    url_label: Optional[tuple] = None  # (saved_to, its label among the visitor's runs), found once per folder
 
 
 def state():
@@ -380,13 +383,15 @@ def flush_notes() -> None:
 
 
 def run_url_label(entry: Optional[RunEntry]) -> Optional[str]:
-    """How the URL names the current run: its label among the runs this visitor may open."""
+    """How the URL names the current run: its label among the runs this visitor may open (looked
+    up once per folder the run is saved in, not on every render)."""
     if entry is None or entry.saved_to is None:
         return None
-    for label, path in known_runs():
-        if Path(path).resolve() == Path(entry.saved_to).resolve():
-            return label
-    return None
+    if entry.url_label is None or entry.url_label[0] != entry.saved_to:
+        where = Path(entry.saved_to).resolve()
+        label = next((label for label, path in known_runs() if Path(path).resolve() == where), None)
+        entry.url_label = (entry.saved_to, label)
+    return entry.url_label[1]
 
 
 def set_url(**values) -> None:
@@ -405,26 +410,10 @@ def sync_url() -> None:
             run=run_url_label(current_run()))
 
 
-def _spec_of(entry: ModelEntry) -> dict:
-    """The arguments load_model_entry was given for ``entry`` (its cache key is their frozen form)."""
-    import ast
-
-    def thaw(v):
-        if isinstance(v, tuple) and v and all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str)
-                                              for x in v):
-            return {k: thaw(x) for k, x in v}
-        return list(thaw(x) for x in v) if isinstance(v, tuple) else v
-
-    try:
-        return {k: thaw(v) for k, v in ast.literal_eval(entry.key)}
-    except (ValueError, SyntaxError, TypeError):
-        return {}
-
-
 def _record_how_the_model_was_loaded(run, entry: ModelEntry) -> None:
     """The run remembers how the app loaded its model (file, architecture file, preprocessing,
     layers), so that a saved run can reopen it later."""
-    spec = _spec_of(entry)
+    spec = copy.deepcopy(entry.spec)
     if spec and not spec.get("demo"):
         run.meta.setdefault("model", {}).setdefault("app_load", spec)
     data = current_data()

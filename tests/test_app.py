@@ -118,6 +118,26 @@ def test_first_start_loads_the_demo_and_every_page_renders():
 
 
 @needs_demo
+def test_the_model_keeps_how_it_was_loaded_and_the_url_does_not_rescan_the_runs(monkeypatch):
+    from phpn import serving
+
+    scans = []
+    real = serving.readable_runs
+    monkeypatch.setattr(serving, "readable_runs", lambda *a, **kw: scans.append(1) or real(*a, **kw))
+    at = _app().run()
+    _clean(at)
+    assert at.session_state["model"].spec == {"demo": "fashion-mnist"}
+    assert at.query_params["run"] == "demo / fashion-mnist"  # the precomputed run, by its label
+    scans.clear()
+    for _ in range(3):
+        at.switch_page("pages/explain.py").run()
+        at.switch_page("pages/classes.py").run()
+    _clean(at)
+    assert at.query_params["run"] == "demo / fashion-mnist"
+    assert scans == []  # the label was found once, when the run was opened, not on every render
+
+
+@needs_demo
 def test_the_imagenet_demo_loads_with_its_run_and_every_page_renders():
     at = _app().run()
     at.switch_page("pages/model.py").run()
