@@ -1,44 +1,73 @@
 """Runs on disk: what discovery produced, saved atomically, loaded without pickle.
 
-A run is a folder:
-  tensors.safetensors   prototypes (Cd, k, D) float64, nmf_prototypes, alpha, class_indices,
-                        head_rows (Cd, D) of the decomposed classes and head_bias (C,)
-  run.json              model identity (checkpoint sha256), class names, preprocessing, every
-                        setting and seed, timings, per-class statistics, top patches, certificate
+A run is a folder (format 2, written by this version):
+  run.json                 model identity (checkpoint sha256), class names, preprocessing, every
+                           setting and seed, timings, certificate, the run's shape (classes, k, D),
+                           and the index of its shards: each shard's files, their sha256 and the
+                           classes it holds, in run order
+  head-<sha>.safetensors   head_rows (Cd, D) of the decomposed classes in the model's precision,
+                           head_bias (C,), class_indices (Cd,)
+  shard-NNNNN-<sha>.safetensors  prototypes (n, k, D) float64, nmf_prototypes, alpha of up to
+                           about 32 MB of classes
+  shard-NNNNN-<sha>.json   those classes' records: statistics, fidelity, top patches, warnings
+
+Opening a run (:func:`load_run`) reads run.json and the head file only, so a run of 10,000
+classes opens at once; a shard is read, its checksums and contents checked (finite, Σ p̃ = head
+rows) the first time one of its classes is needed. :func:`verify_run` checks every shard.
+Format 1 (one ``tensors.safetensors`` and every class record in run.json, as shipped with the
+demos) is still read, and checked whole when opened.
 
 It is written to a temporary sibling folder and renamed into place, so a crash or a cancel
 never leaves a half-written run. phpn never writes over anything it did not write: an
-existing file or foreign folder is refused, an existing run is replaced only on request.
-run.json records the sha256 of the tensors file; opening a run checks it, the schema,
-finiteness and that the prototypes still sum to the head rows.
+existing file or foreign folder is refused, an existing run is replaced only on request. A
+replacement writes its data files under new names (each carries its checksum), then run.json,
+then removes the old run's files: an interrupted replacement leaves the old run or the new one.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load, load_file, save
 
 from .certify import MAX_HEAD_ERROR
 from .errors import RunError
 from .models.checkpoint import file_sha256
 
-FORMAT_VERSION = 1
-TENSORS = "tensors.safetensors"
+FORMAT_VERSION = 2  # what save_run writes
+READABLE_VERSIONS = (1, 2)
+TENSORS = "tensors.safetensors"  # format 1: every tensor in one file
 META = "run.json"
 ANNOTATIONS = "annotations.json"  # the expert's notes on the prototypes, kept beside the run
-RUN_FILES = (TENSORS, META, ANNOTATIONS)  # everything phpn writes in a run folder
+RUN_FILES = (TENSORS, META, ANNOTATIONS)  # the fixed names phpn writes in a run folder
+DATA_FILE = re.compile(r"(head|shard-\d{5})-[0-9a-f]{16}\.(safetensors|json)")  # and the checksummed ones
 TENSOR_NAMES = ("prototypes", "nmf_prototypes", "alpha", "class_indices", "head_rows", "head_bias")
+HEAD_TENSORS = ("head_rows", "head_bias", "class_indices")  # read when a run opens
+SHARD_TENSORS = ("prototypes", "nmf_prototypes", "alpha")  # read when one of the shard's classes is needed
+SHARD_BYTES = 32 * 2 ** 20  # a shard's tensors stay about this size: reading one class costs one shard
+
+
+def is_run_file(name: str) -> bool:
+    """Whether a file name in a run folder is one phpn writes."""
+    return name in RUN_FILES or DATA_FILE.fullmatch(name) is not None
 
 
 @dataclass
 class Run:
+    """Prototypes and records of a run. One opened from a format-2 folder reads its shards on
+    demand: ``class_meta(c)`` and ``class_prototypes(c)`` read the class's shard only; the
+    whole tensors (``run.prototypes`` …) and ``meta["classes"]`` iterated to the end read all."""
+
     prototypes: torch.Tensor  # (Cd, k, D) float64, Σ_k = head_rows
     nmf_prototypes: torch.Tensor  # (Cd, k, D) unit rows
     alpha: torch.Tensor  # (Cd, k)
@@ -48,8 +77,20 @@ class Run:
     meta: dict = field(default_factory=dict)
     path: Optional[Path] = None
 
+    def __getattr__(self, name: str):
+        # Only reached for attributes not set: the shard tensors of a run opened lazily.
+        shards = self.__dict__.get("_shards")
+        if shards is not None and name in SHARD_TENSORS:
+            for key, value in shards.everything().items():
+                self.__dict__.setdefault(key, value)  # a tensor the caller replaced stays replaced
+            return self.__dict__[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     @property
     def k(self) -> int:
+        shards = self.__dict__.get("_shards")
+        if "prototypes" not in self.__dict__ and shards is not None:
+            return shards.k
         return int(self.prototypes.shape[1])
 
     @property
@@ -62,22 +103,47 @@ class Run:
     def checkpoint_sha256(self) -> str:
         return self.meta.get("model", {}).get("sha256", "")
 
+    def _row(self, class_index: int) -> int:
+        rows = self.__dict__.get("_rows")
+        if rows is None or len(rows) != len(self.class_indices):
+            rows = self.__dict__["_rows"] = {int(c): i for i, c in enumerate(self.class_indices.tolist())}
+        try:
+            return rows[int(class_index)]
+        except KeyError:
+            raise RunError(f"Class {class_index} is not in this run.", "Pick one of the run's classes.") from None
+
     def class_meta(self, class_index: int) -> dict:
+        """The class's record (statistics, fidelity, top patches); reads its shard only."""
+        shards = self.__dict__.get("_shards")
+        if shards is not None and self.meta.get("classes") is shards.records:
+            return shards.record(self._row(class_index))
         for entry in self.meta.get("classes", []):
             if entry["index"] == int(class_index):
                 return entry
         raise RunError(f"Class {class_index} is not in this run.", "Pick one of the run's classes.")
 
+    def class_prototypes(self, class_index: int) -> torch.Tensor:
+        """(k, D) the class's prototypes; reads its shard only."""
+        row = self._row(class_index)
+        shards = self.__dict__.get("_shards")
+        if "prototypes" not in self.__dict__ and shards is not None:
+            return shards.tensor("prototypes", row)
+        return self.prototypes[row]
+
     def head_error(self) -> torch.Tensor:
         """(Cd,) ‖Σ p̃ − v‖ / ‖v‖ per decomposed class."""
-        v = self.head_rows.double()
-        return (self.prototypes.double().sum(1) - v).norm(dim=1) / v.norm(dim=1).clamp(min=1e-30)
+        return head_error(self.prototypes, self.head_rows)
 
     def network(self, split):
         from .network import PrototypeNetwork
 
         check_split(self, split)
         return PrototypeNetwork(split, self.prototypes, self.class_indices)
+
+
+def head_error(prototypes: torch.Tensor, head_rows: torch.Tensor) -> torch.Tensor:
+    v = head_rows.double()
+    return (prototypes.double().sum(1) - v).norm(dim=1) / v.norm(dim=1).clamp(min=1e-30)
 
 
 def check_split(run: Run, split) -> None:
@@ -90,9 +156,9 @@ def check_split(run: Run, split) -> None:
             "Load the run with the checkpoint it was made from, or run discovery again.",
         )
     rows = run.head_rows.double()
-    diff = max((w[run.class_indices] - rows).abs().max().item(),
+    diff = max((w[run.class_indices] - rows).abs().max().item() if len(rows) else 0.0,
                (split.bias.detach().double().cpu() - run.head_bias.double()).abs().max().item())
-    if diff > 1e-5 * max(1.0, rows.abs().max().item()):
+    if diff > 1e-5 * max(1.0, rows.abs().max().item() if len(rows) else 0.0):
         raise RunError("The loaded model's head weights differ from those this run decomposed.",
                        "Load the run with the checkpoint it was made from, or run discovery again.")
 
@@ -128,7 +194,7 @@ def check_run_target(path, overwrite: bool = False) -> Path:
                 shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
                 raise RunError(f"{path} is a folder that is not a phpn run (it holds {shown}); phpn will not "
                                "write into it.", "Choose a new or empty folder for the run.")
-            foreign = [name for name in entries if name not in RUN_FILES]
+            foreign = [name for name in entries if not is_run_file(name)]
             if foreign:
                 raise RunError(f"The run folder {path} also holds files phpn did not write "
                                f"({', '.join(foreign[:5])}); phpn will not replace it.",
@@ -173,37 +239,82 @@ def _write_fsync(path: Path, write) -> None:
         os.fsync(fh.fileno())
 
 
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _data_file(stem: str, data: bytes, suffix: str) -> tuple:
+    """(name, sha256) of a data file: its name carries its checksum, so a replacement never
+    writes over a file the current run.json names."""
+    digest = _sha256(data)
+    return f"{stem}-{digest[:16]}.{suffix}", digest
+
+
+def _classes_per_shard(k: int, d: int) -> int:
+    per_class = k * d * (8 + 4) + k * 8  # float64 prototypes, float32 NMF prototypes, float64 α
+    return max(1, SHARD_BYTES // max(1, per_class))
+
+
 def save_run(run: Run, path, overwrite: bool = False) -> Path:
-    """Write ``run`` to the folder ``path`` atomically: a complete run appears or nothing does.
+    """Write ``run`` to the folder ``path`` atomically (format 2): a complete run appears or nothing does.
 
     A new run is written to a temporary sibling folder and renamed into place. Replacing an
-    existing run (``overwrite=True``) swaps its two files, run.json last; the checksum of the
-    tensors in run.json makes an interrupted swap a refused run, never a wrong one. Anything
+    existing run (``overwrite=True``) moves the new data files in beside the old ones (their
+    names differ: each carries its checksum), replaces run.json, then removes the old files, so
+    an interrupted replacement leaves a run that opens as the old one or the new one. Anything
     phpn did not write is refused (:func:`check_run_target`), never renamed or deleted.
     """
     path = Path(path)
     check_run_target(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(run.meta)
+    records = list(run.meta.get("classes", []))  # reads every shard of a run opened lazily
+    meta = {key: value for key, value in run.meta.items() if key not in ("classes", "tensors_sha256")}
+    prototypes = run.prototypes.double().contiguous().cpu()
+    nmf_prototypes = run.nmf_prototypes.float().contiguous().cpu()
+    alpha = run.alpha.double().contiguous().cpu()
+    class_indices = run.class_indices.long().contiguous().cpu()
+    cd, k, d = prototypes.shape
+    if len(records) != cd:
+        raise RunError(f"The run has {cd} decomposed classes but {len(records)} class records; it cannot be saved.",
+                       "Run discovery again.")
+    head = save({"head_rows": run.head_rows.contiguous().cpu(), "head_bias": run.head_bias.contiguous().cpu(),
+                 "class_indices": class_indices})
+    head_name, head_sha = _data_file("head", head, "safetensors")
+    payload = {head_name: head}  # file name -> bytes, run.json apart
+    shards = []
+    per = _classes_per_shard(k, d)
+    for number, start in enumerate(range(0, cd, per)):
+        part = slice(start, start + per)
+        tensors = save({"prototypes": prototypes[part].contiguous(), "nmf_prototypes": nmf_prototypes[part].contiguous(),
+                        "alpha": alpha[part].contiguous()})
+        text = json.dumps(records[part], indent=1, default=_plain).encode("utf-8")
+        t_name, t_sha = _data_file(f"shard-{number:05d}", tensors, "safetensors")
+        r_name, r_sha = _data_file(f"shard-{number:05d}", text, "json")
+        payload[t_name], payload[r_name] = tensors, text
+        shards.append({"file": t_name, "sha256": t_sha, "records": r_name, "records_sha256": r_sha,
+                       "classes": class_indices[part].tolist()})
     meta["format_version"] = FORMAT_VERSION
-    tensors = {
-        "prototypes": run.prototypes.double().contiguous().cpu(),
-        "nmf_prototypes": run.nmf_prototypes.float().contiguous().cpu(),
-        "alpha": run.alpha.double().contiguous().cpu(),
-        "class_indices": run.class_indices.long().contiguous().cpu(),
-        "head_rows": run.head_rows.contiguous().cpu(),
-        "head_bias": run.head_bias.contiguous().cpu(),
-    }
+    meta["shape"] = {"classes": int(run.head_bias.shape[0]), "decomposed": cd, "k": k, "features": d}
+    meta["head"] = {"file": head_name, "sha256": head_sha}
+    meta["shards"] = shards
+    # One fingerprint of all the tensors (notes beside the run name it).
+    meta["tensors_sha256"] = _sha256("\n".join([head_sha] + [s["sha256"] for s in shards]).encode())
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        _write_fsync(tmp / TENSORS, lambda fh: fh.write(save(tensors)))
-        meta["tensors_sha256"] = file_sha256(tmp / TENSORS)
-        _write_fsync(tmp / META, lambda fh: fh.write(json.dumps(meta, indent=1, default=_plain).encode("utf-8")))
+        for name, data in payload.items():
+            _write_fsync(tmp / name, lambda fh, data=data: fh.write(data))
+        text = json.dumps(meta, indent=1, default=_plain).encode("utf-8")
+        _write_fsync(tmp / META, lambda fh: fh.write(text))
         if is_run_folder(path):
             check_run_target(path, overwrite)  # still only phpn's files, just before the swap
-            os.replace(tmp / TENSORS, path / TENSORS)
-            os.replace(tmp / META, path / META)
+            written = list(payload)
+            old = [p for p in path.iterdir() if p.name not in written and p.name not in (META, ANNOTATIONS)]
+            for name in written:
+                os.replace(tmp / name, path / name)
+            os.replace(tmp / META, path / META)  # the switch from the old run to the new one
             os.rmdir(tmp)
+            for stale in old:  # the old run's data files (phpn's own: check_run_target said so)
+                stale.unlink(missing_ok=True)
         else:
             try:
                 os.replace(tmp, path)  # onto nothing or an empty folder only
@@ -213,19 +324,174 @@ def save_run(run: Run, path, overwrite: bool = False) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    run.meta = meta
+    run.meta = {**meta, "classes": records}
     run.path = path
     return path
 
 
+def _damaged(path: Path, what: str) -> RunError:
+    return RunError(f"The run at {path} is damaged: {what}.", "Run discovery again.")
+
+
+def _invalid(path: Path, problem: str) -> RunError:
+    return RunError(f"The run at {path} is not valid: {problem}.", "Run discovery again.")
+
+
+def _read_checked(path: Path, name: str, sha256: str) -> bytes:
+    """A data file's bytes, refused unless they match the checksum run.json records."""
+    try:
+        data = (path / name).read_bytes()
+    except FileNotFoundError:
+        raise _damaged(path, f"{name} is missing") from None
+    except OSError as exc:
+        raise _damaged(path, f"{name} cannot be read ({exc.strerror or type(exc).__name__})") from None
+    if _sha256(data) != sha256:
+        raise _damaged(path, f"{name} does not match the checksum recorded in {META} (it was changed or corrupted "
+                             "after saving)")
+    return data
+
+
+def _read_tensors(path: Path, name: str, sha256: str, names: tuple) -> dict:
+    data = _read_checked(path, name, sha256)
+    try:
+        tensors = load(data)
+    except Exception as exc:
+        raise _damaged(path, f"{name} is not a tensor file ({type(exc).__name__}: {exc})") from None
+    missing = set(names) - set(tensors)
+    if missing:
+        raise RunError(f"The run at {path} lacks {', '.join(sorted(missing))} in {name}.", "Run discovery again.")
+    return tensors
+
+
+class _Shards:
+    """The shards of a format-2 run: each is read, checked and kept the first time one of its
+    classes is needed (under a lock: the app may read one run from several threads)."""
+
+    def __init__(self, path: Path, entries: list, head_rows: torch.Tensor, k: int, d: int):
+        self.path, self.entries, self.head_rows, self.k, self.d = path, entries, head_rows, k, d
+        self.where = [(number, j) for number, entry in enumerate(entries) for j in range(len(entry["classes"]))]
+        self.starts = [0]
+        for entry in entries:
+            self.starts.append(self.starts[-1] + len(entry["classes"]))
+        self._tensors, self._records = {}, {}
+        self._lock = threading.Lock()
+        self.records = ClassRecords(self)
+
+    def _read(self, number: int) -> tuple:
+        entry = self.entries[number]
+        name = entry["file"]
+        tensors = _read_tensors(self.path, name, entry["sha256"], SHARD_TENSORS)
+        try:
+            records = json.loads(_read_checked(self.path, entry["records"], entry["records_sha256"]).decode("utf-8"))
+        except ValueError as exc:
+            raise _damaged(self.path, f"{entry['records']} is not readable JSON ({exc})") from None
+        rows = self.head_rows[self.starts[number]:self.starts[number + 1]]
+        n = len(rows)
+        shapes = {"prototypes": (n, self.k, self.d), "nmf_prototypes": (n, self.k, self.d), "alpha": (n, self.k)}
+        problem = next((f"{key} has shape {tuple(tensors[key].shape)}, expected {shape}"
+                        for key, shape in shapes.items() if tuple(tensors[key].shape) != shape), "")
+        problem = (problem or _floats_problem({key: tensors[key] for key in SHARD_TENSORS})
+                   or _sum_problem(tensors["prototypes"], rows)
+                   or _records_problem(records, entry["classes"], self.k, entry["records"]))
+        if problem:
+            raise _invalid(self.path, f"{problem} ({name})")
+        return {key: tensors[key] for key in SHARD_TENSORS}, records
+
+    def _checked(self, number: int, keep: bool = True) -> tuple:
+        """(tensors or None, records) of a shard, read and checked the first time it is asked for."""
+        with self._lock:
+            if number not in self._records:
+                tensors, self._records[number] = self._read(number)
+                if keep:
+                    self._tensors[number] = tensors
+                return tensors, self._records[number]
+            return self._tensors.get(number), self._records[number]
+
+    def shard_tensors(self, number: int, keep: bool = True) -> dict:
+        tensors = self._checked(number, keep)[0]
+        if tensors is None:  # checked before without keeping them: the checksum ties these bytes to that check
+            entry = self.entries[number]
+            tensors = _read_tensors(self.path, entry["file"], entry["sha256"], SHARD_TENSORS)
+            if keep:
+                with self._lock:
+                    self._tensors[number] = tensors
+        return tensors
+
+    def records_of(self, number: int) -> list:
+        return self._checked(number)[1]
+
+    def record(self, row: int) -> dict:
+        number, j = self.where[row]
+        return self.records_of(number)[j]
+
+    def tensor(self, name: str, row: int) -> torch.Tensor:
+        number, j = self.where[row]
+        return self.shard_tensors(number)[name][j]
+
+    def everything(self) -> dict:
+        """The whole tensors of the run, every shard checked; the per-shard copies are let go."""
+        parts = {name: [] for name in SHARD_TENSORS}
+        for number in range(len(self.entries)):
+            tensors = self.shard_tensors(number, keep=False)
+            for name in SHARD_TENSORS:
+                parts[name].append(tensors[name])
+        empty = {"prototypes": (0, self.k, self.d), "nmf_prototypes": (0, self.k, self.d), "alpha": (0, self.k)}
+        out = {name: torch.cat(parts[name]) if parts[name] else torch.zeros(empty[name], dtype=torch.float64)
+               for name in SHARD_TENSORS}
+        with self._lock:
+            self._tensors.clear()
+        return out
+
+    def verify(self) -> None:
+        """Check every shard again (checksums, contents), keeping only the records."""
+        for number in range(len(self.entries)):
+            with self._lock:
+                self._records.pop(number, None)
+                self._tensors.pop(number, None)
+            self._checked(number, keep=False)
+
+
+class ClassRecords(Sequence):
+    """``meta["classes"]`` of a run opened lazily: a record is read with its shard; iterating
+    reads shard after shard."""
+
+    def __init__(self, shards: _Shards):
+        self._shards = shards
+
+    def __len__(self) -> int:
+        return len(self._shards.where)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError("class record index out of range")
+        return self._shards.record(i % n)
+
+    def __iter__(self):
+        for number in range(len(self._shards.entries)):
+            yield from self._shards.records_of(number)
+
+    def __eq__(self, other) -> bool:  # equal to a list of the same records, as meta["classes"] of a format-1 run
+        return isinstance(other, (list, tuple, ClassRecords)) and len(self) == len(other) and list(self) == list(other)
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} class records, read shard by shard>"
+
+
 def load_run(path, expected_sha256: Optional[str] = None) -> Run:
-    """Open a saved run, verifying it: files, schema, checksum, shapes, finiteness, Σ p̃ = v.
+    """Open a saved run: its files, schema and head are checked now; a format-2 run's shards are
+    read and checked (checksums, finiteness, Σ p̃ = v) when one of their classes is first needed
+    (:func:`verify_run` checks them all at once). A format-1 run is checked whole.
 
     Every failure is a :class:`RunError` that names the problem.
     """
     path = Path(path)
-    if not (path / TENSORS).is_file() or not (path / META).is_file():
-        raise RunError(f"{path} is not a phpn run (it needs {TENSORS} and {META}).",
+    if not (path / META).is_file():
+        raise RunError(f"{path} is not a phpn run (it has no {META}).",
                        "Pick a folder written by 'python -m phpn discover' or the app's Save button.")
     try:
         with open(path / META, encoding="utf-8") as fh:
@@ -236,9 +502,33 @@ def load_run(path, expected_sha256: Optional[str] = None) -> Run:
     if not isinstance(meta, dict):
         raise RunError(f"The run at {path} is damaged: {META} holds a {type(meta).__name__}, not an object.",
                        "Run discovery again.")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise RunError(f"The run at {path} has format {meta.get('format_version')}, this phpn reads {FORMAT_VERSION}.",
-                       "Run discovery again with this version.")
+    version = meta.get("format_version")
+    if version not in READABLE_VERSIONS:
+        raise RunError(f"The run at {path} has format {version}, this phpn reads formats "
+                       f"{', '.join(map(str, READABLE_VERSIONS))}.", "Run discovery again with this version.")
+    run = _open_version_1(path, meta) if version == 1 else _open_version_2(path, meta)
+    if expected_sha256 and run.checkpoint_sha256 and expected_sha256 != run.checkpoint_sha256:
+        raise RunError(
+            f"This run was made from a different checkpoint (sha256 {run.checkpoint_sha256[:12]}…, "
+            f"the loaded one is {expected_sha256[:12]}…).",
+            "Load the checkpoint the run was made from, or run discovery again for this one.",
+        )
+    return run
+
+
+def verify_run(path, expected_sha256: Optional[str] = None) -> Run:
+    """Open a run and check all of it now, every shard included; returns the opened run."""
+    run = load_run(path, expected_sha256)
+    shards = run.__dict__.get("_shards")
+    if shards is not None:
+        shards.verify()
+    return run
+
+
+def _open_version_1(path: Path, meta: dict) -> Run:
+    if not (path / TENSORS).is_file():
+        raise RunError(f"{path} is not a phpn run (it needs {TENSORS} and {META}).",
+                       "Pick a folder written by 'python -m phpn discover' or the app's Save button.")
     recorded = meta.get("tensors_sha256")
     if recorded is not None and recorded != file_sha256(path / TENSORS):
         raise RunError(f"The run at {path} is damaged: {TENSORS} does not match the checksum recorded in {META} "
@@ -253,19 +543,70 @@ def load_run(path, expected_sha256: Optional[str] = None) -> Run:
     run = Run(meta=meta, path=path, **{name: tensors[name] for name in TENSOR_NAMES})
     problem = run_problem(run)
     if problem:
-        raise RunError(f"The run at {path} is not valid: {problem}.", "Run discovery again.")
-    if expected_sha256 and run.checkpoint_sha256 and expected_sha256 != run.checkpoint_sha256:
-        raise RunError(
-            f"This run was made from a different checkpoint (sha256 {run.checkpoint_sha256[:12]}…, "
-            f"the loaded one is {expected_sha256[:12]}…).",
-            "Load the checkpoint the run was made from, or run discovery again for this one.",
-        )
+        raise _invalid(path, problem)
+    return run
+
+
+def _index_problem(meta: dict) -> str:
+    """What is wrong with a format-2 run.json's shape, head and shard index, or ""."""
+    shape = meta.get("shape")
+    if not isinstance(shape, dict) or not all(isinstance(shape.get(key), int) and not isinstance(shape[key], bool)
+                                              and shape[key] >= 0 for key in ("classes", "decomposed", "k", "features")):
+        return f"{META}'s 'shape' is missing or invalid"
+    head = meta.get("head")
+    if not isinstance(head, dict) or not _is_data_file(head.get("file")) or not isinstance(head.get("sha256"), str):
+        return f"{META}'s 'head' is missing or invalid"
+    shards = meta.get("shards")
+    if not isinstance(shards, list) or not all(
+            isinstance(s, dict) and _is_data_file(s.get("file")) and _is_data_file(s.get("records"))
+            and isinstance(s.get("sha256"), str) and isinstance(s.get("records_sha256"), str)
+            and isinstance(s.get("classes"), list) and s["classes"]
+            and all(isinstance(c, int) and not isinstance(c, bool) for c in s["classes"]) for s in shards):
+        return f"{META}'s 'shards' is not a list of shard records"
+    if sum(len(s["classes"]) for s in shards) != shape["decomposed"]:
+        return f"{META}'s shards hold {sum(len(s['classes']) for s in shards)} classes, its shape says " \
+               f"{shape['decomposed']}"
+    return ""
+
+
+def _is_data_file(name) -> bool:
+    return isinstance(name, str) and DATA_FILE.fullmatch(name) is not None  # never a path out of the folder
+
+
+def _open_version_2(path: Path, meta: dict) -> Run:
+    problem = _index_problem(meta)
+    if problem:
+        raise _invalid(path, problem)
+    shape, head = meta["shape"], meta["head"]
+    cd, k, d, c = shape["decomposed"], shape["k"], shape["features"], shape["classes"]
+    tensors = _read_tensors(path, head["file"], head["sha256"], HEAD_TENSORS)
+    rows, bias, idx = tensors["head_rows"], tensors["head_bias"], tensors["class_indices"]
+    listed = [i for s in meta["shards"] for i in s["classes"]]
+    if tuple(rows.shape) != (cd, d) or tuple(bias.shape) != (c,) or tuple(idx.shape) != (cd,):
+        problem = (f"its head has shapes {tuple(rows.shape)}, {tuple(bias.shape)}, {tuple(idx.shape)}; "
+                   f"{META} says ({cd}, {d}), ({c},), ({cd},)")
+    elif idx.dtype.is_floating_point or idx.dtype == torch.bool:
+        problem = "class_indices are not integers"
+    elif cd and (int(idx.min()) < 0 or int(idx.max()) >= c or len(set(idx.tolist())) != cd):
+        problem = f"class_indices must be distinct classes between 0 and {c - 1}"
+    elif idx.tolist() != listed:
+        problem = f"{META}'s shards do not list the run's decomposed classes in order"
+    problem = problem or _floats_problem({"head_rows": rows, "head_bias": bias}) or _meta_problem(meta, c)
+    if problem:
+        raise _invalid(path, problem)
+    run = Run.__new__(Run)  # the shard tensors are read on first use (Run.__getattr__)
+    shards = _Shards(path, meta["shards"], rows, k, d)
+    meta["classes"] = shards.records
+    run.__dict__.update(meta=meta, path=path, class_indices=idx.long(), head_rows=rows, head_bias=bias,
+                        _shards=shards)
     return run
 
 
 def run_problem(run: Run) -> str:
-    """What is wrong with a run's tensors and metadata, or "" when it is consistent."""
-    return _tensor_problem(run) or _meta_problem(run.meta, run)
+    """What is wrong with a run's tensors and metadata, or "" when it is consistent (reads every shard)."""
+    c = run.head_bias.shape[0]
+    return (_tensor_problem(run) or _meta_problem(run.meta, c)
+            or _records_problem(run.meta.get("classes"), run.class_indices.tolist(), run.prototypes.shape[1], META))
 
 
 def _tensor_problem(run: Run) -> str:
@@ -284,21 +625,30 @@ def _tensor_problem(run: Run) -> str:
     c = bias.shape[0]
     if cd and (int(idx.min()) < 0 or int(idx.max()) >= c or len(set(idx.tolist())) != cd):
         return f"class_indices must be distinct classes between 0 and {c - 1}"
-    for name in ("prototypes", "nmf_prototypes", "alpha", "head_rows", "head_bias"):
-        t = getattr(run, name)
+    return (_floats_problem({name: getattr(run, name)
+                             for name in ("prototypes", "nmf_prototypes", "alpha", "head_rows", "head_bias")})
+            or _sum_problem(p, rows))
+
+
+def _floats_problem(tensors: dict) -> str:
+    for name, t in tensors.items():
         if not t.dtype.is_floating_point:
             return f"{name} is not a floating-point tensor"
         if not bool(torch.isfinite(t).all()):
             return f"{name} contains NaN or infinite values"
-    error = float(run.head_error().max()) if cd else 0.0
+    return ""
+
+
+def _sum_problem(prototypes: torch.Tensor, head_rows: torch.Tensor) -> str:
+    error = float(head_error(prototypes, head_rows).max()) if len(prototypes) else 0.0
     if error > MAX_HEAD_ERROR:
         return (f"its prototypes do not sum to the head rows they decompose (relative error {error:.2g}, "
                 f"allowed {MAX_HEAD_ERROR:g})")
     return ""
 
 
-def _meta_problem(meta: dict, run: Run) -> str:
-    c = run.head_bias.shape[0]
+def _meta_problem(meta: dict, c: int) -> str:
+    """What is wrong with run.json's model, preprocessing and sections (not the class records), or ""."""
     model = meta.get("model", {})
     if not isinstance(model, dict):
         return f"{META}'s 'model' is not an object"
@@ -320,15 +670,21 @@ def _meta_problem(meta: dict, run: Run) -> str:
             Preprocess.from_dict(meta["preprocess"])
     except Exception as exc:  # missing, wrong type or out of range: all the same to the user
         return f"{META}'s 'preprocess' is missing or invalid ({type(exc).__name__}: {exc})"
-    classes = meta.get("classes")
-    if not isinstance(classes, list) or not all(isinstance(e, dict) for e in classes):
-        return f"{META}'s 'classes' is not a list of class records"
+    for key in ("data", "config", "timings", "certificate"):
+        if key in meta and meta[key] is not None and not isinstance(meta[key], dict):
+            return f"{META}'s '{key}' is not an object"
+    return ""
+
+
+def _records_problem(classes, expected: list, k: int, where: str) -> str:
+    """What is wrong with the class records kept in ``where`` (run.json or a shard's file), or ""."""
+    if not isinstance(classes, (list, ClassRecords)) or not all(isinstance(e, dict) for e in classes):
+        return f"{where}'s 'classes' is not a list of class records"
     indices = [e.get("index") for e in classes]
     if not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
-        return f"{META}'s class records lack an integer 'index'"
-    if indices != run.class_indices.tolist():
-        return f"{META}'s class records ({len(indices)}) do not match the run's decomposed classes"
-    k = run.prototypes.shape[1]
+        return f"{where}'s class records lack an integer 'index'"
+    if indices != list(expected):
+        return f"{where}'s class records ({len(indices)}) do not match the run's decomposed classes"
     for entry in classes:
         for key in ("fidelity", "alpha", "mean_contribution"):
             value = entry.get(key)
@@ -340,9 +696,6 @@ def _meta_problem(meta: dict, run: Run) -> str:
                 return f"class {entry['index']}'s '{key}' is not a list"
         if "folder" in entry and not isinstance(entry["folder"], str):
             return f"class {entry['index']}'s 'folder' is not text"
-    for key in ("data", "config", "timings", "certificate"):
-        if key in meta and meta[key] is not None and not isinstance(meta[key], dict):
-            return f"{META}'s '{key}' is not an object"
     return ""
 
 

@@ -11,7 +11,7 @@ from phpn.data import scan_image_folder
 from phpn.discover import DiscoveryConfig, discover
 from phpn.errors import RunError
 from phpn.models.checkpoint import file_sha256
-from phpn.runs import META, TENSORS, check_model, check_run_target, load_run, save_run
+from phpn.runs import META, check_model, check_run_target, load_run, save_run, verify_run
 
 
 @pytest.fixture
@@ -22,15 +22,28 @@ def saved(tiny_loaded, image_folder, tmp_path):
     return save_run(run, tmp_path / "run"), run
 
 
-def _rewrite(path, *, meta=None, tensors=None, checksum=True):
-    """Change a saved run by hand; with ``checksum`` the recorded sha256 is updated to match."""
+def _files(path) -> list:
+    """The data files run.json names, head first."""
     m = json.loads((path / META).read_text())
+    return [m["head"]["file"]] + [s[key] for s in m["shards"] for key in ("file", "records")]
+
+
+def _rewrite(path, *, meta=None, tensors=None, records=None, checksum=True):
+    """Change a saved run by hand (its first shard: the tiny runs have one): ``meta`` changes
+    run.json in place, ``records`` maps the shard's records to those written; with ``checksum``
+    the recorded sha256 are updated to match."""
+    m = json.loads((path / META).read_text())
+    shard = m["shards"][0]
     if tensors is not None:
-        current = load_file(str(path / TENSORS))
+        current = load_file(str(path / shard["file"]))
         current.update(tensors)
-        save_file(current, str(path / TENSORS))
+        save_file(current, str(path / shard["file"]))
+    if records is not None:
+        listed = json.loads((path / shard["records"]).read_text())
+        (path / shard["records"]).write_text(json.dumps(records(listed)))
     if checksum:
-        m["tensors_sha256"] = file_sha256(path / TENSORS)
+        shard["sha256"] = file_sha256(path / shard["file"])
+        shard["records_sha256"] = file_sha256(path / shard["records"])
     if meta is not None:
         meta(m)
     (path / META).write_text(json.dumps(m))
@@ -39,7 +52,8 @@ def _rewrite(path, *, meta=None, tensors=None, checksum=True):
 def test_checksum_is_recorded_and_the_mapping_stored(saved):
     path, run = saved
     meta = json.loads((path / META).read_text())
-    assert meta["tensors_sha256"] == file_sha256(path / TENSORS)
+    assert meta["head"]["sha256"] == file_sha256(path / meta["head"]["file"])
+    assert [s["sha256"] for s in meta["shards"]] == [file_sha256(path / s["file"]) for s in meta["shards"]]
     assert meta["data"]["class_mapping"]["by"] == "index"
     assert meta["data"]["class_mapping"]["folders"] == {"0": 0, "1": 1, "2": 2, "3": 3}
     again = load_run(path)
@@ -48,11 +62,15 @@ def test_checksum_is_recorded_and_the_mapping_stored(saved):
 
 def test_a_flipped_bit_is_refused(saved):
     path, _ = saved
-    raw = bytearray((path / TENSORS).read_bytes())
-    raw[-3] ^= 0x01
-    (path / TENSORS).write_bytes(bytes(raw))
-    with pytest.raises(RunError, match="does not match the checksum recorded in run.json"):
-        load_run(path)
+    for name in _files(path):
+        raw = bytearray((path / name).read_bytes())
+        raw[-3] ^= 0x01
+        (path / name).write_bytes(bytes(raw))
+        with pytest.raises(RunError, match=f"{name} does not match the checksum recorded in run.json"):
+            verify_run(path)
+        raw[-3] ^= 0x01
+        (path / name).write_bytes(bytes(raw))
+    verify_run(path)
 
 
 def test_nan_prototypes_are_refused(saved):
@@ -61,7 +79,7 @@ def test_nan_prototypes_are_refused(saved):
     bad[0, 0, 0] = float("nan")
     _rewrite(path, tensors={"prototypes": bad})
     with pytest.raises(RunError, match="prototypes contains NaN or infinite values"):
-        load_run(path)
+        verify_run(path)
 
 
 def test_prototypes_that_no_longer_sum_to_the_head_are_refused(saved):
@@ -70,14 +88,10 @@ def test_prototypes_that_no_longer_sum_to_the_head_are_refused(saved):
     bad[1, 0] *= 1.01
     _rewrite(path, tensors={"prototypes": bad})
     with pytest.raises(RunError, match="its prototypes do not sum to the head rows they decompose"):
-        load_run(path)
+        verify_run(path)
 
 
 @pytest.mark.parametrize("change, phrase", [
-    (lambda m: m.update(classes={"0": 1}), "'classes' is not a list of class records"),
-    (lambda m: m["classes"][0].pop("index"), "class records lack an integer 'index'"),
-    (lambda m: m["classes"].pop(), "class records (3) do not match the run's decomposed classes"),
-    (lambda m: m["classes"][0].update(fidelity=[0.5]), "class 0's 'fidelity' is not a list of 2 numbers"),
     (lambda m: m["model"].update(class_names=["a", "b"]), "run.json names 2 classes but the head has 4"),
     (lambda m: m["model"].update(class_names="abcd"), "model.class_names is not a list of names"),
     (lambda m: m.update(preprocess={"resize": 8}), "'preprocess' is missing or invalid"),
@@ -91,6 +105,20 @@ def test_a_malformed_run_json_is_refused_with_the_reason(saved, change, phrase):
     assert phrase in str(err.value)
 
 
+@pytest.mark.parametrize("change, phrase", [
+    (lambda r: {"0": 1}, "'classes' is not a list of class records"),
+    (lambda r: [{k: v for k, v in e.items() if k != "index"} for e in r], "class records lack an integer 'index'"),
+    (lambda r: r[:-1], "class records (3) do not match the run's decomposed classes"),
+    (lambda r: [dict(r[0], fidelity=[0.5])] + r[1:], "class 0's 'fidelity' is not a list of 2 numbers"),
+])
+def test_malformed_class_records_are_refused_with_the_reason(saved, change, phrase):
+    path, _ = saved
+    _rewrite(path, records=change)
+    with pytest.raises(RunError) as err:
+        verify_run(path)
+    assert phrase in str(err.value)
+
+
 def test_overwrite_replaces_only_a_run(saved, tmp_path):
     path, run = saved
     with pytest.raises(RunError, match="already holds a phpn run"):
@@ -98,7 +126,7 @@ def test_overwrite_replaces_only_a_run(saved, tmp_path):
     run.meta["note"] = "second"
     save_run(run, path, overwrite=True)
     assert load_run(path).meta["note"] == "second"
-    assert sorted(p.name for p in path.iterdir()) == [META, TENSORS]
+    assert sorted(p.name for p in path.iterdir()) == sorted([META] + _files(path))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no hidden leftovers
     (path / "mine.txt").write_text("keep me")
     with pytest.raises(RunError, match=r"also holds files phpn did not write \(mine.txt\)"):
@@ -138,7 +166,7 @@ def test_a_run_opened_with_another_architecture_or_cut_is_refused(saved, tiny_lo
         check_model(run, tiny_loaded, tiny_split(TinyNet().eval()))
 
 
-def test_a_crash_while_replacing_a_run_leaves_a_refused_run_not_a_wrong_one(saved, monkeypatch):
+def test_a_crash_while_replacing_a_run_leaves_the_old_run(saved, monkeypatch):
     import os
 
     import phpn.runs as runs
@@ -154,11 +182,15 @@ def test_a_crash_while_replacing_a_run_leaves_a_refused_run_not_a_wrong_one(save
         return real_replace(src, dst)
 
     monkeypatch.setattr(runs.os, "replace", crash_before_meta)
+    old = verify_run(path)
     with pytest.raises(KeyboardInterrupt):
         save_run(run, path, overwrite=True)
     monkeypatch.setattr(runs.os, "replace", real_replace)
-    with pytest.raises(RunError, match="does not match the checksum recorded in run.json"):
-        load_run(path)
+    again = verify_run(path)  # the new data files are there under their own names, unused
+    assert torch.equal(again.prototypes, old.prototypes) and not torch.equal(again.prototypes, run.prototypes)
+    save_run(run, path, overwrite=True)  # the next replacement clears them
+    assert torch.equal(load_run(path).prototypes, run.prototypes)
+    assert sorted(p.name for p in path.iterdir()) == sorted([META] + _files(path))
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # the temporary folder is gone
 
 
@@ -206,7 +238,7 @@ source, target, at = sys.argv[1:4]
 real_replace = os.replace
 
 def replace(src, dst):
-    if os.path.basename(str(dst)) == at:
+    if os.path.basename(str(dst)).startswith(at):
         os.kill(os.getpid(), signal.SIGKILL)  # no clean-up, no finally: as if the power went
     return real_replace(src, dst)
 
@@ -218,8 +250,9 @@ runs.save_run(runs.load_run(source), target, overwrite=True)
 @pytest.mark.slow  # a fresh interpreter per kill
 @pytest.mark.parametrize("at, outcome", [
     ("fresh", "absent"),  # killed before the finished run is renamed into place
-    (TENSORS, "old"),  # killed before anything of the old run was replaced
-    (META, "refused"),  # killed between the two files of an overwrite
+    ("head-", "old"),  # killed before the first of the new run's files is moved in
+    ("shard-", "old"),  # killed while the new run's files are moved in beside the old ones
+    (META, "old"),  # killed just before run.json switches to the new run
 ])
 def test_a_killed_save_never_leaves_a_run_that_loads_wrong(saved, tmp_path, at, outcome):
     import shutil
@@ -240,8 +273,5 @@ def test_a_killed_save_never_leaves_a_run_that_loads_wrong(saved, tmp_path, at, 
     if outcome == "absent":
         with pytest.raises(RunError, match="is not a phpn run"):
             load_run(target)
-    elif outcome == "old":
-        assert torch.equal(load_run(target).prototypes, run.prototypes)
     else:
-        with pytest.raises(RunError, match="does not match the checksum recorded in run.json"):
-            load_run(target)
+        assert torch.equal(verify_run(target).prototypes, run.prototypes)
