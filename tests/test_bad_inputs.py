@@ -25,7 +25,7 @@ from conftest import TinyNet, tiny_split
 from phpn.cli import main
 from phpn.errors import DataError
 from phpn.models.checkpoint import file_sha256
-from phpn.runs import META, TENSORS
+from phpn.runs import META
 
 MODEL_SOURCE = textwrap.dedent('''
     import torch
@@ -112,14 +112,23 @@ def _cli(capsys, argv) -> tuple:
     return code, out, err
 
 
-def _rewrite_run(run: Path, *, meta=None, tensors=None, checksum=True) -> None:
+def _shard(run: Path) -> dict:
+    """The first shard of a saved run (the tiny runs have one): its files and checksums."""
+    return json.loads((run / META).read_text())["shards"][0]
+
+
+def _rewrite_run(run: Path, *, meta=None, tensors=None, records=None, checksum=True) -> None:
     m = json.loads((run / META).read_text())
+    shard = m["shards"][0]
     if tensors is not None:
-        current = load_file(str(run / TENSORS))
+        current = load_file(str(run / shard["file"]))
         tensors(current)
-        save_file(current, str(run / TENSORS))
+        save_file(current, str(run / shard["file"]))
+    if records is not None:
+        (run / shard["records"]).write_text(json.dumps(records(json.loads((run / shard["records"]).read_text()))))
     if checksum:
-        m["tensors_sha256"] = file_sha256(run / TENSORS)
+        shard["sha256"] = file_sha256(run / shard["file"])
+        shard["records_sha256"] = file_sha256(run / shard["records"])
     if meta is not None:
         meta(m)
     (run / META).write_text(json.dumps(m))
@@ -345,9 +354,9 @@ def _run_cmd(mutate=None, *, command="explain", extra=()):
 
 
 def _flip_bit(run):
-    raw = bytearray((run / TENSORS).read_bytes())
+    raw = bytearray((run / _shard(run)["file"]).read_bytes())
     raw[-2] ^= 0x10
-    (run / TENSORS).write_bytes(bytes(raw))
+    (run / _shard(run)["file"]).write_bytes(bytes(raw))
 
 
 def _other_arch(w, t):
@@ -371,24 +380,24 @@ def _nan_prototypes(ts):
 
 RUNS = {
     "run-missing": (lambda w, t: ["explain", t / "none", w.images / "0" / "img0.png", *w.model],
-                    "is not a phpn run (it needs tensors.safetensors and run.json)"),
+                    "is not a phpn run (it has no run.json)"),
     "run-json-not-json": (_run_cmd(lambda r: _write(r / META, "{not json")), "run.json is not readable JSON"),
     "run-json-a-list": (_run_cmd(lambda r: _write(r / META, "[1, 2, 3]")), "run.json holds a list, not an object"),
     "run-json-empty": (_run_cmd(lambda r: _write(r / META, "")), "run.json is not readable JSON"),
     "run-format-99": (_run_cmd(lambda r: _rewrite_run(r, meta=lambda m: m.update(format_version=99))),
-                      "has format 99, this phpn reads 1"),
+                      "has format 99, this phpn reads formats 1, 2"),
     "run-flipped-bit": (_run_cmd(_flip_bit), "does not match the checksum recorded in run.json"),
     "run-nan-prototypes": (_run_cmd(lambda r: _rewrite_run(r, tensors=_nan_prototypes)),
                            "prototypes contains NaN or infinite values"),
     "run-tampered-prototypes": (_run_cmd(lambda r: _rewrite_run(r, tensors=_scale("prototypes", 1.001))),
                                 "its prototypes do not sum to the head rows they decompose"),
-    "run-classes-not-a-list": (_run_cmd(lambda r: _rewrite_run(r, meta=lambda m: m.update(classes="all"))),
+    "run-classes-not-a-list": (_run_cmd(lambda r: _rewrite_run(r, records=lambda classes: "all")),
                                "'classes' is not a list of class records"),
     "run-class-names-wrong-length": (_run_cmd(lambda r: _rewrite_run(
         r, meta=lambda m: m["model"].update(class_names=["a"]))), "run.json names 1 classes but the head has 4"),
     "run-preprocess-broken": (_run_cmd(lambda r: _rewrite_run(r, meta=lambda m: m.update(preprocess="big"))),
                               "'preprocess' is missing or invalid"),
-    "run-tensors-missing": (_run_cmd(lambda r: (r / TENSORS).unlink()), "is not a phpn run"),
+    "run-tensors-missing": (_run_cmd(lambda r: (r / _shard(r)["file"]).unlink()), "safetensors is missing"),
     "run-another-checkpoint": (_run_cmd(lambda r: _rewrite_run(r, meta=lambda m: m["model"].update(sha256="f" * 64))),
                                "This run was made from a different checkpoint"),
     "run-another-architecture": (_other_arch, "made with the architecture 'user:net.py:Net', but the model opened now "
@@ -459,7 +468,9 @@ def test_a_rerun_with_overwrite_replaces_the_run_and_nothing_else(world, tmp_pat
     assert code == 0, err
     assert json.loads((run / META).read_text())["config"]["k"] == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["beside.txt", "run"]
-    assert sorted(p.name for p in run.iterdir()) == [META, TENSORS]
+    m = json.loads((run / META).read_text())
+    named = [m["head"]["file"]] + [s[key] for s in m["shards"] for key in ("file", "records")]
+    assert sorted(p.name for p in run.iterdir()) == sorted([META] + named)
 
 
 def test_huge_head_weights_keep_their_fidelity(tiny_loaded, image_folder):
