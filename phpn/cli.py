@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .data import INTERPOLATIONS, Preprocess
+from .data import COLOURS, INTERPOLATIONS, Preprocess
 from .errors import PhpnError
 
 
@@ -38,11 +38,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mean", type=float, nargs="+")
     g.add_argument("--std", type=float, nargs="+")
     g.add_argument("--interpolation", choices=list(INTERPOLATIONS))
+    g.add_argument("--colour", choices=list(COLOURS),
+                   help="how a 3-channel model gets the colours: rgb (default), bgr (channel order reversed), grey "
+                        "(the grey image in each channel)")
 
 
 def _overrides(args) -> dict:
     """The preprocessing flags given (merged into the model's own by phpn.inputs.merge_preprocess)."""
-    return {name: getattr(args, name, None) for name in ("resize", "crop", "mean", "std", "interpolation")}
+    return {name: getattr(args, name, None) for name in ("resize", "crop", "mean", "std", "interpolation", "colour")}
 
 
 def _session(args, preprocess: Optional[Preprocess] = None):
@@ -304,7 +307,8 @@ def cmd_check_preprocessing(args) -> int:
     for row in check.table():
         acc = "fails" if row["accuracy"] is None else f"{100 * row['accuracy']:5.1f}%"
         lines.append(f"  {acc} ({row['right']})  resize {row['resize']}, crop {row['crop']}, "
-                     f"{row['normalisation']}  [{row['setting']}]{'  ' + row['note'] if row['note'] else ''}")
+                     f"{row['normalisation']}, {row['channels']}  [{row['setting']}]"
+                     f"{'  ' + row['note'] if row['note'] else ''}")
     lines.append(check.proposal())
     _emit(args, check.to_dict(), "\n".join(lines))
     return 0

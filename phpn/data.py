@@ -46,6 +46,11 @@ BACKENDS = ("pil", "tensor")
 # The centre crop's offset (size - crop) / 2 when it is not whole: torchvision and timm round it,
 # Hugging Face's image processors floor it.
 CROP_OFFSETS = ("round", "floor")
+# How a 3-channel model gets the image's colours: "rgb" as decoded; "bgr" in reverse order (models
+# trained on images read by OpenCV or Caffe); "grey" the grey image (Pillow's luma, as 1-channel models
+# get it) repeated in the three channels (models trained on grey pictures stored as RGB). A
+# 1-channel model always gets the grey image ("rgb" is the only value it takes).
+COLOURS = ("rgb", "bgr", "grey")
 
 
 def _interpolation_mode(name: str):
@@ -72,6 +77,7 @@ class Preprocess:
     resize_mode: str = "shorter"  # see RESIZE_MODES
     backend: str = "pil"  # see BACKENDS
     crop_offset: str = "round"  # see CROP_OFFSETS
+    colour: str = "rgb"  # see COLOURS
     # Where these values came from (e.g. "timm pretrained_cfg of convnext_tiny"), shown to the user;
     # not part of equality: the same numbers are the same preprocessing.
     source: str = field(default="", compare=False)
@@ -95,6 +101,11 @@ class Preprocess:
             raise ConfigError(f"Unknown resize mode '{self.resize_mode}'.", f"Use one of: {', '.join(RESIZE_MODES)}.")
         if self.backend not in BACKENDS:
             raise ConfigError(f"Unknown resize backend '{self.backend}'.", f"Use one of: {', '.join(BACKENDS)}.")
+        if self.colour not in COLOURS:
+            raise ConfigError(f"Unknown colour setting '{self.colour}'.", f"Use one of: {', '.join(COLOURS)}.")
+        if self.channels == 1 and self.colour != "rgb":
+            raise ConfigError(f"The colour setting '{self.colour}' is for 3-channel models; a 1-channel model "
+                              "always gets the grey image.", "Leave the colour setting at rgb for this model.")
         if self.crop_offset not in CROP_OFFSETS:
             raise ConfigError(f"Unknown crop offset '{self.crop_offset}'.", f"Use one of: {', '.join(CROP_OFFSETS)}.")
         check_input_side("resize", self.resize), check_input_side("crop", self.crop)
@@ -116,7 +127,7 @@ class Preprocess:
             resize=int(d["resize"]), crop=int(d["crop"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
             channels=int(d.get("channels", 3)), interpolation=str(d.get("interpolation", "bilinear")),
             resize_mode=str(d.get("resize_mode", "shorter")), backend=str(d.get("backend", "pil")),
-            crop_offset=str(d.get("crop_offset", "round")),
+            crop_offset=str(d.get("crop_offset", "round")), colour=str(d.get("colour", "rgb")),
             source=str(d.get("source", "")),
         )
 
@@ -127,6 +138,8 @@ class Preprocess:
         fmt = lambda v: ", ".join(f"{x:.4g}" for x in v)  # noqa: E731
         text = (f"resize {size} ({self.interpolation}, {'Pillow' if self.backend == 'pil' else 'torch tensor'}), "
                 f"centre crop {self.crop}, mean ({fmt(self.mean)}), std ({fmt(self.std)})")
+        if self.colour != "rgb":
+            text += ", channels in BGR order" if self.colour == "bgr" else ", grey image in the three channels"
         return f"{text}; from {self.source}" if self.source else text
 
     def resized_size(self, width: int, height: int) -> tuple:
@@ -160,9 +173,16 @@ class Preprocess:
     def normalise(self, image: Image.Image) -> torch.Tensor:
         from torchvision.transforms.v2 import functional as TF
 
-        mode = "L" if self.channels == 1 else "RGB"
+        mode = "L" if self.channels == 1 or self.colour == "grey" else "RGB"
         t = TF.to_dtype(TF.pil_to_tensor(image.convert(mode)), torch.float32, scale=True)
-        return TF.normalize(t, list(self.mean), list(self.std))
+        return TF.normalize(self.arrange_colours(t), list(self.mean), list(self.std))
+
+    def arrange_colours(self, t: torch.Tensor) -> torch.Tensor:
+        """(..., 1 or 3, H, W) pictures, grey or RGB as ``colour`` asks, to the model's channels: a grey
+        one repeated for a 3-channel model, an RGB one reversed for "bgr"."""
+        if self.channels == 3 and t.shape[-3] == 1:
+            return t.expand(*t.shape[:-3], 3, *t.shape[-2:])
+        return t.flip(-3) if self.colour == "bgr" else t
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return self.normalise(self.geometry(image))

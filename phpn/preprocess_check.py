@@ -9,12 +9,16 @@ per class and ranks them by the model's accuracy:
    setting (torchvision's weights metadata);
 2. common input sizes (28, 32, 64, 96, 128, 224, 256, 299, 384), each as an exact resize
    and as resize-then-centre-crop (crop fraction 0.875), with the normalisation in use;
-3. the best few sizes again with the usual normalisations (ImageNet, 0.5, none).
+3. the best few sizes again with the usual normalisations (ImageNet, 0.5, none);
+4. for a 3-channel model, the best few settings again with the colours arranged otherwise
+   (:data:`COLOUR_VARIANTS`): the channels in BGR order (a model trained on images read by
+   OpenCV or Caffe) and the grey image repeated in the three channels (a model trained on
+   grey pictures stored as RGB).
 
-The channels (grey-scale or RGB) are the model's own: its first layer fixes them, and each
-image is converted to them. The result proposes the best setting with the numbers, and
-says plainly when no setting tried reads the images (then the class order is the likely
-cause).
+The number of channels is the model's own (its first layer fixes it); a 1-channel model gets
+the grey image, so stage 4 does not apply to it. The result proposes the best setting with
+the numbers, and says plainly when no setting tried reads the images (then the class order
+is the likely cause).
 """
 from __future__ import annotations
 
@@ -32,13 +36,16 @@ from .progress import ProgressFn, report
 
 COMMON_SIZES = (28, 32, 64, 96, 128, 224, 256, 299, 384)
 CROP_FRACTION = 0.875  # resize to size / 0.875, then centre-crop to size (the ImageNet habit)
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 NORMALISATIONS = {  # name -> (mean, std) for one channel; RGB presets per channel
-    "ImageNet": (IMAGENET_MEAN, IMAGENET_STD),
+    "ImageNet": (Preprocess().mean, Preprocess().std),  # phpn's default preprocessing is ImageNet's
     "0.5": ((0.5,), (0.5,)),
     "none": ((0.0,), (1.0,)),
 }
+# Other arrangements of a 3-channel model's colours tried in stage 4 (Preprocess.colour) -> how the
+# table names them; "rgb" (as decoded) is what every earlier stage uses.
+COLOUR_VARIANTS = {"bgr": "BGR (channel order reversed)", "grey": "grey as RGB (grey image in each channel)"}
 BEST_SIZES_RENORMALISED = 3  # how many of the best geometries are tried with every normalisation
+BEST_SETTINGS_RECOLOURED = 2  # how many of the best settings are tried with every colour variant
 DEFAULT_IMAGES_PER_CLASS = 3
 # A different setting is proposed only when it is right on clearly more images than the one in
 # use (at least this share of the images, and at least 2), or when the one in use is near chance:
@@ -153,7 +160,7 @@ class PreprocessCheck:
         for r in self.results:
             p = r.preprocess
             rows.append({"setting": r.label, "resize": p.resize, "crop": p.crop,
-                         "normalisation": normalisation_name(p), "channels": "grey" if p.channels == 1 else "RGB",
+                         "normalisation": normalisation_name(p), "channels": colour_name(p),
                          "accuracy": r.accuracy, "right": f"{r.correct}/{r.images}" if r.error is None else "—",
                          "note": r.error or ""})
         return rows
@@ -166,14 +173,22 @@ def normalisation_name(pre: Preprocess) -> str:
     return "mean " + "/".join(f"{m:g}" for m in pre.mean) + ", std " + "/".join(f"{s:g}" for s in pre.std)
 
 
+def colour_name(pre: Preprocess) -> str:
+    """How the model gets the image's colours: "grey" (a 1-channel model), "RGB", or a variant's name."""
+    if pre.channels == 1:
+        return "grey"
+    return COLOUR_VARIANTS.get(pre.colour, "RGB")
+
+
 def describe(pre: Preprocess) -> str:
     size = f"{pre.crop} px" if pre.resize == pre.crop else f"resize {pre.resize}, crop {pre.crop}"
-    return f"{size}, {normalisation_name(pre)} normalisation"
+    colours = f", {colour_name(pre)}" if pre.colour != "rgb" else ""
+    return f"{size}, {normalisation_name(pre)} normalisation{colours}"
 
 
 def cli_flags(pre: Preprocess) -> str:
     return (f"--resize {pre.resize} --crop {pre.crop} --mean {' '.join(f'{m:g}' for m in pre.mean)} "
-            f"--std {' '.join(f'{s:g}' for s in pre.std)}")
+            f"--std {' '.join(f'{s:g}' for s in pre.std)}" + (f" --colour {pre.colour}" if pre.colour != "rgb" else ""))
 
 
 def _fit(values: Sequence[float], channels: int) -> tuple:
@@ -210,6 +225,13 @@ def candidate_settings(current: Preprocess, recorded: Optional[Preprocess] = Non
 def _renormalised(pre: Preprocess) -> list:
     return [(f"{name} normalisation", replace(pre, mean=_fit(mean, pre.channels), std=_fit(std, pre.channels)))
             for name, (mean, std) in NORMALISATIONS.items()]
+
+
+def colour_variants(pre: Preprocess) -> list:
+    """(label, Preprocess): ``pre`` with each of :data:`COLOUR_VARIANTS` (none for a 1-channel model)."""
+    if pre.channels != 3:
+        return []
+    return [(name, replace(pre, colour=colour)) for colour, name in COLOUR_VARIANTS.items() if colour != pre.colour]
 
 
 def _sample(data: ImageFolderData, per_class: int) -> list:
@@ -288,8 +310,10 @@ def check_preprocessing(session, data: ImageFolderData, *, images_per_class: int
         family = None
 
     first = candidate_settings(current, recorded, family, sizes)
-    # Stage 3 runs the best few geometries with every normalisation; count it in the total.
-    total = len(first) + BEST_SIZES_RENORMALISED * len(NORMALISATIONS)
+    # Stage 3 runs the best few geometries with every normalisation, stage 4 the best few settings
+    # with every colour variant; count them in the total.
+    total = (len(first) + BEST_SIZES_RENORMALISED * len(NORMALISATIONS)
+             + (BEST_SETTINGS_RECOLOURED * len(COLOUR_VARIANTS) if current.channels == 3 else 0))
     results, seen = [], set()
     report(progress, "check", 0, total)
     for label, pre in first:
@@ -304,6 +328,14 @@ def check_preprocessing(session, data: ImageFolderData, *, images_per_class: int
     for resize, crop in geometries[:BEST_SIZES_RENORMALISED]:
         base = next(r for r in results if (r.preprocess.resize, r.preprocess.crop) == (resize, crop))
         for name, pre in _renormalised(base.preprocess):
+            if pre in seen:
+                continue
+            seen.add(pre)
+            results.append(_evaluate(model, images, labels, SettingResult(f"{base.label}, {name}", pre),
+                                     batch_size, cancel))
+            report(progress, "check", len(results), total)
+    for base in [r for r in _rank(results) if r.error is None][:BEST_SETTINGS_RECOLOURED]:
+        for name, pre in colour_variants(base.preprocess):
             if pre in seen:
                 continue
             seen.add(pre)

@@ -120,6 +120,10 @@ def test_cli_check_preprocessing(capsys):
     text = capsys.readouterr().out
     assert code == 0 and text.startswith("10 labelled images of 10 classes; settings ranked by the model's accuracy:")
     assert text.splitlines()[-1].startswith("Keep the setting in use (28 px, mean 0.286, std 0.353 normalisation)")
+    assert all(line.endswith(("grey  [" + line.split("[", 1)[-1])) for line in text.splitlines()[1:-1])  # the channels
+    code = main(["check-preprocessing", "--demo", "fashion-mnist", "--sizes", "28", "--colour", "bgr"])
+    err = capsys.readouterr().err
+    assert code == 2 and "The colour setting 'bgr' is for 3-channel models" in err and len(err.strip().splitlines()) == 1
 
 
 def test_folders_matched_to_the_wrong_classes_are_named(tmp_path):
@@ -147,3 +151,81 @@ def test_folders_matched_to_the_wrong_classes_are_named(tmp_path):
     # With the folders right, there is no such hint.
     right = check_preprocessing(session, data, images_per_class=3, sizes=(28,))
     assert right.class_order_hint() is None
+
+
+# --- the colours: BGR and grey-as-RGB variants ---------------------------------------------------------
+
+TINTS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (120, 120, 120)]  # conftest's image_folder, class by class
+
+
+class NearestTint(torch.nn.Module):
+    """Classifies a picture by the nearest of the class tints to its mean colour, read in the
+    channel order it was trained with ("rgb" or "bgr")."""
+
+    def __init__(self, pre: Preprocess, order: str):
+        super().__init__()
+        tints = torch.tensor(TINTS, dtype=torch.float32) / 255
+        tints = (tints - torch.tensor(pre.mean)) / torch.tensor(pre.std)
+        self.register_buffer("tints", tints.flip(1) if order == "bgr" else tints)
+
+    def forward(self, x):
+        return -torch.cdist(x.mean((2, 3)), self.tints) ** 2
+
+
+def _tint_session(tiny_loaded, order: str, colour: str = "rgb"):
+    from conftest import tiny_split
+    from phpn.api import ModelSession
+    from phpn.models.doctor import Diagnosis
+
+    pre = replace(tiny_loaded.preprocess, mean=(0.5,) * 3, std=(0.25,) * 3)
+    loaded = replace(tiny_loaded, model=NearestTint(pre, order).eval(), preprocess=pre)
+    return ModelSession(loaded=loaded, diagnosis=Diagnosis(verdict="exact", reason="", split=tiny_split(tiny_loaded.model)),
+                        preprocess=replace(pre, colour=colour))
+
+
+def test_colour_settings_reverse_or_grey_the_channels(image_folder):
+    from PIL import Image
+
+    from phpn.errors import ConfigError
+
+    picture = Image.open(image_folder / "0" / "img00.png")
+    rgb = Preprocess(resize=16, crop=16, mean=(0.5,) * 3, std=(0.25,) * 3)
+    assert torch.equal(replace(rgb, colour="bgr")(picture), rgb(picture).flip(0))
+    grey = replace(rgb, colour="grey")(picture)
+    one = Preprocess(resize=16, crop=16, mean=(0.5,), std=(0.25,), channels=1)(picture)
+    assert grey.shape == (3, 16, 16) and all(torch.equal(grey[c], one[0]) for c in range(3))
+    assert Preprocess.from_dict(replace(rgb, colour="bgr").to_dict()).colour == "bgr"
+    assert Preprocess.from_dict({k: v for k, v in rgb.to_dict().items() if k != "colour"}) == rgb  # older runs
+    with pytest.raises(ConfigError, match="Unknown colour setting 'rbg'. Use one of: rgb, bgr, grey."):
+        replace(rgb, colour="rbg")
+    with pytest.raises(ConfigError, match="'bgr' is for 3-channel models; a 1-channel model always gets the grey"):
+        Preprocess(resize=16, crop=16, mean=(0.5,), std=(0.25,), channels=1, colour="bgr")
+    assert describe(replace(rgb, colour="bgr")) == ("16 px, mean 0.5/0.5/0.5, std 0.25/0.25/0.25 normalisation, "
+                                                    "BGR (channel order reversed)")
+    assert cli_flags(replace(rgb, colour="grey")) == "--resize 16 --crop 16 --mean 0.5 0.5 0.5 --std 0.25 0.25 0.25 --colour grey"
+
+
+def test_a_model_trained_on_bgr_images_gets_the_bgr_variant_proposed(tiny_loaded, image_folder):
+    from phpn.data import scan_image_folder
+    from phpn.preprocess_check import COLOUR_VARIANTS
+
+    data = scan_image_folder(image_folder, class_names=tiny_loaded.class_names, num_classes=4)
+    check = check_preprocessing(_tint_session(tiny_loaded, "bgr"), data, images_per_class=3, sizes=(16,))
+    assert check.current.correct == 6 and check.images == 12  # red and blue swapped: right on green and grey only
+    assert check.best.preprocess == replace(check.current.preprocess, colour="bgr") and check.best.correct == 12
+    assert check.best.label == f"in use, {COLOUR_VARIANTS['bgr']}" and check.improves
+    assert check.proposal().endswith("--colour bgr")
+    assert {r["channels"] for r in check.table()} == {"RGB", *COLOUR_VARIANTS.values()}
+    # The same check on a model that reads RGB keeps the setting in use: the variants are tried, and lose.
+    check = check_preprocessing(_tint_session(tiny_loaded, "rgb"), data, images_per_class=3, sizes=(16,))
+    assert check.best.preprocess.colour == "rgb" and check.best.correct == 12 and not check.improves
+    swapped = next(r for r in check.results if r.preprocess == replace(check.current.preprocess, colour="bgr"))
+    assert swapped.correct == 6
+
+
+def test_a_grey_model_gets_no_colour_variants():
+    grey = Preprocess(resize=28, crop=28, mean=(0.5,), std=(0.5,), channels=1)
+    from phpn.preprocess_check import colour_variants
+
+    assert colour_variants(grey) == []
+    assert [p.colour for _, p in colour_variants(Preprocess())] == ["bgr", "grey"]
