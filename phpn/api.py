@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 
 from .certify import Certificate, certify
-from .defaults import BATCH_SIZE, DEVICE, IMAGES_PER_CLASS, K, SEED, TOP_CLASSES, class_name, class_names_or_indices
+from .defaults import (BATCH_SIZE, DECODE, DEVICE, IMAGES_PER_CLASS, K, SEED, TOP_CLASSES, class_name,
+                       class_names_or_indices)
 from .data import ImageFolderData, Preprocess, load_batch, load_image, scan_image_folder
 from .device import resolve_device
 from .discover import DiscoveryConfig, discover
@@ -190,7 +191,7 @@ def run_discovery(session: ModelSession, data: ImageFolderData, config: Discover
                   data_label: Optional[str] = None, **options) -> Run:
     """Discover and certify on the discovery images from the same forward passes; the certificate
     is recorded in the run. ``options`` go to :func:`phpn.discover.discover` (held_out,
-    progress_dir, resume, workers, shard); under a shard, ranks other than 0 return None."""
+    progress_dir, resume, workers, decode, shard); under a shard, ranks other than 0 return None."""
     run = discover(session.loaded, session.split, data, session.preprocess, config, progress, data_label=data_label,
                    certify=certify_images, **options)
     if run is None:
@@ -356,7 +357,7 @@ def _config(k, images_per_class, device, options: dict) -> DiscoveryConfig:
 
 
 def decompose(model, data, *, k: int = K, images_per_class: Optional[int] = IMAGES_PER_CLASS, preprocess=None,
-              device: str = DEVICE, progress=True, **options) -> "DecomposedRun":
+              device: str = DEVICE, progress=True, decode: str = DECODE, **options) -> "DecomposedRun":
     """Turn a trained classifier into a part-prototype network: k prototypes per class that sum
     exactly to the class's head row, discovered on ``data``.
 
@@ -368,6 +369,8 @@ def decompose(model, data, *, k: int = K, images_per_class: Optional[int] = IMAG
     caps them: the first N of each class in the loader's order).
     ``preprocess``: a :class:`phpn.Preprocess` (or dict) for pictures; not needed for tensors.
     ``progress``: True for progress bars, False for none, or a callback ``(stage, done, total)``.
+    ``decode``: where an image folder's JPEGs are decoded: "auto" (on the GPU when the model runs
+    there), "gpu" or "cpu" (Pillow).
     ``options``: the other discovery settings (solver, objective, scaling, nmf_solver, seed,
     batch_size, top_patches, classes, ...; defaults in :mod:`phpn.defaults`).
 
@@ -381,7 +384,7 @@ def decompose(model, data, *, k: int = K, images_per_class: Optional[int] = IMAG
     session = _fit_session_to(session, images)
     bar = _progress_fn(progress)
     try:
-        run = run_discovery(session, images, config, progress=bar, data_label=str(images.root))
+        run = run_discovery(session, images, config, progress=bar, data_label=str(images.root), decode=decode)
     finally:
         if hasattr(bar, "close"):
             bar.close()

@@ -2,7 +2,7 @@
 ``--end-to-end``, a JPEG folder to a certified run, timed by stage.
 
     python -m phpn.bench [--quick] [--json] [--device auto|cpu|cuda]
-    python -m phpn.bench --end-to-end [--quick] [--workers N] [--json]
+    python -m phpn.bench --end-to-end [--quick] [--workers N] [--decode auto|cpu|gpu] [--json]
 
 Data: CUB-shaped synthetic post-ReLU features — 200 classes × 30 images × 7×7 positions ×
 2048 channels. Each class mixes a few sparse non-negative part directions (its own and
@@ -15,7 +15,8 @@ End to end: a synthetic folder of JPEGs (200 classes × 30 images at 256 px, CUB
 ``--quick``: 10 × 8) and a torchvision ResNet-50 with random weights (nothing downloaded).
 It reports each stage's time and images/s, decoding alone, a pure forward pass over the
 same images preloaded as tensors, and the two ratios the pipeline aims at: feature stage /
-pure forward (≥ 0.9 when decoding keeps up) and certificate / feature stage (≤ 0.1).
+pure forward (≥ 0.9 when decoding keeps up) and certificate / feature stage (≤ 0.1), with
+the decode mode used (``--decode gpu``: the workers read the JPEGs' bytes and the GPU decodes them).
 """
 from __future__ import annotations
 
@@ -28,7 +29,9 @@ import time
 import numpy as np
 import torch
 
+from .defaults import DECODE, DECODES
 from .device import resolve_device
+from .errors import PhpnError
 from .nmf import NMFConfig, nmf, sklearn_nmf
 from .refine import RefineConfig, refine
 
@@ -157,14 +160,15 @@ def synthetic_jpeg_folder(root, classes: int, images: int, size: int = 256, seed
 
 
 def run_end_to_end(quick: bool = False, device: str = "auto", classes: int = 0, images: int = 0,
-                   workers=None, batch_size: int = 64, k: int = 3, seed: int = 0, folder=None) -> dict:
+                   workers=None, batch_size: int = 64, k: int = 3, seed: int = 0, folder=None,
+                   decode: str = DECODE) -> dict:
     """Folder of JPEGs -> certified run with a random-weight torchvision ResNet-50, timed by stage."""
     import tempfile
     from pathlib import Path
 
     import torchvision
 
-    from .data import Preprocess, default_workers, iter_batches, scan_image_folder
+    from .data import Preprocess, batch_decode_device, default_workers, describe_decode, iter_batches, scan_image_folder
     from .discover import DiscoveryConfig, discover
     from .features import FeatureTap
     from .models import diagnose
@@ -175,6 +179,7 @@ def run_end_to_end(quick: bool = False, device: str = "auto", classes: int = 0, 
     classes = classes or (10 if quick else 200)
     images = images or (8 if quick else 30)
     workers = default_workers() if workers is None else workers
+    decode_mode = describe_decode(batch_decode_device(decode, dev))  # a bad mode fails before the folder is made
     with tempfile.TemporaryDirectory(prefix="phpn-bench-") as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
@@ -195,7 +200,8 @@ def run_end_to_end(quick: bool = False, device: str = "auto", classes: int = 0, 
 
         # Decoding alone, with the same workers: what the folder can deliver.
         t0 = time.perf_counter()
-        preloaded = [x for x, _, _ in iter_batches(root, paths, pre, batch_size, workers)]
+        preloaded = [x for x, _, _ in iter_batches(root, paths, pre, batch_size, workers, decode=decode, device=dev)]
+        _sync(dev)
         decode_alone_s = time.perf_counter() - t0
 
         # A pure forward over preloaded tensors, in the same precision as discovery's pass.
@@ -213,7 +219,7 @@ def run_end_to_end(quick: bool = False, device: str = "auto", classes: int = 0, 
 
         config = DiscoveryConfig(k=k, device=str(dev), batch_size=batch_size, seed=seed)
         t0 = time.perf_counter()
-        run = discover(loaded, split, data, pre, config, certify=True, workers=workers)
+        run = discover(loaded, split, data, pre, config, certify=True, workers=workers, decode=decode)
         discover_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         save_run(run, tmp / "run")
@@ -228,6 +234,8 @@ def run_end_to_end(quick: bool = False, device: str = "auto", classes: int = 0, 
         "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
         "torch_threads": torch.get_num_threads(),
         "workers": workers,
+        "decode": decode,
+        "decode_mode": decode_mode,
         "classes": classes,
         "images": n,
         "image_size": 256,
@@ -256,6 +264,7 @@ def print_end_to_end(r: dict) -> None:
     n = r["images"]
     print(f"device {r['device']} ({r['torch_threads']} threads, {r['workers']} decoding workers), ResNet-50 (random "
           f"weights), {r['classes']} classes x {n // r['classes']} JPEGs at {r['image_size']} px, k = {r['k']}")
+    print(f"decode {r['decode']}: {r['decode_mode']}")
     print(f"{'stage':34s} {'seconds':>8s} {'images/s':>9s}")
     for name, s in r["stages_s"].items():
         print(f"{name:34s} {s:8.2f} {n / s if s > 0 else float('inf'):9.1f}")
@@ -281,12 +290,19 @@ def main(argv=None) -> int:
                    help="time decode, features, NMF, refinement, certificate, save (CUB-sized: 200 x 30 at 256 px)")
     g.add_argument("--images", type=int, default=0, help="images per class (default 30, --quick 8)")
     g.add_argument("--workers", type=int, help="decoding processes (default: the cores less one)")
+    g.add_argument("--decode", choices=list(DECODES), default=DECODE,
+                   help="where the JPEGs are decoded (auto: on the GPU when the model runs there)")
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--folder", help="an existing class-folder tree to use instead of the synthetic one")
     args = parser.parse_args(argv)
     if args.end_to_end:
-        r = run_end_to_end(quick=args.quick, device=args.device, classes=args.classes, images=args.images,
-                           workers=args.workers, batch_size=args.batch_size, folder=args.folder)
+        try:
+            r = run_end_to_end(quick=args.quick, device=args.device, classes=args.classes, images=args.images,
+                               workers=args.workers, batch_size=args.batch_size, folder=args.folder,
+                               decode=args.decode)
+        except PhpnError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         print(json.dumps(r)) if args.json else print_end_to_end(r)
         return 0
     r = run_benchmark(quick=args.quick, device=args.device, baseline_classes=args.baseline_classes,

@@ -129,7 +129,7 @@ def cmd_discover(args) -> int:
     try:
         run = run_discovery(session, data, config, progress=bar, data_label=label, held_out=held_out,
                             progress_dir=progress_dir_for(args.out), resume=args.resume, workers=args.workers,
-                            shard=shard)
+                            decode=args.decode, shard=shard)
     except KeyboardInterrupt:
         print("\ninterrupted: the finished groups of classes are saved; run the same command with --resume "
               "to continue", file=sys.stderr)
@@ -371,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--memory-budget", type=int, metavar="MB",
                    help="features held at once, per group of classes (default 2048; 0: one class at a time)")
     g.add_argument("--workers", type=int, help="image decoding processes (default: the cores less one)")
+    g.add_argument("--decode", choices=list(D.DECODES), default=D.DECODE,
+                   help="where JPEGs are decoded: gpu (in batches, on the model's CUDA device), cpu (Pillow, in "
+                        "the decoding processes), auto (default: gpu when the model runs on CUDA)")
     g.add_argument("--resume", action="store_true",
                    help="continue an interrupted discovery into the same --out, keeping its finished groups")
     g.add_argument("--held-out", type=Path, metavar="DIR",

@@ -11,6 +11,7 @@ reported, never fatal.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import random
 import threading
@@ -51,6 +52,12 @@ CROP_OFFSETS = ("round", "floor")
 # get it) repeated in the three channels (models trained on grey pictures stored as RGB). A
 # 1-channel model always gets the grey image ("rgb" is the only value it takes).
 COLOURS = ("rgb", "bgr", "grey")
+# Where JPEG files are decoded (defaults.DECODE is the default). "cpu": Pillow, in the decoding
+# workers; "gpu": the workers only read the files' bytes, and the model's CUDA device decodes a
+# batch at a time (nvJPEG) and resizes, crops and normalises it there; "auto": "gpu" when the
+# model runs on CUDA, else "cpu". Other files (PNG, CMYK or EXIF-rotated JPEGs, ...) take the CPU
+# path either way.
+DECODES = ("auto", "cpu", "gpu")
 
 
 def _interpolation_mode(name: str):
@@ -186,6 +193,39 @@ class Preprocess:
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return self.normalise(self.geometry(image))
+
+    def from_uint8(self, images: torch.Tensor) -> torch.Tensor:
+        """Decoded RGB pictures (N, 3, H, W) uint8 of one size, on any device, to the model's input
+        (N, channels, crop, crop) float32 on that device: the steps of ``__call__`` on tensors.
+
+        The resize is torchvision's antialiased tensor resize, so for the "tensor" backend this is
+        ``__call__`` exactly on the CPU; for the "pil" backend it is within a grey level or two of
+        Pillow's resize on a few pixels in a thousand (nearest: as many pixels take a neighbour's
+        value), as tests/test_gpu_decode.py measures.
+        """
+        from torchvision.transforms.v2 import functional as TF
+
+        height, width = images.shape[-2:]
+        nw, nh = self.resized_size(width, height)
+        if (nh, nw) != (height, width):
+            mode = _interpolation_mode(self.interpolation)
+            if self.backend == "pil" and self.interpolation == "nearest":
+                mode = _interpolation_mode("nearest-exact")  # the pixels Pillow's nearest picks
+            images = TF.resize(images, [nh, nw], interpolation=mode, antialias=True)
+        left, top = self.crop_box(nw, nh)
+        images = images[..., top:top + self.crop, left:left + self.crop]
+        if self.channels == 1 or self.colour == "grey":
+            images = rgb_to_grey(images)
+        x = TF.to_dtype(self.arrange_colours(images), torch.float32, scale=True)
+        return TF.normalize(x, list(self.mean), list(self.std))
+
+
+def rgb_to_grey(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., 3, H, W) -> (..., 1, H, W) with Pillow's integer formula for convert("L")
+    (ITU-R 601-2 luma: (19595 R + 38470 G + 7471 B + 2**15) >> 16), so both paths agree exactly."""
+    rgb = images.to(torch.int32)
+    grey = (rgb[..., 0, :, :] * 19595 + rgb[..., 1, :, :] * 38470 + rgb[..., 2, :, :] * 7471 + 0x8000) >> 16
+    return grey.unsqueeze(-3).to(torch.uint8)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -545,14 +585,148 @@ def _collate_images(items):
     return (torch.stack(tensors) if tensors else torch.empty(0)), kept, skipped
 
 
+def batch_decode_device(decode: str, device=None) -> Optional[torch.device]:
+    """The device that decodes JPEGs a batch at a time for ``decode`` (one of DECODES) with the
+    model on ``device``, or None when Pillow decodes them in the workers."""
+    if decode not in DECODES:
+        raise ConfigError(f"Unknown decode mode '{decode}'.", f"Use one of: {', '.join(DECODES)}.")
+    device = torch.device(device if device is not None else "cpu")
+    if decode == "cpu" or (decode == "auto" and device.type != "cuda"):
+        return None
+    if device.type != "cuda":
+        raise ConfigError(f"--decode gpu needs the model on a CUDA device, but it runs on {device}.",
+                          "Use --decode auto (the GPU when there is one) or --decode cpu.")
+    if _jpeg_decoder() is None:
+        if decode == "auto":
+            return None
+        raise ConfigError("This torchvision cannot decode JPEGs (torchvision.io.decode_jpeg is missing).",
+                          "Use --decode cpu, or install a torchvision that decodes images.")
+    return device
+
+
+def describe_decode(decode_device: Optional[torch.device]) -> str:
+    """The decode mode in words, for the benchmark and the run's record."""
+    if decode_device is None:
+        return "cpu (Pillow)"
+    where = "nvJPEG on " + str(decode_device) if decode_device.type == "cuda" else f"torchvision on {decode_device}"
+    return f"{'gpu' if decode_device.type == 'cuda' else 'batch'} (JPEG bytes read by the workers, {where})"
+
+
+def _jpeg_decoder():
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except ImportError:
+        return None
+    return decode_jpeg, ImageReadMode.RGB
+
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+EXIF_ORIENTATION = 0x0112
+
+
+def plain_jpeg(data: bytes) -> bool:
+    """Whether a batch decoder gives the same picture as :func:`load_image`: a complete RGB or grey
+    JPEG within the size limit, shown as stored (no EXIF rotation). Reads the header only."""
+    if not data.startswith(JPEG_MAGIC) or not data.rstrip(b"\0\r\n ").endswith(b"\xff\xd9"):
+        return False  # truncated (or with trailing data): Pillow decides and reports
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                return (im.format == "JPEG" and im.mode in ("RGB", "L")
+                        and im.getexif().get(EXIF_ORIENTATION, 1) == 1)
+    except Exception:  # Pillow decodes it again and names the problem
+        return False
+
+
+class JpegBytesList(ImageList):
+    """Like :class:`ImageList`, but a plain JPEG (see :func:`plain_jpeg`) comes back as its bytes,
+    a 1-D uint8 tensor, to be decoded with the rest of its batch by :func:`decode_batch`."""
+
+    def __getitem__(self, i: int):
+        rel = self.rel_paths[i]
+        try:
+            with open(self.root / rel, "rb") as f:
+                head = f.read(len(JPEG_MAGIC))
+                data = head + f.read() if head == JPEG_MAGIC else b""
+        except OSError:
+            data = b""  # ImageList reports it
+        if data and plain_jpeg(data):
+            return rel, torch.frombuffer(bytearray(data), dtype=torch.uint8), None
+        return super().__getitem__(i)
+
+
+def decode_batch(items, root, preprocess: Preprocess, device: torch.device):
+    """Workers' items (rel, bytes, or an image preprocessed on the CPU, or None and the reason) to
+    (tensor (n, ch, crop, crop) on ``device``, kept paths, skipped) in the items' order.
+
+    The JPEG bytes are decoded together on ``device``; one the batch decoder refuses is decoded
+    alone, then by Pillow, and skipped with Pillow's reason when that fails too. Same-sized
+    pictures are resized together.
+    """
+    decode_jpeg, rgb = _jpeg_decoder()
+    jpegs = [j for j, (_, x, _) in enumerate(items) if x is not None and x.dim() == 1]
+    decoded = {}
+    if jpegs:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points to TorchCodec
+            try:
+                decoded = dict(zip(jpegs, decode_jpeg([items[j][1] for j in jpegs], mode=rgb, device=device)))
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except RuntimeError:  # one bad file fails the whole batch: find it
+                for j in jpegs:
+                    try:
+                        decoded[j] = decode_jpeg(items[j][1], mode=rgb, device=device)
+                    except torch.cuda.OutOfMemoryError:
+                        raise
+                    except RuntimeError:
+                        pass
+    out = {}
+    by_size = {}
+    for j, image in decoded.items():
+        by_size.setdefault(tuple(image.shape), []).append(j)
+    for js in by_size.values():
+        for j, x in zip(js, preprocess.from_uint8(torch.stack([decoded[j] for j in js]))):
+            out[j] = x
+    tensors, kept, skipped = [], [], []
+    for j, (rel, x, why) in enumerate(items):
+        if j in out:
+            x = out[j]
+        elif x is not None and x.dim() == 1:  # the batch decoder refused it: as the CPU path would
+            rel, x, why = ImageList(root, [rel], preprocess)[0]
+        if x is None:
+            skipped.append((rel, why))
+            continue
+        tensors.append(x.to(device, non_blocking=True))
+        kept.append(rel)
+    return (torch.stack(tensors) if tensors else torch.empty(0)), kept, skipped
+
+
 def iter_batches(root, rel_paths: Sequence[str], preprocess: Preprocess, batch_size: int = 64,
-                 workers: Optional[int] = None, pin_memory: bool = False):
+                 workers: Optional[int] = None, pin_memory: bool = False, decode: str = "cpu", device=None):
     """Yield (tensor, kept paths, skipped) batch by batch, in the order of ``rel_paths``.
 
     With ``workers`` > 0 the images are decoded by that many processes while the caller runs
     the model on the previous batch (``None``: :func:`default_workers` on the main thread, none
-    on other threads); ``pin_memory`` lets a CUDA copy overlap with compute.
+    on other threads); ``pin_memory`` lets a CUDA copy overlap with compute. ``decode`` (one of
+    DECODES) with the model's ``device`` says where JPEGs are decoded (see
+    :func:`batch_decode_device`); batches decoded on the GPU are yielded there.
     """
+    on = batch_decode_device(decode, device)
+    return _batches(root, rel_paths, preprocess, batch_size, _workers(workers, batch_size), pin_memory, on)
+
+
+def iter_decoded_batches(root, rel_paths: Sequence[str], preprocess: Preprocess, batch_size: int = 64,
+                         workers: Optional[int] = None, decode_device="cpu"):
+    """:func:`iter_batches` with JPEGs decoded a batch at a time on ``decode_device``, any device:
+    the GPU path, which the CPU runs too (to compare it with Pillow's, and in tests)."""
+    return _batches(root, rel_paths, preprocess, batch_size, _workers(workers, batch_size), False,
+                    torch.device(decode_device))
+
+
+def _workers(workers: Optional[int], batch_size: int) -> int:
+    """The decoding processes to start, after checking the reading options."""
     if workers is None:
         # Off the main thread (the app's discovery job, a server's threads) forking would copy
         # the other threads' held locks into the workers: decode here unless asked otherwise.
@@ -562,17 +736,24 @@ def iter_batches(root, rel_paths: Sequence[str], preprocess: Preprocess, batch_s
         raise ConfigError(f"workers must be 0 or more, got {workers}.", "Use --workers 0 to decode in this process.")
     if batch_size < 1:
         raise ConfigError(f"batch size must be at least 1, got {batch_size}.", "Use --batch-size 64, for example.")
-    dataset = ImageList(root, rel_paths, preprocess)
+    return workers
+
+
+def _batches(root, rel_paths, preprocess, batch_size, workers, pin_memory, decode_device):
+    in_memory = hasattr(root, "get")
+    if in_memory:
+        decode_device = None  # images already in this process's memory: nothing to decode in parallel
+    dataset = (ImageList if decode_device is None else JpegBytesList)(root, rel_paths, preprocess)
     if not len(dataset):
         return
-    if hasattr(root, "get"):
-        workers = 0  # images already in this process's memory: nothing to decode in parallel
-    workers = min(workers, -(-len(dataset) // batch_size))  # no idle process for a short list
+    workers = 0 if in_memory else min(workers, -(-len(dataset) // batch_size))  # no idle process for a short list
+    collate = _collate_images if decode_device is None else list
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                         collate_fn=_collate_images, pin_memory=pin_memory,
+                                         collate_fn=collate, pin_memory=pin_memory and decode_device is None,
                                          prefetch_factor=2 if workers else None, persistent_workers=False)
     try:
-        yield from loader
+        for batch in loader:
+            yield batch if decode_device is None else decode_batch(batch, dataset.root, preprocess, decode_device)
     except RuntimeError as exc:
         # Workers hand batches over in shared memory; a container's small /dev/shm kills them.
         if workers and any(s in str(exc) for s in ("shared memory", "killed by signal", "exited unexpectedly")):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from . import nmf, refine
+from . import data, nmf, refine
 
 # --- discovery -----------------------------------------------------------------------------
 K = 3  # part-prototypes per class
@@ -24,6 +24,7 @@ SEED = 0
 TOP_PATCHES = 6  # training patches kept per prototype
 BATCH_SIZE = 64
 DEVICE = "auto"  # the GPU when there is one, else the CPU
+DECODE = "auto"  # JPEGs decoded in batches on the GPU when the model runs there, else by Pillow (data.DECODES)
 
 SOLVERS = refine.SOLVERS
 OBJECTIVES = refine.OBJECTIVES
@@ -32,6 +33,7 @@ CONTRIBUTIONS = refine.CONTRIBUTIONS
 NMF_DATA_CHOICES = nmf.DATA
 NMF_SOLVERS = nmf.SOLVERS
 DEVICES = ("auto", "cpu", "cuda")
+DECODES = data.DECODES
 
 # --- explaining ----------------------------------------------------------------------------
 TOP_CLASSES = 5  # classes listed beside an explanation

@@ -26,7 +26,7 @@ import torch
 from . import __version__
 from . import defaults as D
 from .certify import CertificateAccumulator, checks_inside
-from .data import ImageFolderData, Preprocess, iter_batches, load_batch
+from .data import ImageFolderData, Preprocess, batch_decode_device, describe_decode, iter_batches, load_batch
 from .device import check_device_name, resolve_device
 from .errors import ConfigError, DataError
 from .features import FeatureTap, backbone_features, prepare_backbone
@@ -187,12 +187,13 @@ def hold_out(wanted: list, fraction: float) -> tuple:
 
 
 def add_heldout_metrics(records: list, run: Run, root, held_paths: dict, preprocess: Preprocess, forward,
-                        batch_size: int, workers: Optional[int] = None, pin_memory: bool = False) -> None:
+                        batch_size: int, workers: Optional[int] = None, pin_memory: bool = False,
+                        decode: str = "cpu", device=None) -> None:
     """Fidelity and specificity of each class's prototypes on its held-out images, into its record."""
     for row, record in enumerate(records):
         paths = held_paths.get(record["index"]) or []
         chunks, kept = [], []
-        for x, ok, _ in iter_batches(root, paths, preprocess, batch_size, workers, pin_memory):
+        for x, ok, _ in iter_batches(root, paths, preprocess, batch_size, workers, pin_memory, decode, device):
             if ok:
                 chunks.append(forward(x)[0].float())
                 kept += ok
@@ -355,7 +356,8 @@ def _factorise_group(g: int, group: list, stacked: torch.Tensor, counts: torch.T
 
 def _stream_groups(todo: list, groups: list, data: ImageFolderData, preprocess: Preprocess, forward, shape: tuple,
                    split: HeadSplit, config: DiscoveryConfig, device: torch.device, progress, workers,
-                   images_total: int, images_done: int, classes_total: int, classes_done: dict):
+                   images_total: int, images_done: int, classes_total: int, classes_done: dict,
+                   decode: str = "cpu"):
     """Yield a GroupResult per group index in ``todo``, in order, from one stream of decoded batches.
 
     Features go straight into their group's padded (B, N, D) batch; a group is factorised as
@@ -394,7 +396,8 @@ def _stream_groups(todo: list, groups: list, data: ImageFolderData, preprocess: 
 
     wait = fwd = cert = 0.0
     next_todo = 0
-    batches = iter(iter_batches(data.root, order, preprocess, config.batch_size, workers, device.type == "cuda"))
+    batches = iter(iter_batches(data.root, order, preprocess, config.batch_size, workers, device.type == "cuda",
+                                decode, device))
     report(progress, "features", images_done, images_total)
     while next_todo < len(todo):
         t0 = time.perf_counter()
@@ -500,17 +503,20 @@ def certificate_from_results(split: HeadSplit, prototypes: torch.Tensor, class_i
 def discover(loaded: LoadedModel, split: HeadSplit, data: ImageFolderData, preprocess: Preprocess,
              config: DiscoveryConfig = DiscoveryConfig(), progress: Optional[ProgressFn] = None,
              data_label: Optional[str] = None, *, certify: bool = False, held_out: Optional[ImageFolderData] = None,
-             progress_dir=None, resume: bool = False, workers: Optional[int] = None, shard=None) -> Run:
+             progress_dir=None, resume: bool = False, workers: Optional[int] = None, shard=None,
+             decode: str = D.DECODE) -> Run:
     """Decompose the head of ``split`` for every class of ``data`` (or ``config.classes``).
 
     ``certify``: one forward pass of the whole model per batch gives the features and the
     model's own logits, and the run's certificate is computed from them (plus ``held_out``
     images, certified separately). ``progress_dir``: each finished group of classes is saved
     there, and with ``resume`` the groups already saved are not redone. ``workers``: decoding
-    processes (None: from the cores). ``shard``: a :class:`phpn.distributed.Shard`; each rank
-    does every world-th group and rank 0 gathers and returns the run (other ranks return None).
+    processes (None: from the cores). ``decode``: where JPEGs are decoded (data.DECODES).
+    ``shard``: a :class:`phpn.distributed.Shard`; each rank does every world-th group and rank 0
+    gathers and returns the run (other ranks return None).
     """
     device = resolve_device(config.device)
+    batch_decode_device(decode, device)  # a bad decode mode fails before any work
     started = time.perf_counter()
     wanted, held_paths = hold_out(_wanted(data, config, split), config.holdout)
     forward = _Features(loaded, split, device, config, certify)
@@ -536,7 +542,7 @@ def discover(loaded: LoadedModel, split: HeadSplit, data: ImageFolderData, prepr
     images_total = sum(len(e.paths) for g in todo for e in groups[g])
     classes_total = sum(len(groups[g]) for g in todo)
     for result in _stream_groups(todo, groups, data, preprocess, forward, shape, split, config, device, progress,
-                                 workers, images_total, 0, classes_total, {"n": 0}):
+                                 workers, images_total, 0, classes_total, {"n": 0}, decode):
         if store is not None:
             store.save(result)
         results[result.index] = result
@@ -558,7 +564,7 @@ def discover(loaded: LoadedModel, split: HeadSplit, data: ImageFolderData, prepr
     skipped_all = list(data.skipped) + [s for r in ordered for s in r.skipped]
     if any(held_paths.values()):
         add_heldout_metrics(class_meta, run, data.root, held_paths, preprocess, forward, config.batch_size, workers,
-                            device.type == "cuda")
+                            device.type == "cuda", decode, device)
     meta = {
         "phpn_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -567,7 +573,7 @@ def discover(loaded: LoadedModel, split: HeadSplit, data: ImageFolderData, prepr
                                config.nmf_data),
         "preprocess": preprocess.to_dict(),
         "data": {"root": data_label or str(data.root), "skipped": [list(s) for s in skipped_all],
-                 "class_mapping": data.class_mapping},
+                 "class_mapping": data.class_mapping, "decode": describe_decode(batch_decode_device(decode, device))},
         "config": config.to_dict(),
         "nmf": config.nmf_config().to_dict(),
         "refine": config.refine_config().to_dict(),
@@ -590,20 +596,21 @@ def discover(loaded: LoadedModel, split: HeadSplit, data: ImageFolderData, prepr
         meta["certificate"]["pass"] = forward.tap.mode
         if held_out is not None:
             meta["certificate_held_out"] = certify_images(forward, split, run, held_out, preprocess, config,
-                                                          device, progress, workers).to_dict()
+                                                          device, progress, workers, decode).to_dict()
     timings["total_s"] = time.perf_counter() - started
     run.meta = meta
     return run
 
 
 def certify_images(forward: "_Features", split: HeadSplit, run: Run, data: ImageFolderData, preprocess: Preprocess,
-                   config: DiscoveryConfig, device: torch.device, progress=None, workers=None):
+                   config: DiscoveryConfig, device: torch.device, progress=None, workers=None, decode: str = "cpu"):
     """The certificate on other images (held out from discovery), one tapped pass per batch."""
     label_of = {rel: c.class_index for c in data.classes for rel in c.paths}
     order = list(label_of)
     pooled, logits, labels = [], [], []
     done = 0
-    for x, kept, bad in iter_batches(data.root, order, preprocess, config.batch_size, workers, device.type == "cuda"):
+    for x, kept, bad in iter_batches(data.root, order, preprocess, config.batch_size, workers, device.type == "cuda",
+                                     decode, device):
         if kept:
             feats, lg = forward(x)
             pooled.append(feats.mean(dim=(2, 3)).cpu())

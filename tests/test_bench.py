@@ -25,6 +25,7 @@ def test_end_to_end_benchmark_times_every_stage_and_certifies():
     assert proc.returncode == 0, proc.stderr
     r = json.loads(proc.stdout)
     assert r["classes"] == 2 and r["images"] == 4 and r["workers"] == 1
+    assert (r["decode"], r["decode_mode"]) == ("auto", "cpu (Pillow)")  # auto decodes on the GPU only with CUDA
     assert set(r["stages_s"]) == {"decode (waiting on the workers)", "features + logits (model)", "NMF",
                                   "refinement", "certificate", "save"}
     assert all(s >= 0 for s in r["stages_s"].values()) and r["pure_forward_images_per_s"] > 0
@@ -32,3 +33,10 @@ def test_end_to_end_benchmark_times_every_stage_and_certifies():
     assert r["max_relative_logit_diff"] <= 1e-4
     assert r["feature_stage_over_pure_forward"] == pytest.approx(
         r["feature_stage_images_per_s"] / r["pure_forward_images_per_s"])
+
+
+def test_end_to_end_benchmark_refuses_gpu_decoding_without_a_gpu():
+    proc = subprocess.run([sys.executable, "-m", "phpn.bench", "--end-to-end", "--decode", "gpu", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "--decode gpu needs the model on a CUDA device, but it runs on cpu" in proc.stderr
