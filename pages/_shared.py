@@ -203,8 +203,8 @@ class DataEntry:
 
 @dataclass
 class RunEntry:
-    run: object  # phpn.runs.Run
-    network: object  # phpn.network.PrototypeNetwork
+    run: object  # phpn.runs.Run (a saved run reads a class's shard when the class is first shown)
+    split: object  # the model's head the run decomposes: the network is built on it when first needed
     origin: str
     model_key: str
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -214,6 +214,15 @@ class RunEntry:
     notes_problem: Optional[str] = None  # why the saved notes could not be read (then they are not overwritten)
     notes_unsaved: bool = False  # edited notes not yet written beside the run
     url_label: Optional[tuple] = None  # (saved_to, its label among the visitor's runs), found once per folder
+
+    @property
+    def network(self):
+        """The decomposed network (phpn.network.PrototypeNetwork), built on first use: it holds
+        every class's prototypes, which opening a large run does not read."""
+        net = self.__dict__.get("_network")
+        if net is None:
+            net = self.__dict__["_network"] = self.run.network(self.split).eval()
+        return net
 
 
 def state():
@@ -300,8 +309,10 @@ def set_run(run, origin: str, saved_to: Optional[Path] = None, wall: Optional[di
         raise RunError("No model is loaded.", "Load the model the run was made from first (Model & data page).")
     if not model.decomposable:
         raise RunError("The loaded model cannot be decomposed.", "Load a model whose head can be decomposed.")
-    network = run.network(model.session.split)  # refuses a run made for another head
-    entry = RunEntry(run=run, network=network.eval(), origin=origin, model_key=model.key,
+    from phpn.runs import check_split
+
+    check_split(run, model.session.split)  # refuses a run made for another head
+    entry = RunEntry(run=run, split=model.session.split, origin=origin, model_key=model.key,
                      saved_to=Path(saved_to) if saved_to else None, wall=wall)
     _open_notes(entry)
     _record_how_the_model_was_loaded(run, model)
@@ -470,9 +481,9 @@ def reopen_run(folder: Path, origin: str) -> Optional[str]:
             load_demo(spec["demo"], with_run=False)
         else:
             set_model(load_model_entry(**spec))
-    from phpn.api import open_run
+    from phpn.api import open_run_for
 
-    run, _ = open_run(current_model().session, folder)
+    run = open_run_for(current_model().session, folder)
     set_run(run, origin, saved_to=folder)
     _reopen_data(run)
     return None
@@ -566,7 +577,7 @@ def restore_from_url() -> bool:
 
 def load_demo(name: str, with_data: bool = True, with_run: bool = True) -> list:
     """Load a demo's model, images and precomputed run; returns warnings (strings)."""
-    from phpn.api import open_run
+    from phpn.api import open_run_for
     from phpn.demos import get_demo
 
     demo = get_demo(name)
@@ -586,7 +597,7 @@ def load_demo(name: str, with_data: bool = True, with_run: bool = True) -> list:
     if with_run and entry.decomposable:
         if (demo.run_dir / "run.json").is_file():
             try:
-                run, _ = open_run(entry.session, demo.run_dir)
+                run = open_run_for(entry.session, demo.run_dir)
                 set_run(run, f"precomputed run of the {name} demo", saved_to=demo.run_dir)
             except PhpnError as exc:
                 warnings.append(f"The demo's precomputed run could not be used: {exc}")

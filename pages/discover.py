@@ -1,5 +1,6 @@
 """Discover: settings, a live run with progress per stage and a cancel button, the
 certificate, timings, the per-class refinement table; save and load runs."""
+import itertools
 import time
 from datetime import datetime
 
@@ -10,6 +11,8 @@ import torch
 from pages import _shared as S
 from phpn import defaults as D
 from phpn.errors import DataError
+
+EXPERT_TABLE_CLASSES = 500  # rows of the per-class table; the Class browser shows any class
 
 S.frame()
 st.title("Discover part-prototypes")
@@ -87,10 +90,57 @@ else:
 
 
 # --- check preprocessing ---------------------------------------------------------------------
+def _apply_preprocessing(pre) -> None:
+    """Use ``pre`` for this session: the same model, diagnosed again at that input; the images
+    stay, the run made with the old setting is put aside. Undo brings all of it back."""
+    from phpn.api import open_model
+    from phpn.preprocess_check import describe
+
+    before, images, run = model, S.current_data(), S.current_run()
+    spec = {k: v for k, v in before.spec.items() if k != "overrides"}
+    with before.lock:  # the loaded model is shared with the entry it came from
+        session = open_model(before.session, preprocess=pre, feature_layer=spec.get("feature_layer"),
+                             head_layer=spec.get("head_layer"))
+    entry = S.ModelEntry(session=session, key=f"{before.key} | preprocessing {sorted(pre.to_dict().items())}",
+                         label=before.label, lock=before.lock,
+                         spec={**spec, "preprocess": pre.to_dict()} if spec else {})
+    S.set_model(entry)
+    if images is not None:
+        S.set_data(images)
+    st.session_state["preprocess_applied"] = {"key": entry.key, "before": before, "data": images, "run": run,
+                                              "was": describe(before.session.preprocess), "now": describe(pre)}
+
+
+def _undo_preprocessing(applied: dict) -> None:
+    S.set_model(applied["before"])
+    if applied["data"] is not None:
+        S.set_data(applied["data"])
+    if applied["run"] is not None:
+        st.session_state["run"] = applied["run"]
+    st.session_state.pop("preprocess_applied", None)
+
+
+def _applied_preprocessing_banner() -> None:
+    applied = st.session_state.get("preprocess_applied")
+    if applied is None:
+        return
+    if applied["key"] != model.key:  # another model was loaded since
+        st.session_state.pop("preprocess_applied", None)
+        return
+    st.info(f"Preprocessing for this session: **{applied['now']}**, set by Check preprocessing (it was "
+            f"{applied['was']}). Discover again to make a run with it"
+            + (f"; the run made with the old setting is put aside." if applied["run"] is not None else "."),
+            icon=":material/tune:")
+    if st.button("Undo: back to the old setting", key="check_pre_undo", disabled=running):
+        _undo_preprocessing(applied)
+        st.rerun()
+
+
 def _check_preprocessing_section() -> None:
     from phpn.certify import chance_warning
     from phpn.preprocess_check import describe
 
+    _applied_preprocessing_banner()
     current = S.current_run()
     at_chance = bool(current and chance_warning(current.run.meta.get("certificate")))
     with st.expander("Check preprocessing: does the model read these images?", expanded=at_chance,
@@ -114,8 +164,13 @@ def _check_preprocessing_section() -> None:
         if done and done[0] == model.key:
             check = done[1]
             (st.warning if check.improves or check.best_near_chance else st.success)(check.proposal())
-            if check.improves:
-                st.caption("Set it on the **Model & data** page (preprocessing), then discover again.")
+            if check.improves and st.button(f"Apply this setting: {describe(check.best.preprocess)}",
+                                            key="check_pre_apply", type="primary", disabled=running,
+                                            help="Uses it for this session (the model is diagnosed again at this "
+                                                 "input; the images stay). Undo is offered above."):
+                with S.user_errors():
+                    _apply_preprocessing(check.best.preprocess)
+                    st.rerun()
             st.dataframe(pd.DataFrame(check.table()), hide_index=True,
                          column_config={"accuracy": st.column_config.NumberColumn(format="percent")})
 
@@ -217,7 +272,8 @@ if entry is not None:
                    f"everything {entry.wall.get('total', 0):.1f} s from the click to the certificate.")
     names = run.class_names
     rows = []
-    for c in run.meta["classes"]:
+    # A large saved run reads its records shard by shard: the table shows the first classes only.
+    for c in itertools.islice(run.meta["classes"], EXPERT_TABLE_CLASSES):
         before, after = c["objective_before"], c["objective_after"]
         rows.append({
             "class": f"{names[c['index']] if c['index'] < len(names) else c['index']} ({c['index']})",
@@ -235,6 +291,9 @@ if entry is not None:
     with st.expander("Expert details: the refinement, class by class (α, residual, objective, fidelity)"):
         st.caption("Map fidelity: correlation of each final prototype's map with its NMF part's map over the "
                    "discovery images (1 = the picture of the part is exactly what the prototype uses).")
+        if len(run.meta["classes"]) > len(rows):
+            st.caption(f"The first {len(rows)} of the run's {len(run.meta['classes'])} classes; the Class browser "
+                       "shows any class.")
         st.dataframe(pd.DataFrame(rows), hide_index=True,
                      column_config={"improvement": st.column_config.NumberColumn(format="percent"),
                                     "residual ‖R‖/‖v‖": st.column_config.NumberColumn(format="%.3f"),
@@ -259,7 +318,11 @@ if entry is not None:
             from phpn.runs import save_run
 
             target = S.save_target(save_path)
+            fingerprint = run.meta.get("tensors_sha256")
             save_run(run, target)  # refuses anything there already: a file, a folder, another run
+            if entry.notes is not None and entry.notes.run_sha256 == fingerprint:
+                # The same prototypes; a run opened in format 1 gets format 2's fingerprint when saved.
+                entry.notes.run_sha256 = run.meta["tensors_sha256"]
             if S.workspace().owns(target):
                 S.workspace().keep_within_quota(target)  # over the visitor's quota: removed again
             entry.saved_to = target
@@ -277,13 +340,13 @@ choice = st.selectbox("Runs found", ["(type a path below)"] + [label for label, 
 typed = st.text_input("Run folder path (under PHPN_DATA_ROOTS, if the operator allows paths)", key="load_path")
 if st.button("Load run", key="load_run", disabled=running):
     with S.user_errors():
-        from phpn.api import open_run
+        from phpn.api import open_run_for
 
         path = typed.strip() or (choice if not choice.startswith("(") else "")
         if not path:
             raise DataError("No run folder given.", "Pick one of the runs found or type the folder's path.")
         folder = S.run_folder(path)
-        run, _ = open_run(model.session, folder)
+        run = open_run_for(model.session, folder)
         S.set_run(run, f"loaded from {S.shown_path(folder)}", saved_to=folder)
         S.flash(f"Loaded the run at `{S.shown_path(folder)}`.", place="load")
         st.rerun()

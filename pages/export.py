@@ -30,8 +30,9 @@ def _slug(text: str) -> str:
 stem = _slug(model.session.demo or model.session.loaded.arch)
 
 st.header("The run")
-st.caption("A zip of the run folder: `tensors.safetensors` (prototypes, α, the head they sum to) and `run.json` "
-           "(model identity, every setting and seed, timings, per-class statistics, top patches, certificate). "
+st.caption("A zip of the run folder: `run.json` (model identity, every setting and seed, timings, certificate, "
+           "the index of the classes), the head the prototypes sum to, and shards of classes (prototypes, α, "
+           "per-class statistics, top patches), each file checksummed. "
            "Load it again on the Discover page or with `python -m phpn explain --run …`. Your notes on the "
            "prototypes (names, flags, descriptions) are in it as `annotations.json`.")
 

@@ -30,7 +30,7 @@ from .inputs import (InMemoryImages, TensorInput, as_preprocess, first_image, fr
 from .models.head import HeadSplit, LoadedModel
 from .network import PrototypeNetwork
 from .progress import ProgressFn, report
-from .runs import Run, check_model
+from .runs import Run, check_model, check_split
 from .validation import check_at_least, check_class_names
 
 
@@ -201,13 +201,21 @@ def run_discovery(session: ModelSession, data: ImageFolderData, config: Discover
     return run
 
 
-def open_run(session: ModelSession, path) -> tuple:
-    """Load a saved run for this model: returns (run, network). Refuses a damaged run and another
-    checkpoint's, architecture's or cut's run."""
+def open_run_for(session: ModelSession, path) -> Run:
+    """Open a saved run for this model, checked against it (checkpoint, architecture, cut, head
+    rows). Its per-class shards are read and checked when first needed, so a large run opens
+    at once. Refuses a damaged run and another checkpoint's, architecture's or cut's run."""
     from .runs import load_run as read_run  # this module's load_run is the public wrapper
 
     run = read_run(path, expected_sha256=session.loaded.sha256)
     check_model(run, session.loaded, session.split)
+    return run
+
+
+def open_run(session: ModelSession, path) -> tuple:
+    """Load a saved run for this model: returns (run, network); the network holds every class's
+    prototypes, so every shard is read. Refuses as :func:`open_run_for` does."""
+    run = open_run_for(session, path)
     return run, run.network(session.split)
 
 
@@ -427,10 +435,12 @@ class DecomposedRun(Run):
 
     @classmethod
     def attach(cls, run: Run, session: Optional[ModelSession]) -> "DecomposedRun":
-        fields = {name: getattr(run, name) for name, f in Run.__dataclass_fields__.items() if f.init}
-        out = cls(**fields, session=session)
+        out = cls.__new__(cls)
+        out.__dict__.update(run.__dict__)  # a run opened lazily stays lazy: its shards are read when needed
+        out.__dict__.pop("_network", None)  # built for the session given here, when first asked for
+        out.session = session
         if session is not None:
-            out.network()  # checks that the run fits the model's head
+            check_split(out, session.split)  # the run fits the model's head
         return out
 
     def _session(self) -> ModelSession:
@@ -512,8 +522,7 @@ def load_run(path, model=None, **open_options) -> DecomposedRun:
             session = open_model(demo=run.meta["demo"], **open_options)
         else:
             session = open_model(model, **open_options)
-    run, _ = open_run(session, path)
-    return DecomposedRun.attach(run, session)
+    return DecomposedRun.attach(open_run_for(session, path), session)
 
 
 # --- explanations in bulk (the CLI's ``phpn explain RUN IMAGES... --out DIR``) -----------------

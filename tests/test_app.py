@@ -192,7 +192,7 @@ def test_save_and_load_a_run(demo_app, tmp_path):
     at.text_input(key="save_path").set_value(str(target))
     at.button(key="save_run").click().run()
     _clean(at)
-    assert (target / "run.json").is_file() and (target / "tensors.safetensors").is_file()
+    assert '"format_version": 2' in (target / "run.json").read_text()
     assert at.session_state["run"].saved_to == target
     before = at.session_state["run"].run.prototypes.clone()
     at.text_input(key="load_path").set_value(str(target))
@@ -612,6 +612,40 @@ def test_a_model_at_the_wrong_size_is_flagged_before_any_explanation_and_the_che
     assert proposal.startswith("Use 28 px, mean 0.286, std 0.353 normalisation (recorded with the model)")
     check = at.session_state["preprocess_check"][1]
     assert check.current.preprocess.crop == 96 and check.best.preprocess.crop == 28 and check.improves
+
+
+@needs_demo
+def test_the_proposed_preprocessing_is_applied_for_the_session_and_undone():
+    at = _app().run()
+    run = at.session_state["run"]
+    _wrong_size_model(at)
+    wrong = at.session_state["model"]
+    at.session_state["run"] = run  # a run made before: put aside while the new setting is tried
+    data = at.session_state["data"]
+    at.switch_page("pages/discover.py").run()
+    at.number_input(key="check_pre_images").set_value(1)
+    at.button(key="check_pre").click().run()
+    _clean(at)
+    check = at.session_state["preprocess_check"][1]
+    assert check.improves and check.best.preprocess.crop == 28
+    at.button(key="check_pre_apply").click().run()
+    _clean(at)
+    assert not _errors(at), _errors(at)
+    model = at.session_state["model"]
+    assert model.session.preprocess == check.best.preprocess and model.session.diagnosis.verdict == "exact"
+    assert model.session.loaded is wrong.session.loaded  # the same model, not loaded again
+    assert at.session_state["data"] is data and "run" not in at.session_state
+    banner = next(i.value for i in at.info if i.value.startswith("Preprocessing for this session"))
+    assert banner == ("Preprocessing for this session: **28 px, mean 0.286, std 0.353 normalisation**, set by Check "
+                      "preprocessing (it was 96 px, mean 0.286, std 0.353 normalisation). Discover again to make a run "
+                      "with it; the run made with the old setting is put aside.")
+    at.switch_page("pages/model.py").run()
+    assert any("Preprocessing: resize 28, crop 28" in m.value for m in at.markdown)  # visible where it is set
+    at.switch_page("pages/discover.py").run()
+    at.button(key="check_pre_undo").click().run()
+    _clean(at)
+    assert at.session_state["model"] is wrong and at.session_state["run"] is run and at.session_state["data"] is data
+    assert not [i for i in at.info if i.value.startswith("Preprocessing for this session")]
 
 
 @needs_demo
