@@ -1,5 +1,6 @@
 """Discover: settings, a live run with progress per stage and a cancel button, the
 certificate, timings, the per-class refinement table; save and load runs."""
+import itertools
 import time
 from datetime import datetime
 
@@ -10,6 +11,8 @@ import torch
 from pages import _shared as S
 from phpn import defaults as D
 from phpn.errors import DataError
+
+EXPERT_TABLE_CLASSES = 500  # rows of the per-class table; the Class browser shows any class
 
 S.frame()
 st.title("Discover part-prototypes")
@@ -269,7 +272,8 @@ if entry is not None:
                    f"everything {entry.wall.get('total', 0):.1f} s from the click to the certificate.")
     names = run.class_names
     rows = []
-    for c in run.meta["classes"]:
+    # A large saved run reads its records shard by shard: the table shows the first classes only.
+    for c in itertools.islice(run.meta["classes"], EXPERT_TABLE_CLASSES):
         before, after = c["objective_before"], c["objective_after"]
         rows.append({
             "class": f"{names[c['index']] if c['index'] < len(names) else c['index']} ({c['index']})",
@@ -287,6 +291,9 @@ if entry is not None:
     with st.expander("Expert details: the refinement, class by class (α, residual, objective, fidelity)"):
         st.caption("Map fidelity: correlation of each final prototype's map with its NMF part's map over the "
                    "discovery images (1 = the picture of the part is exactly what the prototype uses).")
+        if len(run.meta["classes"]) > len(rows):
+            st.caption(f"The first {len(rows)} of the run's {len(run.meta['classes'])} classes; the Class browser "
+                       "shows any class.")
         st.dataframe(pd.DataFrame(rows), hide_index=True,
                      column_config={"improvement": st.column_config.NumberColumn(format="percent"),
                                     "residual ‖R‖/‖v‖": st.column_config.NumberColumn(format="%.3f"),
@@ -311,7 +318,11 @@ if entry is not None:
             from phpn.runs import save_run
 
             target = S.save_target(save_path)
+            fingerprint = run.meta.get("tensors_sha256")
             save_run(run, target)  # refuses anything there already: a file, a folder, another run
+            if entry.notes is not None and entry.notes.run_sha256 == fingerprint:
+                # The same prototypes; a run opened in format 1 gets format 2's fingerprint when saved.
+                entry.notes.run_sha256 = run.meta["tensors_sha256"]
             if S.workspace().owns(target):
                 S.workspace().keep_within_quota(target)  # over the visitor's quota: removed again
             entry.saved_to = target
@@ -329,13 +340,13 @@ choice = st.selectbox("Runs found", ["(type a path below)"] + [label for label, 
 typed = st.text_input("Run folder path (under PHPN_DATA_ROOTS, if the operator allows paths)", key="load_path")
 if st.button("Load run", key="load_run", disabled=running):
     with S.user_errors():
-        from phpn.api import open_run
+        from phpn.api import open_run_for
 
         path = typed.strip() or (choice if not choice.startswith("(") else "")
         if not path:
             raise DataError("No run folder given.", "Pick one of the runs found or type the folder's path.")
         folder = S.run_folder(path)
-        run, _ = open_run(model.session, folder)
+        run = open_run_for(model.session, folder)
         S.set_run(run, f"loaded from {S.shown_path(folder)}", saved_to=folder)
         S.flash(f"Loaded the run at `{S.shown_path(folder)}`.", place="load")
         st.rerun()
