@@ -690,6 +690,7 @@ def decode_batch(items, root, preprocess: Preprocess, device: torch.device):
         for j, x in zip(js, preprocess.from_uint8(torch.stack([decoded[j] for j in js]))):
             out[j] = x
     tensors, kept, skipped = [], [], []
+    on_cpu = []  # where the images Pillow prepared are: copied to the device in one go
     for j, (rel, x, why) in enumerate(items):
         if j in out:
             x = out[j]
@@ -698,8 +699,13 @@ def decode_batch(items, root, preprocess: Preprocess, device: torch.device):
         if x is None:
             skipped.append((rel, why))
             continue
-        tensors.append(x.to(device, non_blocking=True))
+        if x.device.type != device.type:
+            on_cpu.append(len(tensors))
+        tensors.append(x)
         kept.append(rel)
+    if on_cpu:
+        for i, x in zip(on_cpu, torch.stack([tensors[i] for i in on_cpu]).to(device, non_blocking=True)):
+            tensors[i] = x
     return (torch.stack(tensors) if tensors else torch.empty(0)), kept, skipped
 
 
