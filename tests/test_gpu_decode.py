@@ -7,7 +7,6 @@ resize ("pil" backend) differs by at most one grey level (bilinear) or two (bicu
 pixels in a thousand (nearest: as many pixels take their neighbour's value). nvJPEG on a GPU differs from libjpeg by a little more: the GPU test
 measures it and asserts the same predictions.
 """
-import io
 import json
 
 import numpy as np
