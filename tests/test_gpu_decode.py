@@ -79,6 +79,18 @@ def test_batch_decoding_on_the_cpu_matches_pillow(tmp_path, backend, interpolati
     assert (diff > 0.5).float().mean().item() < 0.01  # a few pixels in a thousand at most
 
 
+@pytest.mark.parametrize("colour", ["bgr", "grey"])
+def test_batch_decoding_keeps_the_colour_setting(tmp_path, colour):
+    root = tmp_path / "photos"
+    paths = _photo_folder(root)
+    pre = Preprocess(resize=64, crop=64, backend="tensor", colour=colour)
+    pillow, kept, _ = next(iter(iter_batches(root, paths, pre, 64, workers=0)))
+    batched, kept_b, _ = next(iter(iter_decoded_batches(root, paths, pre, 64, workers=0)))
+    assert kept_b == kept and torch.equal(batched, pillow)
+    plain = next(iter(iter_decoded_batches(root, paths, Preprocess(resize=64, crop=64, backend="tensor"), 64, 0)))[0]
+    assert not torch.equal(batched, plain)  # the setting did change the input
+
+
 def test_rgb_to_grey_is_pillows_convert_l():
     rgb = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     pillow = np.asarray(Image.fromarray(rgb.permute(1, 2, 0).numpy()).convert("L"))
