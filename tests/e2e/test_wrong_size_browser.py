@@ -1,7 +1,8 @@
 """In a real browser, the issue's case: a visitor's own model (the fashion-mnist network loaded
 from its weights and model file, as an operator who allows code and server paths would serve
 it) left at a wrong input size. The discovery is exact and certified, yet the app says the
-model is at chance before any explanation, and "Check preprocessing" proposes 28 px."""
+model is at chance before any explanation, and "Check preprocessing" proposes 28 px, which one
+click applies for the session (and one undoes)."""
 from __future__ import annotations
 
 import pytest
@@ -77,6 +78,16 @@ def test_a_wrong_input_size_is_caught_before_any_explanation(operator_server):
             _nav(pg, "Explain an image", "Explain an image")
             first_alert = main.locator("[data-testid='stAlertContentError']").first
             assert "The model is right on only" in first_alert.inner_text()  # after the alert's icon name
+            assert pg.locator("[data-testid='stException']").count() == 0
+            # Apply the proposal for the session, then undo it: the run at 96 px comes back.
+            _nav(pg, "Discover", "Discover part-prototypes")  # the check opens by itself: the model is at chance
+            pg.get_by_role("button", name="Apply this setting: 28 px").click()
+            main.get_by_text("Preprocessing for this session: 28 px").wait_for()
+            assert main.get_by_text("Certificate PASSED").count() == 0  # the old run is put aside
+            assert pg.locator("[data-testid='stSidebar']").get_by_text("near chance").count() == 0
+            pg.get_by_role("button", name="Undo: back to the old setting").click()
+            main.get_by_text("Certificate PASSED").wait_for()
+            assert main.get_by_text("Preprocessing for this session").count() == 0
             assert pg.locator("[data-testid='stException']").count() == 0
         finally:
             context.close()
