@@ -113,7 +113,7 @@ def cmd_discover(args) -> int:
     config = DiscoveryConfig(k=k, images_per_class=cap, solver=solver, nmf_solver=args.nmf_solver,
                              objective=args.objective, scaling=args.scaling,
                              contributions=args.contributions, holdout=args.holdout, nmf_data=args.nmf_data,
-                             suggest_k=args.suggest_k,
+                             suggest_k=args.suggest_k, lbfgs_iter=args.lbfgs_iter,
                              seed=args.seed, device=args.device, batch_size=args.batch_size,
                              classes=_class_list(args.classes, session.class_names),
                              **({"memory_budget_mb": args.memory_budget} if args.memory_budget is not None else {}))
@@ -344,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images-per-class", type=int,
                    help="cap per class, sampled deterministically (default: every image, or the demo's)")
     p.add_argument("--solver", choices=D.SOLVERS, help=f"refinement solver (default {D.SOLVER}, or the demo's)")
+    p.add_argument("--lbfgs-iter", type=int, default=D.LBFGS_ITER,
+                   help=f"refinement's L-BFGS iterations per class at most (default {D.LBFGS_ITER}; "
+                        "each class stops when solved, and the run says which did not)")
     p.add_argument("--nmf-solver", choices=D.NMF_SOLVERS, default=D.NMF_SOLVER,
                    help="hals: batched, GPU when present (default); sklearn: the reference, class by class")
     p.add_argument("--objective", choices=D.OBJECTIVES, default=D.OBJECTIVE)

@@ -14,6 +14,7 @@ K = 3  # part-prototypes per class
 K_MIN, K_MAX = nmf.K_MIN, nmf.K_MAX
 IMAGES_PER_CLASS: Optional[int] = None  # None: every image of each class (a cap samples deterministically)
 SOLVER = "lbfgs"  # refinement of the residual split
+LBFGS_ITER = refine.RefineConfig.max_iter  # L-BFGS iterations per class at most (a class stops when solved)
 OBJECTIVE = "prototype"  # keep each final prototype's map like its NMF part
 SCALING = "lstsq"  # α by least squares (may be negative); nnls keeps α >= 0
 CONTRIBUTION = "part"  # each prototype's mean contribution held at its NMF part's share (no cancelling)

@@ -56,7 +56,7 @@ class DiscoveryConfig:
     nmf_solver: str = D.NMF_SOLVER  # hals | sklearn (the reference, class by class on the CPU)
     nmf_max_iter: int = 400
     nmf_tol: float = 1e-5
-    lbfgs_iter: int = 300
+    lbfgs_iter: int = D.LBFGS_ITER
     nelder_mead_evaluations: int = 2000
     subspace_rank: int = 128
     memory_budget_mb: int = 2048  # features held at once (per group of classes); 0: one class at a time
@@ -82,7 +82,7 @@ class DiscoveryConfig:
             raise ConfigError(f"The held-out fraction must be at least 0 and below 1, got {self.holdout}.",
                               "Use --holdout-fraction 0.2, for example, to keep a fifth of each class's images out of discovery.")
         NMFConfig(k=self.k, solver=self.nmf_solver, data=self.nmf_data)
-        check_at_least("top patches", self.top_patches)
+        check_at_least("top patches", self.top_patches), check_at_least("L-BFGS iterations", self.lbfgs_iter)
         if self.suggest_k is not None:
             check_at_least("suggest_k", self.suggest_k, 2)
         check_seed(self.seed), check_at_least("batch size", self.batch_size), check_device_name(self.device)
@@ -228,6 +228,8 @@ def _class_record(entry, feats: torch.Tensor, paths: list, refined, found, i: in
         "objective_before": float(refined.objective_before[i]),
         "objective_after": float(refined.objective_after[i]),
         "nmf_relative_error": float(found.relative_error[i]),
+        "refine_iterations": int(refined.iterations[i]),
+        "refine_converged": bool(refined.converged[i]),
         **metrics,
         "top_patches": top_patches(maps, paths, top, crop, features=feats,
                                    signs=part_signs(torch.tensor(metrics["part_share"])).tolist()),

@@ -43,6 +43,9 @@ FIELDS = {
                           "(standard deviation) over draws",
     "alpha_flags": "per prototype: 'zero' (α = 0: holds no NMF part), 'negative' (α < 0: holds its part "
                    "reversed) or None",
+    "refine_iterations": "L-BFGS iterations the refinement took for this class (0 for the other solvers)",
+    "refine_converged": "whether the refinement reached its convergence test before its iteration cap "
+                        "(false: the prototypes depend on rounding, e.g. the thread count)",
     "warnings": "plain-language warnings from the numbers above",
     "k_suggested": "with --suggest-k: the k where NMF's error for k = 2..K_MAX bends most (the run keeps its own k)",
     "k_reason": "why that k: the error at each k and where the curve bends",
@@ -194,6 +197,9 @@ def warnings_for(m: dict) -> list:
     if m.get("overlap_iou") is not None and rnd and m["overlap_iou"] >= rnd["mean"]:
         out.append(f"Parts collapse: the prototypes' top regions overlap (IoU {m['overlap_iou']:.2f}) as much as "
                    f"those of random directions summing to the head row (IoU {rnd['mean']:.2f}).")
+    if m.get("refine_converged") is False:
+        out.append(f"Refinement stopped at its iteration cap ({m.get('refine_iterations')}) before converging, so "
+                   "these prototypes can move with rounding (thread count, device): raise --lbfgs-iter.")
     flags = m.get("alpha_flags") or []
     zero = [i + 1 for i, f in enumerate(flags) if f == "zero"]
     if zero:

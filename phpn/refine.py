@@ -48,7 +48,8 @@ class RefineConfig:
     solver: str = "lbfgs"
     objective: str = "prototype"
     scaling: str = "lstsq"
-    max_iter: int = 300  # L-BFGS iterations (the split converges: the result does not depend on rounding)
+    max_iter: int = 2000  # L-BFGS iterations per class at most (a class stops when solved: see tolerance)
+    tolerance: float = 1e-13  # a class is solved when one iteration lowers its objective by less than this share
     max_evaluations: int = 2000  # Nelder–Mead objective evaluations per class
     subspace_rank: int = 128  # search the split in F's top row space; 0 searches all of R^D
     seed: int = 0
@@ -81,6 +82,8 @@ class RefineResult:
     part_share: torch.Tensor = None  # (B, k) each NMF part's share of the class's mean logit (see part_shares)
     mean_contribution: torch.Tensor = None  # (B, k) mean of F p̃_iᵀ over the discovery positions
     timings: dict = None  # seconds per step: scaling, basis, solve, finish
+    iterations: torch.Tensor = None  # (B,) L-BFGS iterations each class took (0 for other solvers)
+    converged: torch.Tensor = None  # (B,) bool: False where L-BFGS stopped at max_iter
 
 
 def scale(prototypes: torch.Tensor, heads: torch.Tensor, method: str = "lstsq") -> torch.Tensor:
@@ -170,53 +173,89 @@ class _Problem:
     ridge · N · Σ_i ‖r_i − R/k‖² / ‖v‖², which removes the objective's flat directions.
     """
 
+    # What the objective reads, per class: gathered for a subset of classes, kept in float64.
+    LOSS_DATA = ("mask", "count", "alpha", "nmf_maps", "targets", "equal_maps", "feature_basis", "ridge_weight",
+                 "direction", "offset")
+
     def __init__(self, features, mask, prototypes, alpha, residual, objective, basis=None, targets=None,
-                 ridge=0.0, head_norm=None, norm="minmax"):
-        self.features, self.mask, self.objective = features, mask, objective
+                 ridge=0.0, head_norm=None, norm="minmax", mean_feature=None):
+        self.objective = objective
         self.normalise = NORMALISE[norm]
         dtype = features.dtype
-        self.prototypes = prototypes.to(dtype)
-        self.alpha = alpha.to(dtype)
-        self.residual = residual.to(dtype)
-        self.basis = basis  # (B, D, m) or None
         self.k = prototypes.shape[1]
-        self.nmf_maps = features @ self.prototypes.transpose(1, 2)  # (B, N, k)
+        self.residual = residual.double()  # (B, D)
+        nmf_maps = features @ prototypes.to(dtype).transpose(1, 2)  # (B, N, k)
         # A part the head counts against (negative share) should show as the part, negated.
-        self.signs = torch.ones_like(self.alpha) if targets is None else part_signs(targets).to(dtype)
-        self.targets = self.normalise(self.signs[:, None, :] * self.nmf_maps, mask)
-        self.equal_maps = features @ (self.residual / self.k)[:, :, None]  # (B, N, 1)
-        self.feature_basis = features if basis is None else features @ basis  # (B, N, m)
-        self.count = mask.sum(1)  # (B,)
+        self.signs = torch.ones_like(alpha).double() if targets is None else part_signs(targets).double()
+        # The maps are products with the (float32) features; everything after runs in float64,
+        # so the solver's end point is limited by the problem, not by the objective's rounding.
+        self.mask = mask.double()
+        self.count = self.mask.sum(1)  # (B,)
+        self.alpha = alpha.double()
+        self.nmf_maps = nmf_maps.double()
+        self.targets = self.normalise(self.signs[:, None, :] * self.nmf_maps, self.mask)
+        self.equal_maps = (features @ (residual / self.k).to(dtype)[:, :, None]).double()  # (B, N, 1)
+        feature_basis = (features if basis is None else features @ basis).double()  # (B, N, m)
+        # Turn the basis to the principal axes of the (centred) maps it makes: there the
+        # objective's curvature is nearly diagonal, with a known size (see step_scale).
+        centred = (feature_basis - (self.mask[:, None, :] @ feature_basis) / self.count[:, None, None]) \
+            * self.mask[:, :, None]
+        self.spread, axes = torch.linalg.eigh(centred.transpose(1, 2) @ centred)  # ascending, (B, m), (B, m, m)
+        self.spread = self.spread.clamp(min=0)
+        self.feature_basis = feature_basis @ axes  # (B, N, m)
+        self.basis = axes if basis is None else basis.double() @ axes  # (B, D, m), orthonormal
         self.ridge_weight = None
         if ridge > 0 and head_norm is not None:
-            self.ridge_weight = (ridge * self.count / head_norm.to(dtype).square().clamp(min=EPS))  # (B,)
-        self.contribution_targets = targets
+            self.ridge_weight = (ridge * self.count / head_norm.double().square().clamp(min=EPS))  # (B,)
         self.direction = self.offset = None
         if targets is not None and self.k > 1:
-            mean_feature = (features * mask[:, :, None]).sum(1) / self.count[:, None]  # (B, D) f̄
-            u = mean_feature if basis is None else (mean_feature[:, None, :] @ basis)[:, 0, :]  # (B, m)
-            start = (self.alpha[:, :, None] * self.prototypes + (self.residual / self.k)[:, None, :]) @ \
+            if mean_feature is None:
+                mean_feature = (self.mask[:, None, :].to(dtype) @ features)[:, 0, :].double() / self.count[:, None]
+            mean_feature = mean_feature.double()  # (B, D) f̄
+            u = (mean_feature[:, None, :] @ self.basis)[:, 0, :]  # (B, m)
+            start = (self.alpha[:, :, None] * prototypes.double() + (self.residual / self.k)[:, None, :]) @ \
                 mean_feature[:, :, None]  # (B, k, 1) mean contributions at the equal split
-            gap = targets.to(dtype)[:, :self.k - 1] - start[:, :self.k - 1, 0]  # (B, k−1)
+            gap = targets.double()[:, :self.k - 1] - start[:, :self.k - 1, 0]  # (B, k−1)
             norm2 = (u * u).sum(1, keepdim=True)  # (B, 1)
             usable = norm2[:, 0] > EPS
             self.direction = torch.where(usable[:, None], u / norm2.clamp(min=EPS).sqrt(), torch.zeros_like(u))
             # Classes whose mean feature vanishes keep the equal split's contributions.
             self.offset = torch.where(usable[:, None, None],
                                       gap[:, :, None] * (u / norm2.clamp(min=EPS))[:, None, :],
-                                      torch.zeros(gap.shape + u.shape[1:], dtype=dtype, device=u.device))
+                                      torch.zeros(gap.shape + u.shape[1:], dtype=u.dtype, device=u.device))
 
     @property
     def free_dim(self) -> int:
         return int(self.feature_basis.shape[2])
 
-    def subset(self, c: int) -> "_Problem":
-        """The same problem for class ``c`` alone (for per-class solvers)."""
+    def step_scale(self) -> torch.Tensor:
+        """(B, k−1, m) the objective's curvature along each free coordinate, to the power −½, at the start.
+
+        Moving share i by a unit along axis j changes map i and the last map by √spread_j; a
+        z-scored map of spread σ² responds with curvature about 2/σ². The ridge adds its own.
+        Solving in coordinates scaled by this makes the problem about equally curved in every
+        direction, so L-BFGS needs tens of iterations instead of hundreds to thousands.
+        """
+        maps = self.maps_of(self.start())  # (B, N, k)
+        w = self.mask[:, :, None]
+        centred = (maps - (maps * w).sum(1, keepdim=True) / self.count[:, None, None]) * w
+        variance = ((centred * centred).sum(1) / self.count[:, None]).clamp(min=EPS)  # (B, k)
+        inverse = 1.0 / variance
+        per_share = (inverse[:, :self.k - 1] + inverse[:, self.k - 1:])[:, :, None]  # (B, k−1, 1)
+        curvature = 2.0 * per_share * self.spread[:, None, :]
+        if self.ridge_weight is not None:
+            curvature = curvature + 4.0 * self.ridge_weight[:, None, None]
+        top = curvature.amax((1, 2), keepdim=True)
+        return curvature.clamp(min=1e-12 * top).clamp(min=EPS).rsqrt()
+
+    def select(self, classes: torch.Tensor) -> "_Problem":
+        """The objective of some classes only (for solvers that drop the classes they have solved)."""
         sub = _Problem.__new__(_Problem)
-        for name, value in vars(self).items():
-            if torch.is_tensor(value) and value.ndim >= 1 and value.shape[0] == self.features.shape[0]:
-                value = value[c:c + 1]
-            setattr(sub, name, value)
+        sub.objective, sub.normalise, sub.k, sub.basis, sub.residual = \
+            self.objective, self.normalise, self.k, None, None
+        for name in self.LOSS_DATA:
+            value = getattr(self, name)
+            setattr(sub, name, None if value is None else value[classes])
         return sub
 
     def moves(self, free: torch.Tensor) -> torch.Tensor:
@@ -229,7 +268,7 @@ class _Problem:
     def shares(self, free: torch.Tensor) -> torch.Tensor:
         """(B, k−1, m) free coordinates -> (B, k, D) residual shares summing to R."""
         a = self.moves(free)
-        moves = a if self.basis is None else a @ self.basis.transpose(1, 2)
+        moves = a @ self.basis.transpose(1, 2)
         moves = torch.cat([moves, -moves.sum(1, keepdim=True)], dim=1)
         return (self.residual / self.k)[:, None, :] + moves
 
@@ -252,39 +291,131 @@ class _Problem:
 
     def start(self) -> torch.Tensor:
         """The equal split R/k (moved onto the contribution constraint when there is one)."""
-        b = self.features.shape[0]
-        return torch.zeros(b, self.k - 1, self.free_dim, dtype=self.features.dtype, device=self.features.device)
+        fb = self.feature_basis
+        return torch.zeros(fb.shape[0], self.k - 1, self.free_dim, dtype=fb.dtype, device=fb.device)
 
 
-def row_space_basis(features: torch.Tensor, rank: int, seed: int = 0, power_iter: int = 0) -> torch.Tensor:
-    """Orthonormal (B, D, m) basis of the dominant row space of F (randomised range finder)."""
+def row_space_basis(features: torch.Tensor, rank: int, seed: int = 0, power_iter: int = 0,
+                    mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Orthonormal (B, D, m) basis of the dominant row space of F (randomised range finder).
+
+    The test matrix Ω (D, m) lives in feature space and is the same for every class, so a
+    class gets the same basis, and the same refinement, whichever classes share its batch and
+    however many padded rows the batch has (``mask`` (B, N) marks the valid ones).
+    """
     b, n, d = features.shape
     generator = torch.Generator().manual_seed(seed)
-    omega = torch.randn(b, n, rank, generator=generator, dtype=torch.float32).to(features)
-    z = orthonormalize(features.transpose(1, 2) @ omega)
+    omega = torch.randn(d, rank, generator=generator, dtype=torch.float32).to(features)
+    y = features @ omega  # (B, N, m): F Ω
+    if mask is not None:
+        y = y * mask[:, :, None].to(y)
+    z = orthonormalize(features.transpose(1, 2) @ y)  # range of Fᵀ F Ω
     for _ in range(power_iter):
         y = orthonormalize(features @ z)
         z = orthonormalize(features.transpose(1, 2) @ y)
     return z
 
 
-def _lbfgs(problem: _Problem, start: torch.Tensor, max_iter: int, tick=None) -> torch.Tensor:
-    free = start.clone().requires_grad_(True)
-    optimiser = torch.optim.LBFGS([free], lr=1.0, max_iter=max_iter, history_size=20,
-                                  line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12)
+def _lbfgs(problem: _Problem, start: torch.Tensor, max_iter: int, tick=None, history: int = 20,
+           tolerance: float = 1e-13) -> tuple:
+    """Minimise each class's objective on its own: L-BFGS batched over classes, with per-class
+    step lengths, histories and stopping, in float64.
 
-    def closure():
+    One shared solver over the sum of the classes would share one line search and one curvature
+    history, so a badly scaled class slows every other and none is solved when the iterations
+    run out; its end point then depends on rounding (thread count, device). Here each class
+    stops when its objective no longer falls by more than ``tolerance`` of its value (or its
+    gradient vanishes), which makes the result a property of the problem, not of the path.
+    Returns the solution (B, k−1, m) and each class's iteration count (B,).
+    """
+    b = start.shape[0]
+    shape = start.shape[1:]
+    origin = start.reshape(b, -1).double()
+    scale = problem.step_scale().reshape(b, -1)  # the solver works in y, with free = origin + scale · y
+    x = torch.zeros_like(origin)
+    n = x.shape[1]
+    device = x.device
+    active = torch.ones(b, dtype=torch.bool, device=device)
+    iterations = torch.zeros(b, dtype=torch.long, device=device)
+    steps = torch.zeros(b, history, n, dtype=x.dtype, device=device)  # s_j = x_{j+1} − x_j
+    changes = torch.zeros_like(steps)  # y_j = g_{j+1} − g_j
+    rho = torch.zeros(b, history, dtype=x.dtype, device=device)  # 1 / (s_j · y_j); 0 for a skipped pair
+    gamma = torch.ones(b, dtype=x.dtype, device=device)  # initial inverse-Hessian scale
+    cache = {}
+
+    def value_and_grad(idx: torch.Tensor, point: torch.Tensor) -> tuple:
         if tick is not None:
             tick()
-        optimiser.zero_grad()
-        # Classes are independent, so the sum's gradient is each class's own gradient.
-        total = problem.loss(free).sum()
-        total.backward()
-        return total
+        key = tuple(idx.tolist())
+        if cache.get("key") != key:  # the active classes changed: gather their data once
+            cache.update(key=key, problem=problem if len(key) == b else problem.select(idx))
+        point = point.detach().requires_grad_(True)
+        with torch.enable_grad():
+            f = cache["problem"].loss((origin[idx] + scale[idx] * point).reshape(-1, *shape))
+            (g,) = torch.autograd.grad(f.sum(), point)
+        return f.detach(), g
 
-    with torch.enable_grad():
-        optimiser.step(closure)
-    return free.detach()
+    f, g = value_and_grad(torch.arange(b, device=device), x)
+    for it in range(max_iter):
+        idx = active.nonzero()[:, 0]
+        if idx.numel() == 0:
+            break
+        gi = g[idx]
+        everyone = idx.numel() == b
+        s_hist, y_hist, rho_hist = (steps, changes, rho) if everyone else (steps[idx], changes[idx], rho[idx])
+        # Two-loop recursion, newest pair first; skipped pairs (rho = 0) change nothing.
+        order = [(it - 1 - j) % history for j in range(min(it, history))]
+        q = gi.clone()
+        coefficients = []
+        for j in order:
+            a = rho_hist[:, j] * (s_hist[:, j] * q).sum(1)
+            q -= a[:, None] * y_hist[:, j]
+            coefficients.append(a)
+        r = gamma[idx, None] * q
+        for j, a in zip(reversed(order), reversed(coefficients)):
+            beta = rho_hist[:, j] * (y_hist[:, j] * r).sum(1)
+            r += s_hist[:, j] * (a - beta)[:, None]
+        direction = -r
+        slope = (gi * direction).sum(1)
+        uphill = ~(slope < 0)
+        direction[uphill] = -gi[uphill]  # a stale history: fall back to steepest descent
+        slope = torch.where(uphill, -(gi * gi).sum(1), slope)
+        # First step of a class: no curvature known yet, so a step of unit length.
+        t = torch.where(iterations[idx] == 0, (1.0 / gi.norm(dim=1).clamp(min=EPS)).clamp(max=1.0),
+                        torch.ones_like(slope))
+        fi = f[idx]
+        # Backtracking (Armijo) line search, per class.
+        accepted = torch.zeros_like(slope, dtype=torch.bool)
+        f_new, g_new = fi.clone(), gi.clone()
+        for _ in range(40):
+            todo = ~accepted
+            if not bool(todo.any()):
+                break
+            sub = idx[todo]
+            trial = x[sub] + t[todo, None] * direction[todo]
+            ft, gt = value_and_grad(sub, trial)
+            ok = ft <= fi[todo] + 1e-4 * t[todo] * slope[todo]
+            where = todo.nonzero()[:, 0]
+            f_new[where[ok]], g_new[where[ok]] = ft[ok], gt[ok]
+            accepted[where[ok]] = True
+            t[where[~ok]] *= 0.5
+        step = t[:, None] * direction * accepted[:, None]
+        change = g_new - gi
+        sy = (step * change).sum(1)
+        good = accepted & (sy > 1e-10 * step.norm(dim=1) * change.norm(dim=1))
+        slot = it % history
+        steps[idx, slot] = torch.where(good[:, None], step, torch.zeros_like(step))
+        changes[idx, slot] = torch.where(good[:, None], change, torch.zeros_like(change))
+        rho[idx, slot] = torch.where(good, 1.0 / sy.clamp(min=EPS), torch.zeros_like(sy))
+        gamma[idx] = torch.where(good, sy / (change * change).sum(1).clamp(min=EPS), gamma[idx])
+        x[idx] = x[idx] + step
+        decrease = fi - f_new
+        f[idx], g[idx] = f_new, g_new
+        iterations[idx] += accepted.long()
+        # A class is done when its objective stops falling or no step lowers it any more.
+        done = ~accepted | (decrease <= tolerance * f_new.abs().clamp(min=1.0)) | (g_new.abs().amax(1) <= EPS)
+        active[idx[done]] = False
+    return (origin + scale * x).reshape(b, *shape).to(start.dtype), iterations
 
 
 def _nelder_mead(problem: _Problem, start: torch.Tensor, max_evaluations: int, tick=None) -> torch.Tensor:
@@ -293,12 +424,12 @@ def _nelder_mead(problem: _Problem, start: torch.Tensor, max_evaluations: int, t
     out = start.clone()
     shape = start.shape[1:]
     for c in range(start.shape[0]):
-        sub = problem.subset(c)
+        sub = problem.select(torch.tensor([c], device=start.device))
 
         def fun(x, sub=sub):
             if tick is not None:
                 tick()
-            free = torch.from_numpy(x).to(sub.features).reshape(1, *shape)
+            free = torch.from_numpy(x).to(start).reshape(1, *shape)
             with torch.no_grad():
                 return float(sub.loss(free)[0])
 
@@ -328,8 +459,8 @@ def refine(features: torch.Tensor, prototypes: torch.Tensor, heads: torch.Tensor
     residual = v64 - (alpha[:, :, None] * p64).sum(1)
     clock.lap("scaling")
 
-    # Accumulated in float64 without a float64 copy of the features (twice their memory).
-    mean_feature = (features * mask[:, :, None]).sum(1, dtype=torch.float64) / counts.to(features.device)[:, None]
+    # One batched product with the mask: no masked copy of the features (the largest tensor here).
+    mean_feature = (mask[:, None, :] @ features)[:, 0, :].double() / counts.to(features.device)[:, None]
     total = (mean_feature * v64.to(features.device)).sum(1)  # (B,) f̄ · v, the mean logit minus bias
     if usage is None:
         usage = _usage_from_mean(mean_feature, p64.to(features.device))
@@ -339,19 +470,20 @@ def refine(features: torch.Tensor, prototypes: torch.Tensor, heads: torch.Tensor
     rank = config.subspace_rank
     basis = None
     if rank and k > 1 and config.solver != "none" and rank < min(n, d):
-        basis = row_space_basis(features, rank, seed=config.seed)
+        basis = row_space_basis(features, rank, seed=config.seed, mask=mask)
     clock.lap("basis")
     targets = shares if config.contributions == "part" else None
     problem = _Problem(features, mask, prototypes, alpha, residual, config.objective, basis, targets=targets,
                        ridge=config.ridge if config.solver != "none" else 0.0, head_norm=v64.norm(dim=1),
-                       norm=config.norm)
+                       norm=config.norm, mean_feature=mean_feature)
     clock.lap("setup")
 
     with torch.no_grad():
         free = problem.start()
         before = problem.loss(free)
+        iterations = torch.zeros(b, dtype=torch.long)
         if k > 1 and config.solver == "lbfgs":
-            free = _lbfgs(problem, free, config.max_iter, tick)
+            free, iterations = _lbfgs(problem, free, config.max_iter, tick, tolerance=config.tolerance)
         elif k > 1 and config.solver == "nelder-mead":
             free = _nelder_mead(problem, free, config.max_evaluations, tick)
         after = problem.loss(free)
@@ -359,7 +491,7 @@ def refine(features: torch.Tensor, prototypes: torch.Tensor, heads: torch.Tensor
         worse = after > before
         free = torch.where(worse[:, None, None], problem.start(), free)
         after = torch.where(worse, before, after)
-        split_shares = problem.shares(free).double()
+        split_shares = problem.shares(free)
         clock.lap("solve")
 
         # Final prototypes in float64; the last one closes the sum so Σ p̃ = v to rounding.
@@ -367,7 +499,7 @@ def refine(features: torch.Tensor, prototypes: torch.Tensor, heads: torch.Tensor
         last = v64 - first.sum(1)
         final = torch.cat([first, last[:, None, :]], dim=1)
         final_maps = features @ final.to(features.dtype).transpose(1, 2)
-        fidelity = map_correlation(final_maps, problem.signs[:, None, :] * problem.nmf_maps, mask)
+        fidelity = map_correlation(final_maps, problem.signs[:, None, :] * problem.nmf_maps, problem.mask)
         contribution = (final.to(features.device) @ mean_feature[:, :, None])[:, :, 0]
         clock.lap("finish")
 
@@ -379,6 +511,8 @@ def refine(features: torch.Tensor, prototypes: torch.Tensor, heads: torch.Tensor
         objective_after=after.double(),
         fidelity=fidelity.double(),
         negative_alpha=(alpha < 0).sum(1),
+        iterations=iterations.cpu(),
+        converged=(iterations < config.max_iter).cpu(),
         part_share=shares.cpu(),
         mean_contribution=contribution.cpu(),
         timings=clock.laps,

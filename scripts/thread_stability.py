@@ -18,9 +18,11 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from phpn.runs import load_run  # noqa: E402
 
 
 def discover(out: Path, threads: int, k: int, classes) -> None:
@@ -31,15 +33,18 @@ def discover(out: Path, threads: int, k: int, classes) -> None:
 
 
 def compare(a: Path, b: Path) -> dict:
-    ta, tb = load_file(str(a / "tensors.safetensors")), load_file(str(b / "tensors.safetensors"))
-    parts = (np.linalg.norm(ta["nmf_prototypes"] - tb["nmf_prototypes"], axis=-1).max(1)
-             / np.linalg.norm(ta["nmf_prototypes"], axis=-1).max(1))
-    final = np.linalg.norm(ta["prototypes"] - tb["prototypes"], axis=-1).max(1) / np.linalg.norm(ta["head_rows"], axis=-1)
-    ca = [c["mean_contribution"] for c in json.loads((a / "run.json").read_text())["classes"]]
-    cb = [c["mean_contribution"] for c in json.loads((b / "run.json").read_text())["classes"]]
-    contrib = float(np.abs(np.array(ca) - np.array(cb)).max())
-    return {"nmf_parts_moved": parts.round(5).tolist(), "prototypes_moved_of_head_row": final.round(5).tolist(),
-            "largest_mean_contribution_change": round(contrib, 5)}
+    ra, rb = load_run(a), load_run(b)
+    pa, pb = ra.nmf_prototypes.double().numpy(), rb.nmf_prototypes.double().numpy()
+    fa, fb = ra.prototypes.double().numpy(), rb.prototypes.double().numpy()
+    parts = np.linalg.norm(pa - pb, axis=-1).max(1) / np.linalg.norm(pa, axis=-1).max(1)
+    final = np.linalg.norm(fa - fb, axis=-1).max(1) / np.linalg.norm(ra.head_rows.double().numpy(), axis=-1)
+    own = (np.linalg.norm(fa - fb, axis=-1) / np.linalg.norm(fa, axis=-1)).max(1)
+    indices = ra.class_indices.tolist()
+    ca = np.array([ra.class_meta(c)["mean_contribution"] for c in indices])
+    cb = np.array([rb.class_meta(c)["mean_contribution"] for c in indices])
+    return {"nmf_parts_moved": parts.round(6).tolist(), "prototypes_moved_of_head_row": final.round(6).tolist(),
+            "prototypes_moved_of_own_norm": own.round(6).tolist(),
+            "largest_mean_contribution_change": float(np.abs(ca - cb).max())}
 
 
 def main() -> None:

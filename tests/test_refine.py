@@ -134,3 +134,50 @@ def test_bad_contributions_and_ridge_messages():
         RefineConfig(contributions="none")
     with pytest.raises(ConfigError, match="ridge must be zero or positive, got -1"):
         RefineConfig(ridge=-1)
+
+
+def _float32_problem(b=4, n=400, d=48, k=4, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    # Correlated channels, as real features have, so the problem is not trivially conditioned.
+    mixing = torch.randn(d, d, generator=g) * torch.logspace(0, -2, d)[None, :]
+    features = torch.relu(torch.randn(b, n, d, generator=g) @ mixing.T)
+    heads = torch.randn(b, d, generator=g)
+    found = nmf(features, NMFConfig(k=k))
+    return features, found.prototypes, heads, found.encodings.mean(1)
+
+
+def test_each_class_is_solved_on_its_own_to_convergence():
+    features, protos, heads, usage = _float32_problem()
+    batch = refine(features, protos, heads, RefineConfig(subspace_rank=16), usage=usage)
+    assert bool(batch.converged.all()) and int(batch.iterations.min()) > 0
+    assert int(batch.iterations.max()) < RefineConfig().max_iter
+    # A class refined alone ends where it ends in the batch: no shared line search or history.
+    alone = refine(features[1:2], protos[1:2], heads[1:2], RefineConfig(subspace_rank=16), usage=usage[1:2])
+    moved = float((alone.prototypes[0] - batch.prototypes[1]).norm() / heads[1].double().norm())
+    assert moved < 1e-6
+    assert int(alone.iterations[0]) == int(batch.iterations[1])
+
+
+def test_a_rounding_sized_perturbation_moves_the_prototypes_by_about_as_much():
+    # The thread count changes the features' last bits; a converged refinement must not
+    # amplify that into visibly different prototypes.
+    features, protos, heads, usage = _float32_problem()
+    g = torch.Generator().manual_seed(9)
+    nudged = features * (1 + 1e-6 * torch.randn(features.shape, generator=g))
+    config = RefineConfig(subspace_rank=16)
+    a = refine(features, protos, heads, config, usage=usage)
+    b = refine(nudged, protos, heads, config, usage=usage)
+    moved = (a.prototypes - b.prototypes).norm(dim=-1).amax(1) / heads.double().norm(dim=1)
+    assert float(moved.max()) < 1e-4
+    torch.testing.assert_close(a.mean_contribution, b.mean_contribution, rtol=1e-4, atol=1e-6)
+
+
+def test_an_iteration_cap_that_stops_the_solver_is_reported():
+    features, protos, heads, usage = _float32_problem()
+    capped = refine(features, protos, heads, RefineConfig(subspace_rank=16, max_iter=2), usage=usage)
+    assert not bool(capped.converged.any()) and capped.iterations.tolist() == [2, 2, 2, 2]
+    from phpn.part_metrics import warnings_for
+
+    text = warnings_for({"refine_converged": False, "refine_iterations": 2})
+    assert text == ["Refinement stopped at its iteration cap (2) before converging, so these prototypes can move "
+                    "with rounding (thread count, device): raise --lbfgs-iter."]
