@@ -1,12 +1,14 @@
-"""How fast a large run opens: a synthetic run of 10,000 classes (no model needed), saved,
-then timed: open it, read one class, against checking all of it, in the same process.
+"""How fast a large run opens: a synthetic run of 10,000 classes, saved, then timed: open it,
+read one class, open it for its model as the app does, against checking all of it, in the same
+process.
 
     python scripts/large_run.py                      # 10,000 classes, k=5, D=2048 (~1.3 GB on disk)
     python scripts/large_run.py --classes 1000 --json out.json
 
 The prototypes are random directions that sum exactly to random head rows; each class has a
 record like discovery's (statistics, fidelity, top patches, image paths), so run.json and the
-shards have the sizes a real ImageNet-scale run would have.
+shards have the sizes a real ImageNet-scale run would have. The model is a 1x1 convolution
+to D channels, global pooling and a linear head holding those rows (no weights to download).
 """
 from __future__ import annotations
 
@@ -19,11 +21,28 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from phpn.api import open_model, open_run_for  # noqa: E402
 from phpn.data import Preprocess  # noqa: E402
 from phpn.runs import Run, load_run, save_run, verify_run  # noqa: E402
+
+
+class PooledLinear(nn.Module):
+    """features (a 1x1 convolution to D channels, ReLU) -> global mean -> the run's head."""
+
+    def __init__(self, head_rows: torch.Tensor, head_bias: torch.Tensor):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, head_rows.shape[1], 1), nn.ReLU())
+        self.fc = nn.Linear(head_rows.shape[1], head_rows.shape[0])
+        with torch.no_grad():
+            self.fc.weight.copy_(head_rows)
+            self.fc.bias.copy_(head_bias)
+
+    def forward(self, x):
+        return self.fc(self.features(x).mean((2, 3)))
 
 
 def synthetic_run(classes: int = 10_000, k: int = 5, features: int = 2048, seed: int = 0, top: int = 6,
@@ -67,16 +86,19 @@ def synthetic_run(classes: int = 10_000, k: int = 5, features: int = 2048, seed:
                head_rows=head_rows, head_bias=head_bias, meta=meta)
 
 
-def _timed(fn):
+def _timed(fn, *args):
     start = time.perf_counter()
-    out = fn()
+    out = fn(*args)
     return out, time.perf_counter() - start
 
 
 def measure(classes: int, k: int, features: int, folder: Path) -> dict:
-    run, build_s = _timed(lambda: synthetic_run(classes, k, features))
-    path, save_s = _timed(lambda: save_run(run, folder / "run"))
-    del run
+    run, build_s = _timed(synthetic_run, classes, k, features)
+    session = open_model(PooledLinear(run.head_rows, run.head_bias).eval(), input_size=(3, 8, 8))
+    run.meta["model"].update(arch=session.loaded.arch, sha256=session.loaded.sha256,
+                             feature_layer=session.split.feature_layer, head_layer=session.split.head_layer)
+    path, save_s = _timed(save_run, run, folder / "run")
+    del run  # what follows reads only the saved folder
     files = sorted(path.iterdir())
     one = classes * 9 // 10  # a class far from the first shard
 
@@ -86,6 +108,8 @@ def measure(classes: int, k: int, features: int, folder: Path) -> dict:
 
     (opened, record, protos), first_s = _timed(open_and_read_one)
     _, open_s = _timed(lambda: load_run(path))
+    for_model, for_model_s = _timed(lambda: open_run_for(session, path))
+    _, for_model_first_s = _timed(lambda: for_model.class_meta(one))
     listing, list_s = _timed(lambda: [f"{n} ({i})" for n, i in zip(opened.class_names, opened.class_indices.tolist())])
     _, another_s = _timed(lambda: opened.class_meta(3))
     _, verify_s = _timed(lambda: verify_run(path))
@@ -97,6 +121,7 @@ def measure(classes: int, k: int, features: int, folder: Path) -> dict:
         "on_disk_mb": sum(f.stat().st_size for f in files) / 2 ** 20, "shards": len(opened.meta["shards"]),
         "build_s": build_s, "save_s": save_s,
         "open_s": open_s, "open_and_first_class_s": first_s, "class_list_s": list_s, "another_class_s": another_s,
+        "open_for_model_s": for_model_s, "open_for_model_and_first_class_s": for_model_s + for_model_first_s,
         "verify_all_s": verify_s, "read_all_prototypes_s": everything_s,
     }
 
@@ -120,6 +145,8 @@ def main(argv=None) -> int:
     print(f"  open + first class (its shard)  {r['open_and_first_class_s']:.3f} s")
     print(f"  class list from the index       {r['class_list_s']:.3f} s")
     print(f"  another class (another shard)   {r['another_class_s']:.3f} s")
+    print(f"  open for its model, as the app  {r['open_for_model_s']:.3f} s (+ first class: "
+          f"{r['open_for_model_and_first_class_s']:.3f} s)")
     print(f"  verify every shard              {r['verify_all_s']:.3f} s")
     print(f"  open + read all prototypes      {r['read_all_prototypes_s']:.3f} s")
     if args.json:

@@ -216,3 +216,21 @@ def test_replacing_a_run_leaves_only_the_new_runs_files(discovered, tmp_path):
     (old_format / "shard-00000-notmine.json").write_text("{}")
     with pytest.raises(RunError, match=r"also holds files phpn did not write \(shard-00000-notmine.json\)"):
         check_run_target(old_format, overwrite=True)
+
+
+def test_the_head_is_checked_row_by_row_without_reading_shards(large):
+    from types import SimpleNamespace
+
+    from phpn.runs import check_split
+
+    path, run = large
+    for shard in json.loads((path / META).read_text())["shards"]:
+        (path / shard["file"]).unlink()  # the head check needs none of them
+    opened = load_run(path)
+    check_split(opened, SimpleNamespace(weight=run.head_rows.clone(), bias=run.head_bias.clone()))
+    changed = run.head_rows.clone()
+    changed[9000, 1] += 1e-3 * float(run.head_rows.abs().max())
+    with pytest.raises(RunError, match="The loaded model's head weights differ from those this run decomposed"):
+        check_split(opened, SimpleNamespace(weight=changed, bias=run.head_bias))
+    with pytest.raises(RunError, match=r"made for a head of shape \(10000, 4\), but the loaded model's head is"):
+        check_split(opened, SimpleNamespace(weight=run.head_rows[:, :3], bias=run.head_bias))
