@@ -194,6 +194,11 @@ def test_colour_settings_reverse_or_grey_the_channels(image_folder):
     grey = replace(rgb, colour="grey")(picture)
     one = Preprocess(resize=16, crop=16, mean=(0.5,), std=(0.25,), channels=1)(picture)
     assert grey.shape == (3, 16, 16) and all(torch.equal(grey[c], one[0]) for c in range(3))
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
+    for colour in ("rgb", "bgr", "grey"):  # the batch (GPU decoding) path arranges the colours the same way
+        pre = replace(rgb, backend="tensor", colour=colour)
+        assert torch.equal(pre.from_uint8(pil_to_tensor(picture.convert("RGB"))[None])[0], pre(picture)), colour
     assert Preprocess.from_dict(replace(rgb, colour="bgr").to_dict()).colour == "bgr"
     assert Preprocess.from_dict({k: v for k, v in rgb.to_dict().items() if k != "colour"}) == rgb  # older runs
     with pytest.raises(ConfigError, match="Unknown colour setting 'rbg'. Use one of: rgb, bgr, grey."):
