@@ -129,7 +129,7 @@ def _applied_preprocessing_banner() -> None:
         return
     st.info(f"Preprocessing for this session: **{applied['now']}**, set by Check preprocessing (it was "
             f"{applied['was']}). Discover again to make a run with it"
-            + (f"; the run made with the old setting is put aside." if applied["run"] is not None else "."),
+            + ("; the run made with the old setting is put aside." if applied["run"] is not None else "."),
             icon=":material/tune:")
     if st.button("Undo: back to the old setting", key="check_pre_undo", disabled=running):
         _undo_preprocessing(applied)
