@@ -252,11 +252,11 @@ def semi_nmf(features: torch.Tensor, config: NMFConfig, counts: torch.Tensor,
     eye = torch.eye(config.k, dtype=torch.float64, device=work.device)
     iterations = start.iterations
     prev = None
+    et_f, et_e = e.transpose(1, 2) @ work, e.transpose(1, 2) @ e
     for _ in range(config.semi_iter):
         if tick is not None:
             tick()
-        et_e = (e.transpose(1, 2) @ e).double()
-        et_f = (e.transpose(1, 2) @ work).double()
+        et_e, et_f = et_e.double(), et_f.double()
         # Least-squares P; a tiny ridge keeps the k×k solve defined when a part is unused.
         ridge = 1e-10 * et_e.diagonal(dim1=1, dim2=2).mean(1).clamp(min=EPS)[:, None, None]
         p = torch.linalg.solve((et_e + ridge * eye).cpu(), et_f.cpu()).to(work.device, work.dtype)
@@ -267,8 +267,9 @@ def semi_nmf(features: torch.Tensor, config: NMFConfig, counts: torch.Tensor,
             e[:, :, j] = (e[:, :, j] + num / (pp_t[:, j, j][:, None] + EPS)).clamp(min=0)
         e *= mask[:, :, None]
         iterations += 1
-        rel = torch.sqrt(_objective(sq_norm, e, p, e.transpose(1, 2) @ work, e.transpose(1, 2) @ e)
-                         / sq_norm.clamp(min=EPS))
+        # Eᵀ F and Eᵀ E of the new E serve both the error and the next P.
+        et_f, et_e = e.transpose(1, 2) @ work, e.transpose(1, 2) @ e
+        rel = torch.sqrt(_objective(sq_norm, e, p, et_f, et_e) / sq_norm.clamp(min=EPS))
         if prev is not None and bool(torch.all((prev - rel) <= config.tol)):
             break
         prev = rel
