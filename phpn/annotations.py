@@ -85,10 +85,15 @@ def plain_label(prototype: int) -> str:
     return f"prototype {int(prototype) + 1}"
 
 
+def prototype_label(notes: Optional["Annotations"], class_index: int, prototype: int) -> str:
+    """One prototype as named everywhere: with the expert's name where there are notes
+    (:meth:`Annotations.label`), else "prototype N"."""
+    return notes.label(class_index, prototype) if notes is not None else plain_label(prototype)
+
+
 def prototype_labels(notes: Optional["Annotations"], class_index: int, k: int) -> list:
-    """The ``k`` prototypes of a class as named everywhere: with the expert's names where there are
-    notes (:meth:`Annotations.label`), else "prototype N"."""
-    return notes.labels(class_index) if notes is not None else [plain_label(i) for i in range(k)]
+    """The ``k`` prototypes of a class, each named as :func:`prototype_label` does."""
+    return [prototype_label(notes, class_index, i) for i in range(k)]
 
 
 @dataclass

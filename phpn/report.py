@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from . import viz
-from .annotations import prototype_labels, prototype_note_html
+from .annotations import prototype_label, prototype_labels, prototype_note_html
 from .defaults import MAP_OPACITY, class_name
 
 _CSS = """
@@ -152,7 +152,7 @@ def class_report(run, class_index: int, *, image_root=None, preprocess=None, net
             "<table><tr><th class=l>prototype</th><th>mean contribution</th><th>share</th><th>α</th>"
             "<th>map fidelity</th></tr>"]
     for i in range(k):
-        body.append(f'<tr><td class=l><span class="sw" style="background:{colors[i]}"></span>{labels[i]}</td>'
+        body.append(f'<tr><td class=l><span class="sw" style="background:{colors[i]}"></span>{_esc(labels[i])}</td>'
                     f"<td>{contrib[i]:.3f}</td><td>{100 * shares[i]:.1f}%</td><td>{meta['alpha'][i]:.3g}</td>"
                     f"<td>{meta['fidelity'][i]:.3f}</td></tr>")
     body.append("</table>")
@@ -162,7 +162,7 @@ def class_report(run, class_index: int, *, image_root=None, preprocess=None, net
     body.append("<h2>Prototypes</h2>")
     for i in range(k):
         tiles = _patch_tiles(meta["top_patches"][i], image_root, preprocess, colors[i], patch_size)
-        body.append(f'<div class="proto"><h3><span class="sw" style="background:{colors[i]}"></span>{labels[i]}: '
+        body.append(f'<div class="proto"><h3><span class="sw" style="background:{colors[i]}"></span>{_esc(labels[i])}: '
                     f"contribution {contrib[i]:.3f} ({100 * shares[i]:.0f}%), fidelity {meta['fidelity'][i]:.3f}</h3>")
         body.append(prototype_note_html(notes, class_index, i, meta["fidelity"][i]))
         if tiles:
@@ -175,8 +175,9 @@ def class_report(run, class_index: int, *, image_root=None, preprocess=None, net
                         "subtracts; each map on its own scale, its largest |value| at full colour):</div>")
             body.append('<div class="row">' + "".join(_img(im, cap) for im, cap in maps_block[i]) + "</div>")
         if similar[i]:
-            items = ", ".join(f"{_esc(names[s['class_index']] if s['class_index'] < len(names) else s['class_index'])} "
-                              f"prototype {s['prototype'] + 1} (cos {s['cosine']:.2f})" for s in similar[i])
+            items = ", ".join(f"{_esc(class_name(names, s['class_index']))} "
+                              f"{_esc(prototype_label(notes, s['class_index'], s['prototype']))} (cos {s['cosine']:.2f})"
+                              for s in similar[i])
             body.append(f"<p>Shared parts — most similar prototypes of other classes: {items}.</p>")
         body.append("</div>")
     return _page(f"phpn: {name}", "".join(body))
@@ -257,7 +258,7 @@ def explanation_report(explanation, run, *, image_root=None, preprocess=None, op
     body.append(f"<p>Total: logit {e.logit:.3f}.</p><h2>This looks like that</h2>")
     for i in range(k):
         tiles = _patch_tiles(meta["top_patches"][i][:patches], image_root, preprocess, colors[i], 112)
-        body.append(f'<div class="proto"><h3><span class="sw" style="background:{colors[i]}"></span>{labels[i]}: '
+        body.append(f'<div class="proto"><h3><span class="sw" style="background:{colors[i]}"></span>{_esc(labels[i])}: '
                     f"{float(e.contributions[i]):+.3f} (fidelity {meta['fidelity'][i]:.3f})</h3>"
                     + prototype_note_html(notes, e.class_index, i, meta["fidelity"][i]) + "<div class=row>")
         body.append(_img(viz.prototype_overlay(picture, e.maps[i], opacity, colors=[colors[i]]),

@@ -105,3 +105,21 @@ def test_the_report_draws_each_map_on_its_own_scale_as_the_app_does(explained, t
         # full colour (or full grey where it subtracts most) at the map's largest |value|, whichever is strongest
         full = viz.hex_to_rgb(color) if m.max() >= -m.min() else viz.NEGATIVE_RGB
         assert np.abs(grids[i].reshape(-1, 3).astype(int) - full).max(axis=1).min() == 0
+
+
+def test_the_class_report_names_prototypes_as_the_expert_did_and_escapes_the_names(explained, tiny_loaded):
+    from phpn import viz
+    from phpn.annotations import Annotations
+
+    run = explained[0]
+    notes = Annotations.for_run(run)
+    for c in run.class_indices.tolist():
+        for p in range(run.k):
+            notes.set(c, p, name=f"part {c}.{p}")
+    notes.set(2, 0, name="<b>beak</b>")
+    page = report.class_report(run, 2, preprocess=tiny_loaded.preprocess, notes=notes)
+    assert "<b>beak</b>" not in page and page.count("prototype 1 “&lt;b&gt;beak&lt;/b&gt;”") >= 3  # bars, table, title
+    for found in viz.prototype_similarity(run.prototypes, run.class_indices, 2, top=3):
+        shared = ", ".join(f"{html.escape(run.class_names[s['class_index']])} prototype {s['prototype'] + 1} "
+                           f"“part {s['class_index']}.{s['prototype']}” (cos {s['cosine']:.2f})" for s in found)
+        assert f"Shared parts — most similar prototypes of other classes: {shared}.</p>" in page
