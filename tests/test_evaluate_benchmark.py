@@ -174,6 +174,16 @@ def test_dff_row_is_scored_like_the_others(small):
     assert any(c["b"].startswith("DFF") for c in result["comparisons"])
 
 
+@weights
+def test_without_grad_cam_the_dff_row_is_left_out_with_a_note(monkeypatch):
+    monkeypatch.setattr(B, "dff_available", lambda: False)
+    result = run_parts_benchmark("small", solvers=("none",), draws=1)
+    assert [r["key"] for r in result["table"]] == ["refined-none", "nmf", "random", "equal"]
+    assert result["dff"] is False and result["notes"] == [B.DFF_MISSING]
+    assert B.DFF_MISSING in result["markdown"] and "no difference is claimed" in result["markdown"]
+    assert all(c["separates"] is None for c in result["comparisons"])
+
+
 def test_the_result_is_written_atomically_and_never_over_a_foreign_file(small, tmp_path):
     result, _ = small
     path, table = B.write_result(result, tmp_path / "parts.json")
