@@ -215,9 +215,10 @@ def _class_record(entry, feats: torch.Tensor, paths: list, refined, found, i: in
     pooled = feats.mean(dim=(2, 3))
     final = refined.prototypes[i].to(feats.device).float()
     scale = split.image_scale(pooled)
-    maps = prototype_maps(feats, final, scale)
+    raw = prototype_maps(feats, final)  # computed once: the metrics and the top patches both read it
+    maps = raw * scale.to(raw)[:, None, None, None]
     metrics = class_part_metrics(feats, final, found.prototypes[i].to(feats), split.weight[entry.class_index],
-                                 scale, refined.alpha[i].tolist(), refined.part_share[i].tolist())
+                                 scale, refined.alpha[i].tolist(), refined.part_share[i].tolist(), final_maps=raw)
     return {
         "index": entry.class_index,
         "folder": entry.folder,

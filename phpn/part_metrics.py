@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .network import prototype_maps
 from .refine import part_signs
 
 EPS = 1e-12
@@ -59,8 +60,6 @@ WARNING_LIMITS = {
 
 def maps_of(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
     """(n, D, h, w) features, (k, D) directions -> (n, k, h, w) maps, unscaled."""
-    from .network import prototype_maps
-
     return prototype_maps(features, prototypes)
 
 
@@ -134,31 +133,37 @@ def alpha_flags(alpha: Sequence[float]) -> list:
 
 
 def fidelity_and_specificity(features: torch.Tensor, final: torch.Tensor, nmf: torch.Tensor,
-                             signs: Optional[Sequence[float]] = None) -> tuple:
+                             signs: Optional[Sequence[float]] = None,
+                             final_maps: Optional[torch.Tensor] = None) -> tuple:
     """(fidelity (k,), specificity (k,) or None) of the final prototypes against the NMF parts,
-    each part negated where its share is negative (``signs``: ±1 per part; None: all +1)."""
+    each part negated where its share is negative (``signs``: ±1 per part; None: all +1).
+    ``final_maps``: the final prototypes' unscaled maps, when the caller has them already."""
     if signs is not None:
         nmf = nmf * torch.as_tensor(signs, dtype=nmf.dtype, device=nmf.device)[:, None]
-    corr = correlation_matrix(maps_of(features, final), maps_of(features, nmf))
+    if final_maps is None:
+        final_maps = maps_of(features, final)
+    corr = correlation_matrix(final_maps, maps_of(features, nmf))
     spec = specificity(corr)
     return corr.diagonal().tolist(), (spec.tolist() if spec is not None else None)
 
 
 def class_part_metrics(features: torch.Tensor, final: torch.Tensor, nmf: torch.Tensor, head_row: torch.Tensor,
                        scale: torch.Tensor, alpha: Sequence[float], part_share: Sequence[float],
-                       seeds: Sequence[int] = RANDOM_SEEDS) -> dict:
+                       seeds: Sequence[int] = RANDOM_SEEDS, final_maps: Optional[torch.Tensor] = None) -> dict:
     """The part metrics of one class (see :data:`FIELDS`).
 
     features (n, D, h, w) of the discovery images as the head sees them; final (k, D) the
     refined prototypes; nmf (k, D) the NMF parts; head_row (D,); scale (n,) the model's
     per-image factor on the maps (ones unless a normalisation follows the pooling). The
     held-out fields stay None here; discovery fills them in once the held-out images are read.
+    ``final_maps``: the final prototypes' unscaled maps, when the caller has them already.
     """
     final = final.to(features)
     k = final.shape[0]
     signs = part_signs(torch.as_tensor(part_share, dtype=torch.float64)).tolist()
-    fidelity, spec = fidelity_and_specificity(features, final, nmf, signs)
-    shown = maps_of(features, final) * scale[:, None, None, None]
+    raw = maps_of(features, final) if final_maps is None else final_maps
+    fidelity, spec = fidelity_and_specificity(features, final, nmf, signs, final_maps=raw)
+    shown = raw * scale[:, None, None, None]
     contributions = shown.mean(dim=(2, 3)).mean(0)
     iou, iou_per = _pair_mean(overlap_iou(shown))
     out = {
