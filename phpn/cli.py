@@ -359,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "signed = semi-NMF on F itself (parts may have negative channels)")
     p.add_argument("--suggest-k", type=int, metavar="K_MAX",
                    help="also factorise each class with k = 2..K_MAX and record the k where NMF's error curve bends, "
-                        "with the reason (run.json: classes[].k_suggested, k_reason)")
+                        "with the reason (each class record: k_suggested, k_reason)")
     p.add_argument("--holdout-fraction", dest="holdout", type=float, default=D.HOLDOUT, metavar="FRACTION",
                    help="keep this fraction of each class's images out of discovery and report the prototypes' "
                         "fidelity and specificity on them (default 0; --held-out DIR certifies another folder)")

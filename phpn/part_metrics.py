@@ -243,5 +243,5 @@ def part_metrics_summary(records: Sequence[dict]) -> str:
     ]
     warned = [r for r in records if r.get("warnings")]
     if warned:
-        lines.append(f"warnings for {len(warned)} of {len(records)} classes (see run.json, classes[].warnings)")
+        lines.append(f"warnings for {len(warned)} of {len(records)} classes (see each class record's warnings)")
     return "\n".join(lines)
