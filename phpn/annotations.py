@@ -76,7 +76,8 @@ def _clean_flags(flags) -> tuple:
 
 
 def run_tensors_sha256(run) -> Optional[str]:
-    """The checksum of the run's tensors file as recorded in its run.json (None: not saved yet)."""
+    """The checksum of the run's tensors as recorded in its run.json (format 1: of its tensors file;
+    format 2: one over the checksums of its head and shard files), or None: not saved yet."""
     return run.meta.get("tensors_sha256")
 
 
