@@ -2,6 +2,7 @@
 image, the raw feature-grid map beside the upsampled one, bias → logit through the
 prototypes, "this looks like that", and the class map as the sum of the prototype maps."""
 import hashlib
+import html
 import random
 from pathlib import Path
 
@@ -154,7 +155,7 @@ v2.image(viz.prototype_overlay(picture, e.maps, opacity, colors=colors, mode=smo
 v3.image(viz.heat_overlay(picture, e.class_map, opacity, mode=smooth),
          caption="Class map = Σ prototype maps (yellow-red adds, grey hatching subtracts)")
 v4.image(viz.grid_image(e.class_map, size), caption=f"Class map on the raw {e.maps.shape[1]}×{e.maps.shape[2]} grid")
-st.markdown(" ".join(f"{viz.color_swatch(colors[i])}{labels[i]}" for i in range(k)), unsafe_allow_html=True)
+st.markdown(" ".join(f"{viz.color_swatch(colors[i])}{html.escape(labels[i])}" for i in range(k)), unsafe_allow_html=True)
 
 st.plotly_chart(viz.figure_waterfall(e.bias, e.contributions, e.logit, labels, colors,
                                      title="From the bias to the logit, prototype by prototype"),
@@ -168,7 +169,7 @@ meta = run.class_meta(e.class_index)
 for i in range(k):
     with st.container(border=True):
         flags = "".join(f" `{f}`" for f in entry.notes.get(e.class_index, i).flags) if entry.notes else ""
-        st.markdown(f"{viz.color_swatch(colors[i], 16)} **{labels[i].capitalize()}**{flags}: contributes "
+        st.markdown(f"{viz.color_swatch(colors[i], 16)} **{html.escape(labels[i][:1].upper() + labels[i][1:])}**{flags}: contributes "
                     f"{float(e.contributions[i]):+.3f} here (class mean {meta['mean_contribution'][i]:+.3f}; "
                     f"map fidelity {meta['fidelity'][i]:.2f})", unsafe_allow_html=True, help=explain("fidelity"))
         if fidelity_warning(meta["fidelity"][i]):

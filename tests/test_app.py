@@ -138,6 +138,20 @@ def test_the_model_keeps_how_it_was_loaded_and_the_url_does_not_rescan_the_runs(
 
 
 @needs_demo
+def test_the_experts_names_are_shown_as_text_not_html():
+    at = _app().run()
+    notes = at.session_state["run"].notes
+    for c in notes.class_indices:
+        notes.set(c, 0, name="<i>Sky</i>")
+    for page in ("pages/classes.py", "pages/explain.py"):
+        at.switch_page(page).run()
+        _clean(at)
+        shown = [m.value for m in at.markdown if "Sky" in m.value]
+        assert shown and "<i>" not in "".join(shown), (page, shown)
+        assert any("**Prototype 1 “&lt;i&gt;Sky&lt;/i&gt;”**" in v for v in shown), (page, shown)  # case kept
+
+
+@needs_demo
 def test_the_imagenet_demo_loads_with_its_run_and_every_page_renders():
     at = _app().run()
     at.switch_page("pages/model.py").run()
