@@ -89,6 +89,30 @@ def test_stacked_maps_score_each_set_as_its_own_explainer():
         B.StackedMaps(split, {"a": a}, [0, 1], modes=("nearest",))
 
 
+def test_peak_distance_measures_each_set_against_its_own_best_part():
+    from phpn.models import HeadSplit
+
+    class OneClass:  # the two methods a part-annotated dataset offers peak_distances
+        def by_class(self):
+            return {0: [0, 1]}
+
+        def load_batch(self, indices, preprocess):
+            x = torch.zeros(2, 1, 64, 64)
+            x[:, :, 16:24, 40:48] = 1.0  # one bright 8 px cell: feature row 2, column 5
+            kp = np.array([[[3.0, 19.0], [43.0, 39.0]]] * 2)
+            return x, kp, np.ones((2, 2), bool), [0, 1], []
+
+    split = HeadSplit(backbone=torch.nn.AvgPool2d(8), weight=torch.ones(1, 1), bias=torch.zeros(1))
+    stacked = B.StackedMaps(split, {"a": torch.ones(1, 1, 1), "b": torch.ones(1, 1, 1)}, [0])
+    by_set = {(mode, name): {"prototypes": [{"class_index": 0, "prototype": 0, "best_part": part}]}
+              for mode in B.UPSAMPLING for name, part in (("a", 0), ("b", 1))}
+    d = B.peak_distances(stacked, OneClass(), None, by_set)
+    # The peak is at the cell's centre, pixel 43 or 44 across and 19 or 20 down (a tie).
+    for mode in B.UPSAMPLING:
+        assert 40.0 <= d[(mode, "a")] <= math.hypot(41, 1)
+        assert 19.0 <= d[(mode, "b")] <= math.hypot(1, 20)
+
+
 # --- the benchmark ---------------------------------------------------------------------------
 
 def test_benchmark_refuses_bad_options_before_any_work():
@@ -154,6 +178,9 @@ def test_every_draw_is_kept_and_the_rows_are_their_mean_and_spread(small):
             assert len(res["prototypes"]) == 8 * 3 and {p["prototype"] for p in res["prototypes"]} == {0, 1, 2}
             flags = [p["consistent"] for p in res["prototypes"]]
             assert res["consistency"] == pytest.approx(100.0 * sum(flags) / len(flags))
+        # Peaks are in pixels of the 64 px input; the box around them is ±10.3 px.
+        assert 0.0 <= row["peak_distance"]["mean"] <= 64 * math.sqrt(2)
+        assert row["peak_distance_bilinear"]["n"] == 2
     # The refined row differs between draws: the spread holds the prototypes' own variation.
     assert result["table"][0]["map_fidelity"]["n"] == 2
     c = next(c for c in result["comparisons"] if c["score"] == "consistency" and c["b"].startswith("baseline: 3 r"))
