@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import streamlit as st  # noqa: E402
 
 from pages import _shared as shared  # noqa: E402
+from phpn.errors import PhpnError  # noqa: E402
 
 shared.configure_page()
 page = st.navigation([
@@ -30,4 +31,7 @@ page = st.navigation([
     st.Page(shared.PAGES["export"], title="Export", icon=":material/download:"),
     st.Page(shared.PAGES["evaluate"], title="Evaluate", icon=":material/straighten:"),
 ])
-page.run()
+try:
+    page.run()
+except PhpnError as exc:  # found while a page ran (a saved run's shard read for the first time): said, no traceback
+    shared.show_error(exc)

@@ -218,10 +218,15 @@ class RunEntry:
     @property
     def network(self):
         """The decomposed network (phpn.network.PrototypeNetwork), built on first use: it holds
-        every class's prototypes, which opening a large run does not read."""
+        every class's prototypes, which opening a large run does not read. A shard found damaged
+        then is said on the page, which stops there."""
         net = self.__dict__.get("_network")
         if net is None:
-            net = self.__dict__["_network"] = self.run.network(self.split).eval()
+            try:
+                net = self.__dict__["_network"] = self.run.network(self.split).eval()
+            except PhpnError as exc:
+                show_error(exc)
+                st.stop()
         return net
 
 

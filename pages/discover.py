@@ -272,22 +272,23 @@ if entry is not None:
                    f"everything {entry.wall.get('total', 0):.1f} s from the click to the certificate.")
     names = run.class_names
     rows = []
-    # A large saved run reads its records shard by shard: the table shows the first classes only.
-    for c in itertools.islice(run.meta["classes"], EXPERT_TABLE_CLASSES):
-        before, after = c["objective_before"], c["objective_after"]
-        rows.append({
-            "class": f"{names[c['index']] if c['index'] < len(names) else c['index']} ({c['index']})",
-            "images": c["images"],
-            "α": ", ".join(f"{a:.3g}" for a in c["alpha"]),
-            "negative α": c["negative_alpha"],
-            "residual ‖R‖/‖v‖": c["residual_ratio"],
-            "objective before": before,
-            "objective after": after,
-            "improvement": (1 - after / before) if before else 0.0,
-            "fidelity": ", ".join(f"{f:.2f}" for f in c["fidelity"]),
-            "min fidelity": min(c["fidelity"]),
-            "NMF rel. error": c["nmf_relative_error"],
-        })
+    with S.user_errors():  # a saved run's shards are first read here: a damaged one is said, the page goes on
+        # A large saved run reads its records shard by shard: the table shows the first classes only.
+        for c in itertools.islice(run.meta["classes"], EXPERT_TABLE_CLASSES):
+            before, after = c["objective_before"], c["objective_after"]
+            rows.append({
+                "class": f"{names[c['index']] if c['index'] < len(names) else c['index']} ({c['index']})",
+                "images": c["images"],
+                "α": ", ".join(f"{a:.3g}" for a in c["alpha"]),
+                "negative α": c["negative_alpha"],
+                "residual ‖R‖/‖v‖": c["residual_ratio"],
+                "objective before": before,
+                "objective after": after,
+                "improvement": (1 - after / before) if before else 0.0,
+                "fidelity": ", ".join(f"{f:.2f}" for f in c["fidelity"]),
+                "min fidelity": min(c["fidelity"]),
+                "NMF rel. error": c["nmf_relative_error"],
+            })
     with st.expander("Expert details: the refinement, class by class (α, residual, objective, fidelity)"):
         st.caption("Map fidelity: correlation of each final prototype's map with its NMF part's map over the "
                    "discovery images (1 = the picture of the part is exactly what the prototype uses).")

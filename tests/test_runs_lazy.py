@@ -234,3 +234,41 @@ def test_the_head_is_checked_row_by_row_without_reading_shards(large):
         check_split(opened, SimpleNamespace(weight=changed, bias=run.head_bias))
     with pytest.raises(RunError, match=r"made for a head of shape \(10000, 4\), but the loaded model's head is"):
         check_split(opened, SimpleNamespace(weight=run.head_rows[:, :3], bias=run.head_bias))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("streamlit") is None, reason="needs streamlit")
+def test_the_app_reopens_a_run_without_reading_its_shards_and_names_a_damaged_one(tmp_path, monkeypatch):
+    from test_app import _app, _clean, _demo_ready, _errors
+
+    if not _demo_ready():
+        pytest.skip("the fashion-mnist demo assets are not there")
+    for name, value in {"PHPN_UPLOAD_DIR": tmp_path / "uploads", "PHPN_DATA_ROOTS": tmp_path,
+                        "PHPN_SETTINGS_FILE": tmp_path / "no-settings.toml"}.items():
+        monkeypatch.setenv(name, str(value))  # as test_app's fixture does: this visitor's files in tmp_path
+    monkeypatch.delenv("PHPN_ALLOW_CODE", raising=False)
+    monkeypatch.setattr(runs, "SHARD_BYTES", 1)  # one class a shard
+    at = _app().run()
+    at.switch_page("pages/discover.py").run()
+    at.text_input(key="save_path").set_value("lazy")
+    at.button(key="save_run").click().run()
+    _clean(at)
+    folder = at.session_state["run"].saved_to
+    shard = _shard_of(folder, 9)
+    raw = bytearray((folder / shard["file"]).read_bytes())
+    raw[-5] ^= 0x01
+    (folder / shard["file"]).write_bytes(bytes(raw))
+
+    again = _app()  # a reload: the URL reopens the saved run
+    again.query_params["session"] = at.query_params["session"]
+    again.query_params["run"] = "my runs / lazy"
+    again.run()
+    _clean(again)
+    entry = again.session_state["run"]
+    assert entry.saved_to == folder and not again.sidebar.warning
+    assert "prototypes" not in entry.run.__dict__  # opened: no shard read for the model page
+    assert entry.run.class_meta(3)["index"] == 3
+    damaged = f"{shard['file']} does not match the checksum recorded in run.json"
+    for page in ("pages/discover.py", "pages/classes.py"):  # the table of classes; every class's prototypes
+        again.switch_page(page).run()
+        _clean(again)  # said on the page, no traceback
+        assert any(damaged in e for e in _errors(again)), page
