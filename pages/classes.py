@@ -64,7 +64,7 @@ outline = c_opts.toggle("Outline each map's strongest region", value=False, key=
 S.memorise("browser_class", "browser_n_maps", "browser_opacity", "browser_outline")
 S.set_url(**{"class": int(class_index)})
 meta = run.class_meta(class_index)
-k = run.k
+k = run.class_k(class_index)
 colors = [viz.prototype_color(i) for i in range(k)]
 labels = notes.labels(class_index)
 shares = viz.contribution_shares(meta["mean_contribution"])

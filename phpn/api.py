@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from .certify import Certificate, certify
-from .defaults import (BATCH_SIZE, DECODE, DEVICE, IMAGES_PER_CLASS, K, SEED, TOP_CLASSES, class_name,
+from .defaults import (AUTO_K_MAX, BATCH_SIZE, DECODE, DEVICE, IMAGES_PER_CLASS, K, SEED, TOP_CLASSES, class_name,
                        class_names_or_indices)
 from .data import ImageFolderData, Preprocess, load_batch, load_image, scan_image_folder
 from .device import resolve_device
@@ -281,12 +281,14 @@ def explain_image(session: ModelSession, network: PrototypeNetwork, image, class
             decomposed = set(network.class_indices.tolist())
             class_index = next(c for c in ranked if c in decomposed)
         out = network.explain_features(feats, classes=[int(class_index)])
+    own_k = network.class_k(int(class_index))  # a class's unused slots (--k auto) are not shown
     probs = torch.softmax(logits.double(), 0)
     best = torch.argsort(logits, descending=True)[:top].tolist()
     return Explanation(
         image=seen, class_index=int(class_index), class_name=class_name(names, class_index),
         logit=float(logits[class_index]), bias=float(out.bias[class_index]),
-        contributions=out.contributions[0, 0].cpu().numpy().astype(np.float64), maps=out.maps[0, 0].cpu().numpy(),
+        contributions=out.contributions[0, 0, :own_k].cpu().numpy().astype(np.float64),
+        maps=out.maps[0, 0, :own_k].cpu().numpy(),
         top=[(c, class_name(names, c), float(logits[c]), float(probs[c])) for c in best], source=source,
         preprocess=session.preprocess,
     )
@@ -361,13 +363,17 @@ def _config(k, images_per_class, device, options: dict) -> DiscoveryConfig:
                           f"Use: {', '.join(sorted(allowed))}.")
     if options.get("classes") is not None:
         options = dict(options, classes=tuple(int(c) for c in options["classes"]))
+    if k == "auto":  # each class its own k, 2..auto_k (default AUTO_K_MAX), at the elbow of NMF's error
+        options = dict(options, auto_k=options.get("auto_k") or AUTO_K_MAX)
+        k = K
     return DiscoveryConfig(k=k, images_per_class=images_per_class, device=device, **options)
 
 
-def decompose(model, data, *, k: int = K, images_per_class: Optional[int] = IMAGES_PER_CLASS, preprocess=None,
+def decompose(model, data, *, k=K, images_per_class: Optional[int] = IMAGES_PER_CLASS, preprocess=None,
               device: str = DEVICE, progress=True, decode: str = DECODE, **options) -> "DecomposedRun":
     """Turn a trained classifier into a part-prototype network: k prototypes per class that sum
-    exactly to the class's head row, discovered on ``data``.
+    exactly to the class's head row, discovered on ``data``. ``k="auto"`` gives each class its
+    own k, from 2 to ``auto_k`` (default 8), where NMF's error curve bends most.
 
     ``model``: a ``torch.nn.Module`` (in your own code, with your weights), a checkpoint path,
     or what :func:`open_model` returned. ``data``: an image folder (one sub-folder per class),

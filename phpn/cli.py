@@ -104,16 +104,21 @@ def cmd_discover(args) -> int:
 
     check_run_target(args.out, args.overwrite)  # before any work: a bad --out fails at once
     session = _session(args)
-    from .defaults import discovery_defaults
+    from .defaults import AUTO_K_MAX, discovery_defaults
 
     defaults = discovery_defaults(session.demo)
-    k = args.k if args.k is not None else defaults["k"]
+    if args.k_max is not None and args.k != "auto":
+        from .errors import ConfigError
+
+        raise ConfigError("--k-max applies only to an automatic k.", "Add --k auto, or leave out --k-max.")
+    auto_k = (args.k_max or AUTO_K_MAX) if args.k == "auto" else None
+    k = defaults["k"] if args.k is None or auto_k else args.k
     cap = args.images_per_class if args.images_per_class is not None else defaults["images_per_class"]
     solver = args.solver or defaults["solver"]
     config = DiscoveryConfig(k=k, images_per_class=cap, solver=solver, nmf_solver=args.nmf_solver,
                              objective=args.objective, scaling=args.scaling,
                              contributions=args.contributions, holdout=args.holdout, nmf_data=args.nmf_data,
-                             suggest_k=args.suggest_k, lbfgs_iter=args.lbfgs_iter,
+                             suggest_k=args.suggest_k, auto_k=auto_k, lbfgs_iter=args.lbfgs_iter,
                              seed=args.seed, device=args.device, batch_size=args.batch_size,
                              classes=_class_list(args.classes, session.class_names),
                              **({"memory_budget_mb": args.memory_budget} if args.memory_budget is not None else {}))
@@ -148,7 +153,11 @@ def cmd_discover(args) -> int:
     from .part_metrics import part_metrics_summary
 
     fid = [f for c in run.meta["classes"] for f in c["fidelity"]]
-    text = (f"saved {path}: {len(run.meta['classes'])} classes x {run.k} prototypes in {t['total_s']:.1f}s "
+    ks = [c.get("k", run.k) for c in run.meta["classes"]]
+    obj["k_per_class"] = {c["index"]: k for c, k in zip(run.meta["classes"], ks)}
+    shape = (f"{run.k} prototypes" if min(ks) == max(ks) else
+             f"{min(ks)} to {max(ks)} prototypes ({sum(ks)} in all, each class's k at its elbow)")
+    text = (f"saved {path}: {len(run.meta['classes'])} classes x {shape} in {t['total_s']:.1f}s "
             f"(waiting for images {t['decode_wait_s']:.1f}s, features {t['features_s']:.1f}s, "
             f"NMF {t['nmf_s']:.1f}s, refinement {t['refine_s']:.1f}s, certificate {t['certify_s']:.1f}s)\n"
             f"map fidelity: median {sorted(fid)[len(fid) // 2]:.3f}, min {min(fid):.3f}\n"
@@ -327,6 +336,16 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _k_value(text: str):
+    """--k: a whole number, or 'auto'."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or 'auto', got '{text}'") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from . import defaults as D
@@ -340,7 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("discover", help="discover and refine part-prototypes; save a run")
     _add_model_args(p)
     p.add_argument("--data", type=Path, help="image folder, one sub-folder per class (the demo's own with --demo)")
-    p.add_argument("--k", type=int, help=f"prototypes per class (default {D.K}, or the demo's)")
+    p.add_argument("--k", type=_k_value, help=f"prototypes per class (default {D.K}, or the demo's); 'auto': each "
+                   f"class its own, at the elbow of NMF's error, 2 to --k-max (default {D.AUTO_K_MAX})")
+    p.add_argument("--k-max", type=int, help=f"with --k auto, the most prototypes a class may get "
+                   f"(default {D.AUTO_K_MAX})")
     p.add_argument("--images-per-class", type=int,
                    help="cap per class, sampled deterministically (default: every image, or the demo's)")
     p.add_argument("--solver", choices=D.SOLVERS, help=f"refinement solver (default {D.SOLVER}, or the demo's)")
@@ -437,8 +459,8 @@ def _check_options(args) -> None:
         check_seed(args.seed)
     if getattr(args, "device", None) is not None:
         check_device_name(args.device)
-    for flag in ("batch_size", "images_per_class", "k"):
-        if getattr(args, flag, None) is not None:
+    for flag in ("batch_size", "images_per_class", "k", "k_max"):
+        if getattr(args, flag, None) not in (None, "auto"):
             check_at_least("--" + flag.replace("_", "-"), getattr(args, flag))
     for flag in ("resize", "crop"):
         if getattr(args, flag, None) is not None:

@@ -12,6 +12,7 @@ from . import data, nmf, refine
 # --- discovery -----------------------------------------------------------------------------
 K = 3  # part-prototypes per class
 K_MIN, K_MAX = nmf.K_MIN, nmf.K_MAX
+AUTO_K_MAX = 8  # with --k auto, each class's k is chosen in 2..this (the elbow of NMF's error)
 IMAGES_PER_CLASS: Optional[int] = None  # None: every image of each class (a cap samples deterministically)
 SOLVER = "lbfgs"  # refinement of the residual split
 LBFGS_ITER = refine.RefineConfig.max_iter  # L-BFGS iterations per class at most (a class stops when solved)

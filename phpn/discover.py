@@ -70,6 +70,7 @@ class DiscoveryConfig:
     ridge: float = 1e-2  # refinement's ridge on the residual split (makes the solution unique)
     norm: str = "zscore"  # how refinement compares maps: zscore (smooth, converges) | minmax (the paper's)
     suggest_k: Optional[int] = None  # also try k = 2..this per class and record the elbow of NMF's error
+    auto_k: Optional[int] = None  # give each class its own k in 2..this, at the elbow of NMF's error (k is unused)
     nmf_data: str = D.NMF_DATA  # signed features: clamped (NMF on max(F, 0)) | signed (semi-NMF, P signed)
     holdout: float = D.HOLDOUT  # fraction of each class's images kept out of discovery, for held-out fidelity
 
@@ -85,9 +86,18 @@ class DiscoveryConfig:
         check_at_least("top patches", self.top_patches), check_at_least("L-BFGS iterations", self.lbfgs_iter)
         if self.suggest_k is not None:
             check_at_least("suggest_k", self.suggest_k, 2)
+        if self.auto_k is not None and not 2 <= self.auto_k <= D.K_MAX:
+            raise ConfigError(f"The largest automatic k must be between 2 and {D.K_MAX}, got {self.auto_k}.",
+                              f"Use --k auto --k-max {D.AUTO_K_MAX}, for example.")
         check_seed(self.seed), check_at_least("batch size", self.batch_size), check_device_name(self.device)
         if self.images_per_class is not None:
             check_at_least("images per class", self.images_per_class)
+
+    @property
+    def width(self) -> int:
+        """Prototype slots per class in the run: k, or with ``auto_k`` the largest k a class may get
+        (a class with fewer prototypes has zero rows in its remaining slots)."""
+        return self.auto_k or self.k
 
     def nmf_config(self) -> NMFConfig:
         return NMFConfig(k=self.k, solver=self.nmf_solver, max_iter=self.nmf_max_iter, tol=self.nmf_tol, seed=self.seed,
@@ -203,8 +213,9 @@ def add_heldout_metrics(records: list, run: Run, root, held_paths: dict, preproc
             continue
         feats = torch.cat(chunks)
         signs = part_signs(torch.tensor(record["part_share"], dtype=torch.float64)).tolist()
-        fid, spec = fidelity_and_specificity(feats, run.prototypes[row].to(feats), run.nmf_prototypes[row].to(feats),
-                                             signs)
+        k = len(signs)  # the class's own k (fewer than the run's slots with an automatic k)
+        fid, spec = fidelity_and_specificity(feats, run.prototypes[row, :k].to(feats),
+                                             run.nmf_prototypes[row, :k].to(feats), signs)
         record["fidelity_heldout"], record["specificity_heldout"] = fid, spec
         record["warnings"] = warnings_for(record)
 
@@ -320,41 +331,65 @@ def _sync(device: torch.device) -> None:
 def _factorise_group(g: int, group: list, stacked: torch.Tensor, counts: torch.Tensor, images_in: list,
                      paths: list, shape: tuple, split: HeadSplit, config: DiscoveryConfig, preprocess: Preprocess,
                      progress, classes_done: int, classes_total: int, device: torch.device, timings: dict) -> tuple:
-    """NMF, refinement and per-class records of one group from its padded features (B, N, D)."""
+    """NMF, refinement and per-class records of one group from its padded features (B, N, D).
+
+    With ``auto_k`` each class gets its own k; classes of equal k are factorised and refined
+    together, and the group's tensors are padded with zero prototypes to the run's width
+    (zero rows add nothing to a logit, so the sum stays exact)."""
     d, h, w = shape
     nmf_input = stacked.clamp(min=0) if split.signed_features and config.nmf_data == "clamped" else stacked
+    nmf_tick = lambda: report(progress, "nmf", classes_done, classes_total)  # noqa: E731
     t0 = time.perf_counter()
     report(progress, "nmf", classes_done, classes_total)
-    # Ticks inside the solvers let a cancelling progress callback stop them promptly.
-    found = nmf(nmf_input, config.nmf_config(), counts,
-                tick=lambda: report(progress, "nmf", classes_done, classes_total))
-    _sync(device)
-    timings["nmf_s"] = time.perf_counter() - t0
-    if not bool(torch.isfinite(found.prototypes).all()):
-        bad = [e.folder for e, ok in zip(group, torch.isfinite(found.prototypes).all(2).all(1).tolist()) if not ok]
-        raise ConfigError(f"NMF failed numerically for the class folder(s) {', '.join(bad[:5])}.",
-                          "Run discovery again with --nmf-solver sklearn (or on the CPU), and report the case.")
-    report(progress, "nmf", classes_done + len(group), classes_total)
-    suggestions = suggest_k(nmf_input, config.nmf_config(), counts, config.suggest_k) if config.suggest_k else None
-    del nmf_input
-
-    t0 = time.perf_counter()
-    report(progress, "refine", classes_done, classes_total)
+    k_most = config.auto_k or config.suggest_k
+    suggestions = suggest_k(nmf_input, config.nmf_config(), counts, k_most, nmf_tick) if k_most else None
+    ks = [s[0] for s in suggestions] if config.auto_k else [config.k] * len(group)
+    width = config.width
+    prototypes = torch.zeros(len(group), width, d, dtype=torch.float64)
+    nmf_prototypes = torch.zeros(len(group), width, d)
+    alpha = torch.zeros(len(group), width, dtype=torch.float64)
+    records = [None] * len(group)
     heads = split.weight.detach().to(device).float()[[e.class_index for e in group]]
-    usage = found.encodings.sum(1) / counts.to(found.encodings)[:, None]  # each part's mean encoding
-    refined = refine(stacked, found.prototypes, heads, config.refine_config(), counts,
-                     tick=lambda: report(progress, "refine", classes_done, classes_total), usage=usage)
-    _sync(device)
-    timings["refine_s"] = time.perf_counter() - t0
-
-    records = []
-    for i, entry in enumerate(group):
-        class_feats = stacked[i, :counts[i]].reshape(images_in[i], h, w, d).permute(0, 3, 1, 2)
-        records.append(_class_record(entry, class_feats, paths[i], refined, found, i, split,
-                                     config.top_patches, preprocess.crop))
+    timings["nmf_s"] = timings["refine_s"] = 0.0
+    for k in sorted(set(ks)):
+        rows = [i for i, kk in enumerate(ks) if kk == k]
+        whole = len(rows) == len(group)
+        pick = torch.tensor(rows, device=stacked.device)
+        sub_input = nmf_input if whole else nmf_input[pick]
+        sub_counts = counts if whole else counts[pick.cpu()]
+        # Ticks inside the solvers let a cancelling progress callback stop them promptly.
+        found = nmf(sub_input, replace(config.nmf_config(), k=k), sub_counts, tick=nmf_tick)
+        _sync(device)
+        timings["nmf_s"] += time.perf_counter() - t0
+        if not bool(torch.isfinite(found.prototypes).all()):
+            ok = torch.isfinite(found.prototypes).all(2).all(1).tolist()
+            bad = [group[i].folder for i, fine in zip(rows, ok) if not fine]
+            raise ConfigError(f"NMF failed numerically for the class folder(s) {', '.join(bad[:5])}.",
+                              "Run discovery again with --nmf-solver sklearn (or on the CPU), and report the case.")
+        del sub_input
+        t0 = time.perf_counter()
+        report(progress, "refine", classes_done, classes_total)
+        sub_feats = stacked if whole else stacked[pick]
+        usage = found.encodings.sum(1) / sub_counts.to(found.encodings)[:, None]  # each part's mean encoding
+        refined = refine(sub_feats, found.prototypes, heads if whole else heads[pick], config.refine_config(),
+                         sub_counts, tick=lambda: report(progress, "refine", classes_done, classes_total), usage=usage)
+        _sync(device)
+        timings["refine_s"] += time.perf_counter() - t0
+        for j, i in enumerate(rows):
+            class_feats = stacked[i, :counts[i]].reshape(images_in[i], h, w, d).permute(0, 3, 1, 2)
+            records[i] = _class_record(group[i], class_feats, paths[i], refined, found, j, split,
+                                       config.top_patches, preprocess.crop)
+            records[i]["k"] = k
+        prototypes[rows, :k] = refined.prototypes.cpu()
+        nmf_prototypes[rows, :k] = found.prototypes.float().cpu()
+        alpha[rows, :k] = refined.alpha.cpu()
+        del sub_feats
+        t0 = time.perf_counter()
+    del nmf_input
+    report(progress, "nmf", classes_done + len(group), classes_total)
     for record, (k, reason, errors) in zip(records, suggestions or []):
         record["k_suggested"], record["k_reason"], record["k_relative_errors"] = k, reason, errors
-    return records, refined.prototypes.cpu(), found.prototypes.float().cpu(), refined.alpha.cpu()
+    return records, prototypes, nmf_prototypes, alpha
 
 
 def _stream_groups(todo: list, groups: list, data: ImageFolderData, preprocess: Preprocess, forward, shape: tuple,
@@ -557,11 +592,13 @@ def discover(loaded: LoadedModel, split: HeadSplit, data: ImageFolderData, prepr
 
     timings = {name: sum(r.timings.get(name, 0.0) for r in ordered)
                for name in ("decode_wait_s", "features_s", "nmf_s", "refine_s", "certify_s")}
-    prototypes = torch.cat([r.prototypes for r in ordered])
     class_meta = [m for r in ordered for m in r.records]
+    # With an automatic k the run keeps as many slots as its largest class needs.
+    width = max(m.get("k", config.width) for m in class_meta)
+    prototypes = torch.cat([r.prototypes[:, :width] for r in ordered])
     class_indices = torch.tensor([m["index"] for m in class_meta], dtype=torch.long)
-    run = Run(prototypes=prototypes, nmf_prototypes=torch.cat([r.nmf_prototypes for r in ordered]),
-              alpha=torch.cat([r.alpha for r in ordered]), class_indices=class_indices,
+    run = Run(prototypes=prototypes, nmf_prototypes=torch.cat([r.nmf_prototypes[:, :width] for r in ordered]),
+              alpha=torch.cat([r.alpha[:, :width] for r in ordered]), class_indices=class_indices,
               head_rows=split.weight.detach().cpu()[class_indices].clone(),
               head_bias=split.bias.detach().cpu().clone(), meta={})
     skipped_all = list(data.skipped) + [s for r in ordered for s in r.skipped]

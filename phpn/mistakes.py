@@ -270,10 +270,11 @@ def contrast_image(session, network, image, class_a: int, class_b: int,
     out = network.explain_features(feats, classes=[int(class_a), int(class_b)])
     contrib = out.contributions[0].double().cpu().numpy()
     maps = out.maps[0].cpu().numpy()
+    ka, kb = network.class_k(int(class_a)), network.class_k(int(class_b))  # each class's own k (--k auto)
     logits, bias = out.logits[0], out.bias
     return Contrast(image=seen, class_a=int(class_a), class_b=int(class_b), name_a=names[int(class_a)],
                     name_b=names[int(class_b)], logit_a=float(logits[class_a]), logit_b=float(logits[class_b]),
-                    bias_a=float(bias[class_a]), bias_b=float(bias[class_b]), contributions_a=contrib[0],
-                    contributions_b=contrib[1], maps_a=maps[0], maps_b=maps[1],
-                    labels_a=prototype_labels(notes, int(class_a), contrib.shape[1]),
-                    labels_b=prototype_labels(notes, int(class_b), contrib.shape[1]))
+                    bias_a=float(bias[class_a]), bias_b=float(bias[class_b]), contributions_a=contrib[0, :ka],
+                    contributions_b=contrib[1, :kb], maps_a=maps[0, :ka], maps_b=maps[1, :kb],
+                    labels_a=prototype_labels(notes, int(class_a), ka),
+                    labels_b=prototype_labels(notes, int(class_b), kb))

@@ -70,6 +70,12 @@ class PrototypeNetwork(nn.Module):
     def k(self) -> int:
         return int(self.prototypes.shape[1])
 
+    def class_k(self, class_index: int) -> int:
+        """The class's own number of prototypes. With ``--k auto`` a class with fewer than the
+        run's k has zero rows in its remaining slots; a refined prototype is never exactly zero."""
+        used = (self.prototypes[self.rows([class_index])[0]] != 0).any(1).nonzero()
+        return int(used.max()) + 1 if used.numel() else self.k
+
     def rows(self, classes: Sequence[int]) -> list:
         missing = [int(c) for c in classes if int(c) not in self._row_of]
         if missing:

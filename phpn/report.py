@@ -123,7 +123,7 @@ def class_report(run, class_index: int, *, image_root=None, preprocess=None, net
     meta = run.class_meta(class_index)
     names = run.class_names
     name = class_name(names, class_index)
-    k = run.k
+    k = run.class_k(class_index)
     colors = [viz.prototype_color(i) for i in range(k)]
     labels = prototype_labels(notes, class_index, k)
     contrib = meta["mean_contribution"]
@@ -203,7 +203,7 @@ def provenance(explanation, run, *, image_name: Optional[str] = None, model_labe
     rows = [("Image", image),
             ("Model", f"{model_label + ' · ' if model_label else ''}{model.get('arch', '?')}, sha256 "
                       f"{str(model.get('sha256', ''))[:12]}…"),
-            ("Run", f"{run_label} · made {run.meta.get('created', '?')} · k = {run.k}")]
+            ("Run", f"{run_label} · made {run.meta.get('created', '?')} · k = {run.k_label}")]
     top_class, _, _, top_p = e.top[0]
     rows.append(("Predicted class", f"{named(top_class)}, probability {100 * top_p:.1f}%"))
     explained = named(e.class_index)

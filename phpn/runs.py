@@ -125,13 +125,24 @@ class Run:
                 return entry
         raise RunError(f"Class {class_index} is not in this run.", "Pick one of the run's classes.")
 
+    @property
+    def k_label(self) -> str:
+        """How many prototypes a class has, for captions: "3", or "up to 5, chosen per class"."""
+        auto = self.meta.get("config", {}).get("auto_k")
+        return f"up to {self.k}, chosen per class" if auto else str(self.k)
+
+    def class_k(self, class_index: int) -> int:
+        """The class's own number of prototypes: the run's k, or fewer where discovery chose
+        each class's k (``--k auto``); the class's remaining slots hold zero prototypes."""
+        return int(self.class_meta(class_index).get("k", self.k))
+
     def class_prototypes(self, class_index: int) -> torch.Tensor:
-        """(k, D) the class's prototypes; reads its shard only."""
+        """(k, D) the class's prototypes (its own k); reads its shard only."""
         row = self._row(class_index)
         shards = self.__dict__.get("_shards")
         if "prototypes" not in self.__dict__ and shards is not None:
-            return shards.tensor("prototypes", row)
-        return self.prototypes[row]
+            return shards.tensor("prototypes", row)[:self.class_k(class_index)]
+        return self.prototypes[row, :self.class_k(class_index)]
 
     def head_error(self) -> torch.Tensor:
         """(Cd,) ‖Σ p̃ − v‖ / ‖v‖ per decomposed class."""
@@ -710,11 +721,14 @@ def _records_problem(classes, expected: list, k: int, where: str) -> str:
     if indices != list(expected):
         return f"{where}'s class records ({len(indices)}) do not match the run's decomposed classes"
     for entry in classes:
+        own_k = entry.get("k", k)  # with an automatic k a class has its own, at most the run's
+        if not isinstance(own_k, int) or isinstance(own_k, bool) or not 1 <= own_k <= k:
+            return f"class {entry['index']}'s 'k' is not a whole number from 1 to {k}"
         for key in ("fidelity", "alpha", "mean_contribution"):
             value = entry.get(key)
-            if value is not None and (not isinstance(value, list) or len(value) != k
+            if value is not None and (not isinstance(value, list) or len(value) != own_k
                                       or not all(isinstance(v, (int, float)) for v in value)):
-                return f"class {entry['index']}'s '{key}' is not a list of {k} numbers"
+                return f"class {entry['index']}'s '{key}' is not a list of {own_k} numbers"
         for key in ("paths", "top_patches"):
             if key in entry and not isinstance(entry[key], list):
                 return f"class {entry['index']}'s '{key}' is not a list"
