@@ -833,7 +833,7 @@ def sidebar() -> None:
         run = current_run()
         if run is not None:
             r = run.run
-            st.caption(f"Run: {len(r.meta.get('classes', []))} classes × k = {r.k} ({run.origin}); "
+            st.caption(f"Run: {len(r.meta.get('classes', []))} classes × k = {r.k_label} ({run.origin}); "
                        f"certificate {certificate_line(r.meta.get('certificate'))}")
             from phpn.certify import chance_warning
 

@@ -231,7 +231,7 @@ entry = S.current_run()
 if entry is not None:
     run = entry.run
     st.header("Current run")
-    st.caption(f"{run.meta.get('created', '')} · {entry.origin} · {len(run.meta['classes'])} classes × k = {run.k} · "
+    st.caption(f"{run.meta.get('created', '')} · {entry.origin} · {len(run.meta['classes'])} classes × k = {run.k_label} · "
                f"solver {run.meta['config']['solver']}, objective {run.meta['config']['objective']}, "
                f"scaling {run.meta['config']['scaling']}, device {run.meta.get('device', '?')}")
     cert = run.meta.get("certificate")
