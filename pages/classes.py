@@ -76,6 +76,11 @@ with left:
                     key=f"contrib_{class_index}", config={"displayModeBar": False})
 with right:
     st.markdown(f"**{_name(class_index)}** (class {class_index}) · {meta['images']} discovery images")
+    if meta.get("k_reason"):
+        if run.meta.get("config", {}).get("auto_k"):  # --k auto chose it; --suggest-k only suggests one
+            st.caption(f"k = {k}, chosen from NMF's error: {meta['k_reason']}.")
+        else:
+            st.caption(f"k = {k}; NMF's error suggests k = {meta['k_suggested']}: {meta['k_reason']}.")
     with st.popover("What do these words mean?", icon=":material/help:"):
         for term in ("prototype", "contribution", "logit", "share", "map", "fidelity", "top patches"):
             st.markdown(f"**{term.capitalize()}**: {explain(term)}")

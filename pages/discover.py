@@ -55,6 +55,11 @@ else:
             seed = a3.number_input("Seed", min_value=0, value=int(defaults["seed"]), key="disc_seed")
             top_patches = a4.number_input("Top patches per prototype", 1, 24, int(defaults["top_patches"]),
                                           key="disc_top")
+            auto_k = st.toggle(f"Choose each class's k (2 to {D.AUTO_K_MAX}) where NMF's error curve bends most",
+                               value=False, key="disc_auto_k",
+                               help="Instead of the same k for every class: each class gets the k after which "
+                                    "more prototypes explain little more of its features. The slider above is "
+                                    "then not used; each class's page says why its k was chosen.")
             names = model.session.class_names
             subset = st.multiselect("Only these classes (empty: every class with images)",
                                     [c.class_index for c in data.data.classes],
@@ -77,7 +82,7 @@ else:
             config = DiscoveryConfig(k=int(k), images_per_class=int(cap), solver=solver, objective=objective,
                                      scaling=scaling, seed=int(seed), device=device, top_patches=int(top_patches),
                                      classes=tuple(int(c) for c in subset) if subset else None,
-                                     memory_budget_mb=int(budget))
+                                     memory_budget_mb=int(budget), auto_k=D.AUTO_K_MAX if auto_k else None)
             run_data = data.data
             if (data.cap or cap_all) != int(cap) or data.seed != int(seed):
                 run_data = S.scan_data(model, data.data.root, int(cap), int(seed))

@@ -73,13 +73,15 @@ def _wait_for_job(at: AppTest, timeout: float = 90.0) -> object:
     return job
 
 
-def _small_discovery(at: AppTest, k: int = 2, cap: int = 8, **settings) -> object:
+def _small_discovery(at: AppTest, k: int = 2, cap: int = 8, toggles: dict = None, **settings) -> object:
     at.switch_page("pages/discover.py").run()
     _clean(at)
     at.slider(key="disc_k").set_value(k)
     at.number_input(key="disc_cap").set_value(cap)
     for key, value in settings.items():
         at.selectbox(key=key).set_value(value)
+    for key, value in (toggles or {}).items():
+        at.toggle(key=key).set_value(value)
     at.button(key=SUBMIT_DISCOVERY).click().run()
     _clean(at)
     job = _wait_for_job(at)
@@ -197,6 +199,23 @@ def test_live_discovery_shows_the_certificate_and_the_refinement_table(demo_app)
     job = at.session_state["job"]
     assert {"features", "nmf", "refine", "certify"} <= {s for s, p in job.stages.items() if p.total}
     assert all(p.fraction == 1.0 for p in job.stages.values() if p.total)
+
+
+@needs_demo
+def test_an_automatic_k_per_class_is_run_shown_and_explained():
+    at = _app().run()
+    _clean(at)
+    job = _small_discovery(at, cap=10, toggles={"disc_auto_k": True})
+    run = at.session_state["run"].run
+    ks = {c: run.class_k(c) for c in run.class_indices.tolist()}
+    assert run.meta["config"]["auto_k"] == 8 and all(2 <= k <= 8 for k in ks.values()) and job.status == "done"
+    assert any(f"k = up to {run.k}, chosen per class" in c.value for c in at.caption)
+    small = min(ks, key=ks.get)
+    at.switch_page("pages/classes.py").run()
+    at.selectbox(key="browser_class").set_value(small).run()
+    _clean(at)
+    assert sum(1 for m in at.markdown if "map fidelity" in m.value) == ks[small]
+    assert any(c.value.startswith(f"k = {ks[small]}, chosen from NMF's error: relative error") for c in at.caption)
 
 
 def test_save_and_load_a_run(demo_app, tmp_path):
