@@ -296,37 +296,40 @@ def save_run(run: Run, path, overwrite: bool = False) -> Path:
     if len(records) != cd:
         raise RunError(f"The run has {cd} decomposed classes but {len(records)} class records; it cannot be saved.",
                        "Run discovery again.")
-    head = save({"head_rows": run.head_rows.contiguous().cpu(), "head_bias": run.head_bias.contiguous().cpu(),
-                 "class_indices": class_indices})
-    head_name, head_sha = _data_file("head", head, "safetensors")
-    payload = {head_name: head}  # file name -> bytes, run.json apart
-    shards = []
-    per = _classes_per_shard(k, d)
-    for number, start in enumerate(range(0, cd, per)):
-        part = slice(start, start + per)
-        tensors = save({"prototypes": prototypes[part].contiguous(), "nmf_prototypes": nmf_prototypes[part].contiguous(),
-                        "alpha": alpha[part].contiguous()})
-        text = json.dumps(records[part], indent=1, default=_plain).encode("utf-8")
-        t_name, t_sha = _data_file(f"shard-{number:05d}", tensors, "safetensors")
-        r_name, r_sha = _data_file(f"shard-{number:05d}", text, "json")
-        payload[t_name], payload[r_name] = tensors, text
-        shards.append({"file": t_name, "sha256": t_sha, "records": r_name, "records_sha256": r_sha,
-                       "classes": class_indices[part].tolist()})
     meta["format_version"] = FORMAT_VERSION
     meta["shape"] = {"classes": int(run.head_bias.shape[0]), "decomposed": cd, "k": k, "features": d}
-    meta["head"] = {"file": head_name, "sha256": head_sha}
-    meta["shards"] = shards
-    # One fingerprint of all the tensors (notes beside the run name it).
-    meta["tensors_sha256"] = _sha256("\n".join([head_sha] + [s["sha256"] for s in shards]).encode())
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        for name, data in payload.items():
-            _write_fsync(tmp / name, lambda fh, data=data: fh.write(data))
+    written = []  # data files in the temporary folder, run.json apart
+
+    def put(stem: str, data: bytes, suffix: str) -> tuple:
+        name, digest = _data_file(stem, data, suffix)
+        _write_fsync(tmp / name, lambda fh: fh.write(data))
+        written.append(name)
+        return name, digest
+
+    try:  # file by file, so that one shard's bytes at a time are in memory beside the run
+        head_name, head_sha = put("head", save({"head_rows": run.head_rows.contiguous().cpu(),
+                                                "head_bias": run.head_bias.contiguous().cpu(),
+                                                "class_indices": class_indices}), "safetensors")
+        shards = []
+        per = _classes_per_shard(k, d)
+        for number, start in enumerate(range(0, cd, per)):
+            part = slice(start, start + per)
+            t_name, t_sha = put(f"shard-{number:05d}", save({"prototypes": prototypes[part].contiguous(),
+                                                             "nmf_prototypes": nmf_prototypes[part].contiguous(),
+                                                             "alpha": alpha[part].contiguous()}), "safetensors")
+            r_name, r_sha = put(f"shard-{number:05d}",
+                                json.dumps(records[part], indent=1, default=_plain).encode("utf-8"), "json")
+            shards.append({"file": t_name, "sha256": t_sha, "records": r_name, "records_sha256": r_sha,
+                           "classes": class_indices[part].tolist()})
+        meta["head"] = {"file": head_name, "sha256": head_sha}
+        meta["shards"] = shards
+        # One fingerprint of all the tensors (notes beside the run name it).
+        meta["tensors_sha256"] = _sha256("\n".join([head_sha] + [s["sha256"] for s in shards]).encode())
         text = json.dumps(meta, indent=1, default=_plain).encode("utf-8")
         _write_fsync(tmp / META, lambda fh: fh.write(text))
         if is_run_folder(path):
             check_run_target(path, overwrite)  # still only phpn's files, just before the swap
-            written = list(payload)
             old = [p for p in path.iterdir() if p.name not in written and p.name not in (META, ANNOTATIONS)]
             for name in written:
                 os.replace(tmp / name, path / name)
