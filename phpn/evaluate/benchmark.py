@@ -496,7 +496,8 @@ def run_parts_benchmark(size: str = "small", out_dir=None, *, k: int = 3, seed: 
         comparisons = _comparisons(rows)
         if use_dff and dff_unconverged:
             notes.append(f"DFF: scikit-learn's NMF stopped at its iteration limit in {dff_unconverged} of "
-                         f"{draws * len(classes)} class factorisations (pytorch-grad-cam's settings, kept as they are).")
+                         f"{draws * len(classes)} class factorisations "
+                         "(pytorch-grad-cam's settings, kept as they are).")
         result = {
             "kind": "phpn-parts-benchmark",
             "size": size,
@@ -573,9 +574,11 @@ def _written_by_benchmark(p: Path) -> bool:
 
 def main(argv: Optional[list] = None) -> int:
     ap = argparse.ArgumentParser(prog="scripts/parts_benchmark.py",
-                                 description="The parts benchmark: phpn, NMF parts, DFF and baselines over disjoint draws.")
+                                 description="The parts benchmark: phpn, NMF parts, DFF and baselines "
+                                             "over disjoint draws.")
     ap.add_argument("--size", choices=tuple(SIZES), default="full", help="full: the frozen design (default)")
-    ap.add_argument("--draws", type=int, default=None, help=f"disjoint draws (default: the size's, {SIZES['full']['draws']} for full)")
+    ap.add_argument("--draws", type=int, default=None,
+                    help=f"disjoint draws (default: the size's, {SIZES['full']['draws']} for full)")
     ap.add_argument("--k", type=int, default=3, help="prototypes per class (default 3, the parts per class)")
     ap.add_argument("--solvers", nargs="+", default=list(DEFAULT_SOLVERS), choices=SOLVERS)
     ap.add_argument("--deletion", action="store_true", help="also the deletion gap in every draw (slower)")
