@@ -1,13 +1,11 @@
 """Train the parts-benchmark CNN on the synthetic part images (seeded, CPU, a few minutes).
 
     python scripts/train_parts_cnn.py [--epochs 6] [--seed 0] [--out assets/parts-benchmark]
-    python scripts/train_parts_cnn.py --skip-training --benchmark full   # re-score only
 
 Writes ``parts_cnn.safetensors`` (the state dict), ``metrics.json`` (test accuracy,
 settings, timing) and ``sample.png`` (a few test images per class) to ``--out``.
-The images are regenerated from the dataset seed, never stored. With ``--benchmark``
-it then runs the parts benchmark on the weights in ``--out`` and writes
-``results-<size>.md`` and ``results-<size>.json`` (the comparison table) there.
+The images are regenerated from the dataset seed, never stored. The benchmark itself is
+``python scripts/parts_benchmark.py`` (its design and results: ``docs/benchmarks/``).
 """
 from __future__ import annotations
 
@@ -56,35 +54,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--test-per-class", type=int, default=50)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "assets" / "parts-benchmark"))
-    ap.add_argument("--benchmark", choices=("none", "small", "full"), default="none",
-                    help="after training, score the prototypes on the parts benchmark")
-    ap.add_argument("--skip-training", action="store_true", help="only run --benchmark on existing weights")
-    ap.add_argument("--draws", type=int, default=1,
-                    help="score on this many disjoint test draws and report mean ± standard deviation (default 1)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    metrics = None if args.skip_training else train(args)
-    if args.benchmark != "none":
-        benchmark(args.benchmark, Path(args.out), args.draws)
-    return metrics
-
-
-def benchmark(size: str, out: Path, draws: int = 1) -> dict:
-    from phpn.evaluate.benchmark import run_parts_benchmark
-
-    result = run_parts_benchmark(size, asset_dir=out, draws=draws)
-    keep = {k: v for k, v in result.items() if k not in ("details", "markdown")}
-    (out / f"results-{size}.json").write_text(json.dumps(keep, indent=1) + "\n")
-    header = (f"# Parts benchmark ({size})\n\n"
-              f"CNN test accuracy {result['accuracy']:.1f}% on {result['test_images']} test images; "
-              f"k = {result['k']} prototypes per class, discovery on {result['discovery_images_per_class']} "
-              f"training images per class, seed {result['seed']}; {result['seconds']:.0f} s on CPU."
-              + (f" Scores: mean ± standard deviation over {draws} disjoint test draws "
-                 f"({result['test_images'] // draws} images each); deletion on the first draw." if draws > 1 else "")
-              + "\n\n")
-    (out / f"results-{size}.md").write_text(header + result["markdown"])
-    print(header + result["markdown"])
-    return result
+    return train(args)
 
 
 def train(args) -> dict:
