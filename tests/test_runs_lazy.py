@@ -182,23 +182,50 @@ def test_a_replaced_prototype_tensor_stays_replaced(discovered, tmp_path):
     assert torch.equal(opened.prototypes, flipped) and torch.equal(opened.class_prototypes(1), flipped[1])
 
 
-@pytest.mark.parametrize("demo", ["fashion-mnist", "imagenet-lite0"])
-def test_shipped_format_1_runs_open_and_save_as_format_2(demo, tmp_path):
-    folder = ROOT / "assets" / demo / "run"
-    assert json.loads((folder / META).read_text())["format_version"] == 1
+def _write_format_1(run, folder: Path) -> Path:
+    """A run as phpn wrote it before format 2: every tensor in tensors.safetensors, every class
+    record in run.json, the tensors file's sha256 recorded there."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    save_file({name: getattr(run, name).contiguous() for name in TENSOR_NAMES}, str(folder / TENSORS))
+    meta = {key: value for key, value in run.meta.items() if key not in ("shape", "head", "shards")}
+    meta.update(format_version=1, classes=list(run.meta["classes"]), tensors_sha256=runs.file_sha256(folder / TENSORS))
+    (folder / META).write_text(json.dumps(meta))
+    return folder
+
+
+def test_format_1_runs_open_checked_whole_and_save_as_format_2(discovered, tmp_path):
+    folder = _write_format_1(discovered, tmp_path / "v1")
     old = load_run(folder)
-    assert isinstance(old.meta["classes"], list) and old.prototypes.shape[0] == len(old.meta["classes"])
-    first = int(old.class_indices[0])
-    assert old.class_meta(first)["index"] == first and torch.equal(old.class_prototypes(first), old.prototypes[0])
+    assert isinstance(old.meta["classes"], list) and "_shards" not in old.__dict__
+    _same_run(discovered, old)
+    assert old.class_meta(2) == discovered.meta["classes"][2]
+    assert torch.equal(old.class_prototypes(2), discovered.prototypes[2])
     new = load_run(save_run(old, tmp_path / "v2"))
     assert new.meta["format_version"] == 2
     _same_run(old, new)
-    assert sorted(p.name for p in folder.iterdir()) == [META, TENSORS]  # the shipped run is left as it is
+    assert sorted(p.name for p in folder.iterdir()) == [META, TENSORS]  # the format-1 run is left as it is
+    raw = bytearray((folder / TENSORS).read_bytes())
+    raw[-3] ^= 0x01
+    (folder / TENSORS).write_bytes(bytes(raw))
+    with pytest.raises(RunError, match="tensors.safetensors does not match the checksum recorded in run.json"):
+        load_run(folder)  # a format-1 run is checked whole when opened
+
+
+@pytest.mark.parametrize("demo", ["fashion-mnist", "imagenet-lite0"])
+def test_shipped_runs_open_and_save_again_unchanged(demo, tmp_path):
+    folder = ROOT / "assets" / demo / "run"
+    before = sorted(p.name for p in folder.iterdir())
+    old = load_run(folder)
+    first = int(old.class_indices[0])
+    assert old.class_meta(first)["index"] == first and torch.equal(old.class_prototypes(first), old.prototypes[0])
+    _same_run(old, load_run(save_run(old, tmp_path / "again")))
+    assert sorted(p.name for p in folder.iterdir()) == before  # the shipped run is left as it is
 
 
 def test_replacing_a_run_leaves_only_the_new_runs_files(discovered, tmp_path):
-    old_format = tmp_path / "old"
-    shutil.copytree(ROOT / "assets" / "fashion-mnist" / "run", old_format)
+    old_format = _write_format_1(load_run(ROOT / "assets" / "fashion-mnist" / "run"), tmp_path / "old")
     with pytest.raises(RunError, match="already holds a phpn run"):
         save_run(discovered, old_format)
     save_run(discovered, old_format, overwrite=True)  # a format-1 run replaced by a format-2 one
