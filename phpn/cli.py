@@ -249,6 +249,24 @@ def cmd_certify(args) -> int:
     return 0 if cert.passed else 1
 
 
+def cmd_verify(args) -> int:
+    import time
+
+    from .runs import verify_run
+
+    start = time.perf_counter()
+    run = verify_run(args.run)  # every shard read and checked; any failure is a RunError
+    seconds = time.perf_counter() - start
+    shards = run.meta.get("shards")  # format 2: a head file and two files a shard; format 1: one tensors file
+    obj = {"run": str(args.run), "format_version": run.meta["format_version"], "classes": len(run.class_indices),
+           "k": run.k, "files_checked": 1 + 2 * len(shards) if shards is not None else 1,
+           "seconds": round(seconds, 3)}
+    _emit(args, obj, f"{args.run}: format {obj['format_version']}, {obj['classes']} classes × k = {run.k}; every "
+                     f"file matches its checksum, every value is finite and each class's prototypes sum to its "
+                     f"head row ({seconds:.1f} s).")
+    return 0
+
+
 def cmd_explain(args) -> int:
     from .api import explain_image
 
@@ -416,6 +434,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=D.BATCH_SIZE)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_certify)
+
+    p = sub.add_parser("verify", help="check all of a saved run now: every file's checksum, finite values, "
+                                      "each class's prototypes summing to its head row (opening checks a class "
+                                      "when it is first needed)")
+    p.add_argument("run", type=Path)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("explain", help="explain images with a run's prototypes (one, or many into --out)")
     p.add_argument("run", type=Path)

@@ -299,3 +299,18 @@ def test_the_app_reopens_a_run_without_reading_its_shards_and_names_a_damaged_on
         again.switch_page(page).run()
         _clean(again)  # said on the page, no traceback
         assert any(damaged in e for e in _errors(again)), page
+
+
+def test_the_command_line_checks_a_whole_run(large, capsys):
+    from phpn.cli import main
+
+    path, _ = large
+    assert main(["verify", str(path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["format_version"] == 2 and out["classes"] == 10_000 and out["k"] == 2 and out["files_checked"] == 81
+    bad = _shard_of(path, 9000)
+    (path / bad["records"]).write_text("[]")
+    assert main(["verify", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: The run at ") and \
+        f"is damaged: {bad['records']} does not match the checksum recorded in run.json" in err[0]
