@@ -126,6 +126,9 @@ def run_benchmark(quick: bool = False, device: str = "auto", k: int = 3, baselin
         "warmup_s": warmup_s,
         "refine_objective_drop": float((1 - refined.objective_after / refined.objective_before).mean()),
         "median_map_fidelity": float(refined.fidelity.median()),
+        "refine_iterations": {"min": int(refined.iterations.min()), "median": int(refined.iterations.median()),
+                              "max": int(refined.iterations.max())},
+        "refine_converged": int(refined.converged.sum()),
         "max_head_error": head_error,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
@@ -320,7 +323,9 @@ def main(argv=None) -> int:
     print(f"speed-up {r['speedup_vs_sklearn_nmf']:.1f}x   relative error phpn {r['phpn_relative_error_sample']:.4f} vs "
           f"sklearn {r['sklearn_relative_error_sample']:.4f} (ratio {r['error_ratio_phpn_over_sklearn']:.4f})")
     print(f"refinement: objective -{100 * r['refine_objective_drop']:.0f}%, median map fidelity "
-          f"{r['median_map_fidelity']:.3f}, max head error {r['max_head_error']:.1e}")
+          f"{r['median_map_fidelity']:.3f}, max head error {r['max_head_error']:.1e}; L-BFGS iterations per class "
+          f"{r['refine_iterations']['min']}-{r['refine_iterations']['max']} (median {r['refine_iterations']['median']}), "
+          f"{r['refine_converged']} of {r['classes']} classes converged")
     print(f"peak memory {r['peak_rss_mb']:.0f} MB RSS" + (f", {r['peak_gpu_mb']:.0f} MB GPU" if "peak_gpu_mb" in r else ""))
     return 0
 
