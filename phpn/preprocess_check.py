@@ -41,9 +41,10 @@ NORMALISATIONS = {  # name -> (mean, std) for one channel; RGB presets per chann
     "0.5": ((0.5,), (0.5,)),
     "none": ((0.0,), (1.0,)),
 }
-# Other arrangements of a 3-channel model's colours tried in stage 4 (Preprocess.colour) -> how the
-# table names them; "rgb" (as decoded) is what every earlier stage uses.
-COLOUR_VARIANTS = {"bgr": "BGR (channel order reversed)", "grey": "grey as RGB (grey image in each channel)"}
+# Every arrangement of a 3-channel model's colours (Preprocess.colour) -> how the table names it;
+# stage 4 tries the ones not in use (earlier stages keep the colour in use).
+COLOUR_VARIANTS = {"rgb": "RGB (as decoded)", "bgr": "BGR (channel order reversed)",
+                   "grey": "grey as RGB (grey image in each channel)"}
 BEST_SIZES_RENORMALISED = 3  # how many of the best geometries are tried with every normalisation
 BEST_SETTINGS_RECOLOURED = 2  # how many of the best settings are tried with every colour variant
 DEFAULT_IMAGES_PER_CLASS = 3
@@ -147,7 +148,7 @@ class PreprocessCheck:
                     f"{cur.images} images ({100 * (cur.accuracy or 0):.0f}%){lead}.")
         return (f"Use {describe(best.preprocess)} ({best.label}): right on {best.correct} of {best.images} images "
                 f"({100 * (best.accuracy or 0):.0f}%), against {cur.correct} ({100 * (cur.accuracy or 0):.0f}%) with the "
-                f"setting in use. CLI: {cli_flags(best.preprocess)}")
+                f"setting in use. CLI: {cli_flags(best.preprocess, cur.preprocess)}")
 
     def to_dict(self) -> dict:
         return {"images": self.images, "classes": self.classes, "current": self.current.to_dict(),
@@ -177,7 +178,7 @@ def colour_name(pre: Preprocess) -> str:
     """How the model gets the image's colours: "grey" (a 1-channel model), "RGB", or a variant's name."""
     if pre.channels == 1:
         return "grey"
-    return COLOUR_VARIANTS.get(pre.colour, "RGB")
+    return "RGB" if pre.colour == "rgb" else COLOUR_VARIANTS[pre.colour]
 
 
 def describe(pre: Preprocess) -> str:
@@ -186,9 +187,11 @@ def describe(pre: Preprocess) -> str:
     return f"{size}, {normalisation_name(pre)} normalisation{colours}"
 
 
-def cli_flags(pre: Preprocess) -> str:
+def cli_flags(pre: Preprocess, current: Optional[Preprocess] = None) -> str:
+    """The CLI flags for ``pre``; --colour when it is not RGB, or differs from the ``current`` setting's."""
+    colour = pre.colour != "rgb" or (current is not None and current.colour != pre.colour)
     return (f"--resize {pre.resize} --crop {pre.crop} --mean {' '.join(f'{m:g}' for m in pre.mean)} "
-            f"--std {' '.join(f'{s:g}' for s in pre.std)}" + (f" --colour {pre.colour}" if pre.colour != "rgb" else ""))
+            f"--std {' '.join(f'{s:g}' for s in pre.std)}" + (f" --colour {pre.colour}" if colour else ""))
 
 
 def _fit(values: Sequence[float], channels: int) -> tuple:
@@ -313,7 +316,7 @@ def check_preprocessing(session, data: ImageFolderData, *, images_per_class: int
     # Stage 3 runs the best few geometries with every normalisation, stage 4 the best few settings
     # with every colour variant; count them in the total.
     total = (len(first) + BEST_SIZES_RENORMALISED * len(NORMALISATIONS)
-             + (BEST_SETTINGS_RECOLOURED * len(COLOUR_VARIANTS) if current.channels == 3 else 0))
+             + (BEST_SETTINGS_RECOLOURED * (len(COLOUR_VARIANTS) - 1) if current.channels == 3 else 0))
     results, seen = [], set()
     report(progress, "check", 0, total)
     for label, pre in first:
