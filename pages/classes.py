@@ -10,7 +10,7 @@ import streamlit as st
 
 from pages import _shared as S
 from phpn import viz
-from phpn.annotations import EDITED_MODEL, SUGGESTED_FLAGS
+from phpn.annotations import EDITED_MODEL, SUGGESTED_FLAGS, prototype_labels
 from phpn.defaults import MAP_OPACITY
 from phpn.defaults import class_name
 from phpn.errors import ConfigError
@@ -66,7 +66,7 @@ S.set_url(**{"class": int(class_index)})
 meta = run.class_meta(class_index)
 k = run.class_k(class_index)
 colors = [viz.prototype_color(i) for i in range(k)]
-labels = notes.labels(class_index)
+labels = prototype_labels(notes, class_index, k)
 shares = viz.contribution_shares(meta["mean_contribution"])
 
 left, right = st.columns([3, 2])

@@ -144,9 +144,6 @@ class Annotations:
         note = self.get(class_index, prototype)
         return plain_label(prototype) + (f" “{note.name}”" if note.name else "")
 
-    def labels(self, class_index: int) -> list:
-        return [self.label(class_index, i) for i in range(self.k)]
-
     def flagged(self, flag: Optional[str] = None) -> list:
         """(class index, prototype) of the prototypes carrying ``flag`` (any flag when None)."""
         return sorted(key for key, note in self.notes.items() if note.flags and (flag is None or flag in note.flags))
@@ -287,7 +284,7 @@ def switch_off(network, data, preprocess, off: dict, *, images_per_class: Option
                                                                 else c.paths)]
     if not items:
         raise ConfigError("There are no labelled images to compare on.", "Give an image folder with class folders.")
-    classes = network.class_indices.tolist()
+    classes = sorted(off)  # the others keep the model's logits: their prototypes are not needed
     truth, before, after, kept_paths, skipped = [], [], [], [], []
     device = network.backbone_device
     for start in range(0, len(items), batch_size):

@@ -608,8 +608,7 @@ def describe_decode(decode_device: Optional[torch.device]) -> str:
     """The decode mode in words, for the benchmark and the run's record."""
     if decode_device is None:
         return "cpu (Pillow)"
-    where = "nvJPEG on " + str(decode_device) if decode_device.type == "cuda" else f"torchvision on {decode_device}"
-    return f"{'gpu' if decode_device.type == 'cuda' else 'batch'} (JPEG bytes read by the workers, {where})"
+    return f"gpu (JPEG bytes read by the workers, nvJPEG on {decode_device})"
 
 
 def _jpeg_decoder():

@@ -224,8 +224,8 @@ class Contrast:
     contributions_b: np.ndarray  # (k,)
     maps_a: np.ndarray  # (k, H, W) on the feature grid
     maps_b: np.ndarray
-    labels_a: list = field(default_factory=list)  # each prototype as named (the expert's notes, else "prototype N")
-    labels_b: list = field(default_factory=list)
+    labels_a: list  # each prototype as named (the expert's notes, else "prototype N")
+    labels_b: list
 
     @property
     def gap(self) -> float:

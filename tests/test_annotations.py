@@ -66,7 +66,7 @@ def test_notes_are_saved_beside_the_run_and_never_change_it(world):
                                                                                          "background"])
     notes.set(0, 0, flags=["my own flag"])
     assert notes.label(2, 1) == "prototype 2 “blue sky”" and notes.label(2, 0) == "prototype 1"
-    assert notes.labels(2) == ["prototype 1", "prototype 2 “blue sky”", "prototype 3"]
+    assert A.prototype_labels(notes, 2, 3) == ["prototype 1", "prototype 2 “blue sky”", "prototype 3"]
     assert notes.get(2, 1).flags == ("background", "spurious")
     assert notes.flagged("spurious") == [(2, 1)] and notes.flagged() == [(0, 0), (2, 1)]
     path = A.save_annotations(notes, folder)

@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import tempfile
 import time
@@ -62,6 +61,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..atomic import write_atomic
 from ..errors import ConfigError, PhpnError
 from ..progress import ProgressFn, report
 from ..network import prototype_maps
@@ -121,23 +121,6 @@ def dff_prototypes(features: Sequence[torch.Tensor], k: int) -> tuple:
         unconverged += int(any(issubclass(w.category, ConvergenceWarning) for w in caught))
         concepts.append(torch.from_numpy(np.ascontiguousarray(c.T)).float())
     return torch.stack(concepts), unconverged
-
-
-class UpsampledMaps:
-    """An explainer whose maps come back already upsampled to the input size with ``mode``.
-
-    The metrics upsample maps bicubically unless they already have the input size, so this
-    scores the same prototypes with another interpolation and nothing else changed.
-    """
-
-    def __init__(self, explainer, mode: str):
-        _check_mode(mode)
-        self.explainer, self.mode = explainer, mode
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor, class_index: int):
-        maps, contributions, logit = self.explainer(images, class_index)
-        return upsample(maps, tuple(images.shape[-2:]), (self.mode,)), contributions, logit
 
 
 def _check_mode(mode: str) -> None:
@@ -506,7 +489,6 @@ def run_parts_benchmark(size: str = "small", out_dir=None, *, k: int = 3, seed: 
             "accuracy": accuracy,
             "trained_test_accuracy": trained.get("test_accuracy"),
             "test_images": int(len(kept)),
-            "test_draws": draws,
             "draws": draws,
             "discovery_images_per_class": sz["discovery_per_class"],
             "test_images_per_class": sz["test_per_class"],
@@ -550,9 +532,7 @@ def write_result(result: dict, path) -> tuple:
               f"{result['draws']} draws of {result['discovery_images_per_class']} discovery and "
               f"{result['test_images_per_class']} test images per class; {result['seconds']:.0f} s on CPU.\n\n")
     for p, text in ((path, json.dumps(result, indent=1) + "\n"), (table, header + result["markdown"])):
-        tmp = p.with_name(f".{p.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, p)
+        write_atomic(p, text)
     return path, table
 
 
