@@ -83,7 +83,7 @@ class RefineResult:
     mean_contribution: torch.Tensor = None  # (B, k) mean of F p̃_iᵀ over the discovery positions
     timings: dict = None  # seconds per step: scaling, basis, solve, finish
     iterations: torch.Tensor = None  # (B,) L-BFGS iterations each class took (0 for other solvers)
-    converged: torch.Tensor = None  # (B,) bool: False where L-BFGS stopped at max_iter
+    converged: torch.Tensor = None  # (B,) bool: False where L-BFGS ran out of iterations before its stopping test
 
 
 def scale(prototypes: torch.Tensor, heads: torch.Tensor, method: str = "lstsq") -> torch.Tensor:
@@ -326,7 +326,8 @@ def _lbfgs(problem: _Problem, start: torch.Tensor, max_iter: int, tick=None, his
     run out; its end point then depends on rounding (thread count, device). Here each class
     stops when its objective no longer falls by more than ``tolerance`` of its value (or its
     gradient vanishes), which makes the result a property of the problem, not of the path.
-    Returns the solution (B, k−1, m) and each class's iteration count (B,).
+    Returns the solution (B, k−1, m), each class's iteration count (B,) and whether it met its
+    stopping test (B,) rather than running out of iterations.
     """
     b = start.shape[0]
     shape = start.shape[1:]
@@ -415,7 +416,7 @@ def _lbfgs(problem: _Problem, start: torch.Tensor, max_iter: int, tick=None, his
         # A class is done when its objective stops falling or no step lowers it any more.
         done = ~accepted | (decrease <= tolerance * f_new.abs().clamp(min=1.0)) | (g_new.abs().amax(1) <= EPS)
         active[idx[done]] = False
-    return (origin + scale * x).reshape(b, *shape).to(start.dtype), iterations
+    return (origin + scale * x).reshape(b, *shape).to(start.dtype), iterations, ~active
 
 
 def _nelder_mead(problem: _Problem, start: torch.Tensor, max_evaluations: int, tick=None) -> torch.Tensor:
@@ -482,8 +483,9 @@ def refine(features: torch.Tensor, prototypes: torch.Tensor, heads: torch.Tensor
         free = problem.start()
         before = problem.loss(free)
         iterations = torch.zeros(b, dtype=torch.long)
+        converged = torch.ones(b, dtype=torch.bool)
         if k > 1 and config.solver == "lbfgs":
-            free, iterations = _lbfgs(problem, free, config.max_iter, tick, tolerance=config.tolerance)
+            free, iterations, converged = _lbfgs(problem, free, config.max_iter, tick, tolerance=config.tolerance)
         elif k > 1 and config.solver == "nelder-mead":
             free = _nelder_mead(problem, free, config.max_evaluations, tick)
         after = problem.loss(free)
@@ -512,7 +514,7 @@ def refine(features: torch.Tensor, prototypes: torch.Tensor, heads: torch.Tensor
         fidelity=fidelity.double(),
         negative_alpha=(alpha < 0).sum(1),
         iterations=iterations.cpu(),
-        converged=(iterations < config.max_iter).cpu(),
+        converged=converged.cpu(),
         part_share=shares.cpu(),
         mean_contribution=contribution.cpu(),
         timings=clock.laps,
