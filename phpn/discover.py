@@ -32,7 +32,7 @@ from .errors import ConfigError, DataError
 from .features import FeatureTap, backbone_features, prepare_backbone
 from .models.head import NONNEGATIVE_FEATURES_NMF, SIGNED_FEATURES_NMF, HeadSplit, LoadedModel
 from .network import prototype_maps
-from .nmf import NMFConfig, nmf, suggest_k
+from .nmf import NMFConfig, NMFResult, nmf, suggest_k
 from .progress import ProgressFn, RepeatLast, report
 from .part_metrics import class_part_metrics, fidelity_and_specificity, warnings_for
 from .refine import RefineConfig, part_signs, refine
@@ -342,7 +342,8 @@ def _factorise_group(g: int, group: list, stacked: torch.Tensor, counts: torch.T
     t0 = time.perf_counter()
     report(progress, "nmf", classes_done, classes_total)
     k_most = config.auto_k or config.suggest_k
-    suggestions = suggest_k(nmf_input, config.nmf_config(), counts, k_most, nmf_tick) if k_most else None
+    suggestions, tried = (suggest_k(nmf_input, config.nmf_config(), counts, k_most, nmf_tick, keep=True)
+                          if k_most else (None, {}))
     ks = [s[0] for s in suggestions] if config.auto_k else [config.k] * len(group)
     width = config.width
     prototypes = torch.zeros(len(group), width, d, dtype=torch.float64)
@@ -355,10 +356,12 @@ def _factorise_group(g: int, group: list, stacked: torch.Tensor, counts: torch.T
         rows = [i for i, kk in enumerate(ks) if kk == k]
         whole = len(rows) == len(group)
         pick = torch.tensor(rows, device=stacked.device)
-        sub_input = nmf_input if whole else nmf_input[pick]
         sub_counts = counts if whole else counts[pick.cpu()]
-        # Ticks inside the solvers let a cancelling progress callback stop them promptly.
-        found = nmf(sub_input, replace(config.nmf_config(), k=k), sub_counts, tick=nmf_tick)
+        if config.auto_k:  # the factorisation the class's error curve was made of, not a second one
+            found = _rows_of(tried[k], pick)
+        else:  # ticks inside the solvers let a cancelling progress callback stop them promptly
+            found = nmf(nmf_input if whole else nmf_input[pick], replace(config.nmf_config(), k=k), sub_counts,
+                        tick=nmf_tick)
         _sync(device)
         timings["nmf_s"] += time.perf_counter() - t0
         if not bool(torch.isfinite(found.prototypes).all()):
@@ -366,7 +369,6 @@ def _factorise_group(g: int, group: list, stacked: torch.Tensor, counts: torch.T
             bad = [group[i].folder for i, fine in zip(rows, ok) if not fine]
             raise ConfigError(f"NMF failed numerically for the class folder(s) {', '.join(bad[:5])}.",
                               "Run discovery again with --nmf-solver sklearn (or on the CPU), and report the case.")
-        del sub_input
         t0 = time.perf_counter()
         report(progress, "refine", classes_done, classes_total)
         sub_feats = stacked if whole else stacked[pick]
@@ -390,6 +392,13 @@ def _factorise_group(g: int, group: list, stacked: torch.Tensor, counts: torch.T
     for record, (k, reason, errors) in zip(records, suggestions or []):
         record["k_suggested"], record["k_reason"], record["k_relative_errors"] = k, reason, errors
     return records, prototypes, nmf_prototypes, alpha
+
+
+def _rows_of(found: NMFResult, rows: torch.Tensor) -> NMFResult:
+    """Some classes' rows of a batched NMF result."""
+    rows = rows.to(found.prototypes.device)
+    return replace(found, prototypes=found.prototypes[rows], encodings=found.encodings[rows],
+                   error=found.error[rows], relative_error=found.relative_error[rows])
 
 
 def _stream_groups(todo: list, groups: list, data: ImageFolderData, preprocess: Preprocess, forward, shape: tuple,

@@ -345,8 +345,9 @@ def elbow_k(ks, errors) -> tuple:
 
 
 def suggest_k(features: torch.Tensor, config: NMFConfig, counts: Optional[torch.Tensor] = None, k_max: int = 8,
-              tick: Optional[Callable[[], None]] = None) -> list:
-    """Per class, (k, reason, {k: relative error}) from the elbow of NMF's error for k = 2..k_max."""
+              tick: Optional[Callable[[], None]] = None, keep: bool = False):
+    """Per class, (k, reason, {k: relative error}) from the elbow of NMF's error for k = 2..k_max.
+    With ``keep``, also {k: NMFResult}: the factorisations the curve was made of."""
     from dataclasses import replace
 
     if k_max < 2:
@@ -354,10 +355,11 @@ def suggest_k(features: torch.Tensor, config: NMFConfig, counts: Optional[torch.
     b = features.shape[0]
     smallest = int(counts.min()) if counts is not None else features.shape[1]
     ks = list(range(2, min(k_max, smallest, features.shape[2], 20) + 1))
-    errors = [nmf(features, replace(config, k=k), counts, tick).relative_error.tolist() for k in ks]
+    results = {k: nmf(features, replace(config, k=k), counts, tick) for k in ks}
+    errors = [results[k].relative_error.tolist() for k in ks]
     out = []
     for c in range(b):
         curve = [errors[j][c] for j in range(len(ks))]
         k, reason = elbow_k(ks, curve)
         out.append((k, reason, {str(kk): e for kk, e in zip(ks, curve)}))
-    return out
+    return (out, results) if keep else out

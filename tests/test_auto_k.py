@@ -37,6 +37,7 @@ def test_each_class_gets_its_elbow_and_the_run_stays_exact(auto_run):
         assert len(record["fidelity"]) == len(record["alpha"]) == len(record["mean_contribution"]) == k
         curve = record["k_relative_errors"]
         assert (k, record["k_reason"]) == elbow_k([int(j) for j in curve], list(curve.values()))
+        assert record["nmf_relative_error"] == curve[str(k)]  # the parts are the factorisation the curve measured
         assert int(torch.count_nonzero(run.prototypes[row, k:])) == 0  # unused slots are zero
         assert bool((run.prototypes[row, :k] != 0).any(1).all())
         assert run.class_prototypes(c).shape == (k, run.prototypes.shape[2])
