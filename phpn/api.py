@@ -18,11 +18,11 @@ import torch
 from PIL import Image
 
 from .certify import Certificate, certify
-from .defaults import (AUTO_K_MAX, BATCH_SIZE, DECODE, DEVICE, IMAGES_PER_CLASS, K, SEED, TOP_CLASSES, class_name,
+from .defaults import (BATCH_SIZE, DECODE, DEVICE, IMAGES_PER_CLASS, K, SEED, TOP_CLASSES, class_name,
                        class_names_or_indices)
 from .data import ImageFolderData, Preprocess, load_batch, load_image, scan_image_folder
 from .device import resolve_device
-from .discover import DiscoveryConfig, discover
+from .discover import DiscoveryConfig, discover, resolve_k
 from .errors import ConfigError, NotDecomposableError
 from .explanation import Explanation, picture_of_tensor
 from .inputs import (InMemoryImages, TensorInput, as_preprocess, first_image, from_dataset, from_loader,
@@ -363,10 +363,8 @@ def _config(k, images_per_class, device, options: dict) -> DiscoveryConfig:
                           f"Use: {', '.join(sorted(allowed))}.")
     if options.get("classes") is not None:
         options = dict(options, classes=tuple(int(c) for c in options["classes"]))
-    if k == "auto":  # each class its own k, 2..auto_k (default AUTO_K_MAX), at the elbow of NMF's error
-        options = dict(options, auto_k=options.get("auto_k") or AUTO_K_MAX)
-        k = K
-    return DiscoveryConfig(k=k, images_per_class=images_per_class, device=device, **options)
+    k, auto_k = resolve_k(k, options.pop("auto_k", None))  # k = "auto": each class its own, at NMF's elbow
+    return DiscoveryConfig(auto_k=auto_k, k=k, images_per_class=images_per_class, device=device, **options)
 
 
 def decompose(model, data, *, k=K, images_per_class: Optional[int] = IMAGES_PER_CLASS, preprocess=None,

@@ -98,21 +98,16 @@ def cmd_doctor(args) -> int:
 
 def cmd_discover(args) -> int:
     from .api import open_data, run_discovery
-    from .discover import DiscoveryConfig
+    from .discover import DiscoveryConfig, resolve_k
     from .progress import TqdmProgress
     from .runs import check_run_target, save_run
 
     check_run_target(args.out, args.overwrite)  # before any work: a bad --out fails at once
     session = _session(args)
-    from .defaults import AUTO_K_MAX, discovery_defaults
+    from .defaults import discovery_defaults
 
     defaults = discovery_defaults(session.demo)
-    if args.k_max is not None and args.k != "auto":
-        from .errors import ConfigError
-
-        raise ConfigError("--k-max applies only to an automatic k.", "Add --k auto, or leave out --k-max.")
-    auto_k = (args.k_max or AUTO_K_MAX) if args.k == "auto" else None
-    k = defaults["k"] if args.k is None or auto_k else args.k
+    k, auto_k = resolve_k(args.k, args.k_max, defaults["k"])
     cap = args.images_per_class if args.images_per_class is not None else defaults["images_per_class"]
     solver = args.solver or defaults["solver"]
     config = DiscoveryConfig(k=k, images_per_class=cap, solver=solver, nmf_solver=args.nmf_solver,

@@ -115,6 +115,17 @@ class DiscoveryConfig:
         return d
 
 
+def resolve_k(k, k_max: Optional[int] = None, default_k: int = D.K) -> tuple:
+    """(k, auto_k) for :class:`DiscoveryConfig` from a k that may be "auto" (each class its own
+    k, 2..``k_max``, default ``AUTO_K_MAX``): the one home of that rule, for the CLI and the API."""
+    if k == "auto":
+        return default_k, k_max or D.AUTO_K_MAX
+    if k_max is not None:
+        raise ConfigError("A largest k (--k-max, auto_k) applies only to an automatic k.",
+                          "Ask for k = auto (--k auto), or leave the largest k out.")
+    return (default_k if k is None else k), None
+
+
 def patch_box(position, grid, crop: int, scale: float = 2.0) -> list:
     """Box [x0, y0, x1, y1] in input pixels around a feature-grid cell, ``scale`` cells wide."""
     (row, col), (h, w) = position, grid

@@ -62,7 +62,16 @@ def test_bad_automatic_k_settings_are_refused(capsys):
     assert stop.value.code == 2
     assert "expected a whole number or 'auto', got 'several'" in capsys.readouterr().err
     assert main(["discover", "--demo", "fashion-mnist", "--k", "4", "--k-max", "6", "--out", "x"]) == 2
-    assert "--k-max applies only to an automatic k." in capsys.readouterr().err
+    assert "A largest k (--k-max, auto_k) applies only to an automatic k." in capsys.readouterr().err
     with pytest.raises(ConfigError) as err:
         DiscoveryConfig(auto_k=30)
     assert err.value.problem == "The largest automatic k must be between 2 and 20, got 30."
+
+
+def test_one_rule_turns_k_into_settings():
+    from phpn.discover import resolve_k
+
+    assert resolve_k("auto") == (3, 8) and resolve_k("auto", 5) == (3, 5)
+    assert resolve_k(4) == (4, None) and resolve_k(None, default_k=5) == (5, None)
+    with pytest.raises(ConfigError, match="applies only to an automatic k"):
+        resolve_k(4, 6)
