@@ -286,11 +286,13 @@ def save_run(run: Run, path, overwrite: bool = False) -> Path:
     path = Path(path)
     check_run_target(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
-    records = list(run.meta.get("classes", []))  # reads every shard of a run opened lazily
-    meta = {key: value for key, value in run.meta.items() if key not in ("classes", "tensors_sha256")}
+    # The tensors first: a run opened lazily reads each shard once for them and keeps its records,
+    # so listing the records after reads nothing again and holds no second copy of the tensors.
     prototypes = run.prototypes.double().contiguous().cpu()
     nmf_prototypes = run.nmf_prototypes.float().contiguous().cpu()
     alpha = run.alpha.double().contiguous().cpu()
+    records = list(run.meta.get("classes", []))
+    meta = {key: value for key, value in run.meta.items() if key not in ("classes", "tensors_sha256")}
     class_indices = run.class_indices.long().contiguous().cpu()
     cd, k, d = prototypes.shape
     if len(records) != cd:
@@ -508,8 +510,8 @@ class ClassRecords(Sequence):
         return self._shards.record(i % n)
 
     def __iter__(self):
-        for number in range(len(self._shards.entries)):
-            yield from self._shards.records_of(number)
+        for number in range(len(self._shards.entries)):  # the records only: the shard's tensors are let go
+            yield from self._shards._checked(number, keep=False)[1]
 
     def __eq__(self, other) -> bool:  # equal to a list of the same records, as meta["classes"] of a format-1 run
         return isinstance(other, (list, tuple, ClassRecords)) and len(self) == len(other) and list(self) == list(other)
