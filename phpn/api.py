@@ -201,13 +201,16 @@ def run_discovery(session: ModelSession, data: ImageFolderData, config: Discover
     return run
 
 
-def open_run_for(session: ModelSession, path) -> Run:
+def open_run_for(session: ModelSession, path, run: Optional[Run] = None) -> Run:
     """Open a saved run for this model, checked against it (checkpoint, architecture, cut, head
     rows). Its per-class shards are read and checked when first needed, so a large run opens
-    at once. Refuses a damaged run and another checkpoint's, architecture's or cut's run."""
-    from .runs import load_run as read_run  # this module's load_run is the public wrapper
+    at once. Refuses a damaged run and another checkpoint's, architecture's or cut's run.
+    ``run``: the run at ``path`` when the caller has opened it already (it is not read again)."""
+    from .runs import check_checkpoint, load_run as read_run  # this module's load_run is the public wrapper
 
-    run = read_run(path, expected_sha256=session.loaded.sha256)
+    if run is None:
+        run = read_run(path)
+    check_checkpoint(run, session.loaded.sha256)
     check_model(run, session.loaded, session.split)
     return run
 
@@ -438,12 +441,13 @@ class DecomposedRun(Run):
     session: Optional[ModelSession] = None
 
     @classmethod
-    def attach(cls, run: Run, session: Optional[ModelSession]) -> "DecomposedRun":
+    def attach(cls, run: Run, session: Optional[ModelSession], checked: bool = False) -> "DecomposedRun":
+        """``checked``: the run was opened for this session (:func:`open_run_for`), head included."""
         out = cls.__new__(cls)
         out.__dict__.update(run.__dict__)  # a run opened lazily stays lazy: its shards are read when needed
         out.__dict__.pop("_network", None)  # built for the session given here, when first asked for
         out.session = session
-        if session is not None:
+        if session is not None and not checked:
             check_split(out, session.split)  # the run fits the model's head
         return out
 
@@ -526,7 +530,7 @@ def load_run(path, model=None, **open_options) -> DecomposedRun:
             session = open_model(demo=run.meta["demo"], **open_options)
         else:
             session = open_model(model, **open_options)
-    return DecomposedRun.attach(open_run_for(session, path), session)
+    return DecomposedRun.attach(open_run_for(session, path, run=run), session, checked=True)
 
 
 # --- explanations in bulk (the CLI's ``phpn explain RUN IMAGES... --out DIR``) -----------------

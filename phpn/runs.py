@@ -547,13 +547,18 @@ def load_run(path, expected_sha256: Optional[str] = None) -> Run:
         raise RunError(f"The run at {path} has format {version}, this phpn reads formats "
                        f"{', '.join(map(str, READABLE_VERSIONS))}.", "Run discovery again with this version.")
     run = _open_version_1(path, meta) if version == 1 else _open_version_2(path, meta)
-    if expected_sha256 and run.checkpoint_sha256 and expected_sha256 != run.checkpoint_sha256:
+    check_checkpoint(run, expected_sha256)
+    return run
+
+
+def check_checkpoint(run: Run, sha256: Optional[str]) -> None:
+    """Refuse a run made from another checkpoint than the one with ``sha256`` (None: not known)."""
+    if sha256 and run.checkpoint_sha256 and sha256 != run.checkpoint_sha256:
         raise RunError(
             f"This run was made from a different checkpoint (sha256 {run.checkpoint_sha256[:12]}…, "
-            f"the loaded one is {expected_sha256[:12]}…).",
+            f"the loaded one is {sha256[:12]}…).",
             "Load the checkpoint the run was made from, or run discovery again for this one.",
         )
-    return run
 
 
 def verify_run(path, expected_sha256: Optional[str] = None) -> Run:
