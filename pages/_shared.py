@@ -119,6 +119,14 @@ def _load_model_entry(spec: tuple, _given: dict) -> ModelEntry:
                          feature_layer=s.get("feature_layer"), head_layer=s.get("head_layer"))
     if s.get("demo"):
         label = f"demo: {s['demo']}"
+    elif s.get("origin"):  # an upload by its own name and how it came, not where the server keeps it
+        from dataclasses import replace
+
+        from phpn.provenance import describe_origin
+
+        origin = dict(s["origin"])
+        label = origin.get("name") or Path(str(s.get("checkpoint"))).name
+        session.loaded = replace(session.loaded, source=describe_origin(origin))
     else:
         label = Path(str(s.get("checkpoint"))).name
     return ModelEntry(session=session, key=repr(spec), label=label,
@@ -428,15 +436,23 @@ def sync_url() -> None:
 
 def _record_how_the_model_was_loaded(run, entry: ModelEntry) -> None:
     """The run remembers how the app loaded its model (file, architecture file, preprocessing,
-    layers), so that a saved run can reopen it later."""
+    layers), so that a saved run can reopen it later, and where the model came from (the upload's
+    own name, how it was loaded). Files in the visitor's workspace are written 'my files/…':
+    a saved or exported run holds no server path of theirs."""
+    from phpn.provenance import model_origin, portable_path, recorded_load
+
     spec = copy.deepcopy(entry.spec)
+    model = run.meta.setdefault("model", {})
     if spec and not spec.get("demo"):
-        run.meta.setdefault("model", {}).setdefault("app_load", spec)
+        model.setdefault("app_load", recorded_load(spec, workspace().path))
+    origin = model_origin("demo", name=spec["demo"]) if spec.get("demo") else spec.get("origin")
+    if origin and model.get("sha256") == entry.session.loaded.sha256:
+        model.setdefault("origin", {**origin, "sha256": entry.session.loaded.sha256})
     data = current_data()
     recorded = run.meta.setdefault("data", {})
     if data is not None and data.kind != "demo" and recorded.get("root") == data.label:
-        recorded.setdefault("app_folder", {"root": str(data.data.root), "kind": data.kind, "cap": data.cap,
-                                           "seed": data.seed})
+        recorded.setdefault("app_folder", {"root": portable_path(data.data.root, workspace().path), "kind": data.kind,
+                                           "cap": data.cap, "seed": data.seed})
 
 
 def model_spec_of_run(run) -> Optional[dict]:
@@ -448,11 +464,16 @@ def model_spec_of_run(run) -> Optional[dict]:
     model = meta.get("model", {})
     recorded = model.get("app_load")
     if isinstance(recorded, dict) and recorded.get("checkpoint"):
+        from phpn.provenance import load_from_record
+
+        recorded = load_from_record(recorded, workspace().path)  # 'my files/…': this visitor's workspace
+        if recorded is None:
+            return None
         model_def = recorded.get("model_def")  # "file.py" or "file.py:Factory"
         if model_def and not Path(str(model_def)).is_file():
             model_def = str(model_def).rsplit(":", 1)[0]
-        files = [recorded.get("checkpoint"), model_def]
-        if all(f is None or (Path(str(f)).is_file() and serving.may_read(Path(str(f)), workspace())) for f in files):
+        files = [recorded.get("checkpoint"), model_def]  # a checkpoint may be a model folder
+        if all(f is None or (Path(str(f)).exists() and serving.may_read(Path(str(f)), workspace())) for f in files):
             return dict(recorded)
         return None
     source = model.get("source")
@@ -478,7 +499,9 @@ def reopen_run(folder: Path, origin: str) -> Optional[str]:
         spec = model_spec_of_run(run)
         if spec is None:
             st.session_state["pending_run"] = (Path(folder), origin, run.checkpoint_sha256)
-            name = Path(str(run.meta.get("model", {}).get("source", "the model file"))).name
+            recorded = run.meta.get("model", {})
+            name = ((recorded.get("origin") or {}).get("name")  # the upload's own name
+                    or Path(str(recorded.get("source", "the model file"))).name)
             return (f"This run was made from {name} (sha256 {run.checkpoint_sha256[:12]}…), which is not on this "
                     "server for you. Load that model on the Model & data page: the run opens as soon as it is "
                     "loaded.")
@@ -501,8 +524,10 @@ def _reopen_data(run) -> None:
     root = str(folder.get("root") or recorded.get("root", ""))
     if current_data() is not None or not root or root.startswith("demo:"):
         return
-    path = Path(root)
-    if not path.is_dir() or not serving.may_read(path, workspace()):
+    from phpn.provenance import resolve_portable
+
+    path = resolve_portable(root, workspace().path)  # 'my files/…': this visitor's workspace
+    if path is None or not path.is_dir() or not serving.may_read(path, workspace()):
         return
     config = run.meta.get("config", {})
     cap = folder.get("cap", config.get("images_per_class"))

@@ -8,6 +8,7 @@ import streamlit as st
 from pages import _shared as S
 from phpn import report
 from phpn.defaults import class_name
+from phpn.provenance import describe_origin, origin_words
 
 S.frame()
 st.title("Export")
@@ -28,6 +29,8 @@ def _slug(text: str) -> str:
 
 
 stem = _slug(model.session.demo or model.session.loaded.arch)
+recorded_model = run.meta.get("model", {})
+origin = describe_origin(recorded_model.get("origin"))  # the upload's own name and how it was loaded
 
 st.header("The run")
 st.caption("A zip of the run folder: `run.json` (model identity, every setting and seed, timings, certificate, "
@@ -35,6 +38,9 @@ st.caption("A zip of the run folder: `run.json` (model identity, every setting a
            "per-class statistics, top patches), each file checksummed. "
            "Load it again on the Discover page or with `python -m phpn explain --run …`. Your notes on the "
            "prototypes (names, flags, descriptions) are in it as `annotations.json`.")
+if origin:
+    st.caption(f"Model: {origin}. The run and the reports name it so; they hold no path of this server's "
+               "workspace.")
 
 
 @st.cache_data(max_entries=4, show_spinner=False)
@@ -55,7 +61,7 @@ S.memorise("export_class")
 
 
 def _class_html(class_index: int) -> str:
-    return report.class_report(run, class_index, image_root=S.image_root_for_run(run),
+    return report.class_report(run, class_index, image_root=S.image_root_for_run(run, class_index),
                                preprocess=model.session.preprocess, network=entry.network, notes=notes)
 
 
@@ -79,10 +85,11 @@ else:
     st.write(f"Last explanation: **{explained['label']}** for class **{e.class_name}** (logit {e.logit:.3f}).")
     if st.button("Build the explanation report", key="build_expl_report"):
         with S.user_errors():
-            html_text = report.explanation_report(e, run, image_root=S.image_root_for_run(run),
+            html_text = report.explanation_report(e, run, image_root=S.image_root_for_run(run, e.class_index),
                                                   preprocess=model.session.preprocess,
                                                   opacity=explained.get("opacity", 0.6),
-                                                  image_name=explained["label"], model_label=model.label,
+                                                  image_name=explained["label"],
+                                                  model_label=origin_words(recorded_model) or model.label,
                                                   run_label=S.shown_path(entry.saved_to) if entry.saved_to
                                                   else entry.origin, true_class=explained.get("true_class"),
                                                   notes=notes)

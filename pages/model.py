@@ -1,5 +1,6 @@
-"""Model & data: a built-in demo, an uploaded checkpoint or one on the server; the doctor's
-verdict; an image folder (zip upload or server path) and what was found in it."""
+"""Model & data: a built-in demo, an uploaded checkpoint (or a zipped Hugging Face model
+folder) or one on the server; the doctor's verdict; an image folder (zip upload or server
+path) and what was found in it."""
 import pandas as pd
 import streamlit as st
 
@@ -54,8 +55,11 @@ else:
     code_on = settings.allow_code
     if upload:
         # Any name or extension (.pt, .pth, .th, .tar, .ckpt, none…): the content is checked instead.
-        ckpt_file = st.file_uploader("Checkpoint: weights saved with torch.save or safetensors (any file name)",
-                                     key="ckpt_upload")
+        ckpt_file = st.file_uploader("Checkpoint: weights saved with torch.save or safetensors (any file name), "
+                                     "or a zipped Hugging Face model folder", key="ckpt_upload",
+                                     help="A Hugging Face model is the folder that save_pretrained wrote (config.json "
+                                          "and model.safetensors, optionally preprocessor_config.json), zipped. "
+                                          "Nothing is downloaded and no code from the folder runs.")
     else:
         if not paths_on:
             st.info("Paths on this server are turned off for visitors. " + serving.paths.PATHS_OFF_FIX,
@@ -69,7 +73,7 @@ else:
     timm_arch = c1.text_input("…or a timm model name", key="timm_arch", placeholder="timm/convnext_tiny",
                               help="Built with timm.create_model(NAME, pretrained=False): for a timm state dict "
                                    "whose weights' names do not tell the model. A Hugging Face model is a folder "
-                                   "written by save_pretrained: give its path.")
+                                   "written by save_pretrained: upload it zipped, or give its path.")
     num_classes = c2.number_input("Number of classes (0: read it from the checkpoint)", min_value=0, value=0,
                                   step=1, key="num_classes")
     with st.expander("Your own architecture (a Python file that builds the model)"):
@@ -110,16 +114,24 @@ else:
     if st.button("Load model", type="primary", key="load_model"):
         with S.user_errors(), serving.removed_on_error([]) as made:  # a failed load keeps no upload
             from phpn.api import read_class_names
-            from phpn.uploads import save_checkpoint_upload, save_upload
+            from phpn.provenance import model_origin
+            from phpn.uploads import MAX_ZIP_BYTES, save_model_upload, save_upload
 
             if upload:
                 if ckpt_file is None:
                     raise DataError("No checkpoint uploaded.", "Choose a checkpoint file first.")
                 ws = S.workspace()
                 ws.check_room(int(ckpt_file.size), "This checkpoint")
+                room = ws.room()
                 folder = ws.new_upload_dir()
                 made.append(folder)
-                checkpoint = save_checkpoint_upload(ckpt_file, folder)
+                with st.spinner("Checking the upload…"):
+                    # A zip's unpacked size counts against the quota; pickled weights in it need the opt-ins.
+                    saved = save_model_upload(ckpt_file, folder, max_bytes=min(MAX_ZIP_BYTES, room),
+                                              trusted=bool(trust))
+                checkpoint = saved.path
+                origin = model_origin("hf-zip" if saved.kind == "model-folder-zip" else "upload", name=saved.name,
+                                      folder=saved.folder)
                 model_def_file = None
                 if def_file is not None:
                     serving.require_code_allowed("a model file")
@@ -131,6 +143,7 @@ else:
                 if not ckpt_path.strip():
                     raise DataError("No checkpoint path given.", "Type the path of the checkpoint file on this server.")
                 checkpoint = S.visitor_path(ckpt_path, "checkpoint")
+                origin = model_origin("server-path", path=checkpoint)
                 model_def_file = S.visitor_path(def_path, "model file") if def_path.strip() else None
                 class_names = read_class_names(S.visitor_path(names_path, "class-names file")) \
                     if names_path.strip() else None
@@ -149,10 +162,13 @@ else:
             named = timm_arch.strip()
             if named and not named.startswith("timm/"):
                 named = "timm/" + named
+            # A model folder's weights are read as tensors only (its pickles passed the opt-ins above).
+            trust_pickle = bool(trust) and origin["how"] != "hf-zip"
             spec = dict(checkpoint=str(checkpoint), arch=named or (None if arch.startswith("(") else arch),
-                        model_def=model_def, trust_pickle=bool(trust), num_classes=int(num_classes) or None,
+                        model_def=model_def, trust_pickle=trust_pickle, num_classes=int(num_classes) or None,
                         class_names=tuple(class_names) if class_names else None,
-                        feature_layer=feature_layer.strip() or None, head_layer=head_layer.strip() or None)
+                        feature_layer=feature_layer.strip() or None, head_layer=head_layer.strip() or None,
+                        origin=origin)
             # Merged into the model's own preprocessing by the library before the doctor runs: one load.
             overrides = {"resize": int(resize) or None, "crop": int(crop) or None,
                          "channels": None if channels == "default" else int(channels),

@@ -140,7 +140,8 @@ def class_report(run, class_index: int, *, image_root=None, preprocess=None, net
 
     model = run.meta.get("model", {})
     body = [f"<h1>{_esc(name)} — {k} part-prototypes</h1>",
-            f'<p class="meta">Model {_esc(model.get("arch", "?"))} (sha256 {_esc(model.get("sha256", "")[:12])}…), '
+            f'<p class="meta">Model {_esc(model.get("arch", "?"))}{_esc(_origin(model))} '
+            f'(sha256 {_esc(model.get("sha256", "")[:12])}…), '
             f'class {class_index}, {meta.get("images", "?")} discovery images, run made {_esc(run.meta.get("created", "?"))}.</p>',
             "<h2>Exactness</h2>", _certificate_html(run.meta.get("certificate")),
             '<p class="note">The prototypes of a class sum exactly to its row of the classifier head, so the '
@@ -183,6 +184,14 @@ def class_report(run, class_index: int, *, image_root=None, preprocess=None, net
     return _page(f"phpn: {name}", "".join(body))
 
 
+def _origin(model_meta: dict) -> str:
+    """' from <the upload's name> (how it was loaded)' for a run made in the app, else ''."""
+    from .provenance import origin_words
+
+    words = origin_words(model_meta)
+    return f" from {words}" if words else ""
+
+
 def provenance(explanation, run, *, image_name: Optional[str] = None, model_label: Optional[str] = None,
                run_label: Optional[str] = None, true_class: Optional[int] = None) -> list:
     """(what, value) rows saying where an explanation comes from: the image, the model, the run,
@@ -196,6 +205,10 @@ def provenance(explanation, run, *, image_name: Optional[str] = None, model_labe
         return f"{names[i] if 0 <= i < len(names) else i} ({i})"
 
     model = run.meta.get("model", {})
+    if model_label is None:  # a run made in the app: the upload's own name and how it was loaded
+        from .provenance import origin_words
+
+        model_label = origin_words(model) or None
     image = image_name or getattr(e, "source", "") or "an image without a name"
     if run_label is None:
         where = getattr(run, "path", None)

@@ -12,6 +12,11 @@ Where they go (a private workspace per visitor, within quotas) is :mod:`phpn.ser
   escape their folder (absolute paths, ``..``), contain links, or are too large once
   unpacked (file count and total size, counted while writing so a lying header does not
   help), and return the folder that holds the class sub-folders.
+- :func:`unpack_model_folder`: save a zipped Hugging Face model folder (what
+  ``save_pretrained`` writes), unpack it with the same checks (and no archives inside), and
+  return the folder holding ``config.json``; pickled ``.bin`` weights need the operator's
+  switch for visitors' code and the visitor's trust, and a config asking for its own code is
+  refused. :func:`sniff_upload` tells such a zip from a checkpoint.
 - :func:`open_uploaded_image`: decode an uploaded image after checking its pixel count in
   the header, so a decompression bomb is refused before it is decoded.
 
@@ -24,7 +29,9 @@ import os
 import re
 import shutil
 import stat
+import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Optional
 
@@ -34,6 +41,10 @@ from .serving.workspace import human_size
 MAX_ZIP_FILES = 200_000
 MAX_ZIP_BYTES = 2 * 2 ** 30  # total uncompressed size; the visitor's quota may lower it
 MAX_IMAGE_PIXELS = 100_000_000
+MAX_MODEL_ZIP_FILES = 1_000  # config.json, the weights (or their shards), the processor's settings
+MODEL_CONFIG = "config.json"
+# Archives inside a model folder's zip are refused (by name: torch's own .bin files are zips too).
+_ARCHIVE_SUFFIXES = (".zip", ".tar", ".tgz", ".gz", ".bz2", ".xz", ".zst", ".7z", ".rar")
 _CHUNK = 1 << 20
 _IGNORED_TOP = {"__MACOSX"}
 _SAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
@@ -89,15 +100,29 @@ def save_upload(uploaded, directory, *, suffixes: Optional[tuple] = None, max_by
     return path
 
 
-def _sniff_zip(path: Path) -> Optional[str]:
+def _config_folders(names) -> list:
+    """The folders of a zip's member names that hold config.json: '' (the top) or one folder down."""
+    found = []
+    for name in names:
+        parts = _member_parts(name) or ()
+        if parts and parts[-1] == MODEL_CONFIG and len(parts) <= 2 and parts[0] not in _IGNORED_TOP:
+            found.append("/".join(parts[:-1]))
+    return sorted(set(found))
+
+
+def _sniff_zip(path: Path) -> str:
+    """'torch-zip', 'model-folder-zip', or what else the zip is (a DataError's words)."""
     try:
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
     except (zipfile.BadZipFile, OSError, ValueError):
         return "a damaged zip archive"
     if any(n.endswith("data.pkl") for n in names):
-        return None  # torch.save's zip format
-    return "a zip archive of other files (an image folder goes in the Images section)"
+        return "torch-zip"  # torch.save's zip format
+    if _config_folders(names):
+        return "model-folder-zip"
+    return ("a zip archive of other files (an image folder goes in the Images section; a Hugging Face model "
+            "folder needs its config.json)")
 
 
 def _sniff_other(head: bytes) -> str:
@@ -124,6 +149,16 @@ def sniff_checkpoint(path) -> str:
     The extension is not looked at (``.th``, ``.tar``, ``.ckpt`` or none are all fine). Anything
     else is a DataError that says what the file looks like instead.
     """
+    kind = sniff_upload(path)
+    if kind == "model-folder-zip":
+        raise DataError(f"'{Path(path).name}' is not a checkpoint: it is a zipped Hugging Face model folder.",
+                        "Unzip it and give the folder, or upload the zip on the app's Model page.")
+    return kind
+
+
+def sniff_upload(path) -> str:
+    """Like :func:`sniff_checkpoint`, and 'model-folder-zip' for a zip with config.json at its top
+    or one folder down (a zipped Hugging Face model folder)."""
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as fh:
@@ -134,10 +169,10 @@ def sniff_checkpoint(path) -> str:
     if size == 0:
         raise DataError(f"The checkpoint '{name}' is empty (0 bytes).", fix)
     if head.startswith(b"PK\x03\x04"):
-        other = _sniff_zip(path)
-        if other:
-            raise DataError(f"'{name}' is not a checkpoint: it is {other}.", fix)
-        return "torch-zip"
+        kind = _sniff_zip(path)
+        if kind not in ("torch-zip", "model-folder-zip"):
+            raise DataError(f"'{name}' is not a checkpoint: it is {kind}.", fix)
+        return kind
     if len(head) >= 9:
         n = int.from_bytes(head[:8], "little")
         if 0 < n <= size - 8 and head[8:9] == b"{":
@@ -200,7 +235,29 @@ def _is_link(info: zipfile.ZipInfo) -> bool:
     return stat.S_ISLNK(mode) if mode else False
 
 
-def _open_zip(source) -> zipfile.ZipFile:
+# What to do when an archive is refused, said for what the zip should hold.
+_IMAGE_ZIP = {
+    "again": "Zip the image folder again (one sub-folder per class) and upload the .zip file.",
+    "layout": "phpn refuses such archives; zip the image folder itself (one sub-folder per class) and upload that.",
+    "links": "Links are refused; zip real image files only.",
+    "count": "Upload fewer images (for example fewer per class) or give a folder on the server.",
+    "size": "Upload fewer or smaller images, or give a folder on the server.",
+    "empty": "Zip a folder with one sub-folder of images per class.",
+    "itself": "Zip the image folder itself and upload that.",
+}
+_MODEL_ZIP = {
+    "again": "Zip the folder that model.save_pretrained(folder) wrote and upload the .zip file.",
+    "layout": "phpn refuses such archives; zip the folder that model.save_pretrained(folder) wrote and upload that.",
+    "links": "Links are refused; zip the model folder's real files only.",
+    "count": "A model folder holds a few files (config.json, the weights, preprocessor_config.json): zip only "
+             "that folder.",
+    "size": "Upload a smaller model, or ask the operator of this server to put the folder on the server.",
+    "empty": "Zip the folder that model.save_pretrained(folder) wrote.",
+    "itself": "Zip the model folder itself and upload that.",
+}
+
+
+def _open_zip(source, fixes: dict = _IMAGE_ZIP) -> zipfile.ZipFile:
     try:
         if isinstance(source, (str, os.PathLike)):
             return zipfile.ZipFile(source)
@@ -209,8 +266,7 @@ def _open_zip(source) -> zipfile.ZipFile:
         return zipfile.ZipFile(source)
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
         name = getattr(source, "name", str(source))
-        raise DataError(f"{name} is not a readable zip archive ({exc}).",
-                        "Zip the image folder again (one sub-folder per class) and upload the .zip file.") from None
+        raise DataError(f"{name} is not a readable zip archive ({exc}).", fixes["again"]) from None
 
 
 def extract_zip(source, dest, *, max_files: int = MAX_ZIP_FILES, max_bytes: int = MAX_ZIP_BYTES) -> Path:
@@ -222,10 +278,17 @@ def extract_zip(source, dest, *, max_files: int = MAX_ZIP_FILES, max_bytes: int 
     when there are more than ``max_files`` files, or when they unpack to more than
     ``max_bytes`` bytes (counted as written, whatever the headers claim).
     """
+    _unpack(source, dest, max_files=max_files, max_bytes=max_bytes, fixes=_IMAGE_ZIP)
+    return find_image_root(dest)
+
+
+def _unpack(source, dest, *, max_files: int, max_bytes: int, fixes: dict, archives_inside: bool = True) -> None:
+    """:func:`extract_zip`'s checks and unpacking; ``fixes`` say what to do for the zip's kind, and
+    ``archives_inside=False`` refuses archives within the archive."""
     dest = Path(dest)
     if dest.exists() and any(dest.iterdir()):
         raise DataError(f"{dest} is not empty.", "Unpack into a new folder.")
-    with _open_zip(source) as zf:
+    with _open_zip(source, fixes) as zf:
         infos = zf.infolist()
         plan = []
         declared = 0
@@ -234,24 +297,25 @@ def extract_zip(source, dest, *, max_files: int = MAX_ZIP_FILES, max_bytes: int 
             if parts is None:
                 raise DataError(
                     f"The zip file contains an entry that would be written outside its folder ('{info.filename}').",
-                    "phpn refuses such archives; zip the image folder itself (one sub-folder per class) and upload that.")
+                    fixes["layout"])
             if _is_link(info):
-                raise DataError(f"The zip file contains a symbolic link ('{info.filename}').",
-                                "Links are refused; zip real image files only.")
+                raise DataError(f"The zip file contains a symbolic link ('{info.filename}').", fixes["links"])
             if not parts or parts[0] in _IGNORED_TOP or info.is_dir():
                 continue
             if info.flag_bits & 0x1:
                 raise DataError(f"The zip file is encrypted ('{info.filename}').", "Upload an unencrypted zip.")
+            if not archives_inside and parts[-1].lower().endswith(_ARCHIVE_SUFFIXES):
+                raise DataError(f"The zip file contains another archive ('{info.filename}').",
+                                "Unpack that archive first, then " + fixes["itself"][0].lower() + fixes["itself"][1:])
             plan.append((info, parts))
             declared += info.file_size
             if len(plan) > max_files:
-                raise DataError(f"The zip file holds more than {max_files:,} files.",
-                                "Upload fewer images (for example fewer per class) or give a folder on the server.")
+                raise DataError(f"The zip file holds more than {max_files:,} files.", fixes["count"])
         if declared > max_bytes:
             raise DataError(f"The zip file would unpack to {human_size(declared)}, more than the {human_size(max_bytes)} "
-                            "allowed.", "Upload fewer or smaller images, or give a folder on the server.")
+                            "allowed.", fixes["size"])
         if not plan:
-            raise DataError("The zip file is empty.", "Zip a folder with one sub-folder of images per class.")
+            raise DataError("The zip file is empty.", fixes["empty"])
 
         dest.mkdir(parents=True, exist_ok=True)
         root = dest.resolve()
@@ -260,8 +324,7 @@ def extract_zip(source, dest, *, max_files: int = MAX_ZIP_FILES, max_bytes: int 
             for info, parts in plan:
                 target = root.joinpath(*parts)
                 if root not in target.resolve().parents:  # belt and braces after the name check
-                    raise DataError(f"The zip entry '{info.filename}' points outside its folder.",
-                                    "Zip the image folder itself and upload that.")
+                    raise DataError(f"The zip entry '{info.filename}' points outside its folder.", fixes["itself"])
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(info) as src, open(target, "wb") as out:
                     while True:
@@ -271,8 +334,7 @@ def extract_zip(source, dest, *, max_files: int = MAX_ZIP_FILES, max_bytes: int 
                         written += len(chunk)
                         if written > max_bytes:
                             raise DataError(f"The zip file unpacks to more than the {human_size(max_bytes)} allowed "
-                                            "(its headers understate its size).",
-                                            "Upload fewer or smaller images, or give a folder on the server.")
+                                            "(its headers understate its size).", fixes["size"])
                         out.write(chunk)
         except DataError:
             shutil.rmtree(dest, ignore_errors=True)
@@ -281,7 +343,141 @@ def extract_zip(source, dest, *, max_files: int = MAX_ZIP_FILES, max_bytes: int 
             shutil.rmtree(dest, ignore_errors=True)
             raise DataError(f"The zip file is damaged ({type(exc).__name__}: {exc}).",
                             "Create the zip again and upload it.") from None
-    return find_image_root(dest)
+
+
+@dataclass(frozen=True)
+class ModelUpload:
+    """An uploaded model, saved in the visitor's folder: a checkpoint file, or the folder of a
+    zipped Hugging Face model (the one holding config.json)."""
+
+    path: Path
+    kind: str  # "checkpoint" or "model-folder-zip"
+    name: str  # the uploaded file's name as the visitor's browser gave it (its last part)
+    folder: str = ""  # in a zip: the folder that holds config.json ("" at the zip's top)
+
+
+def original_name(uploaded) -> str:
+    """The uploaded file's own name (its last part, at most 200 characters): what the visitor knows it by."""
+    name = PurePosixPath(str(getattr(uploaded, "name", "upload")).replace("\\", "/")).name
+    return "".join(ch for ch in name if ch.isprintable())[:200] or "upload"
+
+
+def save_model_upload(uploaded, directory, *, max_bytes: int = MAX_ZIP_BYTES, trusted: bool = False,
+                      settings=None) -> ModelUpload:
+    """Save an uploaded checkpoint (any name, checked by content) or a zipped Hugging Face model
+    folder (unpacked by :func:`unpack_model_folder`); anything else is refused and deleted.
+
+    ``max_bytes`` bounds the upload and, for a zip, what it unpacks to; ``trusted`` is the
+    visitor's choice to open pickled weights, which also needs the operator's switch.
+    """
+    directory = Path(directory)
+    path = save_upload(uploaded, directory, max_bytes=max_bytes, what="checkpoint")
+    container = None
+    try:
+        kind = sniff_upload(path)
+        if kind != "model-folder-zip":
+            return ModelUpload(path=path, kind="checkpoint", name=original_name(uploaded))
+        # Unpacked under the zip's own name, so that a config.json at the zip's top is in a folder
+        # named as the visitor knows it (transformers' messages and the notes name the folder).
+        stem = safe_filename(path.name[:-4] if path.name.lower().endswith(".zip") else path.name, "model")
+        container = Path(tempfile.mkdtemp(prefix="model-", dir=directory))
+        model = unpack_model_folder(path, container / stem, max_bytes=max(0, max_bytes - path.stat().st_size),
+                                    trusted=trusted, settings=settings)
+        path.unlink()  # the archive: only what it unpacked to is kept
+        return ModelUpload(path=model, kind=kind, name=original_name(uploaded),
+                           folder=model.relative_to(container / stem).as_posix() if model != container / stem
+                           else "")
+    except BaseException:
+        path.unlink(missing_ok=True)
+        if container is not None:
+            shutil.rmtree(container, ignore_errors=True)
+        raise
+
+
+def find_model_folder(root) -> Path:
+    """The folder under ``root`` (an unpacked zip) holding config.json: ``root`` or one folder down."""
+    root = Path(root)
+    names = [p.relative_to(root).as_posix() for p in root.glob(MODEL_CONFIG)] + \
+        [p.relative_to(root).as_posix() for p in root.glob(f"*/{MODEL_CONFIG}")]
+    folders = _config_folders(names)
+    if not folders:
+        raise DataError(f"The zip file has no {MODEL_CONFIG} at its top or in a folder just below it, so it is not "
+                        "a Hugging Face model folder.",
+                        "Zip the folder that model.save_pretrained(folder) wrote (config.json beside "
+                        "model.safetensors) and upload that.")
+    if len(folders) > 1:
+        shown = ", ".join(f"'{f or '(top)'}'" for f in folders[:5])
+        raise DataError(f"The zip file holds {len(folders)} model folders with a {MODEL_CONFIG} ({shown}).",
+                        "Zip one model folder at a time.")
+    return root / folders[0] if folders[0] else root
+
+
+def pickle_refusal(files: list, trusted: bool, settings=None) -> Optional[DataError]:
+    """Why pickled weights files (``.bin``) in a visitor's model folder may not be opened, or None.
+
+    They are opened only when the operator allows visitors' code and the visitor trusts them
+    (``trusted``), as for any pickle a visitor uploads; safetensors need neither."""
+    from .serving.isolation import ENABLE_HINT, code_allowed
+
+    names = ", ".join(files[:3]) + (" …" if len(files) > 3 else "")
+    safer = ("or save the weights as safetensors (model.save_pretrained(folder), the default) and upload the "
+             "folder again.")
+    if not code_allowed(settings):
+        return DataError(f"The model folder's weights are {names}, a pickle, and opening visitors' pickles is "
+                         "turned off on this server.",
+                         "Save the weights as safetensors (model.save_pretrained(folder), the default) and upload "
+                         f"the folder again. {ENABLE_HINT}")
+    if not trusted:
+        return DataError(f"The model folder's weights are {names}, a pickle, which is opened only for a file "
+                         "you trust.", "Tick 'Trust this checkpoint' if you made it or trust its source, " + safer)
+    return None
+
+
+def unpack_model_folder(source, dest, *, max_bytes: int = MAX_ZIP_BYTES, max_files: int = MAX_MODEL_ZIP_FILES,
+                        trusted: bool = False, settings=None) -> Path:
+    """Unpack a zipped Hugging Face model folder into ``dest`` and return the folder holding config.json.
+
+    The archive gets :func:`extract_zip`'s checks (paths, links, file count, unpacked size) and
+    may hold no other archive. Refused, leaving nothing in ``dest``: no config.json at the top or
+    one folder down; a config.json asking for the model's own code (``auto_map``: phpn never
+    runs code from a model folder); pickled ``.bin`` weights without :func:`pickle_refusal`'s
+    opt-ins. Nothing is downloaded: the folder is later opened with ``local_files_only=True``.
+    """
+    import json
+
+    from .errors import PhpnError
+    from .models.hf import pickled_weights, weight_files
+
+    dest = Path(dest)
+    _unpack(source, dest, max_files=max_files, max_bytes=max_bytes, fixes=_MODEL_ZIP, archives_inside=False)
+    try:
+        folder = find_model_folder(dest)
+        try:
+            config = json.loads((folder / MODEL_CONFIG).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise DataError(f"The model folder's {MODEL_CONFIG} is not readable JSON ({type(exc).__name__}).",
+                            "Save the model again with save_pretrained and zip its folder.") from None
+        if not isinstance(config, dict):
+            raise DataError(f"The model folder's {MODEL_CONFIG} does not hold a JSON object.",
+                            "Save the model again with save_pretrained and zip its folder.")
+        if config.get("auto_map"):
+            raise DataError(f"The model folder's {MODEL_CONFIG} asks for the model's own code (auto_map), which "
+                            "phpn never runs from a model folder.",
+                            "Use a model class that transformers ships, or upload its weights with your own "
+                            "architecture file (.py) where this server allows visitors' code.")
+        try:
+            files = weight_files(folder)
+        except PhpnError as exc:  # no weights: said without the server's folder
+            raise DataError(f"The model folder has {MODEL_CONFIG} but no weights (model.safetensors or "
+                            "pytorch_model.bin, or their shards).",
+                            "Zip the whole folder that model.save_pretrained(folder) wrote.") from exc
+        refusal = pickle_refusal(pickled_weights(files), trusted, settings) if pickled_weights(files) else None
+        if refusal is not None:
+            raise refusal
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
+    return folder
 
 
 def find_image_root(path) -> Path:

@@ -157,6 +157,7 @@ def test_a_run_whose_model_file_is_missing_asks_for_it_and_opens_once_it_is_load
     meta = json.loads((folder / "run.json").read_text())
     meta["demo"] = None  # as if made from an uploaded file that is gone now
     meta["model"]["source"] = str(tmp_path / "gone" / "lite0.safetensors")
+    meta["model"]["origin"] = {"how": "upload", "name": "lite0.safetensors", "sha256": meta["model"]["sha256"]}
     (folder / "run.json").write_text(json.dumps(meta))
     sha = meta["model"]["sha256"]
 

@@ -96,24 +96,38 @@ def _weights_sha256(path: Path) -> str:
     return read_checkpoint(path).sha256
 
 
-def weights_sha256(folder: Path) -> tuple:
-    """``(sha256, files)``: of one weights file, or of the shards an index lists (the sha256 of
-    several shards is that of their hashes in order)."""
+def weight_files(folder: Path) -> list:
+    """The weights files phpn reads from the folder: the shards an index lists, or one file."""
+    folder = Path(folder)
     for name in SHARD_INDEXES:
         index = folder / name
         if index.is_file():
             files = sorted(set(_read_json(index, "model").get("weight_map", {}).values()))
             if not files:
                 raise CheckpointError(f"{name} lists no weight files.", "Re-save the model with save_pretrained.")
-            digest = hashlib.sha256()
-            for file in files:
-                digest.update(_weights_sha256(folder / file).encode())
-            return digest.hexdigest(), files
+            return files
     for name in WEIGHT_FILES:
         if (folder / name).is_file():
-            return _weights_sha256(folder / name), [name]
+            return [name]
     raise CheckpointError(f"The model folder {folder} has config.json but no weights "
                           f"({' or '.join(WEIGHT_FILES)}).", "Save the model with model.save_pretrained(folder).")
+
+
+def pickled_weights(files: list) -> list:
+    """The files among ``files`` that are pickles (``.bin``), not safetensors."""
+    return [f for f in files if not str(f).lower().endswith(".safetensors")]
+
+
+def weights_sha256(folder: Path) -> tuple:
+    """``(sha256, files)``: of one weights file, or of the shards an index lists (the sha256 of
+    several shards is that of their hashes in order)."""
+    files = weight_files(folder)
+    if not any((folder / name).is_file() for name in SHARD_INDEXES):  # one file: its own sha256
+        return _weights_sha256(folder / files[0]), files
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(_weights_sha256(folder / file).encode())
+    return digest.hexdigest(), files
 
 
 def load_model_folder(folder, num_classes: Optional[int] = None) -> LoadedModel:
