@@ -630,10 +630,8 @@ def _open_version_2(path: Path, meta: dict) -> Run:
     if tuple(rows.shape) != (cd, d) or tuple(bias.shape) != (c,) or tuple(idx.shape) != (cd,):
         problem = (f"its head has shapes {tuple(rows.shape)}, {tuple(bias.shape)}, {tuple(idx.shape)}; "
                    f"{META} says ({cd}, {d}), ({c},), ({cd},)")
-    elif idx.dtype.is_floating_point or idx.dtype == torch.bool:
-        problem = "class_indices are not integers"
-    elif cd and (int(idx.min()) < 0 or int(idx.max()) >= c or len(set(idx.tolist())) != cd):
-        problem = f"class_indices must be distinct classes between 0 and {c - 1}"
+    elif _indices_problem(idx, c):
+        problem = _indices_problem(idx, c)
     elif idx.tolist() != listed:
         problem = f"{META}'s shards do not list the run's decomposed classes in order"
     problem = problem or _floats_problem({"head_rows": rows, "head_bias": bias}) or _meta_problem(meta, c)
@@ -665,14 +663,20 @@ def _tensor_problem(run: Run) -> str:
     for name, (t, shape) in shapes.items():
         if tuple(t.shape) != shape:
             return f"{name} has shape {tuple(t.shape)}, expected {shape}"
-    if idx.dtype.is_floating_point or idx.dtype == torch.bool:
-        return "class_indices are not integers"
-    c = bias.shape[0]
-    if cd and (int(idx.min()) < 0 or int(idx.max()) >= c or len(set(idx.tolist())) != cd):
-        return f"class_indices must be distinct classes between 0 and {c - 1}"
+    if _indices_problem(idx, bias.shape[0]):
+        return _indices_problem(idx, bias.shape[0])
     return (_floats_problem({name: getattr(run, name)
                              for name in ("prototypes", "nmf_prototypes", "alpha", "head_rows", "head_bias")})
             or _sum_problem(p, rows))
+
+
+def _indices_problem(idx: torch.Tensor, c: int) -> str:
+    """What is wrong with the decomposed classes' indices among ``c`` classes, or ""."""
+    if idx.dtype.is_floating_point or idx.dtype == torch.bool:
+        return "class_indices are not integers"
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= c or len(set(idx.tolist())) != idx.numel()):
+        return f"class_indices must be distinct classes between 0 and {c - 1}"
+    return ""
 
 
 def _floats_problem(tensors: dict) -> str:
