@@ -225,17 +225,26 @@ class RunEntry:
 
     @property
     def network(self):
-        """The decomposed network (phpn.network.PrototypeNetwork), built on first use: it holds
-        every class's prototypes, which opening a large run does not read. A shard found damaged
-        then is said on the page, which stops there."""
+        """The decomposed network for the pages, which explain a few classes at a time
+        (phpn.network.LazyPrototypeNetwork): a class's prototypes are read (its shard only) when
+        it is first explained (pages read a class inside :func:`stop_on_error`)."""
         net = self.__dict__.get("_network")
         if net is None:
-            try:
-                net = self.__dict__["_network"] = self.run.network(self.split).eval()
-            except PhpnError as exc:
-                show_error(exc)
-                st.stop()
+            from phpn.network import LazyPrototypeNetwork
+
+            net = self.__dict__["_network"] = LazyPrototypeNetwork.of_run(self.run, self.split).eval()
         return net
+
+
+@contextmanager
+def stop_on_error():
+    """Around a page's first read of a class (its shard): a damaged shard, or any phpn error,
+    is said on the page, which stops there (never a traceback)."""
+    try:
+        yield
+    except PhpnError as exc:
+        show_error(exc)
+        st.stop()
 
 
 def state():
@@ -666,15 +675,16 @@ def sweep_idle_workspaces() -> None:
         traceback.print_exc()
 
 
-def image_root_for_run(run) -> Optional[Path]:
-    """Where the run's training images (top patches) can be read now, or None."""
+def image_root_for_run(run, class_index: Optional[int] = None) -> Optional[Path]:
+    """Where the run's training images (top patches) can be read now, or None; probed with a
+    patch of ``class_index`` (the class shown: no other class's shard is read)."""
     from phpn.api import run_image_root
 
     data = current_data()
     ws = workspace()
     # Only folders this visitor may read: a run's recorded folder may be another visitor's.
     return run_image_root(run, also=[data.data.root] if data is not None else [],
-                          allowed=lambda root: serving.may_read(root, ws))
+                          allowed=lambda root: serving.may_read(root, ws), class_index=class_index)
 
 
 def require_model(decomposable: bool = True) -> ModelEntry:

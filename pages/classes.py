@@ -25,7 +25,6 @@ names = run.class_names
 classes = run.class_indices.tolist()
 pre = model.session.preprocess
 pre_key = S.preprocess_key(pre)
-root = S.image_root_for_run(run)
 
 
 def _name(i: int) -> str:
@@ -34,7 +33,7 @@ def _name(i: int) -> str:
 
 @st.cache_data(max_entries=64, show_spinner=False)
 def _similar(run_id: str, class_index: int, top: int, _run) -> list:
-    return viz.prototype_similarity(_run.prototypes, _run.class_indices, class_index, top=top)
+    return viz.shared_parts(_run, class_index, top=top)
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
@@ -63,8 +62,11 @@ opacity = c_opts.slider("Map opacity", 0.0, 1.0, MAP_OPACITY, 0.05, key="browser
 outline = c_opts.toggle("Outline each map's strongest region", value=False, key="browser_outline")
 S.memorise("browser_class", "browser_n_maps", "browser_opacity", "browser_outline")
 S.set_url(**{"class": int(class_index)})
-meta = run.class_meta(class_index)
-k = run.class_k(class_index)
+with S.stop_on_error():  # the class's shard is read here (and every shard for an older run's shared parts)
+    meta = run.class_meta(class_index)
+    k = run.class_k(class_index)
+    root = S.image_root_for_run(run, class_index)
+    similar = _similar(entry.id, class_index, viz.SIMILAR_TOP, run)
 colors = [viz.prototype_color(i) for i in range(k)]
 labels = prototype_labels(notes, class_index, k)
 shares = viz.contribution_shares(meta["mean_contribution"])
@@ -101,7 +103,6 @@ paths = tuple(meta.get("paths", [])[:n_maps])
 pictures, maps = [], None
 if root is not None and paths:
     pictures, maps, contrib, kept = _maps(entry.id, class_index, paths, str(root), model, network)
-similar = _similar(entry.id, class_index, 3, run)
 if entry.notes_problem:
     st.warning(f"Notes are not saved: {entry.notes_problem}.")
 

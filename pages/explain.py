@@ -23,7 +23,6 @@ run, network = entry.run, entry.network
 data = S.current_data()
 names = model.session.class_names
 pre_key = S.preprocess_key(model.session.preprocess)
-train_root = S.image_root_for_run(run)
 
 from phpn.certify import chance_warning  # noqa: E402
 
@@ -136,7 +135,8 @@ with c_pred:
     st.plotly_chart(viz.figure_top_predictions(best.top, title="Top-5 predictions"), key=f"top_{image_key}",
                     config={"displayModeBar": False})
 
-e = best if cls == best.class_index else _explain(entry.id, image_key, int(cls), model, network, image)
+with S.stop_on_error():  # another class: its shard is read now
+    e = best if cls == best.class_index else _explain(entry.id, image_key, int(cls), model, network, image)
 st.session_state["explained"] = {"explanation": e, "label": image_label, "run_id": entry.id, "true_class": true_class,
                                  "opacity": float(opacity)}
 k = len(e.contributions)
@@ -166,6 +166,7 @@ with st.popover("What do these words mean?", icon=":material/help:"):
 
 st.subheader("This looks like that")
 meta = run.class_meta(e.class_index)
+train_root = S.image_root_for_run(run, e.class_index)
 for i in range(k):
     with st.container(border=True):
         flags = "".join(f" `{f}`" for f in entry.notes.get(e.class_index, i).flags) if entry.notes else ""

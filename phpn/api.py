@@ -538,11 +538,13 @@ def load_run(path, model=None, **open_options) -> DecomposedRun:
 EXPLANATIONS_SUMMARY = "explanations.json"
 
 
-def run_image_root(run: Run, also: Sequence = (), allowed=None) -> Optional[Path]:
+def run_image_root(run: Run, also: Sequence = (), allowed=None, class_index: Optional[int] = None) -> Optional[Path]:
     """Where the run's discovery images (its top patches) can be read now, or None.
 
     Tried in order: the folder the run records (a demo's own), then the folders in ``also``;
-    a folder counts when ``allowed(folder)`` (default: any) and it holds a top patch's image.
+    a folder counts when ``allowed(folder)`` (default: any) and it holds a top patch's image
+    (of ``class_index``, the class being shown, so that no other class's shard is read; default:
+    the first class that has one).
     """
     from .errors import PhpnError
 
@@ -558,8 +560,9 @@ def run_image_root(run: Run, also: Sequence = (), allowed=None) -> Optional[Path
     elif label:
         candidates.append(Path(label))
     candidates += [Path(p) for p in also]
-    probe = next((patches[0]["path"] for entry in run.meta.get("classes", [])
-                  for patches in entry.get("top_patches", []) if patches), None)
+    records = [run.class_meta(class_index)] if class_index is not None else run.meta.get("classes", [])
+    probe = next((patches[0]["path"] for entry in records for patches in entry.get("top_patches", []) if patches),
+                 None)
     for root in candidates:
         if (allowed is None or allowed(root)) and root.is_dir() and (probe is None or (root / probe).is_file()):
             return root

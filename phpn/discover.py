@@ -522,6 +522,17 @@ def _stream_groups(todo: list, groups: list, data: ImageFolderData, preprocess: 
             yield result
 
 
+def add_similar_prototypes(records: list, prototypes: torch.Tensor, class_indices: torch.Tensor,
+                           device: torch.device) -> None:
+    """Each record's "shared parts" (``similar_prototypes``), computed while every prototype is
+    in memory, so that showing one class of a saved run needs its shard only."""
+    from .viz import similar_prototypes
+
+    found = similar_prototypes(prototypes, class_indices, device=device)
+    for record, similar in zip(records, found):
+        record["similar_prototypes"] = similar[:record.get("k", prototypes.shape[1])]
+
+
 def discovery_key(loaded: LoadedModel, split: HeadSplit, preprocess: Preprocess, config: DiscoveryConfig,
                   groups: list, shape: tuple, certify: bool) -> str:
     """What decides a discovery's result: a resumed or sharded discovery must agree on it."""
@@ -621,6 +632,7 @@ def discover(loaded: LoadedModel, split: HeadSplit, data: ImageFolderData, prepr
               alpha=torch.cat([r.alpha[:, :width] for r in ordered]), class_indices=class_indices,
               head_rows=split.weight.detach().cpu()[class_indices].clone(),
               head_bias=split.bias.detach().cpu().clone(), meta={})
+    add_similar_prototypes(class_meta, prototypes, class_indices, device)
     skipped_all = list(data.skipped) + [s for r in ordered for s in r.skipped]
     if any(held_paths.values()):
         add_heldout_metrics(class_meta, run, data.root, held_paths, preprocess, forward, config.batch_size, workers,

@@ -48,6 +48,8 @@ FIELDS = {
     "refine_converged": "whether the refinement reached its convergence test before its iteration cap "
                         "(false: the prototypes depend on rounding, e.g. the thread count)",
     "warnings": "plain-language warnings from the numbers above",
+    "similar_prototypes": "per prototype, the most similar prototypes of other classes (cosine of the prototype "
+                          "vectors, best first, at least 0): {class_index, prototype, cosine}",
     "k_suggested": "with --suggest-k: the k where NMF's error for k = 2..K_MAX bends most (the run keeps its own k)",
     "k_reason": "why that k: the error at each k and where the curve bends",
 }

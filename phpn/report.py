@@ -128,7 +128,7 @@ def class_report(run, class_index: int, *, image_root=None, preprocess=None, net
     labels = prototype_labels(notes, class_index, k)
     contrib = meta["mean_contribution"]
     shares = viz.contribution_shares(contrib)
-    similar = viz.prototype_similarity(run.prototypes, run.class_indices, class_index, top=similar_top)
+    similar = viz.shared_parts(run, class_index, top=similar_top)
 
     maps_block = {}
     if network is not None and image_root is not None and map_images > 0:

@@ -38,6 +38,7 @@ BIAS_COLOR = "#9e9e9e"  # the bias and the total in a waterfall: neither a proto
 TOTAL_COLOR = "#2b2b2b"
 NEGATIVE_PATTERN = "/"  # plotly bar pattern of a negative contribution
 MUTE = 0.7  # how far the photo under a map is desaturated (0: as is, 1: grey)
+SIMILAR_TOP = 3  # "shared parts": other classes' prototypes listed per prototype (and kept in a run's records)
 GAMMA = 1.0  # opacity ∝ (value / scale) ** GAMMA: the peaks stand out from a broad low response
 TOP_REGION = 0.5  # a map's "top region": at least this fraction of its own largest value (outlines, overlap)
 
@@ -407,37 +408,74 @@ def contribution_shares(mean_contribution: Sequence[float]) -> np.ndarray:
     return c / absolute
 
 
-def prototype_similarity(prototypes, class_indices: Sequence[int], class_index: int, top: int = 3,
+def similar_prototypes(prototypes, class_indices: Sequence[int], rows: Optional[Sequence[int]] = None,
+                       top: int = SIMILAR_TOP, min_cosine: float = 0.0, device=None,
+                       block_elements: int = 2 ** 25) -> list:
+    """"Shared parts" of many classes at once: for each prototype of each class row in ``rows``
+    (default: all), the ``top`` most similar prototypes of other classes by cosine similarity
+    of the prototype vectors, at least ``min_cosine``, best first.
+
+    ``prototypes`` is (Cd, k, D) (a run's refined prototypes, in run order). Zero rows (the
+    unused slots of a class with fewer than k prototypes) are not prototypes: never listed,
+    and a zero row finds nothing. Returns, per row, one list per prototype of dicts
+    {class_index, prototype, cosine}. Computed in float64 on ``device``, a block of rows at a
+    time (about ``block_elements`` similarities in memory).
+    """
+    import torch
+
+    p = torch.as_tensor(prototypes.detach() if hasattr(prototypes, "detach") else np.asarray(prototypes))
+    p = p.to(device or p.device, torch.float64)
+    classes = [int(c) for c in (class_indices.tolist() if hasattr(class_indices, "tolist") else class_indices)]
+    cd, k, d = p.shape
+    rows = list(range(cd)) if rows is None else [int(r) for r in rows]
+    flat = p.reshape(cd * k, d)
+    norms = flat.norm(dim=1)
+    unit = flat / torch.where(norms > 0, norms, torch.ones_like(norms))[:, None]
+    owner = torch.arange(cd * k, device=p.device) // k  # the class row of each prototype
+    empty = norms == 0
+    wanted = min(int(top), cd * k)
+    out = []
+    per_block = max(1, int(block_elements) // max(1, cd * k * k))
+    for start in range(0, len(rows), per_block):
+        block = torch.as_tensor(rows[start:start + per_block], device=p.device)
+        queries = (block[:, None] * k + torch.arange(k, device=p.device)).reshape(-1)  # (b·k,)
+        sims = unit[queries] @ unit.T  # (b·k, Cd·k)
+        sims[owner[None, :] == block.repeat_interleave(k)[:, None]] = -torch.inf  # other classes only
+        sims[:, empty] = -torch.inf
+        sims[empty[queries]] = -torch.inf
+        values, where = sims.topk(wanted, dim=1) if wanted else (sims[:, :0], sims[:, :0].long())
+        values, where = values.cpu().tolist(), where.cpu().tolist()
+        for b in range(len(block)):
+            found = []
+            for i in range(k):
+                q = b * k + i
+                found.append([{"class_index": classes[j // k], "prototype": j % k, "cosine": v}
+                              for v, j in zip(values[q], where[q]) if np.isfinite(v) and v >= min_cosine])
+            out.append(found)
+    return out
+
+
+def prototype_similarity(prototypes, class_indices: Sequence[int], class_index: int, top: int = SIMILAR_TOP,
                          min_cosine: float = 0.0) -> list:
     """"Shared parts": for each prototype of ``class_index``, the most similar prototypes of
-    other classes by cosine similarity of the prototype vectors.
+    other classes by cosine similarity of the prototype vectors (:func:`similar_prototypes`).
 
     ``prototypes`` is (Cd, k, D) (a run's refined prototypes). Returns one list per
     prototype of dicts {class_index, prototype, cosine}, best first.
     """
-    p = np.asarray(prototypes.detach().cpu().double() if hasattr(prototypes, "detach") else prototypes,
-                   dtype=np.float64)
     classes = [int(c) for c in (class_indices.tolist() if hasattr(class_indices, "tolist") else class_indices)]
-    row = classes.index(int(class_index))
-    cd, k, d = p.shape
-    flat = p.reshape(cd * k, d)
-    norms = np.linalg.norm(flat, axis=1, keepdims=True)
-    unit = flat / np.where(norms > 0, norms, 1.0)
-    out = []
-    for i in range(k):
-        sims = unit @ unit[row * k + i]
-        sims = sims.reshape(cd, k)
-        sims[row] = -np.inf  # other classes only
-        order = np.argsort(sims, axis=None)[::-1]
-        found = []
-        for flat_idx in order:
-            r, j = divmod(int(flat_idx), k)
-            s = float(sims[r, j])
-            if not np.isfinite(s) or s < min_cosine or len(found) >= top:
-                break
-            found.append({"class_index": classes[r], "prototype": j, "cosine": s})
-        out.append(found)
-    return out
+    return similar_prototypes(prototypes, classes, rows=[classes.index(int(class_index))], top=top,
+                              min_cosine=min_cosine)[0]
+
+
+def shared_parts(run, class_index: int, top: int = SIMILAR_TOP) -> list:
+    """"Shared parts" of a run's class, one list per prototype of its own k: read from its record
+    (``similar_prototypes``, kept by discovery: one shard read), or computed from every
+    prototype of the run for a run made before discovery kept them or asked for more than it kept."""
+    stored = run.class_meta(class_index).get("similar_prototypes")
+    if stored is not None and top <= SIMILAR_TOP:
+        return [list(found[:top]) for found in stored]
+    return prototype_similarity(run.prototypes, run.class_indices, class_index, top=top)[:run.class_k(class_index)]
 
 
 def class_maps(network, preprocess, root, paths: Sequence[str], class_index: int):
@@ -461,9 +499,8 @@ def class_maps(network, preprocess, root, paths: Sequence[str], class_index: int
         kept.append(rel)
     if not tensors:
         return [], np.zeros((0,)), np.zeros((0,)), []
-    device = network.prototypes.device
     with torch.inference_mode():
-        feats = network.backbone(torch.stack(tensors).to(device)).float()
+        feats = network.backbone(torch.stack(tensors).to(network.backbone_device)).float()
         out = network.explain_features(feats, classes=[int(class_index)])
     return (pictures, out.maps[:, 0].cpu().numpy(), out.contributions[:, 0].cpu().numpy(), kept)
 
