@@ -200,8 +200,10 @@ class _Problem:
         # objective's curvature is nearly diagonal, with a known size (see step_scale).
         centred = (feature_basis - (self.mask[:, None, :] @ feature_basis) / self.count[:, None, None]) \
             * self.mask[:, :, None]
-        self.spread, axes = torch.linalg.eigh(centred.transpose(1, 2) @ centred)  # ascending, (B, m), (B, m, m)
-        self.spread = self.spread.clamp(min=0)
+        # On the CPU, as for α: LAPACK copes with the repeated (zero) eigenvalues of a rank-deficient
+        # Gram matrix, where a GPU eigensolver can fail to converge; the matrices are only m × m.
+        spread, axes = torch.linalg.eigh((centred.transpose(1, 2) @ centred).cpu())  # ascending
+        self.spread, axes = spread.clamp(min=0).to(feature_basis.device), axes.to(feature_basis.device)
         self.feature_basis = feature_basis @ axes  # (B, N, m)
         self.basis = axes if basis is None else basis.double() @ axes  # (B, D, m), orthonormal
         self.ridge_weight = None
