@@ -1,14 +1,17 @@
-"""How fast a large run opens: a synthetic run of 10,000 classes, saved, then timed: open it,
-read one class, open it for its model as the app does, against checking all of it, in the same
-process.
+"""How fast a large run opens and is shown: a synthetic run of 10,000 classes, saved, then
+timed: open it, read one class, open it for its model as the app does; a first Class-browser
+visit (the class's record, prototypes and shared parts, its maps on a few images) and one
+image explained, through the network that reads only the classes it explains; against
+checking all of it and building the network over every class, in the same process.
 
     python scripts/large_run.py                      # 10,000 classes, k=5, D=2048 (~1.3 GB on disk)
     python scripts/large_run.py --classes 1000 --json out.json
 
 The prototypes are random directions that sum exactly to random head rows; each class has a
-record like discovery's (statistics, fidelity, top patches, image paths), so run.json and the
-shards have the sizes a real ImageNet-scale run would have. The model is a 1x1 convolution
-to D channels, global pooling and a linear head holding those rows (no weights to download).
+record like discovery's (statistics, fidelity, top patches, shared parts, image paths), so
+run.json and the shards have the sizes a real ImageNet-scale run would have. The model is a 1x1
+convolution to D channels, global pooling and a linear head holding those rows (no weights to
+download); its images are a few random 32-pixel pictures seen at 7x7 (a ResNet's feature grid).
 """
 from __future__ import annotations
 
@@ -20,14 +23,21 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from phpn.api import open_model, open_run_for  # noqa: E402
+from phpn import viz  # noqa: E402
+from phpn.api import explain_image, open_model, open_run_for  # noqa: E402
 from phpn.data import Preprocess  # noqa: E402
+from phpn.network import LazyPrototypeNetwork  # noqa: E402
 from phpn.runs import Run, load_run, save_run, verify_run  # noqa: E402
+
+PREPROCESS = Preprocess(resize=7, crop=7)  # a 7x7 feature grid, as a ResNet-50's at 224 px
+MAP_IMAGES = 4  # the Class browser's default number of class images with maps
 
 
 class PooledLinear(nn.Module):
@@ -74,11 +84,13 @@ def synthetic_run(classes: int = 10_000, k: int = 5, features: int = 2048, seed:
                               "box": [16 * j, 16 * p, 16 * j + 64, 16 * p + 64]} for j in range(top)]
                             for p in range(k)],
             "paths": paths,
+            "similar_prototypes": [[{"class_index": (c + 1 + (7 * p + j) % max(1, classes - 1)) % classes, "prototype": (p + j) % k,
+                                     "cosine": 0.5 - 0.1 * j} for j in range(viz.SIMILAR_TOP)] for p in range(k)],
         })
     meta = {
         "model": {"arch": "synthetic", "sha256": "0" * 64, "class_names": [f"class {c}" for c in range(classes)],
                   "feature_layer": "features", "head_layer": "fc"},
-        "preprocess": Preprocess().to_dict(),
+        "preprocess": PREPROCESS.to_dict(),
         "data": {"root": "synthetic"}, "config": {"k": k, "seed": seed}, "timings": {}, "classes": records,
         "certificate": None,
     }
@@ -92,9 +104,19 @@ def _timed(fn, *args):
     return out, time.perf_counter() - start
 
 
+def _images(folder: Path, count: int) -> list:
+    """``count`` random 32-pixel pictures in ``folder``; their names relative to it."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    names = [f"image_{i:04d}.png" for i in range(count)]
+    for name in names:
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / name)
+    return names
+
+
 def measure(classes: int, k: int, features: int, folder: Path) -> dict:
     run, build_s = _timed(synthetic_run, classes, k, features)
-    session = open_model(PooledLinear(run.head_rows, run.head_bias).eval(), input_size=(3, 8, 8))
+    session = open_model(PooledLinear(run.head_rows, run.head_bias).eval(), preprocess=PREPROCESS)
     run.meta["model"].update(arch=session.loaded.arch, sha256=session.loaded.sha256,
                              feature_layer=session.split.feature_layer, head_layer=session.split.head_layer)
     path, save_s = _timed(save_run, run, folder / "run")
@@ -112,9 +134,33 @@ def measure(classes: int, k: int, features: int, folder: Path) -> dict:
     _, for_model_first_s = _timed(lambda: for_model.class_meta(one))
     listing, list_s = _timed(lambda: [f"{n} ({i})" for n, i in zip(opened.class_names, opened.class_indices.tolist())])
     _, another_s = _timed(lambda: opened.class_meta(3))
+    images = folder / "images"
+    pictures = _images(images, MAP_IMAGES)
+
+    def class_browser():  # what the Class browser reads for its first class: the page's own calls
+        run = open_run_for(session, path)
+        network = LazyPrototypeNetwork.of_run(run, session.split)
+        meta, shared = run.class_meta(one), viz.shared_parts(run, one)
+        maps = viz.class_maps(network, session.preprocess, images, pictures, one)[1]
+        return network, meta, shared, maps
+
+    (browser_net, _, shared, maps), browser_s = _timed(class_browser)
+
+    def explain_one():  # the Explain page: the best-scoring class of one image, and its record
+        run = open_run_for(session, path)
+        network = LazyPrototypeNetwork.of_run(run, session.split)
+        explained = explain_image(session, network, images / pictures[0])
+        return network, explained, run.class_meta(explained.class_index)
+
+    (explain_net, explained, _), explain_s = _timed(explain_one)
+    _, full_network_s = _timed(lambda: open_run_for(session, path).network(session.split))
     _, verify_s = _timed(lambda: verify_run(path))
     _, everything_s = _timed(lambda: load_run(path).prototypes)
     assert len(listing) == classes and record["index"] == one and tuple(protos.shape) == (k, features)
+    assert browser_net.cached_classes == [one] and explain_net.cached_classes == [explained.class_index]
+    assert maps.shape == (MAP_IMAGES, k, 7, 7) and len(shared) == k
+    # Exact: the model's logit is the bias plus the prototypes' contributions (float32 rounding).
+    gap = abs(explained.bias + float(explained.contributions.sum()) - explained.logit)
     return {
         "classes": classes, "k": k, "features": features,
         "run_json_mb": (path / "run.json").stat().st_size / 2 ** 20,
@@ -123,6 +169,8 @@ def measure(classes: int, k: int, features: int, folder: Path) -> dict:
         "open_s": open_s, "open_and_first_class_s": first_s, "class_list_s": list_s, "another_class_s": another_s,
         "open_for_model_s": for_model_s, "open_for_model_and_first_class_s": for_model_s + for_model_first_s,
         "verify_all_s": verify_s, "read_all_prototypes_s": everything_s,
+        "class_browser_first_class_s": browser_s, "explain_one_image_s": explain_s,
+        "full_network_s": full_network_s, "explain_logit": explained.logit, "explain_logit_gap": gap,
     }
 
 
@@ -149,6 +197,12 @@ def main(argv=None) -> int:
           f"{r['open_for_model_and_first_class_s']:.3f} s)")
     print(f"  verify every shard              {r['verify_all_s']:.3f} s")
     print(f"  open + read all prototypes      {r['read_all_prototypes_s']:.3f} s")
+    print(f"  Class browser, first class      {r['class_browser_first_class_s']:.3f} s (open for the model, its record, "
+          f"prototypes and shared parts, maps on {MAP_IMAGES} images: one shard)")
+    print(f"  Explain one image               {r['explain_one_image_s']:.3f} s (open for the model, explain its "
+          f"best class: one shard; logit {r['explain_logit']:.2f}, |bias + Σ contributions - logit| = "
+          f"{r['explain_logit_gap']:.1e})")
+    print(f"  network over every class        {r['full_network_s']:.3f} s (open for the model, read every shard)")
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=1))
     return 0
