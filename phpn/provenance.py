@@ -22,7 +22,7 @@ from .errors import ConfigError
 LOADED_AS = {
     "demo": "built-in demo",
     "upload": "uploaded checkpoint",
-    "hf-zip": "uploaded Hugging Face model folder (zip)",
+    "hf-zip": "uploaded zip of a Hugging Face model folder",
     "server-path": "checkpoint on the server",
 }
 WORKSPACE_MARK = "my files/"  # as the app shows a visitor their own files

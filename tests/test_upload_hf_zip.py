@@ -237,7 +237,7 @@ def test_origins_read_as_the_visitor_knows_the_model(tmp_path):
     assert describe_origin(model_origin("upload", name="resnet.pt", sha256=sha)) == \
         "resnet.pt (uploaded checkpoint), sha256 abababababab…"
     assert describe_origin(model_origin("hf-zip", name="convnext.zip", folder="convnext")) == \
-        "convnext.zip, folder 'convnext' (uploaded Hugging Face model folder (zip))"
+        "convnext.zip, folder 'convnext' (uploaded zip of a Hugging Face model folder)"
     assert describe_origin(model_origin("server-path", path="/data/models/r50.pth")) == \
         "/data/models/r50.pth (checkpoint on the server)"
     assert describe_origin(model_origin("demo", name="fashion-mnist")) == "the built-in fashion-mnist demo"
@@ -325,7 +325,7 @@ def test_the_model_page_takes_a_zipped_model_and_the_run_says_where_it_came_from
     loaded = model.session.loaded
     assert (model.label, loaded.arch, loaded.class_names) == ("my convnext.zip", "hf/ConvNextForImageClassification",
                                                               ["red", "green", "blue"])
-    assert loaded.source == "my convnext.zip, folder 'convnext' (uploaded Hugging Face model folder (zip))"
+    assert loaded.source == "my convnext.zip, folder 'convnext' (uploaded zip of a Hugging Face model folder)"
     assert model.session.diagnosis.verdict == "exact-after-folding"
     details = " ".join(m.value for m in at.markdown)
     assert "source: my convnext.zip, folder 'convnext'" in details and str(tmp_path) not in details
@@ -351,7 +351,7 @@ def test_the_model_page_takes_a_zipped_model_and_the_run_says_where_it_came_from
     recorded = run.meta["model"]
     sha = file_sha256(saved / "model.safetensors")
     assert recorded["sha256"] == sha  # phpn's checkpoint identity, as before
-    assert recorded["origin"] == {"how": "hf-zip", "loaded_as": "uploaded Hugging Face model folder (zip)",
+    assert recorded["origin"] == {"how": "hf-zip", "loaded_as": "uploaded zip of a Hugging Face model folder",
                                   "name": "my convnext.zip", "folder": "convnext", "sha256": sha}
     assert recorded["source"] == loaded.source
     assert recorded["app_load"]["checkpoint"].startswith("my files/uploads/upload-")
@@ -386,12 +386,12 @@ def test_the_model_page_takes_a_zipped_model_and_the_run_says_where_it_came_from
     at.switch_page("pages/export.py").run()
     assert _clean(at) == []
     captions = " ".join(c.value for c in at.caption)
-    origin = "my convnext.zip, folder 'convnext' (uploaded Hugging Face model folder (zip))"
+    origin = "my convnext.zip, folder 'convnext' (uploaded zip of a Hugging Face model folder)"
     assert f"Model: {origin}, sha256 {sha[:12]}…" in captions
     at.button(key="build_class_report").click().run()
     assert _clean(at) == []
     html = at.session_state["class_report"][2]
-    assert "from my convnext.zip, folder &#x27;convnext&#x27; (uploaded Hugging Face model folder (zip))" in html
+    assert "from my convnext.zip, folder &#x27;convnext&#x27; (uploaded zip of a Hugging Face model folder)" in html
     assert workspace not in html
 
 
@@ -408,3 +408,23 @@ def test_the_model_page_refuses_pickled_weights_in_a_zip_while_code_is_off(app, 
     assert app.session_state["model"] is before  # the session keeps its model
     uploads = tmp_path / "uploads"
     assert not any(p.is_file() and "old" in p.name for p in uploads.rglob("*"))  # the refused upload left nothing
+
+
+def test_a_model_folder_on_the_server_is_named_by_its_path_there(app, saved, tmp_path):
+    import shutil
+
+    folder = tmp_path / "roots" / "models" / "convnext"
+    shutil.copytree(saved, folder)
+    at = app
+    at.switch_page("pages/model.py").run()
+    at.radio(key="model_source").set_value("Checkpoint on this server").run()
+    at.text_input(key="ckpt_path").set_value(str(folder))
+    at.number_input(key="pre_resize").set_value(64)
+    at.number_input(key="pre_crop").set_value(64)
+    at.button(key="load_model").click().run()
+    assert _clean(at) == []
+    model = at.session_state["model"]
+    assert model.label == "convnext"
+    assert model.session.loaded.source == f"{folder} (checkpoint on the server)"  # the operator's folder: meaningful
+    assert model.spec["origin"] == {"how": "server-path", "loaded_as": "checkpoint on the server", "path": str(folder),
+                                    "name": "convnext"}
