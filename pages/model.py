@@ -94,7 +94,9 @@ else:
                         help=None if code_on else f"{serving.CODE_OFF_MESSAGE} {serving.ENABLE_HINT}")
     if trust and code_on:
         st.warning("Unpickling a file can run arbitrary code on this server. Tick this only for a file you made "
-                   "yourself or got from a source you trust; a state dict never needs it.", icon=":material/warning:")
+                   "yourself or got from a source you trust. A state dict file never needs it; a zipped Hugging Face "
+                   "folder whose weights are pytorch_model.bin does (transformers unpickles it), while "
+                   "model.safetensors never does.", icon=":material/warning:")
     if upload:
         names_file = st.file_uploader("Class names (optional): one per line, or a JSON list (any file name)",
                                       key="names_upload")

@@ -395,7 +395,7 @@ def test_the_model_page_takes_a_zipped_model_and_the_run_says_where_it_came_from
     assert workspace not in html
 
 
-def test_the_model_page_refuses_pickled_weights_in_a_zip_while_code_is_off(app, tmp_path):
+def test_the_model_page_opens_pickled_weights_in_a_zip_only_with_both_opt_ins(app, tmp_path, monkeypatch):
     folder = tmp_path / "src" / "old"
     _save_convnext(folder, safetensors=False)
     before = app.session_state["model"]
@@ -408,6 +408,18 @@ def test_the_model_page_refuses_pickled_weights_in_a_zip_while_code_is_off(app, 
     assert app.session_state["model"] is before  # the session keeps its model
     uploads = tmp_path / "uploads"
     assert not any(p.is_file() and "old" in p.name for p in uploads.rglob("*"))  # the refused upload left nothing
+
+    monkeypatch.setenv("PHPN_ALLOW_CODE", "1")  # the operator's switch; the visitor's trust is still needed
+    errors = _upload_model(app, _zip_folder(folder, prefix="old/"), "old.zip")
+    assert errors == ["The model folder's weights are pytorch_model.bin, a pickle, which is opened only for a file "
+                      "you trust. Tick 'Trust this checkpoint' if you made it or trust its source, or save the "
+                      "weights as safetensors (model.save_pretrained(folder), the default) and upload the folder "
+                      "again."]
+    app.checkbox(key="trust_pickle").check()
+    assert _upload_model(app, _zip_folder(folder, prefix="old/"), "old.zip") == []
+    model = app.session_state["model"]
+    assert model.label == "old.zip" and model.session.loaded.arch == "hf/ConvNextForImageClassification"
+    assert model.spec["trust_pickle"] is False  # read as tensors only (weights_only): no trial process needed
 
 
 def test_a_model_folder_on_the_server_is_named_by_its_path_there(app, saved, tmp_path):
