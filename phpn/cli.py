@@ -221,9 +221,11 @@ def _run_session(args):
         raise PhpnError("This run was decomposed in Python from images preprocessed there.",
                         "Open it with phpn.load_run(path, model) in Python.")
     session = _session(args, preprocess=Preprocess.from_dict(recorded))
-    from .api import open_run
+    from .api import open_run_for
+    from .network import LazyPrototypeNetwork
 
-    run, network = open_run(session, args.run)
+    run = open_run_for(session, args.run)
+    network = LazyPrototypeNetwork.of_run(run, session.split)  # reads a class's shard when it explains it
     if run.meta["model"].get("class_names") and not session.loaded.class_names:
         # The run named the classes after its folders; this session is the command's own.
         from dataclasses import replace
