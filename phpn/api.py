@@ -445,7 +445,8 @@ class DecomposedRun(Run):
         """``checked``: the run was opened for this session (:func:`open_run_for`), head included."""
         out = cls.__new__(cls)
         out.__dict__.update(run.__dict__)  # a run opened lazily stays lazy: its shards are read when needed
-        out.__dict__.pop("_network", None)  # built for the session given here, when first asked for
+        for built in ("_network", "_explainer"):  # built for the session given here, when first asked for
+            out.__dict__.pop(built, None)
         out.session = session
         if session is not None and not checked:
             check_split(out, session.split)  # the run fits the model's head
@@ -496,9 +497,14 @@ class DecomposedRun(Run):
         """Explain ``image`` (a path, a PIL image or a preprocessed tensor) for ``class_index``
         (default: the best-scoring decomposed class)."""
         session = self._session()
-        out = explain_image(session, self.network(), image, class_index, top=top)
+        explainer = self.__dict__.get("_explainer")
+        if explainer is None:  # reads a class's prototypes (its shard) when it first explains it
+            from .network import LazyPrototypeNetwork
+
+            explainer = self.__dict__["_explainer"] = LazyPrototypeNetwork.of_run(self, session.split)
+        out = explain_image(session, explainer, image, class_index, top=top)
         out.run = self
-        out.image_root = self.__dict__.get("_images") or run_image_root(self)
+        out.image_root = self.__dict__.get("_images") or run_image_root(self, class_index=out.class_index)
         return out
 
     def save(self, path, **options) -> Path:

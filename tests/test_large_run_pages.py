@@ -315,3 +315,15 @@ def test_the_pages_read_only_the_shards_of_the_classes_they_show(tmp_path, monke
                                                                    if str(k).startswith("contrast_")))
     assert names[a] in title and names[b] in title
     assert sorted(shard_reads) == sorted([c] for c in {a, b} - {3, e.class_index})  # why A not B: A's and B's
+
+
+def test_the_python_api_explains_through_the_classes_it_needs(large, shard_reads):
+    import phpn
+
+    path, run, session, images = large
+    opened = phpn.load_run(path, session.loaded.model)
+    explained = opened.explain(images / "2.png")
+    assert shard_reads == [_shard(explained.class_index)]
+    assert explained.bias + float(explained.contributions.sum()) == pytest.approx(explained.logit, abs=1e-4)
+    opened.explain(images / "2.png", class_index=599)
+    assert shard_reads[1:] == ([] if explained.class_index // PER_SHARD == 599 // PER_SHARD else [_shard(599)])
