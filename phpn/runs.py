@@ -543,6 +543,8 @@ def load_run(path, expected_sha256: Optional[str] = None) -> Run:
         raise RunError(f"The run at {path} is damaged: {META} holds a {type(meta).__name__}, not an object.",
                        "Run discovery again.")
     version = meta.get("format_version")
+    if version is None:
+        raise RunError(f"The run at {path} is damaged: its {META} has no format_version.", "Run discovery again.")
     if version not in READABLE_VERSIONS:
         raise RunError(f"The run at {path} has format {version}, this phpn reads formats "
                        f"{', '.join(map(str, READABLE_VERSIONS))}.", "Run discovery again with this version.")

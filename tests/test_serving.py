@@ -354,7 +354,7 @@ def test_with_the_switch_off_a_visitor_cannot_run_code(app_env, monkeypatch):
     model_file = app_env / "net.py"
     model_file.write_text(code.decode())
     spec = dict(checkpoint=str(app_env / "m.th"), model_def=f"{model_file}:Net")
-    for load in (lambda: _shared.load_model_entry(**spec), lambda: _shared._load_model_entry(_shared._freeze(spec)),
+    for load in (lambda: _shared.load_model_entry(**spec), lambda: _shared._load_model_entry(_shared._freeze(spec), spec),
                  lambda: _shared.load_model_entry(checkpoint=spec["checkpoint"], trust_pickle=True)):
         with pytest.raises(ConfigError, match="^Running visitors' code is turned off on this server"):
             load()
