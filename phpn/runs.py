@@ -56,6 +56,7 @@ TENSOR_NAMES = ("prototypes", "nmf_prototypes", "alpha", "class_indices", "head_
 HEAD_TENSORS = ("head_rows", "head_bias", "class_indices")  # read when a run opens
 SHARD_TENSORS = ("prototypes", "nmf_prototypes", "alpha")  # read when one of the shard's classes is needed
 SHARD_BYTES = 32 * 2 ** 20  # a shard's tensors stay about this size: reading one class costs one shard
+KEPT_SHARDS = 8  # a run opened lazily keeps the tensors of this many shards read last (about 256 MB)
 
 
 def is_run_file(name: str) -> bool:
@@ -439,9 +440,20 @@ class _Shards:
             if number not in self._records:
                 tensors, self._records[number] = self._read(number)
                 if keep:
-                    self._tensors[number] = tensors
+                    self._keep(number, tensors)
                 return tensors, self._records[number]
-            return self._tensors.get(number), self._records[number]
+            tensors = self._tensors.get(number)
+            if tensors is not None:
+                self._keep(number, tensors)  # now the most recently used
+            return tensors, self._records[number]
+
+    def _keep(self, number: int, tensors: dict) -> None:
+        """Keep a shard's tensors, letting go of the least recently used past KEPT_SHARDS (they
+        are read again, against their checksum, when needed). Called under the lock."""
+        self._tensors.pop(number, None)
+        self._tensors[number] = tensors
+        while len(self._tensors) > max(1, KEPT_SHARDS):
+            del self._tensors[next(iter(self._tensors))]
 
     def shard_tensors(self, number: int, keep: bool = True) -> dict:
         tensors = self._checked(number, keep)[0]
@@ -450,7 +462,7 @@ class _Shards:
             tensors = _read_tensors(self.path, entry["file"], entry["sha256"], SHARD_TENSORS)
             if keep:
                 with self._lock:
-                    self._tensors[number] = tensors
+                    self._keep(number, tensors)
         return tensors
 
     def records_of(self, number: int) -> list:

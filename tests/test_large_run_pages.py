@@ -327,3 +327,14 @@ def test_the_python_api_explains_through_the_classes_it_needs(large, shard_reads
     assert explained.bias + float(explained.contributions.sum()) == pytest.approx(explained.logit, abs=1e-4)
     opened.explain(images / "2.png", class_index=599)
     assert shard_reads[1:] == ([] if explained.class_index // PER_SHARD == 599 // PER_SHARD else [_shard(599)])
+
+
+def test_a_run_opened_lazily_keeps_the_last_shards_only(large, monkeypatch):
+    path, run, _, _ = large
+    monkeypatch.setattr(runs, "KEPT_SHARDS", 2)
+    opened = load_run(path)
+    for c in (0, 60, 120, 10):  # shards 0, 1, 2, then 0 again
+        assert torch.equal(opened.class_prototypes(c), run.prototypes[c])
+    assert list(opened.__dict__["_shards"]._tensors) == [2, 0]  # least recently used first
+    assert opened.class_meta(60) == run.meta["classes"][60]  # records stay
+    assert torch.equal(opened.class_prototypes(61), run.prototypes[61])  # read again, checksum checked
