@@ -14,8 +14,8 @@ A run is a folder (format 2, written by this version):
 Opening a run (:func:`load_run`) reads run.json and the head file only, so a run of 10,000
 classes opens at once; a shard is read, its checksums and contents checked (finite, Σ p̃ = head
 rows) the first time one of its classes is needed. :func:`verify_run` checks every shard.
-Format 1 (one ``tensors.safetensors`` and every class record in run.json, as shipped with the
-demos) is still read, and checked whole when opened.
+Format 1 (one ``tensors.safetensors`` and every class record in run.json, as the demos
+shipped before) is still read, and checked whole when opened.
 
 It is written to a temporary sibling folder and renamed into place, so a crash or a cancel
 never leaves a half-written run. phpn never writes over anything it did not write: an
