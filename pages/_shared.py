@@ -11,6 +11,7 @@ Session state (``st.session_state``):
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import sys
 import threading
@@ -223,17 +224,15 @@ class RunEntry:
     notes_unsaved: bool = False  # edited notes not yet written beside the run
     url_label: Optional[tuple] = None  # (saved_to, its label among the visitor's runs), found once per folder
 
-    @property
+    @functools.cached_property
     def network(self):
         """The decomposed network for the pages, which explain a few classes at a time
         (phpn.network.LazyPrototypeNetwork): a class's prototypes are read (its shard only) when
-        it is first explained (pages read a class inside :func:`stop_on_error`)."""
-        net = self.__dict__.get("_network")
-        if net is None:
-            from phpn.network import LazyPrototypeNetwork
+        it is first explained (pages read a class inside :func:`stop_on_error`). The run was
+        checked against this head when it was set (:func:`set_run`)."""
+        from phpn.network import LazyPrototypeNetwork
 
-            net = self.__dict__["_network"] = LazyPrototypeNetwork.of_run(self.run, self.split).eval()
-        return net
+        return LazyPrototypeNetwork(self.split, self.run.class_indices, self.run.class_prototypes, self.run.k).eval()
 
 
 @contextmanager
@@ -325,15 +324,18 @@ def set_data(entry: DataEntry) -> None:
     st.session_state["data"] = entry
 
 
-def set_run(run, origin: str, saved_to: Optional[Path] = None, wall: Optional[dict] = None) -> RunEntry:
+def set_run(run, origin: str, saved_to: Optional[Path] = None, wall: Optional[dict] = None,
+            checked: bool = False) -> RunEntry:
+    """Make ``run`` the session's run; ``checked``: it was opened for this model (phpn.api.open_run_for)."""
     model = current_model()
     if model is None:
         raise RunError("No model is loaded.", "Load the model the run was made from first (Model & data page).")
     if not model.decomposable:
         raise RunError("The loaded model cannot be decomposed.", "Load a model whose head can be decomposed.")
-    from phpn.runs import check_split
+    if not checked:
+        from phpn.runs import check_split
 
-    check_split(run, model.session.split)  # refuses a run made for another head
+        check_split(run, model.session.split)  # refuses a run made for another head
     entry = RunEntry(run=run, split=model.session.split, origin=origin, model_key=model.key,
                      saved_to=Path(saved_to) if saved_to else None, wall=wall)
     _open_notes(entry)
@@ -452,8 +454,8 @@ def _record_how_the_model_was_loaded(run, entry: ModelEntry) -> None:
 
     spec = copy.deepcopy(entry.spec)
     model = run.meta.setdefault("model", {})
-    if spec and not spec.get("demo"):
-        model.setdefault("app_load", recorded_load(spec, workspace().path))
+    if spec and not spec.get("demo"):  # the origin is recorded once, as model.origin below
+        model.setdefault("app_load", recorded_load({k: v for k, v in spec.items() if k != "origin"}, workspace().path))
     origin = model_origin("demo", name=spec["demo"]) if spec.get("demo") else spec.get("origin")
     if origin and model.get("sha256") == entry.session.loaded.sha256:
         model.setdefault("origin", {**origin, "sha256": entry.session.loaded.sha256})
@@ -483,7 +485,10 @@ def model_spec_of_run(run) -> Optional[dict]:
             model_def = str(model_def).rsplit(":", 1)[0]
         files = [recorded.get("checkpoint"), model_def]  # a checkpoint may be a model folder
         if all(f is None or (Path(str(f)).exists() and serving.may_read(Path(str(f)), workspace())) for f in files):
-            return dict(recorded)
+            spec = dict(recorded)
+            if isinstance(model.get("origin"), dict):  # the same model entry (and label) as when it was made
+                spec["origin"] = {k: v for k, v in model["origin"].items() if k != "sha256"}
+            return spec
         return None
     source = model.get("source")
     if not source or str(model.get("arch", "")).startswith("pickled:"):
@@ -521,7 +526,7 @@ def reopen_run(folder: Path, origin: str) -> Optional[str]:
     from phpn.api import open_run_for
 
     run = open_run_for(current_model().session, folder)
-    set_run(run, origin, saved_to=folder)
+    set_run(run, origin, saved_to=folder, checked=True)
     _reopen_data(run)
     return None
 
@@ -637,7 +642,7 @@ def load_demo(name: str, with_data: bool = True, with_run: bool = True) -> list:
         if (demo.run_dir / "run.json").is_file():
             try:
                 run = open_run_for(entry.session, demo.run_dir)
-                set_run(run, f"precomputed run of the {name} demo", saved_to=demo.run_dir)
+                set_run(run, f"precomputed run of the {name} demo", saved_to=demo.run_dir, checked=True)
             except PhpnError as exc:
                 warnings.append(f"The demo's precomputed run could not be used: {exc}")
         else:

@@ -2,7 +2,6 @@
 training patches, zoomed), where they respond on a few class images, which other classes
 have similar prototypes, the expert's own notes on each, and what switching some off would
 do (an edited model, marked as such)."""
-import html
 
 import numpy as np
 import pandas as pd
@@ -10,7 +9,7 @@ import streamlit as st
 
 from pages import _shared as S
 from phpn import viz
-from phpn.annotations import EDITED_MODEL, SUGGESTED_FLAGS, prototype_labels
+from phpn.annotations import EDITED_MODEL, SUGGESTED_FLAGS, label_heading, prototype_labels
 from phpn.defaults import MAP_OPACITY
 from phpn.defaults import class_name
 from phpn.errors import ConfigError
@@ -135,7 +134,7 @@ for i in range(k):
         fid = meta["fidelity"][i]
         note = notes.get(class_index, i)
         flags = "".join(f" `{f}`" for f in note.flags)
-        st.markdown(f"{viz.color_swatch(colors[i], 16)} **{html.escape(labels[i][:1].upper() + labels[i][1:])}**{flags} &nbsp;·&nbsp; adds "
+        st.markdown(f"{viz.color_swatch(colors[i], 16)} **{label_heading(labels[i])}**{flags} &nbsp;·&nbsp; adds "
                     f"**{meta['mean_contribution'][i]:+.3f}** on average ({100 * shares[i]:.0f}% of the score) "
                     f"&nbsp;·&nbsp; map fidelity **{fid:.2f}**", unsafe_allow_html=True, help=explain("fidelity"))
         warning = fidelity_warning(fid)

@@ -353,7 +353,7 @@ if st.button("Load run", key="load_run", disabled=running):
             raise DataError("No run folder given.", "Pick one of the runs found or type the folder's path.")
         folder = S.run_folder(path)
         run = open_run_for(model.session, folder)
-        S.set_run(run, f"loaded from {S.shown_path(folder)}", saved_to=folder)
+        S.set_run(run, f"loaded from {S.shown_path(folder)}", saved_to=folder, checked=True)
         S.flash(f"Loaded the run at `{S.shown_path(folder)}`.", place="load")
         st.rerun()
 S.show_flash("load")

@@ -11,7 +11,7 @@ import streamlit as st
 
 from pages import _shared as S
 from phpn import viz
-from phpn.annotations import prototype_labels
+from phpn.annotations import label_heading, prototype_labels
 from phpn.defaults import MAP_OPACITY, class_name
 from phpn.glossary import explain, fidelity_warning
 
@@ -170,7 +170,7 @@ train_root = S.image_root_for_run(run, e.class_index)
 for i in range(k):
     with st.container(border=True):
         flags = "".join(f" `{f}`" for f in entry.notes.get(e.class_index, i).flags) if entry.notes else ""
-        st.markdown(f"{viz.color_swatch(colors[i], 16)} **{html.escape(labels[i][:1].upper() + labels[i][1:])}**{flags}: contributes "
+        st.markdown(f"{viz.color_swatch(colors[i], 16)} **{label_heading(labels[i])}**{flags}: contributes "
                     f"{float(e.contributions[i]):+.3f} here (class mean {meta['mean_contribution'][i]:+.3f}; "
                     f"map fidelity {meta['fidelity'][i]:.2f})", unsafe_allow_html=True, help=explain("fidelity"))
         if fidelity_warning(meta["fidelity"][i]):

@@ -92,6 +92,14 @@ def prototype_label(notes: Optional["Annotations"], class_index: int, prototype:
     return notes.label(class_index, prototype) if notes is not None else plain_label(prototype)
 
 
+def label_heading(label: str) -> str:
+    """A prototype's label as a heading in a page's markdown: first letter capitalised (the
+    expert's own name kept as written) and escaped, so a name is shown as text, never as HTML."""
+    import html
+
+    return html.escape(label[:1].upper() + label[1:])
+
+
 def prototype_labels(notes: Optional["Annotations"], class_index: int, k: int) -> list:
     """The ``k`` prototypes of a class, each named as :func:`prototype_label` does."""
     return [prototype_label(notes, class_index, i) for i in range(k)]

@@ -471,7 +471,8 @@ def unpack_model_folder(source, dest, *, max_bytes: int = MAX_ZIP_BYTES, max_fil
             raise DataError(f"The model folder has {MODEL_CONFIG} but no weights (model.safetensors or "
                             "pytorch_model.bin, or their shards).",
                             "Zip the whole folder that model.save_pretrained(folder) wrote.") from exc
-        refusal = pickle_refusal(pickled_weights(files), trusted, settings) if pickled_weights(files) else None
+        pickled = pickled_weights(files)
+        refusal = pickle_refusal(pickled, trusted, settings) if pickled else None
         if refusal is not None:
             raise refusal
     except BaseException:
