@@ -4,8 +4,9 @@ Where they go (a private workspace per visitor, within quotas) is :mod:`phpn.ser
 
 - :func:`save_upload`: write an uploaded file (anything with ``.name`` and ``.read()``/
   ``.getbuffer()``, e.g. Streamlit's ``UploadedFile``) under a sanitised name.
-- :func:`save_checkpoint_upload`: the same for a checkpoint, whatever its extension, after
-  sniffing its content (torch zip, safetensors, pickle); anything else is refused and deleted.
+- :func:`save_model_upload`: the same for a checkpoint, whatever its extension, after sniffing
+  its content (torch zip, safetensors, pickle; :func:`sniff_upload`), or for a zipped Hugging
+  Face model folder; anything else is refused and deleted.
 - :func:`unpack_uploaded_zip`: save a zip, unpack it and delete the archive, whether the
   archive was accepted or not.
 - :func:`extract_zip`: unpack a zip of an image folder, refusing archives that could
@@ -16,7 +17,7 @@ Where they go (a private workspace per visitor, within quotas) is :mod:`phpn.ser
   ``save_pretrained`` writes), unpack it with the same checks (and no archives inside), and
   return the folder holding ``config.json``; pickled ``.bin`` weights need the operator's
   switch for visitors' code and the visitor's trust, and a config asking for its own code is
-  refused. :func:`sniff_upload` tells such a zip from a checkpoint.
+  refused.
 - :func:`open_uploaded_image`: decode an uploaded image after checking its pixel count in
   the header, so a decompression bomb is refused before it is decoded.
 
@@ -143,22 +144,11 @@ def _sniff_other(head: bytes) -> str:
     return "a text file"
 
 
-def sniff_checkpoint(path) -> str:
-    """What a file holds by its first bytes: 'torch-zip', 'safetensors' or 'pickle'.
-
-    The extension is not looked at (``.th``, ``.tar``, ``.ckpt`` or none are all fine). Anything
-    else is a DataError that says what the file looks like instead.
-    """
-    kind = sniff_upload(path)
-    if kind == "model-folder-zip":
-        raise DataError(f"'{Path(path).name}' is not a checkpoint: it is a zipped Hugging Face model folder.",
-                        "Unzip it and give the folder, or upload the zip on the app's Model page.")
-    return kind
-
-
 def sniff_upload(path) -> str:
-    """Like :func:`sniff_checkpoint`, and 'model-folder-zip' for a zip with config.json at its top
-    or one folder down (a zipped Hugging Face model folder)."""
+    """What an uploaded model file holds by its first bytes: 'torch-zip', 'safetensors', 'pickle',
+    or 'model-folder-zip' for a zip with config.json at its top or one folder down (a zipped
+    Hugging Face model folder). The extension is not looked at (``.th``, ``.tar``, ``.ckpt`` or
+    none are all fine); anything else is a DataError that says what the file looks like instead."""
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as fh:
@@ -180,17 +170,6 @@ def sniff_upload(path) -> str:
     if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
         return "pickle"  # torch.save's legacy format, or a plain pickle
     raise DataError(f"'{name}' is not a checkpoint: it looks like {_sniff_other(head)}.", fix)
-
-
-def save_checkpoint_upload(uploaded, directory, *, max_bytes: Optional[int] = None) -> Path:
-    """Save an uploaded checkpoint under any name; refuse (and delete) what is not one."""
-    path = save_upload(uploaded, directory, max_bytes=max_bytes, what="checkpoint")
-    try:
-        sniff_checkpoint(path)
-    except DataError:
-        path.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def unpack_uploaded_zip(uploaded, folder, *, max_bytes: int = MAX_ZIP_BYTES, max_files: int = MAX_ZIP_FILES) -> Path:

@@ -19,7 +19,7 @@ from phpn.errors import DataError
 from phpn.provenance import (describe_origin, load_from_record, model_origin, origin_words, portable_path,
                              recorded_load, resolve_portable)
 from phpn.serving import ServerSettings
-from phpn.uploads import save_model_upload, sniff_checkpoint, sniff_upload, unpack_model_folder
+from phpn.uploads import save_model_upload, sniff_upload, unpack_model_folder
 
 transformers = pytest.importorskip("transformers")
 
@@ -113,10 +113,6 @@ def test_config_at_the_zips_top_is_unpacked_under_the_zips_name(saved, tmp_path)
     zipped = tmp_path / "m.zip"
     zipped.write_bytes(_zip_folder(saved))
     assert sniff_upload(zipped) == "model-folder-zip"
-    with pytest.raises(DataError) as err:  # the CLI says what to do with the zip
-        sniff_checkpoint(zipped)
-    assert str(err.value) == ("'m.zip' is not a checkpoint: it is a zipped Hugging Face model folder. Unzip it and "
-                              "give the folder, or upload the zip on the app's Model page.")
 
 
 def test_a_state_dict_upload_is_still_a_checkpoint(tmp_path):
@@ -440,3 +436,14 @@ def test_a_model_folder_on_the_server_is_named_by_its_path_there(app, saved, tmp
     assert model.session.loaded.source == f"{folder} (checkpoint on the server)"  # the operator's folder: meaningful
     assert model.spec["origin"] == {"how": "server-path", "loaded_as": "checkpoint on the server", "path": str(folder),
                                     "name": "convnext"}
+
+
+def test_the_cli_says_what_to_do_with_a_zipped_model_folder(saved, tmp_path, capsys):
+    from phpn.cli import main
+
+    zipped = tmp_path / "m.zip"
+    zipped.write_bytes(_zip_folder(saved))
+    assert main(["doctor", "--checkpoint", str(zipped)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: m.zip is not a checkpoint: it is a zipped Hugging Face model folder. Unzip it and give the folder "
+        "(--checkpoint FOLDER), or upload the zip on the app's Model page.")

@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from phpn.errors import DataError
-from phpn.uploads import (extract_zip, find_image_root, open_uploaded_image, safe_filename, save_checkpoint_upload,
-                          save_upload, sniff_checkpoint, unpack_uploaded_zip)
+from phpn.uploads import (extract_zip, find_image_root, open_uploaded_image, safe_filename, save_model_upload,
+                          save_upload, sniff_upload, unpack_uploaded_zip)
 
 
 def _png(color=(200, 30, 30), size=(8, 8)) -> bytes:
@@ -175,8 +175,9 @@ def test_checkpoints_are_recognised_by_content_whatever_their_name(tmp_path, nam
     data = {"torch-zip": lambda: _torch_bytes({"w": torch.ones(2)}),
             "pickle": lambda: _torch_bytes({"w": torch.ones(2)}, legacy=True),
             "safetensors": _safetensors_bytes}[kind]()
-    path = save_checkpoint_upload(_Upload(data, name), tmp_path)
-    assert path.name == name and sniff_checkpoint(path) == kind and path.read_bytes() == data
+    saved = save_model_upload(_Upload(data, name), tmp_path)
+    assert saved.kind == "checkpoint" and saved.name == name
+    assert saved.path.name == name and sniff_upload(saved.path) == kind and saved.path.read_bytes() == data
 
 
 @pytest.mark.parametrize("data, looks_like", [
@@ -189,7 +190,7 @@ def test_checkpoints_are_recognised_by_content_whatever_their_name(tmp_path, nam
 ])
 def test_files_that_are_not_checkpoints_are_refused_and_deleted(tmp_path, data, looks_like):
     with pytest.raises(DataError) as err:
-        save_checkpoint_upload(_Upload(data, "weights.th"), tmp_path)
+        save_model_upload(_Upload(data, "weights.th"), tmp_path)
     assert str(err.value).startswith(f"'weights.th' is not a checkpoint: {looks_like}.")
     assert "any file name or extension will do" in str(err.value)
     assert list(tmp_path.iterdir()) == []
@@ -198,11 +199,11 @@ def test_files_that_are_not_checkpoints_are_refused_and_deleted(tmp_path, data, 
 def test_a_zip_of_images_is_not_taken_for_a_checkpoint(tmp_path):
     z = _zip(tmp_path, [("a/1.png", _png())])
     with pytest.raises(DataError, match="it is a zip archive of other files"):
-        sniff_checkpoint(z)
+        sniff_upload(z)
     empty = tmp_path / "empty.pt"
     empty.write_bytes(b"")
     with pytest.raises(DataError, match="is empty"):
-        sniff_checkpoint(empty)
+        sniff_upload(empty)
 
 
 def test_an_uploaded_zip_is_unpacked_and_the_archive_deleted(tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import re
 import warnings
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,6 +136,8 @@ def _torch_load(path: Path, trust_pickle: bool):
             warnings.simplefilter("ignore")  # pickle-protocol and deprecation chatter, not the user's problem
             return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except Exception as exc:
+        from ..uploads import _sniff_zip  # what an uploaded or given zip holds: one home
+
         text = str(exc)
         if not trust_pickle and "Weights only load failed" in text:
             raise CheckpointError(_unsafe_content_problem(path, text), TRUST_HINT) from None
@@ -144,6 +147,10 @@ def _torch_load(path: Path, trust_pickle: bool):
                 "Run phpn where that code is importable, or re-save the weights with "
                 "torch.save(model.state_dict(), path) and give the architecture with --arch or --model-def.",
             ) from None
+        if zipfile.is_zipfile(path) and _sniff_zip(path) == "model-folder-zip":
+            raise CheckpointError(f"{path.name} is not a checkpoint: it is a zipped Hugging Face model folder.",
+                                  "Unzip it and give the folder (--checkpoint FOLDER), or upload the zip on the "
+                                  "app's Model page.") from None
         detail = _first_line(text) or type(exc).__name__
         raise CheckpointError(
             f"{path.name} is not a readable PyTorch checkpoint, or it is damaged ({type(exc).__name__}: {detail}).",
