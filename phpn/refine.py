@@ -471,10 +471,14 @@ def refine(features: torch.Tensor, prototypes: torch.Tensor, heads: torch.Tensor
     shares = part_shares(usage.to(features.device), p64.to(features.device), v64.to(features.device), total)
     clock.lap("shares")
 
-    rank = config.subspace_rank
     basis = None
-    if rank and k > 1 and config.solver != "none" and rank < min(n, d):
-        basis = row_space_basis(features, rank, seed=config.seed, mask=mask)
+    if config.subspace_rank and k > 1 and config.solver != "none" and min(config.subspace_rank, n) < d:
+        if config.subspace_rank < n:
+            basis = row_space_basis(features, config.subspace_rank, seed=config.seed, mask=mask)
+        else:
+            # Fewer positions than the rank: F's whole row space (dimension ≤ N), exactly. A move
+            # outside it changes no map and only costs ridge, so the solution lies inside it.
+            basis = torch.linalg.qr((features * mask[:, :, None]).transpose(1, 2))[0]
     clock.lap("basis")
     targets = shares if config.contributions == "part" else None
     problem = _Problem(features, mask, prototypes, alpha, residual, config.objective, basis, targets=targets,

@@ -181,3 +181,18 @@ def test_an_iteration_cap_that_stops_the_solver_is_reported():
     text = warnings_for({"refine_converged": False, "refine_iterations": 2})
     assert text == ["Refinement stopped at its iteration cap (2) before converging, so these prototypes can move "
                     "with rounding (thread count, device): raise --lbfgs-iter."]
+
+
+def test_few_positions_search_the_whole_row_space_of_the_features():
+    # 60 positions, 300 channels, rank 128: F's row space (dimension 60) is searched exactly, and
+    # the split is as good as one searched in all 300 dimensions.
+    g = torch.Generator().manual_seed(4)
+    features = torch.relu(torch.randn(3, 60, 300, generator=g))
+    heads = torch.randn(3, 300, generator=g)
+    found = nmf(features, NMFConfig(k=3))
+    usage = found.encodings.mean(1)
+    rowspace = refine(features, found.prototypes, heads, RefineConfig(), usage=usage)
+    everything = refine(features, found.prototypes, heads, RefineConfig(subspace_rank=0), usage=usage)
+    assert bool(rowspace.converged.all())
+    assert float((rowspace.prototypes.sum(1) - heads.double()).abs().max()) < 1e-12
+    assert float(rowspace.objective_after.sum()) <= 1.01 * float(everything.objective_after.sum())
