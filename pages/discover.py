@@ -293,6 +293,9 @@ if entry is not None:
                 "fidelity": ", ".join(f"{f:.2f}" for f in c["fidelity"]),
                 "min fidelity": min(c["fidelity"]),
                 "NMF rel. error": c["nmf_relative_error"],
+                # Not converged: stopped at the iteration cap, so the split may move with rounding.
+                "refinement iterations": c.get("refine_iterations"),
+                "converged": c.get("refine_converged"),
             })
     with st.expander("Expert details: the refinement, class by class (α, residual, objective, fidelity)"):
         st.caption("Map fidelity: correlation of each final prototype's map with its NMF part's map over the "

@@ -195,7 +195,9 @@ def test_live_discovery_shows_the_certificate_and_the_refinement_table(demo_app)
     assert metrics["Agreement (images)"] == f"{cert['images']} / {cert['images']}"
     assert metrics["Model accuracy"] == f"{100 * cert['correct'] / cert['labelled_images']:.1f}%"
     table = at.dataframe[0].value
-    assert len(table) == 10 and {"α", "negative α", "fidelity", "objective before", "objective after"} <= set(table)
+    assert len(table) == 10 and {"α", "negative α", "fidelity", "objective before", "objective after",
+                                 "refinement iterations", "converged"} <= set(table)
+    assert bool(table["converged"].all()) and int(table["refinement iterations"].min()) > 0
     job = at.session_state["job"]
     assert {"features", "nmf", "refine", "certify"} <= {s for s, p in job.stages.items() if p.total}
     assert all(p.fraction == 1.0 for p in job.stages.values() if p.total)
