@@ -207,6 +207,10 @@ def hold_out(wanted: list, fraction: float) -> tuple:
     return kept, held
 
 
+HELDOUT_FRACTION = "images held back from each class folder (--holdout-fraction)"
+HELDOUT_FOLDER = "the held-out folder that was certified (--held-out)"
+
+
 def add_heldout_metrics(records: list, run: Run, root, held_paths: dict, preprocess: Preprocess, forward,
                         batch_size: int, workers: Optional[int] = None, pin_memory: bool = False,
                         decode: str = "cpu", device=None) -> None:
@@ -218,17 +222,21 @@ def add_heldout_metrics(records: list, run: Run, root, held_paths: dict, preproc
             if ok:
                 chunks.append(forward(x)[0].float())
                 kept += ok
-        record["heldout_images"] = len(kept)
-        record["heldout_paths"] = kept
-        if not chunks:
-            continue
-        feats = torch.cat(chunks)
-        signs = part_signs(torch.tensor(record["part_share"], dtype=torch.float64)).tolist()
-        k = len(signs)  # the class's own k (fewer than the run's slots with an automatic k)
-        fid, spec = fidelity_and_specificity(feats, run.prototypes[row, :k].to(feats),
-                                             run.nmf_prototypes[row, :k].to(feats), signs)
-        record["fidelity_heldout"], record["specificity_heldout"] = fid, spec
-        record["warnings"] = warnings_for(record)
+        set_heldout_metrics(record, run, row, torch.cat(chunks) if chunks else None, kept)
+
+
+def set_heldout_metrics(record: dict, run: Run, row: int, feats: Optional[torch.Tensor], paths: list) -> None:
+    """One class's held-out fields from its held-out images' features (n, D, h, w), or None."""
+    record["heldout_images"] = len(paths)
+    record["heldout_paths"] = list(paths)
+    if feats is None:
+        return
+    signs = part_signs(torch.tensor(record["part_share"], dtype=torch.float64)).tolist()
+    k = len(signs)  # the class's own k (fewer than the run's slots with an automatic k)
+    fid, spec = fidelity_and_specificity(feats, run.prototypes[row, :k].to(feats),
+                                         run.nmf_prototypes[row, :k].to(feats), signs)
+    record["fidelity_heldout"], record["specificity_heldout"] = fid, spec
+    record["warnings"] = warnings_for(record)
 
 
 def _class_record(entry, feats: torch.Tensor, paths: list, refined, found, i: int, split: HeadSplit,
@@ -645,7 +653,9 @@ def discover(loaded: LoadedModel, split: HeadSplit, data: ImageFolderData, prepr
                                config.nmf_data),
         "preprocess": preprocess.to_dict(),
         "data": {"root": data_label or str(data.root), "skipped": [list(s) for s in skipped_all],
-                 "class_mapping": data.class_mapping, "decode": describe_decode(batch_decode_device(decode, device))},
+                 "class_mapping": data.class_mapping, "decode": describe_decode(batch_decode_device(decode, device)),
+                 # where the class records' held-out images come from (their heldout_paths)
+                 "heldout_from": HELDOUT_FRACTION if any(held_paths.values()) else None},
         "config": config.to_dict(),
         "nmf": config.nmf_config().to_dict(),
         "refine": config.refine_config().to_dict(),
@@ -667,16 +677,26 @@ def discover(loaded: LoadedModel, split: HeadSplit, data: ImageFolderData, prepr
         meta["certificate"] = cert.to_dict()
         meta["certificate"]["pass"] = forward.tap.mode
         if held_out is not None:
+            # Without images held back from discovery, the certified folder gives the held-out metrics,
+            # from the same pass.
+            seen = {} if not any(held_paths.values()) else None
             meta["certificate_held_out"] = certify_images(forward, split, run, held_out, preprocess, config,
-                                                          device, progress, workers, decode).to_dict()
+                                                          device, progress, workers, decode, collect=seen).to_dict()
+            for row, record in enumerate(class_meta if seen is not None else []):
+                feats, paths = seen.get(record["index"], ([], []))
+                set_heldout_metrics(record, run, row, torch.cat(feats) if feats else None, paths)
+            if seen is not None:
+                meta["data"]["heldout_from"] = HELDOUT_FOLDER
     timings["total_s"] = time.perf_counter() - started
     run.meta = meta
     return run
 
 
 def certify_images(forward: "_Features", split: HeadSplit, run: Run, data: ImageFolderData, preprocess: Preprocess,
-                   config: DiscoveryConfig, device: torch.device, progress=None, workers=None, decode: str = "cpu"):
-    """The certificate on other images (held out from discovery), one tapped pass per batch."""
+                   config: DiscoveryConfig, device: torch.device, progress=None, workers=None, decode: str = "cpu",
+                   collect: Optional[dict] = None):
+    """The certificate on other images (held out from discovery), one tapped pass per batch.
+    ``collect``: filled with {class index: ([features (n, D, h, w)], [paths])} of the read images."""
     label_of = {rel: c.class_index for c in data.classes for rel in c.paths}
     order = list(label_of)
     pooled, logits, labels = [], [], []
@@ -688,6 +708,11 @@ def certify_images(forward: "_Features", split: HeadSplit, run: Run, data: Image
             pooled.append(feats.mean(dim=(2, 3)).cpu())
             logits.append(lg.cpu())
             labels.append(torch.tensor([label_of[r] for r in kept]))
+            if collect is not None:
+                for i, rel in enumerate(kept):
+                    chunks, paths = collect.setdefault(label_of[rel], ([], []))
+                    chunks.append(feats[i:i + 1].float().cpu())
+                    paths.append(rel)
         done += len(kept) + len(bad)
         report(progress, "certify", done, len(order))
     if not pooled:

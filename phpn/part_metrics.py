@@ -237,7 +237,8 @@ def part_metrics_summary(records: Sequence[dict]) -> str:
     rnd = [(r.get("overlap_iou_random") or {}).get("mean") for r in records]
     lines = [
         f"held-out fidelity: median {fmt(median(held))}" + (f", min {min(held):.3f}" if held else
-                                                          " (no images held out; use --holdout-fraction 0.2)"),
+                                                          " (no images held out; use --holdout-fraction 0.2, or "
+                                                          "--held-out DIR to measure it on a folder you certify)"),
         f"specificity: median {fmt(median(spec))}, positive for {sum(s > 0 for s in spec)} of {len(spec)} prototypes",
         f"cancellation |sum c| / sum |c|: mean {fmt(sum(canc) / len(canc) if canc else None)}, "
         f"min {fmt(min(canc) if canc else None)}",
