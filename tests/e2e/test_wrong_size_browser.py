@@ -83,6 +83,7 @@ def test_a_wrong_input_size_is_caught_before_any_explanation(operator_server):
             _nav(pg, "Discover", "Discover part-prototypes")  # the check opens by itself: the model is at chance
             pg.get_by_role("button", name="Apply this setting: 28 px").click()
             main.get_by_text("Preprocessing for this session: 28 px").wait_for()
+            _idle(pg)  # the rerun has finished: the old run's elements are gone, not just stale
             assert main.get_by_text("Certificate PASSED").count() == 0  # the old run is put aside
             assert pg.locator("[data-testid='stSidebar']").get_by_text("near chance").count() == 0
             pg.get_by_role("button", name="Undo: back to the old setting").click()
