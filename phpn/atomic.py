@@ -38,11 +38,35 @@ def atomic_file(path, mode: str = "wb", encoding: Optional[str] = None) -> Itera
         with os.fdopen(fd, mode, **kwargs) as fh:
             yield fh
             fh.flush()
+            # mkstemp makes the file private (0600); give it the mode a plain open() would have
+            # (or the replaced file's own), so an atomic write is not also a change of permissions.
+            os.fchmod(fh.fileno(), _mode_for(path))
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _mode_for(path: Path) -> int:
+    """The permissions the written file gets: the existing file's, else 0666 less the umask."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask would change it for every thread
+    for a moment); 022 where the system does not say."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
 
 
 def write_atomic(path, data: Union[bytes, str], encoding: str = "utf-8") -> Path:

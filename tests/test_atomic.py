@@ -134,3 +134,22 @@ def test_discovery_progress_is_written_whole_or_not_at_all(tmp_path, monkeypatch
         store.save(group)
     assert _left(store.path) == sorted([MANIFEST, "group-00003.json", "group-00003.safetensors"])
     assert sorted(store.finished()) == [3]
+
+
+def test_a_new_file_gets_the_usual_permissions_and_a_replaced_one_keeps_its_own(tmp_path):
+    import os
+    import stat
+
+    from phpn.atomic import write_atomic
+
+    old = os.umask(0o022)
+    try:
+        new = write_atomic(tmp_path / "new.txt", "x")
+        assert stat.S_IMODE(new.stat().st_mode) == 0o644  # not mkstemp's private 0600
+        kept = tmp_path / "kept.txt"
+        kept.write_text("old")
+        kept.chmod(0o640)
+        write_atomic(kept, "new")
+        assert stat.S_IMODE(kept.stat().st_mode) == 0o640 and kept.read_text() == "new"
+    finally:
+        os.umask(old)
