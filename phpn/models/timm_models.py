@@ -35,6 +35,7 @@ from torch import nn
 
 from ..data import INTERPOLATIONS, Preprocess
 from ..errors import CheckpointError, ConfigError
+from .zoo import _SENTINEL_CLASSES, _ignored, sentinel_shapes
 
 PREFIX = "timm/"
 INSTALL_HINT = "Install timm (pip install 'phpn[timm]', or pip install timm) and try again."
@@ -60,7 +61,6 @@ VARIANTS = {
     "eva": ({}, {"global_pool": "avg"}),
 }
 INDEX_PATH = Path(__file__).with_name("timm_index.json")
-_SENTINEL_CLASSES = 9973  # a row count no real head has, to tell the head's tensors apart
 
 
 def is_timm_arch(arch: Optional[str]) -> bool:
@@ -128,10 +128,6 @@ class Signature:
     head_weight: str  # the classifier's weight, as get_classifier() names it
 
 
-def _ignored(key: str) -> bool:
-    return key.endswith("num_batches_tracked")
-
-
 def _classifier_name(model: nn.Module) -> str:
     get = getattr(model, "get_classifier", None)
     head = get() if callable(get) else None
@@ -143,15 +139,8 @@ def _classifier_name(model: nn.Module) -> str:
 
 def signature_of(model: nn.Module) -> Signature:
     """Keys and shapes of a model built with ``_SENTINEL_CLASSES`` classes."""
-    shapes, head_weight = {}, ""
+    shapes = sentinel_shapes(model)
     classifier = _classifier_name(model)
-    for key, tensor in model.state_dict().items():
-        if _ignored(key):
-            continue
-        shape = tuple(tensor.shape)
-        if shape and shape[0] == _SENTINEL_CLASSES:
-            shape = (-1,) + shape[1:]
-        shapes[key] = shape
     preferred = f"{classifier}.weight" if classifier else ""
     if preferred in shapes and shapes[preferred][:1] == (-1,):
         head_weight = preferred

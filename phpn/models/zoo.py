@@ -119,19 +119,21 @@ def _ignored(key: str) -> bool:
     return key.endswith("num_batches_tracked")
 
 
+def sentinel_shapes(model: nn.Module) -> dict:
+    """Key -> shape of a model built with ``_SENTINEL_CLASSES`` classes, the head's tensors with
+    -1 as their first dimension (the same for torchvision's and timm's models)."""
+    shapes = {}
+    for key, tensor in model.state_dict().items():
+        if not _ignored(key):
+            shape = tuple(tensor.shape)
+            shapes[key] = (-1,) + shape[1:] if shape and shape[0] == _SENTINEL_CLASSES else shape
+    return shapes
+
+
 @functools.lru_cache(maxsize=None)
 def _signature(arch: str) -> _Signature:
-    model = build_model(arch, _SENTINEL_CLASSES, empty=True)
-    shapes, head_weight = {}, ""
-    for key, tensor in model.state_dict().items():
-        if _ignored(key):
-            continue
-        shape = tuple(tensor.shape)
-        if shape and shape[0] == _SENTINEL_CLASSES:
-            shape = (-1,) + shape[1:]
-            if len(shape) >= 2 and not head_weight:
-                head_weight = key
-        shapes[key] = shape
+    shapes = sentinel_shapes(build_model(arch, _SENTINEL_CLASSES, empty=True))
+    head_weight = next((k for k, s in shapes.items() if s[:1] == (-1,) and len(s) >= 2), "")
     return _Signature(shapes, head_weight)
 
 
