@@ -328,23 +328,19 @@ def check_preprocessing(session, data: ImageFolderData, *, images_per_class: int
         key = (r.preprocess.resize, r.preprocess.crop)
         if r.error is None and key not in geometries:
             geometries.append(key)
+    def try_variants(base: SettingResult, variants: list) -> None:
+        for name, pre in variants:
+            if pre not in seen:
+                seen.add(pre)
+                results.append(_evaluate(model, images, labels, SettingResult(f"{base.label}, {name}", pre),
+                                         batch_size, cancel))
+                report(progress, "check", len(results), total)
+
     for resize, crop in geometries[:BEST_SIZES_RENORMALISED]:
         base = next(r for r in results if (r.preprocess.resize, r.preprocess.crop) == (resize, crop))
-        for name, pre in _renormalised(base.preprocess):
-            if pre in seen:
-                continue
-            seen.add(pre)
-            results.append(_evaluate(model, images, labels, SettingResult(f"{base.label}, {name}", pre),
-                                     batch_size, cancel))
-            report(progress, "check", len(results), total)
+        try_variants(base, _renormalised(base.preprocess))
     for base in [r for r in _rank(results) if r.error is None][:BEST_SETTINGS_RECOLOURED]:
-        for name, pre in colour_variants(base.preprocess):
-            if pre in seen:
-                continue
-            seen.add(pre)
-            results.append(_evaluate(model, images, labels, SettingResult(f"{base.label}, {name}", pre),
-                                     batch_size, cancel))
-            report(progress, "check", len(results), total)
+        try_variants(base, colour_variants(base.preprocess))
     report(progress, "check", total, total)
     current_result = next(r for r in results if r.preprocess == current)
     return PreprocessCheck(results=_rank(results), current=current_result, images=len(images), classes=classes,
