@@ -6,6 +6,11 @@ moved (relative to the largest part) and how far the final prototypes moved (rel
 class's head row), plus the largest change of a mean contribution.
 
     python scripts/thread_stability.py --k 5 [--classes 0,9] [--keep DIR]
+    python scripts/thread_stability.py --k 5 --perturbation 1e-6
+
+With ``--perturbation EPS`` it instead refines the demo's classes twice from the same NMF
+parts, once on features multiplied by (1 + EPS · noise), and prints how far each class's
+prototypes moved (relative to its head row): the refinement's own sensitivity.
 """
 from __future__ import annotations
 
@@ -47,12 +52,42 @@ def compare(a: Path, b: Path) -> dict:
             "largest_mean_contribution_change": float(np.abs(ca - cb).max())}
 
 
+def perturbation(k: int, eps: float) -> dict:
+    import torch
+
+    import phpn.discover as discovery
+    from phpn.cli import main as cli
+    from phpn.refine import refine
+
+    captured = []
+
+    def spy(features, prototypes, heads, config, counts=None, tick=None, usage=None):
+        captured.append((features, prototypes, heads, config, counts, usage))
+        return refine(features, prototypes, heads, config, counts, tick=tick, usage=usage)
+
+    discovery.refine = spy  # the inputs discovery gives its refinement
+    with tempfile.TemporaryDirectory() as tmp:
+        cli(["discover", "--demo", "fashion-mnist", "--k", str(k), "--out", str(Path(tmp) / "run"), "--quiet"])
+    moved = []
+    for features, prototypes, heads, config, counts, usage in captured:
+        noise = torch.randn(features.shape, generator=torch.Generator().manual_seed(1))
+        a = refine(features, prototypes, heads, config, counts, usage=usage).prototypes
+        b = refine(features * (1 + eps * noise), prototypes, heads, config, counts, usage=usage).prototypes
+        moved += ((a - b).norm(dim=-1).amax(1) / heads.double().norm(dim=1)).tolist()
+    return {"k": k, "perturbation": eps, "prototypes_moved_of_head_row": [float(f"{m:.2g}") for m in moved]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--k", type=int, default=3)
     parser.add_argument("--classes", default=None, help="a subset, as discover's --classes")
     parser.add_argument("--keep", type=Path, default=None, help="keep both runs in this new folder")
+    parser.add_argument("--perturbation", type=float, default=None,
+                        help="refine twice, once on features perturbed by this relative amount")
     args = parser.parse_args()
+    if args.perturbation is not None:
+        print(json.dumps(perturbation(args.k, args.perturbation)))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         base = args.keep or Path(tmp)
         runs = [base / f"threads-{t}" for t in (1, 2)]
