@@ -7,13 +7,17 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from pages import _shared as S
-from phpn import viz
-from phpn.annotations import EDITED_MODEL, SUGGESTED_FLAGS, label_heading, prototype_labels
-from phpn.defaults import MAP_OPACITY
-from phpn.defaults import class_name
+from phpn.app import frame as S
+from phpn.config import MAP_OPACITY, class_name
 from phpn.errors import ConfigError
 from phpn.glossary import explain, fidelity_warning
+from phpn.runs.annotations import (
+    EDITED_MODEL,
+    SUGGESTED_FLAGS,
+    label_heading,
+    prototype_labels,
+)
+from phpn.show import viz
 
 S.frame()
 st.title("Class browser")
@@ -188,7 +192,7 @@ else:
         go = st.form_submit_button("Compare with the original model")
     if go:
         with S.user_errors():
-            from phpn.annotations import switch_off
+            from phpn.runs.annotations import switch_off
 
             if not off:
                 raise ConfigError("No prototype picked.", "Pick at least one prototype to switch off.")

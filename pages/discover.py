@@ -8,9 +8,13 @@ import pandas as pd
 import streamlit as st
 import torch
 
-from pages import _shared as S
-from phpn import defaults as D
+from phpn import config as D
+from phpn.api import discovery_defaults, open_model, resolve_discovery
+from phpn.app import frame as S
 from phpn.errors import DataError
+from phpn.method.certify import chance_warning
+from phpn.pipeline.discover import DiscoveryConfig
+from phpn.pipeline.preprocess_check import check_preprocessing, describe
 
 EXPERT_TABLE_CLASSES = 500  # rows of the per-class table; the Class browser shows any class
 
@@ -22,7 +26,7 @@ job = st.session_state.get("job")
 running = job is not None and job.running
 
 # --- settings ------------------------------------------------------------------------------
-defaults = D.discovery_defaults(model.session.demo)  # the table the CLI and the API use too
+defaults = discovery_defaults(model.session.demo)  # the table the CLI and the API use too
 
 if data is None:
     st.info("No images are loaded: scan an image folder on the **Model & data** page to run a discovery. "
@@ -65,8 +69,6 @@ else:
                                     [c.class_index for c in data.data.classes],
                                     format_func=lambda i: f"{names[i] if i < len(names) else i} ({i})",
                                     key="disc_classes")
-            from phpn.discover import DiscoveryConfig
-
             budget = st.number_input("Memory budget (MB)", min_value=0, value=DiscoveryConfig.memory_budget_mb,
                                      step=256, key="disc_budget",
                                      help="Features held at once: classes are decomposed in groups that fit. "
@@ -77,12 +79,10 @@ else:
 
     if start and not running:
         with S.user_errors():
-            from phpn.discover import DiscoveryConfig
-
-            config = DiscoveryConfig(k=int(k), images_per_class=int(cap), solver=solver, objective=objective,
-                                     scaling=scaling, seed=int(seed), device=device, top_patches=int(top_patches),
-                                     classes=tuple(int(c) for c in subset) if subset else None,
-                                     memory_budget_mb=int(budget), auto_k=D.AUTO_K_MAX if auto_k else None)
+            config = resolve_discovery(
+                model.session.demo, k="auto" if auto_k else int(k), images_per_class=int(cap), solver=solver,
+                objective=objective, scaling=scaling, seed=int(seed), device=device, top_patches=int(top_patches),
+                classes=tuple(int(c) for c in subset) if subset else None, memory_budget_mb=int(budget))
             run_data = data.data
             if (data.cap or cap_all) != int(cap) or data.seed != int(seed):
                 run_data = S.scan_data(model, data.data.root, int(cap), int(seed))
@@ -98,9 +98,6 @@ else:
 def _apply_preprocessing(pre) -> None:
     """Use ``pre`` for this session: the same model, diagnosed again at that input; the images
     stay, the run made with the old setting is put aside. Undo brings all of it back."""
-    from phpn.api import open_model
-    from phpn.preprocess_check import describe
-
     before, images, run = model, S.current_data(), S.current_run()
     spec = {k: v for k, v in before.spec.items() if k != "overrides"}
     with before.lock:  # the loaded model is shared with the entry it came from
@@ -142,9 +139,6 @@ def _applied_preprocessing_banner() -> None:
 
 
 def _check_preprocessing_section() -> None:
-    from phpn.certify import chance_warning
-    from phpn.preprocess_check import describe
-
     _applied_preprocessing_banner()
     current = S.current_run()
     at_chance = bool(current and chance_warning(current.run.meta.get("certificate")))
@@ -156,8 +150,6 @@ def _check_preprocessing_section() -> None:
         per_class = st.number_input("Images per class", 1, 20, 3, key="check_pre_images")
         if st.button("Check preprocessing", key="check_pre", disabled=running):
             with S.user_errors():
-                from phpn.preprocess_check import check_preprocessing
-
                 bar = st.progress(0.0, text="Trying settings…")
                 with model.lock:
                     check = check_preprocessing(
@@ -241,8 +233,8 @@ if entry is not None:
                f"scaling {run.meta['config']['scaling']}, device {run.meta.get('device', '?')}")
     cert = run.meta.get("certificate")
     if cert:
-        from phpn.certify import Certificate, chance_warning
         from phpn.glossary import explain as term
+        from phpn.method.certify import Certificate, chance_warning
 
         warning = chance_warning(cert)
         if warning:  # before anything else about this run: its explanations would mislead
@@ -324,7 +316,7 @@ if entry is not None:
                               key="save_path")
     if st.button("Save run", key="save_run"):
         with S.user_errors():
-            from phpn.runs import save_run
+            from phpn.runs.store import save_run
 
             target = S.save_target(save_path)
             fingerprint = run.meta.get("tensors_sha256")
@@ -349,14 +341,15 @@ choice = st.selectbox("Runs found", ["(type a path below)"] + [label for label, 
 typed = st.text_input("Run folder path (under PHPN_DATA_ROOTS, if the operator allows paths)", key="load_path")
 if st.button("Load run", key="load_run", disabled=running):
     with S.user_errors():
-        from phpn.api import open_run_for
-
         path = typed.strip() or (choice if not choice.startswith("(") else "")
         if not path:
             raise DataError("No run folder given.", "Pick one of the runs found or type the folder's path.")
         folder = S.run_folder(path)
-        run = open_run_for(model.session, folder)
-        S.set_run(run, f"loaded from {S.shown_path(folder)}", saved_to=folder, checked=True)
-        S.flash(f"Loaded the run at `{S.shown_path(folder)}`.", place="load")
+        # The run's own model is opened with it (asked for only when it is not here).
+        missing = S.reopen_run(folder, f"loaded from {S.shown_path(folder)}")
+        if missing:
+            S.flash(missing, kind="warning", place="load")
+        else:
+            S.flash(f"Loaded the run at `{S.shown_path(folder)}` with its model.", place="load")
         st.rerun()
 S.show_flash("load")

@@ -7,10 +7,10 @@ import pandas as pd
 import streamlit as st
 import torch
 
-from pages import _shared as S
-from phpn import viz
-from phpn.glossary import explain
+from phpn.app import frame as S
 from phpn.errors import DataError
+from phpn.glossary import explain
+from phpn.show import viz
 
 S.frame()
 st.title("Evaluate")

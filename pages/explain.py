@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
-from pages import _shared as S
-from phpn import viz
-from phpn.annotations import label_heading, prototype_labels
-from phpn.defaults import MAP_OPACITY, class_name
+from phpn.app import frame as S
+from phpn.config import MAP_OPACITY, class_name
 from phpn.glossary import explain, fidelity_warning
+from phpn.runs.annotations import label_heading, prototype_labels
+from phpn.show import viz
 
 S.frame()
 st.title("Explain an image")
@@ -24,7 +24,9 @@ data = S.current_data()
 names = model.session.class_names
 pre_key = S.preprocess_key(model.session.preprocess)
 
-from phpn.certify import chance_warning  # noqa: E402
+from phpn.api import explain_image
+from phpn.method.certify import chance_warning  # noqa: E402
+from phpn.pipeline.mistakes import folder_labels
 
 _chance = chance_warning(run.meta.get("certificate"))
 if _chance:  # before any explanation: the model cannot read these inputs
@@ -33,8 +35,6 @@ if _chance:  # before any explanation: the model cannot read these inputs
 
 @st.cache_data(max_entries=32, show_spinner=False)
 def _folder_labels(root: str, model_key: str, _model) -> dict:
-    from phpn.mistakes import folder_labels
-
     return folder_labels(root, _model.session)
 
 
@@ -44,8 +44,6 @@ def _name(i: int) -> str:
 
 @st.cache_data(max_entries=256, show_spinner=False)
 def _explain(run_id: str, image_key: str, class_index, _model, _network, _image):
-    from phpn.api import explain_image
-
     with _model.lock:
         return explain_image(_model.session, _network, _image, class_index=class_index)
 
@@ -66,7 +64,7 @@ if source == "Upload an image":
                           type=["png", "jpg", "jpeg", "bmp", "gif", "tif", "tiff", "webp"], key="explain_upload")
     if up is not None:
         with S.user_errors():
-            from phpn.uploads import open_uploaded_image
+            from phpn.app.uploads import open_uploaded_image
 
             raw = bytes(up.getbuffer())
             image = open_uploaded_image(up)
@@ -94,7 +92,7 @@ else:
     S.memorise("explain_folder", "explain_file")
     path = root / folder / name
     with S.user_errors():
-        from phpn.data import load_image
+        from phpn.images.data import load_image
 
         image = load_image(path)
         image_key = f"file:{path}:{path.stat().st_mtime_ns}"

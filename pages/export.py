@@ -5,10 +5,10 @@ import re
 
 import streamlit as st
 
-from pages import _shared as S
-from phpn import report
-from phpn.defaults import class_name
-from phpn.provenance import describe_origin, origin_words
+from phpn.app import frame as S
+from phpn.config import class_name
+from phpn.runs.provenance import describe_origin, origin_words
+from phpn.show import report
 
 S.frame()
 st.title("Export")

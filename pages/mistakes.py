@@ -1,16 +1,16 @@
 """Mistakes first: a labelled test folder through the model, its mistakes before its successes,
 the most frequent confusions, and "why A and not B" on one image: both classes' prototypes
-side by side and the logit gap as a waterfall. Every number comes from phpn.mistakes."""
+side by side and the logit gap as a waterfall. Every number comes from phpn.pipeline.mistakes."""
 from pathlib import Path
 
 import pandas as pd
 import streamlit as st
 
-from pages import _shared as S
-from phpn import viz
-from phpn.certify import chance_warning
-from phpn.defaults import class_name
+from phpn.app import frame as S
+from phpn.config import class_name
 from phpn.errors import DataError
+from phpn.method.certify import chance_warning
+from phpn.show import viz
 
 S.frame()
 st.title("Mistakes first")
@@ -51,14 +51,14 @@ S.memorise("mistakes_source", "mistakes_cap")
 
 if st.button("Predict the folder", type="primary", key="mistakes_predict"):
     with S.user_errors():
-        from phpn.mistakes import predict_folder
+        from phpn.pipeline.mistakes import predict_folder
 
         if source == "The demo's held-out images":
             root, label = Path(data.explain_root), "the demo's held-out images"
         elif source == "The images loaded on Model & data":
             root, label = Path(data.data.root), data.label
         elif source == "Upload a zip of a labelled folder":
-            from phpn.uploads import MAX_ZIP_BYTES, unpack_uploaded_zip
+            from phpn.app.uploads import MAX_ZIP_BYTES, unpack_uploaded_zip
 
             if zip_file is None:
                 raise DataError("No zip uploaded.", "Choose a .zip of the labelled folder first.")
@@ -166,7 +166,7 @@ class_b = a2.selectbox("B (the class it was not)", b_choices, format_func=lambda
                        index=b_choices.index(default_b) if default_b in b_choices else 0, key=f"contrast_b_{pick.path}")
 
 with S.user_errors():
-    from phpn.mistakes import contrast_image
+    from phpn.pipeline.mistakes import contrast_image
 
     with model.lock:
         c = contrast_image(model.session, network, found.root / pick.path, int(class_a), int(class_b),

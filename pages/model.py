@@ -4,10 +4,10 @@ path) and what was found in it."""
 import pandas as pd
 import streamlit as st
 
-from pages import _shared as S
-from phpn import serving
+from phpn.api import discovery_defaults
+from phpn.app import frame as S
+from phpn.app import serving
 from phpn.demos import DEMOS, get_demo
-from phpn.defaults import discovery_defaults
 from phpn.errors import ConfigError, DataError
 
 S.frame()
@@ -116,8 +116,8 @@ else:
     if st.button("Load model", type="primary", key="load_model"):
         with S.user_errors(), serving.removed_on_error([]) as made:  # a failed load keeps no upload
             from phpn.api import read_class_names
-            from phpn.provenance import model_origin
-            from phpn.uploads import MAX_ZIP_BYTES, save_model_upload, save_upload
+            from phpn.app.uploads import MAX_ZIP_BYTES, save_model_upload, save_upload
+            from phpn.runs.provenance import model_origin
 
             if upload:
                 if ckpt_file is None:
@@ -249,7 +249,7 @@ elif data_source == "Image folder on this server":
 
 if st.button("Scan images", type="primary", key="scan"):
     with S.user_errors():
-        from phpn.uploads import MAX_ZIP_BYTES, unpack_uploaded_zip
+        from phpn.app.uploads import MAX_ZIP_BYTES, unpack_uploaded_zip
 
         explain_root = None
         if data_source == "The demo's images":
@@ -294,7 +294,7 @@ if data is not None:
              "class name": names[c.class_index] if c.class_index < len(names) else "?", "images": len(c.paths)}
             for c in data.data.classes]
     st.dataframe(pd.DataFrame(rows), hide_index=True, height=min(400, 38 + 35 * len(rows)))
-    from phpn.data import describe_class_mapping
+    from phpn.images.data import describe_class_mapping
 
     st.caption(describe_class_mapping(data.data.class_mapping))
     if summary["skipped"]:

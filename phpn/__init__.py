@@ -21,20 +21,20 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "decompose": "api", "open_model": "api", "load_run": "api", "merge_preprocess": "api",
     "DecomposedRun": "api", "ModelSession": "api", "ClassView": "api",
-    "Explanation": "explanation",
-    "Certificate": "certify",
-    "Preprocess": "data",
-    "DiscoveryConfig": "discover",
-    "PrototypeNetwork": "network",
+    "Explanation": "show.explanation",
+    "Certificate": "method.certify",
+    "Preprocess": "images.data",
+    "DiscoveryConfig": "pipeline.discover",
+    "PrototypeNetwork": "method.network",
     "PhpnError": "errors",
-    "defaults": None,
+    "config": None,
 }
 
 __all__ = ["__version__", *_EXPORTS]
 
 # The public name for what decompose() returns.
-_ALIASES = {"Run": ("api", "DecomposedRun")}
-__all__.append("Run")
+_ALIASES = {"Run": ("api", "DecomposedRun"), "defaults": ("config", None)}
+__all__ += ["Run", "defaults"]
 
 
 def __getattr__(name: str):
@@ -42,7 +42,8 @@ def __getattr__(name: str):
 
     if name in _ALIASES:
         module, attr = _ALIASES[name]
-        value = getattr(importlib.import_module(f".{module}", __name__), attr)
+        value = importlib.import_module(f".{module}", __name__)
+        value = value if attr is None else getattr(value, attr)
     elif name in _EXPORTS:
         module = _EXPORTS[name]
         if module is None:

@@ -9,29 +9,69 @@ For Python callers the short form is :func:`decompose` (model + data -> :class:`
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
+from difflib import get_close_matches
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .certify import Certificate, certify
-from .defaults import (BATCH_SIZE, DECODE, DEVICE, IMAGES_PER_CLASS, K, SEED, TOP_CLASSES, class_name,
-                       class_names_or_indices)
-from .data import ImageFolderData, Preprocess, load_batch, load_image, scan_image_folder
-from .device import resolve_device
-from .discover import DiscoveryConfig, discover, resolve_k
-from .errors import ConfigError, NotDecomposableError
-from .explanation import Explanation, picture_of_tensor
-from .inputs import (InMemoryImages, TensorInput, as_preprocess, first_image, from_dataset, from_loader,
-                     holds_pictures, merge_preprocess, module_sha256, peek_input_size)
-from .models.head import HeadSplit, LoadedModel
-from .network import PrototypeNetwork
-from .progress import ProgressFn, report
-from .runs import Run, check_model, check_split
-from .validation import check_at_least, check_class_names
+from phpn.atomic import check_may_write, write_atomic
+from phpn.config import (
+    BATCH_SIZE,
+    DECODE,
+    DEVICE,
+    DISCOVERY,
+    SEED,
+    TOP_CLASSES,
+    class_name,
+    class_names_or_indices,
+)
+from phpn.demos import get_demo
+from phpn.device import resolve_device
+from phpn.errors import ConfigError, DataError, NotDecomposableError, PhpnError
+from phpn.head import HeadSplit, LoadedModel
+from phpn.images.data import (
+    IMAGE_SUFFIXES,
+    ImageFolderData,
+    Preprocess,
+    load_batch,
+    load_image,
+    scan_image_folder,
+)
+from phpn.images.inputs import (
+    InMemoryImages,
+    TensorInput,
+    as_preprocess,
+    first_image,
+    from_dataset,
+    from_loader,
+    holds_pictures,
+    merge_preprocess,
+    module_sha256,
+    peek_input_size,
+)
+from phpn.method.certify import Certificate, certify
+from phpn.method.network import PrototypeNetwork
+from phpn.models import diagnose, load_model
+from phpn.models.hf import LogitsOnly, class_names, logits_only
+from phpn.pipeline.discover import DiscoveryConfig, discover, resolve_k
+from phpn.progress import ProgressFn, TqdmProgress, report
+from phpn.runs.provenance import load_from_record
+from phpn.runs.store import (  # this module's load_run is the public wrapper
+    Run,
+    check_checkpoint,
+    check_model,
+    check_split,
+    save_run,
+)
+from phpn.runs.store import load_run as read_run
+from phpn.show.explanation import Explanation
+from phpn.show.pictures import picture_of_tensor
+from phpn.validation import check_at_least, check_class_names
 
 
 @dataclass
@@ -70,8 +110,6 @@ def open_model(checkpoint=None, *, demo: Optional[str] = None, arch: Optional[st
     ``input_size`` (channels, height, width) says what the doctor tries (default 3x224x224;
     :func:`decompose` re-checks at the data's own size).
     """
-    from .models import diagnose, load_model
-
     if demo is not None and (checkpoint is not None or arch or model_def):
         raise ConfigError("A demo brings its own model, so it cannot be combined with a checkpoint, --arch or "
                           "--model-def.", "Pass either --demo NAME or --checkpoint PATH, not both.")
@@ -84,8 +122,6 @@ def open_model(checkpoint=None, *, demo: Optional[str] = None, arch: Optional[st
         loaded = _loaded_from_module(checkpoint, preprocess=as_preprocess(preprocess), input_size=input_size)
         preprocess = None
     elif demo is not None:
-        from .demos import get_demo
-
         loaded = get_demo(demo).load_model()
         if num_classes is not None and int(num_classes) != loaded.num_classes:
             raise ConfigError(f"You asked for {num_classes} classes but the demo {demo} has {loaded.num_classes}.",
@@ -110,8 +146,6 @@ def _input_size(pre) -> tuple:
 
 def _loaded_from_module(model: torch.nn.Module, *, preprocess=None, input_size=None) -> LoadedModel:
     """A live model as phpn's LoadedModel: eval mode, on the CPU (phpn moves it where the work runs)."""
-    from .models.hf import LogitsOnly, class_names, logits_only
-
     model = logits_only(model).cpu().eval()  # a transformers model answers with an output object
     if preprocess is None:
         c, h, w = (int(v) for v in (input_size or (3, 224, 224)))
@@ -142,8 +176,6 @@ def read_class_names(path, num_classes: Optional[int] = None) -> list:
     """One class name per line (blank lines ignored), or a JSON list of texts; UTF-8 text only.
 
     With ``num_classes`` the count must match. Every problem is a ConfigError naming it."""
-    import json
-
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"The class-names file {path} does not exist or is not a file.", "Check the path.")
@@ -190,7 +222,7 @@ def run_discovery(session: ModelSession, data: ImageFolderData, config: Discover
                   progress: Optional[ProgressFn] = None, certify_images: bool = True,
                   data_label: Optional[str] = None, **options) -> Run:
     """Discover and certify on the discovery images from the same forward passes; the certificate
-    is recorded in the run. ``options`` go to :func:`phpn.discover.discover` (held_out,
+    is recorded in the run. ``options`` go to :func:`phpn.pipeline.discover.discover` (held_out,
     progress_dir, resume, workers, decode, shard); under a shard, ranks other than 0 return None."""
     run = discover(session.loaded, session.split, data, session.preprocess, config, progress, data_label=data_label,
                    certify=certify_images, **options)
@@ -201,25 +233,12 @@ def run_discovery(session: ModelSession, data: ImageFolderData, config: Discover
     return run
 
 
-def open_run_for(session: ModelSession, path, run: Optional[Run] = None) -> Run:
-    """Open a saved run for this model, checked against it (checkpoint, architecture, cut, head
-    rows). Its per-class shards are read and checked when first needed, so a large run opens
-    at once. Refuses a damaged run and another checkpoint's, architecture's or cut's run.
-    ``run``: the run at ``path`` when the caller has opened it already (it is not read again)."""
-    from .runs import check_checkpoint, load_run as read_run  # this module's load_run is the public wrapper
-
-    if run is None:
-        run = read_run(path)
+def _check_run_for(session: ModelSession, run: Run) -> Run:
+    """The run checked against this model (checkpoint, architecture, cut, head rows). Its
+    per-class shards are read and checked when first needed, so a large run opens at once."""
     check_checkpoint(run, session.loaded.sha256)
     check_model(run, session.loaded, session.split)
     return run
-
-
-def open_run(session: ModelSession, path) -> tuple:
-    """Load a saved run for this model: returns (run, network); the network holds every class's
-    prototypes, so every shard is read. Refuses as :func:`open_run_for` does."""
-    run = open_run_for(session, path)
-    return run, run.network(session.split)
 
 
 def certify_run(session: ModelSession, run: Run, data: ImageFolderData, batch_size: int = BATCH_SIZE,
@@ -274,8 +293,6 @@ def explain_image(session: ModelSession, network: PrototypeNetwork, image, class
         base = network.explain_features(feats, classes=[], with_maps=False)
         logits = base.logits[0]
         if not bool(torch.isfinite(logits).all()):
-            from .errors import DataError
-
             raise DataError(f"The model gives NaN or infinite logits on {source or 'this image'}, so there is "
                             "nothing to explain.", "Check the image and the preprocessing (a blank image can "
                             "divide by zero inside some models).")
@@ -343,7 +360,6 @@ def _fit_session_to(session: ModelSession, data: ImageFolderData) -> ModelSessio
             raise ConfigError(f"The images are tensors of shape {shape}, but the preprocessing gives "
                               f"{_input_size(session.preprocess)}.", "Pass tensors preprocessed as the model expects, "
                               "or drop preprocess= to take the tensors as they are.")
-        from .models import diagnose
 
         session = ModelSession(loaded=session.loaded, diagnosis=diagnose(session.loaded, input_size=shape),
                                preprocess=TensorInput(*shape), demo=session.demo)
@@ -352,29 +368,81 @@ def _fit_session_to(session: ModelSession, data: ImageFolderData) -> ModelSessio
 
 def _progress_fn(progress) -> Optional[ProgressFn]:
     if progress is True:
-        from .progress import TqdmProgress
-
         return TqdmProgress()
     return progress or None
 
 
-def _config(k, images_per_class, device, options: dict) -> DiscoveryConfig:
-    allowed = set(DiscoveryConfig.__dataclass_fields__) - {"k", "images_per_class", "device"}
-    unknown = set(options) - allowed
+def discovery_defaults(demo: Optional[str] = None) -> dict:
+    """The discovery settings to start from: the table of defaults (:data:`phpn.config.DISCOVERY`),
+    then a built-in demo's own choices."""
+    values = dict(DISCOVERY)
+    if demo:
+        values.update(get_demo(demo).defaults)
+    return values
+
+
+def class_index(value, names: Sequence[str]) -> int:
+    """A class given by index (int or digits) or by name (any case) -> its index; the one rule for every door."""
+    text = str(value).strip()
+    if text.isdigit() and int(text) < len(names):
+        return int(text)
+    for i, n in enumerate(names):
+        if str(n).lower() == text.lower():
+            return i
+    shown = ", ".join(map(str, list(names)[:5])) + (", ..." if len(names) > 5 else "")
+    raise ConfigError(f"Unknown class '{value}'.",
+                      f"Give a class index from 0 to {len(names) - 1} or one of the model's class names ({shown}).")
+
+
+def resolve_classes(value, names: Sequence[str]) -> Optional[tuple]:
+    """Classes to decompose: None (all), a sequence of indices or names, or text such as "0,5-9,Bag"
+    (inclusive ranges) -> a tuple of distinct indices, in the order given."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    out = []
+    for part in (value.split(",") if isinstance(value, str) else value):
+        lo, dash, hi = str(part).strip().partition("-")
+        if dash and lo.strip().isdigit() and hi.strip().isdigit():
+            out += range(int(lo), int(hi) + 1)
+        elif str(part).strip():
+            out.append(class_index(part, names))
+    bad = [c for c in out if c >= len(names)]
+    if bad:
+        raise ConfigError(f"The classes to decompose name class {bad[0]}, but the model has {len(names)} classes.",
+                          f"Use indices from 0 to {len(names) - 1}.")
+    return tuple(dict.fromkeys(out))
+
+
+def resolve_discovery(demo: Optional[str] = None, *, class_names: Optional[Sequence[str]] = None,
+                      **given) -> DiscoveryConfig:
+    """The discovery settings, resolved once for the CLI, the app and the API: the table of
+    defaults, then a built-in ``demo``'s own choices, then what the user ``given`` (a None
+    value is "not given"). ``k="auto"`` gives each class its own k at NMF's elbow, from 2 to
+    ``k_max`` (or ``auto_k``); ``classes`` may hold indices or, with ``class_names``, names."""
+    allowed = set(DiscoveryConfig.__dataclass_fields__) | {"k_max"}
+    unknown = sorted(set(given) - allowed)
     if unknown:
-        raise ConfigError(f"Unknown discovery option(s): {', '.join(sorted(unknown))}.",
+        hints = [f"'{u}' (did you mean '{close[0]}'?)" if (close := get_close_matches(u, allowed, 1)) else f"'{u}'"
+                 for u in unknown]
+        raise ConfigError(f"Unknown discovery option(s): {', '.join(hints)}.",
                           f"Use: {', '.join(sorted(allowed))}.")
-    if options.get("classes") is not None:
-        options = dict(options, classes=tuple(int(c) for c in options["classes"]))
-    k, auto_k = resolve_k(k, options.pop("auto_k", None))  # k = "auto": each class its own, at NMF's elbow
-    return DiscoveryConfig(auto_k=auto_k, k=k, images_per_class=images_per_class, device=device, **options)
+    given = {key: value for key, value in given.items() if value is not None}
+    values = {**discovery_defaults(demo), **given}
+    k_max = values.pop("k_max", None) or values.pop("auto_k", None)
+    values["k"], values["auto_k"] = resolve_k(values.get("k"), k_max, discovery_defaults(demo)["k"])
+    if values.get("classes") is not None:
+        values["classes"] = (resolve_classes(values["classes"], class_names) if class_names is not None
+                             else tuple(int(c) for c in values["classes"]))
+    return DiscoveryConfig(**values)
 
 
-def decompose(model, data, *, k=K, images_per_class: Optional[int] = IMAGES_PER_CLASS, preprocess=None,
+def decompose(model, data, *, k=None, images_per_class: Optional[int] = None, preprocess=None,
               device: str = DEVICE, progress=True, decode: str = DECODE, **options) -> "DecomposedRun":
     """Turn a trained classifier into a part-prototype network: k prototypes per class that sum
     exactly to the class's head row, discovered on ``data``. ``k="auto"`` gives each class its
-    own k, from 2 to ``auto_k`` (default 8), where NMF's error curve bends most.
+    own k, from 2 to ``auto_k`` (default 8), where NMF's error curve bends most. Settings left
+    out (None) take the defaults of :func:`resolve_discovery` (a built-in demo's own, else
+    :mod:`phpn.config`'s: k = 3, every image of each class).
 
     ``model``: a ``torch.nn.Module`` (in your own code, with your weights), a checkpoint path,
     or what :func:`open_model` returned. ``data``: an image folder (one sub-folder per class),
@@ -387,14 +455,15 @@ def decompose(model, data, *, k=K, images_per_class: Optional[int] = IMAGES_PER_
     ``decode``: where an image folder's JPEGs are decoded: "auto" (on the GPU when the model runs
     there), "gpu" or "cpu" (Pillow).
     ``options``: the other discovery settings (solver, objective, scaling, nmf_solver, seed,
-    batch_size, top_patches, classes, ...; defaults in :mod:`phpn.defaults`).
+    batch_size, top_patches, classes, ...; defaults in :mod:`phpn.config`).
 
     The returned run is certified on the discovery images (``run.certificate``).
     """
     # One load, one trace: a live module is diagnosed at the data's own input size.
     peek = peek_input_size(data) if isinstance(model, torch.nn.Module) and preprocess is None else None
     session = open_model(model, preprocess=preprocess, input_size=peek)
-    config = _config(k, images_per_class, device, options)
+    config = resolve_discovery(session.demo, class_names=session.class_names, k=k,
+                               images_per_class=images_per_class, device=device, **options)
     images = as_data(session, data, images_per_class, config.seed)
     session = _fit_session_to(session, images)
     bar = _progress_fn(progress)
@@ -442,7 +511,7 @@ class DecomposedRun(Run):
 
     @classmethod
     def attach(cls, run: Run, session: Optional[ModelSession], checked: bool = False) -> "DecomposedRun":
-        """``checked``: the run was opened for this session (:func:`open_run_for`), head included."""
+        """``checked``: the run was opened for this session (:func:`open_run`), head included."""
         out = cls.__new__(cls)
         out.__dict__.update(run.__dict__)  # a run opened lazily stays lazy: its shards are read when needed
         for built in ("_network", "_explainer"):  # built for the session given here, when first asked for
@@ -499,9 +568,8 @@ class DecomposedRun(Run):
         session = self._session()
         explainer = self.__dict__.get("_explainer")
         if explainer is None:  # reads a class's prototypes (its shard) when it first explains it
-            from .network import LazyPrototypeNetwork
 
-            explainer = self.__dict__["_explainer"] = LazyPrototypeNetwork.of_run(self, session.split)
+            explainer = self.__dict__["_explainer"] = self.lazy_network(session.split)
         out = explain_image(session, explainer, image, class_index, top=top)
         out.run = self
         out.image_root = self.__dict__.get("_images") or run_image_root(self, class_index=out.class_index)
@@ -509,34 +577,92 @@ class DecomposedRun(Run):
 
     def save(self, path, **options) -> Path:
         """Write the run (atomically) to the folder ``path``; reopen it with :func:`load_run`."""
-        from .runs import save_run
-
         return save_run(self, path, **options)
 
 
-def load_run(path, model=None, **open_options) -> DecomposedRun:
-    """Open a saved run. With ``model`` (an nn.Module, a checkpoint path or an opened model) it is
-    attached to it, after checking that it is the model the run decomposed; a demo's run finds its
-    model by itself. The run's own preprocessing is used unless ``preprocess=`` is given. Without a
-    model the run can be read and saved, not certified or explained."""
-    from .runs import load_run as read_run
+def model_source(run: Run, *, allowed: Optional[Callable[[Path], bool]] = None, workspace=None,
+                 code: bool = False) -> Optional[dict]:
+    """How to open the model ``run`` was made from (:func:`open_model`'s arguments), or None when
+    it is not here: a demo's name, else the checkpoint the run records, when that file exists and
+    ``allowed(path)`` (default: any file). ``workspace``: where a visitor's ``my files/…`` paths
+    lie. A model that needs its own code (a model file) is offered only with ``code``."""
+    meta = run.meta
+    if meta.get("demo"):
+        return {"demo": meta["demo"]}
+    model = meta.get("model", {})
+    allowed = allowed or (lambda path: True)
+    recorded = model.get("app_load")
+    if isinstance(recorded, dict) and recorded.get("checkpoint"):
+        recorded = load_from_record(recorded, workspace)
+        if recorded is None or ((recorded.get("model_def") or recorded.get("trust_pickle")) and not code):
+            return None
+        model_def = recorded.get("model_def")  # "file.py" or "file.py:Factory"
+        if model_def and not Path(str(model_def)).is_file():
+            model_def = str(model_def).rsplit(":", 1)[0]
+        files = [recorded.get("checkpoint"), model_def]  # a checkpoint may be a model folder
+        if all(f is None or (Path(str(f)).exists() and allowed(Path(str(f)))) for f in files):
+            spec = dict(recorded)
+            if isinstance(model.get("origin"), dict):  # the same model (and label) as when it was made
+                spec["origin"] = {k: v for k, v in model["origin"].items() if k != "sha256"}
+            return spec
+        return None
+    source = model.get("source")
+    if not source or str(model.get("arch", "")).startswith("pickled:"):
+        return None
+    path = Path(str(source))
+    if not path.is_file() or not allowed(path):
+        return None
+    spec = {"checkpoint": str(path), "preprocess": meta.get("preprocess"),
+            "class_names": model.get("class_names"), "feature_layer": model.get("feature_layer") or None,
+            "head_layer": model.get("head_layer") or None}
+    return {k: v for k, v in spec.items() if v is not None}
 
+
+def missing_model(run: Run, where: str = "here") -> ConfigError:
+    """The one message for a run whose model is not ``where``: which file it was, and what to do."""
+    recorded = run.meta.get("model", {})
+    name = ((recorded.get("origin") or {}).get("name")  # an upload's own name
+            or Path(str(recorded.get("source") or "the model file")).name)
+    return ConfigError(f"This run was made from {name} (sha256 {run.checkpoint_sha256[:12]}…), which is not {where}.",
+                       "Give the model it was made from: its checkpoint file (the command line's --checkpoint, "
+                       "the app's Model & data page) or the model itself in Python (phpn.open_run(path, model)).")
+
+
+def open_run(path, model=None, *, require_model: bool = False, **open_options) -> DecomposedRun:
+    """Open a saved run: the one way in, for the CLI, the app and Python. The run is read and
+    verified; its model is ``model`` (an nn.Module, a checkpoint path or an opened model), else
+    the demo or the checkpoint file it was made from (:func:`model_source`), opened with the
+    run's own preprocessing unless ``preprocess=``/``overrides=`` say otherwise, and checked to
+    be the model the run decomposed (checkpoint, architecture, cut, head rows). The model takes
+    the run's class names when it has none. With no model found, the run opens for reading and
+    saving only, or, with ``require_model``, the reason is raised (:func:`missing_model`)."""
     run = read_run(path)
     recorded = run.meta.get("preprocess", {})
-    if model is None and not run.meta.get("demo"):
-        return DecomposedRun.attach(run, None)
     if isinstance(model, ModelSession):
         session = model
     else:
+        if model is None and not open_options.get("demo"):
+            source = model_source(run)
+            if source is None:
+                if require_model:
+                    raise missing_model(run)
+                return DecomposedRun.attach(run, None)
+            open_options = {**source, **{k: v for k, v in open_options.items() if v is not None}}
+            model = open_options.pop("checkpoint", None)
+            open_options.pop("origin", None)
         if "given" in recorded:  # made from tensors: the model is diagnosed at their size
             open_options.setdefault("input_size", TensorInput.from_dict(recorded).input_size)
-        else:
-            open_options.setdefault("preprocess", Preprocess.from_dict(recorded))
-        if model is None:
-            session = open_model(demo=run.meta["demo"], **open_options)
-        else:
-            session = open_model(model, **open_options)
-    return DecomposedRun.attach(open_run_for(session, path, run=run), session, checked=True)
+        elif open_options.get("preprocess") is None:
+            open_options["preprocess"] = Preprocess.from_dict(recorded)
+        session = open_model(model, **open_options)
+    run = _check_run_for(session, run)
+    names = run.meta.get("model", {}).get("class_names")
+    if names and not session.loaded.class_names:  # the run named the classes (after its folders)
+        session.loaded = replace(session.loaded, class_names=list(names))
+    return DecomposedRun.attach(run, session, checked=True)
+
+
+load_run = open_run  # the name earlier releases used
 
 
 # --- explanations in bulk (the CLI's ``phpn explain RUN IMAGES... --out DIR``) -----------------
@@ -552,13 +678,9 @@ def run_image_root(run: Run, also: Sequence = (), allowed=None, class_index: Opt
     (of ``class_index``, the class being shown, so that no other class's shard is read; default:
     the first class that has one).
     """
-    from .errors import PhpnError
-
     label = str(run.meta.get("data", {}).get("root") or "")
     candidates = []
     if label.startswith("demo:"):
-        from .demos import get_demo
-
         try:
             candidates.append(get_demo(label[5:]).discovery_dir())
         except PhpnError:
@@ -578,9 +700,6 @@ def run_image_root(run: Run, also: Sequence = (), allowed=None, class_index: Opt
 def list_images(sources: Sequence) -> list:
     """Image files named directly or found (recursively, sorted) in folders: [(path, name)], where
     ``name`` is unique and readable (the folder's name, then the path inside it)."""
-    from .data import IMAGE_SUFFIXES
-    from .errors import DataError
-
     found = []
     for src in sources:
         src = Path(src)
@@ -607,15 +726,6 @@ def _output_stem(name: str, taken: set) -> str:
     return unique
 
 
-def _check_explain_target(out: Path) -> None:
-    """The output folder is new, empty, or one phpn wrote explanations to before."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out} exists and is not a folder.", "Pass --out a new or empty folder.")
-    if out.is_dir() and any(out.iterdir()) and not (out / EXPLANATIONS_SUMMARY).is_file():
-        raise ConfigError(f"{out} is not empty and was not written by 'phpn explain'; phpn will not write into it.",
-                           "Pass --out a new or empty folder.")
-
-
 def explain_to_folder(session: ModelSession, run: Run, sources: Sequence, out, *,
                       class_index: Optional[int] = None, progress: Optional[ProgressFn] = None,
                       network: Optional[PrototypeNetwork] = None) -> dict:
@@ -623,13 +733,10 @@ def explain_to_folder(session: ModelSession, run: Run, sources: Sequence, out, *
     page per image in ``out``, and a JSON summary (``explanations.json``) of them all.
 
     Unreadable images are skipped and listed in the summary, never fatal."""
-    import json
-
-    from .atomic import write_atomic
-    from .errors import DataError
-
     out = Path(out)
-    _check_explain_target(out)
+    check_may_write(out, what="'phpn explain' output folder", plural="explanations",
+                    ours=lambda p: p.is_dir() and (p / EXPLANATIONS_SUMMARY).is_file(), error=ConfigError,
+                    fix="Pass --out a new or empty folder.")
     images = list_images(sources)
     out.mkdir(parents=True, exist_ok=True)
     network = network or run.network(session.split)

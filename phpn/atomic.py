@@ -13,7 +13,9 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, Union
+
+from phpn.errors import PhpnError
 
 TEMP_SUFFIX = ".tmp"
 
@@ -74,3 +76,34 @@ def write_atomic(path, data: Union[bytes, str], encoding: str = "utf-8") -> Path
     with atomic_file(path, "wb") as fh:
         fh.write(data.encode(encoding) if isinstance(data, str) else data)
     return Path(path)
+
+
+def check_may_write(path, *, what: str, ours: Callable[[Path], bool], plural: Optional[str] = None,
+                    owned: Optional[Callable[[str], bool]] = None, fix: str = "Choose another place, or move it away.",
+                    error: type = PhpnError) -> Path:
+    """The one rule for every place phpn writes: never through a link, never over anything phpn
+    did not write. ``path`` may be new, or an existing ``what`` that ``ours(path)`` recognises
+    (for a folder, ``owned(name)`` says which of its files phpn writes; any other file refuses
+    it). An empty folder is new. Raises ``error`` with one wording everywhere; returns the path."""
+    path = Path(path)
+    if path.is_symlink():
+        raise error(f"{path} is a symbolic link; phpn does not write {plural or what + 's'} through links.", fix)
+    if not path.exists():
+        return path
+    if path.is_dir():
+        entries = sorted(p.name for p in path.iterdir())
+        if not entries:
+            return path
+        if not ours(path):
+            shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+            raise error(f"{path} is a folder that is not a {what} (it holds {shown}); phpn will not write into it.",
+                        fix)
+        foreign = [name for name in entries if owned is not None and not owned(name)]
+        if foreign:
+            raise error(f"The {what} folder {path} also holds files phpn did not write ({', '.join(foreign[:5])}); "
+                        "phpn will not replace it.", "Move those files away or choose a new folder.")
+        return path
+    if not ours(path):
+        kind = "is a file, not a" if owned is not None else "is not a"
+        raise error(f"{path} exists and {kind} {what}; phpn will not replace it.", fix)
+    return path

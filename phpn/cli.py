@@ -13,8 +13,8 @@ from typing import Optional
 
 import torch
 
-from .data import COLOURS, INTERPOLATIONS, Preprocess
-from .errors import PhpnError
+from phpn.errors import PhpnError
+from phpn.images.data import COLOURS, INTERPOLATIONS, Preprocess
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -44,14 +44,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _overrides(args) -> dict:
-    """The preprocessing flags given (merged into the model's own by phpn.inputs.merge_preprocess)."""
+    """The preprocessing flags given (merged into the model's own by phpn.images.inputs.merge_preprocess)."""
     return {name: getattr(args, name, None) for name in ("resize", "crop", "mean", "std", "interpolation", "colour")}
 
 
 def _session(args, preprocess: Optional[Preprocess] = None):
     """Open the model the flags name; the preprocessing flags (over ``preprocess``, e.g. a run's
     own) are merged before the doctor runs, so it diagnoses the input size that will be used."""
-    from .api import open_model, read_class_names
+    from phpn.api import open_model, read_class_names
 
     if not args.demo and not args.checkpoint:
         raise PhpnError("No model given.", "Pass --checkpoint PATH or --demo NAME.")
@@ -67,7 +67,7 @@ def _data_dir(args, session):
     if args.data:
         return args.data
     if session.demo:
-        from .demos import get_demo
+        from phpn.demos import get_demo
 
         return get_demo(session.demo).discovery_dir()
     raise PhpnError("No image folder given.", "Pass --data DIR (one sub-folder of images per class).")
@@ -97,31 +97,24 @@ def cmd_doctor(args) -> int:
 
 
 def cmd_discover(args) -> int:
-    from .api import open_data, run_discovery
-    from .discover import DiscoveryConfig, resolve_k
-    from .progress import TqdmProgress
-    from .runs import check_run_target, save_run
+    from phpn.api import open_data, resolve_discovery, run_discovery
+    from phpn.progress import TqdmProgress
+    from phpn.runs.store import check_run_target, save_run
 
     check_run_target(args.out, args.overwrite)  # before any work: a bad --out fails at once
     session = _session(args)
-    from .defaults import discovery_defaults
-
-    defaults = discovery_defaults(session.demo)
-    k, auto_k = resolve_k(args.k, args.k_max, defaults["k"])
-    cap = args.images_per_class if args.images_per_class is not None else defaults["images_per_class"]
-    solver = args.solver or defaults["solver"]
-    config = DiscoveryConfig(k=k, images_per_class=cap, solver=solver, nmf_solver=args.nmf_solver,
-                             objective=args.objective, scaling=args.scaling,
-                             contributions=args.contributions, holdout=args.holdout, nmf_data=args.nmf_data,
-                             suggest_k=args.suggest_k, auto_k=auto_k, lbfgs_iter=args.lbfgs_iter,
-                             seed=args.seed, device=args.device, batch_size=args.batch_size,
-                             classes=_class_list(args.classes, session.class_names),
-                             **({"memory_budget_mb": args.memory_budget} if args.memory_budget is not None else {}))
+    config = resolve_discovery(
+        session.demo, class_names=session.class_names, k=args.k, k_max=args.k_max,
+        images_per_class=args.images_per_class, solver=args.solver, nmf_solver=args.nmf_solver,
+        objective=args.objective, scaling=args.scaling, contributions=args.contributions, holdout=args.holdout,
+        nmf_data=args.nmf_data, suggest_k=args.suggest_k, lbfgs_iter=args.lbfgs_iter, seed=args.seed,
+        device=args.device, batch_size=args.batch_size, classes=args.classes, memory_budget_mb=args.memory_budget)
+    cap = config.images_per_class
     data_dir = _data_dir(args, session)
     data = open_data(session, data_dir, cap, args.seed)
     held_out = open_data(session, args.held_out, None, args.seed) if args.held_out else None
-    from . import distributed
-    from .resume import discard_progress, progress_dir_for
+    from phpn.pipeline import distributed
+    from phpn.runs.resume import discard_progress, progress_dir_for
 
     shard = distributed.from_environment(args.device)
     bar = TqdmProgress(disable=args.quiet or (shard is not None and shard.rank != 0))
@@ -145,7 +138,7 @@ def cmd_discover(args) -> int:
     t = run.meta["timings"]
     obj = {"run": str(path), "classes": len(run.meta["classes"]), "k": run.k, "timings": t, "certificate": cert,
            "skipped": run.meta["data"]["skipped"], "chance_warning": _warn_if_chance(cert)}
-    from .part_metrics import part_metrics_summary
+    from phpn.method.part_metrics import part_metrics_summary
 
     fid = [f for c in run.meta["classes"] for f in c["fidelity"]]
     ks = [c.get("k", run.k) for c in run.meta["classes"]]
@@ -165,7 +158,7 @@ def cmd_discover(args) -> int:
         text += f"\nheld-out certificate: {_cert_text(held)}"
     if run.meta["data"]["skipped"]:
         text += f"\nskipped {len(run.meta['data']['skipped'])} unreadable files (see run.json)"
-    from .data import describe_class_mapping
+    from phpn.images.data import describe_class_mapping
 
     obj["class_mapping"] = run.meta["data"].get("class_mapping", {})
     text += "\n" + describe_class_mapping(obj["class_mapping"])
@@ -173,33 +166,15 @@ def cmd_discover(args) -> int:
     return 0
 
 
-def _class_list(value: Optional[str], names: list) -> Optional[tuple]:
-    """``--classes 0,5-9,Bag`` -> (0, 5, 6, 7, 8, 9): indices, inclusive ranges, class names."""
-    if not value:
-        return None
-    out = []
-    for part in (p.strip() for p in value.split(",")):
-        lo, dash, hi = part.partition("-")
-        if dash and lo.strip().isdigit() and hi.strip().isdigit():
-            out += range(int(lo), int(hi) + 1)
-        elif part:
-            out.append(_class_index(part, names))
-    bad = [c for c in out if c >= len(names)]
-    if bad:
-        raise PhpnError(f"--classes names class {bad[0]}, but the model has {len(names)} classes.",
-                        f"Use indices from 0 to {len(names) - 1}.")
-    return tuple(dict.fromkeys(out))
-
-
 def _cert_text(cert: dict) -> str:
-    from .certify import format_certificate
+    from phpn.method.certify import format_certificate
 
     return format_certificate(cert)
 
 
 def _warn_if_chance(cert: Optional[dict]) -> Optional[str]:
     """Print the near-chance warning on stderr, before any result; return it for --json."""
-    from .certify import chance_warning
+    from phpn.method.certify import chance_warning
 
     warning = chance_warning(cert)
     if warning:
@@ -208,34 +183,23 @@ def _warn_if_chance(cert: Optional[dict]) -> Optional[str]:
 
 
 def _run_session(args):
-    """The model a run was made from: a demo's or the checkpoint given again."""
-    from .runs import load_run
+    """The run and the model it was made from (the checkpoint or demo given, else the one the run
+    records), opened through the library's one door; the network reads a class's shard when needed."""
+    from phpn.api import open_run, read_class_names
 
-    meta_run = load_run(args.run)
-    if not args.checkpoint and not args.demo:
-        args.demo = meta_run.meta.get("demo")
-        if not args.demo:
-            raise PhpnError("This run was made from a checkpoint.", "Pass --checkpoint PATH (and --arch/--model-def as for discover).")
-    recorded = meta_run.meta["preprocess"]
-    if "given" in recorded:
+    names = read_class_names(args.class_names) if args.class_names else None
+    run = open_run(args.run, args.checkpoint or None, require_model=True, demo=args.demo, arch=args.arch,
+                   model_def=args.model_def, trust_pickle=args.trust_pickle, num_classes=args.num_classes,
+                   class_names=names, feature_layer=args.feature_layer, head_layer=args.head_layer,
+                   overrides=_overrides(args))
+    if "given" in run.meta["preprocess"]:
         raise PhpnError("This run was decomposed in Python from images preprocessed there.",
-                        "Open it with phpn.load_run(path, model) in Python.")
-    session = _session(args, preprocess=Preprocess.from_dict(recorded))
-    from .api import open_run_for
-    from .network import LazyPrototypeNetwork
-
-    run = open_run_for(session, args.run)
-    network = LazyPrototypeNetwork.of_run(run, session.split)  # reads a class's shard when it explains it
-    if run.meta["model"].get("class_names") and not session.loaded.class_names:
-        # The run named the classes after its folders; this session is the command's own.
-        from dataclasses import replace
-
-        session.loaded = replace(session.loaded, class_names=list(run.meta["model"]["class_names"]))
-    return session, run, network
+                        "Open it with phpn.open_run(path, model) in Python.")
+    return run.session, run, run.lazy_network(run.session.split)
 
 
 def cmd_certify(args) -> int:
-    from .api import certify_run, open_data
+    from phpn.api import certify_run, open_data
 
     session, run, _ = _run_session(args)
     data = open_data(session, _data_dir(args, session), args.images_per_class, 0)
@@ -249,7 +213,7 @@ def cmd_certify(args) -> int:
 def cmd_verify(args) -> int:
     import time
 
-    from .runs import verify_run
+    from phpn.runs.store import verify_run
 
     start = time.perf_counter()
     run = verify_run(args.run)  # every shard read and checked; any failure is a RunError
@@ -265,12 +229,13 @@ def cmd_verify(args) -> int:
 
 
 def cmd_explain(args) -> int:
-    from .api import explain_image
+    from phpn.api import class_index as find_class
+    from phpn.api import explain_image
 
     session, run, network = _run_session(args)
     class_index = None
     if args.class_ is not None:
-        class_index = _class_index(args.class_, session.class_names)
+        class_index = find_class(args.class_, session.class_names)
     warning = _warn_if_chance(run.meta.get("certificate"))
     if args.out is not None:
         return _explain_to_folder(args, session, run, network, class_index)
@@ -290,8 +255,8 @@ def cmd_explain(args) -> int:
 
 
 def _explain_to_folder(args, session, run, network, class_index) -> int:
-    from .api import EXPLANATIONS_SUMMARY, explain_to_folder
-    from .progress import TqdmProgress
+    from phpn.api import EXPLANATIONS_SUMMARY, explain_to_folder
+    from phpn.progress import TqdmProgress
 
     bar = TqdmProgress(disable=args.json)
     summary = explain_to_folder(session, run, args.images, args.out, class_index=class_index, progress=bar,
@@ -307,19 +272,10 @@ def _explain_to_folder(args, session, run, network, class_index) -> int:
     return 0
 
 
-def _class_index(value: str, names: list) -> int:
-    if value.isdigit() and int(value) < len(names):
-        return int(value)
-    for i, n in enumerate(names):
-        if n.lower() == value.lower():
-            return i
-    raise PhpnError(f"Unknown class '{value}'.", "Give a class index or one of the model's class names.")
-
-
 def cmd_check_preprocessing(args) -> int:
-    from .api import open_data
-    from .preprocess_check import check_preprocessing
-    from .progress import TqdmProgress
+    from phpn.api import open_data
+    from phpn.pipeline.preprocess_check import check_preprocessing
+    from phpn.progress import TqdmProgress
 
     session = _session(args)
     data = open_data(session, _data_dir(args, session))
@@ -339,8 +295,8 @@ def cmd_check_preprocessing(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluate import evaluate_run, summary_text
-    from .progress import TqdmProgress
+    from phpn.evaluate import evaluate_run, summary_text
+    from phpn.progress import TqdmProgress
 
     session, run, _ = _run_session(args)
     bar = TqdmProgress(disable=args.json)
@@ -362,8 +318,8 @@ def _k_value(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-    from . import defaults as D
+    from phpn import __version__
+    from phpn import config as D
 
     # Named as it was started: the console script "phpn" or "python -m phpn".
     prog = "python -m phpn" if Path(sys.argv[0]).name == "__main__.py" else "phpn"
@@ -469,13 +425,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parts", type=Path, help="root of a CUB-200-2011-layout part annotation")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("app", help="start the app in the browser (needs phpn[app]); Streamlit's own flags pass "
+                                   "through, e.g. phpn app --server.port 8502",
+                       prefix_chars="\0")  # every argument goes to Streamlit untouched
+    p.add_argument("streamlit_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_app)
     return parser
+
+
+def cmd_app(args) -> int:
+    """Streamlit runs the installed app's entry point, from any folder."""
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec("streamlit") is None:
+        raise PhpnError("The app needs Streamlit, which is not installed.", 'Install it with: pip install "phpn[app]"')
+    entry = importlib.util.find_spec("phpn.app.main").origin
+    return subprocess.call([sys.executable, "-m", "streamlit", "run", entry, *args.streamlit_args])
 
 
 def _check_options(args) -> None:
     """Refuse impossible numbers before any model is loaded (the same checks the library makes)."""
-    from .device import check_device_name
-    from .validation import check_at_least, check_finite, check_input_side, check_seed
+    from phpn.device import check_device_name
+    from phpn.validation import (
+        check_at_least,
+        check_finite,
+        check_input_side,
+        check_seed,
+    )
 
     if getattr(args, "seed", None) is not None:
         check_seed(args.seed)

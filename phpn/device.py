@@ -5,8 +5,7 @@ import re
 
 import torch
 
-from .errors import ConfigError
-
+from phpn.errors import ConfigError
 
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
 _DEVICE_NAME = re.compile(r"auto|cpu|cuda(:\d{1,3})?")

@@ -15,7 +15,8 @@ import traceback
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from .errors import Cancelled, PhpnError
+from phpn.api import run_discovery
+from phpn.errors import Cancelled, PhpnError
 
 STAGES = ("features", "nmf", "refine", "certify")
 STAGE_LABELS = {"features": "Features", "nmf": "NMF", "refine": "Refinement", "certify": "Certificate"}
@@ -105,14 +106,13 @@ _DEFAULT_QUEUE: Optional[DiscoveryQueue] = None
 _QUEUE_LOCK = threading.Lock()
 
 
-def default_queue() -> DiscoveryQueue:
-    """The process-wide queue, sized by the operator's settings on first use."""
+def default_queue(slots: int = 1) -> DiscoveryQueue:
+    """The process-wide queue, with ``slots`` places when it is first asked for (a server hands
+    in its operator's setting; later calls get the same queue)."""
     global _DEFAULT_QUEUE
     with _QUEUE_LOCK:
         if _DEFAULT_QUEUE is None:
-            from .serving.settings import load_settings
-
-            _DEFAULT_QUEUE = DiscoveryQueue(load_settings().discovery_slots())
+            _DEFAULT_QUEUE = DiscoveryQueue(slots)
         return _DEFAULT_QUEUE
 
 
@@ -182,8 +182,6 @@ class DiscoveryJob:
         self.current = stage
 
     def _work(self) -> None:
-        from .api import run_discovery
-
         entered = False
         try:
             entered = self.queue.enter(self, self.cancel_event.is_set)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+from tqdm import tqdm
+
 ProgressFn = Callable[[str, int, int], None]
 
 
@@ -20,7 +22,6 @@ class TqdmProgress:
     def __call__(self, stage: str, done: int, total: int) -> None:
         if self.disable:
             return
-        from tqdm import tqdm
 
         bar = self._bars.get(stage)
         if bar is None:

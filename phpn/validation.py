@@ -10,7 +10,7 @@ import math
 import numbers
 from typing import Iterable
 
-from .errors import ConfigError
+from phpn.errors import ConfigError
 
 # numpy's and scikit-learn's generators take seeds below 2**32; torch's would take more.
 MAX_SEED = 2 ** 32 - 1

@@ -30,11 +30,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from phpn import viz  # noqa: E402
-from phpn.api import explain_image, open_model, open_run_for  # noqa: E402
-from phpn.data import Preprocess  # noqa: E402
-from phpn.network import LazyPrototypeNetwork  # noqa: E402
-from phpn.runs import Run, load_run, save_run, verify_run  # noqa: E402
+from phpn.api import explain_image, open_model, open_run  # noqa: E402
+from phpn.images.data import Preprocess  # noqa: E402
+from phpn.runs.store import Run, load_run, save_run, verify_run  # noqa: E402
+from phpn.show import viz  # noqa: E402
 
 PREPROCESS = Preprocess(resize=7, crop=7)  # a 7x7 feature grid, as a ResNet-50's at 224 px
 MAP_IMAGES = 4  # the Class browser's default number of class images with maps
@@ -130,7 +129,7 @@ def measure(classes: int, k: int, features: int, folder: Path) -> dict:
 
     (opened, record, protos), first_s = _timed(open_and_read_one)
     _, open_s = _timed(lambda: load_run(path))
-    for_model, for_model_s = _timed(lambda: open_run_for(session, path))
+    for_model, for_model_s = _timed(lambda: open_run(path, session))
     _, for_model_first_s = _timed(lambda: for_model.class_meta(one))
     listing, list_s = _timed(lambda: [f"{n} ({i})" for n, i in zip(opened.class_names, opened.class_indices.tolist())])
     _, another_s = _timed(lambda: opened.class_meta(3))
@@ -138,8 +137,8 @@ def measure(classes: int, k: int, features: int, folder: Path) -> dict:
     pictures = _images(images, MAP_IMAGES)
 
     def class_browser():  # what the Class browser reads for its first class: the page's own calls
-        run = open_run_for(session, path)
-        network = LazyPrototypeNetwork.of_run(run, session.split)
+        run = open_run(path, session)
+        network = run.lazy_network(session.split)
         meta, shared = run.class_meta(one), viz.shared_parts(run, one)
         maps = viz.class_maps(network, session.preprocess, images, pictures, one)[1]
         return network, meta, shared, maps
@@ -147,13 +146,13 @@ def measure(classes: int, k: int, features: int, folder: Path) -> dict:
     (browser_net, _, shared, maps), browser_s = _timed(class_browser)
 
     def explain_one():  # the Explain page: the best-scoring class of one image, and its record
-        run = open_run_for(session, path)
-        network = LazyPrototypeNetwork.of_run(run, session.split)
+        run = open_run(path, session)
+        network = run.lazy_network(session.split)
         explained = explain_image(session, network, images / pictures[0])
         return network, explained, run.class_meta(explained.class_index)
 
     (explain_net, explained, _), explain_s = _timed(explain_one)
-    _, full_network_s = _timed(lambda: open_run_for(session, path).network(session.split))
+    _, full_network_s = _timed(lambda: open_run(path, session).network(session.split))
     _, verify_s = _timed(lambda: verify_run(path))
     _, everything_s = _timed(lambda: load_run(path).prototypes)
     assert len(listing) == classes and record["index"] == one and tuple(protos.shape) == (k, features)

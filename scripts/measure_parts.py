@@ -24,16 +24,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from phpn.evaluate.separation import class_separation, summarise  # noqa: E402
-from phpn.nmf import NMFConfig, nmf  # noqa: E402
-from phpn.refine import RefineConfig, map_correlation, refine  # noqa: E402
+from phpn.method.nmf import NMFConfig, nmf  # noqa: E402
+from phpn.method.refine import RefineConfig, map_correlation, refine  # noqa: E402
 
 BEFORE = RefineConfig(contributions="free", ridge=0.0, norm="minmax", max_iter=100)
 AFTER = RefineConfig()
 
 
 def _features(split, root, paths, preprocess):
-    from phpn.data import load_batch
-    from phpn.features import backbone_features, prepare_backbone
+    from phpn.images.data import load_batch
+    from phpn.pipeline.features import backbone_features, prepare_backbone
 
     device = torch.device("cpu")
     backbone = prepare_backbone(split, device)
@@ -48,8 +48,8 @@ def _features(split, root, paths, preprocess):
 def load_model_features(name: str) -> tuple:
     """(discovery features per class, held-out features per class, head rows) of a model."""
     from phpn.api import open_model
-    from phpn.data import scan_image_folder
     from phpn.demos import get_demo
+    from phpn.images.data import scan_image_folder
 
     if name in ("fashion", "lite0"):
         demo = {"fashion": "fashion-mnist", "lite0": "imagenet-lite0"}[name]

@@ -32,8 +32,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from phpn.api import open_data, open_model, run_discovery  # noqa: E402
-from phpn.discover import DiscoveryConfig  # noqa: E402
 from phpn.errors import PhpnError  # noqa: E402
+from phpn.pipeline.discover import DiscoveryConfig  # noqa: E402
 
 NUM_CLASSES = 10
 

@@ -1,7 +1,7 @@
 """Are the prototype maps visible on natural photos? The EfficientNet-Lite0 demo (real
 ImageNet weights, its shipped run) explains three photos from scikit-image (chelsea, coffee,
 astronaut); for each prototype of the predicted class this prints the overlay's contrast
-(phpn.viz.overlay_contrast, RGB units) as drawn by the app (each prototype on its own scale)
+(phpn.show.viz.overlay_contrast, RGB units) as drawn by the app (each prototype on its own scale)
 and on one scale shared by the class's prototypes, and saves a picture of all the maps.
 
     python scripts/natural_photo_maps.py [--out docs/screenshots/maps-natural-photos.png]
@@ -16,10 +16,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from PIL import Image  # noqa: E402
 
-from phpn import viz  # noqa: E402
 from phpn.api import explain_image, open_model, open_run  # noqa: E402
-from phpn.defaults import MAP_OPACITY  # noqa: E402
+from phpn.config import MAP_OPACITY  # noqa: E402
 from phpn.demos import get_demo  # noqa: E402
+from phpn.show import viz  # noqa: E402
 
 PHOTOS = ("chelsea", "coffee", "astronaut")
 
@@ -31,7 +31,8 @@ def main() -> int:
     from skimage import data as photos
 
     session = open_model(demo="imagenet-lite0")
-    run, network = open_run(session, get_demo("imagenet-lite0").run_dir)
+    run = open_run(get_demo("imagenet-lite0").run_dir, session)
+    network = run.network()
     rows = []
     print(f"{'photo':10s} {'class':12s} proto  contribution  own-scale  shared-scale")
     for name in PHOTOS:

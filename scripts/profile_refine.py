@@ -7,10 +7,10 @@ import time
 
 import torch
 
-from phpn.bench import synthetic_features
 from phpn.device import resolve_device
-from phpn.nmf import NMFConfig, nmf
-from phpn.refine import RefineConfig, refine
+from phpn.evaluate.speed import synthetic_features
+from phpn.method.nmf import NMFConfig, nmf
+from phpn.method.refine import RefineConfig, refine
 
 
 def main():

@@ -27,7 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from phpn.runs import load_run  # noqa: E402
+from phpn.runs.store import load_run  # noqa: E402
 
 
 def discover(out: Path, threads: int, k: int, classes) -> None:
@@ -55,9 +55,9 @@ def compare(a: Path, b: Path) -> dict:
 def perturbation(k: int, eps: float) -> dict:
     import torch
 
-    import phpn.discover as discovery
+    import phpn.pipeline.discover as discovery
     from phpn.cli import main as cli
-    from phpn.refine import refine
+    from phpn.method.refine import refine
 
     captured = []
 

@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from phpn.data import Preprocess
-from phpn.models.head import HeadSplit, LoadedModel
+from phpn.head import HeadSplit, LoadedModel
+from phpn.images.data import Preprocess
 
 
 class TinyNet(nn.Module):

@@ -10,10 +10,11 @@ import pytest
 import torch
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
 import phpn
-from phpn import defaults
+from phpn import api
+from phpn import config as defaults
 from phpn.errors import ConfigError, DataError, PhpnError
 
 
@@ -125,7 +126,7 @@ def test_labels_must_be_the_models_classes(user_model):
 
 
 def test_a_dataloader_too_large_to_hold_asks_for_a_cap(loader):
-    from phpn.inputs import from_loader
+    from phpn.images.inputs import from_loader
 
     with pytest.raises(DataError, match="more than 0 GiB of memory.*Pass images_per_class=N"):
         from_loader(loader, num_classes=4, max_bytes=5 * 3 * 10 * 10 * 4)
@@ -252,7 +253,7 @@ def test_fashion_mnist_model_from_a_users_own_dataloader():
 
 def test_defaults_are_the_front_doors_defaults():
     from phpn.cli import build_parser
-    from phpn.discover import DiscoveryConfig
+    from phpn.pipeline.discover import DiscoveryConfig
 
     args = build_parser().parse_args(["discover", "--demo", "fashion-mnist", "--out", "x"])
     config = DiscoveryConfig()
@@ -262,7 +263,7 @@ def test_defaults_are_the_front_doors_defaults():
     assert args.objective == defaults.OBJECTIVE and args.scaling == defaults.SCALING
     assert args.nmf_solver == defaults.NMF_SOLVER and args.batch_size == defaults.BATCH_SIZE
     assert args.seed == defaults.SEED and args.device == defaults.DEVICE
-    assert defaults.discovery_defaults("fashion-mnist")["images_per_class"] == 100  # the demo's own choice
+    assert api.discovery_defaults("fashion-mnist")["images_per_class"] == 100  # the demo's own choice
 
 
 def test_class_name_fallback():
@@ -312,7 +313,7 @@ def test_cli_explains_images_and_folders_into_a_folder(tmp_path, capsys):
     other.mkdir()
     (other / "notes.txt").write_text("mine")
     assert main(["explain", str(demo.run_dir), str(single), "--out", str(other)]) == 2
-    assert "was not written by 'phpn explain'" in capsys.readouterr().err
+    assert "is a folder that is not a 'phpn explain' output folder (it holds notes.txt)" in capsys.readouterr().err
     assert [p.name for p in other.iterdir()] == ["notes.txt"] and (other / "notes.txt").read_text() == "mine"
 
 

@@ -121,7 +121,7 @@ def test_first_start_loads_the_demo_and_every_page_renders():
 
 @needs_demo
 def test_the_model_keeps_how_it_was_loaded_and_the_url_does_not_rescan_the_runs(monkeypatch):
-    from phpn import serving
+    from phpn.app import serving
 
     scans = []
     real = serving.readable_runs
@@ -244,7 +244,7 @@ def test_save_and_load_a_run(demo_app, tmp_path):
 
 @needs_demo
 def test_a_run_from_another_checkpoint_is_refused(tmp_path):
-    from phpn.runs import load_run, save_run
+    from phpn.runs.store import load_run, save_run
 
     at = _app().run()
     _small_discovery(at, k=2, cap=4)
@@ -611,8 +611,8 @@ def _wrong_size_model(at: AppTest, size: int = 96) -> None:
     """The demo's model with a wrong input size, as a visitor who left the default size would have it."""
     from dataclasses import replace as _replace
 
-    from pages._shared import ModelEntry
     from phpn.api import open_model
+    from phpn.app.frame import ModelEntry
 
     session = open_model(demo="fashion-mnist")
     session.preprocess = _replace(session.preprocess, resize=size, crop=size)
@@ -629,7 +629,7 @@ def test_a_model_at_the_wrong_size_is_flagged_before_any_explanation_and_the_che
     _small_discovery(at, k=2, cap=3)
     cert = at.session_state["run"].run.meta["certificate"]
     assert cert["passed"] and cert["labelled_images"] == 30 and cert["near_chance"]  # exact, and at chance
-    from phpn.certify import chance_warning
+    from phpn.method.certify import chance_warning
 
     warning = chance_warning(cert)
     assert warning in _errors(at)
@@ -686,7 +686,7 @@ def test_the_proposed_preprocessing_is_applied_for_the_session_and_undone():
 @needs_demo
 def test_mistakes_first_gallery_confusions_and_why_a_not_b():
     from phpn.api import open_data
-    from phpn.mistakes import predict_folder
+    from phpn.pipeline.mistakes import predict_folder
 
     at = _app().run()
     at.switch_page("pages/mistakes.py").run()
@@ -733,7 +733,7 @@ def test_mistakes_first_gallery_confusions_and_why_a_not_b():
 @needs_demo
 def test_explain_marks_a_mistake_against_the_images_label():
     from phpn.api import open_data
-    from phpn.mistakes import predict_folder
+    from phpn.pipeline.mistakes import predict_folder
 
     at = _app().run()
     model, data = at.session_state["model"], at.session_state["data"]

@@ -10,9 +10,17 @@ import json
 import zipfile
 
 import pytest
-
-from test_app import (_app, _clean, _errors, _folder_zip, _load_uploaded_tiny, _small_discovery,  # noqa: F401
-                      _uploads_in_tmp, code_allowed, needs_demo)
+from test_app import (  # noqa: F401
+    _app,
+    _clean,
+    _errors,
+    _folder_zip,
+    _load_uploaded_tiny,
+    _small_discovery,
+    _uploads_in_tmp,
+    code_allowed,
+    needs_demo,
+)
 
 pytest.importorskip("streamlit.testing.v1")
 
@@ -35,8 +43,8 @@ def _save_run(at, name: str):
 
 @needs_demo
 def test_notes_are_saved_beside_the_run_survive_a_reload_and_reach_reports_and_exports():
-    from phpn.annotations import load_annotations
-    from phpn.runs import load_run
+    from phpn.runs.annotations import load_annotations
+    from phpn.runs.store import load_run
 
     at = _app().run()
     folder = _save_run(at, "annotated")
@@ -88,7 +96,7 @@ def test_notes_are_saved_beside_the_run_survive_a_reload_and_reach_reports_and_e
 
 
 def _zip_bytes(at) -> bytes:
-    from phpn.report import run_zip_bytes
+    from phpn.show.report import run_zip_bytes
 
     entry = at.session_state["run"]
     return run_zip_bytes(entry.run, "run", notes=entry.notes)
@@ -204,8 +212,8 @@ def test_the_url_carries_the_image_and_a_reload_shows_it_again():
 
 @needs_demo
 def test_notes_on_a_read_only_demo_run_are_kept_and_written_when_a_copy_is_saved():
-    from phpn.annotations import load_annotations
-    from phpn.runs import load_run
+    from phpn.runs.annotations import load_annotations
+    from phpn.runs.store import load_run
 
     at = _app().run()
     at.switch_page("pages/classes.py").run()

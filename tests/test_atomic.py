@@ -76,7 +76,7 @@ def test_the_temporary_file_is_a_hidden_sibling(tmp_path):
 
 
 def _explanation():
-    from phpn.explanation import Explanation
+    from phpn.show.explanation import Explanation
 
     maps = np.zeros((2, 3, 3))
     maps[0, 0, 0], maps[1, 2, 2] = 9.0, -4.5
@@ -101,8 +101,8 @@ def test_saving_an_explanation_fails_without_losing_the_old_file(tmp_path, monke
 
 
 def test_saving_notes_fails_without_losing_the_old_notes(tmp_path, failing_fsync):
-    from phpn.annotations import Annotations, save_annotations
-    from phpn.runs import ANNOTATIONS, META
+    from phpn.runs.annotations import Annotations, save_annotations
+    from phpn.runs.store import ANNOTATIONS, META
 
     (tmp_path / META).write_text(json.dumps({"tensors_sha256": "ab" * 32}))
     (tmp_path / ANNOTATIONS).write_text("old notes")
@@ -115,7 +115,7 @@ def test_saving_notes_fails_without_losing_the_old_notes(tmp_path, failing_fsync
 
 
 def test_discovery_progress_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
-    from phpn.resume import MANIFEST, GroupResult, ProgressStore
+    from phpn.runs.resume import MANIFEST, GroupResult, ProgressStore
 
     store = ProgressStore(tmp_path / "progress", "key", resume=False)
     group = GroupResult(index=3, records=[{"class_index": 1}], prototypes=torch.ones(1, 2, 4, dtype=torch.float64),

@@ -1,7 +1,6 @@
 """--k auto: each class gets its own k at the elbow of NMF's error; the run stays exact and
 every reader sees only the class's own prototypes."""
 
-import json
 
 import pytest
 import torch
@@ -9,10 +8,10 @@ import torch
 from phpn.api import explain_image, open_model, open_run
 from phpn.cli import main
 from phpn.demos import get_demo
-from phpn.discover import DiscoveryConfig
 from phpn.errors import ConfigError
-from phpn.nmf import elbow_k
-from phpn.runs import verify_run
+from phpn.method.nmf import elbow_k
+from phpn.pipeline.discover import DiscoveryConfig
+from phpn.runs.store import verify_run
 
 ARGS = ["discover", "--demo", "fashion-mnist", "--images-per-class", "20", "--classes", "0,1,5,7,9",
         "--device", "cpu", "--workers", "0", "--quiet", "--json", "--k", "auto", "--k-max", "5"]
@@ -47,7 +46,8 @@ def test_each_class_gets_its_elbow_and_the_run_stays_exact(auto_run):
 
 def test_an_explanation_shows_the_class_own_prototypes_only(auto_run):
     session = open_model(demo="fashion-mnist")
-    run, network = open_run(session, auto_run)
+    run = open_run(auto_run, session)
+    network = run.network()
     small = min(run.class_indices.tolist(), key=run.class_k)
     assert network.class_k(small) == run.class_k(small) < run.k
     image = next(iter(sorted((get_demo("fashion-mnist").discovery_dir()).glob(f"0{small}_*/*.png"))))
@@ -69,7 +69,7 @@ def test_bad_automatic_k_settings_are_refused(capsys):
 
 
 def test_one_rule_turns_k_into_settings():
-    from phpn.discover import resolve_k
+    from phpn.pipeline.discover import resolve_k
 
     assert resolve_k("auto") == (3, 8) and resolve_k("auto", 5) == (3, 5)
     assert resolve_k(4) == (4, None) and resolve_k(None, default_k=5) == (5, None)

@@ -18,14 +18,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TinyNet, tiny_split
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import TinyNet, tiny_split
 from phpn.cli import main
 from phpn.errors import DataError
 from phpn.models.checkpoint import file_sha256
-from phpn.runs import META
+from phpn.runs.store import META
 
 MODEL_SOURCE = textwrap.dedent('''
     import torch
@@ -477,8 +477,8 @@ def test_huge_head_weights_keep_their_fidelity(tiny_loaded, image_folder):
     """Map fidelity is a correlation: a head scaled by 1e30 must give the same numbers, not 0."""
     from dataclasses import replace
 
-    from phpn.data import scan_image_folder
-    from phpn.discover import DiscoveryConfig, discover
+    from phpn.images.data import scan_image_folder
+    from phpn.pipeline.discover import DiscoveryConfig, discover
 
     data = scan_image_folder(image_folder, num_classes=4)
     config = DiscoveryConfig(k=2, device="cpu", solver="none")
@@ -529,7 +529,7 @@ ZIPS = {
 
 @pytest.mark.parametrize("case", list(ZIPS))
 def test_bad_zips_are_refused_and_leave_nothing(case, tmp_path):
-    from phpn.uploads import extract_zip
+    from phpn.app.uploads import extract_zip
 
     make, options, phrase = ZIPS[case]
     archive = _write(tmp_path / "upload.zip", make())
@@ -542,7 +542,7 @@ def test_bad_zips_are_refused_and_leave_nothing(case, tmp_path):
 
 
 def test_unpacking_into_a_used_folder_is_refused_and_keeps_it(tmp_path):
-    from phpn.uploads import extract_zip
+    from phpn.app.uploads import extract_zip
 
     archive = _write(tmp_path / "upload.zip", _zip({"cat/a.png": _png()}))
     mine = _write(tmp_path / "dest" / "mine.txt", "mine")
@@ -558,10 +558,10 @@ def test_unpacking_into_a_used_folder_is_refused_and_keeps_it(tmp_path):
 def _api_cases():
     """Each case prepares its files and returns the call to make."""
     from phpn import api
-    from phpn.data import Preprocess
     from phpn.device import resolve_device
-    from phpn.discover import DiscoveryConfig
-    from phpn.runs import load_run, save_run
+    from phpn.images.data import Preprocess
+    from phpn.pipeline.discover import DiscoveryConfig
+    from phpn.runs.store import load_run, save_run
 
     def names_file(data):
         def prepare(w, t):
@@ -653,8 +653,8 @@ def test_an_image_the_model_gives_nan_for_is_refused_not_printed_as_nan(world, t
 
 
 def test_numpy_numbers_are_ordinary_numbers():
-    from phpn.data import Preprocess
-    from phpn.discover import DiscoveryConfig
+    from phpn.images.data import Preprocess
+    from phpn.pipeline.discover import DiscoveryConfig
 
     assert DiscoveryConfig(seed=np.int64(7), batch_size=np.int32(4)).seed == 7
     pre = Preprocess(mean=tuple(np.float32([0.5, 0.5, 0.5])), std=tuple(np.float32([0.25, 0.25, 0.25])))

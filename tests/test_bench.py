@@ -7,7 +7,7 @@ import pytest
 
 
 def test_benchmark_smoke():
-    proc = subprocess.run([sys.executable, "-m", "phpn.bench", "--classes", "3", "--baseline-classes", "1",
+    proc = subprocess.run([sys.executable, "-m", "phpn.evaluate.speed", "--classes", "3", "--baseline-classes", "1",
                            "--device", "cpu", "--json"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     r = json.loads(proc.stdout)
@@ -20,7 +20,7 @@ def test_benchmark_smoke():
 
 @pytest.mark.slow
 def test_end_to_end_benchmark_times_every_stage_and_certifies():
-    proc = subprocess.run([sys.executable, "-m", "phpn.bench", "--end-to-end", "--classes", "2", "--images", "2",
+    proc = subprocess.run([sys.executable, "-m", "phpn.evaluate.speed", "--end-to-end", "--classes", "2", "--images", "2",
                            "--workers", "1", "--device", "cpu", "--json"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     r = json.loads(proc.stdout)
@@ -36,7 +36,7 @@ def test_end_to_end_benchmark_times_every_stage_and_certifies():
 
 
 def test_end_to_end_benchmark_refuses_gpu_decoding_without_a_gpu():
-    proc = subprocess.run([sys.executable, "-m", "phpn.bench", "--end-to-end", "--decode", "gpu", "--device", "cpu"],
+    proc = subprocess.run([sys.executable, "-m", "phpn.evaluate.speed", "--end-to-end", "--decode", "gpu", "--device", "cpu"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "--decode gpu needs the model on a CUDA device, but it runs on cpu" in proc.stderr

@@ -9,14 +9,22 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import tiny_split
 from scipy.stats import binom
 
-from conftest import tiny_split
-from phpn.certify import (LIKELY_CAUSES, Certificate, binomial_p_value, certify, chance_threshold, chance_warning,
-                          format_certificate, near_chance)
-from phpn.data import load_batch, scan_image_folder
-from phpn.discover import DiscoveryConfig, discover
 from phpn.errors import Cancelled
+from phpn.images.data import load_batch, scan_image_folder
+from phpn.method.certify import (
+    LIKELY_CAUSES,
+    Certificate,
+    binomial_p_value,
+    certify,
+    chance_threshold,
+    chance_warning,
+    format_certificate,
+    near_chance,
+)
+from phpn.pipeline.discover import DiscoveryConfig, discover
 
 
 @pytest.fixture
@@ -173,7 +181,7 @@ def test_the_fashion_demo_at_the_wrong_size_is_certified_but_flagged_at_chance(c
     if not (demo.run_dir / "run.json").is_file():
         pytest.skip("the fashion-mnist demo run is not there")
     session = open_model(demo="fashion-mnist")
-    run, _ = open_run(session, demo.run_dir)
+    run = open_run(demo.run_dir, session)
     data = open_data(session, demo.explain_dir(), images_per_class=5)
     right = certify_run(session, run, data, device="cpu")
     assert right.passed and right.labelled_images == 50 and right.accuracy >= 0.8 and chance_warning(right) is None
@@ -208,7 +216,7 @@ class _Slow(torch.nn.Module):
 
 
 def test_a_cancel_stops_inside_a_forward_within_one_layer():
-    from phpn.certify import checks_inside
+    from phpn.method.certify import checks_inside
 
     log, stop = [], threading.Event()
     model = torch.nn.Sequential(_Slow(log, "a"), _Slow(log, "b", stop), _Slow(log, "c"), _Slow(log, "d"))
@@ -227,7 +235,7 @@ def test_a_cancel_stops_inside_a_forward_within_one_layer():
 
 
 def test_a_cancel_does_not_stop_another_threads_forward_on_a_shared_model():
-    from phpn.certify import checks_inside
+    from phpn.method.certify import checks_inside
 
     log = []
     model = torch.nn.Sequential(_Slow(log, "a"), _Slow(log, "b"), _Slow(log, "c"))

@@ -2,8 +2,8 @@
 import pytest
 from PIL import Image
 
-from phpn.data import MAPPING_BY, match_class_folders, scan_image_folder
 from phpn.errors import DataError
+from phpn.images.data import MAPPING_BY, match_class_folders, scan_image_folder
 
 FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
@@ -98,9 +98,9 @@ def test_cli_takes_class_names_from_folders_and_records_the_mapping(tmp_path, ca
     import textwrap
 
     import torch
+    from conftest import TinyNet
     from safetensors.torch import save_file
 
-    from conftest import TinyNet
     from phpn.cli import main
 
     (tmp_path / "net.py").write_text(textwrap.dedent('''
@@ -143,7 +143,8 @@ def test_a_run_records_folder_names_without_changing_the_shared_model(tiny_loade
     from dataclasses import replace
 
     from conftest import tiny_split
-    from phpn.discover import DiscoveryConfig, discover
+
+    from phpn.pipeline.discover import DiscoveryConfig, discover
 
     nameless = replace(tiny_loaded, class_names=None)
     data = scan_image_folder(_folder(tmp_path / "d", ["dog", "ant", "cat", "bee"], per_class=3), num_classes=4)

@@ -6,9 +6,8 @@ import textwrap
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from conftest import TinyNet
+from safetensors.torch import save_file
 
 
 def _phpn(*args, check=True):

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from phpn.data import Preprocess, load_image, scan_image_folder, to_rgb
 from phpn.errors import ConfigError, DataError
+from phpn.images.data import Preprocess, load_image, scan_image_folder, to_rgb
 
 
 @pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "CMYK", "I;16", "I", "F", "1"])

@@ -7,14 +7,14 @@ import pytest
 
 from phpn.api import certify_run, open_data, open_model, open_run
 from phpn.demos import get_demo
-from phpn.runs import load_run
+from phpn.runs.store import load_run
 
 
 @pytest.mark.parametrize("name", ["fashion-mnist", "imagenet-lite0"])
 def test_shipped_run_loads_and_certifies(name):
     demo = get_demo(name)
     session = open_model(demo=name)
-    run, network = open_run(session, demo.run_dir)
+    run = open_run(demo.run_dir, session)
     assert run.meta["certificate"]["passed"]
     held_out = demo.explain_dir() or demo.discovery_dir()
     data = open_data(session, held_out)

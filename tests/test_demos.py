@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from phpn.data import load_batch, scan_image_folder
 from phpn.demos import ASSETS, DEMOS, get_demo, lite0
 from phpn.errors import ConfigError
-from phpn.models.head import LoadedModel
+from phpn.head import LoadedModel
+from phpn.images.data import load_batch, scan_image_folder
 
 
 def _refuse_network(mp: pytest.MonkeyPatch) -> None:

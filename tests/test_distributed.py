@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from phpn.cli import main
-from phpn.runs import load_run
+from phpn.runs.store import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 # 0 MB: one class per group, so both ranks get groups; few images keep it quick.

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from phpn.errors import ConfigError
-from phpn.evaluate import evaluate_run, run_parts_benchmark
 from phpn.evaluate import benchmark as B
+from phpn.evaluate import evaluate_run, run_parts_benchmark
 from phpn.evaluate.parts_cnn import ASSET_DIR, METRICS_FILE, PREPROCESS, WEIGHTS_FILE, load_parts_benchmark
 
 weights = pytest.mark.skipif(not (ASSET_DIR / WEIGHTS_FILE).is_file(), reason="parts-benchmark weights not trained")
@@ -59,8 +59,8 @@ def test_dff_prototypes_are_pytorch_grad_cams_concepts():
 def test_stacked_maps_score_each_set_as_its_own_explainer():
     from phpn.evaluate.explainers import NetworkExplainer, PrototypeExplainer
     from phpn.evaluate.metrics import part_sets
+    from phpn.method.network import PrototypeNetwork
     from phpn.models import HeadSplit
-    from phpn.network import PrototypeNetwork
 
     torch.manual_seed(1)
     backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3, stride=4, padding=1), torch.nn.ReLU()).eval()
@@ -224,8 +224,8 @@ def test_the_result_is_written_atomically_and_never_over_a_foreign_file(small, t
 
 
 def test_evaluate_run_on_the_benchmark_data(small, tmp_path):
-    from phpn.discover import DiscoveryConfig, discover
     from phpn.evaluate.parts import load_cub_parts
+    from phpn.pipeline.discover import DiscoveryConfig, discover
 
     _, out = small
     loaded, split = load_parts_benchmark()
@@ -254,9 +254,9 @@ def test_evaluate_run_on_the_benchmark_data(small, tmp_path):
 
 
 def test_evaluate_run_on_an_image_folder_with_separate_parts(small):
-    from phpn.discover import DiscoveryConfig, discover
     from phpn.evaluate import summary_text
     from phpn.evaluate.parts import load_cub_parts
+    from phpn.pipeline.discover import DiscoveryConfig, discover
 
     _, out = small
     loaded, split = load_parts_benchmark()

@@ -5,8 +5,9 @@ import torch
 from torch import nn
 
 from phpn.evaluate import faithfulness as FA
-from phpn.evaluate.explainers import PrototypeExplainer, equal_split_prototypes, random_prototypes
+from phpn.evaluate.explainers import PrototypeExplainer
 from phpn.evaluate.interpretability import class_part_sets
+from phpn.method.baselines import equal_split_prototypes, random_prototypes
 from phpn.models import HeadSplit
 
 

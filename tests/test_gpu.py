@@ -1,12 +1,12 @@
 """The CUDA path gives the same answers as the CPU path. Skipped without a GPU."""
 import pytest
 import torch
-
 from conftest import tiny_split
-from phpn.data import scan_image_folder
-from phpn.discover import DiscoveryConfig, discover
-from phpn.nmf import NMFConfig, nmf
-from phpn.refine import RefineConfig, refine
+
+from phpn.images.data import scan_image_folder
+from phpn.method.nmf import NMFConfig, nmf
+from phpn.method.refine import RefineConfig, refine
+from phpn.pipeline.discover import DiscoveryConfig, discover
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

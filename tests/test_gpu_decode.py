@@ -14,11 +14,18 @@ import pytest
 import torch
 from PIL import Image
 
-from phpn import data as phpn_data
-from phpn import defaults as D
+from phpn import config as D
 from phpn.cli import main
-from phpn.data import Preprocess, batch_decode_device, iter_batches, iter_decoded_batches, plain_jpeg, rgb_to_grey
 from phpn.errors import ConfigError
+from phpn.images import data as phpn_data
+from phpn.images.data import (
+    Preprocess,
+    batch_decode_device,
+    iter_batches,
+    iter_decoded_batches,
+    plain_jpeg,
+    rgb_to_grey,
+)
 
 skimage_data = pytest.importorskip("skimage.data")
 

@@ -6,13 +6,13 @@ import torch
 
 from phpn.api import open_model
 from phpn.cli import main
-from phpn.data import load_batch
 from phpn.demos import get_demo
-from phpn.discover import HELDOUT_FOLDER
-from phpn.features import backbone_features, prepare_backbone
-from phpn.part_metrics import fidelity_and_specificity
-from phpn.refine import part_signs
-from phpn.runs import load_run
+from phpn.images.data import load_batch
+from phpn.method.part_metrics import fidelity_and_specificity
+from phpn.method.refine import part_signs
+from phpn.pipeline.discover import HELDOUT_FOLDER
+from phpn.pipeline.features import backbone_features, prepare_backbone
+from phpn.runs.store import load_run
 
 
 @pytest.mark.slow

@@ -2,9 +2,9 @@
 import pytest
 
 import phpn
-from phpn.data import Preprocess
 from phpn.errors import ConfigError
-from phpn.inputs import as_preprocess, merge_preprocess
+from phpn.images.data import Preprocess
+from phpn.images.inputs import as_preprocess, merge_preprocess
 
 
 def test_a_crop_alone_keeps_the_resize_to_crop_ratio_everywhere():

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from phpn.api import ModelSession
-from phpn.data import scan_image_folder
-from phpn.discover import DiscoveryConfig
 from phpn.errors import ConfigError
+from phpn.images.data import scan_image_folder
 from phpn.jobs import DiscoveryJob, DiscoveryQueue, format_seconds
 from phpn.models import diagnose
+from phpn.pipeline.discover import DiscoveryConfig
 
 
 class _Holder:

@@ -9,18 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_split
 from PIL import Image
 
-import phpn.runs as runs
-from conftest import tiny_split
-from phpn import viz
-from phpn.api import explain_image, open_model, open_run_for
-from phpn.data import Preprocess, scan_image_folder
-from phpn.discover import DiscoveryConfig, add_similar_prototypes, discover
+import phpn.runs.store as runs
+from phpn.api import explain_image, open_model, open_run
 from phpn.errors import ConfigError
-from phpn.mistakes import contrast_image
-from phpn.network import LazyPrototypeNetwork, PrototypeNetwork
-from phpn.runs import load_run, save_run
+from phpn.images.data import scan_image_folder
+from phpn.method.network import LazyPrototypeNetwork, PrototypeNetwork
+from phpn.pipeline.discover import DiscoveryConfig, add_similar_prototypes, discover
+from phpn.pipeline.mistakes import contrast_image
+from phpn.runs.store import load_run, save_run
+from phpn.show import viz
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("large_run", ROOT / "scripts" / "large_run.py")
@@ -78,8 +78,8 @@ def _shard(class_index: int) -> list:
 
 def test_explaining_one_image_reads_its_class_shard_only_and_is_exact(large, shard_reads):
     path, run, session, images = large
-    opened = open_run_for(session, path)
-    network = LazyPrototypeNetwork.of_run(opened, session.split)
+    opened = open_run(path, session)
+    network = opened.lazy_network(session.split)
     assert shard_reads == []  # opening and building read no shard
     explained = explain_image(session, network, images / "0.png")
     c = explained.class_index
@@ -99,7 +99,7 @@ def test_explaining_one_image_reads_its_class_shard_only_and_is_exact(large, sha
 def test_the_lazy_network_gives_the_full_networks_numbers_in_float64(large, shard_reads):
     path, run, session, _ = large
     opened = load_run(path)
-    lazy = LazyPrototypeNetwork.of_run(opened, session.split, dtype=torch.float64)
+    lazy = opened.lazy_network(session.split, dtype=torch.float64)
     full = PrototypeNetwork(session.split, run.prototypes, run.class_indices, dtype=torch.float64)
     features = torch.rand(2, D, 7, 7, dtype=torch.float64)
     picked = [7, 560, 8]
@@ -117,7 +117,7 @@ def test_the_lazy_network_gives_the_full_networks_numbers_in_float64(large, shar
 
 def test_the_cache_keeps_the_last_classes_only(large, shard_reads):
     path, _, session, _ = large
-    lazy = LazyPrototypeNetwork.of_run(load_run(path), session.split, cached_classes=2)
+    lazy = load_run(path).lazy_network(session.split, cached_classes=2)
     features = torch.rand(1, D, 7, 7)
     for c in (1, 2, 3, 1):
         lazy.explain_features(features, [c], with_maps=False)
@@ -130,7 +130,7 @@ def test_a_class_with_fewer_prototypes_has_zero_rows_past_its_own_k():
     own = {0: torch.randn(2, 4, dtype=torch.float64), 1: torch.randn(3, 4, dtype=torch.float64)}
     own[0][-1] = split_weight[0] - own[0][0]
     own[1][-1] = split_weight[1] - own[1][:2].sum(0)
-    from phpn.models.head import HeadSplit
+    from phpn.head import HeadSplit
 
     split = HeadSplit(backbone=torch.nn.Identity(), weight=split_weight, bias=torch.zeros(3, dtype=torch.float64))
     lazy = LazyPrototypeNetwork(split, [0, 1], lambda c: own[c], k=3, dtype=torch.float64)
@@ -145,8 +145,8 @@ def test_a_class_with_fewer_prototypes_has_zero_rows_past_its_own_k():
 
 def test_class_maps_shared_parts_and_why_a_not_b_read_the_shown_classes_only(large, shard_reads):
     path, run, session, images = large
-    opened = open_run_for(session, path)
-    network = LazyPrototypeNetwork.of_run(opened, session.split)
+    opened = open_run(path, session)
+    network = opened.lazy_network(session.split)
     pictures, maps, contributions, kept = viz.class_maps(network, session.preprocess, images, ["0.png", "1.png"], 123)
     assert maps.shape == (2, K, 7, 7) and kept == ["0.png", "1.png"]
     shared = viz.shared_parts(opened, 123)
@@ -221,7 +221,7 @@ def test_discovery_keeps_each_classes_shared_parts_in_its_record(tiny_loaded, im
     data = scan_image_folder(image_folder, class_names=tiny_loaded.class_names, num_classes=4)
     run = discover(tiny_loaded, tiny_split(tiny_loaded.model), data, tiny_loaded.preprocess,
                    DiscoveryConfig(k=2, device="cpu", solver="none"))
-    from phpn.part_metrics import FIELDS
+    from phpn.method.part_metrics import FIELDS
 
     assert "similar_prototypes" in FIELDS
     for c in range(4):
@@ -236,14 +236,14 @@ def test_discovery_keeps_each_classes_shared_parts_in_its_record(tiny_loaded, im
 
 def test_switching_prototypes_off_explains_those_classes_only(tiny_loaded, image_folder, tmp_path, shard_reads,
                                                              monkeypatch):
-    from phpn.annotations import switch_off
+    from phpn.runs.annotations import switch_off
 
     split = tiny_split(tiny_loaded.model)
     data = scan_image_folder(image_folder, class_names=tiny_loaded.class_names, num_classes=4)
     run = discover(tiny_loaded, split, data, tiny_loaded.preprocess, DiscoveryConfig(k=2, device="cpu", solver="none"))
     monkeypatch.setattr(runs, "SHARD_BYTES", 1)  # one class a shard
     opened = load_run(save_run(run, tmp_path / "run"))
-    lazy = LazyPrototypeNetwork.of_run(opened, split)
+    lazy = opened.lazy_network(split)
     ours = switch_off(lazy, data, tiny_loaded.preprocess, {1: [0]})
     theirs = switch_off(run.network(split), data, tiny_loaded.preprocess, {1: [0]})
     assert shard_reads == [[1]]

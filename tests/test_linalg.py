@@ -1,6 +1,6 @@
 import torch
 
-from phpn.linalg import orthonormalize
+from phpn.method.linalg import orthonormalize
 
 
 def test_orthonormal_basis_of_a_full_rank_matrix():

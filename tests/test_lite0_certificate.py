@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 from phpn.api import certify_run, open_data, open_model, run_discovery
-from phpn.discover import DiscoveryConfig
+from phpn.pipeline.discover import DiscoveryConfig
 
 
 @pytest.fixture(scope="module")

@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_split
+
 from phpn.api import ModelSession
-from phpn.data import load_batch, load_image, scan_image_folder
-from phpn.discover import DiscoveryConfig, discover
 from phpn.errors import Cancelled, ConfigError, DataError
-from phpn.mistakes import FolderPredictions, Prediction, contrast_image, predict_folder
+from phpn.images.data import load_batch, load_image, scan_image_folder
 from phpn.models.doctor import Diagnosis
+from phpn.pipeline.discover import DiscoveryConfig, discover
+from phpn.pipeline.mistakes import FolderPredictions, Prediction, contrast_image, predict_folder
 
 
 @pytest.fixture
@@ -85,7 +85,7 @@ def test_why_a_and_not_b_adds_up_to_the_logit_gap(setup, tiny_loaded, image_fold
     assert c.bias_a - c.bias_b == pytest.approx(float(split.bias[2] - split.bias[0]), abs=1e-6)
     assert c.maps_a.shape == (3, 8, 8) and np.allclose(c.maps_a.mean((1, 2)), c.contributions_a, atol=1e-5)
     assert c.to_dict()["gap"] == c.gap
-    from phpn.annotations import Annotations
+    from phpn.runs.annotations import Annotations
 
     notes = Annotations.for_run(run)
     notes.set(2, 0, name="beak")
@@ -104,7 +104,7 @@ def test_why_a_and_not_b_adds_up_to_the_logit_gap(setup, tiny_loaded, image_fold
 
 
 def test_a_class_order_that_is_off_by_one_is_named():
-    from phpn.mistakes import class_order_hint
+    from phpn.pipeline.mistakes import class_order_hint
 
     labels = [0, 0, 0, 1, 1, 1, 2, 2, 2]
     shifted = [1, 1, 1, 2, 2, 0, 0, 0, 0]  # each folder read as the next class (one image strays)

@@ -3,7 +3,7 @@ import json
 
 import torchvision
 
-from phpn.data import Preprocess
+from phpn.images.data import Preprocess
 from phpn.models import Diagnosis, LoadedModel, diagnose
 from phpn.models.zoo import build_model
 

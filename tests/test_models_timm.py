@@ -7,8 +7,7 @@ from safetensors.torch import save_file
 
 from phpn.api import open_model
 from phpn.errors import CheckpointError, ConfigError
-from phpn.models import load_model, zoo
-from phpn.models import timm_models
+from phpn.models import load_model, timm_models, zoo
 
 timm = pytest.importorskip("timm")
 

@@ -2,8 +2,8 @@
 import torch
 from torch import nn
 
-from phpn.models.head import HeadSplit, PostPoolNorm
-from phpn.network import PrototypeNetwork
+from phpn.head import HeadSplit, PostPoolNorm
+from phpn.method.network import PrototypeNetwork
 
 
 def _random_prototypes(weight, k, seed=0):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from phpn.errors import ConfigError
-from phpn.nmf import NMFConfig, nmf, sklearn_nmf
+from phpn.method.nmf import NMFConfig, nmf, sklearn_nmf
 
 
 def _parts_data(b=3, n=400, d=64, parts=6, seed=0):
@@ -100,7 +100,7 @@ def test_clamped_nmf_still_refuses_negative_features():
 
 
 def test_elbow_k_finds_the_bend_and_says_why():
-    from phpn.nmf import elbow_k
+    from phpn.method.nmf import elbow_k
 
     k, reason = elbow_k([2, 3, 4, 5, 6], [0.8, 0.4, 0.35, 0.32, 0.3])
     assert k == 3 and reason.startswith("relative error 0.800 at k = 2, 0.400 at k = 3")
@@ -110,7 +110,7 @@ def test_elbow_k_finds_the_bend_and_says_why():
 
 
 def test_suggest_k_recovers_the_number_of_parts():
-    from phpn.nmf import suggest_k
+    from phpn.method.nmf import suggest_k
 
     g = torch.Generator().manual_seed(0)
     parts = torch.rand(4, 30, generator=g, dtype=torch.float64) ** 4

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-
 from conftest import tiny_split
-from phpn import part_metrics as PM
-from phpn.data import scan_image_folder
-from phpn.discover import DiscoveryConfig, discover
+
+from phpn.images.data import scan_image_folder
+from phpn.method import part_metrics as PM
+from phpn.pipeline.discover import DiscoveryConfig, discover
 
 
 def _one_hot_features(n=4, d=3, h=4, w=4):
@@ -112,7 +112,7 @@ def test_holdout_out_of_range_message():
 
 
 def test_top_patches_skip_weak_peaks_and_near_identical_crops():
-    from phpn.discover import top_patches
+    from phpn.pipeline.discover import top_patches
 
     maps = torch.zeros(5, 1, 2, 2)
     maps[:, 0, 0, 0] = torch.tensor([10.0, 9.0, 8.0, 0.5, -1.0])  # images 3, 4 barely fire or subtract
@@ -140,7 +140,7 @@ def test_discovery_records_a_suggested_k_with_its_reason(tiny_loaded, image_fold
 
 @pytest.mark.parametrize("nmf_data", ["clamped", "signed"])
 def test_signed_features_by_nmf_on_the_clamped_or_semi_nmf_on_the_signed(tiny_loaded, image_folder, nmf_data):
-    from phpn.models.head import HeadSplit
+    from phpn.head import HeadSplit
 
     model = tiny_loaded.model
     split = HeadSplit(backbone=model.features[:-1], weight=model.fc.weight.detach(), bias=model.fc.bias.detach(),

@@ -2,14 +2,14 @@
 
 import pytest
 import torch
+from conftest import tiny_split
 from PIL import Image
 
-from conftest import tiny_split
-from phpn.certify import certify
-from phpn.data import load_batch, scan_image_folder
-from phpn.discover import DiscoveryConfig, discover, patch_box
 from phpn.errors import ConfigError, DataError, RunError
-from phpn.runs import load_run, save_run
+from phpn.images.data import load_batch, scan_image_folder
+from phpn.method.certify import certify
+from phpn.pipeline.discover import DiscoveryConfig, discover, patch_box
+from phpn.runs.store import load_run, save_run
 
 
 def _discover(tiny_loaded, image_folder, **overrides):
@@ -130,7 +130,7 @@ def test_k_larger_than_the_data_allows(tiny_loaded, tmp_path):
     Image.new("RGB", (4, 4)).save(root / "0" / "a.png")
     data = scan_image_folder(root, num_classes=4)
     # 1 image x 2x2 grid = 4 positions (crop 4 -> stride 2): k = 5 is too many.
-    from phpn.data import Preprocess
+    from phpn.images.data import Preprocess
     pre = Preprocess(resize=4, crop=4, mean=(0.5,) * 3, std=(0.5,) * 3)
     with pytest.raises(ConfigError, match="Lower k or add images"):
         discover(tiny_loaded, tiny_split(tiny_loaded.model), data, pre, DiscoveryConfig(k=5, device="cpu"))

@@ -8,10 +8,17 @@ from dataclasses import replace
 import pytest
 import torch
 
-from phpn.certify import near_chance
-from phpn.data import Preprocess
-from phpn.preprocess_check import (CROP_FRACTION, NORMALISATIONS, candidate_settings, check_preprocessing, cli_flags,
-                                   describe, normalisation_name)
+from phpn.images.data import Preprocess
+from phpn.method.certify import near_chance
+from phpn.pipeline.preprocess_check import (
+    CROP_FRACTION,
+    NORMALISATIONS,
+    candidate_settings,
+    check_preprocessing,
+    cli_flags,
+    describe,
+    normalisation_name,
+)
 
 SIZES = (28, 32, 64, 96)  # the grid, cut to sizes a tiny CPU test can afford
 
@@ -64,7 +71,7 @@ def test_the_wrong_size_is_at_chance_and_the_check_proposes_28_px():
     accuracies = [r.correct for r in check.results]
     assert accuracies == sorted(accuracies, reverse=True)
     # Recomputed by hand: the model's accuracy on the same 30 images at the proposed setting.
-    from phpn.data import load_image
+    from phpn.images.data import load_image
 
     images = [(c.class_index, c.paths[int(i * len(c.paths) / 3)]) for c in data.classes for i in range(3)]
     x = torch.stack([right(load_image(data.root / p)) for _, p in images])
@@ -82,8 +89,9 @@ def test_the_wrong_size_is_at_chance_and_the_check_proposes_28_px():
 
 def test_a_model_that_cannot_run_at_a_size_is_reported_not_fatal(tiny_loaded, image_folder):
     from conftest import tiny_split
+
     from phpn.api import ModelSession
-    from phpn.data import scan_image_folder
+    from phpn.images.data import scan_image_folder
     from phpn.models.doctor import Diagnosis
 
     class FixedSize(torch.nn.Module):  # a flatten + linear head: only 16 px inputs work
@@ -131,7 +139,7 @@ def test_folders_matched_to_the_wrong_classes_are_named(tmp_path):
     order is wrong, naming the folders and what the model reads them as."""
     import shutil
 
-    from phpn.data import scan_image_folder
+    from phpn.images.data import scan_image_folder
 
     session, data = _fashion()
     root = tmp_path / "shifted"
@@ -174,6 +182,7 @@ class NearestTint(torch.nn.Module):
 
 def _tint_session(tiny_loaded, order: str, colour: str = "rgb"):
     from conftest import tiny_split
+
     from phpn.api import ModelSession
     from phpn.models.doctor import Diagnosis
 
@@ -211,8 +220,8 @@ def test_colour_settings_reverse_or_grey_the_channels(image_folder):
 
 
 def test_a_model_trained_on_bgr_images_gets_the_bgr_variant_proposed(tiny_loaded, image_folder):
-    from phpn.data import scan_image_folder
-    from phpn.preprocess_check import COLOUR_VARIANTS
+    from phpn.images.data import scan_image_folder
+    from phpn.pipeline.preprocess_check import COLOUR_VARIANTS
 
     data = scan_image_folder(image_folder, class_names=tiny_loaded.class_names, num_classes=4)
     check = check_preprocessing(_tint_session(tiny_loaded, "bgr"), data, images_per_class=3, sizes=(16,))
@@ -229,7 +238,7 @@ def test_a_model_trained_on_bgr_images_gets_the_bgr_variant_proposed(tiny_loaded
 
 
 def test_a_setting_applied_as_bgr_is_checked_against_plain_rgb(tiny_loaded, image_folder):
-    from phpn.data import scan_image_folder
+    from phpn.images.data import scan_image_folder
 
     data = scan_image_folder(image_folder, class_names=tiny_loaded.class_names, num_classes=4)
     # The model reads RGB, but BGR is in use (applied by mistake): plain RGB is tried and proposed.
@@ -240,7 +249,7 @@ def test_a_setting_applied_as_bgr_is_checked_against_plain_rgb(tiny_loaded, imag
 
 def test_a_grey_model_gets_no_colour_variants():
     grey = Preprocess(resize=28, crop=28, mean=(0.5,), std=(0.5,), channels=1)
-    from phpn.preprocess_check import colour_variants
+    from phpn.pipeline.preprocess_check import colour_variants
 
     assert colour_variants(grey) == []
     assert [p.colour for _, p in colour_variants(Preprocess())] == ["bgr", "grey"]

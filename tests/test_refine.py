@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from phpn.errors import ConfigError
-from phpn.nmf import NMFConfig, nmf
-from phpn.refine import RefineConfig, part_shares, refine, scale
+from phpn.method.nmf import NMFConfig, nmf
+from phpn.method.refine import RefineConfig, part_shares, refine, scale
 
 
 def _problem(b=2, n=300, d=24, k=3, seed=0):
@@ -176,7 +176,7 @@ def test_an_iteration_cap_that_stops_the_solver_is_reported():
     features, protos, heads, usage = _float32_problem()
     capped = refine(features, protos, heads, RefineConfig(subspace_rank=16, max_iter=2), usage=usage)
     assert not bool(capped.converged.any()) and capped.iterations.tolist() == [2, 2, 2, 2]
-    from phpn.part_metrics import warnings_for
+    from phpn.method.part_metrics import warnings_for
 
     text = warnings_for({"refine_converged": False, "refine_iterations": 2})
     assert text == ["Refinement stopped at its iteration cap (2) before converging, so these prototypes can move "

@@ -5,12 +5,12 @@ from __future__ import annotations
 import html
 
 import pytest
-
 from conftest import tiny_split
-from phpn import report
-from phpn.certify import chance_warning, format_certificate
-from phpn.data import scan_image_folder
-from phpn.discover import DiscoveryConfig, discover
+
+from phpn.images.data import scan_image_folder
+from phpn.method.certify import chance_warning, format_certificate
+from phpn.pipeline.discover import DiscoveryConfig, discover
+from phpn.show import report
 
 
 @pytest.fixture
@@ -88,8 +88,8 @@ def test_the_report_draws_each_map_on_its_own_scale_as_the_app_does(explained, t
     Explain page), not on one scale shared by the prototypes, and each says its scale."""
     import numpy as np
 
-    from phpn import viz
-    from phpn.defaults import MAP_OPACITY
+    from phpn.config import MAP_OPACITY
+    from phpn.show import viz
 
     run, e, _ = explained
     scales = [viz.own_scale(m) for m in e.maps]
@@ -108,8 +108,8 @@ def test_the_report_draws_each_map_on_its_own_scale_as_the_app_does(explained, t
 
 
 def test_the_class_report_names_prototypes_as_the_expert_did_and_escapes_the_names(explained, tiny_loaded):
-    from phpn import viz
-    from phpn.annotations import Annotations
+    from phpn.runs.annotations import Annotations
+    from phpn.show import viz
 
     run = explained[0]
     notes = Annotations.for_run(run)

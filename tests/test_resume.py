@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-
 from conftest import tiny_split
-from phpn.data import scan_image_folder
-from phpn.discover import DiscoveryConfig, discover
+
 from phpn.errors import Cancelled, ConfigError, RunError
-from phpn.resume import MANIFEST, discard_progress
+from phpn.images.data import scan_image_folder
+from phpn.pipeline.discover import DiscoveryConfig, discover
+from phpn.runs.resume import MANIFEST, discard_progress
 
 # 0 MB: one class per group, so the tiny folder's 4 classes make 4 groups.
 CONFIG = DiscoveryConfig(k=2, device="cpu", memory_budget_mb=0, lbfgs_iter=20)
@@ -89,7 +89,7 @@ def test_a_folder_phpn_did_not_write_is_never_used_for_progress(tiny_loaded, ima
 def test_cli_interrupted_then_resumed_writes_the_uninterrupted_run(tmp_path, monkeypatch, capsys):
     import phpn.progress
     from phpn.cli import main
-    from phpn.runs import load_run
+    from phpn.runs.store import load_run
 
     args = ["discover", "--demo", "fashion-mnist", "--images-per-class", "3", "--memory-budget", "0", "--k", "2",
             "--device", "cpu", "--workers", "0", "--quiet"]

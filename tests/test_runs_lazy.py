@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import phpn.runs as runs
 from conftest import tiny_split
-from phpn.data import scan_image_folder
-from phpn.discover import DiscoveryConfig, discover
+
+import phpn.runs.store as runs
 from phpn.errors import RunError
-from phpn.runs import META, TENSOR_NAMES, TENSORS, check_run_target, load_run, save_run, verify_run
+from phpn.images.data import scan_image_folder
+from phpn.pipeline.discover import DiscoveryConfig, discover
+from phpn.runs.store import META, TENSOR_NAMES, TENSORS, check_run_target, load_run, save_run, verify_run
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("large_run", ROOT / "scripts" / "large_run.py")
@@ -248,7 +248,7 @@ def test_replacing_a_run_leaves_only_the_new_runs_files(discovered, tmp_path):
 def test_the_head_is_checked_row_by_row_without_reading_shards(large):
     from types import SimpleNamespace
 
-    from phpn.runs import check_split
+    from phpn.runs.store import check_split
 
     path, run = large
     for shard in json.loads((path / META).read_text())["shards"]:

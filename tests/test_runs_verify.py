@@ -4,14 +4,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TinyNet, tiny_split
 from safetensors.torch import load_file, save_file
 
-from conftest import TinyNet, tiny_split
-from phpn.data import scan_image_folder
-from phpn.discover import DiscoveryConfig, discover
 from phpn.errors import RunError
+from phpn.images.data import scan_image_folder
 from phpn.models.checkpoint import file_sha256
-from phpn.runs import META, check_model, check_run_target, load_run, save_run, verify_run
+from phpn.pipeline.discover import DiscoveryConfig, discover
+from phpn.runs.store import META, check_model, check_run_target, load_run, save_run, verify_run
 
 
 @pytest.fixture
@@ -169,7 +169,7 @@ def test_a_run_opened_with_another_architecture_or_cut_is_refused(saved, tiny_lo
 def test_a_crash_while_replacing_a_run_leaves_the_old_run(saved, monkeypatch):
     import os
 
-    import phpn.runs as runs
+    import phpn.runs.store as runs
 
     path, run = saved
     run.prototypes = run.prototypes.clone()
@@ -232,7 +232,7 @@ def test_numpy_numbers_in_the_metadata_are_saved_as_numbers(saved, tmp_path):
 
 KILLER = """
 import os, signal, sys
-import phpn.runs as runs
+import phpn.runs.store as runs
 
 source, target, at = sys.argv[1:4]
 real_replace = os.replace

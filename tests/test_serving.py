@@ -12,10 +12,23 @@ import pytest
 import torch
 from torch import nn
 
+from phpn.app.serving import (
+    ServerSettings,
+    Workspace,
+    load_settings,
+    may_read,
+    read_only_reason,
+    readable_runs,
+    redact_paths,
+    require_code_allowed,
+    run_save_target,
+    settings_table,
+    sweep_idle,
+    try_in_child_process,
+    visitor_path,
+    workspace_root,
+)
 from phpn.errors import ConfigError, DataError, RunError
-from phpn.serving import (ServerSettings, Workspace, load_settings, may_read, read_only_reason, readable_runs,
-                          redact_paths, require_code_allowed, run_save_target, settings_table, sweep_idle,
-                          try_in_child_process, visitor_path, workspace_root)
 
 SID_A, SID_B = "a" * 32, "b" * 32
 
@@ -349,7 +362,7 @@ def test_with_the_switch_off_a_visitor_cannot_run_code(app_env, monkeypatch):
     assert not marker.exists() and at.session_state["model"] is before
     assert not any("arbitrary code" in w.value for w in at.warning)
     # Behind the page, both ways into the model cache refuse code while the switch is off.
-    from pages import _shared
+    from phpn.app import frame as _shared
 
     model_file = app_env / "net.py"
     model_file.write_text(code.decode())
@@ -424,9 +437,9 @@ def test_two_visitors_see_only_their_own_runs_and_the_demo_run_stays_read_only(a
 
 
 def test_a_discovery_waits_its_turn_with_its_position_shown(app_env):
-    from phpn.jobs import default_queue
+    from phpn.app.frame import server_queue
 
-    queue = default_queue()
+    queue = server_queue()
     holder, release = object(), threading.Event()
     entered = threading.Event()
 

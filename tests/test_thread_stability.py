@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from phpn.runs import load_run
+from phpn.runs.store import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -2,16 +2,16 @@
 
 import pytest
 import torch
+from conftest import TinyNet, tiny_split
 from torch import nn
 
-import phpn.data
-from conftest import TinyNet, tiny_split
+import phpn.images.data
 from phpn.api import certify_run, open_model, run_discovery
-from phpn.data import iter_batches, load_batch, scan_image_folder
-from phpn.discover import DiscoveryConfig, discover
 from phpn.errors import ConfigError
-from phpn.features import FeatureTap
+from phpn.images.data import iter_batches, load_batch, scan_image_folder
 from phpn.models import diagnose
+from phpn.pipeline.discover import DiscoveryConfig, discover
+from phpn.pipeline.features import FeatureTap
 
 
 def _paths(data):
@@ -105,8 +105,8 @@ def test_tap_catches_what_the_backbone_computes_or_says_why_not(cls, mode, copie
 
 
 def diagnose_split(model: nn.Module):
-    from phpn.models.head import LoadedModel
-    from phpn.data import Preprocess
+    from phpn.head import LoadedModel
+    from phpn.images.data import Preprocess
 
     loaded = LoadedModel(model=model, arch="tiny", num_classes=4, sha256="b" * 64,
                          preprocess=Preprocess(resize=16, crop=16, mean=(0.5,) * 3, std=(0.25,) * 3))
@@ -120,8 +120,8 @@ def test_certificate_from_the_discovery_pass_equals_a_separate_certificate(monke
     data = scan_image_folder(get_demo("fashion-mnist").discovery_dir(), class_names=session.loaded.class_names,
                              num_classes=10, images_per_class=6)
     decoded = []
-    real = phpn.data.load_image
-    monkeypatch.setattr(phpn.data, "load_image", lambda src: decoded.append(str(src)) or real(src))
+    real = phpn.images.data.load_image
+    monkeypatch.setattr(phpn.images.data, "load_image", lambda src: decoded.append(str(src)) or real(src))
     config = DiscoveryConfig(k=2, images_per_class=6, device="cpu", lbfgs_iter=5)
     run = run_discovery(session, data, config, workers=0)
     # Every image decoded once, plus the probe of the feature-map shape: no second pass.
@@ -148,7 +148,8 @@ def test_held_out_images_get_their_own_certificate(tiny_loaded, image_folder):
 def test_cli_classes_subset_and_memory_budget(tmp_path, capsys):
     import json
 
-    from phpn.cli import _class_list, main
+    from phpn.api import resolve_classes as _class_list
+    from phpn.cli import main
 
     names = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
     assert _class_list("0,5-7,Bag,5", names) == (0, 5, 6, 7, 8)
@@ -161,7 +162,7 @@ def test_cli_classes_subset_and_memory_budget(tmp_path, capsys):
                  "--json", "--quiet"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["classes"] == 2 and report["certificate"]["images"] == 4 and report["certificate"]["passed"]
-    from phpn.runs import load_run
+    from phpn.runs.store import load_run
 
     run = load_run(tmp_path / "run")
     assert run.class_indices.tolist() == [1, 8] and run.meta["groups"] == 2
@@ -190,7 +191,7 @@ def test_a_decoding_worker_that_dies_gets_a_clear_message(tiny_loaded, image_fol
     from phpn.errors import DataError
 
     # A worker killed by the kernel, as a container's full /dev/shm does (SIGBUS).
-    monkeypatch.setattr(phpn.data, "load_image", lambda src: os.kill(os.getpid(), signal.SIGBUS))
+    monkeypatch.setattr(phpn.images.data, "load_image", lambda src: os.kill(os.getpid(), signal.SIGBUS))
     with pytest.raises(DataError, match="The image-decoding workers stopped .*--workers 0.*--shm-size"):
         list(iter_batches(image_folder, [f"0/img{i:02d}.png" for i in range(8)], tiny_loaded.preprocess,
                           batch_size=2, workers=1))
@@ -219,12 +220,12 @@ def test_tap_on_a_backbone_read_from_layer_hooks():
 
 
 def test_default_workers_share_the_cores_among_local_ranks(monkeypatch):
-    from phpn.data import default_workers
+    from phpn.images.data import default_workers
 
-    monkeypatch.setattr(phpn.data.os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr(phpn.images.data.os, "sched_getaffinity", lambda pid: set(range(16)))
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert default_workers() == 15
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert default_workers() == 3
-    monkeypatch.setattr(phpn.data.os, "sched_getaffinity", lambda pid: {0})
+    monkeypatch.setattr(phpn.images.data.os, "sched_getaffinity", lambda pid: {0})
     assert default_workers() == 0

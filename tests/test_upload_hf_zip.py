@@ -15,11 +15,19 @@ import pytest
 import torch
 from PIL import Image
 
+from phpn.app.serving import ServerSettings
+from phpn.app.uploads import save_model_upload, unpack_model_folder
 from phpn.errors import DataError
-from phpn.provenance import (describe_origin, load_from_record, model_origin, origin_words, portable_path,
-                             recorded_load, resolve_portable)
-from phpn.serving import ServerSettings
-from phpn.uploads import save_model_upload, sniff_upload, unpack_model_folder
+from phpn.models.archive import sniff_upload
+from phpn.runs.provenance import (
+    describe_origin,
+    load_from_record,
+    model_origin,
+    origin_words,
+    portable_path,
+    recorded_load,
+    resolve_portable,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -85,8 +93,8 @@ def _images(root: Path, per_class: int = 4) -> Path:
 
 def test_a_zipped_model_folder_loads_through_the_hf_path_and_certifies(saved, tmp_path):
     from phpn.api import open_data, open_model, run_discovery
-    from phpn.discover import DiscoveryConfig
     from phpn.models.checkpoint import file_sha256
+    from phpn.pipeline.discover import DiscoveryConfig
 
     upload = save_model_upload(_Upload(_zip_folder(saved), "My ConvNeXt.zip"), tmp_path / "ws", settings=CODE_OFF)
     assert (upload.kind, upload.name, upload.folder) == ("model-folder-zip", "My ConvNeXt.zip", "convnext")
@@ -313,7 +321,7 @@ def test_the_model_page_takes_a_zipped_model_and_the_run_says_where_it_came_from
     import time
 
     from phpn.models.checkpoint import file_sha256
-    from phpn.runs import load_run
+    from phpn.runs.store import load_run
 
     at = app
     assert _upload_model(at, _zip_folder(saved), "my convnext.zip") == []

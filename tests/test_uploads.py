@@ -7,9 +7,17 @@ import zipfile
 import pytest
 from PIL import Image
 
+from phpn.app.uploads import (
+    extract_zip,
+    find_image_root,
+    open_uploaded_image,
+    safe_filename,
+    save_model_upload,
+    save_upload,
+    sniff_upload,
+    unpack_uploaded_zip,
+)
 from phpn.errors import DataError
-from phpn.uploads import (extract_zip, find_image_root, open_uploaded_image, safe_filename, save_model_upload,
-                          save_upload, sniff_upload, unpack_uploaded_zip)
 
 
 def _png(color=(200, 30, 30), size=(8, 8)) -> bytes:

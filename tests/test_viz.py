@@ -7,21 +7,22 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_split
 from PIL import Image
 
-from conftest import tiny_split
-from phpn import report, viz
-from phpn.data import scan_image_folder
-from phpn.discover import DiscoveryConfig, discover
-from phpn.explanation import Explanation
+from phpn.images.data import scan_image_folder
+from phpn.pipeline.discover import DiscoveryConfig, discover
+from phpn.show import report, viz
+from phpn.show.explanation import Explanation
 
 
 @pytest.fixture(scope="module")
 def tiny_world(tmp_path_factory):
     """One discovery on the tiny model, shared by the tests of this module."""
     from conftest import TinyNet
-    from phpn.data import Preprocess
-    from phpn.models.head import LoadedModel
+
+    from phpn.head import LoadedModel
+    from phpn.images.data import Preprocess
 
     torch.manual_seed(0)
     model = TinyNet().eval()
@@ -235,7 +236,8 @@ def test_every_prototype_is_visible_on_natural_photos(photo):
     from phpn.demos import get_demo
 
     session = open_model(demo="imagenet-lite0")
-    run, network = open_run(session, get_demo("imagenet-lite0").run_dir)
+    run = open_run(get_demo("imagenet-lite0").run_dir, session)
+    network = run.network()
     e = explain_image(session, network, Image.fromarray(getattr(skimage_data, photo)()))
     picture = viz.enlarge(e.image, 224)
     shared = viz.signed_scale(e.maps)
@@ -295,7 +297,7 @@ def test_explanation_report(tiny_run, tiny_loaded, image_folder):
 
 
 def test_run_zip_holds_the_run_files(tiny_run, tmp_path):
-    from phpn.runs import is_run_file, load_run, save_run
+    from phpn.runs.store import is_run_file, load_run, save_run
 
     run, _, _ = tiny_run
     run.path = None

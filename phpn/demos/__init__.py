@@ -17,12 +17,16 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..data import Preprocess
-from ..errors import CheckpointError, ConfigError
-from ..models.checkpoint import file_sha256 as checkpoint_sha256
-from ..models.head import LoadedModel
-from ..resources import assets_dir
-from . import lite0
+from safetensors.torch import load_file
+
+from phpn.demos import lite0
+from phpn.demos.fashion_cnn import FashionCNN
+from phpn.errors import CheckpointError, ConfigError
+from phpn.head import LoadedModel
+from phpn.images.data import Preprocess
+from phpn.models.checkpoint import file_sha256 as checkpoint_sha256
+from phpn.models.lite0 import load_efficientnet_lite0
+from phpn.resources import assets_dir
 
 ASSETS = assets_dir()  # the repository's assets/, or phpn/assets when installed
 
@@ -106,10 +110,6 @@ def _fashion_preprocess() -> Preprocess:
 
 
 def _load_fashion() -> LoadedModel:
-    from safetensors.torch import load_file
-
-    from .fashion_cnn import FashionCNN
-
     path = ASSETS / "fashion-mnist" / "model.safetensors"
     if not path.is_file():
         raise CheckpointError(f"The Fashion-MNIST demo weights {path} are missing.",
@@ -152,8 +152,6 @@ def _fashion_description() -> str:
 # --- imagenet-lite0 ----------------------------------------------------------------------
 
 def _load_lite0() -> LoadedModel:
-    from ..models.lite0 import load_efficientnet_lite0
-
     return load_efficientnet_lite0()
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 
-from . import DEMOS, lite0
+from phpn.demos import DEMOS, lite0
 
 
 def main(argv=None) -> int:

@@ -26,8 +26,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from sklearn.datasets import load_sample_image
+from torchvision.models import EfficientNet_B0_Weights
 
-from ..errors import DataError
+from phpn.errors import DataError
 
 ARCH = "efficientnet-lite0"
 # Official EfficientNet-Lite preprocessing: (x - 127) / 128, i.e. mean = std = 0.5 on [0, 1].
@@ -104,12 +106,10 @@ def base_view_path(root: Path, photo: Photo) -> Path:
 def load_photo(photo: Photo) -> Image.Image:
     """The original photo as RGB (grey-scale photos are repeated over 3 channels)."""
     if photo.source.startswith("skimage.data."):
-        import skimage.data
+        import skimage.data  # noqa: PLC0415 - optional dependency
 
         arr = getattr(skimage.data, photo.source.split(".")[-1])()
     elif photo.source.startswith("sklearn.datasets.load_sample_image"):
-        from sklearn.datasets import load_sample_image
-
         arr = load_sample_image(photo.source.split("'")[1])
     else:  # pragma: no cover - PHOTOS is fixed above
         raise DataError(f"Unknown photo source {photo.source}.", "")
@@ -176,6 +176,4 @@ def views_complete(root: Path) -> bool:
 @lru_cache(maxsize=1)
 def imagenet_class_names() -> tuple:
     """The 1000 ImageNet-1k class names, from torchvision's metadata (no download)."""
-    from torchvision.models import EfficientNet_B0_Weights
-
     return tuple(EfficientNet_B0_Weights.IMAGENET1K_V1.meta["categories"])

@@ -6,11 +6,20 @@
 - :mod:`.metrics`: the metrics of Huang et al. (ICCV 2023) on plain arrays.
 - :mod:`.parts`: the CUB-200-2011 annotation loader.
 """
-from .benchmark import SIZES, run_parts_benchmark
-from .evaluation import DEFAULTS, evaluate_run, summary_text
-from .metrics import (consistency_score, consistent, part_fractions, part_sets, peak_locations, perturb,
-                      scaled_half_size, stability_score, stable_fraction)
-from .parts import PartDataset, is_cub_layout, load_cub_parts
+from phpn.evaluate.benchmark import SIZES, run_parts_benchmark
+from phpn.evaluate.evaluation import DEFAULTS, evaluate_run, summary_text
+from phpn.evaluate.metrics import (
+                      consistency_score,
+                      consistent,
+                      part_fractions,
+                      part_sets,
+                      peak_locations,
+                      perturb,
+                      scaled_half_size,
+                      stability_score,
+                      stable_fraction,
+)
+from phpn.evaluate.parts import PartDataset, is_cub_layout, load_cub_parts
 
 __all__ = [
     "DEFAULTS", "SIZES", "PartDataset", "consistency_score", "consistent", "evaluate_run", "is_cub_layout",

@@ -60,18 +60,31 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.stats import t
+from sklearn.exceptions import ConvergenceWarning
 
-from ..atomic import write_atomic
-from ..errors import ConfigError, PhpnError
-from ..progress import ProgressFn, report
-from ..network import prototype_maps
-from . import metrics as M
-from .evaluation import _Images, _jsonable, deletion_of
-from .explainers import NetworkExplainer, PrototypeExplainer, equal_split_prototypes, random_prototypes
-from .interpretability import interpretability_of
-from .parts import load_cub_parts
-from .parts_cnn import ASSET_DIR, METRICS_FILE, PREPROCESS, load_parts_benchmark
-from .synthetic_parts import SyntheticPartsConfig, generate, write_cub_layout
+from phpn.atomic import check_may_write, write_atomic
+from phpn.errors import ConfigError, PhpnError
+from phpn.evaluate import metrics as M
+from phpn.evaluate.evaluation import _Images, _jsonable, deletion_of
+from phpn.evaluate.explainers import NetworkExplainer, PrototypeExplainer
+from phpn.evaluate.interpretability import interpretability_of
+from phpn.evaluate.parts import load_cub_parts
+from phpn.evaluate.parts_cnn import (
+    ASSET_DIR,
+    METRICS_FILE,
+    PREPROCESS,
+    load_parts_benchmark,
+)
+from phpn.evaluate.synthetic_parts import (
+    SyntheticPartsConfig,
+    generate,
+    write_cub_layout,
+)
+from phpn.method.baselines import equal_split_prototypes, random_prototypes
+from phpn.method.network import prototype_maps
+from phpn.pipeline.discover import DiscoveryConfig, discover
+from phpn.progress import ProgressFn, report
 
 SIZES = {
     # discovery and test images per class in each draw, draws by default, images per class
@@ -94,7 +107,7 @@ DFF_MISSING = ("pytorch-grad-cam is not installed, so the DFF row is left out; "
 
 def dff_available() -> bool:
     try:
-        import pytorch_grad_cam.feature_factorization.deep_feature_factorization  # noqa: F401
+        import pytorch_grad_cam.feature_factorization.deep_feature_factorization  # noqa: F401, PLC0415 - optional dependency
     except ImportError:
         return False
     return True
@@ -108,8 +121,7 @@ def dff_prototypes(features: Sequence[torch.Tensor], k: int) -> tuple:
     ``dff`` factorises the (D, N*h*w) activations with scikit-learn's NMF (random
     initialisation, ``random_state=0``); its concepts are the (D, k) channel weights.
     """
-    from sklearn.exceptions import ConvergenceWarning
-    from pytorch_grad_cam.feature_factorization.deep_feature_factorization import dff
+    from pytorch_grad_cam.feature_factorization.deep_feature_factorization import dff  # noqa: PLC0415 - optional dependency
 
     concepts, unconverged = [], 0
     for f in features:
@@ -197,8 +209,6 @@ def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float 
     """Per-draw differences a - b: their mean, standard deviation and the half-width of the
     ``confidence`` t-interval of the mean; ``separates`` when that interval excludes 0
     (None with fewer than two draws: no spread, no claim)."""
-    from scipy.stats import t
-
     d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
     out = {"differences": d.tolist(), **spread(d)}
     if d.size < 2:
@@ -352,8 +362,6 @@ def run_parts_benchmark(size: str = "small", out_dir=None, *, k: int = 3, seed: 
     settings. With ``out_dir`` it also writes ``benchmark.json`` and ``benchmark.md`` there (and
     keeps the generated images under ``out_dir/data``).
     """
-    from ..discover import DiscoveryConfig, discover
-
     if size not in SIZES:
         raise ConfigError(f"Unknown benchmark size '{size}'.", f"Choose one of: {', '.join(SIZES)}.")
     sz = SIZES[size]
@@ -523,9 +531,8 @@ def write_result(result: dict, path) -> tuple:
     path = Path(path)
     table = path.with_suffix(".md")
     for p in (path, table):
-        if p.exists() and not _written_by_benchmark(p):
-            raise ConfigError(f"{p} exists and is not a parts-benchmark result.",
-                              "Choose another --out path; phpn does not overwrite files it did not write.")
+        check_may_write(p, what="parts-benchmark result", ours=_written_by_benchmark, error=ConfigError,
+                        fix="Choose another --out path.")
     path.parent.mkdir(parents=True, exist_ok=True)
     header = (f"# Parts benchmark ({result['size']}, k = {result['k']})\n\n"
               f"{TABLE_MARK} CNN test accuracy {result['accuracy']:.1f}% on {result['test_images']} test images; "

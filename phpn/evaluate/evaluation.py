@@ -11,14 +11,18 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..data import Preprocess, load_batch, scan_image_folder
-from ..errors import ConfigError, DataError
-from ..progress import ProgressFn, report
-from . import faithfulness as FA
-from . import metrics as M
-from .explainers import NetworkExplainer, PrototypeExplainer, equal_split_prototypes, random_prototypes
-from .interpretability import interpretability_of
-from .parts import PartDataset, is_cub_layout, load_cub_parts
+from phpn.device import resolve_device
+from phpn.errors import ConfigError, DataError
+from phpn.evaluate import faithfulness as FA
+from phpn.evaluate import metrics as M
+from phpn.evaluate.explainers import NetworkExplainer, PrototypeExplainer
+from phpn.evaluate.interpretability import interpretability_of
+from phpn.evaluate.parts import PartDataset, is_cub_layout, load_cub_parts
+from phpn.evaluate.separation import class_separation, summarise
+from phpn.images.data import Preprocess, load_batch, scan_image_folder
+from phpn.method.baselines import equal_split_prototypes, random_prototypes
+from phpn.method.network import PrototypeNetwork
+from phpn.progress import ProgressFn, report
 
 DEFAULTS = dict(
     half_size=M.HALF_SIZE,  # box half-size in pixels at reference_size
@@ -96,8 +100,6 @@ class _Images:
 @torch.no_grad()
 def exactness_and_axioms(net, split, run, images: torch.Tensor, batch_size: int = 32) -> dict:
     """Exactness against the split's own logits, completeness, map means, linearity."""
-    from ..network import PrototypeNetwork
-
     classes = run.class_indices.tolist()
     device = net.prototypes.device
     errs = {"logit": 0.0, "completeness": 0.0, "map_mean": 0.0, "linearity": 0.0}
@@ -163,8 +165,6 @@ def separation_of(split, run, images: "_Images", classes: Sequence[int], *, per_
                   progress: Optional[ProgressFn] = None) -> dict:
     """Peak purity and top-region overlap of the run's prototypes and of both baselines (see
     :mod:`phpn.evaluate.separation`), per class and summarised with the random draws' spread."""
-    from .separation import class_separation, summarise
-
     rows = {int(c): i for i, c in enumerate(run.class_indices.tolist())}
     records = []
     for ci, c in enumerate(classes):
@@ -180,7 +180,7 @@ def separation_of(split, run, images: "_Images", classes: Sequence[int], *, per_
 
 
 def evaluate_run(run, split, preprocess: Preprocess, data_root, parts_root=None, **params) -> dict:
-    """Evaluate ``run`` (a :class:`phpn.runs.Run`) on the model ``split``.
+    """Evaluate ``run`` (a :class:`phpn.runs.store.Run`) on the model ``split``.
 
     data_root: an image folder (one sub-folder per class) for exactness, the axioms and the
         deletion curves; or a CUB-layout root, which then also serves as ``parts_root``.
@@ -191,8 +191,6 @@ def evaluate_run(run, split, preprocess: Preprocess, data_root, parts_root=None,
     ``interpretability`` (per prototype set: scores and per-prototype details),
     ``deletion`` (summary and per-prototype curves) and ``params``.
     """
-    from ..device import resolve_device
-
     progress = params.pop("progress", None)
     unknown = set(params) - set(DEFAULTS)
     if unknown:

@@ -3,7 +3,7 @@ the maps of that class's prototypes, their contributions and the class logit.
 
     explainer(images (B, ch, H, W), class_index) -> (maps (B, k, h, w), contributions (B, k), logit (B,))
 
-- :class:`NetworkExplainer` wraps a :class:`phpn.network.PrototypeNetwork` (refined
+- :class:`NetworkExplainer` wraps a :class:`phpn.method.network.PrototypeNetwork` (refined
   prototypes, exact decomposition).
 - :class:`PrototypeExplainer` computes the maps of *any* set of directions on the
   backbone's features (NMF prototypes before refinement, baselines): they need not sum to
@@ -15,8 +15,8 @@ from typing import Sequence
 
 import torch
 
-from ..errors import ConfigError
-from ..network import prototype_maps
+from phpn.errors import ConfigError
+from phpn.method.network import prototype_maps
 
 
 class NetworkExplainer:
@@ -55,21 +55,3 @@ class PrototypeExplainer:
         return maps, maps.mean(dim=(2, 3)), logit
 
 
-def random_prototypes(weight: torch.Tensor, class_indices: Sequence[int], k: int, seed: int = 0) -> torch.Tensor:
-    """A baseline: k random directions per class that sum exactly to its head row.
-
-    p_i = v/k + (g_i - mean_j g_j), g_i Gaussian scaled to |v|: each direction is as long
-    as the row itself and random; their sum is v.
-    """
-    g = torch.Generator().manual_seed(int(seed))
-    rows = weight.detach().double()[torch.as_tensor(list(class_indices), dtype=torch.long)]  # (Cd, D)
-    noise = torch.randn(rows.shape[0], k, rows.shape[1], generator=g, dtype=torch.float64)
-    noise = noise / noise.norm(dim=-1, keepdim=True) * rows.norm(dim=-1)[:, None, None]
-    protos = rows[:, None, :] / k + noise - noise.mean(dim=1, keepdim=True)
-    return protos.float()
-
-
-def equal_split_prototypes(weight: torch.Tensor, class_indices: Sequence[int], k: int) -> torch.Tensor:
-    """A baseline: every prototype is v/k, so every map is the class activation map / k."""
-    rows = weight.detach().float()[torch.as_tensor(list(class_indices), dtype=torch.long)]
-    return (rows[:, None, :] / k).repeat(1, k, 1)

@@ -11,10 +11,10 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..errors import DataError
-from ..progress import ProgressFn, report
-from . import metrics as M
-from .parts import PartDataset
+from phpn.errors import DataError
+from phpn.evaluate import metrics as M
+from phpn.evaluate.parts import PartDataset
+from phpn.progress import ProgressFn, report
 
 NOISE_VARIANTS = {"unclipped": None, "clipped": M.CLIP}
 

@@ -10,7 +10,7 @@
     root/images/...               the image files
 
 As in the evaluation protocol of Huang et al., each image is cropped to its bounding box
-(keypoints shifted with it); then it goes through the model's :class:`phpn.data.Preprocess`
+(keypoints shifted with it); then it goes through the model's :class:`phpn.images.data.Preprocess`
 (resize the shorter side, centre crop), and the keypoints are mapped through the same
 geometry. Keypoints that land outside the final crop cannot be seen by the model and are
 marked not visible. Coordinates are ``(x, y)`` in pixels, pixel ``(row r, column c)``
@@ -27,8 +27,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..data import ClassImages, ImageFolderData, Preprocess, load_image
-from ..errors import ConfigError, DataError
+from phpn.errors import ConfigError, DataError
+from phpn.images.data import ClassImages, ImageFolderData, Preprocess, load_image
 
 REQUIRED = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "bounding_boxes.txt",
             "parts/parts.txt", "parts/part_locs.txt")

@@ -19,14 +19,17 @@ weights ship in ``assets/parts-benchmark/``.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
+from safetensors.torch import load_file
 from torch import nn
 
-from ..data import Preprocess
-from ..errors import CheckpointError
-from ..resources import assets_dir
+from phpn.errors import CheckpointError
+from phpn.images.data import Preprocess
+from phpn.models import HeadSplit, LoadedModel
+from phpn.resources import assets_dir
 
 ASSET_DIR = assets_dir() / "parts-benchmark"
 WEIGHTS_FILE = "parts_cnn.safetensors"
@@ -70,8 +73,6 @@ class PartsCNN(nn.Module):
 
 def load_parts_cnn(asset_dir=None) -> PartsCNN:
     """The trained benchmark CNN in eval mode on CPU."""
-    from safetensors.torch import load_file
-
     asset_dir = Path(asset_dir) if asset_dir is not None else ASSET_DIR
     path = asset_dir / WEIGHTS_FILE
     if not path.is_file():
@@ -87,8 +88,6 @@ def load_parts_cnn(asset_dir=None) -> PartsCNN:
 
 def parts_cnn_split(model: PartsCNN):
     """The backbone/head contract for :class:`PartsCNN` (exact: ReLU -> mean -> linear)."""
-    from ..models import HeadSplit
-
     return HeadSplit(
         backbone=model.features,
         weight=model.fc.weight.detach().clone(),
@@ -101,10 +100,6 @@ def parts_cnn_split(model: PartsCNN):
 
 def load_parts_benchmark(asset_dir=None):
     """(LoadedModel, HeadSplit) of the trained benchmark CNN, ready for discovery."""
-    import hashlib
-
-    from ..models import LoadedModel
-
     asset_dir = Path(asset_dir) if asset_dir is not None else ASSET_DIR
     model = load_parts_cnn(asset_dir)
     meta = json.loads((asset_dir / METRICS_FILE).read_text()) if (asset_dir / METRICS_FILE).is_file() else {}

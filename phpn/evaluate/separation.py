@@ -20,8 +20,8 @@ from typing import Sequence
 
 import torch
 
-from ..part_metrics import RANDOM_SEEDS, _pair_mean, maps_of, overlap_iou
-from .explainers import equal_split_prototypes, random_prototypes
+from phpn.method.baselines import equal_split_prototypes, random_prototypes
+from phpn.method.part_metrics import RANDOM_SEEDS, _pair_mean, maps_of, overlap_iou
 
 HIGHER_IS_BETTER = {"peak_purity": True, "overlap_iou": False}
 

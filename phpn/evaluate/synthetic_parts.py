@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from PIL import Image
 
-from ..errors import ConfigError
+from phpn.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -285,8 +286,6 @@ def write_cub_layout(data: SyntheticParts, root, *, only: Optional[str] = None) 
     ``only``: "train" or "test" to write the images of one split (the annotation files
     still list only the written images). Bounding boxes are the whole image.
     """
-    from PIL import Image
-
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "parts").mkdir(exist_ok=True)

@@ -22,9 +22,13 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
-from ..errors import CheckpointError
+from phpn.errors import CheckpointError
+from phpn.models.archive import (
+    sniff_zip,  # what an uploaded or given zip holds: one home
+)
 
 # Keys under which training scripts commonly nest the weights, most specific first.
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "network")
@@ -119,8 +123,6 @@ def _looks_like_safetensors(head: bytes, size: int) -> bool:
 
 def _read_safetensors(path: Path) -> dict:
     try:
-        from safetensors.torch import load_file
-
         tensors = load_file(str(path), device="cpu")
     except Exception as exc:  # SafetensorError and friends: the file is damaged or not safetensors
         raise CheckpointError(f"{path.name} is not a readable safetensors file ({type(exc).__name__}: {exc}).",
@@ -136,8 +138,6 @@ def _torch_load(path: Path, trust_pickle: bool):
             warnings.simplefilter("ignore")  # pickle-protocol and deprecation chatter, not the user's problem
             return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except Exception as exc:
-        from ..uploads import _sniff_zip  # what an uploaded or given zip holds: one home
-
         text = str(exc)
         if not trust_pickle and "Weights only load failed" in text:
             raise CheckpointError(_unsafe_content_problem(path, text), TRUST_HINT) from None
@@ -147,7 +147,7 @@ def _torch_load(path: Path, trust_pickle: bool):
                 "Run phpn where that code is importable, or re-save the weights with "
                 "torch.save(model.state_dict(), path) and give the architecture with --arch or --model-def.",
             ) from None
-        if zipfile.is_zipfile(path) and _sniff_zip(path) == "model-folder-zip":
+        if zipfile.is_zipfile(path) and sniff_zip(path) == "model-folder-zip":
             raise CheckpointError(f"{path.name} is not a checkpoint: it is a zipped Hugging Face model folder.",
                                   "Unzip it and give the folder (--checkpoint FOLDER), or upload the zip on the "
                                   "app's Model page.") from None

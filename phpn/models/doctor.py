@@ -18,10 +18,10 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ..errors import NotDecomposableError, PhpnError
-from ..validation import MAX_INPUT_SIDE
-from .head import SIGNED_FEATURES_NMF, HeadSplit, LoadedModel
-from .split import split_head
+from phpn.errors import NotDecomposableError, PhpnError
+from phpn.head import SIGNED_FEATURES_NMF, HeadSplit, LoadedModel
+from phpn.models.split import split_head
+from phpn.validation import MAX_INPUT_SIDE
 
 VERDICTS = ("exact", "exact-after-folding", "impossible")
 # The doctor's trial forward (tracing, verification) must finish within this many seconds: a

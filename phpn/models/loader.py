@@ -17,13 +17,17 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..data import Preprocess
-from ..errors import CheckpointError, ConfigError
-from . import hf, lite0, zoo
-from .checkpoint import read_checkpoint
-from .doctor import TRIAL_TIME_LIMIT_S, TimeLimitExceeded, call_with_time_limit
-from .head import LoadedModel
-from .user_code import build_user_model, load_into
+from phpn.errors import CheckpointError, ConfigError
+from phpn.head import LoadedModel
+from phpn.images.data import Preprocess
+from phpn.models import hf, lite0, zoo
+from phpn.models.checkpoint import read_checkpoint
+from phpn.models.doctor import (
+    TRIAL_TIME_LIMIT_S,
+    TimeLimitExceeded,
+    call_with_time_limit,
+)
+from phpn.models.user_code import build_user_model, load_into
 
 
 def _is_lite0(arch: Optional[str]) -> bool:

@@ -20,6 +20,7 @@ asked for.
 """
 from __future__ import annotations
 
+import difflib
 import functools
 import hashlib
 import json
@@ -33,9 +34,14 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..data import INTERPOLATIONS, Preprocess
-from ..errors import CheckpointError, ConfigError
-from .zoo import _SENTINEL_CLASSES, _ignored, sentinel_shapes
+from phpn.errors import CheckpointError, ConfigError
+from phpn.images.data import INTERPOLATIONS, Preprocess
+from phpn.models.signatures import (
+    SENTINEL_CLASSES,
+    diff_shapes,
+    ignored_key,
+    sentinel_shapes,
+)
 
 PREFIX = "timm/"
 INSTALL_HINT = "Install timm (pip install 'phpn[timm]', or pip install timm) and try again."
@@ -69,7 +75,7 @@ def is_timm_arch(arch: Optional[str]) -> bool:
 
 def available() -> bool:
     try:
-        import timm  # noqa: F401
+        import timm  # noqa: F401, PLC0415 - optional dependency
     except ImportError:
         return False
     return True
@@ -77,7 +83,7 @@ def available() -> bool:
 
 def require_timm():
     try:
-        import timm
+        import timm  # noqa: PLC0415 - optional dependency
     except ImportError:
         raise ConfigError("This is a timm model, but timm is not installed.", INSTALL_HINT) from None
     return timm
@@ -88,8 +94,6 @@ def model_name(arch: str) -> str:
     timm = require_timm()
     name = arch.strip()[len(PREFIX):] if is_timm_arch(arch) else arch.strip()
     if not timm.is_model(name.split(".", 1)[0]):
-        import difflib
-
         close = difflib.get_close_matches(name, timm.list_models(), n=3)
         hint = f"Did you mean {', '.join(PREFIX + c for c in close)}?" if close else \
             "See timm.list_models() for the names."
@@ -138,7 +142,7 @@ def _classifier_name(model: nn.Module) -> str:
 
 
 def signature_of(model: nn.Module) -> Signature:
-    """Keys and shapes of a model built with ``_SENTINEL_CLASSES`` classes."""
+    """Keys and shapes of a model built with ``SENTINEL_CLASSES`` classes."""
     shapes = sentinel_shapes(model)
     classifier = _classifier_name(model)
     preferred = f"{classifier}.weight" if classifier else ""
@@ -151,7 +155,7 @@ def signature_of(model: nn.Module) -> Signature:
 
 @functools.lru_cache(maxsize=64)
 def _signature(name: str, kwargs_json: str) -> Signature:
-    return signature_of(build(name, _SENTINEL_CLASSES, json.loads(kwargs_json), empty=True))
+    return signature_of(build(name, SENTINEL_CLASSES, json.loads(kwargs_json), empty=True))
 
 
 def signature(name: str, kwargs: Optional[dict] = None) -> Signature:
@@ -172,7 +176,7 @@ def state_dict_fingerprint(state_dict: Mapping, head_weight: str, other_class_ke
     layer = head_weight.rsplit(".", 1)[0] + "."
     shapes = {}
     for key, tensor in state_dict.items():
-        if _ignored(key):
+        if ignored_key(key):
             continue
         shape = tuple(tensor.shape)
         is_class_rows = key.startswith(layer) or key in other_class_keys
@@ -187,8 +191,7 @@ def class_keys_outside_head(sig: Signature) -> list:
 
 
 def compare(state_dict: Mapping, sig: Signature):
-    """A ``zoo._Diff`` between the checkpoint and a signature (the class count is free)."""
-    from .zoo import diff_shapes
+    """A ``signatures.ShapeDiff`` between the checkpoint and a signature (the class count is free)."""
 
     return diff_shapes(state_dict, sig.shapes)
 
@@ -298,7 +301,7 @@ def preprocess_from_config(cfg: Mapping, source: str) -> tuple:
 def preprocess_of(model: nn.Module, name: str) -> tuple:
     """``(Preprocess, notes)`` from the model's ``pretrained_cfg``, as timm's
     ``resolve_data_config({}, model=model)`` + ``create_transform`` would preprocess."""
-    from timm.data import resolve_data_config
+    from timm.data import resolve_data_config  # noqa: PLC0415 - optional dependency
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -369,7 +372,7 @@ def index_entries(module: str, head_weights: set, other_class_keys: set, progres
     for name in timm.list_models(module=module):
         for kwargs in VARIANTS.get(module, ({},)):
             try:
-                sig = signature_of(build(name, _SENTINEL_CLASSES, kwargs, empty=True))
+                sig = signature_of(build(name, SENTINEL_CLASSES, kwargs, empty=True))
             except Exception:
                 continue
             if not sig.head_weight:

@@ -6,7 +6,7 @@ dict into it. Importing a file runs its code: phpn does this *only* for a file t
 names explicitly with ``--model-def`` (or the model-file field in the app). That explicit
 argument is the opt-in; phpn never imports code found next to a checkpoint by itself. In
 the app, a visitor's file is accepted only where the operator allows visitors' code, and it
-is tried first in a separate process with a time limit (:mod:`phpn.serving.isolation`).
+is tried first in a separate process with a time limit (:mod:`phpn.app.serving.isolation`).
 
 If the factory takes a ``num_classes`` argument it receives ``--num-classes`` when given,
 otherwise the row count of the checkpoint's classifier (found by its usual names).
@@ -22,8 +22,9 @@ from typing import Mapping, Optional
 
 from torch import nn
 
-from ..errors import CheckpointError, ConfigError
-from .checkpoint import strip_common_prefix
+from phpn.errors import CheckpointError, ConfigError
+from phpn.models.checkpoint import strip_common_prefix
+from phpn.models.zoo import guess_num_classes
 
 
 def parse_model_def(spec: str) -> tuple[Path, str]:
@@ -83,8 +84,6 @@ def build_user_model(spec: str, *, num_classes: Optional[int] = None, state_dict
     except (TypeError, ValueError):
         params = {}
     if "num_classes" in params:
-        from .zoo import guess_num_classes
-
         wanted = num_classes if num_classes is not None else (guess_num_classes(state_dict) if state_dict else None)
         if wanted is not None:
             kwargs["num_classes"] = int(wanted)

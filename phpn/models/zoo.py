@@ -23,10 +23,17 @@ import torchvision
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..data import INTERPOLATIONS, Preprocess
-from ..errors import CheckpointError
-from .checkpoint import strip_common_prefix, strip_wrapper_prefixes
-from .head import LoadedModel
+from phpn.errors import CheckpointError
+from phpn.head import LoadedModel
+from phpn.images.data import INTERPOLATIONS, Preprocess
+from phpn.models import timm_models
+from phpn.models.checkpoint import strip_common_prefix, strip_wrapper_prefixes
+from phpn.models.signatures import (
+    SENTINEL_CLASSES,
+    ShapeDiff,
+    diff_shapes,
+    sentinel_shapes,
+)
 
 # family -> (architecture names, keys every member's state dict has). The markers only
 # narrow the search; the exact comparison decides.
@@ -44,7 +51,6 @@ FAMILIES = {
     "mobilenet_v3": (r"mobilenet_v3_(small|large)", {"features.0.0.weight", "classifier.3.weight"}),
 }
 REFUSED_FAMILIES = {"vgg", "vit", "mobilenet_v3"}
-_SENTINEL_CLASSES = 9973  # a row count no real head has, to tell head tensors apart
 
 
 def torchvision_classifiers() -> list:
@@ -114,70 +120,15 @@ class _Signature:
     head_weight: str
 
 
-def _ignored(key: str) -> bool:
-    # Old checkpoints lack BatchNorm's counter; torch fills it in when loading.
-    return key.endswith("num_batches_tracked")
-
-
-def sentinel_shapes(model: nn.Module) -> dict:
-    """Key -> shape of a model built with ``_SENTINEL_CLASSES`` classes, the head's tensors with
-    -1 as their first dimension (the same for torchvision's and timm's models)."""
-    shapes = {}
-    for key, tensor in model.state_dict().items():
-        if not _ignored(key):
-            shape = tuple(tensor.shape)
-            shapes[key] = (-1,) + shape[1:] if shape and shape[0] == _SENTINEL_CLASSES else shape
-    return shapes
-
-
 @functools.lru_cache(maxsize=None)
 def _signature(arch: str) -> _Signature:
-    shapes = sentinel_shapes(build_model(arch, _SENTINEL_CLASSES, empty=True))
+    shapes = sentinel_shapes(build_model(arch, SENTINEL_CLASSES, empty=True))
     head_weight = next((k for k, s in shapes.items() if s[:1] == (-1,) and len(s) >= 2), "")
     return _Signature(shapes, head_weight)
 
 
-@dataclass
-class _Diff:
-    missing: list
-    unexpected: list
-    wrong_shape: list  # (key, checkpoint shape, expected shape)
-
-    @property
-    def size(self) -> int:
-        return len(self.missing) + len(self.unexpected) + len(self.wrong_shape)
-
-    def describe(self, limit: int = 4) -> str:
-        parts = []
-        if self.missing:
-            parts.append(f"{len(self.missing)} missing (e.g. {', '.join(self.missing[:limit])})")
-        if self.unexpected:
-            parts.append(f"{len(self.unexpected)} unexpected (e.g. {', '.join(self.unexpected[:limit])})")
-        if self.wrong_shape:
-            shown = "; ".join(f"{k} is {tuple(a)} but should be {tuple(b)}" for k, a, b in self.wrong_shape[:limit])
-            parts.append(f"{len(self.wrong_shape)} with the wrong shape ({shown})")
-        return ", ".join(parts)
-
-
-def _compare(state_dict: Mapping, arch: str) -> _Diff:
+def _compare(state_dict: Mapping, arch: str) -> ShapeDiff:
     return diff_shapes(state_dict, _signature(arch).shapes)
-
-
-def diff_shapes(state_dict: Mapping, shapes: Mapping) -> _Diff:
-    """Keys missing, unexpected or of the wrong shape; a -1 first dimension (the class count) is free."""
-    have = {k: tuple(v.shape) for k, v in state_dict.items() if not _ignored(k)}
-    missing = [k for k in shapes if k not in have]
-    unexpected = [k for k in have if k not in shapes]
-    wrong = []
-    for key, expected in shapes.items():
-        got = have.get(key)
-        if got is None:
-            continue
-        free = expected[:1] == (-1,)
-        differs = any(e != g for e, g in zip(expected, got) if not (free and e == -1))
-        if len(got) != len(expected) or differs:
-            wrong.append((key, got, expected))
-    return _Diff(missing, unexpected, wrong)
 
 
 def _candidates(keys: set) -> list:
@@ -291,7 +242,6 @@ def load_architecture(state_dict: Mapping, arch: Optional[str] = None, num_class
 
     Inference tries torchvision's architectures first, then timm's (when timm is installed).
     """
-    from . import timm_models
 
     if timm_models.is_timm_arch(arch):
         return _load_timm(normalise_state_dict(state_dict), arch, num_classes, sha256, source, [])
@@ -315,7 +265,6 @@ def load_architecture(state_dict: Mapping, arch: Optional[str] = None, num_class
 
 
 def _load_timm(sd: dict, arch: str, num_classes, sha256: str, source: str, notes: list) -> LoadedModel:
-    from . import timm_models
 
     last = None
     for view, _prefix in _views(sd):

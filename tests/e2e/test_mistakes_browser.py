@@ -4,7 +4,6 @@ favicon or font from a CDN). Same server and skips as ``test_browser.py``."""
 from __future__ import annotations
 
 import pytest
-
 from test_browser import CHROMIUM, CHROMIUM_ARGS, _idle, _main, _nav, _shot, server, sync_api  # noqa: F401
 
 

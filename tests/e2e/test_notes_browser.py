@@ -4,7 +4,6 @@ class and the note again; the note reaches the class report. Same server and ski
 from __future__ import annotations
 
 import pytest
-
 from test_browser import CHROMIUM, CHROMIUM_ARGS, _choose, _idle, _main, _nav, _shot, server, sync_api  # noqa: F401
 
 

@@ -6,7 +6,6 @@ click applies for the session (and one undoes)."""
 from __future__ import annotations
 
 import pytest
-
 from test_browser import CHROMIUM, CHROMIUM_ARGS, ROOT, _idle, _main, _nav, _shot, serve_app, sync_api
 
 

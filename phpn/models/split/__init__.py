@@ -35,11 +35,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..head import HeadSplit
-from .hooks import HookedBackbone, _plan_from_hooks
-from .plan import EXACTNESS_NEEDS, TOL_FLOAT32, TOL_FLOAT64, _example
-from .trace import _plan_from_trace
-from .verify import _finish
+from phpn.head import HeadSplit
+from phpn.models.split.hooks import HookedBackbone, _plan_from_hooks
+from phpn.models.split.plan import EXACTNESS_NEEDS, TOL_FLOAT32, TOL_FLOAT64, _example
+from phpn.models.split.trace import _plan_from_trace
+from phpn.models.split.verify import _finish
 
 # Public names.
 __all__ = ["EXACTNESS_NEEDS", "HookedBackbone", "TOL_FLOAT32", "TOL_FLOAT64", "split_head"]

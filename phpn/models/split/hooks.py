@@ -10,9 +10,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ...errors import ConfigError, NotDecomposableError
-from .plan import _Affine, _Plan, _linear_params, _to_channels_first
-from .verify import _check
+from phpn.errors import ConfigError, NotDecomposableError
+from phpn.models.split.plan import _Affine, _linear_params, _Plan, _to_channels_first
+from phpn.models.split.verify import _check
 
 
 class _Stop(Exception):

@@ -10,9 +10,8 @@ from typing import Callable, Optional
 import torch
 from torch import fx, nn
 
-from ...errors import ConfigError, NotDecomposableError
-from ..head import PostPoolNorm
-
+from phpn.errors import ConfigError, NotDecomposableError
+from phpn.head import PostPoolNorm
 
 TOL_FLOAT64 = 1e-8
 

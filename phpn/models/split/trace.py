@@ -2,15 +2,14 @@
 must be read (traced into on a later pass); when tracing fails, forward hooks take over."""
 from __future__ import annotations
 
-
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ...errors import NotDecomposableError
-from .plan import _MAX_EXPANSIONS, _Plan, _refusal
-from .hooks import _plan_from_hooks
-from .walk import _Walk
+from phpn.errors import NotDecomposableError
+from phpn.models.split.hooks import _plan_from_hooks
+from phpn.models.split.plan import _MAX_EXPANSIONS, _Plan, _refusal
+from phpn.models.split.walk import _Walk
 
 
 class _Tracer(fx.Tracer):

@@ -9,9 +9,16 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ...errors import NotDecomposableError
-from ..head import HeadSplit
-from .plan import EXACTNESS_NEEDS, TOL_FLOAT32, TOL_FLOAT64, _Plan, _dtype, _effective_head
+from phpn.errors import NotDecomposableError
+from phpn.head import HeadSplit
+from phpn.models.split.plan import (
+    EXACTNESS_NEEDS,
+    TOL_FLOAT32,
+    TOL_FLOAT64,
+    _dtype,
+    _effective_head,
+    _Plan,
+)
 
 
 def _realise(root: nn.Module, plan: _Plan, dtype: torch.dtype) -> HeadSplit:

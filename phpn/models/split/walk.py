@@ -12,8 +12,19 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .plan import (_MAX_WALK, _Affine, _LayerNorm, _Plan, _batchnorm_params, _conv1x1_params, _cut_graph, _cut_tail,
-                   _layernorm_params, _linear_params, _shape)
+from phpn.models.split.plan import (
+    _MAX_WALK,
+    _Affine,
+    _batchnorm_params,
+    _conv1x1_params,
+    _cut_graph,
+    _cut_tail,
+    _LayerNorm,
+    _layernorm_params,
+    _linear_params,
+    _Plan,
+    _shape,
+)
 
 
 @dataclass

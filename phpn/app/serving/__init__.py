@@ -1,0 +1,49 @@
+"""Serving the app to many visitors at once, safely.
+
+- :mod:`.settings`: the operator's settings (environment variables or ``.streamlit/phpn.toml``).
+- :mod:`.isolation`: the switch for visitors' code (off by default) and the separate process
+  with a time limit in which such code is tried first.
+- :mod:`.workspace`: a private workspace per visitor (uploads, saved runs), quotas, and the
+  sweep that deletes idle workspaces.
+- :mod:`.paths`: which server paths a visitor may name, which runs they may list and open,
+  where they may save, and messages with server paths redacted.
+
+None of this imports Streamlit; the app's pages call it.
+"""
+from phpn.app.serving.isolation import (
+                        CODE_OFF_MESSAGE,
+                        ENABLE_HINT,
+                        code_allowed,
+                        require_code_allowed,
+                        try_in_child_process,
+)
+from phpn.app.serving.paths import (
+                        may_read,
+                        read_only_reason,
+                        readable_runs,
+                        redact_paths,
+                        run_save_target,
+                        visitor_path,
+)
+from phpn.app.serving.settings import (
+                        SETTINGS,
+                        ServerSettings,
+                        load_settings,
+                        settings_table,
+)
+from phpn.app.serving.workspace import (
+                        Workspace,
+                        folder_size,
+                        human_size,
+                        is_within,
+                        removed_on_error,
+                        sweep_idle,
+                        workspace_root,
+)
+
+__all__ = [
+    "CODE_OFF_MESSAGE", "ENABLE_HINT", "SETTINGS", "ServerSettings", "Workspace", "code_allowed", "folder_size",
+    "human_size", "is_within", "load_settings", "may_read", "read_only_reason", "readable_runs", "redact_paths",
+    "removed_on_error", "require_code_allowed", "run_save_target", "settings_table", "sweep_idle", "try_in_child_process",
+    "visitor_path", "workspace_root",
+]

@@ -1,0 +1,63 @@
+"""One table of defaults and option lists, read by the CLI, the app and the Python API.
+
+Change a default here and every front door changes with it; the method's modules (nmf,
+refine) take their option lists from here. It sits on the ground floor and imports nothing
+heavy, so the command line can build its options without loading torch.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+# --- discovery -----------------------------------------------------------------------------
+K = 3  # part-prototypes per class
+K_MIN, K_MAX = 1, 20  # the range of k
+AUTO_K_MAX = 8  # with --k auto, each class's k is chosen in 2..this (the elbow of NMF's error)
+IMAGES_PER_CLASS: Optional[int] = None  # None: every image of each class (a cap samples deterministically)
+SOLVER = "lbfgs"  # refinement of the residual split
+LBFGS_ITER = 2000  # L-BFGS iterations per class at most (a class stops when solved)
+OBJECTIVE = "prototype"  # keep each final prototype's map like its NMF part
+SCALING = "lstsq"  # α by least squares (may be negative); nnls keeps α >= 0
+CONTRIBUTION = "part"  # each prototype's mean contribution held at its NMF part's share (no cancelling)
+NMF_DATA = "clamped"  # signed features: NMF on max(F, 0); "signed": semi-NMF on F (E >= 0, P signed)
+HOLDOUT = 0.0  # fraction of each class's images kept out of discovery to measure held-out fidelity
+NMF_SOLVER = "hals"  # batched, on the GPU when there is one
+SEED = 0
+TOP_PATCHES = 6  # training patches kept per prototype
+BATCH_SIZE = 64
+DEVICE = "auto"  # the GPU when there is one, else the CPU
+DECODE = "auto"  # JPEGs decoded in batches on the GPU when the model runs there, else by Pillow (DECODES)
+
+SOLVERS = ("lbfgs", "nelder-mead", "none")  # refinement
+OBJECTIVES = ("prototype", "residual")
+SCALINGS = ("lstsq", "nnls")
+CONTRIBUTIONS = ("part", "free")
+NORMS = ("minmax", "zscore")  # how refinement compares maps
+NMF_SOLVERS = ("hals", "sklearn")
+# What is factorised when features can be negative: "clamped" runs NMF on max(F, 0);
+# "signed" runs semi-NMF on F itself (E ≥ 0, P signed; Ding, Li & Jordan, 2010).
+NMF_DATA_CHOICES = ("clamped", "signed")
+DEVICES = ("auto", "cpu", "cuda")
+DECODES = ("auto", "cpu", "gpu")  # where JPEGs are decoded
+
+# --- explaining ----------------------------------------------------------------------------
+TOP_CLASSES = 5  # classes listed beside an explanation
+MAP_OPACITY = 0.6
+
+DISCOVERY = {
+    "k": K, "images_per_class": IMAGES_PER_CLASS, "solver": SOLVER, "objective": OBJECTIVE, "scaling": SCALING,
+    "nmf_solver": NMF_SOLVER, "seed": SEED, "top_patches": TOP_PATCHES, "batch_size": BATCH_SIZE, "device": DEVICE,
+}
+
+
+# --- class names ---------------------------------------------------------------------------
+
+def class_names_or_indices(names: Optional[Sequence[str]], count: int) -> list:
+    """The model's class names, or "0", "1", ... when it has none (the one fallback)."""
+    names = list(names) if names else []
+    return [str(n) for n in names[:count]] + [str(i) for i in range(len(names), count)]
+
+
+def class_name(names: Optional[Sequence[str]], index: int) -> str:
+    """Class ``index``'s name, or its index as text when it has none."""
+    index = int(index)
+    return str(names[index]) if names is not None and 0 <= index < len(names) else str(index)

@@ -1,0 +1,337 @@
+"""The expert's own notes on prototypes, and what switching prototypes off would do.
+
+Notes: each prototype of a run can get a name ("beak"), a description and flags
+("background", "spurious", or the expert's own words). They are kept in
+``annotations.json`` beside the run's ``run.json``, written atomically and never inside
+``run.json`` or the tensors, so annotating never changes the run or its checksum. The file
+records the checksum of the run's tensors it describes and is refused for another run.
+
+Switching off: :func:`switch_off` predicts labelled images with some prototypes removed
+from their class's score (the head row loses those prototypes) and reports the changed
+predictions and the accuracy before and after. That edited model is *not* the original one;
+everything it returns says so.
+"""
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from phpn.atomic import write_atomic
+from phpn.config import class_name
+from phpn.errors import ConfigError, RunError
+from phpn.glossary import fidelity_warning
+from phpn.images.data import load_batch
+from phpn.progress import report
+from phpn.runs.store import ANNOTATIONS, META
+
+FORMAT_VERSION = 1
+SUGGESTED_FLAGS = ("background", "spurious", "texture", "colour", "looks right")
+MAX_NAME = 80
+MAX_DESCRIPTION = 2000
+MAX_FLAG = 40
+MAX_FLAGS = 12
+EDITED_MODEL = ("Edited model: prototypes switched off. It no longer equals the original model; these numbers only "
+                "show what those prototypes do.")
+
+
+@dataclass
+class PrototypeNote:
+    name: str = ""
+    description: str = ""
+    flags: tuple = ()
+
+    @property
+    def empty(self) -> bool:
+        return not (self.name or self.description or self.flags)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "description": self.description, "flags": list(self.flags)}
+
+
+def _clean_text(value, what: str, limit: int) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ConfigError(f"The prototype's {what} must be text, not {type(value).__name__}.", f"Give the {what} as text.")
+    text = " ".join(value.split()) if what != "description" else value.strip()
+    if len(text) > limit:
+        raise ConfigError(f"The prototype's {what} is {len(text)} characters long; at most {limit} are kept.",
+                          f"Shorten the {what}.")
+    return text
+
+
+def _clean_flags(flags) -> tuple:
+    if flags is None:
+        return ()
+    if isinstance(flags, str) or not isinstance(flags, (list, tuple)):
+        raise ConfigError("Flags must be a list of words.", "Give the flags as a list, e.g. ['background'].")
+    out = []
+    for flag in flags:
+        text = _clean_text(flag, "flag", MAX_FLAG).lower()
+        if text and text not in out:
+            out.append(text)
+    if len(out) > MAX_FLAGS:
+        raise ConfigError(f"A prototype can carry at most {MAX_FLAGS} flags, not {len(out)}.", "Remove some flags.")
+    return tuple(out)
+
+
+def run_tensors_sha256(run) -> Optional[str]:
+    """The checksum of the run's tensors as recorded in its run.json (format 1: of its tensors file;
+    format 2: one over the checksums of its head and shard files), or None: not saved yet."""
+    return run.meta.get("tensors_sha256")
+
+
+def plain_label(prototype: int) -> str:
+    """A prototype without a name: "prototype 2" (counted from 1)."""
+    return f"prototype {int(prototype) + 1}"
+
+
+def prototype_label(notes: Optional["Annotations"], class_index: int, prototype: int) -> str:
+    """One prototype as named everywhere: with the expert's name where there are notes
+    (:meth:`Annotations.label`), else "prototype N"."""
+    return notes.label(class_index, prototype) if notes is not None else plain_label(prototype)
+
+
+def label_heading(label: str) -> str:
+    """A prototype's label as a heading in a page's markdown: first letter capitalised (the
+    expert's own name kept as written) and escaped, so a name is shown as text, never as HTML."""
+    return html.escape(label[:1].upper() + label[1:])
+
+
+def prototype_labels(notes: Optional["Annotations"], class_index: int, k: int) -> list:
+    """The ``k`` prototypes of a class, each named as :func:`prototype_label` does."""
+    return [prototype_label(notes, class_index, i) for i in range(k)]
+
+
+@dataclass
+class Annotations:
+    """Notes keyed by (class index, prototype index) for one run with ``k`` prototypes per class."""
+
+    class_indices: tuple
+    k: int
+    notes: dict = field(default_factory=dict)
+    run_sha256: Optional[str] = None  # the tensors checksum of the run they describe
+
+    @classmethod
+    def for_run(cls, run) -> "Annotations":
+        return cls(class_indices=tuple(int(c) for c in run.class_indices.tolist()), k=run.k,
+                   run_sha256=run_tensors_sha256(run))
+
+    def _check(self, class_index: int, prototype: int) -> tuple:
+        class_index, prototype = int(class_index), int(prototype)
+        if class_index not in self.class_indices:
+            raise ConfigError(f"Class {class_index} has no prototypes in this run.", "Pick one of the run's classes.")
+        if not 0 <= prototype < self.k:
+            raise ConfigError(f"Prototype {prototype + 1} does not exist: classes in this run have {self.k}.",
+                              f"Pick a prototype between 1 and {self.k}.")
+        return class_index, prototype
+
+    def get(self, class_index: int, prototype: int) -> PrototypeNote:
+        return self.notes.get(self._check(class_index, prototype), PrototypeNote())
+
+    def set(self, class_index: int, prototype: int, *, name: Optional[str] = None,
+            description: Optional[str] = None, flags: Optional[Sequence[str]] = None) -> PrototypeNote:
+        """Change a prototype's note (fields left None are kept); returns the new note."""
+        key = self._check(class_index, prototype)
+        old = self.notes.get(key, PrototypeNote())
+        note = PrototypeNote(
+            name=old.name if name is None else _clean_text(name, "name", MAX_NAME),
+            description=old.description if description is None else _clean_text(description, "description",
+                                                                                 MAX_DESCRIPTION),
+            flags=old.flags if flags is None else _clean_flags(flags))
+        if note.empty:
+            self.notes.pop(key, None)
+        else:
+            self.notes[key] = note
+        return note
+
+    def label(self, class_index: int, prototype: int) -> str:
+        """"prototype 2" or "prototype 2 “beak”": how the prototype is named everywhere."""
+        note = self.get(class_index, prototype)
+        return plain_label(prototype) + (f" “{note.name}”" if note.name else "")
+
+    def flagged(self, flag: Optional[str] = None) -> list:
+        """(class index, prototype) of the prototypes carrying ``flag`` (any flag when None)."""
+        return sorted(key for key, note in self.notes.items() if note.flags and (flag is None or flag in note.flags))
+
+    def to_dict(self) -> dict:
+        return {"format_version": FORMAT_VERSION, "run_tensors_sha256": self.run_sha256, "k": self.k,
+                "prototypes": [{"class_index": c, "prototype": i, **note.to_dict()}
+                               for (c, i), note in sorted(self.notes.items())]}
+
+    @classmethod
+    def from_dict(cls, data, run) -> "Annotations":
+        """Notes read from ``annotations.json`` for ``run``; refuses another run's or a damaged file."""
+        where = f"{ANNOTATIONS} of the run"
+        if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
+            raise RunError(f"The {where} is not a phpn notes file of format {FORMAT_VERSION}.",
+                           f"Remove or rename {ANNOTATIONS} to open the run without its notes.")
+        out = cls.for_run(run)
+        recorded = data.get("run_tensors_sha256")
+        if recorded and out.run_sha256 and recorded != out.run_sha256:
+            raise RunError(f"The {where} describes another run (tensors sha256 {str(recorded)[:12]}…, this run's is "
+                           f"{out.run_sha256[:12]}…).", f"Remove or rename {ANNOTATIONS} to open the run without them.")
+        entries = data.get("prototypes")
+        if not isinstance(entries, list):
+            raise RunError(f"The {where} has no list of prototypes.", f"Remove or rename {ANNOTATIONS}.")
+        for entry in entries:
+            try:
+                c, i = int(entry["class_index"]), int(entry["prototype"])
+                out.set(c, i, name=entry.get("name"), description=entry.get("description"), flags=entry.get("flags"))
+            except (ConfigError, KeyError, TypeError, ValueError) as exc:
+                raise RunError(f"The {where} has an entry this run cannot take ({exc}).",
+                               f"Fix or remove {ANNOTATIONS}.") from None
+        return out
+
+
+def annotations_path(run_dir) -> Path:
+    return Path(run_dir) / ANNOTATIONS
+
+
+def load_annotations(run, run_dir=None) -> Annotations:
+    """The notes saved beside the run (``run_dir``, by default where the run was loaded from);
+    empty notes when there are none."""
+    folder = run_dir if run_dir is not None else run.path
+    if folder is None or not annotations_path(folder).is_file():
+        return Annotations.for_run(run)
+    try:
+        data = json.loads(annotations_path(folder).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise RunError(f"The run's {ANNOTATIONS} cannot be read ({type(exc).__name__}).",
+                       f"Remove or rename {ANNOTATIONS} to open the run without its notes.") from None
+    return Annotations.from_dict(data, run)
+
+
+def save_annotations(annotations: Annotations, run_dir) -> Path:
+    """Write the notes beside a saved run, atomically (a complete file or the old one)."""
+    folder = Path(run_dir)
+    if not (folder / META).is_file():
+        raise RunError(f"{folder} is not a saved phpn run, so the notes have nowhere to go.",
+                       "Save the run first (Discover page, or --out on the command line).")
+    try:
+        recorded = json.loads((folder / META).read_text(encoding="utf-8")).get("tensors_sha256")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if annotations.run_sha256 is None:
+        annotations.run_sha256 = recorded  # notes made before the run was saved: now they name it
+    elif recorded is not None and recorded != annotations.run_sha256:
+        raise RunError(f"These notes describe another run than the one saved in {folder.name}.",
+                       "Open that run and write its notes there.")
+    return write_atomic(folder / ANNOTATIONS, json.dumps(annotations.to_dict(), indent=1, ensure_ascii=False))
+
+
+# --- switching prototypes off -----------------------------------------------------------------
+
+def _normalise_off(off, network) -> dict:
+    out = {}
+    for c, protos in dict(off or {}).items():
+        network.rows([int(c)])  # refuses a class without prototypes
+        picked = sorted({int(i) for i in protos})
+        if any(not 0 <= i < network.k for i in picked):
+            raise ConfigError(f"Class {c} has prototypes 1 to {network.k}; {[i + 1 for i in picked]} were asked for.",
+                              "Pick existing prototypes.")
+        if picked:
+            out[int(c)] = picked
+    return out
+
+
+def edited_logits(explanation, off: dict, network) -> torch.Tensor:
+    """The logits (B, C) with the prototypes in ``off`` ({class: [prototype, ...]}) removed
+    from their class's score. ``explanation`` must describe every class in ``off``."""
+    logits = explanation.logits.clone()
+    for c, protos in off.items():
+        col = explanation.classes.index(int(c))
+        logits[:, int(c)] -= explanation.contributions[:, col, protos].sum(-1)
+    return logits
+
+
+@dataclass
+class SwitchOffResult:
+    """Predictions of the original model and of the edited one on labelled images."""
+
+    switched_off: dict  # {class index: [prototype indices]}
+    images: int
+    original_accuracy: float
+    edited_accuracy: float
+    changed: list  # [{"path", "true", "original", "edited"}] images whose prediction changed
+    skipped: list = field(default_factory=list)
+    edited: bool = True  # always: the numbers are those of a model that is not the original
+
+    @property
+    def accuracy_change(self) -> float:
+        return self.edited_accuracy - self.original_accuracy
+
+    def summary(self, class_names: Optional[Sequence[str]] = None) -> str:
+        off = "; ".join(f"{class_name(class_names, c)}: " + ", ".join(f"prototype {i + 1}" for i in p)
+                        for c, p in self.switched_off.items()) or "nothing"
+        return (f"{EDITED_MODEL} Switched off: {off}. On {self.images} labelled images, accuracy "
+                f"{100 * self.original_accuracy:.1f}% → {100 * self.edited_accuracy:.1f}% "
+                f"({100 * self.accuracy_change:+.1f} points); {len(self.changed)} predictions changed.")
+
+    def to_dict(self) -> dict:
+        return {"edited_model": True, "note": EDITED_MODEL,
+                "switched_off": {str(c): list(p) for c, p in self.switched_off.items()}, "images": self.images,
+                "original_accuracy": self.original_accuracy, "edited_accuracy": self.edited_accuracy,
+                "changed": self.changed, "skipped": self.skipped}
+
+
+def switch_off(network, data, preprocess, off: dict, *, images_per_class: Optional[int] = None,
+               batch_size: int = 32, progress=None) -> SwitchOffResult:
+    """What the model would predict on ``data`` (labelled: an ImageFolderData) without the
+    prototypes in ``off`` ({class index: [prototype indices]}); the original predictions are
+    the decomposed network's, which equal the model's."""
+    off = _normalise_off(off, network)
+    items = [(c.class_index, p) for c in data.classes for p in (c.paths[:images_per_class] if images_per_class
+                                                                else c.paths)]
+    if not items:
+        raise ConfigError("There are no labelled images to compare on.", "Give an image folder with class folders.")
+    classes = sorted(off)  # the others keep the model's logits: their prototypes are not needed
+    truth, before, after, kept_paths, skipped = [], [], [], [], []
+    device = network.backbone_device
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        batch, kept, bad = load_batch(data.root, [p for _, p in chunk], preprocess)
+        skipped += list(bad)
+        if kept:
+            label = dict((p, c) for c, p in chunk)
+            with torch.inference_mode():
+                e = network.explain_features(network.backbone(batch.to(device)).float(), classes=classes,
+                                             with_maps=False)
+            before.append(e.logits.argmax(1).cpu())
+            after.append(edited_logits(e, off, network).argmax(1).cpu())
+            truth += [label[p] for p in kept]
+            kept_paths += list(kept)
+        report(progress, "switch-off", min(start + batch_size, len(items)), len(items))
+    if not kept_paths:
+        raise ConfigError("None of the labelled images could be read.", "Check the image folder.")
+    truth_t = torch.tensor(truth)
+    before_t, after_t = torch.cat(before), torch.cat(after)
+    changed = [{"path": p, "true": int(t), "original": int(b), "edited": int(a)}
+               for p, t, b, a in zip(kept_paths, truth, before_t.tolist(), after_t.tolist()) if a != b]
+    return SwitchOffResult(switched_off=off, images=len(kept_paths),
+                           original_accuracy=float((before_t == truth_t).double().mean()),
+                           edited_accuracy=float((after_t == truth_t).double().mean()), changed=changed,
+                           skipped=[list(s) if isinstance(s, tuple) else s for s in skipped])
+
+
+# --- in reports ---------------------------------------------------------------------------------
+
+def prototype_note_html(notes: Optional[Annotations], class_index: int, prototype: int,
+                        fidelity: Optional[float] = None) -> str:
+    """The expert's flags and description of a prototype, and the low-fidelity warning, as
+    escaped HTML for the reports ('' when there is nothing to say)."""
+    parts = []
+    warning = fidelity_warning(fidelity)
+    if warning:
+        parts.append(f'<p class="bad">{html.escape(warning)}</p>')
+    note = notes.get(class_index, prototype) if notes is not None else PrototypeNote()
+    if note.flags:
+        parts.append("<p>Flagged: " + ", ".join(f"<b>{html.escape(f)}</b>" for f in note.flags) + "</p>")
+    if note.description:
+        parts.append(f'<p class="note">{html.escape(note.description)}</p>')
+    return "".join(parts)

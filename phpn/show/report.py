@@ -1,0 +1,303 @@
+"""Self-contained HTML reports (one file, images embedded as base64 PNG, no scripts) and
+run archives.
+
+- :func:`class_report`: a class's prototypes: contribution, fidelity, α, top training
+  patches, maps on a few class images, shared parts.
+- :func:`explanation_report`: one image explained for one class: top predictions, each
+  prototype's map beside its training patches, the class map, bias → logit steps.
+- :func:`run_zip_bytes`: a saved run folder (or an unsaved run) as a zip, in memory.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import tempfile
+import zipfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+from PIL import Image
+
+from phpn.config import MAP_OPACITY, class_name
+from phpn.images.data import Preprocess
+from phpn.method.certify import chance_warning, format_certificate
+from phpn.runs.annotations import prototype_label, prototype_labels, prototype_note_html
+from phpn.runs.provenance import origin_words
+from phpn.runs.store import save_run
+from phpn.show import viz
+from phpn.show.pictures import (
+    seen_image,  # a folder or the Python API's in-memory images
+)
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1100px;color:#222}
+h1{font-size:1.6em;margin-bottom:0}h2{font-size:1.25em;border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:28px}
+h3{font-size:1.05em;margin:18px 0 6px}.meta{color:#666;font-size:.9em}
+table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ddd;padding:4px 8px;font-size:.9em;text-align:right}
+th{background:#f5f5f5}td.l,th.l{text-align:left}.proto{border:1px solid #e3e3e3;border-radius:6px;padding:10px 14px;margin:12px 0}
+.row{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start}.fig{text-align:center;font-size:.85em;color:#555}
+.fig img{display:block;image-rendering:pixelated;border:1px solid #ccc}.ok{color:#1a7f37;font-weight:600}
+.bad{color:#cf222e;font-weight:600}.sw{display:inline-block;width:14px;height:14px;border-radius:3px;vertical-align:middle;margin-right:6px}
+.note{background:#f6f8fa;border-left:3px solid #999;padding:6px 10px;font-size:.9em}
+"""
+
+
+def data_uri(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _img(image: Image.Image, caption: str = "", width: Optional[int] = None) -> str:
+    w = f' width="{int(width)}"' if width else ""
+    cap = f"<div>{html.escape(caption)}</div>" if caption else ""
+    return f'<div class="fig"><img src="{data_uri(image)}"{w} alt="{html.escape(caption)}">{cap}</div>'
+
+
+def _esc(x) -> str:
+    return html.escape(str(x))
+
+
+def _page(title: str, body: str) -> str:
+    made = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{_esc(title)}</title>"
+            f"<style>{_CSS}</style></head><body>{body}<p class=\"meta\">Made by phpn on {made}. Self-contained: "
+            "every image is embedded in this file.</p></body></html>")
+
+
+def _bars_svg(values: Sequence[float], labels: Sequence[str], colors: Sequence[str], width: int = 520,
+              row: int = 24) -> str:
+    """Horizontal bars (signed) as inline SVG."""
+    vals = [float(v) for v in values]
+    m = max([abs(v) for v in vals] + [1e-12])
+    label_w, pad = 150, 60
+    zero = label_w + (width - label_w - pad) / 2 if min(vals) < 0 else label_w
+    span = (width - label_w - pad) / (2 if min(vals) < 0 else 1)
+    h = row * len(vals) + 8
+    parts = [f'<svg width="{width}" height="{h}" font-size="12">']
+    for i, (v, lab, col) in enumerate(zip(vals, labels, colors)):
+        y = 4 + i * row
+        w = abs(v) / m * span
+        x = zero if v >= 0 else zero - w
+        parts.append(f'<text x="{label_w - 6}" y="{y + row * 0.65}" text-anchor="end">{_esc(lab)}</text>')
+        parts.append(f'<rect x="{x:.1f}" y="{y + 3}" width="{max(w, 1):.1f}" height="{row - 8}" fill="{col}"/>')
+        tx = x + w + 4 if v >= 0 else x - 4
+        anchor = "start" if v >= 0 else "end"
+        parts.append(f'<text x="{tx:.1f}" y="{y + row * 0.65}" text-anchor="{anchor}">{v:+.3f}</text>')
+    parts.append(f'<line x1="{zero}" y1="0" x2="{zero}" y2="{h}" stroke="#999"/></svg>')
+    return "".join(parts)
+
+
+def _load_seen(root, rel: str, preprocess) -> Optional[Image.Image]:
+
+    return seen_image(root, rel, preprocess)
+
+
+def _patch_tiles(entries: Sequence[dict], root, preprocess, color: str, size: int) -> list:
+    tiles = []
+    for e in entries:
+        seen = _load_seen(root, e["path"], preprocess)
+        if seen is not None:
+            tiles.append(viz.patch_pair(seen, e["box"], color, size))
+    return tiles
+
+
+def _certificate_html(cert: Optional[dict]) -> str:
+    if not cert:
+        return "<p>No certificate recorded in this run.</p>"
+    ok = cert.get("passed")
+    verdict, _, rest = format_certificate(cert).partition(": ")
+    out = f'<p><span class="{"ok" if ok else "bad"}">{verdict}</span>: {_esc(rest)}.</p>'
+    warning = chance_warning(cert)
+    if warning:
+        out += f'<p class="bad">Warning: {_esc(warning)}</p>'
+    return out
+
+
+def class_report(run, class_index: int, *, image_root=None, preprocess=None, network=None, map_images: int = 4,
+                 patch_size: int = 112, similar_top: int = 3, notes=None) -> str:
+    """HTML report of one class's prototypes (see module doc)."""
+    preprocess = preprocess or Preprocess.from_dict(run.meta["preprocess"])
+    meta = run.class_meta(class_index)
+    names = run.class_names
+    name = class_name(names, class_index)
+    k = run.class_k(class_index)
+    colors = [viz.prototype_color(i) for i in range(k)]
+    labels = prototype_labels(notes, class_index, k)
+    contrib = meta["mean_contribution"]
+    shares = viz.contribution_shares(contrib)
+    similar = viz.shared_parts(run, class_index, top=similar_top)
+
+    maps_block = {}
+    if network is not None and image_root is not None and map_images > 0:
+        paths = list(meta.get("paths", []))[:map_images]
+        pictures, maps, _, _ = viz.class_maps(network, preprocess, image_root, paths, class_index)
+        for i in range(k if len(pictures) else 0):
+            maps_block[i] = [(viz.prototype_overlay(viz.enlarge(p, 112), m[i], 0.6, colors=[colors[i]]),
+                              f"full colour = {viz.own_scale(m[i]):.3g}") for p, m in zip(pictures, maps)]
+
+    model = run.meta.get("model", {})
+    body = [f"<h1>{_esc(name)} — {k} part-prototypes</h1>",
+            f'<p class="meta">Model {_esc(model.get("arch", "?"))}{_esc(_origin(model))} '
+            f'(sha256 {_esc(model.get("sha256", "")[:12])}…), '
+            f'class {class_index}, {meta.get("images", "?")} discovery images, run made {_esc(run.meta.get("created", "?"))}.</p>',
+            "<h2>Exactness</h2>", _certificate_html(run.meta.get("certificate")),
+            '<p class="note">The prototypes of a class sum exactly to its row of the classifier head, so the '
+            "decomposed network gives the same logits as the original model. Each prototype's contribution to an "
+            "image's logit is the mean of its map over the feature grid.</p>",
+            "<h2>Contributions</h2>",
+            "<p>Mean contribution to the logit over the class's images (share of logit − bias):</p>",
+            _bars_svg(contrib, [f"{lab} ({100 * s:.0f}%)" for lab, s in zip(labels, shares)], colors),
+            "<table><tr><th class=l>prototype</th><th>mean contribution</th><th>share</th><th>α</th>"
+            "<th>map fidelity</th></tr>"]
+    for i in range(k):
+        body.append(f'<tr><td class=l><span class="sw" style="background:{colors[i]}"></span>{_esc(labels[i])}</td>'
+                    f"<td>{contrib[i]:.3f}</td><td>{100 * shares[i]:.1f}%</td><td>{meta['alpha'][i]:.3g}</td>"
+                    f"<td>{meta['fidelity'][i]:.3f}</td></tr>")
+    body.append("</table>")
+    body.append(f'<p class="meta">Residual ratio ‖R‖/‖v‖ {meta["residual_ratio"]:.3f}; refinement objective '
+                f'{meta["objective_before"]:.4g} → {meta["objective_after"]:.4g}; negative α: {meta["negative_alpha"]}.</p>')
+
+    body.append("<h2>Prototypes</h2>")
+    for i in range(k):
+        tiles = _patch_tiles(meta["top_patches"][i], image_root, preprocess, colors[i], patch_size)
+        body.append(f'<div class="proto"><h3><span class="sw" style="background:{colors[i]}"></span>{_esc(labels[i])}: '
+                    f"contribution {contrib[i]:.3f} ({100 * shares[i]:.0f}%), fidelity {meta['fidelity'][i]:.3f}</h3>")
+        body.append(prototype_note_html(notes, class_index, i, meta["fidelity"][i]))
+        if tiles:
+            body.append("<div>What it looks for (its top training patches, boxed, each zoomed beside its image):</div>")
+            body.append(_img(viz.image_grid(tiles, columns=3)))
+        else:
+            body.append("<p class=meta>The training images are not available here.</p>")
+        if maps_block.get(i):
+            body.append("<div>Where it fires on a few class images (colour: adds to the logit; grey hatching: "
+                        "subtracts; each map on its own scale, its largest |value| at full colour):</div>")
+            body.append('<div class="row">' + "".join(_img(im, cap) for im, cap in maps_block[i]) + "</div>")
+        if similar[i]:
+            items = ", ".join(f"{_esc(class_name(names, s['class_index']))} "
+                              f"{_esc(prototype_label(notes, s['class_index'], s['prototype']))} (cos {s['cosine']:.2f})"
+                              for s in similar[i])
+            body.append(f"<p>Shared parts — most similar prototypes of other classes: {items}.</p>")
+        body.append("</div>")
+    return _page(f"phpn: {name}", "".join(body))
+
+
+def _origin(model_meta: dict) -> str:
+    """' from <the upload's name> (how it was loaded)' for a run made in the app, else ''."""
+    words = origin_words(model_meta)
+    return f" from {words}" if words else ""
+
+
+def provenance(explanation, run, *, image_name: Optional[str] = None, model_label: Optional[str] = None,
+               run_label: Optional[str] = None, true_class: Optional[int] = None) -> list:
+    """(what, value) rows saying where an explanation comes from: the image, the model, the run,
+    the predicted and the explained class (and the labelled one when known), the certificate."""
+    e = explanation
+    names = run.class_names
+
+    def named(i):
+        return f"{names[i] if 0 <= i < len(names) else i} ({i})"
+
+    model = run.meta.get("model", {})
+    if model_label is None:  # a run made in the app: the upload's own name and how it was loaded
+
+        model_label = origin_words(model) or None
+    image = image_name or getattr(e, "source", "") or "an image without a name"
+    if run_label is None:
+        where = getattr(run, "path", None)
+        run_label = f"{where}" if where else "not saved"
+    rows = [("Image", image),
+            ("Model", f"{model_label + ' · ' if model_label else ''}{model.get('arch', '?')}, sha256 "
+                      f"{str(model.get('sha256', ''))[:12]}…"),
+            ("Run", f"{run_label} · made {run.meta.get('created', '?')} · k = {run.k_label}")]
+    top_class, _, _, top_p = e.top[0]
+    rows.append(("Predicted class", f"{named(top_class)}, probability {100 * top_p:.1f}%"))
+    explained = named(e.class_index)
+    if e.class_index != top_class:
+        explained += " (not the predicted class: this report explains another class's score)"
+    rows.append(("Explained class", explained))
+    if true_class is not None:
+        verdict = "the model is right" if int(true_class) == top_class else "the model is WRONG on this image"
+        rows.append(("Labelled class", f"{named(int(true_class))}: {verdict}"))
+    rows.append(("Certificate", format_certificate(run.meta.get("certificate"))))
+    return rows
+
+
+def explanation_report(explanation, run, *, image_root=None, preprocess=None, opacity: float = MAP_OPACITY,
+                       patches: int = 4, size: int = 196, image_name: Optional[str] = None,
+                       model_label: Optional[str] = None, run_label: Optional[str] = None,
+                       true_class: Optional[int] = None, notes=None) -> str:
+    """HTML report of one image explained for one class (:class:`phpn.show.explanation.Explanation`), with
+    its provenance (see :func:`provenance`) at the top."""
+    preprocess = preprocess or Preprocess.from_dict(run.meta["preprocess"])
+    e = explanation
+    k = len(e.contributions)
+    colors = [viz.prototype_color(i) for i in range(k)]
+    labels = prototype_labels(notes, e.class_index, k)
+    picture = viz.enlarge(e.image, size)
+    meta = run.class_meta(e.class_index)
+
+    rows = provenance(e, run, image_name=image_name, model_label=model_label, run_label=run_label,
+                      true_class=true_class)
+    warning = chance_warning(run.meta.get("certificate"))
+    body = [f"<h1>Why “{_esc(e.class_name)}”? — {_esc(rows[0][1])}</h1>",
+            (f'<p class="bad">Warning: {_esc(warning)}</p>' if warning else ""),
+            "<table>" + "".join(f"<tr><th class=l>{_esc(a)}</th><td class=l>{_esc(b)}</td></tr>" for a, b in rows)
+            + "</table>",
+            f'<p class="meta">Class {e.class_index}; logit {e.logit:.3f} = bias {e.bias:.3f} + Σ prototype '
+            f"contributions {float(np.sum(e.contributions)):.3f}.</p>",
+            '<div class="row">', _img(picture, "the image as the model sees it", size),
+            _img(viz.prototype_overlay(picture, e.maps, opacity, colors=colors), "all prototypes, each on its own "
+                 "scale", size),
+            _img(viz.heat_overlay(picture, e.class_map, opacity), "class map = Σ prototype maps", size),
+            _img(viz.grid_image(e.class_map, size), "class map on the feature grid", size), "</div>",
+            "<h2>Top predictions</h2><table><tr><th class=l>class</th><th>logit</th><th>probability</th></tr>"]
+    for c, n, lg, p in e.top:
+        body.append(f"<tr><td class=l>{_esc(n)} ({c})</td><td>{lg:.3f}</td><td>{100 * p:.2f}%</td></tr>")
+    body.append("</table><h2>From bias to logit</h2>")
+    steps = ["bias"] + labels
+    vals = [e.bias] + [float(v) for v in e.contributions]
+    body.append(_bars_svg(vals, steps, ["#444444"] + colors))
+    body.append(f"<p>Total: logit {e.logit:.3f}.</p><h2>This looks like that</h2>")
+    for i in range(k):
+        tiles = _patch_tiles(meta["top_patches"][i][:patches], image_root, preprocess, colors[i], 112)
+        body.append(f'<div class="proto"><h3><span class="sw" style="background:{colors[i]}"></span>{_esc(labels[i])}: '
+                    f"{float(e.contributions[i]):+.3f} (fidelity {meta['fidelity'][i]:.3f})</h3>"
+                    + prototype_note_html(notes, e.class_index, i, meta["fidelity"][i]) + "<div class=row>")
+        body.append(_img(viz.prototype_overlay(picture, e.maps[i], opacity, colors=[colors[i]]),
+                         "where, on this image: " + viz.scale_caption(viz.own_scale(e.maps[i])), size // 1.3))
+        body.append(_img(viz.grid_image(e.maps[i], int(size // 1.3), color=colors[i]),
+                         "raw feature grid, the same scale", size // 1.3))
+        if tiles:
+            body.append(_img(viz.image_grid(tiles, columns=2), "looks like (training patches)"))
+        body.append("</div></div>")
+    return _page(f"phpn: why {e.class_name}? ({rows[0][1]})", "".join(body))
+
+
+def run_zip_bytes(run, name: Optional[str] = None, notes=None) -> bytes:
+    """The run's folder as a zip (saved first to a temporary folder when it has none); with
+    ``notes`` (phpn.runs.annotations.Annotations), those as the zip's annotations.json."""
+    tmp = None
+    try:
+        folder = Path(run.path) if run.path is not None and Path(run.path).is_dir() else None
+        if folder is None:
+            tmp = tempfile.TemporaryDirectory(prefix="phpn-run-")
+            saved_path = run.path
+            folder = save_run(run, Path(tmp.name) / (name or "run"))
+            run.path = saved_path  # keep the run's own notion of where it is saved
+        top = name or folder.name
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+            for p in sorted(folder.rglob("*")):
+                if p.is_file() and not (notes is not None and p.name == "annotations.json"):
+                    zf.write(p, f"{top}/{p.relative_to(folder).as_posix()}")
+            if notes is not None and notes.notes:
+                zf.writestr(f"{top}/annotations.json", json.dumps(notes.to_dict(), indent=1, ensure_ascii=False))
+        return buf.getvalue()
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
