@@ -43,7 +43,25 @@ def _source_copy(dest: Path) -> Path:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
     shutil.copytree(ROOT / "phpn", src / "phpn", ignore=ignore)
     shutil.copytree(ROOT / "assets", src / "assets", ignore=ignore)
+    shutil.copytree(ROOT / "pages", src / "pages", ignore=ignore)  # installed as phpn/app/pages
     return src
+
+
+def build_wheel(tmp_path: Path) -> Path:
+    """phpn's wheel, built from a source copy with the installed setuptools (nothing downloaded)."""
+    src = _source_copy(tmp_path)
+    wheels = tmp_path / "wheels"
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", wheels, src], tmp_path)
+    return next(wheels.glob("phpn-*.whl"))
+
+
+def install_in_venv(wheel: Path, tmp_path: Path) -> Path:
+    """A fresh virtual environment (seeing this interpreter's packages) with the wheel installed;
+    returns the environment's folder."""
+    venv = tmp_path / "venv"
+    _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv], tmp_path)
+    _run([sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install", "--no-deps", wheel], tmp_path)
+    return venv
 
 
 def _pip_version() -> tuple:
@@ -55,22 +73,17 @@ def _pip_version() -> tuple:
 @pytest.mark.slow
 @pytest.mark.skipif(_pip_version() < (22, 3), reason="pip --python (installing into another environment) needs pip 22.3")
 def test_wheel_and_editable_install_run_from_another_folder(tmp_path):
-    src = _source_copy(tmp_path)
-    wheels = tmp_path / "wheels"
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", wheels, src], tmp_path)
-    wheel = next(wheels.glob("phpn-*.whl"))
+    wheel = build_wheel(tmp_path)
     assert wheel.name.startswith(f"phpn-{phpn.__version__}-")
-
-    venv = tmp_path / "venv"
-    _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv], tmp_path)
+    venv = install_in_venv(wheel, tmp_path)
     py, script = venv / "bin" / "python", venv / "bin" / "phpn"
-    _run([sys.executable, "-m", "pip", "--python", py, "install", "--no-deps", wheel], tmp_path)
+    src = tmp_path / "src"
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
 
     assert _run([script, "--version"], elsewhere).stdout.strip() == f"phpn {phpn.__version__}"
     helptext = _run([script, "--help"], elsewhere).stdout
-    for command in ("discover", "certify", "explain", "doctor", "evaluate"):
+    for command in ("discover", "certify", "explain", "doctor", "evaluate", "app"):
         assert command in helptext
     where = json.loads(_run([py, "-c", "import json, phpn, phpn.resources as r; "
                              "print(json.dumps([phpn.__file__, str(r.ASSETS)]))"], elsewhere).stdout)
@@ -88,8 +101,11 @@ def test_wheel_and_editable_install_run_from_another_folder(tmp_path):
 
 @pytest.mark.slow
 def test_library_and_cli_import_without_streamlit():
-    """Every phpn module imports, and the CLI answers, with Streamlit made unimportable."""
-    modules = sorted(m.name for m in pkgutil.walk_packages(phpn.__path__, "phpn.") if not m.name.endswith("__main__"))
+    """Every library module (all but the app, installed with phpn[app]) imports, and the CLI
+    answers, with Streamlit made unimportable."""
+    modules = sorted(m.name for m in pkgutil.walk_packages(phpn.__path__, "phpn.")
+                     if not m.name.endswith("__main__") and not m.name.startswith("phpn.app."))
+    assert "phpn.api" in modules and "phpn.cli" in modules
     code = ("import sys; sys.modules['streamlit'] = None\n"  # 'import streamlit' now raises ImportError
             "import importlib\n"
             f"for name in {modules!r}:\n"

@@ -51,6 +51,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_serving(url: str, proc, log: Path, timeout: float = 60) -> None:
+    """Return once Streamlit's health check at ``url`` answers; fail with its log if it stops."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                if r.read().strip() == b"ok":
+                    return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            raise RuntimeError(f"streamlit did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.3)
+
+
 def serve_app(tmp_path_factory, name: str = "e2e", **settings):
     """``streamlit run app.py`` on a free loopback port with phpn's ``settings`` (environment
     variables, e.g. PHPN_ALLOW_CODE="1"); yields the URL, then stops the server and fails on
@@ -64,17 +79,7 @@ def serve_app(tmp_path_factory, name: str = "e2e", **settings):
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                    if r.read().strip() == b"ok":
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"streamlit did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.3)
+        wait_until_serving(url, proc, log)
         yield url
     finally:
         proc.terminate()

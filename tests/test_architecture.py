@@ -1,0 +1,123 @@
+"""The shape of the code: imports only go down the layers, with no cycle anywhere (imports made
+inside functions and a package's own __init__ count), and the pages reach the library through
+its doors."""
+from __future__ import annotations
+
+import ast
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _modules() -> dict:
+    found = {}
+    for path in (ROOT / "phpn").rglob("*.py"):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        found[".".join(parts)] = path
+    return found
+
+
+def _imports(name: str, path: Path, modules: dict) -> set:
+    """Every phpn module ``name`` imports, wherever the import stands, with the packages the
+    import runs on the way (importing a.b.c runs a/__init__ and a/b/__init__)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        targets = []
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parent + ([node.module] if node.module else []))
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+        elif isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        for target in targets:
+            while target and target not in modules:
+                target = target.rpartition(".")[0]
+            pieces = target.split(".")
+            for i in range(2, len(pieces) + 1):
+                step = ".".join(pieces[:i])
+                if step in modules and step != name and not name.startswith(step + "."):
+                    out.add(step)
+    return out
+
+
+def _cycles(graph: dict) -> list:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on, found, counter = {}, {}, [], set(), [], [0]
+    sys.setrecursionlimit(max(10_000, sys.getrecursionlimit()))
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_module_imports_itself_round_a_loop():
+    modules = _modules()
+    graph = {name: _imports(name, path, modules) for name, path in modules.items()}
+    assert len(modules) > 50 and sum(map(len, graph.values())) > 200  # the graph is really read
+    assert _cycles(graph) == []
+
+
+def test_the_cycle_finder_sees_a_loop_through_an_import_inside_a_function():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+@pytest.mark.skipif(shutil.which("lint-imports") is None, reason="import-linter is not installed")
+def test_imports_only_go_down_the_layers():
+    out = subprocess.run(["lint-imports", "--no-cache"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert "1 kept, 0 broken" in out.stdout
+
+
+def test_the_app_entry_point_is_three_lines_and_the_pages_are_installed_with_the_package():
+    lines = [line for line in (ROOT / "app.py").read_text().splitlines() if line.strip()]
+    assert len(lines) <= 4 and "from phpn.app.main import main" in lines
+    setup = (ROOT / "setup.py").read_text()
+    assert '"phpn.app.pages": "pages"' in setup
+    from phpn.app.main import PAGES
+
+    for key, _, _ in PAGES:
+        assert (ROOT / "pages" / f"{key}.py").is_file()
+
+
+def test_pages_hold_no_maths():
+    """Pages call the library: no torch or numpy arithmetic of their own."""
+    for page in sorted((ROOT / "pages").glob("*.py")):
+        tree = ast.parse(page.read_text(encoding="utf-8"))
+        imported = {a.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                    for a in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom) and node.module}
+        assert not imported & {"scipy", "sklearn"}, page.name
