@@ -70,8 +70,8 @@ def test_bad_settings_name_the_variable(tmp_path, env, phrase):
     assert phrase in str(err.value)
 
 
-def test_the_readme_and_the_shipped_settings_file_name_every_setting():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+def test_the_manual_and_the_shipped_settings_file_name_every_setting():
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "MANUAL.md").read_text(encoding="utf-8")
     shipped = Path(__file__).resolve().parents[1] / ".streamlit" / "phpn.toml"
     for key, variable, _, _ in settings_table():
         assert f"| `{variable}` | `{key}` |" in readme
