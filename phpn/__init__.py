@@ -9,7 +9,7 @@ reads as a sum of "this part, here" contributions::
     run = phpn.decompose(model, loader, k=3)     # your nn.Module, your DataLoader of (images, labels)
     run.certify(test_loader)                     # agreement with the model: 100%, max |Δlogit|
     run.explain(image)                           # shows itself in Jupyter; .save("x.html" | "x.png")
-    run.save("runs/mine"); phpn.load_run("runs/mine", model)
+    run.save("runs/mine"); phpn.open_run("runs/mine", model)
 
 The same steps are the command line (``phpn --help``) and the app (``streamlit run app.py``).
 Names below are imported on first use, so ``import phpn`` stays light.
@@ -19,7 +19,8 @@ __version__ = "0.1.0"
 
 # name -> module that defines it (imported when the name is first used)
 _EXPORTS = {
-    "decompose": "api", "open_model": "api", "load_run": "api", "merge_preprocess": "api",
+    "decompose": "api", "open_model": "api", "open_run": "api", "load_run": "api", "merge_preprocess": "api",
+    "resolve_discovery": "api",
     "DecomposedRun": "api", "ModelSession": "api", "ClassView": "api",
     "Explanation": "show.explanation",
     "Certificate": "method.certify",

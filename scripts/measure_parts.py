@@ -9,7 +9,7 @@ contributions, 100 L-BFGS iterations, no ridge) and with the defaults ("after");
 share, map fidelity; stability under a relative 1e-4 perturbation of every feature (the
 smallest correlation of a prototype's map between the two runs, beside the NMF parts'); and
 peak purity / top-region overlap on held-out images beside random directions and the equal
-split (phpn.evaluate.separation). Numbers in docs/METHOD.md and README.md come from here.
+split (phpn.evaluate.separation). Numbers in docs/METHOD.md and docs/MEASUREMENTS.md come from here.
 """
 from __future__ import annotations
 

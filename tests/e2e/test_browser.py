@@ -2,7 +2,7 @@
 Playwright with Debian's Chromium (never ``playwright install``). Walks every page, runs a
 live discovery of the Fashion-MNIST demo, measures the latencies a user feels, and saves
 screenshots: to $PHPN_SCREENSHOTS when set (``PHPN_SCREENSHOTS=docs/screenshots`` refreshes
-the README's), else to a temporary folder so a test run leaves the tree clean.
+the manual's, docs/MANUAL.md), else to a temporary folder so a test run leaves the tree clean.
 
 Skipped cleanly when /usr/bin/chromium, Playwright or the demo's assets are missing.
 Timings are printed (``pytest -s``) and written to $PHPN_E2E_TIMINGS when that is set.

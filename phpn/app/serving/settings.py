@@ -56,7 +56,7 @@ class ServerSettings:
         return max(1, torch.cuda.device_count())
 
 
-# key -> (environment variable, meaning). The README's table of settings is this table.
+# key -> (environment variable, meaning). The manual's table of settings (docs/MANUAL.md) is this table.
 SETTINGS = {
     "allow_code": ("PHPN_ALLOW_CODE",
                    "visitors may run an uploaded Python model file or unpickle a checkpoint they trust "
@@ -147,6 +147,6 @@ def load_settings(environ: Optional[Mapping] = None, settings_file: Optional[Pat
 
 
 def settings_table() -> list:
-    """(key, environment variable, default, meaning) for every setting: the README's table."""
+    """(key, environment variable, default, meaning) for every setting: the manual's table (docs/MANUAL.md)."""
     defaults = ServerSettings()
     return [(key, var, getattr(defaults, key), meaning) for key, (var, meaning) in SETTINGS.items()]
