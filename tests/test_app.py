@@ -203,6 +203,7 @@ def test_live_discovery_shows_the_certificate_and_the_refinement_table(demo_app)
     assert all(p.fraction == 1.0 for p in job.stages.values() if p.total)
 
 
+@pytest.mark.slow
 @needs_demo
 def test_an_automatic_k_per_class_is_run_shown_and_explained():
     at = _app().run()
@@ -480,6 +481,7 @@ def test_a_model_file_is_not_run_without_the_opt_in(code_allowed):
     assert at.session_state["model"].label.startswith("demo")  # the session keeps its model
 
 
+@pytest.mark.slow
 def test_uploaded_checkpoint_model_file_and_zip_then_discover_browse_explain(code_allowed):
     at = _app().run()
     _load_uploaded_tiny(at)
@@ -649,6 +651,7 @@ def test_a_model_at_the_wrong_size_is_flagged_before_any_explanation_and_the_che
     assert check.current.preprocess.crop == 96 and check.best.preprocess.crop == 28 and check.improves
 
 
+@pytest.mark.slow
 @needs_demo
 def test_the_proposed_preprocessing_is_applied_for_the_session_and_undone():
     at = _app().run()

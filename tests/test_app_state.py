@@ -232,6 +232,7 @@ def test_notes_on_a_read_only_demo_run_are_kept_and_written_when_a_copy_is_saved
     assert not at.session_state["run"].notes_unsaved
 
 
+@pytest.mark.slow
 @needs_demo
 def test_a_saved_run_of_an_uploaded_model_reopens_with_its_model_and_images_after_a_reload(code_allowed):
     at = _app().run()

@@ -6,6 +6,7 @@ import sys
 import pytest
 
 
+@pytest.mark.slow
 def test_benchmark_smoke():
     proc = subprocess.run([sys.executable, "-m", "phpn.evaluate.speed", "--classes", "3", "--baseline-classes", "1",
                            "--device", "cpu", "--json"], capture_output=True, text=True, timeout=600)
@@ -35,6 +36,7 @@ def test_end_to_end_benchmark_times_every_stage_and_certifies():
         r["feature_stage_images_per_s"] / r["pure_forward_images_per_s"])
 
 
+@pytest.mark.slow
 def test_end_to_end_benchmark_refuses_gpu_decoding_without_a_gpu():
     proc = subprocess.run([sys.executable, "-m", "phpn.evaluate.speed", "--end-to-end", "--decode", "gpu", "--device", "cpu"],
                           capture_output=True, text=True, timeout=120)

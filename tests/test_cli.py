@@ -47,6 +47,7 @@ def user_model(tmp_path):
     return ["--checkpoint", checkpoint, "--model-def", f"{source}:Net", "--resize", "16", "--crop", "16"]
 
 
+@pytest.mark.slow
 def test_doctor_discover_certify_explain(user_model, image_folder, tmp_path):
     doctor = json.loads(_phpn("doctor", *user_model, "--json").stdout)
     assert doctor["verdict"] == "exact"
@@ -70,6 +71,7 @@ def test_doctor_discover_certify_explain(user_model, image_folder, tmp_path):
     assert len(top_logits) == 4 and top_logits == sorted(top_logits, reverse=True)
 
 
+@pytest.mark.slow
 def test_errors_are_one_clear_line(tmp_path, image_folder):
     bad = tmp_path / "broken.pt"
     bad.write_bytes(b"this is not a checkpoint")
@@ -82,6 +84,7 @@ def test_errors_are_one_clear_line(tmp_path, image_folder):
     assert proc.returncode == 2 and "error" in json.loads(proc.stdout)
 
 
+@pytest.mark.slow
 def test_every_subcommand_has_help():
     for command in ("discover", "certify", "explain", "doctor", "evaluate"):
         assert "usage: python -m phpn " + command in _phpn(command, "--help").stdout

@@ -10,6 +10,7 @@ from phpn.demos import get_demo
 from phpn.runs.store import load_run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["fashion-mnist", "imagenet-lite0"])
 def test_shipped_run_loads_and_certifies(name):
     demo = get_demo(name)
@@ -23,6 +24,7 @@ def test_shipped_run_loads_and_certifies(name):
     assert cert.images == sum(len(c.paths) for c in data.classes)
 
 
+@pytest.mark.slow
 def test_live_discovery_reproduces_the_shipped_fashion_run(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "phpn", "discover", "--demo", "fashion-mnist", "--out", str(out),

@@ -141,6 +141,7 @@ def small(tmp_path_factory):
     return run_parts_benchmark("small", out_dir=out, draws=2), out
 
 
+@pytest.mark.slow
 def test_benchmark_small_end_to_end(small):
     result, out = small
     assert (out / "benchmark.json").is_file() and (out / "benchmark.md").is_file()
@@ -201,6 +202,7 @@ def test_dff_row_is_scored_like_the_others(small):
     assert any(c["b"].startswith("DFF") for c in result["comparisons"])
 
 
+@pytest.mark.slow
 @weights
 def test_without_grad_cam_the_dff_row_is_left_out_with_a_note(monkeypatch):
     monkeypatch.setattr(B, "dff_available", lambda: False)
@@ -223,6 +225,7 @@ def test_the_result_is_written_atomically_and_never_over_a_foreign_file(small, t
     assert foreign.read_text() == '{"mine": 1}' and not list(tmp_path.glob(".*.tmp"))
 
 
+@pytest.mark.slow
 def test_evaluate_run_on_the_benchmark_data(small, tmp_path):
     from phpn.evaluate.parts import load_cub_parts
     from phpn.pipeline.discover import DiscoveryConfig, discover

@@ -30,6 +30,7 @@ def test_lite0_is_exact_by_the_doctor(lite0):
     assert tuple(lite0.diagnosis.feature_shape) == (1280, 7, 7)
 
 
+@pytest.mark.slow
 def test_lite0_certificate_on_real_photos(lite0, photos):
     data = open_data(lite0, photos)
     run = run_discovery(lite0, data, DiscoveryConfig(k=3, device="cpu"))

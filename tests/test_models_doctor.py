@@ -1,6 +1,7 @@
 """The checkpoint doctor's three verdicts, with reasons a user can act on."""
 import json
 
+import pytest
 import torchvision
 
 from phpn.images.data import Preprocess
@@ -36,6 +37,7 @@ def test_vit_b_16_is_impossible_because_of_the_class_token():
     json.dumps(d.to_dict())
 
 
+@pytest.mark.slow
 def test_vgg11_is_impossible_because_of_its_mlp_head():
     d = diagnose(build_model("vgg11", 3), (3, 64, 64))
     assert d.verdict == "impossible"

@@ -245,6 +245,7 @@ def test_layernorm_after_pooling_folds_with_a_per_image_scale():
     assert torch.allclose(split.bias, model.fc.bias.detach() + v @ beta, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_convnext_layernorm2d_folds_exactly():
     torch.manual_seed(0)
     model = build_model("convnext_tiny", 4)

@@ -18,6 +18,7 @@ def shapes_only(arch, num_classes):
                                   "mobilenet_v2", "efficientnet_b0", "efficientnet_v2_s", "convnext_tiny",
                                   "regnet_y_400mf", "regnet_x_400mf", "swin_t", "vgg11", "vit_b_16",
                                   "mobilenet_v3_small"])
+@pytest.mark.slow
 def test_infer_arch_from_names_and_shapes(arch):
     assert infer_arch(shapes_only(arch, 7)) == (arch, 7)
 

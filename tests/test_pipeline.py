@@ -65,6 +65,7 @@ def test_a_cancelling_progress_callback_stops_every_stage(tiny_loaded, image_fol
     assert calls[-1] == stage
 
 
+@pytest.mark.slow
 def test_small_memory_budget_streams_classes_with_the_same_quality(tiny_loaded, image_folder):
     whole, _, _ = _discover(tiny_loaded, image_folder)
     grouped, _, _ = _discover(tiny_loaded, image_folder, memory_budget_mb=0)  # one class per group

@@ -56,6 +56,7 @@ def test_presets_fit_the_model_channels():
     assert cli_flags(grey) == "--resize 28 --crop 28 --mean 0.5 --std 0.5"
 
 
+@pytest.mark.slow
 def test_the_wrong_size_is_at_chance_and_the_check_proposes_28_px():
     session, data = _fashion()
     right = session.preprocess
@@ -114,6 +115,7 @@ def test_a_model_that_cannot_run_at_a_size_is_reported_not_fatal(tiny_loaded, im
     assert check.best.preprocess.crop == 16
 
 
+@pytest.mark.slow
 def test_cli_check_preprocessing(capsys):
     from phpn.cli import main
 

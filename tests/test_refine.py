@@ -102,6 +102,7 @@ def test_part_contributions_are_held_at_the_parts_shares(solver):
     assert float((result.prototypes.sum(1) - heads).abs().max()) < 1e-12
 
 
+@pytest.mark.slow
 def test_free_contributions_are_not_held():
     features, _, heads = _problem()
     protos, usage = _usage(features)
@@ -183,6 +184,7 @@ def test_an_iteration_cap_that_stops_the_solver_is_reported():
                     "with rounding (thread count, device): raise --lbfgs-iter."]
 
 
+@pytest.mark.slow
 def test_few_positions_search_the_whole_row_space_of_the_features():
     # 60 positions, 300 channels, rank 128: F's row space (dimension 60) is searched exactly, and
     # the split is as good as one searched in all 300 dimensions.

@@ -80,12 +80,13 @@ def test_a_folder_phpn_did_not_write_is_never_used_for_progress(tiny_loaded, ima
     foreign = tmp_path / ".run.progress"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    with pytest.raises(RunError, match="holds no phpn discovery progress"):
+    with pytest.raises(RunError, match=r"is a folder that is not a phpn discovery progress folder \(it holds notes.txt\)"):
         _run(tiny_loaded, data, progress_dir=foreign)
     discard_progress(foreign)
     assert (foreign / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_cli_interrupted_then_resumed_writes_the_uninterrupted_run(tmp_path, monkeypatch, capsys):
     import phpn.progress
     from phpn.cli import main

@@ -43,6 +43,7 @@ def large(large_saved, tmp_path):
     return Path(shutil.copytree(path, tmp_path / "large")), run
 
 
+@pytest.mark.slow
 def test_shards_hold_bounded_groups_of_classes_and_run_json_only_the_index(large):
     path, run = large
     meta = json.loads((path / META).read_text())
@@ -304,6 +305,7 @@ def test_the_app_reopens_a_run_without_reading_its_shards_and_names_a_damaged_on
     assert any(damaged in e for e in _errors(again))
 
 
+@pytest.mark.slow
 def test_the_command_line_checks_a_whole_run(large, capsys):
     from phpn.cli import main
 

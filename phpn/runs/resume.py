@@ -53,7 +53,7 @@ def progress_dir_for(out) -> Path:
 class ProgressStore:
     def __init__(self, path, key: str, resume: bool):
         self.path, self.key = Path(path), key
-        check_may_write(self.path, what="phpn discovery progress", ours=lambda p: (p / MANIFEST).is_file(),
+        check_may_write(self.path, what="phpn discovery progress folder", ours=lambda p: (p / MANIFEST).is_file(),
                         error=RunError, fix="Move it away or choose another --out.")
         manifest = self.path / MANIFEST
         if manifest.is_file():
