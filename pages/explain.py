@@ -152,7 +152,8 @@ st.session_state["explained"] = {"explanation": e, "label": image_label, "run_id
                                  "opacity": float(opacity)}
 S.set_url(image=image_label if source != "Upload an image" else None)
 train_root = S.image_root_for_run(run, e.class_index)
-notes_key = json.dumps(entry.notes.to_dict(), sort_keys=True) if entry.notes is not None else ""
+notes_key = json.dumps([entry.notes.get(e.class_index, i).to_dict() for i in range(len(e.contributions))]
+                       if entry.notes is not None else None)  # this class's notes only: a rename redraws it
 view = _view(entry.id, image_key, int(e.class_index), float(opacity), smooth, notes_key,
              str(train_root) if train_root is not None else None, image_label, true_class, e, run, entry.notes)
 
