@@ -149,7 +149,7 @@ elif true_class is not None:
 with S.stop_on_error():  # another class: its shard is read now
     e = best if cls == best.class_index else _explain(entry.id, image_key, int(cls), model, network, image)
 st.session_state["explained"] = {"explanation": e, "label": image_label, "run_id": entry.id, "true_class": true_class,
-                                 "opacity": float(opacity)}
+                                 "opacity": float(opacity), "mode": smooth}
 S.set_url(image=image_label if source != "Upload an image" else None)
 train_root = S.image_root_for_run(run, e.class_index)
 notes_key = json.dumps([entry.notes.get(e.class_index, i).to_dict() for i in range(len(e.contributions))]

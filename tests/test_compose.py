@@ -162,7 +162,7 @@ def test_the_explain_page_shows_what_its_report_exports(tmp_path, monkeypatch):
     at.switch_page("pages/explain.py").run()
     e = at.session_state["explained"]["explanation"]
     at.session_state["run"].notes.set(e.class_index, 1, name="collar", flags=["background"])
-    at.run()
+    at.radio(key="explain_mode").set_value("nearest").run()
     assert not at.exception, [x.value for x in at.exception]
     shown = [c for img in at.image for c in img.captions]
     headings = [_plain(m.value) for m in at.markdown if ": contributes " in m.value]
@@ -180,3 +180,9 @@ def test_the_explain_page_shows_what_its_report_exports(tmp_path, monkeypatch):
     svg_labels = [html.unescape(t) for t in re.findall(r'text-anchor="end">([^<]*)</text>',
                                                         page.split("<svg", 1)[1].split("</svg>")[0])]
     assert bars == svg_labels == ["bias", "prototype 1", "prototype 2 “collar”", "prototype 3", "logit"]
+    # Drawn as on the page: with its upsampling (nearest here) and opacity.
+    first = re.search(r'<img src="data:image/png;base64,([^"]+)"[^>]*alt="all prototypes', page).group(1)
+    view = compose_explanation(e, at.session_state["run"].run, mode="nearest", size=196,
+                               opacity=at.session_state["explained"]["opacity"])
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(first)))),
+                          np.asarray(view.overview[1].picture))

@@ -247,14 +247,14 @@ def explanation_html(view: ExplanationView) -> str:
 
 
 def explanation_report(explanation, run, *, image_root=None, preprocess=None, opacity: float = MAP_OPACITY,
-                       patches: int = 4, size: int = 196, image_name: Optional[str] = None,
+                       mode: str = "bicubic", patches: int = 4, size: int = 196, image_name: Optional[str] = None,
                        model_label: Optional[str] = None, run_label: Optional[str] = None,
                        true_class: Optional[int] = None, notes=None) -> str:
     """HTML report of one image explained for one class (:class:`phpn.show.explanation.Explanation`),
     with its provenance (:func:`phpn.show.compose.provenance`) at the top: the panels of the Explain page."""
     return explanation_html(compose_explanation(
-        explanation, run, notes=notes, image_root=image_root, preprocess=preprocess, opacity=opacity, size=size,
-        patches=patches, image_name=image_name, model_label=model_label, run_label=run_label,
+        explanation, run, notes=notes, image_root=image_root, preprocess=preprocess, opacity=opacity, mode=mode,
+        size=size, patches=patches, image_name=image_name, model_label=model_label, run_label=run_label,
         true_class=true_class))
 
 
