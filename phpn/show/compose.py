@@ -175,6 +175,23 @@ def _patches(entries, color: str, seen: Callable) -> Optional[Image.Image]:
     return viz.image_grid(tiles, columns=PATCH_COLUMNS) if tiles else None
 
 
+def _prototype(e, i: int, label: str, color: str, note, meta: dict, picture, small: int, opacity: float, mode: str,
+               looks: Optional[Image.Image]) -> PrototypeView:
+    contribution = float(e.contributions[i])
+    mean = float(meta["mean_contribution"][i]) if meta else None
+    fidelity = float(meta["fidelity"][i]) if meta else None
+    summary = f"contributes {contribution:+.3f} here" + (
+        f" (class mean {mean:+.3f}; map fidelity {fidelity:.2f})" if meta else "")
+    return PrototypeView(
+        index=i, label=label, title=label[:1].upper() + label[1:], color=color, flags=tuple(note.flags),
+        description=note.description, contribution=contribution, mean_contribution=mean, fidelity=fidelity,
+        summary=summary, warning=fidelity_warning(fidelity),
+        where=Panel(viz.prototype_overlay(picture, e.maps[i], opacity, colors=[color], mode=mode),
+                    "where, on this image: " + viz.scale_caption(viz.own_scale(e.maps[i])), small),
+        grid=Panel(viz.grid_image(e.maps[i], small, color=color), "raw feature grid, the same scale", small),
+        looks_like=Panel(looks, "looks like: its top training patches", looks.width) if looks else None)
+
+
 def compose_explanation(explanation, run=None, *, notes=None, image_root=None, preprocess=None,
                         opacity: float = MAP_OPACITY, mode: str = "bicubic", size: int = 224, patches: int = 4,
                         image_name: Optional[str] = None, model_label: Optional[str] = None,
@@ -202,7 +219,6 @@ def compose_explanation(explanation, run=None, *, notes=None, image_root=None, p
     labels = prototype_labels(notes, e.class_index, k)
     meta = run.class_meta(e.class_index) if run is not None else {}  # without a run: no class statistics
     picture = viz.enlarge(e.image, size)
-    small = int(size // 1.3)
     h, w = e.maps.shape[1:]
     class_map = e.maps.sum(0)
     overview = (
@@ -213,34 +229,21 @@ def compose_explanation(explanation, run=None, *, notes=None, image_root=None, p
               "class map = Σ prototype maps (yellow-red adds, grey hatching subtracts)", size),
         Panel(viz.grid_image(class_map, size), f"class map on the raw {h}×{w} feature grid", size),
     )
+    recorded = meta.get("top_patches", [])
+    prototypes = tuple(
+        _prototype(e, i, labels[i], colors[i], notes.get(e.class_index, i) if notes is not None else PrototypeNote(),
+                   meta, picture, int(size // 1.3), opacity, mode,
+                   _patches(recorded[i][:patches] if i < len(recorded) else [], colors[i], seen) if seen else None)
+        for i in range(k))
     rows = provenance(e, run, image_name=image_name, model_label=model_label, run_label=run_label,
                       true_class=true_class)
-    recorded = meta.get("top_patches", [])
-    prototypes = []
-    for i in range(k):
-        note = notes.get(e.class_index, i) if notes is not None else PrototypeNote()
-        contribution = float(e.contributions[i])
-        mean = float(meta["mean_contribution"][i]) if meta else None
-        fidelity = float(meta["fidelity"][i]) if meta else None
-        summary = f"contributes {contribution:+.3f} here" + (
-            f" (class mean {mean:+.3f}; map fidelity {fidelity:.2f})" if meta else "")
-        looks = _patches(recorded[i][:patches] if i < len(recorded) else [], colors[i], seen) if seen else None
-        prototypes.append(PrototypeView(
-            index=i, label=labels[i], title=labels[i][:1].upper() + labels[i][1:], color=colors[i],
-            flags=tuple(note.flags), description=note.description, contribution=contribution,
-            mean_contribution=mean, fidelity=fidelity,
-            summary=summary,
-            warning=fidelity_warning(fidelity),
-            where=Panel(viz.prototype_overlay(picture, e.maps[i], opacity, colors=[colors[i]], mode=mode),
-                        "where, on this image: " + viz.scale_caption(viz.own_scale(e.maps[i])), small),
-            grid=Panel(viz.grid_image(e.maps[i], small, color=colors[i]), "raw feature grid, the same scale", small),
-            looks_like=Panel(looks, "looks like: its top training patches", looks.width) if looks else None))
     return ExplanationView(
         class_index=int(e.class_index), class_name=e.class_name, title=f"Why “{e.class_name}”?",
         image_name=rows[0][1],
         equation=(f"logit {e.logit:.3f} = bias {e.bias:.3f} + Σ prototype contributions "
                   f"{float(np.sum(e.contributions)):.3f}"),
-        chance_warning=chance_warning(run.meta.get("certificate")) if run is not None else None, provenance=tuple(rows), overview=overview,
-        legend=tuple(zip(labels, colors)), top=tuple(tuple(t) for t in e.top),
-        waterfall=waterfall(e.bias, e.contributions, e.logit, labels, colors), prototypes=tuple(prototypes),
-        patches_note=NO_TRAINING_IMAGES if seen is None and run is not None else None, size=size)
+        chance_warning=chance_warning(run.meta.get("certificate")) if run is not None else None,
+        provenance=tuple(rows), overview=overview, legend=tuple(zip(labels, colors)),
+        top=tuple(tuple(t) for t in e.top), waterfall=waterfall(e.bias, e.contributions, e.logit, labels, colors),
+        prototypes=prototypes, patches_note=NO_TRAINING_IMAGES if seen is None and run is not None else None,
+        size=size)

@@ -21,7 +21,7 @@ from phpn.atomic import atomic_file
 from phpn.errors import ConfigError
 from phpn.show.compose import ExplanationView, Panel, Waterfall, compose_explanation
 from phpn.show.pictures import seen_image
-from phpn.show.report import explanation_html
+from phpn.show.report import REPORT_SIZE, explanation_html
 from phpn.show.viz import crop_patch
 
 SAVE_FORMATS = (".png", ".html")
@@ -91,7 +91,7 @@ class Explanation:
         if self.run is None:
             raise ConfigError("This explanation does not know its run, so it cannot be written as a page.",
                               "Make it with run.explain(image).")
-        return explanation_html(self.view(notes, size=196))
+        return explanation_html(self.view(notes, size=REPORT_SIZE))
 
     def _repr_html_(self) -> str:
         """The page's body inline (Jupyter), its styles scoped to it so the notebook keeps its own."""
@@ -115,8 +115,9 @@ class Explanation:
             pass
         self.to_image().show()
 
-    def save(self, path) -> Path:
-        """Write ``path`` as a PNG picture or a self-contained HTML page (by its extension)."""
+    def save(self, path, notes=None) -> Path:
+        """Write ``path`` as a PNG picture or a self-contained HTML page (by its extension), its
+        prototypes named by ``notes`` when given."""
         path = Path(path)
         suffix = path.suffix.lower()
         if suffix not in SAVE_FORMATS:
@@ -125,9 +126,9 @@ class Explanation:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_file(path) as fh:
             if suffix == ".png":
-                self.to_image().save(fh, format="PNG")
+                self.to_image(notes=notes).save(fh, format="PNG")
             else:
-                fh.write(self.to_html().encode("utf-8"))
+                fh.write(self.to_html(notes).encode("utf-8"))
         return path
 
 

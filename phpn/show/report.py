@@ -43,6 +43,8 @@ th{background:#f5f5f5}td.l,th.l{text-align:left}.proto{border:1px solid #e3e3e3;
 .note{background:#f6f8fa;border-left:3px solid #999;padding:6px 10px;font-size:.9em}
 """
 
+REPORT_SIZE = 196  # an explanation report's overview pictures, in pixels: four fit in a page's width
+
 
 def data_uri(image: Image.Image) -> str:
     buf = io.BytesIO()
@@ -247,8 +249,8 @@ def explanation_html(view: ExplanationView) -> str:
 
 
 def explanation_report(explanation, run, *, image_root=None, preprocess=None, opacity: float = MAP_OPACITY,
-                       mode: str = "bicubic", patches: int = 4, size: int = 196, image_name: Optional[str] = None,
-                       model_label: Optional[str] = None, run_label: Optional[str] = None,
+                       mode: str = "bicubic", patches: int = 4, size: int = REPORT_SIZE,
+                       image_name: Optional[str] = None, model_label: Optional[str] = None, run_label: Optional[str] = None,
                        true_class: Optional[int] = None, notes=None) -> str:
     """HTML report of one image explained for one class (:class:`phpn.show.explanation.Explanation`),
     with its provenance (:func:`phpn.show.compose.provenance`) at the top: the panels of the Explain page."""
