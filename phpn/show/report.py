@@ -250,8 +250,8 @@ def explanation_html(view: ExplanationView) -> str:
 
 def explanation_report(explanation, run, *, image_root=None, preprocess=None, opacity: float = MAP_OPACITY,
                        mode: str = "bicubic", patches: int = 4, size: int = REPORT_SIZE,
-                       image_name: Optional[str] = None, model_label: Optional[str] = None, run_label: Optional[str] = None,
-                       true_class: Optional[int] = None, notes=None) -> str:
+                       image_name: Optional[str] = None, model_label: Optional[str] = None,
+                       run_label: Optional[str] = None, true_class: Optional[int] = None, notes=None) -> str:
     """HTML report of one image explained for one class (:class:`phpn.show.explanation.Explanation`),
     with its provenance (:func:`phpn.show.compose.provenance`) at the top: the panels of the Explain page."""
     return explanation_html(compose_explanation(
