@@ -1,19 +1,22 @@
 """Explain an image: top-5 predictions; for the chosen class each prototype's map over the
 image, the raw feature-grid map beside the upsampled one, bias → logit through the
-prototypes, "this looks like that", and the class map as the sum of the prototype maps."""
+prototypes, "this looks like that", and the class map as the sum of the prototype maps.
+Everything shown comes from one view (phpn.show.compose), the one the exported report and
+picture draw."""
 import hashlib
 import html
+import json
 import random
 from pathlib import Path
 
-import numpy as np
 import streamlit as st
+from PIL import Image
 
 from phpn.app import frame as S
 from phpn.config import MAP_OPACITY, class_name
-from phpn.glossary import explain, fidelity_warning
-from phpn.runs.annotations import label_heading, prototype_labels
+from phpn.glossary import explain
 from phpn.show import viz
+from phpn.show.compose import compose_explanation
 
 S.frame()
 st.title("Explain an image")
@@ -22,7 +25,6 @@ model = S.current_model()
 run, network = entry.run, entry.network
 data = S.current_data()
 names = model.session.class_names
-pre_key = S.preprocess_key(model.session.preprocess)
 
 from phpn.api import explain_image
 from phpn.method.certify import chance_warning  # noqa: E402
@@ -40,6 +42,21 @@ def _folder_labels(root: str, model_key: str, _model) -> dict:
 
 def _name(i: int) -> str:
     return class_name(names, i)
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def _view(run_id: str, image_key: str, class_index: int, opacity: float, mode: str, notes_key: str, root, image_label,
+          true_class, _e, _run, _notes):
+    """What is shown (the same view the exported report and picture draw), the top patches read
+    through the app's cache of discovery images."""
+    pre_key = S.preprocess_key(_e.preprocess)
+
+    def seen(path):
+        picture = S.seen_image(str(Path(root) / path), pre_key)
+        return None if picture is None else Image.fromarray(picture)
+
+    return compose_explanation(_e, _run, notes=_notes, image_root=root, opacity=opacity, mode=mode,
+                               image_name=image_label, true_class=true_class, seen=seen if root else None)
 
 
 @st.cache_data(max_entries=256, show_spinner=False)
@@ -129,60 +146,48 @@ if true_class is not None and true_class != top1:
 elif true_class is not None:
     st.success(f"The model is right: the image is labelled **{_name(true_class)}** (its folder).",
                icon=":material/check:")
-with c_pred:
-    st.plotly_chart(viz.figure_top_predictions(best.top, title="Top-5 predictions"), key=f"top_{image_key}",
-                    config={"displayModeBar": False})
-
 with S.stop_on_error():  # another class: its shard is read now
     e = best if cls == best.class_index else _explain(entry.id, image_key, int(cls), model, network, image)
 st.session_state["explained"] = {"explanation": e, "label": image_label, "run_id": entry.id, "true_class": true_class,
-                                 "opacity": float(opacity)}
-k = len(e.contributions)
-colors = [viz.prototype_color(i) for i in range(k)]
-labels = prototype_labels(entry.notes, e.class_index, k)
+                                 "opacity": float(opacity), "mode": smooth}
 S.set_url(image=image_label if source != "Upload an image" else None)
-size = 224
-picture = viz.enlarge(e.image, size)
+train_root = S.image_root_for_run(run, e.class_index)
+notes_key = json.dumps([entry.notes.get(e.class_index, i).to_dict() for i in range(len(e.contributions))]
+                       if entry.notes is not None else None)  # this class's notes only: a rename redraws it
+view = _view(entry.id, image_key, int(e.class_index), float(opacity), smooth, notes_key,
+             str(train_root) if train_root is not None else None, image_label, true_class, e, run, entry.notes)
 
-st.subheader(f"Why “{e.class_name}”? logit {e.logit:.3f} = bias {e.bias:.3f} + Σ prototypes "
-             f"{float(np.sum(e.contributions)):.3f}")
-v1, v2, v3, v4 = st.columns(4)
-v1.image(picture, caption="What the model sees")
-v2.image(viz.prototype_overlay(picture, e.maps, opacity, colors=colors, mode=smooth),
-         caption="All prototypes, each on its own scale (stripes: two overlap; hatching: the class map subtracts)")
-v3.image(viz.heat_overlay(picture, e.class_map, opacity, mode=smooth),
-         caption="Class map = Σ prototype maps (yellow-red adds, grey hatching subtracts)")
-v4.image(viz.grid_image(e.class_map, size), caption=f"Class map on the raw {e.maps.shape[1]}×{e.maps.shape[2]} grid")
-st.markdown(" ".join(f"{viz.color_swatch(colors[i])}{html.escape(labels[i])}" for i in range(k)), unsafe_allow_html=True)
+with c_pred:
+    st.plotly_chart(viz.figure_top_predictions(view.top, title="Top-5 predictions"), key=f"top_{image_key}",
+                    config={"displayModeBar": False})
 
-st.plotly_chart(viz.figure_waterfall(e.bias, e.contributions, e.logit, labels, colors,
-                                     title="From the bias to the logit, prototype by prototype"),
+st.subheader(view.heading)
+for column, panel in zip(st.columns(len(view.overview)), view.overview):
+    column.image(panel.picture, caption=panel.caption)
+st.markdown(" ".join(f"{viz.color_swatch(color)}{html.escape(label)}" for label, color in view.legend),
+            unsafe_allow_html=True)
+
+w = view.waterfall
+st.plotly_chart(viz.figure_waterfall(w.values[0], w.values[1:], w.logit, w.labels[1:], w.colors[1:], title=w.title),
                 key=f"waterfall_{image_key}_{cls}", config={"displayModeBar": False})
 with st.popover("What do these words mean?", icon=":material/help:"):
     for term in ("logit", "bias", "prototype", "contribution", "map", "fidelity", "agreement"):
         st.markdown(f"**{term.capitalize()}**: {explain(term)}")
 
 st.subheader("This looks like that")
-meta = run.class_meta(e.class_index)
-train_root = S.image_root_for_run(run, e.class_index)
-for i in range(k):
+if view.patches_note:
+    st.caption(view.patches_note)
+for p in view.prototypes:
     with st.container(border=True):
-        flags = "".join(f" `{f}`" for f in entry.notes.get(e.class_index, i).flags) if entry.notes else ""
-        st.markdown(f"{viz.color_swatch(colors[i], 16)} **{label_heading(labels[i])}**{flags}: contributes "
-                    f"{float(e.contributions[i]):+.3f} here (class mean {meta['mean_contribution'][i]:+.3f}; "
-                    f"map fidelity {meta['fidelity'][i]:.2f})", unsafe_allow_html=True, help=explain("fidelity"))
-        if fidelity_warning(meta["fidelity"][i]):
-            st.warning(fidelity_warning(meta["fidelity"][i]), icon=":material/warning:")
+        flags = "".join(f" `{f}`" for f in p.flags)
+        st.markdown(f"{viz.color_swatch(p.color, 16)} **{html.escape(p.title)}**{flags}: {p.summary}",
+                    unsafe_allow_html=True, help=explain("fidelity"))
+        if p.warning:
+            st.warning(p.warning, icon=":material/warning:")
+        if p.description:
+            st.caption(p.description)
         a, b, c = st.columns([1, 1, 2])
-        a.image(viz.prototype_overlay(picture, e.maps[i], opacity, colors=[colors[i]], mode=smooth),
-                caption="Where, upsampled: " + viz.scale_caption(viz.own_scale(e.maps[i])))
-        b.image(viz.grid_image(e.maps[i], 180, color=colors[i]), caption="Raw feature grid, the same scale (its "
-                                                                          "colour adds, grey subtracts)")
-        with c:
-            if train_root is not None:
-                grid = S.patch_grid(str(train_root), tuple((p["path"], tuple(p["box"])) for p in meta["top_patches"][i]),
-                              colors[i], pre_key, 96, 3)
-                if grid is not None:
-                    st.image(grid, caption="Looks like: its top training patches")
-            else:
-                st.caption("The training images of this run are not available here.")
+        a.image(p.where.picture, caption=p.where.caption)
+        b.image(p.grid.picture, caption=p.grid.caption)
+        if p.looks_like is not None:
+            c.image(p.looks_like.picture, caption=p.looks_like.caption)

@@ -88,6 +88,7 @@ else:
             html_text = report.explanation_report(e, run, image_root=S.image_root_for_run(run, e.class_index),
                                                   preprocess=model.session.preprocess,
                                                   opacity=explained.get("opacity", 0.6),
+                                                  mode=explained.get("mode", "bicubic"),
                                                   image_name=explained["label"],
                                                   model_label=origin_words(recorded_model) or model.label,
                                                   run_label=S.shown_path(entry.saved_to) if entry.saved_to

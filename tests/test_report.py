@@ -10,7 +10,7 @@ from conftest import tiny_split
 from phpn.images.data import scan_image_folder
 from phpn.method.certify import chance_warning, format_certificate
 from phpn.pipeline.discover import DiscoveryConfig, discover
-from phpn.show import report
+from phpn.show import compose, report
 
 
 @pytest.fixture
@@ -38,7 +38,7 @@ def explained(tiny_loaded, image_folder):
 def test_provenance_names_image_model_run_classes_and_certificate(explained):
     run, e, best = explained
     top, name, _, p = best.top[0]
-    rows = dict(report.provenance(e, run, image_name="2/img05.png", model_label="my model", run_label="runs/a",
+    rows = dict(compose.provenance(e, run, image_name="2/img05.png", model_label="my model", run_label="runs/a",
                                   true_class=2))
     assert rows["Image"] == "2/img05.png"
     assert rows["Model"] == "my model · tiny, sha256 aaaaaaaaaaaa…"

@@ -3,24 +3,25 @@
 :class:`Explanation` holds the numbers (logit = Σ contributions + bias, per-prototype where-maps,
 the top classes) and renders them: inline in Jupyter (``_repr_html_``: a self-contained page,
 images embedded as base64 PNGs, no scripts, no network), as one PNG picture (``to_image``),
-or to a file (``save("x.png" | "x.html")``). The HTML is :func:`phpn.show.report.explanation_report`;
-the picture is drawn here with the same colours (``phpn.show.viz``).
+or to a file (``save("x.png" | "x.html")``). Both show one view,
+:func:`phpn.show.compose.compose_explanation` (the Explain page's too): the HTML is laid out by
+:func:`phpn.show.report.explanation_html`, the picture here.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from phpn.atomic import atomic_file
-from phpn.config import MAP_OPACITY
 from phpn.errors import ConfigError
-from phpn.show import viz
+from phpn.show.compose import ExplanationView, Panel, Waterfall, compose_explanation
 from phpn.show.pictures import seen_image
-from phpn.show.report import explanation_report
+from phpn.show.report import REPORT_SIZE, explanation_html
 from phpn.show.viz import crop_patch
 
 SAVE_FORMATS = (".png", ".html")
@@ -80,21 +81,26 @@ class Explanation:
 
     # --- rendering ---------------------------------------------------------------------------
 
-    def to_html(self) -> str:
+    def view(self, notes=None, size: int = 224, **options) -> ExplanationView:
+        """What is shown (:func:`phpn.show.compose.compose_explanation`), named by ``notes`` when given."""
+        return compose_explanation(self, self.run, notes=notes, image_root=self.image_root,
+                                   preprocess=self.preprocess, size=size, **options)
+
+    def to_html(self, notes=None) -> str:
         """A self-contained HTML page (the one the app's Export page offers)."""
         if self.run is None:
             raise ConfigError("This explanation does not know its run, so it cannot be written as a page.",
                               "Make it with run.explain(image).")
-        return explanation_report(self, self.run, image_root=self.image_root, preprocess=self.preprocess)
+        return explanation_html(self.view(notes, size=REPORT_SIZE))
 
     def _repr_html_(self) -> str:
         """The page's body inline (Jupyter), its styles scoped to it so the notebook keeps its own."""
         return html_fragment(self.to_html())
 
-    def to_image(self, size: int = 224) -> Image.Image:
-        """One picture: the image, all prototypes, the class map, each prototype's map and the
-        waterfall from bias to logit."""
-        return render_png(self, size)
+    def to_image(self, size: int = 224, notes=None) -> Image.Image:
+        """One picture of the same panels: the image, all prototypes, the class map, the waterfall
+        from the bias to the logit and, per prototype, its map and its top training patches."""
+        return render_png(self.view(notes, size=size))
 
     def show(self) -> None:
         """Display inline in Jupyter; elsewhere open the picture in the system's image viewer."""
@@ -109,8 +115,9 @@ class Explanation:
             pass
         self.to_image().show()
 
-    def save(self, path) -> Path:
-        """Write ``path`` as a PNG picture or a self-contained HTML page (by its extension)."""
+    def save(self, path, notes=None) -> Path:
+        """Write ``path`` as a PNG picture or a self-contained HTML page (by its extension), its
+        prototypes named by ``notes`` when given."""
         path = Path(path)
         suffix = path.suffix.lower()
         if suffix not in SAVE_FORMATS:
@@ -119,9 +126,9 @@ class Explanation:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_file(path) as fh:
             if suffix == ".png":
-                self.to_image().save(fh, format="PNG")
+                self.to_image(notes=notes).save(fh, format="PNG")
             else:
-                fh.write(self.to_html().encode("utf-8"))
+                fh.write(self.to_html(notes).encode("utf-8"))
         return path
 
 
@@ -141,82 +148,176 @@ def html_fragment(page: str) -> str:
     return f'<div class="{_SCOPE}"><style>{"".join(rules)}</style>{body.group(1) if body else page}</div>'
 
 
+_FONT = "DejaVuSans.ttf"  # wide Unicode (Σ, ×, “ ”); Pillow's own font where it is not installed
+_WITHOUT_GLYPHS = {"Σ": "sum of", "×": "x", "—": "-"}  # what Pillow's own font cannot draw
+_INK, _MUTED, _BAD = (20, 20, 20), (85, 85, 85), (207, 34, 46)
+_PAD = 8
+
+
 def _font(size: int):
     try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has one bitmap size
-        return ImageFont.load_default()
+        return ImageFont.truetype(_FONT, size)
+    except OSError:
+        try:
+            return ImageFont.load_default(size=size)
+        except TypeError:  # Pillow < 10.1 has one bitmap size
+            return ImageFont.load_default()
 
 
-def _waterfall(e: Explanation, width: int, colors: list) -> Image.Image:
-    """Bars from the bias through each prototype's contribution to the logit (PIL, no plotting library)."""
-    labels = ["bias"] + [f"prototype {i + 1}" for i in range(e.k)] + ["logit"]
-    steps = [e.bias] + [float(c) for c in e.contributions]
-    ends = np.cumsum(steps)
-    starts = np.concatenate([[0.0], ends[:-1]])
-    bars = list(zip(starts, ends)) + [(0.0, e.logit)]
-    lo = min(0.0, *[min(a, b) for a, b in bars])
-    hi = max(0.0, *[max(a, b) for a, b in bars])
-    span = (hi - lo) or 1.0
-    row, left, right = 26, 110, 70
-    img = Image.new("RGB", (width, row * len(bars) + 30), "white")
-    draw, font = ImageDraw.Draw(img), _font(13)
-    draw.text((8, 4), "from bias to logit", fill=(40, 40, 40), font=font)
-    scale = (width - left - right) / span
+def _drawable(text: str, font) -> str:
+    if getattr(font, "path", "").endswith(_FONT):
+        return text
+    for glyph, words in _WITHOUT_GLYPHS.items():
+        text = text.replace(glyph, words)
+    return text
+
+
+def _lines(text: str, font, width: int) -> list:
+    """``text`` broken into lines no wider than ``width`` pixels (a word longer than that stays whole)."""
+    lines, line = [], ""
+    for word in _drawable(text, font).split(" "):
+        trial = f"{line} {word}" if line else word
+        if line and font.getlength(trial) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = trial
+    return lines + [line] if line else lines
+
+
+def _text(text: str, width: int, size: int = 13, fill=_INK, swatch: Optional[str] = None) -> Image.Image:
+    """A paragraph, wrapped to ``width``; with ``swatch``, a square of that colour before it."""
+    font = _font(size)
+    indent = size + 6 if swatch else 0
+    lines = [line for paragraph in text.split("\n") for line in _lines(paragraph, font, width - indent)]
+    step = size + 5
+    img = Image.new("RGB", (width, step * len(lines) + 4), "white")
+    draw = ImageDraw.Draw(img)
+    if swatch:
+        draw.rectangle([0, 3, size, size + 3], fill=swatch)
+    for r, line in enumerate(lines):
+        draw.text((indent, 2 + r * step), line, fill=fill, font=font)
+    return img
+
+
+def _panel(panel: Panel, width: int) -> Image.Image:
+    """A picture ``width`` wide (nearest neighbour: the grid cells stay crisp) and its caption under it."""
+    picture = panel.picture.convert("RGB")
+    height = max(1, round(picture.height * width / picture.width))
+    caption = _text(panel.caption, width, 12, _MUTED)
+    img = Image.new("RGB", (width, height + caption.height + 2), "white")
+    img.paste(picture.resize((width, height), Image.NEAREST if picture.width < width else Image.LANCZOS), (0, 0))
+    img.paste(caption, (0, height + 2))
+    return img
+
+
+def _row(tiles: list) -> Image.Image:
+    img = Image.new("RGB", (sum(t.width for t in tiles) + _PAD * (len(tiles) - 1), max(t.height for t in tiles)),
+                    "white")
+    x = 0
+    for tile in tiles:
+        img.paste(tile, (x, 0))
+        x += tile.width + _PAD
+    return img
+
+
+def _legend(legend: tuple, width: int) -> Image.Image:
+    font, x, y, step = _font(12), 0, 0, 18
+    placed = []
+    for label, color in legend:
+        text = _drawable(label, font)
+        w = 16 + int(font.getlength(text)) + 14
+        if x and x + w > width:
+            x, y = 0, y + step
+        placed.append((x, y, text, color))
+        x += w
+    img = Image.new("RGB", (width, y + step + 2), "white")
+    draw = ImageDraw.Draw(img)
+    for x, y, text, color in placed:
+        draw.rectangle([x, y + 2, x + 12, y + 14], fill=color)
+        draw.text((x + 16, y + 1), text, fill=_INK, font=font)
+    return img
+
+
+def _waterfall(w: Waterfall, width: int) -> Image.Image:
+    """Floating bars from the bias through each prototype's contribution to the logit (PIL, no plotting
+    library): the view's steps, labels and colours."""
+    bars = [(s.label, s.start, s.end, s.value, s.color) for s in w.steps] + [
+        (w.total_label, 0.0, w.logit, w.logit, w.total_color)]
+    lo = min([0.0] + [min(a, b) for _, a, b, _, _ in bars])
+    hi = max([0.0] + [max(a, b) for _, a, b, _, _ in bars])
+    font = _font(13)
+    left = min(width // 3, max(int(font.getlength(_drawable(lab, font))) for lab, *_ in bars) + 16)
+    row, right = 26, 70
+    scale = (width - left - right) / ((hi - lo) or 1.0)
 
     def x(v: float) -> float:
         return left + (v - lo) * scale
 
-    fills = ["#444444"] + colors + ["#222222"]
-    for r, ((a, b), label, fill) in enumerate(zip(bars, labels, fills)):
-        y = 26 + r * row
-        draw.text((8, y + 4), label, fill=(40, 40, 40), font=font)
+    img = Image.new("RGB", (width, row * len(bars) + 4), "white")
+    draw = ImageDraw.Draw(img)
+    for r, (label, a, b, value, fill) in enumerate(bars):
+        y = r * row
+        draw.text((4, y + 4), _drawable(label, font), fill=_INK, font=font)
         x0, x1 = sorted((x(a), x(b)))
         draw.rectangle([x0, y + 3, max(x1, x0 + 1), y + row - 5], fill=fill)
-        value = e.logit if label == "logit" else b - a
-        draw.text((max(x0, x1) + 4, y + 4), f"{value:+.3f}", fill=(40, 40, 40), font=font)
-    draw.line([(x(0.0), 22), (x(0.0), img.height)], fill=(150, 150, 150))
+        draw.text((x1 + 4, y + 4), f"{value:+.3f}", fill=_INK, font=font)
+    draw.line([(x(0.0), 0), (x(0.0), img.height)], fill=(150, 150, 150))
     return img
 
 
-def render_png(e: Explanation, size: int = 224) -> Image.Image:
-    colors = [viz.prototype_color(i) for i in range(e.k)]
-    picture = viz.enlarge(e.image, size).resize((size, size))
-    tiles = [(picture, "the image as the model sees it"),
-             (viz.prototype_overlay(picture, e.maps, MAP_OPACITY, colors=colors), "all prototypes"),
-             (viz.heat_overlay(picture, e.class_map, MAP_OPACITY), "class map = sum of prototype maps")]
-    small = max(96, size * 2 // 3)
-    protos = [(viz.prototype_overlay(picture, e.maps[i], MAP_OPACITY, colors=[colors[i]])
-               .resize((small, small)),
-               f"prototype {i + 1}: {float(e.contributions[i]):+.3f}") for i in range(e.k)]
-    strip = (small - 2 * 4) // 3  # three top patches under each map: what the prototype looks for
-    patches = [e.patch_pictures(i, 3, strip) for i in range(e.k)]
-    patch_row = strip + 4 if any(patches) else 0
-    pad, caption = 8, 20
-    width = max(3 * (size + pad), min(len(protos), 6) * (small + pad)) + pad
-    waterfall = _waterfall(e, width - 2 * pad, colors)
-    proto_rows = -(-len(protos) // 6)
-    height = (34 + (size + caption + pad) + proto_rows * (small + caption + patch_row + pad) + waterfall.height
-              + 2 * pad)
-    canvas = Image.new("RGB", (width, height), "white")
-    draw, font = ImageDraw.Draw(canvas), _font(13)
-    title = (f"{e.class_name} (class {e.class_index}): logit {e.logit:.3f} = bias {e.bias:.3f} "
-             f"+ contributions {float(np.sum(e.contributions)):.3f}")
-    draw.text((pad, 8), title, fill=(0, 0, 0), font=_font(15))
-    y = 34
-    for i, (tile, text) in enumerate(tiles):
-        canvas.paste(tile.convert("RGB"), (pad + i * (size + pad), y))
-        draw.text((pad + i * (size + pad), y + size + 3), text, fill=(60, 60, 60), font=font)
-    y += size + caption + pad
-    for i, (tile, text) in enumerate(protos):
-        r, c = divmod(i, 6)
-        top = y + r * (small + caption + patch_row + pad)
-        for j, crop in enumerate(patches[i]):
-            canvas.paste(crop.convert("RGB"), (pad + c * (small + pad) + j * (strip + 4), top + small + caption))
-        canvas.paste(tile.convert("RGB"), (pad + c * (small + pad), top))
-        draw.rectangle([pad + c * (small + pad), top + small + 2, pad + c * (small + pad) + 10, top + small + 12],
-                       fill=colors[i])
-        draw.text((pad + c * (small + pad) + 14, top + small + 1), text, fill=(60, 60, 60), font=font)
-    y += proto_rows * (small + caption + patch_row + pad)
-    canvas.paste(waterfall, (pad, y))
+def png_parts(view: ExplanationView) -> list:
+    """The picture's blocks, top to bottom, each drawn the width of the picture: ("text", text,
+    font size, colour, swatch colour or None), ("panels", [Panel]), ("legend", legend) or
+    ("waterfall", waterfall); in the order of the Explain page and the HTML report."""
+    v = view
+    parts = [("text", f"{v.title} — {v.image_name}", 18, _INK, None)]
+    if v.chance_warning:
+        parts.append(("text", f"Warning: {v.chance_warning}", 13, _BAD, None))
+    parts += [("text", "\n".join(f"{what}: {value}" for what, value in v.provenance), 12, _MUTED, None),
+              ("text", v.equation, 14, _INK, None), ("panels", list(v.overview)), ("legend", v.legend),
+              ("text", "Top predictions", 16, _INK, None),
+              ("text", "\n".join(f"{n} ({c}): logit {lg:.3f}, probability {100 * p:.2f}%" for c, n, lg, p in v.top),
+               12, _INK, None),
+              ("text", v.waterfall.title, 16, _INK, None), ("waterfall", v.waterfall),
+              ("text", "This looks like that", 16, _INK, None)]
+    if v.patches_note:
+        parts.append(("text", v.patches_note, 12, _MUTED, None))
+    for p in v.prototypes:
+        flags = "".join(f" [{f}]" for f in p.flags)
+        parts.append(("text", f"{p.title}{flags}: {p.summary}", 14, _INK, p.color))
+        if p.warning:
+            parts.append(("text", p.warning, 12, _BAD, None))
+        if p.description:
+            parts.append(("text", p.description, 12, _MUTED, None))
+        parts.append(("panels", [p.where, p.grid] + ([p.looks_like] if p.looks_like else [])))
+    return parts
+
+
+def _block(part: tuple, width: int) -> Image.Image:
+    kind = part[0]
+    if kind == "text":
+        _, text, font_size, fill, swatch = part
+        return _text(text, width, font_size, fill, swatch)
+    if kind == "legend":
+        return _legend(part[1], width)
+    if kind == "waterfall":
+        return _waterfall(part[1], width)
+    tiles = []
+    for panel in part[1]:  # each at its own width, the last made to fit
+        room = width - sum(t.width for t in tiles) - _PAD * len(tiles)
+        tiles.append(_panel(panel, min(panel.width, room)))
+    return _row(tiles)
+
+
+def render_png(view: ExplanationView) -> Image.Image:
+    """The view (:func:`phpn.show.compose.compose_explanation`) as one picture: the same panels,
+    captions, labels and waterfall as the Explain page and the HTML report (:func:`png_parts`)."""
+    width = 4 * view.size + 3 * _PAD
+    blocks = [_block(part, width) for part in png_parts(view)]
+    canvas = Image.new("RGB", (width + 2 * _PAD, sum(b.height for b in blocks) + _PAD * (len(blocks) + 1)), "white")
+    y = _PAD
+    for block in blocks:
+        canvas.paste(block, (_PAD, y))
+        y += block.height + _PAD
     return canvas

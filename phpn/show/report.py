@@ -3,8 +3,8 @@ run archives.
 
 - :func:`class_report`: a class's prototypes: contribution, fidelity, α, top training
   patches, maps on a few class images, shared parts.
-- :func:`explanation_report`: one image explained for one class: top predictions, each
-  prototype's map beside its training patches, the class map, bias → logit steps.
+- :func:`explanation_report`: one image explained for one class, as the Explain page shows it
+  (:func:`explanation_html` lays out :func:`phpn.show.compose.compose_explanation`'s view).
 - :func:`run_zip_bytes`: a saved run folder (or an unsaved run) as a zip, in memory.
 """
 from __future__ import annotations
@@ -19,7 +19,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
 from PIL import Image
 
 from phpn.config import MAP_OPACITY, class_name
@@ -29,9 +28,8 @@ from phpn.runs.annotations import prototype_label, prototype_labels, prototype_n
 from phpn.runs.provenance import origin_words
 from phpn.runs.store import save_run
 from phpn.show import viz
-from phpn.show.pictures import (
-    seen_image,  # a folder or the Python API's in-memory images
-)
+from phpn.show.compose import ExplanationView, Panel, Waterfall, compose_explanation
+from phpn.show.pictures import seen_image  # a folder or the Python API's in-memory images
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1100px;color:#222}
@@ -45,6 +43,8 @@ th{background:#f5f5f5}td.l,th.l{text-align:left}.proto{border:1px solid #e3e3e3;
 .note{background:#f6f8fa;border-left:3px solid #999;padding:6px 10px;font-size:.9em}
 """
 
+REPORT_SIZE = 196  # an explanation report's overview pictures, in pixels: four fit in a page's width
+
 
 def data_uri(image: Image.Image) -> str:
     buf = io.BytesIO()
@@ -54,8 +54,9 @@ def data_uri(image: Image.Image) -> str:
 
 def _img(image: Image.Image, caption: str = "", width: Optional[int] = None) -> str:
     w = f' width="{int(width)}"' if width else ""
+    box = f' style="width:{int(width)}px"' if width else ""  # a long caption wraps under its picture
     cap = f"<div>{html.escape(caption)}</div>" if caption else ""
-    return f'<div class="fig"><img src="{data_uri(image)}"{w} alt="{html.escape(caption)}">{cap}</div>'
+    return f'<div class="fig"{box}><img src="{data_uri(image)}"{w} alt="{html.escape(caption)}">{cap}</div>'
 
 
 def _esc(x) -> str:
@@ -92,15 +93,10 @@ def _bars_svg(values: Sequence[float], labels: Sequence[str], colors: Sequence[s
     return "".join(parts)
 
 
-def _load_seen(root, rel: str, preprocess) -> Optional[Image.Image]:
-
-    return seen_image(root, rel, preprocess)
-
-
 def _patch_tiles(entries: Sequence[dict], root, preprocess, color: str, size: int) -> list:
     tiles = []
     for e in entries:
-        seen = _load_seen(root, e["path"], preprocess)
+        seen = seen_image(root, e["path"], preprocess)
         if seen is not None:
             tiles.append(viz.patch_pair(seen, e["box"], color, size))
     return tiles
@@ -192,90 +188,76 @@ def _origin(model_meta: dict) -> str:
     return f" from {words}" if words else ""
 
 
-def provenance(explanation, run, *, image_name: Optional[str] = None, model_label: Optional[str] = None,
-               run_label: Optional[str] = None, true_class: Optional[int] = None) -> list:
-    """(what, value) rows saying where an explanation comes from: the image, the model, the run,
-    the predicted and the explained class (and the labelled one when known), the certificate."""
-    e = explanation
-    names = run.class_names
+def _waterfall_svg(w: Waterfall, width: int = 620, row: int = 24) -> str:
+    """The waterfall as inline SVG: floating bars from the bias to the logit."""
+    bars = [(s.label, s.start, s.end, s.value, s.color) for s in w.steps] + [
+        (w.total_label, 0.0, w.logit, w.logit, w.total_color)]
+    lo = min([0.0] + [min(a, b) for _, a, b, _, _ in bars])
+    hi = max([0.0] + [max(a, b) for _, a, b, _, _ in bars])
+    label_w, pad = 190, 60
+    scale = (width - label_w - pad) / ((hi - lo) or 1.0)
 
-    def named(i):
-        return f"{names[i] if 0 <= i < len(names) else i} ({i})"
+    def x(v: float) -> float:
+        return label_w + (v - lo) * scale
 
-    model = run.meta.get("model", {})
-    if model_label is None:  # a run made in the app: the upload's own name and how it was loaded
+    h = row * len(bars) + 8
+    parts = [f'<svg width="{width}" height="{h}" font-size="12">']
+    for i, (label, a, b, value, color) in enumerate(bars):
+        y = 4 + i * row
+        x0, x1 = sorted((x(a), x(b)))
+        parts.append(f'<text x="{label_w - 6}" y="{y + row * 0.65}" text-anchor="end">{_esc(label)}</text>')
+        parts.append(f'<rect x="{x0:.1f}" y="{y + 3}" width="{max(x1 - x0, 1):.1f}" height="{row - 8}" '
+                     f'fill="{color}"/>')
+        parts.append(f'<text x="{x1 + 4:.1f}" y="{y + row * 0.65}">{value:+.3f}</text>')
+    parts.append(f'<line x1="{x(0.0):.1f}" y1="0" x2="{x(0.0):.1f}" y2="{h}" stroke="#999"/></svg>')
+    return "".join(parts)
 
-        model_label = origin_words(model) or None
-    image = image_name or getattr(e, "source", "") or "an image without a name"
-    if run_label is None:
-        where = getattr(run, "path", None)
-        run_label = f"{where}" if where else "not saved"
-    rows = [("Image", image),
-            ("Model", f"{model_label + ' · ' if model_label else ''}{model.get('arch', '?')}, sha256 "
-                      f"{str(model.get('sha256', ''))[:12]}…"),
-            ("Run", f"{run_label} · made {run.meta.get('created', '?')} · k = {run.k_label}")]
-    top_class, _, _, top_p = e.top[0]
-    rows.append(("Predicted class", f"{named(top_class)}, probability {100 * top_p:.1f}%"))
-    explained = named(e.class_index)
-    if e.class_index != top_class:
-        explained += " (not the predicted class: this report explains another class's score)"
-    rows.append(("Explained class", explained))
-    if true_class is not None:
-        verdict = "the model is right" if int(true_class) == top_class else "the model is WRONG on this image"
-        rows.append(("Labelled class", f"{named(int(true_class))}: {verdict}"))
-    rows.append(("Certificate", format_certificate(run.meta.get("certificate"))))
-    return rows
+
+def _panel(panel: Panel) -> str:
+    return _img(panel.picture, panel.caption, panel.width)
+
+
+def explanation_html(view: ExplanationView) -> str:
+    """The page of an explanation (:func:`phpn.show.compose.compose_explanation`), laid out as HTML."""
+    v = view
+    body = [f"<h1>{_esc(v.title)} — {_esc(v.image_name)}</h1>",
+            (f'<p class="bad">Warning: {_esc(v.chance_warning)}</p>' if v.chance_warning else ""),
+            "<table>" + "".join(f"<tr><th class=l>{_esc(a)}</th><td class=l>{_esc(b)}</td></tr>"
+                                for a, b in v.provenance) + "</table>",
+            f'<p class="meta">{_esc(v.equation)}.</p>',
+            '<div class="row">', *[_panel(p) for p in v.overview], "</div>",
+            "<p>" + " ".join(f'<span class="sw" style="background:{c}"></span>{_esc(lab)}' for lab, c in v.legend)
+            + "</p>",
+            "<h2>Top predictions</h2><table><tr><th class=l>class</th><th>logit</th><th>probability</th></tr>"]
+    for c, n, lg, p in v.top:
+        body.append(f"<tr><td class=l>{_esc(n)} ({c})</td><td>{lg:.3f}</td><td>{100 * p:.2f}%</td></tr>")
+    body.append(f"</table><h2>{_esc(v.waterfall.title)}</h2>{_waterfall_svg(v.waterfall)}")
+    body.append("<h2>This looks like that</h2>")
+    if v.patches_note:
+        body.append(f'<p class="meta">{_esc(v.patches_note)}</p>')
+    for p in v.prototypes:
+        flags = "".join(f" <code>{_esc(f)}</code>" for f in p.flags)
+        body.append(f'<div class="proto"><h3><span class="sw" style="background:{p.color}"></span>{_esc(p.title)}'
+                    f"{flags}: {_esc(p.summary)}</h3>")
+        if p.warning:
+            body.append(f'<p class="bad">{_esc(p.warning)}</p>')
+        if p.description:
+            body.append(f'<p class="note">{_esc(p.description)}</p>')
+        body.append('<div class="row">' + _panel(p.where) + _panel(p.grid)
+                    + (_panel(p.looks_like) if p.looks_like else "") + "</div></div>")
+    return _page(f"phpn: why {v.class_name}? ({v.image_name})", "".join(body))
 
 
 def explanation_report(explanation, run, *, image_root=None, preprocess=None, opacity: float = MAP_OPACITY,
-                       patches: int = 4, size: int = 196, image_name: Optional[str] = None,
-                       model_label: Optional[str] = None, run_label: Optional[str] = None,
-                       true_class: Optional[int] = None, notes=None) -> str:
-    """HTML report of one image explained for one class (:class:`phpn.show.explanation.Explanation`), with
-    its provenance (see :func:`provenance`) at the top."""
-    preprocess = preprocess or Preprocess.from_dict(run.meta["preprocess"])
-    e = explanation
-    k = len(e.contributions)
-    colors = [viz.prototype_color(i) for i in range(k)]
-    labels = prototype_labels(notes, e.class_index, k)
-    picture = viz.enlarge(e.image, size)
-    meta = run.class_meta(e.class_index)
-
-    rows = provenance(e, run, image_name=image_name, model_label=model_label, run_label=run_label,
-                      true_class=true_class)
-    warning = chance_warning(run.meta.get("certificate"))
-    body = [f"<h1>Why “{_esc(e.class_name)}”? — {_esc(rows[0][1])}</h1>",
-            (f'<p class="bad">Warning: {_esc(warning)}</p>' if warning else ""),
-            "<table>" + "".join(f"<tr><th class=l>{_esc(a)}</th><td class=l>{_esc(b)}</td></tr>" for a, b in rows)
-            + "</table>",
-            f'<p class="meta">Class {e.class_index}; logit {e.logit:.3f} = bias {e.bias:.3f} + Σ prototype '
-            f"contributions {float(np.sum(e.contributions)):.3f}.</p>",
-            '<div class="row">', _img(picture, "the image as the model sees it", size),
-            _img(viz.prototype_overlay(picture, e.maps, opacity, colors=colors), "all prototypes, each on its own "
-                 "scale", size),
-            _img(viz.heat_overlay(picture, e.class_map, opacity), "class map = Σ prototype maps", size),
-            _img(viz.grid_image(e.class_map, size), "class map on the feature grid", size), "</div>",
-            "<h2>Top predictions</h2><table><tr><th class=l>class</th><th>logit</th><th>probability</th></tr>"]
-    for c, n, lg, p in e.top:
-        body.append(f"<tr><td class=l>{_esc(n)} ({c})</td><td>{lg:.3f}</td><td>{100 * p:.2f}%</td></tr>")
-    body.append("</table><h2>From bias to logit</h2>")
-    steps = ["bias"] + labels
-    vals = [e.bias] + [float(v) for v in e.contributions]
-    body.append(_bars_svg(vals, steps, ["#444444"] + colors))
-    body.append(f"<p>Total: logit {e.logit:.3f}.</p><h2>This looks like that</h2>")
-    for i in range(k):
-        tiles = _patch_tiles(meta["top_patches"][i][:patches], image_root, preprocess, colors[i], 112)
-        body.append(f'<div class="proto"><h3><span class="sw" style="background:{colors[i]}"></span>{_esc(labels[i])}: '
-                    f"{float(e.contributions[i]):+.3f} (fidelity {meta['fidelity'][i]:.3f})</h3>"
-                    + prototype_note_html(notes, e.class_index, i, meta["fidelity"][i]) + "<div class=row>")
-        body.append(_img(viz.prototype_overlay(picture, e.maps[i], opacity, colors=[colors[i]]),
-                         "where, on this image: " + viz.scale_caption(viz.own_scale(e.maps[i])), size // 1.3))
-        body.append(_img(viz.grid_image(e.maps[i], int(size // 1.3), color=colors[i]),
-                         "raw feature grid, the same scale", size // 1.3))
-        if tiles:
-            body.append(_img(viz.image_grid(tiles, columns=2), "looks like (training patches)"))
-        body.append("</div></div>")
-    return _page(f"phpn: why {e.class_name}? ({rows[0][1]})", "".join(body))
+                       mode: str = "bicubic", patches: int = 4, size: int = REPORT_SIZE,
+                       image_name: Optional[str] = None, model_label: Optional[str] = None,
+                       run_label: Optional[str] = None, true_class: Optional[int] = None, notes=None) -> str:
+    """HTML report of one image explained for one class (:class:`phpn.show.explanation.Explanation`),
+    with its provenance (:func:`phpn.show.compose.provenance`) at the top: the panels of the Explain page."""
+    return explanation_html(compose_explanation(
+        explanation, run, notes=notes, image_root=image_root, preprocess=preprocess, opacity=opacity, mode=mode,
+        size=size, patches=patches, image_name=image_name, model_label=model_label, run_label=run_label,
+        true_class=true_class))
 
 
 def run_zip_bytes(run, name: Optional[str] = None, notes=None) -> bytes:

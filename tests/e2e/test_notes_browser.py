@@ -84,7 +84,7 @@ def test_every_prototype_map_is_visible_on_natural_photos(notes_page):
     _choose(pg, "Class folder", "espresso", "967_espresso").click()
     _main(pg).get_by_text("All prototypes, each on its own scale").wait_for()
     _idle(pg)
-    assert _main(pg).get_by_text("Where, upsampled: full colour =").count() == 3
+    assert _main(pg).get_by_text("Where, on this image: full colour =").count() == 3
     assert pg.locator("[data-testid='stException']").count() == 0
     _main(pg).get_by_text("All prototypes, each on its own scale").scroll_into_view_if_needed()
     _idle(pg)
