@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "decompose": "api", "open_model": "api", "load_run": "api", "merge_preprocess": "api",
     "DecomposedRun": "api", "ModelSession": "api", "ClassView": "api",
+    "compare": "api",
     "Explanation": "show.explanation",
     "Certificate": "method.certify",
     "Preprocess": "images.data",
