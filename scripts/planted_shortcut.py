@@ -165,7 +165,6 @@ def load(out: Path, which: str):
 
 def mark_prototype(run, mark: str) -> int:
     """The marked class's prototype whose maps put the largest share of their mass on the mark's cells."""
-    import phpn  # noqa: F401 - the run's network
     net = run.network()
     cells = torch.from_numpy(~np.isnan(mark_mask(mark))).float()[None, None]
     data = run.session.preprocess
@@ -181,6 +180,7 @@ def mark_prototype(run, mark: str) -> int:
 
 
 def benchmark(seeds, marks, json_path=None) -> None:
+    sys.path.insert(0, str(ROOT))  # run from a checkout
     import phpn
 
     rows = []

@@ -9,18 +9,22 @@ part (random directions, the equal split; :mod:`phpn.method.baselines`), on the 
   (1 − entropy of the peak position, normalised), and the share of its map mass in the border band;
 - one look: its top patches are near-duplicates (1 − their pixel diversity);
 - everywhere: its peak response on other classes' images relative to its own class's;
-- causal, paste: its top patch (the box around its highest map cell) pasted at the same place
-  onto other classes' images: the share whose prediction turns into the class, and the class
-  logit's change;
-- causal, remove: the box around its peak blurred on its own class's images: the share of
-  predictions lost, and the logit's drop;
+- causal, paste: its highest-map region (on the image where it peaks highest: the patches around
+  every cell at REGION_SHARE of the peak or more) pasted at the same place onto other classes'
+  images: the share whose prediction turns into the class, and the class logit's change;
+- causal, remove: the highest-map region blurred on each of its own class's images: the share
+  of predictions lost, and the logit's drop;
 - reliance: the share of the class's correct predictions that change when the prototype is
   switched off (the switch-off's edited logits, for every prototype at once).
 
-A signal *stands out* when it exceeds the random baseline's mean by :data:`STANDS_OUT` of its
-spread (or of the signal's own standard error over its images, when larger; a floor keeps a
-spread of zero from making noise look large) and the equal split's value. A prototype's score is the sum of its signals' excesses in those units; its reasons are
-the signals that stand out, in words with their numbers. When none does, the audit says so.
+Each signal's *excess* is how far it lies above the random baseline's mean, in units of that
+baseline's spread (or of the signal's own standard error over its images, when larger; a floor
+keeps a spread of zero from making noise look large). A prototype's score is the sum of its
+positive excesses: the ranking. Its reasons are the signals whose excess reaches
+:data:`REASON_EXCESS` and whose value is above the equal split's, in words with their numbers
+(causal ones first). The same score is computed for every random-direction baseline prototype;
+a prototype *stands out* when it scores above all of them, and when none does the audit says
+that nothing stands out.
 """
 from __future__ import annotations
 
@@ -40,19 +44,21 @@ from phpn.method.network import prototype_maps
 from phpn.progress import report
 
 IMAGES_PER_CLASS = 12  # labelled images per class the audit reads (its own class's; others' for pasting)
-OTHER_IMAGES = 48  # other classes' images a top patch is pasted onto, at most
+OTHER_IMAGES = 48  # other classes' images a region is pasted onto, at most
 TOP_PATCHES = 6  # top patches compared for "one look"
 BORDER_CELLS = 1  # the border band: this many cells of the feature grid along each edge
 PATCH_CELLS = 2.0  # a patch is this many feature cells wide (as the run's top patches)
-STANDS_OUT = 3.0  # spreads of the random baseline a signal must exceed to stand out
+REGION_SHARE = 0.5  # the highest-map region: the patches around its highest cells at this share of the peak or more
+REASON_EXCESS = 1.5  # spreads above the random baseline for a signal to be given as a reason
 BASELINE_SEED = 0
 
 # name: (plain words for the reason, spread floor, unit "%" for rates or "" for numbers)
 SIGNALS = {
-    "paste_flip": ("pasting its top patch onto other classes' images turns their prediction into this class", 0.05, "%"),
-    "paste_logit": ("pasting its top patch onto other classes' images raises this class's logit", 0.25, ""),
-    "remove_drop": ("blurring where it fires on its own class's images loses the prediction", 0.05, "%"),
-    "remove_logit": ("blurring where it fires on its own class's images lowers the class's logit", 0.25, ""),
+    "paste_flip": ("pasting its highest-map region onto other classes' images turns their prediction into this class",
+                   0.05, "%"),
+    "paste_logit": ("pasting its highest-map region onto other classes' images raises this class's logit", 0.25, ""),
+    "remove_drop": ("blurring its highest-map region on its own class's images loses the prediction", 0.05, "%"),
+    "remove_logit": ("blurring its highest-map region on its own class's images lowers the class's logit", 0.25, ""),
     "reliance": ("switching it off changes its class's correct predictions", 0.05, "%"),
     "fixed_place": ("its map peaks at the same place on most images", 0.05, ""),
     "border": ("its map mass lies in the border band of the image", 0.05, "%"),
@@ -60,8 +66,11 @@ SIGNALS = {
     "everywhere": ("it responds on other classes' images as strongly as on its own", 0.05, ""),
 }
 CAUSAL = ("paste_flip", "paste_logit", "remove_drop", "remove_logit")
-NOTHING_STANDS_OUT = ("Nothing stands out: no prototype's signal exceeds the random-direction baseline of this run by "
-                      f"{STANDS_OUT:g} of its spread and the equal split's value.")
+NOTHING_STANDS_OUT = ("Nothing stands out: no prototype scores above every random-direction baseline prototype of "
+                      "this run (prototypes that sum to the same head rows but carry no discovered part).")
+
+NO_SINGLE_REASON = (f"no single signal is {REASON_EXCESS:g} spreads above the random directions; the score adds smaller "
+                    "excesses")
 
 
 @dataclass
@@ -71,9 +80,10 @@ class AuditEntry:
     class_index: int
     class_name: str
     prototype: int  # counted from 0
-    score: float
+    score: float  # the sum of its signals' positive excesses over the random baseline
     reasons: list
-    signals: dict  # name -> {"value", "spread" (when measured over images), "random", "random_sd", "equal"}
+    signals: dict  # name -> {"value", "spread" (when measured over images), "random", "random_sd", "equal", "excess"}
+    stands_out: bool = False  # it scores above every random-direction baseline prototype of the run
 
     @property
     def causal(self) -> bool:
@@ -81,7 +91,8 @@ class AuditEntry:
 
     def to_dict(self) -> dict:
         return {"class": self.class_index, "class_name": self.class_name, "prototype": self.prototype,
-                "score": self.score, "reasons": list(self.reasons), "signals": self.signals}
+                "score": self.score, "stands_out": self.stands_out, "reasons": list(self.reasons),
+                "signals": self.signals}
 
 
 @dataclass
@@ -92,30 +103,38 @@ class Audit:
     baselines: dict  # signal -> {"random_mean", "random_sd", "equal_mean"} over the run's classes
     settings: dict = field(default_factory=dict)
 
+    baseline_scores: list = field(default_factory=list)  # the same score for each random-direction prototype
+
     @property
     def stands_out(self) -> bool:
-        return any(e.score > 0 for e in self.entries)
+        return any(e.stands_out for e in self.entries)
 
     @property
     def summary(self) -> str:
-        flagged = [e for e in self.entries if e.score > 0]
+        highest = max(self.baseline_scores, default=0.0)
+        flagged = [e for e in self.entries if e.stands_out]
         if not flagged:
-            return NOTHING_STANDS_OUT
+            top = self.entries[0].score if self.entries else 0.0
+            return f"{NOTHING_STANDS_OUT} Highest score here {top:.2f}; highest baseline score {highest:.2f}."
         first = flagged[0]
-        return (f"{len(flagged)} of {len(self.entries)} prototypes stand out from the baselines; look first at "
-                f"{first.class_name} prototype {first.prototype + 1}: {first.reasons[0]}")
+        why = first.reasons[0] if first.reasons else NO_SINGLE_REASON
+        return (f"{len(flagged)} of {len(self.entries)} prototypes stand out: they score above every random-direction "
+                f"baseline prototype of this run (highest baseline score {highest:.2f}). Look first at "
+                f"{first.class_name} prototype {first.prototype + 1} (score {first.score:.2f}): {why}")
 
     def to_dict(self) -> dict:
         return {"summary": self.summary, "stands_out": self.stands_out, "images": self.images,
-                "images_per_class": self.images_per_class, "baselines": self.baselines, "settings": self.settings,
+                "images_per_class": self.images_per_class, "baselines": self.baselines,
+                "baseline_scores": list(self.baseline_scores), "settings": self.settings,
                 "prototypes": [e.to_dict() for e in self.entries]}
 
     def text(self, top: Optional[int] = None) -> str:
         lines = [self.summary, f"({self.images} labelled images, up to {self.images_per_class} per class; "
                  "each number beside the random-direction baseline's mean ± spread and the equal split's)"]
         for e in self.entries[:top]:
-            lines.append(f"{e.score:7.2f}  {e.class_name} (class {e.class_index}), prototype {e.prototype + 1}")
-            lines += [f"         - {r}" for r in e.reasons] or ["         - nothing stands out"]
+            flag = "  stands out" if e.stands_out else ""
+            lines.append(f"{e.score:7.2f}  {e.class_name} (class {e.class_index}), prototype {e.prototype + 1}{flag}")
+            lines += [f"         - {r}" for r in e.reasons] or [f"         - {NO_SINGLE_REASON}"]
         return "\n".join(lines)
 
 
@@ -135,6 +154,22 @@ def _box(pos, grid, size) -> tuple:
     y0 = int(min(max(0, round(cy - bh / 2)), height - bh))
     x0 = int(min(max(0, round(cx - bw / 2)), width - bw))
     return y0, y0 + bh, x0, x0 + bw
+
+
+def _region(cell_map: torch.Tensor, size) -> torch.Tensor:
+    """(H, W) bool in input pixels: the patches around the highest cells of ``cell_map`` (h, w) at
+    REGION_SHARE of its peak or more, as many as the grid's longer side at most (a corner mark
+    gives its corner, a border stripe the stripe, an object a part of it)."""
+    h, w = cell_map.shape
+    mask = torch.zeros(size, dtype=torch.bool)
+    peak = float(cell_map.max())
+    flat = cell_map.flatten()
+    order = torch.argsort(flat, descending=True)[:max(h, w)]  # a part, not the whole object: one row's worth at most
+    cells = [divmod(int(o), w) for n, o in enumerate(order) if n == 0 or float(flat[o]) >= REGION_SHARE * peak > 0]
+    for row, col in cells:
+        y0, y1, x0, x1 = _box((row, col), (h, w), size)
+        mask[y0:y1, x0:x1] = True
+    return mask
 
 
 def _blurred(x: torch.Tensor) -> torch.Tensor:
@@ -241,7 +276,8 @@ def _signals(images: _Images, c: int, protos: torch.Tensor, own: torch.Tensor, o
             edited[:, c] -= contrib[:, i]
             rel.append(float((edited.argmax(1)[correct] != c).double().mean()))
         out["reliance"] = (np.array(rel), None)
-    # causal tests: paste the top patch onto other classes' images; blur the peak on its own
+    # causal tests: paste the highest-map region of its top image onto other classes' images (at
+    # the same place); blur each own image's highest-map region
     own_x, others_x = images.x[own], images.x[others]
     sd_logit = float(images.logits[:, c].std()) or 1.0
     flips, flip_sd, gains, gain_sd, drops, drop_sd, losses, loss_sd = ([] for _ in range(8))
@@ -249,9 +285,8 @@ def _signals(images: _Images, c: int, protos: torch.Tensor, own: torch.Tensor, o
     for i in range(m):
         if len(others_x):
             j = int(peak[:, i].argmax())
-            y0, y1, x0, x1 = _box(divmod(int(where[j, i]), w), (h, w), size)
-            pasted = others_x.clone()
-            pasted[:, :, y0:y1, x0:x1] = own_x[j, :, y0:y1, x0:x1]
+            region = _region(maps[j, i], size)
+            pasted = torch.where(region, own_x[j], others_x)
             _, logits = images.forward(pasted)
             before = images.logits[others]
             turned = ((logits.argmax(1) == c) & (before.argmax(1) != c)).double()
@@ -260,10 +295,8 @@ def _signals(images: _Images, c: int, protos: torch.Tensor, own: torch.Tensor, o
             flip_sd.append(float(turned.std()) if len(turned) > 1 else 0.0)
             gains.append(float(delta.mean()))
             gain_sd.append(float(delta.std()) if len(delta) > 1 else 0.0)
-        edited = own_x.clone()
-        for j in range(n_own):
-            y0, y1, x0, x1 = _box(divmod(int(where[j, i]), w), (h, w), size)
-            edited[j, :, y0:y1, x0:x1] = blurred[j, :, y0:y1, x0:x1]
+        regions = torch.stack([_region(maps[j, i], size) for j in range(n_own)])[:, None]
+        edited = torch.where(regions, blurred, own_x)
         _, logits = images.forward(edited)
         lost = ((base_logits.argmax(1) == c) & (logits.argmax(1) != c)).double()
         delta = (base_logits[:, c] - logits[:, c]) / sd_logit
@@ -279,7 +312,8 @@ def _signals(images: _Images, c: int, protos: torch.Tensor, own: torch.Tensor, o
     return out
 
 
-def _reason(name: str, value: float, spread, random_mean: float, random_sd: float, equal: float, n: dict) -> str:
+def _reason(name: str, value: float, spread, random_mean: float, random_sd: float, equal: float, n: dict,
+            excess: float) -> str:
     words = SIGNALS[name][0]
     kind = "causal" if name in CAUSAL else {"fixed_place": "fixed place", "border": "fixed place",
                                             "one_look": "one look"}.get(name, name)
@@ -288,7 +322,8 @@ def _reason(name: str, value: float, spread, random_mean: float, random_sd: floa
     where = {"paste_flip": f" on {n['others']} images", "paste_logit": f" on {n['others']} images",
              "remove_drop": f" on {n['own']} images", "remove_logit": f" on {n['own']} images"}.get(name, "")
     return (f"{kind}: {words}: {shown}{unit}{where}; random directions of this run "
-            f"{_fmt(name, random_mean)} ± {_fmt(name, random_sd).lstrip('+')}, equal split {_fmt(name, equal)}")
+            f"{_fmt(name, random_mean)} ± {_fmt(name, random_sd).lstrip('+')}, equal split {_fmt(name, equal)} "
+            f"({excess:.1f} spreads above the random directions)")
 
 
 def audit_run(run, split, preprocess, data: ImageFolderData, *, images_per_class: int = IMAGES_PER_CLASS,
@@ -324,31 +359,42 @@ def audit_run(run, split, preprocess, data: ImageFolderData, *, images_per_class
         evals = np.array([base[c][1][name][0][0] for c in classes])
         baselines[name] = {"random_mean": float(rvals.mean()), "random_sd": float(rvals.std()),
                            "equal_mean": float(evals.mean()), "words": SIGNALS[name][0]}
+    def excesses(signals: dict, i: int, c: int, n: dict) -> dict:
+        out = {}
+        for name, (_, floor, _) in SIGNALS.items():
+            values, spreads = signals[name]
+            value = float(values[i])
+            spread = None if spreads is None else float(spreads[i])
+            count = n["others"] if name.startswith("paste") else n["own"]
+            error = 0.0 if spread is None else spread / math.sqrt(max(1, count))  # its own sampling error
+            rmean, rsd = baselines[name]["random_mean"], baselines[name]["random_sd"]
+            out[name] = {"value": value, "spread": spread, "random": rmean, "random_sd": rsd,
+                         "equal": float(base[c][1][name][0][0]),
+                         "excess": float((value - rmean) / max(rsd, floor, error))}
+        return out
+
+    def score(signals: dict) -> float:
+        return round(float(sum(max(0.0, s["excess"]) for s in signals.values())), 4)
+
+    counts = {c: {"own": int((images.y == c).sum()), "others": min(other_images, int((images.y != c).sum()))}
+              for c in classes}
+    baseline_scores = [score(excesses(base[c][0], i, c, counts[c])) for c in classes
+                       for i in range(len(base[c][0]["reliance"][0]))]
+    highest = max(baseline_scores, default=0.0)
     entries = []
     for c in classes:
-        n = {"own": int((images.y == c).sum()), "others": min(other_images, int((images.y != c).sum()))}
-        k = len(raw[c]["reliance"][0])
-        for i in range(k):
-            score, reasons, signals = 0.0, [], {}
-            for name, (_, floor, _) in SIGNALS.items():
-                values, spreads = raw[c][name]
-                value = float(values[i])
-                spread = None if spreads is None else float(spreads[i])
-                rmean, rsd = baselines[name]["random_mean"], baselines[name]["random_sd"]
-                equal = float(base[c][1][name][0][0])
-                count = n["others"] if name.startswith("paste") else n["own"]
-                error = 0.0 if spread is None else spread / math.sqrt(max(1, count))  # its own sampling error
-                excess = (value - rmean) / max(rsd, floor, error)
-                signals[name] = {"value": value, "spread": spread, "random": rmean, "random_sd": rsd,
-                                 "equal": equal, "excess": float(excess)}
-                if excess >= STANDS_OUT and value > equal:
-                    score += excess
-                    reasons.append((excess, _reason(name, value, spread, rmean, rsd, equal, n)))
+        for i in range(len(raw[c]["reliance"][0])):
+            signals = excesses(raw[c], i, c, counts[c])
+            reasons = [(s["excess"], _reason(name, s["value"], s["spread"], s["random"], s["random_sd"], s["equal"],
+                                             counts[c], s["excess"]))
+                       for name, s in signals.items() if s["excess"] >= REASON_EXCESS and s["value"] > s["equal"]]
             reasons.sort(key=lambda r: (not r[1].startswith("causal"), -r[0]))  # causal reasons first
-            entries.append(AuditEntry(class_index=c, class_name=class_name(names, c), prototype=i,
-                                      score=round(float(score), 4), reasons=[r for _, r in reasons], signals=signals))
+            total = score(signals)
+            entries.append(AuditEntry(class_index=c, class_name=class_name(names, c), prototype=i, score=total,
+                                      reasons=[r for _, r in reasons], signals=signals, stands_out=total > highest))
     entries.sort(key=lambda e: (-e.score, e.class_index, e.prototype))
     return Audit(entries=entries, images=len(images.y), images_per_class=images_per_class, baselines=baselines,
-                 settings={"stands_out": STANDS_OUT, "other_images": other_images, "top_patches": TOP_PATCHES,
-                           "border_cells": BORDER_CELLS, "patch_cells": PATCH_CELLS, "seed": seed})
-
+                 baseline_scores=baseline_scores,
+                 settings={"reason_excess": REASON_EXCESS, "other_images": other_images, "top_patches": TOP_PATCHES,
+                           "border_cells": BORDER_CELLS, "patch_cells": PATCH_CELLS, "region_share": REGION_SHARE,
+                           "seed": seed})
