@@ -9,7 +9,7 @@ import streamlit as st
 
 from phpn.app import frame as S
 from phpn.errors import DataError
-from phpn.pipeline.audit import IMAGES_PER_CLASS, SIGNALS, STANDS_OUT, audit_run
+from phpn.pipeline.audit import IMAGES_PER_CLASS, NO_SINGLE_REASON, REASON_EXCESS, SIGNALS, audit_run
 
 S.frame()
 st.title("Audit")
@@ -20,11 +20,12 @@ run = entry.run
 
 st.caption("Is the model right for the right reasons? Each prototype is tested for what a shortcut (a watermark, a "
            "ruler, a border artefact) leaves behind: its map always peaks at the same place, its top patches look "
-           "alike, it fires on every class, pasting its top patch onto other classes' images turns them into its "
-           "class, blurring it on its own class's images loses the prediction, switching it off changes the "
-           "class's predictions. Each signal is set beside prototypes that also sum to the head row but carry no "
-           f"discovered part (random directions, the equal split); a signal stands out {STANDS_OUT:g} spreads above "
-           "them.")
+           "alike, it fires on every class, pasting its highest-map region onto other classes' images turns them "
+           "into its class, blurring that region on its own class's images loses the prediction, switching it off "
+           "changes the class's predictions. Each signal is measured in spreads above prototypes that also sum to "
+           "the head row but carry no discovered part (random directions; the equal split is shown too). The score "
+           "adds these excesses; a prototype stands out when it scores above every random-direction prototype; a "
+           f"signal {REASON_EXCESS:g} spreads above is given as a reason.")
 
 options = []
 if data is not None and data.explain_root is not None:
@@ -64,13 +65,13 @@ if stored and stored[0] == entry.id:
     (st.warning if audit.stands_out else st.success)(audit.summary)
     st.caption(f"{audit.images} labelled images, up to {audit.images_per_class} per class.")
     rows = [{"rank": i + 1, "class": e.class_name, "prototype": e.prototype + 1, "score": round(e.score, 2),
-             "reasons": " · ".join(r.split(":", 1)[0] for r in e.reasons) or "nothing stands out"}
+             "stands out": "yes" if e.stands_out else "", "reasons": " · ".join(r.split(":", 1)[0] for r in e.reasons)}
             for i, e in enumerate(audit.entries)]
     st.dataframe(pd.DataFrame(rows), hide_index=True, key="audit_table")
-    for i, e in enumerate([e for e in audit.entries if e.score > 0][:10]):
+    for i, e in enumerate(audit.entries[:5]):  # the first five, beside their baselines
         with st.expander(f"{i + 1}. {e.class_name}, prototype {e.prototype + 1} (score {e.score:.2f})",
                          expanded=i == 0):
-            for reason in e.reasons:
+            for reason in e.reasons or [NO_SINGLE_REASON]:
                 st.markdown(f"- {reason}")
             table = [{"signal": SIGNALS[name][0], "value": round(s["value"], 3),
                       "spread over images": None if s["spread"] is None else round(s["spread"], 3),

@@ -22,7 +22,7 @@ data = S.current_data()
 run = entry.run
 
 st.caption(f"Each class's prototypes of the two runs are paired one-to-one (the Hungarian method) on one stated "
-           f"similarity: the {SIMILARITY[0].lower() + SIMILARITY[1:]}, which holds for any two models. Where both "
+           f"similarity, which holds for any two models: {SIMILARITY}. Where both "
            "runs decompose the same model, the cosine of the prototype vectors is shown too. A pair below the "
            "threshold is no match: both prototypes are listed as unmatched.")
 

@@ -19,7 +19,7 @@ def test_audit_and_compare_pages(page):  # noqa: F811 - the fixture imported abo
     pg.get_by_role("button", name="Audit the prototypes").click()
     pg.get_by_role("button", name="Download the audit (.json)").wait_for(timeout=180_000)
     _idle(pg)
-    summary = _main(pg).get_by_text("prototypes stand out from the baselines").or_(
+    summary = _main(pg).get_by_text("prototypes stand out: they score above every random-direction baseline").or_(
         _main(pg).get_by_text("Nothing stands out")).first
     assert summary.is_visible()
     assert _main(pg).get_by_text("40 labelled images, up to 4 per class.").is_visible()
