@@ -163,8 +163,8 @@ def load(out: Path, which: str):
     return model.eval()
 
 
-def mark_prototype(run, mark: str) -> int:
-    """The marked class's prototype whose maps put the largest share of their mass on the mark's cells."""
+def mark_shares(run, mark: str) -> np.ndarray:
+    """Per prototype of the marked class: the mean share of its positive map mass on the mark's cells."""
     net = run.network()
     cells = torch.from_numpy(~np.isnan(mark_mask(mark))).float()[None, None]
     data = run.session.preprocess
@@ -176,7 +176,12 @@ def mark_prototype(run, mark: str) -> int:
     h, w = maps.shape[-2:]
     on_mark = torch.nn.functional.adaptive_max_pool2d(cells, (h, w))[0, 0] > 0
     share = (maps * on_mark).sum((2, 3)) / maps.sum((2, 3)).clamp(min=1e-12)
-    return int(share.mean(0).argmax())
+    return share.mean(0).numpy()
+
+
+def mark_prototype(run, mark: str) -> int:
+    """The marked class's prototype whose maps put the largest share of their mass on the mark's cells."""
+    return int(mark_shares(run, mark).argmax())
 
 
 def benchmark(seeds, marks, json_path=None) -> None:
@@ -193,25 +198,39 @@ def benchmark(seeds, marks, json_path=None) -> None:
                 pre = phpn.Preprocess(resize=28, crop=28, mean=[MEAN], std=[STD], channels=1)
                 run = phpn.decompose(model, out / "train", k=3, preprocess=pre, progress=False, seed=seed)
                 audit = run.audit(out / "train")
-                truth = (MARKED_CLASS, mark_prototype(run, mark))
+                shares = mark_shares(run, mark)
+                truth = (MARKED_CLASS, int(shares.argmax()))
                 first = audit.entries[0]
                 rank = next(i for i, e in enumerate(audit.entries) if (e.class_index, e.prototype) == truth)
+                # a looser hit: the first entry also looks at the mark (half the best share or more), for
+                # the cases where the mark is split over two prototypes of the class
+                looks = first.class_index == MARKED_CLASS and shares[first.prototype] >= 0.5 * shares.max()
                 rows.append({"mark": mark, "seed": seed, "hit": rank == 0, "rank": rank + 1,
+                             "first_looks_at_mark": bool(looks), "mark_shares": shares.round(4).tolist(),
                              "first": [first.class_index, first.prototype], "mark_prototype": list(truth),
                              "first_score": first.score, "first_reasons": first.reasons,
                              "stands_out": audit.stands_out,
                              "shortcut_flip_to_marked": metrics["shortcut"]["others_to_marked_class_when_marked"],
                              "shortcut_test_accuracy": metrics["shortcut"]["test_accuracy"]})
                 print(f"{mark:8s} seed {seed}: {'hit ' if rank == 0 else 'miss'} (mark prototype ranked {rank + 1} "
-                      f"of {len(audit.entries)}; marked images of other classes go to the marked class: "
+                      f"of {len(audit.entries)}; the first {'looks' if looks else 'does not look'} at the mark; "
+                      f"mark shares of the class's prototypes {np.round(shares, 2).tolist()}; stands out: "
+                      f"{first.stands_out}; "
+                      "marked images of other classes go to the marked class: "
                       f"{100 * rows[-1]['shortcut_flip_to_marked']:.0f}%)", flush=True)
     hits = sum(r["hit"] for r in rows)
-    print(f"hit rate: {hits}/{len(rows)} = {100 * hits / len(rows):.0f}%")
+    looks = sum(r["first_looks_at_mark"] for r in rows)
+    print(f"hit rate (the first entry is the prototype with the largest mark share): {hits}/{len(rows)} = "
+          f"{100 * hits / len(rows):.0f}%")
+    print(f"the first entry looks at the mark (half the largest share or more): {looks}/{len(rows)} = "
+          f"{100 * looks / len(rows):.0f}%")
     for mark in marks:
         sub = [r for r in rows if r["mark"] == mark]
-        print(f"  {mark}: {sum(r['hit'] for r in sub)}/{len(sub)}")
+        print(f"  {mark}: {sum(r['hit'] for r in sub)}/{len(sub)} hits, "
+              f"{sum(r['first_looks_at_mark'] for r in sub)}/{len(sub)} first entries on the mark")
     if json_path:
-        Path(json_path).write_text(json.dumps({"rows": rows, "hits": hits, "runs": len(rows)}, indent=1))
+        Path(json_path).write_text(json.dumps({"rows": rows, "hits": hits, "first_looks_at_mark": looks,
+                                               "runs": len(rows)}, indent=1))
 
 
 def main(argv=None) -> int:
