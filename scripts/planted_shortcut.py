@@ -214,7 +214,7 @@ def benchmark(seeds, marks, json_path=None) -> None:
                              "shortcut_test_accuracy": metrics["shortcut"]["test_accuracy"]})
                 print(f"{mark:8s} seed {seed}: {'hit ' if rank == 0 else 'miss'} (mark prototype ranked {rank + 1} "
                       f"of {len(audit.entries)}; the first {'looks' if looks else 'does not look'} at the mark; "
-                      f"mark shares of the class's prototypes {np.round(shares, 2).tolist()}; stands out: "
+                      f"mark shares of the class's prototypes {[round(float(v), 2) for v in shares]}; stands out: "
                       f"{first.stands_out}; "
                       "marked images of other classes go to the marked class: "
                       f"{100 * rows[-1]['shortcut_flip_to_marked']:.0f}%)", flush=True)
