@@ -22,6 +22,7 @@ _EXPORTS = {
     "decompose": "api", "open_model": "api", "open_run": "api", "load_run": "api", "merge_preprocess": "api",
     "resolve_discovery": "api",
     "DecomposedRun": "api", "ModelSession": "api", "ClassView": "api",
+    "compare": "api",
     "Explanation": "show.explanation",
     "Certificate": "method.certify",
     "Preprocess": "images.data",

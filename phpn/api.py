@@ -58,6 +58,10 @@ from phpn.method.certify import Certificate, certify
 from phpn.method.network import PrototypeNetwork
 from phpn.models import diagnose, load_model
 from phpn.models.hf import LogitsOnly, class_names, logits_only
+from phpn.pipeline.audit import IMAGES_PER_CLASS as AUDIT_IMAGES_PER_CLASS
+from phpn.pipeline.audit import Audit, audit_run
+from phpn.pipeline.compare import IMAGES_PER_CLASS as COMPARE_IMAGES_PER_CLASS
+from phpn.pipeline.compare import MATCH_THRESHOLD, Comparison, check_comparable, compare_runs
 from phpn.pipeline.discover import DiscoveryConfig, discover, resolve_k
 from phpn.progress import ProgressFn, TqdmProgress, report
 from phpn.runs.provenance import load_from_record
@@ -578,6 +582,61 @@ class DecomposedRun(Run):
     def save(self, path, **options) -> Path:
         """Write the run (atomically) to the folder ``path``; reopen it with :func:`load_run`."""
         return save_run(self, path, **options)
+
+    def audit(self, data=None, *, images_per_class: int = AUDIT_IMAGES_PER_CLASS, progress=False) -> Audit:
+        """Every prototype ranked by how much a person should look at it first, with its reasons
+        and the numbers behind them, beside baselines of this run (:mod:`phpn.pipeline.audit`).
+        ``data``: labelled images (a folder, a Dataset or a DataLoader); default: the run's own
+        discovery folder, when it is here."""
+        session = self._session()
+        images = as_data(session, _labelled_images(self, data))
+        bar = _progress_fn(progress)
+        try:
+            return audit_run(self, session.split, session.preprocess, images, images_per_class=images_per_class,
+                             progress=bar)
+        finally:
+            if hasattr(bar, "close"):
+                bar.close()
+
+
+def _labelled_images(run: Run, data):
+    """``data``, else the run's own discovery folder; a ConfigError when neither is here."""
+    if data is not None:
+        return data
+    root = run_image_root(run)
+    if root is None:
+        raise ConfigError("The labelled images this needs are not given, and the run's discovery folder is not here.",
+                          "Pass the images (the command line's --data DIR: one sub-folder of images per class).")
+    return root
+
+
+def compare(a, b, data=None, *, images_per_class: int = COMPARE_IMAGES_PER_CLASS,
+            threshold: float = MATCH_THRESHOLD, progress=False) -> Comparison:
+    """Two runs compared (:mod:`phpn.pipeline.compare`): each class's prototypes matched
+    one-to-one on the same images, the similarity of each pair, the unmatched prototypes of
+    each side and what changed in the contributions. ``a`` and ``b`` are runs attached to their
+    models (:func:`open_run`, :func:`decompose`) or paths of saved runs whose models are here.
+    ``data``: labelled images (default: ``a``'s discovery folder, else ``b``'s). Runs of models
+    with different classes are refused."""
+    runs = [r if isinstance(r, DecomposedRun) else open_run(r, require_model=True) for r in (a, b)]
+    for r in runs:
+        r._session()
+    check_comparable(*runs)  # before any image is read
+    if data is None:
+        roots = [run_image_root(r) for r in runs]
+        data = next((root for root in roots if root is not None), None)
+    images = as_data(runs[0].session, _labelled_images(runs[0], data))
+    labels = tuple(str(r.path.name) if r.path is not None else side for r, side in zip(runs, "AB"))
+    if labels[0] == labels[1]:
+        labels = ("A", "B")
+    bar = _progress_fn(progress)
+    try:
+        return compare_runs(runs[0], runs[0].session.split, runs[0].session.preprocess, runs[1],
+                            runs[1].session.split, runs[1].session.preprocess, images,
+                            images_per_class=images_per_class, threshold=threshold, labels=labels, progress=bar)
+    finally:
+        if hasattr(bar, "close"):
+            bar.close()
 
 
 def model_source(run: Run, *, allowed: Optional[Callable[[Path], bool]] = None, workspace=None,

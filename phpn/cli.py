@@ -307,6 +307,39 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_audit(args) -> int:
+    session, run, _ = _run_session(args)
+    data = args.data if args.data else None
+    if data is None and session.demo:
+        data = _data_dir(args, session)
+    from phpn.progress import TqdmProgress
+
+    bar = TqdmProgress(disable=args.json)
+    try:
+        audit = run.audit(data, **({"images_per_class": args.images_per_class} if args.images_per_class else {}),
+                          progress=bar)
+    finally:
+        bar.close()
+    _emit(args, audit.to_dict(), audit.text())
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from phpn.api import compare, open_run
+
+    runs = []
+    for path, checkpoint, model_def in ((args.run_a, args.checkpoint_a, args.model_def_a),
+                                        (args.run_b, args.checkpoint_b, args.model_def_b)):
+        runs.append(open_run(path, checkpoint, require_model=True, model_def=model_def,
+                             trust_pickle=args.trust_pickle))
+    options = {"images_per_class": args.images_per_class} if args.images_per_class else {}
+    if args.threshold is not None:
+        options["threshold"] = args.threshold
+    result = compare(runs[0], runs[1], args.data, progress=not args.json, **options)
+    _emit(args, result.to_dict(), result.text())
+    return 0
+
+
 def _k_value(text: str):
     """--k: a whole number, or 'auto'."""
     if text == "auto":
@@ -425,6 +458,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parts", type=Path, help="root of a CUB-200-2011-layout part annotation")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_evaluate)
+
+    from phpn.pipeline import audit as A
+    from phpn.pipeline import compare as CMP
+
+    p = sub.add_parser("audit", help="rank every prototype of a run by how much a person should look at it first "
+                                     "(shortcuts: fixed place, one look, everywhere, causal paste/remove, reliance)")
+    p.add_argument("run", type=Path)
+    _add_model_args(p)
+    p.add_argument("--data", type=Path, help="labelled images, one sub-folder per class (default: the run's own "
+                   "discovery folder)")
+    p.add_argument("--images-per-class", type=int, help=f"labelled images read per class (default {A.IMAGES_PER_CLASS})")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("compare", help="match the prototypes of two runs class by class (one-to-one, on the "
+                                       "correlation of their maps on the same images)")
+    p.add_argument("run_a", type=Path, metavar="RUN_A")
+    p.add_argument("run_b", type=Path, metavar="RUN_B")
+    g = p.add_argument_group("models (default: the one each run records)")
+    g.add_argument("--checkpoint-a", type=Path, help="RUN_A's model, when the run does not find it")
+    g.add_argument("--checkpoint-b", type=Path, help="RUN_B's model, when the run does not find it")
+    g.add_argument("--model-def-a", metavar="FILE.py:FACTORY", help="RUN_A's architecture (the file is executed)")
+    g.add_argument("--model-def-b", metavar="FILE.py:FACTORY", help="RUN_B's architecture (the file is executed)")
+    g.add_argument("--trust-pickle", action="store_true",
+                   help="allow whole pickled models; only for files you trust, since unpickling runs code")
+    p.add_argument("--data", type=Path, help="labelled images, one sub-folder per class (default: RUN_A's "
+                   "discovery folder, else RUN_B's)")
+    p.add_argument("--images-per-class", type=int, help="images per class the maps are compared on (default "
+                   f"{CMP.IMAGES_PER_CLASS})")
+    p.add_argument("--threshold", type=float, help="similarity below which a pair is not a match (default "
+                   f"{CMP.MATCH_THRESHOLD:g})")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("app", help="start the app in the browser (needs phpn[app]); Streamlit's own flags pass "
                                    "through, e.g. phpn app --server.port 8502",

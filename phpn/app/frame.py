@@ -667,6 +667,7 @@ PAGES = {
     "mistakes": "pages/mistakes.py",
     "export": "pages/export.py",
     "evaluate": "pages/evaluate.py",
+    "audit": "pages/audit.py", "compare": "pages/compare.py",
 }
 
 

@@ -24,6 +24,8 @@ PAGES = (  # (key in frame.PAGES, title, icon); the first is the default page
     ("mistakes", "Mistakes first", ":material/rule:"),
     ("export", "Export", ":material/download:"),
     ("evaluate", "Evaluate", ":material/straighten:"),
+    ("audit", "Audit", ":material/policy:"),
+    ("compare", "Compare runs", ":material/compare_arrows:"),
 )
 
 

@@ -1,0 +1,83 @@
+"""Audit: every prototype of the run ranked by how much a person should look at it first, with its
+reasons in words and every signal beside the baselines of the same run. The numbers come from
+phpn.pipeline.audit (the same as ``phpn audit`` and ``run.audit()``)."""
+import json
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from phpn.app import frame as S
+from phpn.errors import DataError
+from phpn.pipeline.audit import IMAGES_PER_CLASS, NO_SINGLE_REASON, REASON_EXCESS, SIGNALS, audit_run
+
+S.frame()
+st.title("Audit")
+entry = S.require_run()
+model = S.current_model()
+data = S.current_data()
+run = entry.run
+
+st.caption("Is the model right for the right reasons? Each prototype is tested for what a shortcut (a watermark, a "
+           "ruler, a border artefact) leaves behind: its map always peaks at the same place, its top patches look "
+           "alike, it fires on every class, pasting its highest-map region onto other classes' images turns them "
+           "into its class, blurring that region on its own class's images loses the prediction, switching it off "
+           "changes the class's predictions. Each signal is measured in spreads above prototypes that also sum to "
+           "the head row but carry no discovered part (random directions; the equal split is shown too). The score "
+           "adds these excesses; a prototype stands out when it scores above every random-direction prototype; a "
+           f"signal {REASON_EXCESS:g} spreads above is given as a reason.")
+
+options = []
+if data is not None and data.explain_root is not None:
+    options.append("The demo's held-out images")
+if data is not None:
+    options.append("The images loaded on Model & data")
+options.append("Labelled folder on this server")
+source = st.radio("Labelled images", options, horizontal=True, key="audit_source")
+folder_path = ""
+if source == "Labelled folder on this server":
+    folder_path = st.text_input("Folder path", key="audit_path", placeholder="/data/my-test-set")
+per_class = st.number_input("Images per class", min_value=2, max_value=200, value=IMAGES_PER_CLASS, key="audit_cap")
+
+if st.button("Audit the prototypes", type="primary", key="audit_go"):
+    with S.user_errors():
+        if source == "The demo's held-out images":
+            root = Path(data.explain_root)
+        elif source == "The images loaded on Model & data":
+            root = Path(data.data.root)
+        else:
+            if not folder_path.strip():
+                raise DataError("No folder given.", "Type the path of the labelled folder on this server.")
+            root = S.visitor_path(folder_path, "image folder")
+        folder = S.scan_data(model, root, int(per_class), 0)
+        bar = st.progress(0.0, text="Auditing…")
+        with S.stop_on_error():
+            result = audit_run(run, model.session.split, model.session.preprocess, folder,
+                               images_per_class=int(per_class),
+                               progress=lambda _s, done, total: bar.progress(done / max(total, 1),
+                                                                             text=f"Auditing: class {done}/{total}"))
+        bar.empty()
+        st.session_state["audit_result"] = (entry.id, result)
+
+stored = st.session_state.get("audit_result")
+if stored and stored[0] == entry.id:
+    audit = stored[1]
+    (st.warning if audit.stands_out else st.success)(audit.summary)
+    st.caption(f"{audit.images} labelled images, up to {audit.images_per_class} per class.")
+    rows = [{"rank": i + 1, "class": e.class_name, "prototype": e.prototype + 1, "score": round(e.score, 2),
+             "stands out": "yes" if e.stands_out else "", "reasons": " · ".join(r.split(":", 1)[0] for r in e.reasons)}
+            for i, e in enumerate(audit.entries)]
+    st.dataframe(pd.DataFrame(rows), hide_index=True, key="audit_table")
+    for i, e in enumerate(audit.entries[:5]):  # the first five, beside their baselines
+        with st.expander(f"{i + 1}. {e.class_name}, prototype {e.prototype + 1} (score {e.score:.2f})",
+                         expanded=i == 0):
+            for reason in e.reasons or [NO_SINGLE_REASON]:
+                st.markdown(f"- {reason}")
+            table = [{"signal": SIGNALS[name][0], "value": round(s["value"], 3),
+                      "spread over images": None if s["spread"] is None else round(s["spread"], 3),
+                      "random directions (mean ± sd)": f"{s['random']:.3f} ± {s['random_sd']:.3f}",
+                      "equal split": round(s["equal"], 3), "excess (spreads)": round(s["excess"], 2)}
+                     for name, s in e.signals.items()]
+            st.dataframe(pd.DataFrame(table), hide_index=True)
+    st.download_button("Download the audit (.json)", data=json.dumps(audit.to_dict(), indent=1),
+                       file_name="phpn-audit.json", mime="application/json", key="dl_audit")
