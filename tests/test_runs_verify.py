@@ -11,7 +11,8 @@ from phpn.errors import RunError
 from phpn.images.data import scan_image_folder
 from phpn.models.checkpoint import file_sha256
 from phpn.pipeline.discover import DiscoveryConfig, discover
-from phpn.runs.store import META, check_model, check_run_target, load_run, save_run, verify_run
+from phpn.runs.record import RunRecord
+from phpn.runs.store import META, check_model, check_run_target, file_metadata, load_run, save_run, verify_run
 
 
 @pytest.fixture
@@ -31,19 +32,21 @@ def _files(path) -> list:
 def _rewrite(path, *, meta=None, tensors=None, records=None, checksum=True):
     """Change a saved run by hand (its first shard: the tiny runs have one): ``meta`` changes
     run.json in place, ``records`` maps the shard's records to those written; with ``checksum``
-    the recorded sha256 are updated to match."""
+    the recorded sha256 and the seal are updated to match (``meta`` changes after that)."""
     m = json.loads((path / META).read_text())
     shard = m["shards"][0]
-    if tensors is not None:
-        current = load_file(str(path / shard["file"]))
-        current.update(tensors)
-        save_file(current, str(path / shard["file"]))
     if records is not None:
         listed = json.loads((path / shard["records"]).read_text())
         (path / shard["records"]).write_text(json.dumps(records(listed)))
+    if tensors is not None or records is not None:  # as a forger would: the shard names its run and records
+        current = load_file(str(path / shard["file"]))
+        current.update(tensors or {})
+        save_file(current, str(path / shard["file"]), metadata=file_metadata(
+            run=m["seal"]["id"], records_sha256=file_sha256(path / shard["records"])))
     if checksum:
         shard["sha256"] = file_sha256(path / shard["file"])
         shard["records_sha256"] = file_sha256(path / shard["records"])
+        m = RunRecord.from_dict(m).sealed().to_dict()  # and run.json sealed again
     if meta is not None:
         meta(m)
     (path / META).write_text(json.dumps(m))
