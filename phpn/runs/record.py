@@ -106,7 +106,7 @@ class _Record:
             known.add(key)
             if key not in d:
                 if meta["required"]:
-                    raise _Problem(f"{_join(where, key)} is missing")
+                    raise _Problem(f"{_name(_join(where, key))} is missing")
                 values[name] = ABSENT
                 continue
             try:
@@ -320,7 +320,7 @@ class CertificateRecord(_Record):
         if self.agreed is not ABSENT and self.images and derived["agreed"] != round(self.top1_agreement * self.images):
             raise _Problem(f"{META}'s {where}.top1_agreement ({self.top1_agreement}) does not follow from "
                            f"{self.agreed} of {self.images} images agreeing")
-        for key in ("passed", "relative_logit_diff", "accuracy", "near_chance"):
+        for key in ("relative_logit_diff", "accuracy", "near_chance", "passed"):  # the numbers, then the verdict
             recorded = getattr(self, key)
             if recorded is ABSENT:
                 continue
@@ -564,9 +564,6 @@ def _root(run_id: str, sections: dict) -> str:
 
 # --- the published schema --------------------------------------------------------------------
 
-SCHEMA_ID = "https://phpn.invalid/run.schema.json"
-
-
 def _schema_of(tp, meta=None) -> dict:
     meta = meta or {}
     origin, args = get_origin(tp), get_args(tp)
@@ -618,8 +615,7 @@ def json_schema() -> dict:
     root["allOf"] = [{"if": {"properties": {"format_version": {"const": 2}}, "required": ["format_version"]},
                       "then": {"required": ["shape", "head", "shards", "preprocess"]}}]
     root["required"] = ["format_version"]
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": SCHEMA_ID,
-            "title": "phpn run.json", **root,
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "phpn run.json", **root,
             "$defs": {cls.__name__: _record_schema(cls) for cls in RECORDS if cls is not RunRecord}}
 
 

@@ -391,16 +391,18 @@ def _read_regular(path: Path, name: str) -> bytes:
     """A file's bytes, refused unless it is a regular file of the run folder itself (a link is
     never followed: it could lead anywhere on the server)."""
     try:
-        fd = os.open(path / name, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        # never a link; O_NONBLOCK: a FIFO put in a shard's place is refused below, not waited on
+        fd = os.open(path / name, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         raise _damaged(path, f"{name} is missing") from None
     except OSError as exc:
         if (path / name).is_symlink():
             raise _damaged(path, f"{name} is a link, not a file of the run (phpn never writes links)") from None
         raise _damaged(path, f"{name} cannot be read ({exc.strerror or type(exc).__name__})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise _damaged(path, f"{name} is not a regular file")
     with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-            raise _damaged(path, f"{name} is not a regular file")
         try:
             return fh.read()
         except OSError as exc:
