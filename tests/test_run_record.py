@@ -73,13 +73,13 @@ def _problem(change) -> str:
 
 
 @pytest.mark.parametrize("change, problem", [
-    (lambda d: d["shape"].update(k=-1), "run.json's 'shape' is missing or invalid (run.json's shape.k is -1, it must "
+    (lambda d: d["shape"].update(k=-1), "run.json's 'shape' is missing or invalid (shape.k is -1, it must "
                                         "be at least 0)"),
     (lambda d: d["head"].update(file="../head.safetensors"),
-     "run.json's 'head' is missing or invalid (run.json's head.file '../head.safetensors' is not a data file name "
+     "run.json's 'head' is missing or invalid (head.file '../head.safetensors' is not a data file name "
      "of this run)"),
     (lambda d: d["shards"][0].update(sha256="x"),
-     "run.json's 'shards' is not a list of shard records (run.json's shards[0].sha256 'x' is not a sha256)"),
+     "run.json's 'shards' is not a list of shard records (shards[0].sha256 'x' is not a sha256)"),
     (lambda d: d["certificate"].update(top1_agreement=1.5),
      "run.json's certificate.top1_agreement is 1.5, it must be from 0 to 1"),
     (lambda d: d["certificate"].update(passed=False), "run.json's certificate.passed says False, but its own numbers "
@@ -91,7 +91,7 @@ def _problem(change) -> str:
     (lambda d: d["model"]["class_names"].pop(), "run.json names 9 classes but the head has 10"),
     (lambda d: d["timings"].update(total_s="fast"), "run.json's timings.total_s is not a number"),
     (lambda d: d.update(data=[]), "run.json's 'data' is not an object"),
-    (lambda d: d.update(seal={"version": 1}), "run.json's 'seal' is damaged (run.json's seal.id is missing)"),
+    (lambda d: d.update(seal={"version": 1}), "run.json's 'seal' is damaged (seal.id is missing)"),
 ])
 def test_each_problem_is_one_sentence(change, problem):
     assert _problem(change) == problem

@@ -113,7 +113,8 @@ class _Record:
                 values[name] = _value(d[key], tp, _join(where, key), meta)
             except _Problem as problem:
                 if meta["summary"]:
-                    raise _Problem(f"{_quoted(where, key)} {meta['summary']} ({problem})") from None
+                    detail = str(problem).removeprefix(f"{META}'s ")
+                    raise _Problem(f"{_quoted(where, key)} {meta['summary']} ({detail})") from None
                 raise
         record = cls(**values, extra={key: value for key, value in d.items() if key not in known})
         record._check(where)
@@ -432,7 +433,7 @@ class RunRecord(_Record):
     phpn_version: str = _meta()
     created: str = _meta(doc="when discovery finished (ISO 8601, UTC)")
     model: ModelRecord = _meta(what="an object")
-    preprocess: dict = _meta(doc="phpn.images.data.Preprocess.to_dict(), or {given, channels, size} for tensors")
+    preprocess: dict = _meta(summary="is missing or invalid", doc="phpn.images.data.Preprocess.to_dict(), or {given, channels, size} for tensors")
     data: Optional[DataRecord] = _meta(what="an object")
     config: Optional[dict] = _meta(what="an object", doc="phpn.pipeline.discover.DiscoveryConfig.to_dict()")
     nmf: dict = _meta()
