@@ -56,6 +56,20 @@ def test_an_opened_run_gives_its_record_typed(demo):
     assert record.to_dict() == {k: v for k, v in run.meta.items() if k != "classes"}
 
 
+@pytest.mark.parametrize("demo", DEMOS)
+def test_shipped_runs_open_unsealed_and_a_save_seals_them(demo, tmp_path):
+    """The shipped runs were saved before the seal: they open, say so, and keep their numbers
+    when saved again (sealed)."""
+    from phpn.runs.store import save_run
+
+    old = load_run(ROOT / "assets" / demo / "run")
+    assert old.record.seal is ABSENT and old.record.integrity.startswith("unsealed (saved before phpn sealed")
+    new = load_run(save_run(old, tmp_path / "run"))
+    assert new.record.integrity.startswith("sealed: run.json's meaning") and new.record.seal_problem() == ""
+    assert new.meta["certificate"] == old.meta["certificate"] and new.meta["tensors_sha256"] != ""
+    assert list(new.meta["classes"]) == list(old.meta["classes"])
+
+
 def test_a_run_in_memory_has_a_record_without_an_index():
     record = RunRecord.from_dict({"model": {"arch": "tiny", "class_names": None}, "config": {"auto_k": 5}})
     assert record.format_version is ABSENT and record.shards is ABSENT and record.class_names is None

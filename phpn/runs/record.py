@@ -24,7 +24,6 @@ import json
 import math
 import re
 from dataclasses import dataclass, field, fields
-from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 from phpn.errors import RunError
@@ -169,11 +168,30 @@ def _describe(tp) -> str:
     return _WORDS.get(tp, "a JSON value")
 
 
+_SHAPES: dict = {}
+
+
+def _shape(tp) -> tuple:
+    shape = _SHAPES.get(tp)
+    if shape is None:
+        shape = _SHAPES[tp] = (get_origin(tp), get_args(tp))
+    return shape
+
+
+_PLAIN = (str, int, float, bool, dict, list)
+_NO_META: dict = {}
+
+
 def _value(value, tp, where: str, meta=None):
     """``value`` checked against the type ``tp`` (records become their dataclass)."""
-    meta = meta or {}
+    meta = meta or _NO_META
+    if tp in _PLAIN and _is(value, tp):  # the common case first: a run holds thousands of records
+        if meta.get("minimum") is not None or meta.get("maximum") is not None or meta.get("pattern") \
+                or meta.get("enum"):
+            _check_range(value, where, meta)
+        return value
     what = meta.get("what")
-    origin, args = get_origin(tp), get_args(tp)
+    origin, args = _shape(tp)
     try:
         if origin is Union:
             if value is None and type(None) in args:
@@ -211,7 +229,7 @@ def _value(value, tp, where: str, meta=None):
 
 def _needs_walk(tp) -> bool:
     """Whether a list's items need more than one type test each (records, nested lists)."""
-    return not (tp in (str, int, float, bool) or tp is Any)
+    return not (tp in (str, int, float, bool, dict, list) or tp is Any)
 
 
 def _name(where: str) -> str:
@@ -244,11 +262,13 @@ def _check_range(value, where: str, meta: dict) -> None:
 
 
 def confined_path(text: str) -> bool:
-    """Whether ``text`` is a relative path that stays inside the folder it is read from."""
-    if not isinstance(text, str) or not text or "\x00" in text or "\\" in text:
+    """Whether ``text`` is a relative path that stays inside the folder it is read from: not
+    absolute, no drive ("C:"), no backslash, no ".." part (string tests: a run holds many)."""
+    if not isinstance(text, str) or not text or "\x00" in text or "\\" in text or text[0] == "/":
         return False
-    posix, windows = PurePosixPath(text), PureWindowsPath(text)
-    return not (posix.is_absolute() or windows.drive or windows.root or ".." in posix.parts)
+    if len(text) > 1 and text[1] == ":" and text[0].isalpha():
+        return False
+    return ".." not in text or ".." not in text.split("/")
 
 
 # --- the records ------------------------------------------------------------------------------
@@ -510,6 +530,16 @@ class RunRecord(_Record):
             Preprocess.from_dict(self.preprocess)
 
     # --- the seal -----------------------------------------------------------------------------
+
+    @property
+    def integrity(self) -> str:
+        """What the run's checksums cover, in words."""
+        if self.seal:
+            return ("sealed: run.json's meaning (model, class names, preprocessing, certificate, settings, file "
+                    "index) and every data file are under checksums, and each data file names this run")
+        return ("unsealed (saved before phpn sealed run.json): its data files are under checksums, run.json's "
+                "meaning is not; saving the run again seals it")
+
 
     def sealed(self) -> "RunRecord":
         """The record with its seal computed over what it holds now."""
