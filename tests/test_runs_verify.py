@@ -333,6 +333,7 @@ def _write_meta(path: Path, m: dict) -> None:
 def test_a_saved_run_is_sealed_and_its_files_name_it(certified):
     m = _meta(certified)
     record = RunRecord.from_dict(m)
+    assert record.to_dict() == m and json.dumps(record.to_dict()) == json.dumps(m)  # written through the record
     assert record.seal.version == 1 and record.seal_problem() == ""
     assert set(record.seal.sections) == set(m) - {"seal"}
     assert verify_run(certified).record.seal.sha256 == m["seal"]["sha256"]
