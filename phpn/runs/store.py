@@ -11,9 +11,17 @@ A run is a folder (format 2, written by this version):
                            about 32 MB of classes
   shard-NNNNN-<sha>.json   those classes' records: statistics, fidelity, top patches, warnings
 
+run.json is read and written through typed records (:mod:`phpn.runs.record`, published as
+docs/run.schema.json) and sealed: one sha256 per section (model and class names, preprocessing,
+certificate, settings, file index...), so a change to any of them is refused, naming it. Each
+data file names the run it belongs to (its safetensors metadata), a shard's tensors also its
+records file's sha256; data files are read only as regular files of the run folder, never
+through a link. Runs saved before the seal open unsealed (``Run.record.integrity`` says so).
+
 Opening a run (:func:`load_run`) reads run.json and the head file only, so a run of 10,000
 classes opens at once; a shard is read, its checksums and contents checked (finite, Σ p̃ = head
-rows) the first time one of its classes is needed. :func:`verify_run` checks every shard.
+rows, image paths relative and inside the image folder) the first time one of its classes is
+needed. :func:`verify_run` checks every shard.
 Format 1 (one ``tensors.safetensors`` and every class record in run.json, as the demos
 shipped before) is still read, and checked whole when opened.
 
@@ -68,15 +76,16 @@ FILE_META_KEY = "phpn"
 RUN_ID_KEY = "run"
 RECORDS_KEY = "records_sha256"
 
-
-def file_metadata(**named) -> dict:
-    """The safetensors metadata of a data file of the run ``run`` (and, for a shard, its records' sha256)."""
-    return {FILE_META_KEY: json.dumps(named, sort_keys=True)}
 TENSOR_NAMES = ("prototypes", "nmf_prototypes", "alpha", "class_indices", "head_rows", "head_bias")
 HEAD_TENSORS = ("head_rows", "head_bias", "class_indices")  # read when a run opens
 SHARD_TENSORS = ("prototypes", "nmf_prototypes", "alpha")  # read when one of the shard's classes is needed
 SHARD_BYTES = 32 * 2 ** 20  # a shard's tensors stay about this size: reading one class costs one shard
 KEPT_SHARDS = 8  # a run opened lazily keeps the tensors of this many shards read last (about 256 MB)
+
+
+def file_metadata(**named) -> dict:
+    """The safetensors metadata of a data file of the run ``run`` (and, for a shard, its records' sha256)."""
+    return {FILE_META_KEY: json.dumps(named, sort_keys=True)}
 
 
 def is_run_file(name: str) -> bool:
