@@ -3,6 +3,7 @@ prototypes off (an edited model, measured against the original), and the glossar
 import copy
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -106,7 +107,7 @@ def test_bad_notes_get_clear_messages(world, tmp_path):
     with pytest.raises(RunError, match=r"^The run's annotations\.json cannot be read \(JSONDecodeError\)\. Remove or "
                                        r"rename annotations\.json"):
         A.load_annotations(run, damaged)
-    (damaged / ANNOTATIONS).write_text(json.dumps({"format_version": 1, "prototypes": [
+    (damaged / ANNOTATIONS).write_text(json.dumps({"format_version": 1, "run_sha256": notes.run_seal, "prototypes": [
         {"class_index": 1, "prototype": 5, "name": "x"}]}))
     with pytest.raises(RunError, match=r"has an entry this run cannot take \(Prototype 6 does not exist"):
         A.load_annotations(run, damaged)
@@ -176,3 +177,43 @@ def test_glossary_explains_every_word_shown_and_flags_low_fidelity():
         f"Low fidelity (0.44 < {glossary.LOW_FIDELITY:g}): its example patches and maps may not be what this "
         "prototype actually responds to; read it with care.")
     assert glossary.low_fidelity(0.1) and not glossary.low_fidelity(None)
+
+
+def test_notes_name_their_run_and_are_refused_on_another(world, tmp_path):
+    import shutil
+
+    _, _, _, _, run, folder = world
+    notes = A.Annotations.for_run(run)
+    notes.set(1, 0, name="edge")
+    assert notes.to_dict()["run_sha256"] == run.meta["seal"]["sha256"] == notes.run_seal
+    assert notes.to_dict()["run_tensors_sha256"] == run.meta["tensors_sha256"]
+    copy_dir = Path(shutil.copytree(folder, tmp_path / "copy"))
+    A.save_annotations(notes, copy_dir)
+    assert A.load_annotations(load_run(copy_dir)).to_dict() == notes.to_dict()
+
+    def refused(data, phrase):
+        (copy_dir / ANNOTATIONS).write_text(json.dumps(data))
+        before = {p.name: _sha(p) for p in copy_dir.iterdir()}
+        with pytest.raises(RunError) as err:
+            A.load_annotations(load_run(copy_dir))
+        assert str(err.value) == phrase
+        assert {p.name: _sha(p) for p in copy_dir.iterdir()} == before
+
+    fix = " Remove or rename annotations.json to open the run without them."
+    unnamed = {k: v for k, v in notes.to_dict().items() if k not in ("run_sha256", "run_tensors_sha256")}
+    refused(unnamed, "The annotations.json of the run does not name the run it belongs to, so it could be another "
+                     "run's." + fix)
+    # the same tensors under another meaning (other class names, another certificate...): another run
+    other = dict(notes.to_dict(), run_sha256="e" * 64)
+    refused(other, f"The annotations.json of the run describes another run (run sha256 eeeeeeeeeeee…, this run's is "
+                   f"{notes.run_seal[:12]}…)." + fix)
+    # notes written for a run saved before seals name its tensors only: still matched by them
+    older = {k: v for k, v in notes.to_dict().items() if k != "run_sha256"}
+    (copy_dir / ANNOTATIONS).write_text(json.dumps(older))
+    assert A.load_annotations(load_run(copy_dir)).get(1, 0).name == "edge"
+    # and saving notes of another run into this folder is refused, the file left as it was
+    stranger = A.Annotations.for_run(run)
+    stranger.run_seal = "e" * 64
+    with pytest.raises(RunError, match=r"^These notes describe another run than the one saved in copy\."):
+        A.save_annotations(stranger, copy_dir)
+    assert json.loads((copy_dir / ANNOTATIONS).read_text()) == older

@@ -162,11 +162,14 @@ def test_a_run_whose_model_file_is_missing_asks_for_it_and_opens_once_it_is_load
     at.selectbox(key="demo_name").set_value("imagenet-lite0").run()
     at.button(key="load_demo").click().run()
     folder = _save_run(at, "lite0-copy")
-    meta = json.loads((folder / "run.json").read_text())
-    meta["demo"] = None  # as if made from an uploaded file that is gone now
+    from phpn.runs.store import load_run, save_run
+
+    saved = load_run(folder)  # saved again as if made from an uploaded file that is gone now (run.json is sealed)
+    meta = saved.meta
+    meta["demo"] = None
     meta["model"]["source"] = str(tmp_path / "gone" / "lite0.safetensors")
     meta["model"]["origin"] = {"how": "upload", "name": "lite0.safetensors", "sha256": meta["model"]["sha256"]}
-    (folder / "run.json").write_text(json.dumps(meta))
+    save_run(saved, folder, overwrite=True)
     sha = meta["model"]["sha256"]
 
     again = _app()

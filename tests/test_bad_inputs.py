@@ -25,7 +25,8 @@ from safetensors.torch import load_file, save_file
 from phpn.cli import main
 from phpn.errors import DataError
 from phpn.models.checkpoint import file_sha256
-from phpn.runs.store import META
+from phpn.runs.record import RunRecord
+from phpn.runs.store import META, file_metadata
 
 MODEL_SOURCE = textwrap.dedent('''
     import torch
@@ -120,15 +121,17 @@ def _shard(run: Path) -> dict:
 def _rewrite_run(run: Path, *, meta=None, tensors=None, records=None, checksum=True) -> None:
     m = json.loads((run / META).read_text())
     shard = m["shards"][0]
-    if tensors is not None:
-        current = load_file(str(run / shard["file"]))
-        tensors(current)
-        save_file(current, str(run / shard["file"]))
     if records is not None:
         (run / shard["records"]).write_text(json.dumps(records(json.loads((run / shard["records"]).read_text()))))
+    if tensors is not None or records is not None:  # as a forger would: the shard names its run and records
+        current = load_file(str(run / shard["file"]))
+        (tensors or (lambda t: None))(current)
+        save_file(current, str(run / shard["file"]), metadata=file_metadata(
+            run=m["seal"]["id"], records_sha256=file_sha256(run / shard["records"])))
     if checksum:
         shard["sha256"] = file_sha256(run / shard["file"])
         shard["records_sha256"] = file_sha256(run / shard["records"])
+        m = RunRecord.from_dict(m).sealed().to_dict()  # and run.json sealed again
     if meta is not None:
         meta(m)
     (run / META).write_text(json.dumps(m))
@@ -366,6 +369,14 @@ def _other_arch(w, t):
             f"{t / 'other.py'}:Net", "--resize", "16", "--crop", "16"]
 
 
+def _other_checkpoint(w, t):
+    """The run opened with another checkpoint file (the same weights, saved again: another sha256)."""
+    run = w.copy_run(t)
+    other = t / "saved-again.safetensors"
+    save_file(w.state, str(other), metadata={"saved": "again"})
+    return ["explain", run, w.images / "0" / "img0.png", *w.model_with(other)]
+
+
 def _scale(name, factor):
     def tensors(ts):
         ts[name] = ts[name].clone()
@@ -398,8 +409,7 @@ RUNS = {
     "run-preprocess-broken": (_run_cmd(lambda r: _rewrite_run(r, meta=lambda m: m.update(preprocess="big"))),
                               "'preprocess' is missing or invalid"),
     "run-tensors-missing": (_run_cmd(lambda r: (r / _shard(r)["file"]).unlink()), "safetensors is missing"),
-    "run-another-checkpoint": (_run_cmd(lambda r: _rewrite_run(r, meta=lambda m: m["model"].update(sha256="f" * 64))),
-                               "This run was made from a different checkpoint"),
+    "run-another-checkpoint": (_other_checkpoint, "This run was made from a different checkpoint"),
     "run-another-architecture": (_other_arch, "made with the architecture 'user:net.py:Net', but the model opened now "
                                               "has 'user:other.py:Net'"),
     "run-certify-batch-size-0": (_run_cmd(command="certify", extra=["--batch-size", "0"]),

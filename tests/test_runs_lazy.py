@@ -13,6 +13,7 @@ import phpn.runs.store as runs
 from phpn.errors import RunError
 from phpn.images.data import scan_image_folder
 from phpn.pipeline.discover import DiscoveryConfig, discover
+from phpn.runs.record import RunRecord
 from phpn.runs.store import META, TENSOR_NAMES, TENSORS, check_run_target, load_run, save_run, verify_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,7 +101,7 @@ def test_opening_and_reading_one_class_needs_no_other_shard(large):
     (lambda t, r: r.pop(), "class records (255) do not match the run's decomposed classes"),
 ])
 def test_a_shard_that_matches_its_checksum_is_still_checked(large, change, phrase):
-    """Contents written by hand (checksum updated) are refused when their shard is read, not before."""
+    """Contents written by hand (checksums and seal updated) are refused when their shard is read, not before."""
     from safetensors.torch import load_file, save_file
 
     path, _ = large
@@ -109,11 +110,12 @@ def test_a_shard_that_matches_its_checksum_is_still_checked(large, change, phras
     tensors = load_file(str(path / shard["file"]))
     records = json.loads((path / shard["records"]).read_text())
     change(tensors, records)
-    save_file(tensors, str(path / shard["file"]))
     (path / shard["records"]).write_text(json.dumps(records))
+    save_file(tensors, str(path / shard["file"]), metadata=runs.file_metadata(  # as a forger would
+        run=meta["seal"]["id"], records_sha256=runs.file_sha256(path / shard["records"])))
     shard["sha256"] = runs.file_sha256(path / shard["file"])
     shard["records_sha256"] = runs.file_sha256(path / shard["records"])
-    (path / META).write_text(json.dumps(meta))
+    (path / META).write_text(json.dumps(RunRecord.from_dict(meta).sealed().to_dict()))
     opened = load_run(path)
     assert opened.class_meta(9000)["index"] == 9000
     with pytest.raises(RunError) as err:

@@ -4,7 +4,8 @@ Notes: each prototype of a run can get a name ("beak"), a description and flags
 ("background", "spurious", or the expert's own words). They are kept in
 ``annotations.json`` beside the run's ``run.json``, written atomically and never inside
 ``run.json`` or the tensors, so annotating never changes the run or its checksum. The file
-records the checksum of the run's tensors it describes and is refused for another run.
+names the run it describes (the sha256 of its sealed run.json, and of its tensors) and is
+refused for another run; a file that names no run is refused too.
 
 Switching off: :func:`switch_off` predicts labelled images with some prototypes removed
 from their class's score (the head row loses those prototypes) and reports the changed
@@ -27,6 +28,7 @@ from phpn.errors import ConfigError, RunError
 from phpn.glossary import fidelity_warning
 from phpn.images.data import load_batch
 from phpn.progress import report
+from phpn.runs.record import RunRecord
 from phpn.runs.store import ANNOTATIONS, META
 
 FORMAT_VERSION = 1
@@ -83,7 +85,14 @@ def _clean_flags(flags) -> tuple:
 def run_tensors_sha256(run) -> Optional[str]:
     """The checksum of the run's tensors as recorded in its run.json (format 1: of its tensors file;
     format 2: one over the checksums of its head and shard files), or None: not saved yet."""
-    return run.meta.get("tensors_sha256")
+    return run.record.tensors_sha256 or None
+
+
+def run_seal_sha256(run) -> Optional[str]:
+    """The sha256 of the run's sealed run.json (its whole meaning), or None: not saved yet, or
+    saved before runs were sealed."""
+    seal = run.record.seal
+    return seal.sha256 if seal else None
 
 
 def plain_label(prototype: int) -> str:
@@ -116,11 +125,12 @@ class Annotations:
     k: int
     notes: dict = field(default_factory=dict)
     run_sha256: Optional[str] = None  # the tensors checksum of the run they describe
+    run_seal: Optional[str] = None  # the sha256 of that run's sealed run.json (runs saved before seals: None)
 
     @classmethod
     def for_run(cls, run) -> "Annotations":
         return cls(class_indices=tuple(int(c) for c in run.class_indices.tolist()), k=run.k,
-                   run_sha256=run_tensors_sha256(run))
+                   run_sha256=run_tensors_sha256(run), run_seal=run_seal_sha256(run))
 
     def _check(self, class_index: int, prototype: int) -> tuple:
         class_index, prototype = int(class_index), int(prototype)
@@ -160,7 +170,8 @@ class Annotations:
         return sorted(key for key, note in self.notes.items() if note.flags and (flag is None or flag in note.flags))
 
     def to_dict(self) -> dict:
-        return {"format_version": FORMAT_VERSION, "run_tensors_sha256": self.run_sha256, "k": self.k,
+        named = {"run_sha256": self.run_seal} if self.run_seal else {}
+        return {"format_version": FORMAT_VERSION, **named, "run_tensors_sha256": self.run_sha256, "k": self.k,
                 "prototypes": [{"class_index": c, "prototype": i, **note.to_dict()}
                                for (c, i), note in sorted(self.notes.items())]}
 
@@ -172,10 +183,7 @@ class Annotations:
             raise RunError(f"The {where} is not a phpn notes file of format {FORMAT_VERSION}.",
                            f"Remove or rename {ANNOTATIONS} to open the run without its notes.")
         out = cls.for_run(run)
-        recorded = data.get("run_tensors_sha256")
-        if recorded and out.run_sha256 and recorded != out.run_sha256:
-            raise RunError(f"The {where} describes another run (tensors sha256 {str(recorded)[:12]}…, this run's is "
-                           f"{out.run_sha256[:12]}…).", f"Remove or rename {ANNOTATIONS} to open the run without them.")
+        _check_run(data.get("run_sha256"), data.get("run_tensors_sha256"), out, where)
         entries = data.get("prototypes")
         if not isinstance(entries, list):
             raise RunError(f"The {where} has no list of prototypes.", f"Remove or rename {ANNOTATIONS}.")
@@ -187,6 +195,24 @@ class Annotations:
                 raise RunError(f"The {where} has an entry this run cannot take ({exc}).",
                                f"Fix or remove {ANNOTATIONS}.") from None
         return out
+
+
+def _check_run(seal, tensors, notes: Annotations, where: str) -> None:
+    """Refuse notes that name no run, or another run than ``notes``' (by every checksum both name)."""
+    fix = f"Remove or rename {ANNOTATIONS} to open the run without them."
+    if not seal and not tensors:
+        raise RunError(f"The {where} does not name the run it belongs to, so it could be another run's.", fix)
+    if not notes.run_seal and not notes.run_sha256:
+        raise RunError(f"The {where} cannot be matched to this run: the run is not saved.",
+                       "Open the saved run to read its notes.")
+    if seal and notes.run_seal and seal != notes.run_seal:
+        raise RunError(f"The {where} describes another run (run sha256 {str(seal)[:12]}…, this run's is "
+                       f"{notes.run_seal[:12]}…).", fix)
+    if tensors and notes.run_sha256 and tensors != notes.run_sha256:
+        raise RunError(f"The {where} describes another run (tensors sha256 {str(tensors)[:12]}…, this run's is "
+                       f"{notes.run_sha256[:12]}…).", fix)
+    if not (seal and notes.run_seal) and not (tensors and notes.run_sha256):
+        raise RunError(f"The {where} names its run in a way this run cannot be checked against.", fix)
 
 
 def annotations_path(run_dir) -> Path:
@@ -214,14 +240,22 @@ def save_annotations(annotations: Annotations, run_dir) -> Path:
         raise RunError(f"{folder} is not a saved phpn run, so the notes have nowhere to go.",
                        "Save the run first (Discover page, or --out on the command line).")
     try:
-        recorded = json.loads((folder / META).read_text(encoding="utf-8")).get("tensors_sha256")
-    except (OSError, ValueError, AttributeError):
-        recorded = None
-    if annotations.run_sha256 is None:
-        annotations.run_sha256 = recorded  # notes made before the run was saved: now they name it
-    elif recorded is not None and recorded != annotations.run_sha256:
+        record = RunRecord.from_dict(json.loads((folder / META).read_text(encoding="utf-8")), where=str(folder))
+    except (OSError, ValueError):
+        record = None
+    tensors = (record.tensors_sha256 or None) if record is not None else None
+    seal = record.seal.sha256 if record is not None and record.seal else None
+    if not tensors and not seal:
+        raise RunError(f"The run in {folder.name} names no checksum, so notes could not be matched to it.",
+                       "Save the run again (Discover page, or --out on the command line).")
+    if annotations.run_sha256 is None and annotations.run_seal is None:
+        annotations.run_sha256, annotations.run_seal = tensors, seal  # notes made before the run was saved
+    elif (seal and annotations.run_seal and seal != annotations.run_seal) or \
+            (tensors and annotations.run_sha256 and tensors != annotations.run_sha256):
         raise RunError(f"These notes describe another run than the one saved in {folder.name}.",
                        "Open that run and write its notes there.")
+    else:
+        annotations.run_sha256, annotations.run_seal = tensors, seal
     return write_atomic(folder / ANNOTATIONS, json.dumps(annotations.to_dict(), indent=1, ensure_ascii=False))
 
 

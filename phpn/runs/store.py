@@ -11,9 +11,17 @@ A run is a folder (format 2, written by this version):
                            about 32 MB of classes
   shard-NNNNN-<sha>.json   those classes' records: statistics, fidelity, top patches, warnings
 
+run.json is read and written through typed records (:mod:`phpn.runs.record`, published as
+docs/run.schema.json) and sealed: one sha256 per section (model and class names, preprocessing,
+certificate, settings, file index...), so a change to any of them is refused, naming it. Each
+data file names the run it belongs to (its safetensors metadata), a shard's tensors also its
+records file's sha256; data files are read only as regular files of the run folder, never
+through a link. Runs saved before the seal open unsealed (``Run.record.integrity`` says so).
+
 Opening a run (:func:`load_run`) reads run.json and the head file only, so a run of 10,000
 classes opens at once; a shard is read, its checksums and contents checked (finite, Σ p̃ = head
-rows) the first time one of its classes is needed. :func:`verify_run` checks every shard.
+rows, image paths relative and inside the image folder) the first time one of its classes is
+needed. :func:`verify_run` checks every shard.
 Format 1 (one ``tensors.safetensors`` and every class record in run.json, as the demos
 shipped before) is still read, and checked whole when opened.
 
@@ -29,8 +37,8 @@ import gc
 import hashlib
 import json
 import os
-import re
 import shutil
+import stat
 import tempfile
 import threading
 from collections.abc import Sequence
@@ -39,29 +47,45 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors.torch import load, load_file, save
+from safetensors.torch import load, save
 
 from phpn.atomic import check_may_write
 from phpn.config import class_names_or_indices
 from phpn.errors import RunError
-from phpn.images.data import Preprocess
-from phpn.images.inputs import TensorInput
 from phpn.method.certify import MAX_HEAD_ERROR
 from phpn.method.network import LazyPrototypeNetwork, PrototypeNetwork
-from phpn.models.checkpoint import file_sha256
+from phpn.models.checkpoint import file_sha256  # noqa: F401 - a run's checksums are file_sha256's (tests use it here)
+from phpn.runs.record import (
+    ABSENT,
+    DATA_FILE,
+    FORMAT_VERSION,
+    META,
+    READABLE_VERSIONS,
+    RunRecord,
+    class_record_problem,
+    meaning_id,
+)
 
-FORMAT_VERSION = 2  # what save_run writes
-READABLE_VERSIONS = (1, 2)
 TENSORS = "tensors.safetensors"  # format 1: every tensor in one file
-META = "run.json"
 ANNOTATIONS = "annotations.json"  # the expert's notes on the prototypes, kept beside the run
-RUN_FILES = (TENSORS, META, ANNOTATIONS)  # the fixed names phpn writes in a run folder
-DATA_FILE = re.compile(r"(head|shard-\d{5})-[0-9a-f]{16}\.(safetensors|json)")  # and the checksummed ones
+RUN_FILES = (TENSORS, META, ANNOTATIONS)  # the fixed names phpn writes in a run folder (and DATA_FILE's)
+# A data file's safetensors metadata: one key (the file's bytes stay the same from save to save; several
+# keys would be written in any order) holding the id of the run it belongs to and, in a shard's tensors
+# file, the sha256 of its records file.
+FILE_META_KEY = "phpn"
+RUN_ID_KEY = "run"
+RECORDS_KEY = "records_sha256"
+
 TENSOR_NAMES = ("prototypes", "nmf_prototypes", "alpha", "class_indices", "head_rows", "head_bias")
 HEAD_TENSORS = ("head_rows", "head_bias", "class_indices")  # read when a run opens
 SHARD_TENSORS = ("prototypes", "nmf_prototypes", "alpha")  # read when one of the shard's classes is needed
 SHARD_BYTES = 32 * 2 ** 20  # a shard's tensors stay about this size: reading one class costs one shard
 KEPT_SHARDS = 8  # a run opened lazily keeps the tensors of this many shards read last (about 256 MB)
+
+
+def file_metadata(**named) -> dict:
+    """The safetensors metadata of a data file of the run ``run`` (and, for a shard, its records' sha256)."""
+    return {FILE_META_KEY: json.dumps(named, sort_keys=True)}
 
 
 def is_run_file(name: str) -> bool:
@@ -101,12 +125,19 @@ class Run:
         return int(self.prototypes.shape[1])
 
     @property
+    def record(self) -> RunRecord:
+        """run.json as a typed record (read from ``meta``, checked; the class records apart)."""
+        return RunRecord.from_dict({key: value for key, value in self.meta.items() if key != "classes"},
+                                   where=str(self.path) if self.path is not None else None)
+
+    @property
     def class_names(self) -> list:
-        return class_names_or_indices(self.meta.get("model", {}).get("class_names"), self.head_bias.shape[0])
+        return class_names_or_indices(self.record.class_names, self.head_bias.shape[0])
 
     @property
     def checkpoint_sha256(self) -> str:
-        return self.meta.get("model", {}).get("sha256", "")
+        model = self.record.model
+        return (model.sha256 or "") if model else ""
 
     def _row(self, class_index: int) -> int:
         indices, rows = self.__dict__.get("_rows", (None, None))
@@ -132,7 +163,7 @@ class Run:
     @property
     def k_label(self) -> str:
         """How many prototypes a class has, for captions: "3", or "up to 5, chosen per class"."""
-        auto = self.meta.get("config", {}).get("auto_k")
+        auto = self.record.auto_k
         return f"up to {self.k}, chosen per class" if auto else str(self.k)
 
     def class_k(self, class_index: int) -> int:
@@ -285,7 +316,7 @@ def save_run(run: Run, path, overwrite: bool = False) -> Path:
     nmf_prototypes = run.nmf_prototypes.float().contiguous().cpu()
     alpha = run.alpha.double().contiguous().cpu()
     records = list(run.meta.get("classes", []))
-    meta = {key: value for key, value in run.meta.items() if key not in ("classes", "tensors_sha256")}
+    meta = {key: value for key, value in run.meta.items() if key not in ("classes", "tensors_sha256", "seal")}
     class_indices = run.class_indices.long().contiguous().cpu()
     cd, k, d = prototypes.shape
     if len(records) != cd:
@@ -293,6 +324,9 @@ def save_run(run: Run, path, overwrite: bool = False) -> Path:
                        "Run discovery again.")
     meta["format_version"] = FORMAT_VERSION
     meta["shape"] = {"classes": int(run.head_bias.shape[0]), "decomposed": cd, "k": k, "features": d}
+    meta = json.loads(json.dumps(meta, default=_plain))  # as run.json will hold it: the seal is over that
+    # Each data file names the run it belongs to: the id over run.json's meaning, known before the files.
+    run_id = meaning_id(meta)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     written = []  # data files in the temporary folder, run.json apart
 
@@ -305,23 +339,31 @@ def save_run(run: Run, path, overwrite: bool = False) -> Path:
     try:  # file by file, so that one shard's bytes at a time are in memory beside the run
         head_name, head_sha = put("head", save({"head_rows": run.head_rows.contiguous().cpu(),
                                                 "head_bias": run.head_bias.contiguous().cpu(),
-                                                "class_indices": class_indices}), "safetensors")
+                                                "class_indices": class_indices}, metadata=file_metadata(run=run_id)),
+                                  "safetensors")
         shards = []
         per = _classes_per_shard(k, d)
         for number, start in enumerate(range(0, cd, per)):
             part = slice(start, start + per)
-            t_name, t_sha = put(f"shard-{number:05d}", save({"prototypes": prototypes[part].contiguous(),
-                                                             "nmf_prototypes": nmf_prototypes[part].contiguous(),
-                                                             "alpha": alpha[part].contiguous()}), "safetensors")
+            problem = _records_problem(records[part], class_indices[part].tolist(), k, "the run")
+            if problem:
+                raise RunError(f"The run cannot be saved: {problem}.", "Run discovery again.")
             r_name, r_sha = put(f"shard-{number:05d}",
                                 json.dumps(records[part], indent=1, default=_plain).encode("utf-8"), "json")
+            t_name, t_sha = put(f"shard-{number:05d}", save({"prototypes": prototypes[part].contiguous(),
+                                                             "nmf_prototypes": nmf_prototypes[part].contiguous(),
+                                                             "alpha": alpha[part].contiguous()},
+                                                            metadata=file_metadata(run=run_id, records_sha256=r_sha)),
+                                "safetensors")
             shards.append({"file": t_name, "sha256": t_sha, "records": r_name, "records_sha256": r_sha,
                            "classes": class_indices[part].tolist()})
         meta["head"] = {"file": head_name, "sha256": head_sha}
         meta["shards"] = shards
-        # One fingerprint of all the tensors (notes beside the run name it).
+        # One fingerprint of all the tensors.
         meta["tensors_sha256"] = _sha256("\n".join([head_sha] + [s["sha256"] for s in shards]).encode())
-        text = json.dumps(meta, indent=1, default=_plain).encode("utf-8")
+        # Checked as it will be read, then sealed: run.json's meaning under one sha256 per section.
+        meta = RunRecord.from_dict(meta, where=str(path)).sealed().to_dict()
+        text = json.dumps(meta, indent=1).encode("utf-8")
         _write_fsync(tmp / META, lambda fh: fh.write(text))
         if is_run_folder(path):
             check_run_target(path, overwrite)  # still only phpn's files, just before the swap
@@ -354,21 +396,41 @@ def _invalid(path: Path, problem: str) -> RunError:
     return RunError(f"The run at {path} is not valid: {problem}.", "Run discovery again.")
 
 
-def _read_checked(path: Path, name: str, sha256: str) -> bytes:
-    """A data file's bytes, refused unless they match the checksum run.json records."""
+def _read_regular(path: Path, name: str) -> bytes:
+    """A file's bytes, refused unless it is a regular file of the run folder itself (a link is
+    never followed: it could lead anywhere on the server)."""
     try:
-        data = (path / name).read_bytes()
+        # never a link; O_NONBLOCK: a FIFO put in a shard's place is refused below, not waited on
+        fd = os.open(path / name, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         raise _damaged(path, f"{name} is missing") from None
     except OSError as exc:
+        if (path / name).is_symlink():
+            raise _damaged(path, f"{name} is a link, not a file of the run (phpn never writes links)") from None
         raise _damaged(path, f"{name} cannot be read ({exc.strerror or type(exc).__name__})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise _damaged(path, f"{name} is not a regular file")
+    with os.fdopen(fd, "rb") as fh:
+        try:
+            return fh.read()
+        except OSError as exc:
+            raise _damaged(path, f"{name} cannot be read ({exc.strerror or type(exc).__name__})") from None
+
+
+def _read_checked(path: Path, name: str, sha256: str) -> bytes:
+    """A data file's bytes, refused unless they match the checksum run.json records."""
+    data = _read_regular(path, name)
     if _sha256(data) != sha256:
         raise _damaged(path, f"{name} does not match the checksum recorded in {META} (it was changed or corrupted "
                              "after saving)")
     return data
 
 
-def _read_tensors(path: Path, name: str, sha256: str, names: tuple) -> dict:
+def _read_tensors(path: Path, name: str, sha256: str, names: tuple, run_id: Optional[str] = None,
+                  records_sha256: Optional[str] = None) -> dict:
+    """A data file's tensors, checked against its checksum and, in a sealed run (``run_id``),
+    against the run it names: a file of another run is refused even with a matching checksum."""
     data = _read_checked(path, name, sha256)
     try:
         tensors = load(data)
@@ -377,7 +439,27 @@ def _read_tensors(path: Path, name: str, sha256: str, names: tuple) -> dict:
     missing = set(names) - set(tensors)
     if missing:
         raise RunError(f"The run at {path} lacks {', '.join(sorted(missing))} in {name}.", "Run discovery again.")
+    named = _file_metadata(data)
+    if run_id is None:
+        if named.get(RUN_ID_KEY):  # only a sealed run's files name their run: its seal was taken away
+            raise _invalid(path, f"{META} has no seal, but {name} belongs to a sealed run (the seal was removed "
+                                 "after saving)")
+    elif named.get(RUN_ID_KEY) != run_id:
+        raise _invalid(path, f"{name} belongs to another run (it names run {str(named.get(RUN_ID_KEY))[:12]}…, "
+                             f"this run is {run_id[:12]}…)")
+    elif records_sha256 is not None and named.get(RECORDS_KEY) != records_sha256:
+        raise _invalid(path, f"{name} was saved with other class records than those {META} lists for it")
     return tensors
+
+
+def _file_metadata(data: bytes) -> dict:
+    """The ``__metadata__`` of a safetensors file's header ({} without one)."""
+    try:
+        size = int.from_bytes(data[:8], "little")
+        named = json.loads(json.loads(data[8:8 + size])["__metadata__"][FILE_META_KEY])
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return {}
+    return named if isinstance(named, dict) else {}
 
 
 def _json_records(data: bytes):
@@ -396,8 +478,10 @@ class _Shards:
     """The shards of a format-2 run: each is read, checked and kept the first time one of its
     classes is needed (under a lock: the app may read one run from several threads)."""
 
-    def __init__(self, path: Path, entries: list, head_rows: torch.Tensor, k: int, d: int):
+    def __init__(self, path: Path, entries: list, head_rows: torch.Tensor, k: int, d: int,
+                 run_id: Optional[str] = None):
         self.path, self.entries, self.head_rows, self.k, self.d = path, entries, head_rows, k, d
+        self.run_id = run_id  # a sealed run's id: each of its files names it
         self.where = [(number, j) for number, entry in enumerate(entries) for j in range(len(entry["classes"]))]
         self.starts = [0]
         for entry in entries:
@@ -409,7 +493,8 @@ class _Shards:
     def _read(self, number: int) -> tuple:
         entry = self.entries[number]
         name = entry["file"]
-        tensors = _read_tensors(self.path, name, entry["sha256"], SHARD_TENSORS)
+        tensors = _read_tensors(self.path, name, entry["sha256"], SHARD_TENSORS, self.run_id,
+                                entry["records_sha256"] if self.run_id else None)
         try:
             records = _json_records(_read_checked(self.path, entry["records"], entry["records_sha256"]))
         except ValueError as exc:
@@ -451,7 +536,8 @@ class _Shards:
         tensors = self._checked(number, keep)[0]
         if tensors is None:  # checked before without keeping them: the checksum ties these bytes to that check
             entry = self.entries[number]
-            tensors = _read_tensors(self.path, entry["file"], entry["sha256"], SHARD_TENSORS)
+            tensors = _read_tensors(self.path, entry["file"], entry["sha256"], SHARD_TENSORS, self.run_id,
+                                    entry["records_sha256"] if self.run_id else None)
             if keep:
                 with self._lock:
                     self._keep(number, tensors)
@@ -534,13 +620,13 @@ def load_run(path, expected_sha256: Optional[str] = None) -> Run:
     Every failure is a :class:`RunError` that names the problem.
     """
     path = Path(path)
-    if not (path / META).is_file():
+    if not (path / META).is_file() and not (path / META).is_symlink():
         raise RunError(f"{path} is not a phpn run (it has no {META}).",
                        "Pick a folder written by 'python -m phpn discover' or the app's Save button.")
+    text = _read_regular(path, META)
     try:
-        with open(path / META, encoding="utf-8") as fh:
-            meta = json.load(fh)
-    except (OSError, ValueError) as exc:
+        meta = json.loads(text.decode("utf-8"))
+    except ValueError as exc:
         raise RunError(f"The run at {path} is damaged: {META} is not readable JSON ({type(exc).__name__}: {exc}).",
                        "Run discovery again.") from None
     if not isinstance(meta, dict):
@@ -552,7 +638,8 @@ def load_run(path, expected_sha256: Optional[str] = None) -> Run:
     if version not in READABLE_VERSIONS:
         raise RunError(f"The run at {path} has format {version}, this phpn reads formats "
                        f"{', '.join(map(str, READABLE_VERSIONS))}.", "Run discovery again with this version.")
-    run = _open_version_1(path, meta) if version == 1 else _open_version_2(path, meta)
+    record = RunRecord.from_dict({key: value for key, value in meta.items() if key != "classes"}, where=str(path))
+    run = _open_version_1(path, meta) if version == 1 else _open_version_2(path, meta, record)
     check_checkpoint(run, expected_sha256)
     return run
 
@@ -581,11 +668,12 @@ def _open_version_1(path: Path, meta: dict) -> Run:
         raise RunError(f"{path} is not a phpn run (it needs {TENSORS} and {META}).",
                        "Pick a folder written by 'python -m phpn discover' or the app's Save button.")
     recorded = meta.get("tensors_sha256")
-    if recorded is not None and recorded != file_sha256(path / TENSORS):
+    data = _read_regular(path, TENSORS)
+    if recorded is not None and recorded != _sha256(data):
         raise RunError(f"The run at {path} is damaged: {TENSORS} does not match the checksum recorded in {META} "
                        "(it was changed or corrupted after saving).", "Run discovery again.")
     try:
-        tensors = load_file(str(path / TENSORS))
+        tensors = load(data)
     except Exception as exc:
         raise RunError(f"The run at {path} is damaged ({type(exc).__name__}: {exc}).", "Run discovery again.") from None
     missing = set(TENSOR_NAMES) - set(tensors)
@@ -598,41 +686,16 @@ def _open_version_1(path: Path, meta: dict) -> Run:
     return run
 
 
-def _index_problem(meta: dict) -> str:
-    """What is wrong with a format-2 run.json's shape, head and shard index, or ""."""
-    shape = meta.get("shape")
-    if not isinstance(shape, dict) or not all(isinstance(shape.get(key), int) and not isinstance(shape[key], bool)
-                                              and shape[key] >= 0 for key in ("classes", "decomposed", "k", "features")):
-        return f"{META}'s 'shape' is missing or invalid"
-    head = meta.get("head")
-    if not isinstance(head, dict) or not _is_data_file(head.get("file")) or not isinstance(head.get("sha256"), str):
-        return f"{META}'s 'head' is missing or invalid"
-    shards = meta.get("shards")
-    if not isinstance(shards, list) or not all(
-            isinstance(s, dict) and _is_data_file(s.get("file")) and _is_data_file(s.get("records"))
-            and isinstance(s.get("sha256"), str) and isinstance(s.get("records_sha256"), str)
-            and isinstance(s.get("classes"), list) and s["classes"]
-            and all(isinstance(c, int) and not isinstance(c, bool) for c in s["classes"]) for s in shards):
-        return f"{META}'s 'shards' is not a list of shard records"
-    if sum(len(s["classes"]) for s in shards) != shape["decomposed"]:
-        return f"{META}'s shards hold {sum(len(s['classes']) for s in shards)} classes, its shape says " \
-               f"{shape['decomposed']}"
-    return ""
-
-
-def _is_data_file(name) -> bool:
-    return isinstance(name, str) and DATA_FILE.fullmatch(name) is not None  # never a path out of the folder
-
-
-def _open_version_2(path: Path, meta: dict) -> Run:
-    problem = _index_problem(meta)
-    if problem:
-        raise _invalid(path, problem)
-    shape, head = meta["shape"], meta["head"]
-    cd, k, d, c = shape["decomposed"], shape["k"], shape["features"], shape["classes"]
-    tensors = _read_tensors(path, head["file"], head["sha256"], HEAD_TENSORS)
+def _open_version_2(path: Path, meta: dict, record: RunRecord) -> Run:
+    """A format-2 run: run.json (already checked as ``record``) and its head now; the seal last,
+    so that a damaged file is named as such before a changed run.json."""
+    shape, head = record.shape, record.head
+    cd, k, d, c = shape.decomposed, shape.k, shape.features, shape.classes
+    run_id = record.seal.id if record.seal else None
+    tensors = _read_tensors(path, head.file, head.sha256, HEAD_TENSORS, run_id)
     rows, bias, idx = tensors["head_rows"], tensors["head_bias"], tensors["class_indices"]
     listed = [i for s in meta["shards"] for i in s["classes"]]
+    problem = ""
     if tuple(rows.shape) != (cd, d) or tuple(bias.shape) != (c,) or tuple(idx.shape) != (cd,):
         problem = (f"its head has shapes {tuple(rows.shape)}, {tuple(bias.shape)}, {tuple(idx.shape)}; "
                    f"{META} says ({cd}, {d}), ({c},), ({cd},)")
@@ -640,11 +703,11 @@ def _open_version_2(path: Path, meta: dict) -> Run:
         problem = _indices_problem(idx, c)
     elif idx.tolist() != listed:
         problem = f"{META}'s shards do not list the run's decomposed classes in order"
-    problem = problem or _floats_problem({"head_rows": rows, "head_bias": bias}) or _meta_problem(meta, c)
+    problem = problem or _floats_problem({"head_rows": rows, "head_bias": bias}) or record.seal_problem()
     if problem:
         raise _invalid(path, problem)
     run = Run.__new__(Run)  # the shard tensors are read on first use (Run.__getattr__)
-    shards = _Shards(path, meta["shards"], rows, k, d)
+    shards = _Shards(path, meta["shards"], rows, k, d, run_id)
     meta["classes"] = shards.records
     run.__dict__.update(meta=meta, path=path, class_indices=idx.long(), head_rows=rows, head_bias=bias,
                         _shards=shards)
@@ -654,7 +717,7 @@ def _open_version_2(path: Path, meta: dict) -> Run:
 def run_problem(run: Run) -> str:
     """What is wrong with a run's tensors and metadata, or "" when it is consistent (reads every shard)."""
     c = run.head_bias.shape[0]
-    return (_tensor_problem(run) or _meta_problem(run.meta, c)
+    return (_tensor_problem(run) or run.record.classes_problem(c)
             or _records_problem(run.meta.get("classes"), run.class_indices.tolist(), run.prototypes.shape[1], META))
 
 
@@ -702,32 +765,6 @@ def _sum_problem(prototypes: torch.Tensor, head_rows: torch.Tensor) -> str:
     return ""
 
 
-def _meta_problem(meta: dict, c: int) -> str:
-    """What is wrong with run.json's model, preprocessing and sections (not the class records), or ""."""
-    model = meta.get("model", {})
-    if not isinstance(model, dict):
-        return f"{META}'s 'model' is not an object"
-    names = model.get("class_names")
-    if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)):
-        return f"{META}'s model.class_names is not a list of names"
-    if names is not None and len(names) != c:
-        return f"{META} names {len(names)} classes but the head has {c}"
-    for key in ("arch", "sha256", "feature_layer", "head_layer"):
-        if key in model and not isinstance(model[key], str):
-            return f"{META}'s model.{key} is not text"
-    try:
-        if "given" in meta["preprocess"]:  # images preprocessed by the caller (phpn.decompose on tensors)
-            TensorInput.from_dict(meta["preprocess"])
-        else:
-            Preprocess.from_dict(meta["preprocess"])
-    except Exception as exc:  # missing, wrong type or out of range: all the same to the user
-        return f"{META}'s 'preprocess' is missing or invalid ({type(exc).__name__}: {exc})"
-    for key in ("data", "config", "timings", "certificate"):
-        if key in meta and meta[key] is not None and not isinstance(meta[key], dict):
-            return f"{META}'s '{key}' is not an object"
-    return ""
-
-
 def _records_problem(classes, expected: list, k: int, where: str) -> str:
     """What is wrong with the class records kept in ``where`` (run.json or a shard's file), or ""."""
     if not isinstance(classes, (list, ClassRecords)) or not all(isinstance(e, dict) for e in classes):
@@ -737,31 +774,21 @@ def _records_problem(classes, expected: list, k: int, where: str) -> str:
         return f"{where}'s class records lack an integer 'index'"
     if indices != list(expected):
         return f"{where}'s class records ({len(indices)}) do not match the run's decomposed classes"
-    for entry in classes:
-        own_k = entry.get("k", k)  # with an automatic k a class has its own, at most the run's
-        if not isinstance(own_k, int) or isinstance(own_k, bool) or not 1 <= own_k <= k:
-            return f"class {entry['index']}'s 'k' is not a whole number from 1 to {k}"
-        for key in ("fidelity", "alpha", "mean_contribution"):
-            value = entry.get(key)
-            if value is not None and (not isinstance(value, list) or len(value) != own_k
-                                      or not all(isinstance(v, (int, float)) for v in value)):
-                return f"class {entry['index']}'s '{key}' is not a list of {own_k} numbers"
-        for key in ("paths", "top_patches"):
-            if key in entry and not isinstance(entry[key], list):
-                return f"class {entry['index']}'s '{key}' is not a list"
-        if "folder" in entry and not isinstance(entry["folder"], str):
-            return f"class {entry['index']}'s 'folder' is not text"
+    for entry in classes:  # types, ranges, k numbers per list, image paths confined to the image folder
+        problem = class_record_problem(entry, k)
+        if problem:
+            return problem
     return ""
 
 
 def check_model(run: Run, loaded, split) -> None:
     """Refuse a model other than the one the run decomposed: another architecture or cut over
     the same weights would explain with another feature map."""
-    model = run.meta.get("model", {})
+    model = run.record.model
     now = {"arch": loaded.arch, "feature_layer": split.feature_layer, "head_layer": split.head_layer}
     for key, label in (("arch", "architecture"), ("feature_layer", "feature layer"), ("head_layer", "head layer")):
-        recorded = model.get(key)
-        if recorded is not None and now[key] is not None and recorded != now[key]:
+        recorded = getattr(model, key) if model else None
+        if recorded not in (None, ABSENT) and now[key] is not None and recorded != now[key]:
             raise RunError(f"This run was made with the {label} '{recorded}', but the model opened now has "
                            f"'{now[key]}'.", "Open the run with the same architecture and layers it was made with "
                                             "(--arch / --model-def / --feature-layer), or run discovery again.")
