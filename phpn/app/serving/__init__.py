@@ -1,8 +1,9 @@
 """Serving the app to many visitors at once, safely.
 
 - :mod:`.settings`: the operator's settings (environment variables or ``.streamlit/phpn.toml``).
-- :mod:`.isolation`: the switch for visitors' code (off by default) and the separate process
-  with a time limit in which such code is tried first.
+- :mod:`.isolation`: the switch for visitors' code (off by default) and its trial in the jail.
+- :mod:`.jail`: the bubblewrap jail and :class:`JailedModel`, the server's side of a worker
+  (:mod:`.worker`) that holds a visitor's model.
 - :mod:`.workspace`: a private workspace per visitor (uploads, saved runs), quotas, and the
   sweep that deletes idle workspaces.
 - :mod:`.paths`: which server paths a visitor may name, which runs they may list and open,
@@ -14,9 +15,11 @@ from phpn.app.serving.isolation import (
                         CODE_OFF_MESSAGE,
                         ENABLE_HINT,
                         code_allowed,
+                        open_jailed,
                         require_code_allowed,
                         try_in_child_process,
 )
+from phpn.app.serving.jail import JailedModel, check_input_pixels, jail_problem
 from phpn.app.serving.paths import (
                         may_read,
                         read_only_reason,
@@ -42,7 +45,7 @@ from phpn.app.serving.workspace import (
 )
 
 __all__ = [
-    "CODE_OFF_MESSAGE", "ENABLE_HINT", "SETTINGS", "ServerSettings", "Workspace", "code_allowed", "folder_size",
+    "CODE_OFF_MESSAGE", "ENABLE_HINT", "SETTINGS", "JailedModel", "check_input_pixels", "jail_problem", "open_jailed", "ServerSettings", "Workspace", "code_allowed", "folder_size",
     "human_size", "is_within", "load_settings", "may_read", "read_only_reason", "readable_runs", "redact_paths",
     "removed_on_error", "require_code_allowed", "run_save_target", "settings_table", "sweep_idle", "try_in_child_process",
     "visitor_path", "workspace_root",
