@@ -50,7 +50,7 @@ import torch
 
 import phpn
 from phpn.app.serving.settings import ServerSettings, load_settings
-from phpn.errors import ConfigError, PhpnError
+from phpn.errors import ConfigError
 
 JAIL_TOOL = "bwrap"
 INSTALL_HINT = ("Install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap; Fedora: dnf install bubblewrap) "
@@ -459,6 +459,9 @@ class JailedModel:
             return ConfigError(f"The visitor's model ended its jailed worker during its {what} (signal {name})"
                                f"{limit}.{detail}", "It ran in a jail, so the server is unaffected; fix the model "
                                                     "file and try again.")
+        if any(w in self._stderr_tail.decode("utf-8", "replace") for w in ("MemoryError", "allocate memory")):
+            detail += (f" (it reached the {self.settings.worker_memory_mb:g} MB of memory a worker may use, "
+                       "PHPN_WORKER_MEMORY_MB)")
         when = "before the model was loaded" if what in ("start", "load") else f"during its {what}"
         return ConfigError(f"The model code ended its process (exit code {code}) {when}.{detail}",
                            "It ran in a jailed worker, so the server is unaffected; fix the file (for example "
@@ -500,7 +503,7 @@ class JailedModel:
                                       f"({reply.get('message', '')[:200]}).",
                                       "Use smaller inputs or a smaller model; the server was not affected.")
                 if reply.get("user_error"):
-                    raise PhpnError(reply.get("message", ""), reply.get("fix", ""))
+                    raise ConfigError(reply.get("message", ""), reply.get("fix", ""))
                 raise ConfigError(f"The visitor's model failed during its {what} ({reply.get('message', '')[:300]}).",
                                   "Fix the model file or checkpoint and try again.")
             return reply, tensor_of(reply, self._last_payload)

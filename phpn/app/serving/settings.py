@@ -41,7 +41,7 @@ class ServerSettings:
     idle_hours: float = 6.0
     max_discoveries: int = 0
     job_timeout_s: float = 3600.0
-    worker_memory_mb: float = 4096.0
+    worker_memory_mb: float = 8192.0
     worker_cpu_s: float = 7200.0
     worker_processes: int = 16
     worker_file_mb: float = 1024.0
@@ -88,7 +88,7 @@ SETTINGS = {
     "job_timeout_s": ("PHPN_JOB_TIMEOUT",
                       "seconds a jailed worker holding a visitor's model may live (its discovery, explanations); "
                       "then it is killed"),
-    "worker_memory_mb": ("PHPN_WORKER_MEMORY_MB", "MB of address space a jailed worker may use"),
+    "worker_memory_mb": ("PHPN_WORKER_MEMORY_MB", "MB of address space a jailed worker may use (Python and torch alone take 2 to 4 GB of it)"),
     "worker_cpu_s": ("PHPN_WORKER_CPU_S", "CPU seconds a jailed worker may use in all"),
     "worker_processes": ("PHPN_WORKER_PROCESSES", "processes and threads a jailed worker may run at once"),
     "worker_file_mb": ("PHPN_WORKER_FILE_MB", "MB a jailed worker may write to one file (in its private /tmp)"),
