@@ -15,8 +15,12 @@ from phpn.app.serving.isolation import (
                         CODE_OFF_MESSAGE,
                         ENABLE_HINT,
                         code_allowed,
+                        jailed_session,
+                        jailed_worker,
                         open_jailed,
+                        open_jailed_session,
                         require_code_allowed,
+                        stop_jailed,
                         try_in_child_process,
 )
 from phpn.app.serving.jail import JailedModel, check_input_pixels, jail_problem
@@ -45,7 +49,8 @@ from phpn.app.serving.workspace import (
 )
 
 __all__ = [
-    "CODE_OFF_MESSAGE", "ENABLE_HINT", "SETTINGS", "JailedModel", "check_input_pixels", "jail_problem", "open_jailed", "ServerSettings", "Workspace", "code_allowed", "folder_size",
+    "CODE_OFF_MESSAGE", "ENABLE_HINT", "SETTINGS", "JailedModel", "check_input_pixels", "jail_problem", "jailed_session",
+    "jailed_worker", "open_jailed", "open_jailed_session", "stop_jailed", "ServerSettings", "Workspace", "code_allowed", "folder_size",
     "human_size", "is_within", "load_settings", "may_read", "read_only_reason", "readable_runs", "redact_paths",
     "removed_on_error", "require_code_allowed", "run_save_target", "settings_table", "sweep_idle", "try_in_child_process",
     "visitor_path", "workspace_root",

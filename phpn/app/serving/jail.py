@@ -334,12 +334,15 @@ class JailedModel:
     ``request`` says what to load (checkpoint, model_def, trust_pickle, arch, num_classes,
     input_size, overrides, preprocess); paths in it are the server's and are mapped into the
     jail here. :meth:`forward` returns logits, :meth:`features` the backbone's features of the
-    doctor's split. The worker is killed on :meth:`close`, :meth:`kill`, a call that runs out of
-    time, and when ``job_timeout_s`` (from the start) has passed.
+    doctor's split. The worker is killed on :meth:`close`, :meth:`kill` (cancel, the visitor
+    left), when loading takes more than ``load_timeout_s`` (PHPN_CODE_TIMEOUT), when one call
+    takes more than ``job_timeout_s`` (PHPN_JOB_TIMEOUT) and, if given, ``lifetime_s`` after it
+    started.
     """
 
     def __init__(self, request: dict, *, settings: Optional[ServerSettings] = None,
-                 load_timeout_s: Optional[float] = None, job_timeout_s: Optional[float] = None):
+                 load_timeout_s: Optional[float] = None, job_timeout_s: Optional[float] = None,
+                 lifetime_s: Optional[float] = None):
         self.settings = settings or load_settings()
         require_jail()
         self.load_timeout_s = float(load_timeout_s if load_timeout_s is not None else self.settings.code_timeout_s)
@@ -380,14 +383,15 @@ class JailedModel:
         self._reader = _Reader(self.proc.stdout.fileno())
         self._err_thread = threading.Thread(target=self._drain_stderr, daemon=True)
         self._err_thread.start()
-        self._timer = threading.Timer(self.job_timeout_s, self._job_time_up)
-        self._timer.daemon = True
-        self._timer.start()
+        if lifetime_s is not None:
+            self._timer = threading.Timer(float(lifetime_s), self._time_up, args=(float(lifetime_s),))
+            self._timer.daemon = True
+            self._timer.start()
         try:
             ready = self._receive(_STARTUP_LIMIT_S, "start")
             if ready.get("op") != "ready":
                 raise ConfigError("The jailed worker did not start properly.", "Try again in a minute.")
-            self.info = self._call({"op": "load", **request}, None, self.load_timeout_s, "load")[0]
+            self.info, self.head = self._call({"op": "load", **request}, None, self.load_timeout_s, "load")
         except BaseException:
             self.kill()
             raise
@@ -397,8 +401,8 @@ class JailedModel:
         for line in iter(self.proc.stderr.readline, b""):
             self._stderr_tail = (self._stderr_tail + line)[-4000:]
 
-    def _job_time_up(self) -> None:
-        self.kill(f"it ran for more than the {self.job_timeout_s:g} s a job may take (PHPN_JOB_TIMEOUT)")
+    def _time_up(self, limit: float) -> None:
+        self.kill(f"it was kept for more than the {limit:g} s it was given")
 
     @property
     def alive(self) -> bool:
@@ -408,15 +412,19 @@ class JailedModel:
         """Kill the worker and everything in its jail now (cancel, time-out, the visitor left)."""
         if self.alive and self._why_killed is None:
             self._why_killed = why
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # bwrap's own group; the jail dies with it
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self._timer.cancel()
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # bwrap's own group; the jail dies with it
+            except (ProcessLookupError, PermissionError):
+                pass
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._exposer is not None:
+            self._exposer.remove()
 
     def close(self) -> None:
         """Ask the worker to stop, then kill it whatever it does."""

@@ -86,8 +86,8 @@ SETTINGS = {
     "max_discoveries": ("PHPN_MAX_DISCOVERIES",
                         "discoveries that run at once, the others wait in a queue (0: one per GPU, 1 on a CPU)"),
     "job_timeout_s": ("PHPN_JOB_TIMEOUT",
-                      "seconds a jailed worker holding a visitor's model may live (its discovery, explanations); "
-                      "then it is killed"),
+                      "seconds one forward pass of a visitor's model (a batch of a discovery, an explanation) may "
+                      "take in its jailed worker; then the worker is killed"),
     "worker_memory_mb": ("PHPN_WORKER_MEMORY_MB", "MB of address space a jailed worker may use (Python and torch alone take 2 to 4 GB of it)"),
     "worker_cpu_s": ("PHPN_WORKER_CPU_S", "CPU seconds a jailed worker may use in all"),
     "worker_processes": ("PHPN_WORKER_PROCESSES", "processes and threads a jailed worker may run at once"),
