@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import queue
 import random
 import resource
 import selectors
@@ -256,6 +257,39 @@ def _limits(settings: ServerSettings):
     return apply
 
 
+_SPAWN_LOCK = threading.Lock()
+_SPAWN_QUEUE: "queue.Queue" = queue.Queue()
+_SPAWNER: list = []
+
+
+def _spawner() -> None:
+    while True:
+        start, box, done = _SPAWN_QUEUE.get()
+        try:
+            box.append((True, start()))
+        except BaseException as exc:  # noqa: BLE001 - handed back to the caller's thread
+            box.append((False, exc))
+        done.set()
+
+
+def _spawn(start):
+    """Run ``start`` (a Popen) on one thread that lives as long as the server: bwrap's
+    --die-with-parent follows the thread that started it, and the app's page threads end."""
+    with _SPAWN_LOCK:
+        if not _SPAWNER:
+            thread = threading.Thread(target=_spawner, name="phpn-jail-spawner", daemon=True)
+            thread.start()
+            _SPAWNER.append(thread)
+    box: list = []
+    done = threading.Event()
+    _SPAWN_QUEUE.put((start, box, done))
+    done.wait()
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
+
+
 # --- messages over the pipes ------------------------------------------------------------------------
 
 def write_message(stream, header: dict, tensor: Optional[torch.Tensor] = None) -> None:
@@ -375,8 +409,9 @@ class JailedModel:
             else:
                 request[key] = where
         try:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                         preexec_fn=_limits(self.settings), start_new_session=True)
+            self.proc = _spawn(lambda: subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                                        stderr=subprocess.PIPE, preexec_fn=_limits(self.settings),
+                                                        start_new_session=True))
         except OSError as exc:
             self._exposer.remove()
             raise ConfigError(f"The jail for the visitor's model could not be started ({exc}).", INSTALL_HINT) from None
