@@ -18,7 +18,13 @@ import zipfile
 import pytest
 import torch
 
-from phpn.app.serving import JailedModel, ServerSettings, jail_problem, try_in_child_process
+from phpn.app.serving import (
+    JailedModel,
+    ServerSettings,
+    check_request_pixels,
+    jail_problem,
+    try_in_child_process,
+)
 from phpn.app.serving.jail import check_input_pixels
 from phpn.app.uploads import held_upload, save_upload, unpack_model_folder
 from phpn.errors import CheckpointError, ConfigError, DataError
@@ -345,6 +351,9 @@ def test_an_input_larger_than_allowed_is_refused_before_any_work():
     with pytest.raises(ConfigError, match="4096x4096 pixels is more than the 1,048,576"):
         try_in_child_process("x.pt", model_def="net.py:Net", overrides={"crop": 4096, "resize": 4096},
                              settings=ServerSettings(allow_code=True))
+    with pytest.raises(ConfigError, match="4096x4096 pixels is more than the 1,048,576"):  # any model, before loading
+        check_request_pixels({"checkpoint": "resnet18.pth", "overrides": {"crop": 4096, "resize": 4096}},
+                             ServerSettings())
     assert time.monotonic() - start < 5
     check_input_pixels(518, 518, ServerSettings())  # a large real model's input passes
 

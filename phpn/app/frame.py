@@ -151,6 +151,7 @@ def load_model_entry(**spec) -> ModelEntry:
     the operator allows it, and only in a jailed worker (phpn.app.serving.jail) that loads and
     tries it, then serves every forward pass; a worker that was killed is started again."""
     key = _freeze(spec)
+    serving.check_request_pixels(spec)  # the input's cost, before any model is built
     if not (spec.get("model_def") or spec.get("trust_pickle")):
         return _load_model_entry(key, spec)
     generation = _JAIL_GENERATION.setdefault(key, 0)

@@ -14,6 +14,7 @@ None of this imports Streamlit; the app's pages call it.
 from phpn.app.serving.isolation import (
                         CODE_OFF_MESSAGE,
                         ENABLE_HINT,
+                        check_request_pixels,
                         code_allowed,
                         jailed_session,
                         jailed_worker,
@@ -49,7 +50,7 @@ from phpn.app.serving.workspace import (
 )
 
 __all__ = [
-    "CODE_OFF_MESSAGE", "ENABLE_HINT", "SETTINGS", "JailedModel", "check_input_pixels", "jail_problem", "jailed_session",
+    "CODE_OFF_MESSAGE", "ENABLE_HINT", "SETTINGS", "JailedModel", "check_input_pixels", "check_request_pixels", "jail_problem", "jailed_session",
     "jailed_worker", "open_jailed", "open_jailed_session", "stop_jailed", "ServerSettings", "Workspace", "code_allowed", "folder_size",
     "human_size", "is_within", "load_settings", "may_read", "read_only_reason", "readable_runs", "redact_paths",
     "removed_on_error", "require_code_allowed", "run_save_target", "settings_table", "sweep_idle", "try_in_child_process",

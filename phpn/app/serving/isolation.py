@@ -74,7 +74,10 @@ def try_in_child_process(checkpoint, *, model_def: Optional[str] = None, trust_p
     return {"ok": True, "num_classes": info["num_classes"], "arch": info["arch"], "verdict": info["verdict"]}
 
 
-def _check_request_pixels(request: dict, settings: ServerSettings) -> None:
+def check_request_pixels(request: dict, settings: Optional[ServerSettings] = None) -> None:
+    """Refuse preprocessing (``overrides`` / ``preprocess`` crop, ``input_size``) whose inputs are larger than
+    the operator allows, before any model is built or run."""
+    settings = settings or load_settings()
     crops = [(request.get("overrides") or {}).get("crop"), (request.get("preprocess") or {}).get("crop")]
     size = request.get("input_size")
     for crop in crops:
@@ -97,7 +100,7 @@ def open_jailed(request: dict, *, settings: Optional[ServerSettings] = None) -> 
     request = {k: v for k, v in request.items() if k in _REQUEST_KEYS and v is not None}
     if request.get("checkpoint") is not None:
         request["checkpoint"] = str(request["checkpoint"])
-    _check_request_pixels(request, settings)
+    check_request_pixels(request, settings)
     return JailedModel(request, settings=settings)
 
 
