@@ -233,11 +233,13 @@ def test_a_hang_on_real_batches_is_killed_by_the_time_limit_and_cancel_kills(hos
     message = _probe(jailed, 7, timeout_s=2)
     assert "did not finish its forward pass within 2 s and its worker was stopped" in message
     assert time.monotonic() - start < 15 and not jailed.alive and jailed.proc.returncode is not None
-    assert "was stopped during its forward pass: it did not finish within 2 s" in _probe(jailed, 0.5)
+    starts = jailed.starts
+    assert jailed.forward(torch.full((1, 3, 8, 8), 0.5)).shape == (1, 3)  # the next use: a fresh worker
+    assert jailed.starts == starts + 1 and jailed.alive
 
 
 @needs_jail
-def test_cancel_kills_the_worker(tmp_path):
+def test_cancel_and_idleness_kill_the_worker(tmp_path):
     (tmp_path / "net.py").write_text(HOSTILE.format(other="", port=1))
     namespace = {}
     exec(HOSTILE.format(other="", port=0), namespace)  # noqa: S102 - the test's own code
@@ -250,6 +252,12 @@ def test_cancel_kills_the_worker(tmp_path):
     message = _probe(jailed, 7)
     assert "The visitor's model was stopped during its forward pass: it was cancelled." in message
     assert time.monotonic() - start < 15 and not jailed.alive
+    assert jailed.forward(torch.full((1, 3, 8, 8), 0.5)).shape == (1, 3)  # used again: started again
+    jailed.idle_s = 1.0  # the visitor left: the idle watcher kills it within seconds
+    deadline = time.monotonic() + 30
+    while jailed.alive and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not jailed.alive and jailed._why_killed == "it was idle for more than 1 s"
     jailed.close()
 
 

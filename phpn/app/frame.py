@@ -114,7 +114,7 @@ def _freeze(spec: dict) -> tuple:
 
 
 @st.cache_resource(max_entries=6, show_spinner=False)
-def _load_model_entry(spec: tuple, _given: dict, jail_generation: int = 0) -> ModelEntry:
+def _load_model_entry(spec: tuple, _given: dict) -> ModelEntry:
     s = dict(spec)
     if s.get("model_def") or s.get("trust_pickle"):
         serving.require_code_allowed("a model file" if s.get("model_def") else "a trusted (pickled) checkpoint")
@@ -143,24 +143,12 @@ def _load_model_entry(spec: tuple, _given: dict, jail_generation: int = 0) -> Mo
                       spec=copy.deepcopy({k: v for k, v in _given.items() if v is not None}))
 
 
-_JAIL_GENERATION: dict = {}  # spec -> how many times its jailed worker was started (a dead one is replaced)
-
-
 def load_model_entry(**spec) -> ModelEntry:
     """The cached model for ``spec``; a visitor's code (model file, trusted pickle) runs only if
     the operator allows it, and only in a jailed worker (phpn.app.serving.jail) that loads and
-    tries it, then serves every forward pass; a worker that was killed is started again."""
-    key = _freeze(spec)
+    tries it, then serves every forward pass (a worker that was killed starts again when used)."""
     serving.check_request_pixels(spec)  # the input's cost, before any model is built
-    if not (spec.get("model_def") or spec.get("trust_pickle")):
-        return _load_model_entry(key, spec)
-    generation = _JAIL_GENERATION.setdefault(key, 0)
-    entry = _load_model_entry(key, spec, generation)
-    worker = serving.jailed_worker(entry.session)
-    if worker is not None and not worker.alive:
-        _JAIL_GENERATION[key] = generation + 1
-        entry = _load_model_entry(key, spec, generation + 1)
-    return entry
+    return _load_model_entry(_freeze(spec), spec)
 
 
 @st.cache_data(max_entries=32, show_spinner=False)

@@ -43,6 +43,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Optional
 
@@ -62,6 +63,7 @@ _STARTUP_LIMIT_S = 180.0  # Python + torch start-up in the jail, before the visi
 _HEADER = struct.Struct("<I")
 _MAX_HEADER_BYTES = 1 << 20
 _MAX_PAYLOAD_BYTES = 4 << 30
+_MAX_STARTS = 50  # a worker killed by a limit starts again on its next use, this many times in all
 _JAIL_UID_BASE = 1_200_000  # unprivileged ids for jails started by root: none of them is a real user
 # The worker's first line inside the jail (before phpn, torch or the visitor's code is imported):
 # drop to the jail's own user id when started as root, then cap the processes, which the kernel
@@ -290,6 +292,40 @@ def _spawn(start):
     return value
 
 
+def _drain(stream, tail: list) -> None:
+    for line in iter(stream.readline, b""):
+        tail[0] = (tail[0] + line)[-4000:]
+
+
+def _time_up(ref, limit: float) -> None:
+    jailed = ref()
+    if jailed is not None:
+        jailed.kill(f"it was kept for more than the {limit:g} s it was given")
+
+
+_LIVE: "weakref.WeakSet" = weakref.WeakSet()
+_WATCHER: list = []
+
+
+def _watch(jailed) -> None:
+    """Kill workers left idle (their visitor left): a later use starts them again."""
+    with _SPAWN_LOCK:
+        _LIVE.add(jailed)
+        if not _WATCHER:
+            thread = threading.Thread(target=_watcher, name="phpn-jail-idle", daemon=True)
+            thread.start()
+            _WATCHER.append(thread)
+
+
+def _watcher() -> None:
+    while True:
+        time.sleep(5)
+        now = time.monotonic()
+        for jailed in list(_LIVE):
+            if jailed.alive and not jailed.busy and now - jailed.last_used > jailed.idle_s:
+                jailed.kill(f"it was idle for more than {jailed.idle_s:g} s")
+
+
 # --- messages over the pipes ------------------------------------------------------------------------
 
 def write_message(stream, header: dict, tensor: Optional[torch.Tensor] = None) -> None:
@@ -376,68 +412,86 @@ class JailedModel:
 
     def __init__(self, request: dict, *, settings: Optional[ServerSettings] = None,
                  load_timeout_s: Optional[float] = None, job_timeout_s: Optional[float] = None,
-                 lifetime_s: Optional[float] = None):
+                 lifetime_s: Optional[float] = None, idle_s: Optional[float] = None):
         self.settings = settings or load_settings()
         require_jail()
         self.load_timeout_s = float(load_timeout_s if load_timeout_s is not None else self.settings.code_timeout_s)
         self.job_timeout_s = float(job_timeout_s if job_timeout_s is not None else self.settings.job_timeout_s)
+        self.idle_s = float(idle_s if idle_s is not None else self.settings.worker_idle_s)
+        self.lifetime_s = lifetime_s
+        self.request = dict(request)
         self._lock = threading.RLock()
         self.proc = None
         self._timer = None
         self._exposer = None
         self._why_killed: Optional[str] = None
-        self._stderr_tail = b""
-        request = dict(request)
-        paths = []
-        for key in ("checkpoint", "model_def"):
-            if request.get(key):
-                paths.append(key)
+        self._tail = [b""]
+        self.starts = 0
+        self.busy = False
+        self.last_used = time.monotonic()
+        self.info: Optional[dict] = None
+        self.head: Optional[torch.Tensor] = None
+        self._start()
+        _watch(self)
+
+    def _start(self) -> None:
+        """Start the worker in its jail and load the model there (again, after it was killed)."""
+        self._why_killed = None
+        self._tail[0] = b""
+        self.starts += 1
+        request = dict(self.request)
+        paths = [key for key in ("checkpoint", "model_def") if request.get(key)]
         visitor = []
         for key in paths:
-            text = str(request[key])
             if key == "model_def":
-                file, _, factory = text.rpartition(":")
+                file = str(request[key]).rpartition(":")[0]
                 visitor.append((Path(file).resolve().parent, "py"))  # the file may import its neighbours
             else:
-                visitor.append(Path(text))
-        argv, mapped, self._exposer = jail_argv([sys.executable, "-c", _ENTRY], visitor, tmp_mb=self.settings.worker_file_mb,
-                                 processes=self.settings.worker_processes)
+                visitor.append(Path(str(request[key])))
+        argv, mapped, self._exposer = jail_argv([sys.executable, "-c", _ENTRY], visitor,
+                                                tmp_mb=self.settings.worker_file_mb,
+                                                processes=self.settings.worker_processes)
         for key, where in zip(paths, mapped):
             if key == "model_def":
                 file, _, factory = str(request[key]).rpartition(":")
                 request[key] = f"{where}/{Path(file).name}:{factory}"
             else:
                 request[key] = where
+        limits = _limits(self.settings)
         try:
             self.proc = _spawn(lambda: subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                                        stderr=subprocess.PIPE, preexec_fn=_limits(self.settings),
+                                                        stderr=subprocess.PIPE, preexec_fn=limits,
                                                         start_new_session=True))
         except OSError as exc:
             self._exposer.remove()
             raise ConfigError(f"The jail for the visitor's model could not be started ({exc}).", INSTALL_HINT) from None
         self._reader = _Reader(self.proc.stdout.fileno())
-        self._err_thread = threading.Thread(target=self._drain_stderr, daemon=True)
-        self._err_thread.start()
-        if lifetime_s is not None:
-            self._timer = threading.Timer(float(lifetime_s), self._time_up, args=(float(lifetime_s),))
+        # The threads hold no reference to this object, so that a worker nobody uses is collected (and killed).
+        threading.Thread(target=_drain, args=(self.proc.stderr, self._tail), daemon=True).start()
+        if self.lifetime_s is not None:
+            self._timer = threading.Timer(float(self.lifetime_s), _time_up,
+                                          args=(weakref.ref(self), float(self.lifetime_s)))
             self._timer.daemon = True
             self._timer.start()
         try:
             ready = self._receive(_STARTUP_LIMIT_S, "start")
             if ready.get("op") != "ready":
                 raise ConfigError("The jailed worker did not start properly.", "Try again in a minute.")
-            self.info, self.head = self._call({"op": "load", **request}, None, self.load_timeout_s, "load")
+            info, head = self._call({"op": "load", **request}, None, self.load_timeout_s, "load")
         except BaseException:
             self.kill()
             raise
+        if self.info is not None and (info.get("sha256") != self.info.get("sha256") or
+                                      (head is None) != (self.head is None) or
+                                      (head is not None and not torch.equal(head, self.head))):
+            self.kill("it loaded a different model the second time")
+            raise ConfigError("The visitor's model gave a different head when its worker was started again.",
+                              "Load the model again.")
+        self.info, self.head = info, head
 
-    # -- life and death --
-    def _drain_stderr(self) -> None:
-        for line in iter(self.proc.stderr.readline, b""):
-            self._stderr_tail = (self._stderr_tail + line)[-4000:]
-
-    def _time_up(self, limit: float) -> None:
-        self.kill(f"it was kept for more than the {limit:g} s it was given")
+    @property
+    def _stderr_tail(self) -> bytes:
+        return self._tail[0]
 
     @property
     def alive(self) -> bool:
@@ -532,30 +586,43 @@ class JailedModel:
 
     def _call(self, header: dict, tensor: Optional[torch.Tensor], timeout_s: float, what: str) -> tuple:
         with self._lock:
-            if not self.alive:
-                raise self._ended(what)
+            self.busy = True
             try:
-                write_message(self.proc.stdin, header, tensor)
-            except (BrokenPipeError, OSError, ValueError):
-                raise self._ended(what) from None
-            reply = self._receive(timeout_s, what)
-            if not reply.get("ok"):
-                if reply.get("kind") == "memory":
-                    raise ConfigError(f"The visitor's model ran out of memory during its {what}: it may use "
-                                      f"{self.settings.worker_memory_mb:g} MB (PHPN_WORKER_MEMORY_MB) "
-                                      f"({reply.get('message', '')[:200]}).",
-                                      "Use smaller inputs or a smaller model; the server was not affected.")
-                if reply.get("user_error"):
-                    raise ConfigError(reply.get("message", ""), reply.get("fix", ""))
-                raise ConfigError(f"The visitor's model failed during its {what} ({reply.get('message', '')[:300]}).",
-                                  "Fix the model file or checkpoint and try again.")
-            return reply, tensor_of(reply, self._last_payload)
+                return self._call_locked(header, tensor, timeout_s, what)
+            finally:
+                self.busy = False
+                self.last_used = time.monotonic()
+
+    def _call_locked(self, header: dict, tensor: Optional[torch.Tensor], timeout_s: float, what: str) -> tuple:
+        if not self.alive:
+            raise self._ended(what)
+        try:
+            write_message(self.proc.stdin, header, tensor)
+        except (BrokenPipeError, OSError, ValueError):
+            raise self._ended(what) from None
+        reply = self._receive(timeout_s, what)
+        if not reply.get("ok"):
+            if reply.get("kind") == "memory":
+                raise ConfigError(f"The visitor's model ran out of memory during its {what}: it may use "
+                                  f"{self.settings.worker_memory_mb:g} MB (PHPN_WORKER_MEMORY_MB) "
+                                  f"({reply.get('message', '')[:200]}).",
+                                  "Use smaller inputs or a smaller model; the server was not affected.")
+            if reply.get("user_error"):
+                raise ConfigError(reply.get("message", ""), reply.get("fix", ""))
+            raise ConfigError(f"The visitor's model failed during its {what} ({reply.get('message', '')[:300]}).",
+                              "Fix the model file or checkpoint and try again.")
+        return reply, tensor_of(reply, self._last_payload)
 
     def _batch(self, op: str, batch: torch.Tensor, timeout_s: Optional[float]) -> torch.Tensor:
         if batch.ndim != 4:
             raise ConfigError(f"A batch for the model must be (N, C, H, W), not {tuple(batch.shape)}.", "")
         check_input_pixels(int(batch.shape[2]), int(batch.shape[3]), self.settings)
-        _, out = self._call({"op": op}, batch, float(timeout_s or self.job_timeout_s), f"{op} pass")
+        with self._lock:
+            if not self.alive:  # killed (cancel, a time limit, idle): a fresh worker, as many times as allowed
+                if self.starts >= _MAX_STARTS:
+                    raise self._ended(f"{op} pass")
+                self._start()
+            _, out = self._call({"op": op}, batch, float(timeout_s or self.job_timeout_s), f"{op} pass")
         return out.to(batch.device)
 
     def forward(self, batch: torch.Tensor, timeout_s: Optional[float] = None) -> torch.Tensor:

@@ -40,7 +40,8 @@ class ServerSettings:
     total_quota_mb: float = 20480.0
     idle_hours: float = 6.0
     max_discoveries: int = 0
-    job_timeout_s: float = 3600.0
+    job_timeout_s: float = 600.0
+    worker_idle_s: float = 900.0
     worker_memory_mb: float = 8192.0
     worker_cpu_s: float = 7200.0
     worker_processes: int = 16
@@ -88,6 +89,9 @@ SETTINGS = {
     "job_timeout_s": ("PHPN_JOB_TIMEOUT",
                       "seconds one forward pass of a visitor's model (a batch of a discovery, an explanation) may "
                       "take in its jailed worker; then the worker is killed"),
+    "worker_idle_s": ("PHPN_WORKER_IDLE_S",
+                      "seconds a jailed worker may sit unused (its visitor left) before it is killed; it starts "
+                      "again when used"),
     "worker_memory_mb": ("PHPN_WORKER_MEMORY_MB", "MB of address space a jailed worker may use (Python and torch alone take 2 to 4 GB of it)"),
     "worker_cpu_s": ("PHPN_WORKER_CPU_S", "CPU seconds a jailed worker may use in all"),
     "worker_processes": ("PHPN_WORKER_PROCESSES", "processes and threads a jailed worker may run at once"),
