@@ -14,6 +14,7 @@ import subprocess
 import threading
 import time
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -208,6 +209,26 @@ def test_processes_are_limited(hostile):
     assert "PROBE forked" in message and "then BlockingIOError" in message
     forked = int(message.split("PROBE forked ")[1].split()[0])
     assert forked < 12  # the limit counts the worker's own process and threads too
+    jailed = hostile[0]
+    uid = jailed._exposer.uid  # the jail's own user id when the server runs as root
+    if uid is not None:
+        assert len(_processes_of(uid)) > forked  # the worker and its sleeping children
+    jailed.kill("the test ended it")
+    if uid is not None:
+        assert _processes_of(uid) == []  # nothing left behind
+
+
+def _processes_of(uid: int) -> list:
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            text = status.read_text()
+        except OSError:
+            continue
+        line = next((x for x in text.splitlines() if x.startswith("Uid:")), "")
+        if line.split()[1:2] == [str(uid)]:
+            found.append(status.parent.name)
+    return found
 
 
 @needs_jail

@@ -510,10 +510,24 @@ class JailedModel:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+            self._wait_for_the_jail()
         if self._timer is not None:
             self._timer.cancel()
         if self._exposer is not None:
             self._exposer.remove()
+
+    def _wait_for_the_jail(self, limit_s: float = 10.0) -> None:
+        """Until every process of the jail is gone (they all hold the worker's pipe): the kernel takes
+        the PID namespace down with its first process, in a moment."""
+        deadline = time.monotonic() + limit_s
+        fd = self.proc.stdout.fileno() if self.proc.stdout and not self.proc.stdout.closed else None
+        while fd is not None and time.monotonic() < deadline:
+            if self._reader.selector.select(timeout=0.2):
+                try:
+                    if not os.read(fd, 1 << 16):
+                        return
+                except OSError:
+                    return
 
     def close(self) -> None:
         """Ask the worker to stop, then kill it whatever it does."""
