@@ -491,3 +491,22 @@ def test_discovery_and_explanation_through_the_worker_match_the_model_in_process
     finally:
         stop_jailed(jailed, "the test ended")
     assert not jailed.loaded.model.jailed.alive
+
+
+def test_tensors_cross_the_pipe_as_plain_bytes_checked_against_their_shape():
+    import io  # noqa: PLC0415 - only here
+
+    from phpn.app.serving.jail import tensor_of, write_message  # noqa: PLC0415 - the protocol's two ends
+
+    buffer = io.BytesIO()
+    x = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    write_message(buffer, {"ok": True}, x)
+    data = buffer.getvalue()
+    size = struct.unpack("<I", data[:4])[0]
+    header = json.loads(data[4:4 + size])
+    assert header == {"ok": True, "shape": [2, 3], "nbytes": 24}
+    torch.testing.assert_close(tensor_of(header, data[4 + size:]), x, rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="malformed tensor"):
+        tensor_of({"shape": [2, 3]}, b"\0" * 20)  # fewer bytes than the shape says
+    with pytest.raises(ConfigError, match="malformed tensor"):
+        tensor_of({"shape": [2, -3]}, b"")

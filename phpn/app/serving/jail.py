@@ -62,7 +62,7 @@ _PACKAGE_PARENT = Path(phpn.__file__).resolve().parents[1]  # the folder that ho
 _STARTUP_LIMIT_S = 180.0  # Python + torch start-up in the jail, before the visitor's code runs
 _HEADER = struct.Struct("<I")
 _MAX_HEADER_BYTES = 1 << 20
-_MAX_PAYLOAD_BYTES = 4 << 30
+_MAX_PAYLOAD_BYTES = 1 << 30  # a result larger than this is refused unread
 _MAX_STARTS = 50  # a worker killed by a limit starts again on its next use, this many times in all
 _JAIL_UID_BASE = 1_200_000  # unprivileged ids for jails started by root: none of them is a real user
 # The worker's first line inside the jail (before phpn, torch or the visitor's code is imported):
@@ -580,7 +580,12 @@ class JailedModel:
 
     def _receive(self, timeout_s: float, what: str) -> dict:
         deadline = time.monotonic() + timeout_s
-        got = self._reader.read(deadline, lambda: self.alive or bool(self._reader.selector.select(0)))
+        try:
+            got = self._reader.read(deadline, lambda: self.alive or bool(self._reader.selector.select(0)))
+        except (ConfigError, ValueError) as exc:  # a malformed message: the worker cannot be trusted further
+            self.kill("it sent a malformed message")
+            raise ConfigError(f"The visitor's model sent a malformed message during its {what} and its worker was "
+                              "stopped.", "Check the model file.") from exc
         if got is None:
             if self.alive and time.monotonic() >= deadline:
                 self.kill(f"it did not finish within {timeout_s:g} s")
@@ -637,6 +642,12 @@ class JailedModel:
                     raise self._ended(f"{op} pass")
                 self._start()
             _, out = self._call({"op": op}, batch, float(timeout_s or self.job_timeout_s), f"{op} pass")
+        # What comes back from the jail is checked like any input: one row per image, the head's width.
+        width = None if self.head is None else int(self.head.shape[1] - 1 if op == "features" else self.head.shape[0])
+        if out is None or out.ndim < 2 or out.shape[0] != batch.shape[0] or (width is not None and out.shape[1] != width):
+            shape = None if out is None else tuple(out.shape)
+            raise ConfigError(f"The visitor's model returned a {op} result of shape {shape} for a batch of "
+                              f"{batch.shape[0]} images.", "Check what the model's forward returns.")
         return out.to(batch.device)
 
     def forward(self, batch: torch.Tensor, timeout_s: Optional[float] = None) -> torch.Tensor:
