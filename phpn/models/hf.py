@@ -165,6 +165,9 @@ def load_model_folder(folder, num_classes: Optional[int] = None) -> LoadedModel:
                               "Use a model type that transformers ships, or load the model yourself and pass it "
                               "to phpn as a module.")
     check_config_budget(raw, f"{folder.name}/config.json")
+    for name in weight_files(folder):  # costly headers refused before transformers is even imported
+        if str(name).lower().endswith(".safetensors") and (folder / name).is_file():
+            check_safetensors_header(folder / name)
     transformers = require_transformers()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
