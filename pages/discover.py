@@ -11,6 +11,7 @@ import torch
 from phpn import config as D
 from phpn.api import discovery_defaults, open_model, resolve_discovery
 from phpn.app import frame as S
+from phpn.app import serving
 from phpn.errors import DataError
 from phpn.method.certify import chance_warning
 from phpn.pipeline.discover import DiscoveryConfig
@@ -100,9 +101,12 @@ def _apply_preprocessing(pre) -> None:
     stay, the run made with the old setting is put aside. Undo brings all of it back."""
     before, images, run = model, S.current_data(), S.current_run()
     spec = {k: v for k, v in before.spec.items() if k != "overrides"}
-    with before.lock:  # the loaded model is shared with the entry it came from
-        session = open_model(before.session, preprocess=pre, feature_layer=spec.get("feature_layer"),
-                             head_layer=spec.get("head_layer"))
+    if serving.jailed_worker(before.session) is not None:  # a visitor's code: diagnosed again in its jail
+        session = S.load_model_entry(**{**spec, "preprocess": pre.to_dict()}).session
+    else:
+        with before.lock:  # the loaded model is shared with the entry it came from
+            session = open_model(before.session, preprocess=pre, feature_layer=spec.get("feature_layer"),
+                                 head_layer=spec.get("head_layer"))
     entry = S.ModelEntry(session=session, key=f"{before.key} | preprocessing {sorted(pre.to_dict().items())}",
                          label=before.label, lock=before.lock,
                          spec={**spec, "preprocess": pre.to_dict()} if spec else {})

@@ -78,8 +78,8 @@ else:
                                   step=1, key="num_classes")
     with st.expander("Your own architecture (a Python file that builds the model)"):
         if code_on:
-            st.caption("The file is **executed on this server** to build the network; only use your own code. "
-                       f"It is tried first in a separate process (time limit {settings.code_timeout_s:.0f} s).")
+            st.caption("The file is **executed on this server** to build the network, in a jailed worker (no network, "
+                       f"only your own files, time limit {settings.code_timeout_s:.0f} s to load).")
         else:
             st.info(f"{serving.CODE_OFF_MESSAGE} {serving.ENABLE_HINT}", icon=":material/lock:")
         if upload:

@@ -1,5 +1,5 @@
 """Serving many visitors: the operator's settings, the switch for visitors' code and the
-separate process that tries it, private workspaces, quotas, the idle sweep, allowed paths,
+jailed worker that tries it, private workspaces, quotas, the idle sweep, allowed paths,
 runs a visitor may open or write, and messages without server paths."""
 from __future__ import annotations
 

@@ -119,11 +119,17 @@ def _load_model_entry(spec: tuple, _given: dict) -> ModelEntry:
     if s.get("model_def") or s.get("trust_pickle"):
         serving.require_code_allowed("a model file" if s.get("model_def") else "a trusted (pickled) checkpoint")
     pre = Preprocess.from_dict(dict(s["preprocess"])) if "preprocess" in s else None
-    session = open_model(s.get("checkpoint"), demo=s.get("demo"), arch=s.get("arch"), model_def=s.get("model_def"),
-                         trust_pickle=bool(s.get("trust_pickle", False)), num_classes=s.get("num_classes"),
-                         class_names=list(s["class_names"]) if "class_names" in s else None, preprocess=pre,
-                         overrides=dict(s["overrides"]) if "overrides" in s else None,
-                         feature_layer=s.get("feature_layer"), head_layer=s.get("head_layer"))
+    if s.get("model_def") or s.get("trust_pickle"):  # a visitor's code: only ever in a jailed worker
+        session = serving.open_jailed_session(
+            {**s, "preprocess": dict(s["preprocess"]) if "preprocess" in s else None,
+             "overrides": dict(s["overrides"]) if "overrides" in s else None},
+            class_names=list(s["class_names"]) if "class_names" in s else None)
+    else:
+        session = open_model(s.get("checkpoint"), demo=s.get("demo"), arch=s.get("arch"), model_def=s.get("model_def"),
+                             trust_pickle=bool(s.get("trust_pickle", False)), num_classes=s.get("num_classes"),
+                             class_names=list(s["class_names"]) if "class_names" in s else None, preprocess=pre,
+                             overrides=dict(s["overrides"]) if "overrides" in s else None,
+                             feature_layer=s.get("feature_layer"), head_layer=s.get("head_layer"))
     if s.get("demo"):
         label = f"demo: {s['demo']}"
     elif s.get("origin"):  # an upload by its own name and how it came, not where the server keeps it
@@ -137,22 +143,12 @@ def _load_model_entry(spec: tuple, _given: dict) -> ModelEntry:
                       spec=copy.deepcopy({k: v for k, v in _given.items() if v is not None}))
 
 
-_TRIED_CODE: set = set()  # specs whose code already passed its trial in a separate process
-
-
 def load_model_entry(**spec) -> ModelEntry:
     """The cached model for ``spec``; a visitor's code (model file, trusted pickle) runs only if
-    the operator allows it, and only after a trial in a separate process with a time limit."""
-    key = _freeze(spec)
-    if (spec.get("model_def") or spec.get("trust_pickle")) and key not in _TRIED_CODE:
-        pre = spec.get("preprocess")
-        size = (int(pre.get("channels", 3)), int(pre["crop"]), int(pre["crop"])) if pre else None
-        serving.try_in_child_process(spec.get("checkpoint"), model_def=spec.get("model_def"),
-                                     trust_pickle=bool(spec.get("trust_pickle")), arch=spec.get("arch"),
-                                     num_classes=spec.get("num_classes"), input_size=size,
-                                     overrides=dict(spec["overrides"]) if spec.get("overrides") else None)
-        _TRIED_CODE.add(key)
-    return _load_model_entry(key, spec)
+    the operator allows it, and only in a jailed worker (phpn.app.serving.jail) that loads and
+    tries it, then serves every forward pass (a worker that was killed starts again when used)."""
+    serving.check_request_pixels(spec)  # the input's cost, before any model is built
+    return _load_model_entry(_freeze(spec), spec)
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
@@ -680,6 +676,11 @@ class DiscoveryJob(jobs.DiscoveryJob):
     def __init__(self, entry: ModelEntry, data, config, data_label: str):
         super().__init__(entry.session, data, config, data_label, model_key=entry.key, describe_error=error_text,
                          session_for=entry.session_for, queue=server_queue())
+
+    def cancel(self) -> None:
+        super().cancel()
+        if self.status == "running":  # a visitor's model in its jailed worker: killed, not waited for
+            serving.stop_jailed(self.session)
 
 
 def server_queue() -> "jobs.DiscoveryQueue":

@@ -25,6 +25,7 @@ Every problem is a :class:`phpn.errors.DataError` whose message says what to do.
 """
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -32,7 +33,9 @@ import re
 import shutil
 import stat
 import tempfile
+import threading
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Optional
@@ -40,6 +43,7 @@ from typing import Optional
 from PIL import Image
 
 from phpn.app.serving.isolation import ENABLE_HINT, code_allowed
+from phpn.app.serving.settings import load_settings
 from phpn.app.serving.workspace import human_size
 from phpn.errors import DataError, PhpnError
 from phpn.images.data import load_image
@@ -50,7 +54,8 @@ from phpn.models.archive import (
     member_parts,
     sniff_upload,
 )
-from phpn.models.hf import pickled_weights, weight_files
+from phpn.models.checkpoint import check_safetensors_header
+from phpn.models.hf import check_config_budget, pickled_weights, weight_files
 
 MAX_ZIP_FILES = 200_000
 MAX_ZIP_BYTES = 2 * 2 ** 30  # total uncompressed size; the visitor's quota may lower it
@@ -82,12 +87,54 @@ def _size_of(uploaded) -> Optional[int]:
     return None
 
 
+_HELD_LOCK = threading.Lock()
+_HELD = {"bytes": 0}  # bytes of uploads the server holds in memory now, all visitors together
+
+
+@contextmanager
+def held_upload(size: int, limit: Optional[int] = None):
+    """Count an upload that the server holds in memory while it is handled; refuse it when all
+    the uploads held at once would pass the operator's limit (PHPN_HELD_UPLOADS_MB)."""
+    limit = load_settings().held_uploads_bytes if limit is None else int(limit)
+    size = max(0, int(size or 0))
+    with _HELD_LOCK:
+        if _HELD["bytes"] + size > limit:
+            raise DataError(f"The server is full: it already holds {human_size(_HELD['bytes'])} of uploads, and "
+                            f"this one ({human_size(size)}) would pass the {human_size(limit)} it may hold at once.",
+                            "Try again in a minute.")
+        _HELD["bytes"] += size
+    try:
+        yield
+    finally:
+        with _HELD_LOCK:
+            _HELD["bytes"] -= size
+
+
+def disk_full_error(needed: int, where) -> DataError:
+    """The sentence for a full disk: how much is needed, and where."""
+    return DataError(f"The disk is full (needs {max(1, -(-int(needed) // 2 ** 20))} MB at {where}).",
+                     "Ask the operator of this server to free some room, then try again.")
+
+
+def check_free_space(directory, needed: int) -> None:
+    """Refuse before writing when the disk holding ``directory`` has less room than ``needed``."""
+    directory = Path(directory)
+    existing = next((p for p in (directory, *directory.parents) if p.exists()), None)
+    try:
+        free = shutil.disk_usage(existing).free
+    except (OSError, TypeError):
+        return
+    if free < needed:
+        raise disk_full_error(needed - free, directory)
+
+
 def save_upload(uploaded, directory, *, suffixes: Optional[tuple] = None, max_bytes: Optional[int] = None,
                 what: str = "file") -> Path:
     """Write ``uploaded`` into ``directory`` under a sanitised name; return the path.
 
     ``suffixes`` (lower case, with dot) restricts the accepted file types; ``max_bytes``
-    refuses larger files.
+    refuses larger files. The upload counts as held in memory while it is written
+    (:func:`held_upload`); a full disk is said as such and leaves no partial file.
     """
     name = safe_filename(getattr(uploaded, "name", "upload"))
     if suffixes is not None and not name.lower().endswith(tuple(suffixes)):
@@ -98,17 +145,23 @@ def save_upload(uploaded, directory, *, suffixes: Optional[tuple] = None, max_by
         raise DataError(f"The {what} '{name}' is {human_size(size)}, more than the {human_size(max_bytes)} allowed.",
                         "Upload a smaller file, or ask the operator of this server for more room.")
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / name
-    if hasattr(uploaded, "seek"):
-        uploaded.seek(0)
-    if hasattr(uploaded, "getbuffer"):
-        data = uploaded.getbuffer()
-        with open(path, "wb") as fh:
-            fh.write(data)
-    else:
-        with open(path, "wb") as fh:
-            shutil.copyfileobj(uploaded, fh, _CHUNK)
+    with held_upload(size or 0):
+        check_free_space(directory, size or 0)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / name
+        if hasattr(uploaded, "seek"):
+            uploaded.seek(0)
+        try:
+            with open(path, "wb") as fh:
+                if hasattr(uploaded, "getbuffer"):
+                    fh.write(uploaded.getbuffer())
+                else:
+                    shutil.copyfileobj(uploaded, fh, _CHUNK)
+        except OSError as exc:
+            path.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise disk_full_error(size or _CHUNK, directory) from None
+            raise
     return path
 
 
@@ -223,6 +276,7 @@ def _unpack(source, dest, *, max_files: int, max_bytes: int, fixes: dict, archiv
         if not plan:
             raise DataError("The zip file is empty.", fixes["empty"])
 
+        check_free_space(dest, declared)
         dest.mkdir(parents=True, exist_ok=True)
         root = dest.resolve()
         written = 0
@@ -247,6 +301,8 @@ def _unpack(source, dest, *, max_files: int, max_bytes: int, fixes: dict, archiv
             raise
         except (zipfile.BadZipFile, OSError, EOFError, RuntimeError) as exc:  # CRC errors, truncated data
             shutil.rmtree(dest, ignore_errors=True)
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise disk_full_error(max(declared - written, _CHUNK), dest.parent) from None
             raise DataError(f"The zip file is damaged ({type(exc).__name__}: {exc}).",
                             "Create the zip again and upload it.") from None
 
@@ -281,6 +337,8 @@ def save_model_upload(uploaded, directory, *, max_bytes: int = MAX_ZIP_BYTES, tr
     container = None
     try:
         kind = sniff_upload(path)
+        if kind == "safetensors":
+            _check_budget(check_safetensors_header, path)
         if kind != "model-folder-zip":
             return ModelUpload(path=path, kind="checkpoint", name=original_name(uploaded))
         # Unpacked under the zip's own name, so that a config.json at the zip's top is in a folder
@@ -298,6 +356,14 @@ def save_model_upload(uploaded, directory, *, max_bytes: int = MAX_ZIP_BYTES, tr
         if container is not None:
             shutil.rmtree(container, ignore_errors=True)
         raise
+
+
+def _check_budget(check, *args) -> None:
+    """A model's cost check (phpn.models), said as an upload's problem."""
+    try:
+        check(*args)
+    except PhpnError as exc:
+        raise DataError(exc.problem, exc.fix) from None
 
 
 def find_model_folder(root) -> Path:
@@ -359,6 +425,7 @@ def unpack_model_folder(source, dest, *, max_bytes: int = MAX_ZIP_BYTES, max_fil
         if not isinstance(config, dict):
             raise DataError(f"The model folder's {MODEL_CONFIG} does not hold a JSON object.",
                             "Save the model again with save_pretrained and zip its folder.")
+        _check_budget(check_config_budget, config, MODEL_CONFIG)
         if config.get("auto_map"):
             raise DataError(f"The model folder's {MODEL_CONFIG} asks for the model's own code (auto_map), which "
                             "phpn never runs from a model folder.",
@@ -370,6 +437,9 @@ def unpack_model_folder(source, dest, *, max_bytes: int = MAX_ZIP_BYTES, max_fil
             raise DataError(f"The model folder has {MODEL_CONFIG} but no weights (model.safetensors or "
                             "pytorch_model.bin, or their shards).",
                             "Zip the whole folder that model.save_pretrained(folder) wrote.") from exc
+        for name in files:
+            if str(name).lower().endswith(".safetensors") and (folder / name).is_file():
+                _check_budget(check_safetensors_header, folder / name)
         pickled = pickled_weights(files)
         refusal = pickle_refusal(pickled, trusted, settings) if pickled else None
         if refusal is not None:

@@ -13,6 +13,7 @@ rest of phpn sees a plain ``{name: tensor}`` dict.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import warnings
 import zipfile
@@ -46,6 +47,10 @@ RESAVE_HINT = ("Check that the file is complete (re-download or re-copy it) and 
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _CHUNK = 1 << 20
+# Costs refused before anything is parsed or built. A real model's safetensors header takes about
+# 100 bytes per tensor: the largest public models stay under 2 MB and 20,000 tensors.
+MAX_SAFETENSORS_HEADER_BYTES = 16 * 2 ** 20
+MAX_SAFETENSORS_TENSORS = 100_000
 
 
 @dataclass
@@ -121,7 +126,33 @@ def _looks_like_safetensors(head: bytes, size: int) -> bool:
     return 0 < n <= size - 8 and head[8:9] == b"{"
 
 
+def check_safetensors_header(path) -> None:
+    """Refuse a safetensors file whose header is larger, or lists more tensors, than any real
+    model's, before the safetensors library parses it (a huge header costs minutes)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path.name} is too short to be a safetensors file.", RESAVE_HINT)
+        size = int.from_bytes(head, "little")
+        if size > MAX_SAFETENSORS_HEADER_BYTES:
+            raise CheckpointError(f"{path.name} has a safetensors header of {size / 2 ** 20:.1f} MB, more than the "
+                                  f"{MAX_SAFETENSORS_HEADER_BYTES // 2 ** 20} MB limit (real models need under 2 MB).",
+                                  RESAVE_HINT)
+        header = f.read(size)
+    try:
+        entries = json.loads(header)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{path.name} is not a readable safetensors file (its header is not JSON: {exc}).",
+                              RESAVE_HINT) from None
+    count = len(entries) - ("__metadata__" in entries) if isinstance(entries, dict) else 0
+    if count > MAX_SAFETENSORS_TENSORS:
+        raise CheckpointError(f"{path.name} lists {count:,} tensors, more than the {MAX_SAFETENSORS_TENSORS:,} "
+                              "limit for one model file.", RESAVE_HINT)
+
+
 def _read_safetensors(path: Path) -> dict:
+    check_safetensors_header(path)
     try:
         tensors = load_file(str(path), device="cpu")
     except Exception as exc:  # SafetensorError and friends: the file is damaged or not safetensors

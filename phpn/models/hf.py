@@ -29,7 +29,7 @@ from torch import nn
 from phpn.errors import CheckpointError, ConfigError
 from phpn.head import LoadedModel
 from phpn.images.data import Preprocess
-from phpn.models.checkpoint import file_sha256, read_checkpoint
+from phpn.models.checkpoint import check_safetensors_header, file_sha256, read_checkpoint
 from phpn.models.user_code import format_mismatch
 
 INSTALL_HINT = "Install transformers (pip install 'phpn[hf]', or pip install transformers) and try again."
@@ -39,6 +39,9 @@ SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
 _PIL_RESAMPLE_NAMES = {1: "lanczos", 4: "box", 5: "hamming"}
 _DEFAULT_LABEL = "LABEL_"
+# More classes than any image classifier has (ImageNet-21k: 21,843); transformers builds a dict
+# per label, so a config asking for millions costs minutes before anything fails.
+MAX_NUM_LABELS = 100_000
 
 
 def is_model_folder(path) -> bool:
@@ -86,12 +89,30 @@ def _read_json(path: Path, what: str) -> dict:
     return data
 
 
+def check_config_budget(raw: dict, where: str = "config.json") -> None:
+    """Refuse a model config asking for more labels than any classifier has, before transformers
+    builds anything from it (``num_labels``, ``id2label``, ``label2id``)."""
+    counts = []
+    for key in ("id2label", "label2id"):
+        if isinstance(raw.get(key), dict):
+            counts.append(len(raw[key]))
+    value = raw.get("num_labels")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        counts.append(value)
+    if counts and max(counts) > MAX_NUM_LABELS:
+        raise CheckpointError(f"{where} asks for {int(max(counts)):,} labels, more than the {MAX_NUM_LABELS:,} limit "
+                              "(num_labels) for an image classifier.",
+                              "Check num_labels and id2label in config.json, and save the model again.")
+
+
 def _weights_sha256(path: Path) -> str:
     """The file's sha256. A ``.safetensors`` file cannot run code, so its hash is all phpn needs
-    before transformers reads it; a ``.bin`` is read here first, through the weights-only check."""
+    before transformers reads it (after its header is checked for size); a ``.bin`` is read here
+    first, through the weights-only check."""
     if path.suffix.lower() == ".safetensors":
         if not path.is_file():
             raise CheckpointError(f"The weights file {path} does not exist.", "Re-save the model with save_pretrained.")
+        check_safetensors_header(path)
         return file_sha256(path)
     return read_checkpoint(path).sha256
 
@@ -143,6 +164,10 @@ def load_model_folder(folder, num_classes: Optional[int] = None) -> LoadedModel:
                               "does not run from a model folder.",
                               "Use a model type that transformers ships, or load the model yourself and pass it "
                               "to phpn as a module.")
+    check_config_budget(raw, f"{folder.name}/config.json")
+    for name in weight_files(folder):  # costly headers refused before transformers is even imported
+        if str(name).lower().endswith(".safetensors") and (folder / name).is_file():
+            check_safetensors_header(folder / name)
     transformers = require_transformers()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

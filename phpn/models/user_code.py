@@ -6,7 +6,7 @@ dict into it. Importing a file runs its code: phpn does this *only* for a file t
 names explicitly with ``--model-def`` (or the model-file field in the app). That explicit
 argument is the opt-in; phpn never imports code found next to a checkpoint by itself. In
 the app, a visitor's file is accepted only where the operator allows visitors' code, and it
-is tried first in a separate process with a time limit (:mod:`phpn.app.serving.isolation`).
+runs only in a jailed worker process (:mod:`phpn.app.serving.jail`).
 
 If the factory takes a ``num_classes`` argument it receives ``--num-classes`` when given,
 otherwise the row count of the checkpoint's classifier (found by its usual names).

@@ -1,8 +1,9 @@
 """Serving the app to many visitors at once, safely.
 
 - :mod:`.settings`: the operator's settings (environment variables or ``.streamlit/phpn.toml``).
-- :mod:`.isolation`: the switch for visitors' code (off by default) and the separate process
-  with a time limit in which such code is tried first.
+- :mod:`.isolation`: the switch for visitors' code (off by default) and its trial in the jail.
+- :mod:`.jail`: the bubblewrap jail and :class:`JailedModel`, the server's side of a worker
+  (:mod:`.worker`) that holds a visitor's model.
 - :mod:`.workspace`: a private workspace per visitor (uploads, saved runs), quotas, and the
   sweep that deletes idle workspaces.
 - :mod:`.paths`: which server paths a visitor may name, which runs they may list and open,
@@ -13,10 +14,17 @@ None of this imports Streamlit; the app's pages call it.
 from phpn.app.serving.isolation import (
                         CODE_OFF_MESSAGE,
                         ENABLE_HINT,
+                        check_request_pixels,
                         code_allowed,
+                        jailed_session,
+                        jailed_worker,
+                        open_jailed,
+                        open_jailed_session,
                         require_code_allowed,
+                        stop_jailed,
                         try_in_child_process,
 )
+from phpn.app.serving.jail import JailedModel, check_input_pixels, jail_problem
 from phpn.app.serving.paths import (
                         may_read,
                         read_only_reason,
@@ -42,7 +50,8 @@ from phpn.app.serving.workspace import (
 )
 
 __all__ = [
-    "CODE_OFF_MESSAGE", "ENABLE_HINT", "SETTINGS", "ServerSettings", "Workspace", "code_allowed", "folder_size",
+    "CODE_OFF_MESSAGE", "ENABLE_HINT", "SETTINGS", "JailedModel", "check_input_pixels", "check_request_pixels", "jail_problem", "jailed_session",
+    "jailed_worker", "open_jailed", "open_jailed_session", "stop_jailed", "ServerSettings", "Workspace", "code_allowed", "folder_size",
     "human_size", "is_within", "load_settings", "may_read", "read_only_reason", "readable_runs", "redact_paths",
     "removed_on_error", "require_code_allowed", "run_save_target", "settings_table", "sweep_idle", "try_in_child_process",
     "visitor_path", "workspace_root",

@@ -40,10 +40,22 @@ class ServerSettings:
     total_quota_mb: float = 20480.0
     idle_hours: float = 6.0
     max_discoveries: int = 0
+    job_timeout_s: float = 600.0
+    worker_idle_s: float = 900.0
+    worker_memory_mb: float = 8192.0
+    worker_cpu_s: float = 7200.0
+    worker_processes: int = 16
+    worker_file_mb: float = 1024.0
+    max_input_pixels: int = 1024 * 1024
+    held_uploads_mb: float = 1024.0
 
     @property
     def session_quota_bytes(self) -> int:
         return int(self.session_quota_mb * 2 ** 20)
+
+    @property
+    def held_uploads_bytes(self) -> int:
+        return int(self.held_uploads_mb * 2 ** 20)
 
     @property
     def total_quota_bytes(self) -> int:
@@ -60,9 +72,9 @@ class ServerSettings:
 SETTINGS = {
     "allow_code": ("PHPN_ALLOW_CODE",
                    "visitors may run an uploaded Python model file or unpickle a checkpoint they trust "
-                   "(checked first in a separate process with a time limit); off by default"),
+                   "(it runs only in a jailed worker: bubblewrap, no network, its own files only, limits); off by default"),
     "code_timeout_s": ("PHPN_CODE_TIMEOUT",
-                       "seconds the separate process may take to import, build and try the visitor's model"),
+                       "seconds the jailed worker may take to import, build and try the visitor's model"),
     "data_roots": ("PHPN_DATA_ROOTS",
                    "server folders (separated by ':') under which visitors may type paths to checkpoints, "
                    "image folders, class-name files and runs, and save runs; none by default"),
@@ -74,6 +86,19 @@ SETTINGS = {
     "idle_hours": ("PHPN_IDLE_HOURS", "a workspace unused for this many hours is deleted"),
     "max_discoveries": ("PHPN_MAX_DISCOVERIES",
                         "discoveries that run at once, the others wait in a queue (0: one per GPU, 1 on a CPU)"),
+    "job_timeout_s": ("PHPN_JOB_TIMEOUT",
+                      "seconds one forward pass of a visitor's model (a batch of a discovery, an explanation) may "
+                      "take in its jailed worker; then the worker is killed"),
+    "worker_idle_s": ("PHPN_WORKER_IDLE_S",
+                      "seconds a jailed worker may sit unused (its visitor left) before it is killed; it starts "
+                      "again when used"),
+    "worker_memory_mb": ("PHPN_WORKER_MEMORY_MB", "MB of address space a jailed worker may use (Python and torch alone take 2 to 4 GB of it)"),
+    "worker_cpu_s": ("PHPN_WORKER_CPU_S", "CPU seconds a jailed worker may use in all"),
+    "worker_processes": ("PHPN_WORKER_PROCESSES", "processes and threads a jailed worker may run at once"),
+    "worker_file_mb": ("PHPN_WORKER_FILE_MB", "MB a jailed worker may write to one file (in its private /tmp)"),
+    "max_input_pixels": ("PHPN_MAX_INPUT_PIXELS",
+                         "pixels (height x width) of one input image the model is given after preprocessing"),
+    "held_uploads_mb": ("PHPN_HELD_UPLOADS_MB", "MB of uploads the server holds in memory at once, all visitors"),
 }
 
 
