@@ -85,3 +85,28 @@ def test_errors_are_one_clear_line(tmp_path, image_folder):
 def test_every_subcommand_has_help():
     for command in ("discover", "certify", "explain", "doctor", "evaluate"):
         assert "usage: python -m phpn " + command in _phpn(command, "--help").stdout
+
+
+def test_help_version_and_argument_errors_import_nothing_heavy():
+    # Each answers from the parser alone: no torch, numpy or Pillow, so they return at once.
+    for args in (["--help"], ["--version"], ["discover", "--k", "x", "--out", "x"], []):
+        proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "phpn", *args], capture_output=True,
+                              text=True, timeout=120)
+        imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+        assert not imported & {"torch", "numpy", "PIL"}, args
+        assert "phpn.config" in imported and "phpn.cli" in imported
+    assert _phpn("--version").stdout.strip().startswith("phpn ")
+
+
+def test_json_errors_carry_type_and_exit_code(tmp_path):
+    # An argument error is a JSON object on stdout too, with argparse's exit code.
+    proc = _phpn("discover", "--k", "x", "--out", tmp_path / "x", "--json", check=False)
+    assert proc.returncode == 2
+    assert json.loads(proc.stdout) == {
+        "error": "argument --k: expected a whole number or 'auto', got 'x' (see python -m phpn discover --help)",
+        "type": "UsageError", "exit_code": 2}
+    proc = _phpn("doctor", "--json", check=False)
+    assert proc.returncode == 2
+    assert json.loads(proc.stdout) == {"error": "No model given. Pass --checkpoint PATH or --demo NAME.",
+                                       "type": "PhpnError", "exit_code": 2}
+    assert "Traceback" not in proc.stderr
