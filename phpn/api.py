@@ -262,7 +262,12 @@ def certify_run(session: ModelSession, run: Run, data, batch_size: int = BATCH_S
     device = resolve_device(device)
     check_at_least("batch size", batch_size)
     network = run.network(session.split)
-    tap = FeatureTap(session.split, session.loaded.model, device)
+    # The tap checks its catch on its first batch (one more backbone pass): kept for the next certify.
+    taps = run.__dict__.setdefault("_taps", {})
+    key = (id(session.loaded.model), id(session.split), str(device))
+    tap = taps.get(key)
+    if tap is None:
+        tap = taps[key] = FeatureTap(session.split, session.loaded.model, device)
     if isinstance(data, torch.utils.data.DataLoader):
         total = len(data.dataset) if hasattr(data.dataset, "__len__") else None
         batches = _loader_batches(data, session.loaded.num_classes)
