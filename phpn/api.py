@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import time
 import warnings
 from dataclasses import dataclass, replace
 from difflib import get_close_matches
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from phpn.atomic import check_may_write, write_atomic
+from phpn.atomic import TEMP_SUFFIX, check_may_write, write_atomic
 from phpn.config import (
     BATCH_SIZE,
     DECODE,
@@ -955,36 +956,87 @@ def _output_stem(name: str, taken: set) -> str:
     return unique
 
 
+SUMMARY_EVERY_S = 5.0  # an unfinished summary is rewritten this often, so an interruption loses little
+
+
+def _explanation_file(name: str) -> bool:
+    """A file ``phpn explain --out`` writes: the summary, a page or picture, or a write in progress."""
+    return name == EXPLANATIONS_SUMMARY or name.endswith((".png", ".html")) or \
+        (name.startswith(".") and name.endswith(TEMP_SUFFIX))
+
+
 def explain_to_folder(session: ModelSession, run: Run, sources: Sequence, out, *,
                       class_index: Optional[int] = None, progress: Optional[ProgressFn] = None,
-                      network: Optional[PrototypeNetwork] = None) -> dict:
+                      network: Optional[PrototypeNetwork] = None, resume: bool = False,
+                      overwrite: bool = False) -> dict:
     """Explain every image of ``sources`` (files or folders): one PNG and one self-contained HTML
     page per image in ``out``, and a JSON summary (``explanations.json``) of them all.
 
-    Unreadable images are skipped and listed in the summary, never fatal."""
+    The summary is written from the start and kept up to date, so a folder phpn began is known as
+    its own, finished or not: it is written again image by image; ``resume`` skips the images
+    already explained there (same sources, same class); ``overwrite`` first removes every file
+    phpn wrote there. A folder holding anything else is never written into. Unreadable images are skipped and listed in the summary, never fatal."""
     out = Path(out)
+    if resume and overwrite:
+        raise ConfigError("Resuming and overwriting an explanations folder exclude each other.",
+                          "Pass one of --resume and --overwrite (resume= or overwrite= in Python).")
     check_may_write(out, what="'phpn explain' output folder", plural="explanations",
-                    ours=lambda p: p.is_dir() and (p / EXPLANATIONS_SUMMARY).is_file(), error=ConfigError,
-                    fix="Pass --out a new or empty folder.")
+                    ours=lambda p: p.is_dir() and (p / EXPLANATIONS_SUMMARY).is_file(), owned=_explanation_file,
+                    error=ConfigError, fix="Pass --out a new or empty folder.")
     images = list_images(sources)
+    previous = _previous_explanations(out, resume, overwrite, class_index)
     out.mkdir(parents=True, exist_ok=True)
     network = network or run.network(session.split)
     root = run_image_root(run)
     taken, explained, skipped = set(), [], []
+    summary = {"run": str(run.path) if run.path else None, "images": len(images), "class": class_index,
+               "complete": False, "explained": explained, "skipped": skipped,
+               "certificate": run.meta.get("certificate")}
+    write_atomic(out / EXPLANATIONS_SUMMARY, json.dumps(summary, indent=1))
+    written = time.monotonic()
     report(progress, "explain", 0, len(images))
     for i, (path, name) in enumerate(images):
-        try:
-            ex = explain_image(session, network, path, class_index)
-        except DataError as err:
-            skipped.append({"image": name, "why": str(err)})
+        stem = _output_stem(name, taken)
+        done = previous.get(name)
+        if done is not None and done.get("png") == f"{stem}.png" and (out / done["png"]).is_file() \
+                and (out / done["html"]).is_file():
+            explained.append(done)  # explained before the interruption
         else:
-            ex.source, ex.run, ex.image_root = name, run, root
-            stem = _output_stem(name, taken)
-            ex.save(out / f"{stem}.png")
-            ex.save(out / f"{stem}.html")
-            explained.append({**ex.to_dict(), "png": f"{stem}.png", "html": f"{stem}.html"})
+            try:
+                ex = explain_image(session, network, path, class_index)
+            except DataError as err:
+                skipped.append({"image": name, "why": str(err)})
+            else:
+                ex.source, ex.run, ex.image_root = name, run, root
+                ex.save(out / f"{stem}.png")
+                ex.save(out / f"{stem}.html")
+                explained.append({**ex.to_dict(), "png": f"{stem}.png", "html": f"{stem}.html"})
+        if time.monotonic() - written >= SUMMARY_EVERY_S:
+            write_atomic(out / EXPLANATIONS_SUMMARY, json.dumps(summary, indent=1))
+            written = time.monotonic()
         report(progress, "explain", i + 1, len(images))
-    summary = {"run": str(run.path) if run.path else None, "images": len(images), "explained": explained,
-               "skipped": skipped, "certificate": run.meta.get("certificate")}
+    summary["complete"] = True
     write_atomic(out / EXPLANATIONS_SUMMARY, json.dumps(summary, indent=1))
     return summary
+
+
+def _previous_explanations(out: Path, resume: bool, overwrite: bool, class_index: Optional[int]) -> dict:
+    """{image name: its entry} already explained in ``out`` (resume); with ``overwrite`` phpn's
+    files there are removed first."""
+    if not (out / EXPLANATIONS_SUMMARY).is_file():
+        return {}
+    if overwrite:
+        for entry in out.iterdir():
+            if entry.is_file() and _explanation_file(entry.name):
+                entry.unlink()
+        return {}
+    if not resume:  # written again image by image, over phpn's own files of the same names
+        return {}
+    try:
+        recorded = json.loads((out / EXPLANATIONS_SUMMARY).read_text(encoding="utf-8"))
+    except ValueError:  # a summary cut short: nothing is known to be done, every image is explained again
+        return {}
+    if recorded.get("class", class_index) != class_index:
+        raise ConfigError(f"The explanations in {out} are for class {recorded.get('class')}, not {class_index}.",
+                          "Resume with the same class, or pass --overwrite to replace them.")
+    return {e["image"]: e for e in recorded.get("explained", []) if isinstance(e, dict) and "image" in e}

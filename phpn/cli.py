@@ -266,9 +266,15 @@ def _explain_to_folder(args, session, run, network, class_index) -> int:
     from phpn.progress import TqdmProgress
 
     bar = TqdmProgress(disable=args.json)
-    summary = explain_to_folder(session, run, args.images, args.out, class_index=class_index, progress=bar,
-                                network=network)
-    bar.close()
+    try:
+        summary = explain_to_folder(session, run, args.images, args.out, class_index=class_index, progress=bar,
+                                    network=network, resume=args.resume, overwrite=args.overwrite)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the explanations written so far are kept; run the same command with --resume "
+              "to finish them", file=sys.stderr)
+        return 130
+    finally:
+        bar.close()
     obj = {"out": str(args.out), "summary": str(args.out / EXPLANATIONS_SUMMARY), "images": summary["images"],
            "explained": len(summary["explained"]), "skipped": summary["skipped"]}
     text = (f"explained {len(summary['explained'])} of {summary['images']} images into {args.out} "
@@ -407,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", type=Path, nargs="+", metavar="IMAGE_OR_FOLDER")
     p.add_argument("--out", type=Path, help="folder for a PNG and an HTML page per image and explanations.json")
     p.add_argument("--class", dest="class_", help="class index or name (default: the top decomposed class)")
+    p.add_argument("--resume", action="store_true",
+                   help="finish an interrupted --out folder: images already explained there are skipped")
+    p.add_argument("--overwrite", action="store_true", help="replace the explanations phpn wrote in --out")
     _add_model_args(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_explain)
