@@ -43,3 +43,12 @@ def test_quickstart_runs_and_certifies(tmp_path):
     page = (tmp_path / "quickstart.html").read_text(encoding="utf-8")
     assert "data:image/png;base64," in page and "<script" not in page
     assert (tmp_path / "quickstart-run" / "run.json").is_file()
+
+
+def test_packaging_is_honest():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert project["project"]["requires-python"] == ">=3.11"  # zip(strict=), tomllib
+    assert (ROOT / "phpn" / "py.typed").is_file()
+    assert "py.typed" in project["tool"]["setuptools"]["package-data"]["phpn"]
