@@ -192,3 +192,14 @@ def test_certify_makes_one_forward_per_batch(run):
 def _normalised_tensors():
     arrays, labels = _pictures()
     return torch.stack([NORMALISED(Image.fromarray(a)) for a in arrays]), torch.tensor(labels)
+
+
+def test_an_explanation_prints_as_one_line(run):
+    x, _ = _normalised_tensors()
+    ex = run.explain(x[2])
+    text = repr(ex)
+    assert "\n" not in text and "array" not in text and len(text) < 200
+    parts = " + ".join(f"{c:.3g}" for c in ex.contributions)
+    assert text == (f"<Explanation: blue (class 2), logit {ex.logit:.4g} = bias {ex.bias:.3g} + {parts} "
+                    f"(2 prototypes, maps 12x12)>")
+    assert str(ex) == text
