@@ -9,8 +9,10 @@ For Python callers the short form is :func:`decompose` (model + data -> :class:`
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import json
+import re
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -25,10 +27,18 @@ from PIL import Image
 from phpn.atomic import TEMP_SUFFIX, check_may_write, write_atomic
 from phpn.config import (
     BATCH_SIZE,
+    COLOURS,
+    CONTRIBUTIONS,
     DECODE,
     DEVICE,
     DISCOVERY,
+    INTERPOLATIONS,
+    NMF_DATA_CHOICES,
+    NMF_SOLVERS,
+    OBJECTIVES,
+    SCALINGS,
     SEED,
+    SOLVERS,
     TOP_CLASSES,
     class_name,
     class_names_or_indices,
@@ -358,6 +368,44 @@ def explain_image(session: ModelSession, network: PrototypeNetwork, image, class
 
 # --- the Python API: decompose a model you hold, on images you hold ----------------------------
 
+_FLAG = re.compile(r"--([a-z][a-z0-9-]*)(?: (\d+(?:\.\d+)?\b|[a-z][\w:-]*))?")
+# Flags whose keyword in Python is not the flag's own name with underscores.
+_KEYWORD_OF_FLAG = {"memory-budget": "memory_budget_mb", "holdout-fraction": "holdout", "class": "class_index"}
+# The words after a flag that are its value (the option lists of phpn.config), not the sentence going on.
+_FLAG_VALUES = {"auto", "cpu", "cuda", "gpu", *SOLVERS, *OBJECTIVES, *SCALINGS, *CONTRIBUTIONS, *NMF_SOLVERS,
+                *NMF_DATA_CHOICES, *INTERPOLATIONS, *COLOURS}
+
+
+def in_python_terms(text: str) -> str:
+    """A message written for the command line, with its flags as the Python keyword arguments
+    they are: "--device cpu" -> "device='cpu'", "--batch-size" -> "batch_size=" (one rule, for
+    the errors the library shares with the CLI when they reach a Python caller)."""
+    def keyword(m: re.Match) -> str:
+        name = _KEYWORD_OF_FLAG.get(m.group(1), m.group(1).replace("-", "_"))
+        value = m.group(2)
+        if value is not None and value[0].isdigit():
+            return f"{name}={value}"
+        if value is not None and (value in _FLAG_VALUES or value.startswith("cuda:")):
+            return f"{name}={value!r}"
+        return f"{name}=" + (f" {value}" if value is not None else "")
+
+    return _FLAG.sub(keyword, text)
+
+
+def _python_door(function):
+    """For the doors only Python callers use: a PhpnError's message in Python's terms."""
+    @functools.wraps(function)
+    def door(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except PhpnError as err:
+            if "--" not in str(err):
+                raise
+            problem, fix = in_python_terms(err.problem), in_python_terms(err.fix)
+            raise type(err)(problem, fix) from None
+    return door
+
+
 def as_data(session: ModelSession, data, images_per_class: Optional[int] = None, seed: int = SEED) -> ImageFolderData:
     """An image folder (path), a Dataset of (image, label) or a DataLoader of (images, labels) batches
     as phpn's ImageFolderData. Labels are the model's class indices."""
@@ -509,6 +557,7 @@ def resolve_discovery(demo: Optional[str] = None, *, class_names: Optional[Seque
     return DiscoveryConfig(**values)
 
 
+@_python_door
 def decompose(model, data, *, k=None, images_per_class: Optional[int] = None, preprocess=None,
               class_names: Optional[Sequence[str]] = None, device: str = DEVICE, progress=True,
               decode: str = DECODE, **options) -> "DecomposedRun":
@@ -735,6 +784,7 @@ class DecomposedRun(Run):
         names = self.class_names
         return [ClassView.of(entry, class_name(names, entry["index"])) for entry in self.meta.get("classes", [])]
 
+    @_python_door
     def certify(self, data, *, images_per_class: Optional[int] = None, batch_size: int = BATCH_SIZE,
                 device: str = DEVICE, progress=True) -> Certificate:
         """Check on ``data`` (folder, Dataset or DataLoader, as for :func:`decompose`) that the
@@ -760,6 +810,7 @@ class DecomposedRun(Run):
         _issue(found)
         return cert
 
+    @_python_door
     def explain(self, image, class_index=None, *, top: int = TOP_CLASSES):
         """Explain ``image`` for ``class_index`` (an index or a class name; default: the
         best-scoring decomposed class). ``image``: a path, a PIL image, a numpy picture (H, W, 3),

@@ -203,3 +203,16 @@ def test_an_explanation_prints_as_one_line(run):
     assert text == (f"<Explanation: blue (class 2), logit {ex.logit:.4g} = bias {ex.bias:.3g} + {parts} "
                     f"(2 prototypes, maps 12x12)>")
     assert str(ex) == text
+
+
+def test_errors_in_python_name_keywords_not_flags():
+    from phpn.api import in_python_terms
+
+    assert in_python_terms("Use --device cpu (or auto).") == "Use device='cpu' (or auto)."
+    assert in_python_terms("Lower --batch-size or --memory-budget.") == "Lower batch_size= or memory_budget_mb=."
+    assert in_python_terms("Pass --k 3 or --classes 0,5-9.") == "Pass k=3 or classes=0,5-9."
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError) as caught:
+            phpn.decompose(ColourNet(), DataLoader(Pictures(NORMALISED), batch_size=8), k=2, device="cuda",
+                           progress=False)
+        assert "--" not in str(caught.value) and "device='cpu'" in str(caught.value)
