@@ -286,10 +286,13 @@ def certify_run(session: ModelSession, run: Run, data, batch_size: int = BATCH_S
         paths = [(c.class_index, p) for c in data.classes for p in c.paths]
         total = len(paths)
 
+        # Small batches on the CPU: a cancel is seen between forward passes, within about a second
+        # (a DataLoader's batches are the user's own).
+        step = batch_size if device.type == "cuda" else min(batch_size, 16)
+
         def batches():
-            # A cancel is seen between the layers of a forward pass, so the batch need not be small.
-            for start in range(0, len(paths), batch_size):
-                chunk = dict((p, c) for c, p in paths[start:start + batch_size])
+            for start in range(0, len(paths), step):
+                chunk = dict((p, c) for c, p in paths[start:start + step])
                 batch, kept, _ = load_batch(data.root, list(chunk), session.preprocess)
                 if kept:
                     yield batch, torch.tensor([chunk[p] for p in kept])
@@ -709,7 +712,7 @@ def input_warnings(session: ModelSession, data, certificate) -> list:
 
 def _issue(found: list) -> list:
     for warning in found:
-        warnings.warn(warning, stacklevel=3)
+        warnings.warn(warning, stacklevel=4)  # the caller's line: past decompose (or certify) and _python_door
     return found
 
 
