@@ -35,6 +35,7 @@ run = phpn.decompose(model, torch.utils.data.DataLoader(train, batch_size=64), k
 # Certify on images discovery never saw: same predictions, same logits.
 certificate = run.certify(torch.utils.data.DataLoader(test, batch_size=100))
 print(certificate.summary())
+run  # in Jupyter: the run's summary (model, classes, k, certificate, any warning about the inputs)
 
 # %%
 # Explain one test image: in Jupyter the explanation shows itself; here it is also saved.

@@ -9,6 +9,8 @@ reads as a sum of "this part, here" contributions::
     run = phpn.decompose(model, loader, k=3)     # your nn.Module, your DataLoader of (images, labels)
     run.certify(test_loader)                     # agreement with the model: 100%, max |Δlogit|
     run.explain(image)                           # shows itself in Jupyter; .save("x.html" | "x.png")
+    run.explain(batch, "cat")                    # a batch gives a list; a class by index or name
+    print(run)                                   # model, classes, k, certificate, warnings (run.warnings)
     run.save("runs/mine"); phpn.open_run("runs/mine", model)
 
 The same steps are the command line (``phpn --help``) and the app (``streamlit run app.py``).
@@ -24,7 +26,7 @@ _EXPORTS = {
     "DecomposedRun": "api", "ModelSession": "api", "ClassView": "api",
     "compare": "api",
     "Explanation": "show.explanation",
-    "Certificate": "method.certify",
+    "Certificate": "method.certify", "InputWarning": "method.certify",
     "Preprocess": "images.data",
     "DiscoveryConfig": "pipeline.discover",
     "PrototypeNetwork": "method.network",

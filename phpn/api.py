@@ -9,7 +9,12 @@ For Python callers the short form is :func:`decompose` (model + data -> :class:`
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import json
+import re
+import time
+import warnings
 from dataclasses import dataclass, replace
 from difflib import get_close_matches
 from pathlib import Path
@@ -19,13 +24,21 @@ import numpy as np
 import torch
 from PIL import Image
 
-from phpn.atomic import check_may_write, write_atomic
+from phpn.atomic import TEMP_SUFFIX, check_may_write, write_atomic
 from phpn.config import (
     BATCH_SIZE,
+    COLOURS,
+    CONTRIBUTIONS,
     DECODE,
     DEVICE,
     DISCOVERY,
+    INTERPOLATIONS,
+    NMF_DATA_CHOICES,
+    NMF_SOLVERS,
+    OBJECTIVES,
+    SCALINGS,
     SEED,
+    SOLVERS,
     TOP_CLASSES,
     class_name,
     class_names_or_indices,
@@ -45,16 +58,20 @@ from phpn.images.data import (
 from phpn.images.inputs import (
     InMemoryImages,
     TensorInput,
+    TransformInput,
     as_preprocess,
+    explain_input,
+    explain_inputs,
     first_image,
     from_dataset,
     from_loader,
     holds_pictures,
+    loader_batch,
     merge_preprocess,
     module_sha256,
     peek_input_size,
 )
-from phpn.method.certify import Certificate, certify
+from phpn.method.certify import Certificate, InputWarning, certify, chance_warning, format_certificate
 from phpn.method.network import PrototypeNetwork
 from phpn.models import diagnose, load_model
 from phpn.models.hf import LogitsOnly, class_names, logits_only
@@ -63,6 +80,9 @@ from phpn.pipeline.audit import Audit, audit_run
 from phpn.pipeline.compare import IMAGES_PER_CLASS as COMPARE_IMAGES_PER_CLASS
 from phpn.pipeline.compare import MATCH_THRESHOLD, Comparison, check_comparable, compare_runs
 from phpn.pipeline.discover import DiscoveryConfig, discover, resolve_k
+from phpn.pipeline.features import FeatureTap
+from phpn.pipeline.mistakes import majorities
+from phpn.pipeline.preprocess_check import MIN_GAIN, NORMALISATIONS
 from phpn.progress import ProgressFn, TqdmProgress, report
 from phpn.runs.provenance import load_from_record
 from phpn.runs.store import (  # this module's load_run is the public wrapper
@@ -245,53 +265,88 @@ def _check_run_for(session: ModelSession, run: Run) -> Run:
     return run
 
 
-def certify_run(session: ModelSession, run: Run, data: ImageFolderData, batch_size: int = BATCH_SIZE,
+def certify_run(session: ModelSession, run: Run, data, batch_size: int = BATCH_SIZE,
                 device: str = DEVICE,
                 progress: Optional[ProgressFn] = None, cancel=None) -> Certificate:
-    """Certify ``run`` on ``data``'s images; each image's class folder is its label, so the
-    certificate records the model's accuracy beside the agreement."""
+    """Certify ``run`` on ``data``'s images: an ImageFolderData (each image's class folder is its
+    label, so the certificate records the model's accuracy beside the agreement) or a DataLoader
+    of ``(images, labels)``, read batch by batch in its own order and batch size.
+
+    Each batch costs one forward pass of the model: the features at the cut are caught on their
+    way through it (as discovery does) and the decomposed network reads them."""
     device = resolve_device(device)
     check_at_least("batch size", batch_size)
     network = run.network(session.split)
-    paths = [(c.class_index, p) for c in data.classes for p in c.paths]
-    # Small batches on the CPU: a cancel is seen between forward passes, within about a second.
-    step = batch_size if device.type == "cuda" else min(batch_size, 16)
-    report(progress, "certify", 0, len(paths))
+    # The tap checks its catch on its first batch (one more backbone pass): kept for the next certify.
+    taps = run.__dict__.setdefault("_taps", {})
+    key = (id(session.loaded.model), id(session.split), str(device))
+    tap = taps.get(key)
+    if tap is None:
+        tap = taps[key] = FeatureTap(session.split, session.loaded.model, device)
+    if isinstance(data, torch.utils.data.DataLoader):
+        total = len(data.dataset) if hasattr(data.dataset, "__len__") else None
+        batches = _loader_batches(data, session.loaded.num_classes)
+    else:
+        paths = [(c.class_index, p) for c in data.classes for p in c.paths]
+        total = len(paths)
 
-    def batches():
-        for start in range(0, len(paths), step):
-            chunk = dict((p, c) for c, p in paths[start:start + step])
-            batch, kept, _ = load_batch(data.root, list(chunk), session.preprocess)
-            if kept:
-                yield batch, torch.tensor([chunk[p] for p in kept])
+        # Small batches on the CPU: a cancel is seen between forward passes, within about a second
+        # (a DataLoader's batches are the user's own).
+        step = batch_size if device.type == "cuda" else min(batch_size, 16)
 
-    return certify(network, session.loaded.model, batches(), run.head_error(), device, progress=progress,
-                   total=len(paths), cancel=cancel)
+        def batches():
+            for start in range(0, len(paths), step):
+                chunk = dict((p, c) for c, p in paths[start:start + step])
+                batch, kept, _ = load_batch(data.root, list(chunk), session.preprocess)
+                if kept:
+                    yield batch, torch.tensor([chunk[p] for p in kept])
+
+        batches = batches()
+    report(progress, "certify", 0, total or 0)
+    return certify(network, session.loaded.model, batches, run.head_error(), device, progress=progress,
+                   total=total, cancel=cancel, forward=tap)
+
+
+def _loader_batches(loader, num_classes: int):
+    """A DataLoader's ``(images, labels)`` batches, checked as :func:`phpn.images.inputs.from_loader` checks them."""
+    for b, batch in enumerate(loader):
+        images, labels = loader_batch(batch, b, num_classes)
+        yield images, labels
+
+
+def _model_input_size(session) -> Optional[tuple]:
+    """(C, H, W) the model is diagnosed at, or None when unknown."""
+    size = getattr(getattr(session, "diagnosis", None), "input_size", None)
+    return tuple(int(v) for v in size) if size is not None and len(size) == 3 else None
 
 
 def explain_image(session: ModelSession, network: PrototypeNetwork, image, class_index: Optional[int] = None,
                   top: int = TOP_CLASSES, class_names: Optional[Sequence[str]] = None) -> Explanation:
     """Explain one image for ``class_index`` (default: the best-scoring class that has prototypes).
 
-    ``image`` is a path, a file object, a PIL image, or a tensor (C, H, W) already preprocessed
-    for the model (its picture is then the tensor rescaled to its own range, or un-normalised
-    with the session's mean/std when phpn knows them).
+    ``image`` is a path, a file object, a PIL image, an 8-bit numpy picture, or a tensor (C, H, W)
+    or (H, W, C) already preprocessed for the model (its picture is then the tensor rescaled to
+    its own range, or un-normalised with the session's mean/std when phpn knows them).
+    ``class_index`` is an index or a class name.
     """
     source = ""
+    image = explain_input(image, _model_input_size(session))
     if isinstance(image, torch.Tensor):
-        x = image.detach().float().cpu()
-        x = x[None] if x.ndim == 3 else x
-        if x.ndim != 4 or x.shape[0] != 1:
-            raise ConfigError(f"An image tensor must be (channels, height, width), got shape {tuple(image.shape)}.",
-                              "Pass one preprocessed image.")
+        x = image[None]
         seen = picture_of_tensor(x[0], session.preprocess)
     else:
         if not isinstance(image, Image.Image):
             source = Path(getattr(image, "name", str(image))).name
             image = load_image(image)
-        seen = session.preprocess.geometry(image)
-        x = session.preprocess.normalise(seen)[None]
+        if isinstance(session.preprocess, TransformInput):  # applied as given
+            x = session.preprocess(image.convert("RGB"))[None]
+            seen = picture_of_tensor(x[0], session.preprocess)
+        else:
+            seen = session.preprocess.geometry(image)
+            x = session.preprocess.normalise(seen)[None]
     names = list(class_names or session.class_names)
+    if class_index is not None:
+        class_index = class_index_of(class_index, names)
     with torch.inference_mode():
         feats = network.backbone(x.to(network.backbone_device)).float()
         base = network.explain_features(feats, classes=[], with_maps=False)
@@ -320,6 +375,44 @@ def explain_image(session: ModelSession, network: PrototypeNetwork, image, class
 
 # --- the Python API: decompose a model you hold, on images you hold ----------------------------
 
+_FLAG = re.compile(r"--([a-z][a-z0-9-]*)(?: (\d+(?:\.\d+)?\b|[a-z][\w:-]*))?")
+# Flags whose keyword in Python is not the flag's own name with underscores.
+_KEYWORD_OF_FLAG = {"memory-budget": "memory_budget_mb", "holdout-fraction": "holdout", "class": "class_index"}
+# The words after a flag that are its value (the option lists of phpn.config), not the sentence going on.
+_FLAG_VALUES = {"auto", "cpu", "cuda", "gpu", *SOLVERS, *OBJECTIVES, *SCALINGS, *CONTRIBUTIONS, *NMF_SOLVERS,
+                *NMF_DATA_CHOICES, *INTERPOLATIONS, *COLOURS}
+
+
+def in_python_terms(text: str) -> str:
+    """A message written for the command line, with its flags as the Python keyword arguments
+    they are: "--device cpu" -> "device='cpu'", "--batch-size" -> "batch_size=" (one rule, for
+    the errors the library shares with the CLI when they reach a Python caller)."""
+    def keyword(m: re.Match) -> str:
+        name = _KEYWORD_OF_FLAG.get(m.group(1), m.group(1).replace("-", "_"))
+        value = m.group(2)
+        if value is not None and value[0].isdigit():
+            return f"{name}={value}"
+        if value is not None and (value in _FLAG_VALUES or value.startswith("cuda:")):
+            return f"{name}={value!r}"
+        return f"{name}=" + (f" {value}" if value is not None else "")
+
+    return _FLAG.sub(keyword, text)
+
+
+def _python_door(function):
+    """For the doors only Python callers use: a PhpnError's message in Python's terms."""
+    @functools.wraps(function)
+    def door(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except PhpnError as err:
+            if "--" not in str(err):
+                raise
+            problem, fix = in_python_terms(err.problem), in_python_terms(err.fix)
+            raise type(err)(problem, fix) from None
+    return door
+
+
 def as_data(session: ModelSession, data, images_per_class: Optional[int] = None, seed: int = SEED) -> ImageFolderData:
     """An image folder (path), a Dataset of (image, label) or a DataLoader of (images, labels) batches
     as phpn's ImageFolderData. Labels are the model's class indices."""
@@ -327,7 +420,7 @@ def as_data(session: ModelSession, data, images_per_class: Optional[int] = None,
         return data
     if isinstance(data, (str, Path)):
         return open_data(session, data, images_per_class, seed)
-    _names_from_dataset(session, getattr(data, "dataset", data))
+    _names_from_dataset(session, data)
     kw = dict(num_classes=session.loaded.num_classes, images_per_class=images_per_class,
               class_names=session.loaded.class_names)
     if isinstance(data, torch.utils.data.DataLoader):
@@ -339,10 +432,23 @@ def as_data(session: ModelSession, data, images_per_class: Optional[int] = None,
                       "or a DataLoader yielding (images, labels).")
 
 
+def dataset_classes(data) -> Optional[list]:
+    """A dataset's class names (torchvision's ``classes``), looked for through a DataLoader and
+    through ``Subset``/``random_split`` wrappers (their ``.dataset``), or None."""
+    for _ in range(8):  # a Subset of a Subset of ... a dataset
+        names = getattr(data, "classes", None)
+        if isinstance(names, (list, tuple)) and names and all(isinstance(n, str) for n in names):
+            return list(names)
+        if not hasattr(data, "dataset"):
+            return None
+        data = data.dataset
+    return None
+
+
 def _names_from_dataset(session: ModelSession, dataset) -> None:
     """A model without class names takes a dataset's (torchvision's ``classes``) when they are
     exactly one per class, as an image folder's names are taken (the same rule as open_data)."""
-    names = getattr(dataset, "classes", None)
+    names = dataset_classes(dataset)
     if (session.loaded.class_names is None and isinstance(names, (list, tuple))
             and len(names) == session.loaded.num_classes and all(isinstance(n, str) for n in names)):
         session.loaded = replace(session.loaded, class_names=list(names))
@@ -355,8 +461,17 @@ def _fit_session_to(session: ModelSession, data: ImageFolderData) -> ModelSessio
         if isinstance(session.preprocess, TensorInput):
             raise ConfigError("These images are pictures (files or PIL images), but phpn does not know how to "
                               "preprocess them for this model.",
-                              "Pass preprocess=phpn.Preprocess(resize=..., crop=..., mean=..., std=...) or give "
-                              "preprocessed tensors (a Dataset or DataLoader).")
+                              "Pass preprocess= your torchvision transform (e.g. transforms.Compose([...])) or "
+                              "phpn.Preprocess(resize=..., crop=..., mean=..., std=...), or give preprocessed "
+                              "tensors (a Dataset or DataLoader).")
+        if isinstance(session.preprocess, TransformInput):
+            batch, kept, _ = load_batch(data.root, data.classes[0].paths[:1], session.preprocess)
+            shape = tuple(batch.shape[1:]) if kept else session.preprocess.input_size
+            if shape != session.preprocess.input_size:  # a transform without a resize: the pictures' size
+                pre = session.preprocess.resized(shape)
+                session = ModelSession(loaded=replace(session.loaded, preprocess=pre),
+                                       diagnosis=diagnose(session.loaded, input_size=shape), preprocess=pre,
+                                       demo=session.demo)
         return session
     shape = tuple(first_image(data, session.preprocess).shape)
     if tuple(session.diagnosis.input_size) != shape:
@@ -383,6 +498,15 @@ def discovery_defaults(demo: Optional[str] = None) -> dict:
     if demo:
         values.update(get_demo(demo).defaults)
     return values
+
+
+def class_index_of(value, names: Sequence[str]) -> int:
+    """:func:`class_index` for a class given in Python: an int (or numpy/tensor integer) or a name."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value)
+    return class_index(value, names)
 
 
 def class_index(value, names: Sequence[str]) -> int:
@@ -440,8 +564,10 @@ def resolve_discovery(demo: Optional[str] = None, *, class_names: Optional[Seque
     return DiscoveryConfig(**values)
 
 
+@_python_door
 def decompose(model, data, *, k=None, images_per_class: Optional[int] = None, preprocess=None,
-              device: str = DEVICE, progress=True, decode: str = DECODE, **options) -> "DecomposedRun":
+              class_names: Optional[Sequence[str]] = None, device: str = DEVICE, progress=True,
+              decode: str = DECODE, **options) -> "DecomposedRun":
     """Turn a trained classifier into a part-prototype network: k prototypes per class that sum
     exactly to the class's head row, discovered on ``data``. ``k="auto"`` gives each class its
     own k, from 2 to ``auto_k`` (default 8), where NMF's error curve bends most. Settings left
@@ -454,18 +580,25 @@ def decompose(model, data, *, k=None, images_per_class: Optional[int] = None, pr
     ``DataLoader`` yielding ``(images, labels)``; labels are the model's class indices. A Dataset is
     read by index when needed; a DataLoader's images are held in memory (``images_per_class``
     caps them: the first N of each class in the loader's order).
-    ``preprocess``: a :class:`phpn.Preprocess` (or dict) for pictures; not needed for tensors.
+    ``preprocess``: for pictures, a torchvision transform (``transforms.Compose([...])``, applied
+    as given and recorded), a :class:`phpn.Preprocess` or a dict of its fields; not needed for tensors.
+    ``class_names``: the model's class names in its output order (default: the model's own, else
+    the dataset's ``classes``, found through ``Subset`` and ``random_split`` too).
     ``progress``: True for progress bars, False for none, or a callback ``(stage, done, total)``.
     ``decode``: where an image folder's JPEGs are decoded: "auto" (on the GPU when the model runs
     there), "gpu" or "cpu" (Pillow).
     ``options``: the other discovery settings (solver, objective, scaling, nmf_solver, seed,
     batch_size, top_patches, classes, ...; defaults in :mod:`phpn.config`).
 
-    The returned run is certified on the discovery images (``run.certificate``).
+    The returned run is certified on the discovery images (``run.certificate``). When the model
+    does not read the images as given (near chance, labels in another class order, tensors that
+    look unnormalised) each finding is an :class:`phpn.method.certify.InputWarning`, issued with
+    ``warnings.warn`` and kept in ``run.warnings`` (shown by ``print(run)``).
     """
+    _check_keywords(options, decompose)
     # One load, one trace: a live module is diagnosed at the data's own input size.
     peek = peek_input_size(data) if isinstance(model, torch.nn.Module) and preprocess is None else None
-    session = open_model(model, preprocess=preprocess, input_size=peek)
+    session = open_model(model, preprocess=preprocess, input_size=peek, class_names=class_names)
     config = resolve_discovery(session.demo, class_names=session.class_names, k=k,
                                images_per_class=images_per_class, device=device, **options)
     images = as_data(session, data, images_per_class, config.seed)
@@ -479,7 +612,112 @@ def decompose(model, data, *, k=None, images_per_class: Optional[int] = None, pr
     out = DecomposedRun.attach(run, session)
     if isinstance(images.root, InMemoryImages):
         out.__dict__["_images"] = images.root  # in memory only (never saved): pictures of the top patches
+    out.__dict__["_warnings"] = _issue(input_warnings(session, images, run.meta.get("certificate")))
     return out
+
+
+def _check_keywords(given: dict, function) -> None:
+    """A keyword close to one of the function's own (``preprocss=``): name it. Other unknown
+    keywords are left to :func:`resolve_discovery`, which names the closest discovery setting."""
+    own = [n for n, p in inspect.signature(function).parameters.items() if p.kind is p.KEYWORD_ONLY]
+    allowed = set(DiscoveryConfig.__dataclass_fields__) | {"k_max"}
+    for name in sorted(set(given) - allowed):
+        close = get_close_matches(name, own, 1)
+        if close and not get_close_matches(name, allowed, 1):
+            raise ConfigError(f"phpn.{function.__name__} has no keyword argument '{name}' (did you mean "
+                              f"'{close[0]}'?).", f"Use {close[0]}=.")
+
+
+# --- does the model read the images as given? --------------------------------------------------
+
+INPUT_CHECK_IMAGES = 512  # labelled images the class-order and normalisation checks look at, at most
+INPUT_CHECK_PER_CLASS = 5
+
+
+def _input_sample(session: ModelSession, data: ImageFolderData) -> tuple:
+    """A few labelled images of each class as the model gets them: (images, labels), or (None, None)."""
+    per_class = max(1, min(INPUT_CHECK_PER_CLASS, INPUT_CHECK_IMAGES // max(1, len(data.classes))))
+    tensors, labels = [], []
+    for entry in data.classes:
+        if len(labels) >= INPUT_CHECK_IMAGES:
+            break
+        batch, kept, _ = load_batch(data.root, entry.paths[:per_class], session.preprocess)
+        if kept:
+            tensors.append(batch)
+            labels += [entry.class_index] * len(kept)
+    if not tensors:
+        return None, None
+    return torch.cat(tensors), torch.tensor(labels)
+
+
+def _predict(model, images: torch.Tensor) -> torch.Tensor:
+    device = next(model.parameters(), torch.empty(0)).device
+    with torch.inference_mode():
+        return torch.cat([model(images[i:i + 64].to(device)).argmax(1).cpu() for i in range(0, len(images), 64)])
+
+
+def class_order_warning(pairs: dict, names: Sequence[str]) -> Optional[str]:
+    """``pairs`` {(label, predicted class): images}. When most labels' images are read consistently
+    (at least 2 in 3, the rule of :func:`phpn.pipeline.mistakes.class_order_hint`) as one other
+    class, the labels follow another class order: say which, and what to do in Python."""
+    labels = [t for (t, _), n in pairs.items() for _ in range(n)]
+    predicted = [p for (_, p), n in pairs.items() for _ in range(n)]
+    found = majorities(labels, predicted)
+    swapped = [(t, g, n, m) for t, (g, n, m) in sorted(found.items()) if g != t and n * 3 >= m * 2]
+    if not found or len(swapped) * 2 < len(found):
+        return None
+    if len({g for _, g, _, _ in swapped}) * 4 < len(swapped) * 3:
+        return None  # many labels read as the same few classes: a model that reads nothing, not a reordering
+    examples = "; ".join(f"label {t} ({class_name(names, t)}) is read as class {g} ({class_name(names, g)}) on {n} "
+                         f"of {m} images" for t, g, n, m in swapped[:3])
+    return (f"The labels look like another class order than the model's: {examples}. Give each image the index "
+            "of its class in the model's output (remap the dataset's labels, e.g. a target_transform), and "
+            "class_names= in the model's order.")
+
+
+def input_warnings(session: ModelSession, data, certificate) -> list:
+    """Whether the model reads ``data`` as given, from the certificate (near chance: the warning
+    every door shows, :func:`phpn.method.certify.chance_warning`) and a few labelled images per
+    class: labels in another class order, tensors in [0, 1] that the model reads better
+    normalised. A list of :class:`InputWarning` (empty when nothing is wrong)."""
+    found = []
+    text = chance_warning(certificate)
+    if text:
+        found.append(InputWarning("chance", text))
+    if not isinstance(data, ImageFolderData) or not (text or isinstance(session.preprocess, TensorInput)):
+        return found
+    images, labels = _input_sample(session, data)
+    if images is None:
+        return found
+    model = session.loaded.model
+    predicted = _predict(model, images)
+    if text:
+        pairs: dict = {}
+        for t, p in zip(labels.tolist(), predicted.tolist()):
+            pairs[(t, p)] = pairs.get((t, p), 0) + 1
+        order = class_order_warning(pairs, session.class_names)
+        if order:
+            found.append(InputWarning("class order", order))
+    if isinstance(session.preprocess, TensorInput) and images.shape[1] in (1, 3) \
+            and float(images.min()) >= 0 and float(images.max()) <= 1:
+        mean, std = NORMALISATIONS["ImageNet"]
+        mean, std = (mean, std) if images.shape[1] == 3 else ((0.5,), (0.5,))
+        normalised = (images - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+        right = int((predicted == labels).sum())
+        better = int((_predict(model, normalised) == labels).sum())
+        n = len(labels)
+        if better - right >= max(2, MIN_GAIN * n):
+            found.append(InputWarning("normalisation", (
+                f"The tensors look unnormalised (every value in [0, 1]): the model is right on {right} of {n} "
+                f"sampled images as given and on {better} with the mean {list(mean)} and std {list(std)}. Add "
+                f"transforms.Normalize(mean, std) (the model's own) to the dataset's transform.")))
+    return found
+
+
+def _issue(found: list) -> list:
+    for warning in found:
+        warnings.warn(warning, stacklevel=4)  # the caller's line: past decompose (or certify) and _python_door
+    return found
 
 
 @dataclass(frozen=True)
@@ -553,31 +791,77 @@ class DecomposedRun(Run):
         names = self.class_names
         return [ClassView.of(entry, class_name(names, entry["index"])) for entry in self.meta.get("classes", [])]
 
+    @_python_door
     def certify(self, data, *, images_per_class: Optional[int] = None, batch_size: int = BATCH_SIZE,
-                device: str = DEVICE, progress=False) -> Certificate:
+                device: str = DEVICE, progress=True) -> Certificate:
         """Check on ``data`` (folder, Dataset or DataLoader, as for :func:`decompose`) that the
-        decomposed network gives the model's logits: agreement, max |Δlogit|, head error."""
+        decomposed network gives the model's logits: agreement, max |Δlogit|, head error.
+
+        A DataLoader is read as it is (its batches, in its order) with one forward pass of the
+        model per batch; a folder or Dataset in batches of ``batch_size``. ``progress``: a bar
+        (True), none (False) or a callback ``(stage, done, total)``. A model near chance on the
+        labelled images, or labels in another class order, issue an :class:`InputWarning`."""
         session = self._session()
-        images = as_data(session, data, images_per_class)
+        direct = isinstance(data, torch.utils.data.DataLoader) and images_per_class is None
+        images = data if direct else as_data(session, data, images_per_class)
         bar = _progress_fn(progress)
         try:
-            return certify_run(session, self, images, batch_size, device, bar)
+            cert = certify_run(session, self, images, batch_size, device, bar)
         finally:
             if hasattr(bar, "close"):
                 bar.close()
+        found = input_warnings(session, None, cert)
+        order = class_order_warning(cert.confusion or {}, session.class_names) if found else None
+        if order:
+            found.append(InputWarning("class order", order))
+        _issue(found)
+        return cert
 
-    def explain(self, image, class_index: Optional[int] = None, *, top: int = TOP_CLASSES) -> Explanation:
-        """Explain ``image`` (a path, a PIL image or a preprocessed tensor) for ``class_index``
-        (default: the best-scoring decomposed class)."""
+    @_python_door
+    def explain(self, image, class_index=None, *, top: int = TOP_CLASSES):
+        """Explain ``image`` for ``class_index`` (an index or a class name; default: the
+        best-scoring decomposed class). ``image``: a path, a PIL image, a numpy picture (H, W, 3),
+        a preprocessed tensor (C, H, W) or (H, W, C). A batch (N, C, H, W) or a list of images
+        gives a list of explanations."""
         session = self._session()
         explainer = self.__dict__.get("_explainer")
         if explainer is None:  # reads a class's prototypes (its shard) when it first explains it
-
             explainer = self.__dict__["_explainer"] = self.lazy_network(session.split)
-        out = explain_image(session, explainer, image, class_index, top=top)
-        out.run = self
-        out.image_root = self.__dict__.get("_images") or run_image_root(self, class_index=out.class_index)
-        return out
+        items, batched = explain_inputs(image, _model_input_size(session))
+        out = []
+        for item in items:
+            ex = explain_image(session, explainer, item, class_index, top=top)
+            ex.run = self
+            ex.image_root = self.__dict__.get("_images") or run_image_root(self, class_index=ex.class_index)
+            out.append(ex)
+        return out if batched else out[0]
+
+    @property
+    def warnings(self) -> list:
+        """What decompose found about the inputs (:class:`InputWarning`: near chance, class order,
+        normalisation); empty when the model reads them."""
+        return list(self.__dict__.get("_warnings", []))
+
+    def summary(self) -> str:
+        """The run in a few lines: model, classes and k, certificate, warnings."""
+        shape = f"k = {self.k}" if not self.meta.get("config", {}).get("auto_k") else f"k up to {self.k}"
+        arch = self.meta.get("model", {}).get("arch") or (self.session.loaded.arch if self.session else "?")
+        lines = [f"phpn run: {len(self.class_indices)} classes × {shape} prototypes of {arch}"
+                 + (f", saved at {self.path}" if self.path else ""),
+                 f"certificate: {format_certificate(self.meta.get('certificate'))}"]
+        lines += [f"WARNING ({w.kind}): {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        found = f", {len(self.warnings)} warning(s): {', '.join(w.kind for w in self.warnings)}" if self.warnings \
+            else ""
+        cert = format_certificate(self.meta.get("certificate"), short=True)
+        return f"<phpn.Run {len(self.class_indices)} classes × k = {self.k} · {cert}{found}>"
+
+    __str__ = summary
+
+    def _repr_pretty_(self, printer, cycle) -> None:  # IPython and Jupyter show the summary
+        printer.text(self.summary())
 
     def save(self, path, **options) -> Path:
         """Write the run (atomically) to the folder ``path``; reopen it with :func:`load_run`."""
@@ -785,36 +1069,87 @@ def _output_stem(name: str, taken: set) -> str:
     return unique
 
 
+SUMMARY_EVERY_S = 5.0  # an unfinished summary is rewritten this often, so an interruption loses little
+
+
+def _explanation_file(name: str) -> bool:
+    """A file ``phpn explain --out`` writes: the summary, a page or picture, or a write in progress."""
+    return name == EXPLANATIONS_SUMMARY or name.endswith((".png", ".html")) or \
+        (name.startswith(".") and name.endswith(TEMP_SUFFIX))
+
+
 def explain_to_folder(session: ModelSession, run: Run, sources: Sequence, out, *,
                       class_index: Optional[int] = None, progress: Optional[ProgressFn] = None,
-                      network: Optional[PrototypeNetwork] = None) -> dict:
+                      network: Optional[PrototypeNetwork] = None, resume: bool = False,
+                      overwrite: bool = False) -> dict:
     """Explain every image of ``sources`` (files or folders): one PNG and one self-contained HTML
     page per image in ``out``, and a JSON summary (``explanations.json``) of them all.
 
-    Unreadable images are skipped and listed in the summary, never fatal."""
+    The summary is written from the start and kept up to date, so a folder phpn began is known as
+    its own, finished or not: it is written again image by image; ``resume`` skips the images
+    already explained there (same sources, same class); ``overwrite`` first removes every file
+    phpn wrote there. A folder holding anything else is never written into. Unreadable images are skipped and listed in the summary, never fatal."""
     out = Path(out)
+    if resume and overwrite:
+        raise ConfigError("Resuming and overwriting an explanations folder exclude each other.",
+                          "Pass one of --resume and --overwrite (resume= or overwrite= in Python).")
     check_may_write(out, what="'phpn explain' output folder", plural="explanations",
-                    ours=lambda p: p.is_dir() and (p / EXPLANATIONS_SUMMARY).is_file(), error=ConfigError,
-                    fix="Pass --out a new or empty folder.")
+                    ours=lambda p: p.is_dir() and (p / EXPLANATIONS_SUMMARY).is_file(), owned=_explanation_file,
+                    error=ConfigError, fix="Pass --out a new or empty folder.")
     images = list_images(sources)
+    previous = _previous_explanations(out, resume, overwrite, class_index)
     out.mkdir(parents=True, exist_ok=True)
     network = network or run.network(session.split)
     root = run_image_root(run)
     taken, explained, skipped = set(), [], []
+    summary = {"run": str(run.path) if run.path else None, "images": len(images), "class": class_index,
+               "complete": False, "explained": explained, "skipped": skipped,
+               "certificate": run.meta.get("certificate")}
+    write_atomic(out / EXPLANATIONS_SUMMARY, json.dumps(summary, indent=1))
+    written = time.monotonic()
     report(progress, "explain", 0, len(images))
     for i, (path, name) in enumerate(images):
-        try:
-            ex = explain_image(session, network, path, class_index)
-        except DataError as err:
-            skipped.append({"image": name, "why": str(err)})
+        stem = _output_stem(name, taken)
+        done = previous.get(name)
+        if done is not None and done.get("png") == f"{stem}.png" and (out / done["png"]).is_file() \
+                and (out / done["html"]).is_file():
+            explained.append(done)  # explained before the interruption
         else:
-            ex.source, ex.run, ex.image_root = name, run, root
-            stem = _output_stem(name, taken)
-            ex.save(out / f"{stem}.png")
-            ex.save(out / f"{stem}.html")
-            explained.append({**ex.to_dict(), "png": f"{stem}.png", "html": f"{stem}.html"})
+            try:
+                ex = explain_image(session, network, path, class_index)
+            except DataError as err:
+                skipped.append({"image": name, "why": str(err)})
+            else:
+                ex.source, ex.run, ex.image_root = name, run, root
+                ex.save(out / f"{stem}.png")
+                ex.save(out / f"{stem}.html")
+                explained.append({**ex.to_dict(), "png": f"{stem}.png", "html": f"{stem}.html"})
+        if time.monotonic() - written >= SUMMARY_EVERY_S:
+            write_atomic(out / EXPLANATIONS_SUMMARY, json.dumps(summary, indent=1))
+            written = time.monotonic()
         report(progress, "explain", i + 1, len(images))
-    summary = {"run": str(run.path) if run.path else None, "images": len(images), "explained": explained,
-               "skipped": skipped, "certificate": run.meta.get("certificate")}
+    summary["complete"] = True
     write_atomic(out / EXPLANATIONS_SUMMARY, json.dumps(summary, indent=1))
     return summary
+
+
+def _previous_explanations(out: Path, resume: bool, overwrite: bool, class_index: Optional[int]) -> dict:
+    """{image name: its entry} already explained in ``out`` (resume); with ``overwrite`` phpn's
+    files there are removed first."""
+    if not (out / EXPLANATIONS_SUMMARY).is_file():
+        return {}
+    if overwrite:
+        for entry in out.iterdir():
+            if entry.is_file() and _explanation_file(entry.name):
+                entry.unlink()
+        return {}
+    if not resume:  # written again image by image, over phpn's own files of the same names
+        return {}
+    try:
+        recorded = json.loads((out / EXPLANATIONS_SUMMARY).read_text(encoding="utf-8"))
+    except ValueError:  # a summary cut short: nothing is known to be done, every image is explained again
+        return {}
+    if recorded.get("class", class_index) != class_index:
+        raise ConfigError(f"The explanations in {out} are for class {recorded.get('class')}, not {class_index}.",
+                          "Resume with the same class, or pass --overwrite to replace them.")
+    return {e["image"]: e for e in recorded.get("explained", []) if isinstance(e, dict) and "image" in e}

@@ -1,7 +1,11 @@
 """Command line: ``python -m phpn {discover,certify,explain,doctor,evaluate} --help``.
 
 With ``--json`` a command prints exactly one JSON object on stdout; progress goes to
-stderr. User errors print one message (what went wrong, what to do) and exit with 2.
+stderr. User errors print one message (what went wrong, what to do) and exit with 2;
+under ``--json`` the object is ``{"error", "type", "exit_code"}``, argument errors included.
+
+Building the parser imports nothing heavy (torch, numpy, Pillow): ``phpn --help``, ``--version``
+and argument errors answer at once; each command imports what it needs.
 """
 from __future__ import annotations
 
@@ -9,12 +13,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
-
+from phpn.config import COLOURS, INTERPOLATIONS
 from phpn.errors import PhpnError
-from phpn.images.data import COLOURS, INTERPOLATIONS, Preprocess
+
+if TYPE_CHECKING:
+    from phpn.images.data import Preprocess
+
+USAGE_EXIT = 2  # argparse's exit code for a wrong command line, and phpn's for a user's mistake
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -259,9 +266,15 @@ def _explain_to_folder(args, session, run, network, class_index) -> int:
     from phpn.progress import TqdmProgress
 
     bar = TqdmProgress(disable=args.json)
-    summary = explain_to_folder(session, run, args.images, args.out, class_index=class_index, progress=bar,
-                                network=network)
-    bar.close()
+    try:
+        summary = explain_to_folder(session, run, args.images, args.out, class_index=class_index, progress=bar,
+                                    network=network, resume=args.resume, overwrite=args.overwrite)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the explanations written so far are kept; run the same command with --resume "
+              "to finish them", file=sys.stderr)
+        return 130
+    finally:
+        bar.close()
     obj = {"out": str(args.out), "summary": str(args.out / EXPLANATIONS_SUMMARY), "images": summary["images"],
            "explained": len(summary["explained"]), "skipped": summary["skipped"]}
     text = (f"explained {len(summary['explained'])} of {summary['images']} images into {args.out} "
@@ -356,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Named as it was started: the console script "phpn" or "python -m phpn".
     prog = "python -m phpn" if Path(sys.argv[0]).name == "__main__.py" else "phpn"
-    parser = argparse.ArgumentParser(prog=prog, description="Post-hoc part-prototype networks.")
+    parser = _Parser(prog=prog, description="Post-hoc part-prototype networks.")
     parser.add_argument("--version", action="version", version=f"phpn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -433,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", type=Path, nargs="+", metavar="IMAGE_OR_FOLDER")
     p.add_argument("--out", type=Path, help="folder for a PNG and an HTML page per image and explanations.json")
     p.add_argument("--class", dest="class_", help="class index or name (default: the top decomposed class)")
+    p.add_argument("--resume", action="store_true",
+                   help="finish an interrupted --out folder: images already explained there are skipped")
+    p.add_argument("--overwrite", action="store_true", help="replace the explanations phpn wrote in --out")
     _add_model_args(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_explain)
@@ -513,7 +529,6 @@ def cmd_app(args) -> int:
 
 def _check_options(args) -> None:
     """Refuse impossible numbers before any model is loaded (the same checks the library makes)."""
-    from phpn.device import check_device_name
     from phpn.validation import (
         check_at_least,
         check_finite,
@@ -523,8 +538,6 @@ def _check_options(args) -> None:
 
     if getattr(args, "seed", None) is not None:
         check_seed(args.seed)
-    if getattr(args, "device", None) is not None:
-        check_device_name(args.device)
     for flag in ("batch_size", "images_per_class", "k", "k_max"):
         if getattr(args, flag, None) not in (None, "auto"):
             check_at_least("--" + flag.replace("_", "-"), getattr(args, flag))
@@ -536,14 +549,42 @@ def _check_options(args) -> None:
     for flag in ("mean", "std"):
         if getattr(args, flag, None) is not None:
             check_finite("--" + flag, getattr(args, flag))
+    if getattr(args, "device", None) is not None:
+        from phpn.device import check_device_name  # imports torch, which the command needs next anyway
+
+        check_device_name(args.device)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose usage errors are also one JSON object on stdout under ``--json``."""
+
+    json_errors = False  # set by main() from the command line it parses (sub-parsers share the class)
+
+    def error(self, message: str):
+        if self.json_errors:
+            print(json.dumps(_error_object("UsageError", f"{message} (see {self.prog} --help)", USAGE_EXIT)))
+        super().error(message)
+
+
+def _error_object(kind: str, message: str, code: int) -> dict:
+    return {"error": message, "type": kind, "exit_code": code}
+
+
+def _memory_errors() -> tuple:
+    """MemoryError, and CUDA's out-of-memory error when torch was imported (only then can it occur)."""
+    torch = sys.modules.get("torch")
+    oom = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)
+    return (MemoryError,) if oom is None else (MemoryError, oom)
 
 
 def main(argv: Optional[list] = None) -> int:
+    words = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    _Parser.json_errors = "--json" in words
     args = build_parser().parse_args(argv)
     try:
         _check_options(args)
         return args.func(args)
-    except (PhpnError, OSError, MemoryError, torch.cuda.OutOfMemoryError) as err:  # cuda's name exists from torch 1.13
+    except (PhpnError, OSError, *_memory_errors()) as err:  # evaluated when raised: torch is loaded by then
         if isinstance(err, PhpnError):
             message = str(err)
         elif isinstance(err, OSError):  # a file or folder the user named cannot be read or written
@@ -552,7 +593,9 @@ def main(argv: Optional[list] = None) -> int:
             message = ("There is not enough memory for this work. Lower --batch-size or --memory-budget, "
                        "use fewer images per class, or a smaller input size.")
         message = " ".join(message.split())  # one line, whatever the message held
+        kind = type(err).__name__ if isinstance(err, PhpnError) else (
+            "FileError" if isinstance(err, OSError) else "OutOfMemory")
         if getattr(args, "json", False):
-            print(json.dumps({"error": message}))
+            print(json.dumps(_error_object(kind, message, USAGE_EXIT)))
         print(f"error: {message}", file=sys.stderr)
-        return 2
+        return USAGE_EXIT

@@ -39,6 +39,15 @@ NMF_DATA_CHOICES = ("clamped", "signed")
 DEVICES = ("auto", "cpu", "cuda")
 DECODES = ("auto", "cpu", "gpu")  # where JPEGs are decoded
 
+# --- preprocessing -------------------------------------------------------------------------
+# Resize interpolations (PIL names them the same way).
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+# How a 3-channel model gets the image's colours: "rgb" as decoded; "bgr" in reverse order (models
+# trained on images read by OpenCV or Caffe); "grey" the grey image (Pillow's luma, as 1-channel models
+# get it) repeated in the three channels (models trained on grey pictures stored as RGB). A
+# 1-channel model always gets the grey image ("rgb" is the only value it takes).
+COLOURS = ("rgb", "bgr", "grey")
+
 # --- explaining ----------------------------------------------------------------------------
 TOP_CLASSES = 5  # classes listed beside an explanation
 MAP_OPACITY = 0.6

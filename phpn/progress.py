@@ -1,4 +1,4 @@
-"""Progress reporting shared by the terminal (tqdm) and the app (st.progress).
+"""Progress reporting shared by the terminal and notebooks (tqdm.auto) and the app (st.progress).
 
 Long stages call ``progress(stage, done, total)``; a callback may raise
 :class:`phpn.errors.Cancelled` to stop the work cleanly.
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from tqdm import tqdm
+from tqdm.auto import tqdm  # widgets in a notebook, text in a terminal
 
 ProgressFn = Callable[[str, int, int], None]
 

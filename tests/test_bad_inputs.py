@@ -439,7 +439,8 @@ def test_cli_refuses_with_one_clear_line_and_loses_nothing(case, world, tmp_path
 
 def test_json_mode_prints_the_error_as_json(world, tmp_path, capsys):
     code, out, err = _cli(capsys, [*world.discover(tmp_path, "--device", "meta"), "--json"])
-    assert code == 2 and json.loads(out) == {"error": "Unknown device 'meta'. Use auto, cpu, cuda or cuda:N."}
+    assert code == 2 and json.loads(out) == {"error": "Unknown device 'meta'. Use auto, cpu, cuda or cuda:N.",
+                                             "type": "ConfigError", "exit_code": 2}
 
 
 def test_doctor_gives_a_verdict_not_exact_for_nan_weights(world, tmp_path, capsys):
@@ -658,7 +659,7 @@ def test_an_image_the_model_gives_nan_for_is_refused_not_printed_as_nan(world, t
                          "cpu", "--quiet", "--out", run])[0] == 0
     Image.new("RGB", (20, 20), (128, 128, 128)).save(tmp_path / "blank.png")
     code, out, err = _cli(capsys, ["explain", run, tmp_path / "blank.png", *model, "--json"])
-    assert code == 2 and list(json.loads(out)) == ["error"]  # valid JSON, no "logit": NaN
+    assert code == 2 and list(json.loads(out)) == ["error", "type", "exit_code"]  # valid JSON, no "logit": NaN
     assert json.loads(out)["error"].startswith("The model gives NaN or infinite logits on blank.png")
 
 

@@ -88,3 +88,62 @@ def test_errors_are_one_clear_line(tmp_path, image_folder):
 def test_every_subcommand_has_help():
     for command in ("discover", "certify", "explain", "doctor", "evaluate"):
         assert "usage: python -m phpn " + command in _phpn(command, "--help").stdout
+
+
+def test_help_version_and_argument_errors_import_nothing_heavy():
+    # Each answers from the parser alone: no torch, numpy or Pillow, so they return at once.
+    for args in (["--help"], ["--version"], ["discover", "--k", "x", "--out", "x"], []):
+        proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "phpn", *args], capture_output=True,
+                              text=True, timeout=120)
+        imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+        assert not imported & {"torch", "numpy", "PIL"}, args
+        assert "phpn.config" in imported and "phpn.cli" in imported
+    assert _phpn("--version").stdout.strip().startswith("phpn ")
+
+
+def test_json_errors_carry_type_and_exit_code(tmp_path):
+    # An argument error is a JSON object on stdout too, with argparse's exit code.
+    proc = _phpn("discover", "--k", "x", "--out", tmp_path / "x", "--json", check=False)
+    assert proc.returncode == 2
+    assert json.loads(proc.stdout) == {
+        "error": "argument --k: expected a whole number or 'auto', got 'x' (see python -m phpn discover --help)",
+        "type": "UsageError", "exit_code": 2}
+    proc = _phpn("doctor", "--json", check=False)
+    assert proc.returncode == 2
+    assert json.loads(proc.stdout) == {"error": "No model given. Pass --checkpoint PATH or --demo NAME.",
+                                       "type": "PhpnError", "exit_code": 2}
+    assert "Traceback" not in proc.stderr
+
+
+def test_explain_into_a_folder_resumes_and_overwrites(tmp_path, image_folder, user_model):
+    out = tmp_path / "run"
+    _phpn("discover", *user_model, "--data", image_folder, "--k", "2", "--out", out, "--device", "cpu", "--quiet")
+    explained = tmp_path / "explained"
+    first = json.loads(_phpn("explain", out, image_folder / "0", *user_model, "--out", explained, "--json").stdout)
+    assert first["explained"] == 12
+    summary = json.loads((explained / "explanations.json").read_text())
+    order = [e["image"] for e in summary["explained"]]
+    assert summary["complete"] and len(order) == 12
+    # An interruption: the last pages not written, the summary as it was mid-way.
+    kept = summary["explained"][:5]
+    for entry in summary["explained"][5:]:
+        (explained / entry["png"]).unlink()
+        (explained / entry["html"]).unlink()
+    (explained / "explanations.json").write_text(json.dumps({**summary, "explained": kept, "complete": False}))
+    stamp = {e["png"]: (explained / e["png"]).stat().st_mtime_ns for e in kept}
+    resumed = json.loads(_phpn("explain", out, image_folder / "0", *user_model, "--out", explained, "--resume",
+                               "--json").stdout)
+    assert resumed["explained"] == 12
+    assert {e["png"]: (explained / e["png"]).stat().st_mtime_ns for e in kept} == stamp  # not redone
+    again = json.loads((explained / "explanations.json").read_text())
+    assert again["complete"] and [e["image"] for e in again["explained"]] == order
+    assert len(list(explained.iterdir())) == 2 * 12 + 1
+    # --overwrite replaces phpn's own folder: pages of images no longer asked for go.
+    _phpn("explain", out, image_folder / "2" / "img00.png", *user_model, "--out", explained, "--overwrite")
+    assert sorted(p.name for p in explained.iterdir()) == ["explanations.json", "img00.html", "img00.png"]
+    # Anything phpn did not write stops it, --overwrite or not.
+    (explained / "notes.txt").write_text("mine")
+    proc = _phpn("explain", out, image_folder / "2" / "img00.png", *user_model, "--out", explained, "--overwrite",
+                 check=False)
+    assert proc.returncode == 2 and "also holds files phpn did not write (notes.txt)" in proc.stderr
+    assert (explained / "notes.txt").read_text() == "mine"

@@ -17,13 +17,55 @@ sys.path.insert(0, str(EXAMPLES))
 from make_notebook import cells, notebook  # noqa: E402
 
 
-def test_notebook_is_the_script():
+def _sources(nb: dict) -> list:
+    return [(c["cell_type"], c["source"]) for c in nb["cells"]]
+
+
+def _text(output: dict) -> str:
+    return "".join(output.get("text") or output["data"]["text/plain"])
+
+
+def _check_outputs(nb: dict) -> None:
+    """The quickstart's outputs: the certificate, the run's summary, the explanation as text and HTML."""
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert [c["execution_count"] for c in code] == [1, 2, 3]
+    printed = [_text(o) for o in code[1]["outputs"] if o.get("name") == "stdout"]
+    assert printed[0].startswith("PASSED: agrees with the model on 500 of 500 images"), printed
+    shown = [o for o in code[1]["outputs"] if o["output_type"] == "execute_result"]
+    summary = _text(shown[0]).splitlines()
+    assert summary[0] == "phpn run: 10 classes × k = 3 prototypes of module:FashionCNN"
+    assert summary[1].startswith("certificate: PASSED: agrees with the model on 200 of 200 images")
+    assert not any(line.startswith("WARNING") for line in summary)  # the model reads its inputs
+    explanation = [o for o in code[2]["outputs"] if o["output_type"] == "execute_result"][0]["data"]
+    assert _text({"data": explanation}).startswith("<Explanation: 00_t-shirt-top (class 0), logit ")
+    page = "".join(explanation["text/html"])
+    assert "data:image/png;base64," in page and "<script" not in page and len(page) < 400_000
+    assert all("\r" not in _text(o) for c in code for o in c["outputs"] if o["output_type"] == "stream")
+
+
+def test_notebook_is_the_script_with_its_outputs():
     script = (EXAMPLES / "quickstart.py").read_text(encoding="utf-8")
     nb = json.loads((EXAMPLES / "quickstart.ipynb").read_text(encoding="utf-8"))
-    assert nb == notebook(script), "run: python examples/make_notebook.py"
+    assert _sources(nb) == _sources(notebook(script)), "run: python examples/make_notebook.py"
+    assert nb["metadata"] == notebook(script)["metadata"]
     code = [text for kind, text in cells(script) if kind == "code"]
     assert len(code) == 3 and all(c.strip() for c in code)
-    assert all(c["outputs"] == [] for c in nb["cells"] if c["cell_type"] == "code")  # committed without outputs
+    _check_outputs(nb)  # shipped executed: a reader sees the results without running it
+
+
+def test_notebook_runs_as_stored(tmp_path):
+    """The suite runs the notebook's cells as a kernel would; the outputs are those shipped."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    fresh = tmp_path / "fresh.ipynb"
+    out = subprocess.run([sys.executable, str(EXAMPLES / "make_notebook.py"), "--out", str(fresh)], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ran, stored = (json.loads(p.read_text(encoding="utf-8")) for p in (fresh, EXAMPLES / "quickstart.ipynb"))
+    _check_outputs(ran)
+    assert _sources(ran) == _sources(stored)
+    kinds = [[(o["output_type"], o.get("name")) for o in c.get("outputs", [])] for c in ran["cells"]]
+    assert kinds == [[(o["output_type"], o.get("name")) for o in c.get("outputs", [])] for c in stored["cells"]]
+    assert not list(EXAMPLES.glob("quickstart.png"))  # the files the quickstart saves stay in its scratch folder
 
 
 @pytest.mark.slow
@@ -43,3 +85,12 @@ def test_quickstart_runs_and_certifies(tmp_path):
     page = (tmp_path / "quickstart.html").read_text(encoding="utf-8")
     assert "data:image/png;base64," in page and "<script" not in page
     assert (tmp_path / "quickstart-run" / "run.json").is_file()
+
+
+def test_packaging_is_honest():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert project["project"]["requires-python"] == ">=3.11"  # zip(strict=), tomllib
+    assert (ROOT / "phpn" / "py.typed").is_file()
+    assert "py.typed" in project["tool"]["setuptools"]["package-data"]["phpn"]

@@ -27,7 +27,7 @@ from PIL import Image, ImageOps
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from phpn.config import DECODES
+from phpn.config import COLOURS, DECODES, INTERPOLATIONS
 from phpn.errors import ConfigError, DataError
 from phpn.validation import check_finite, check_input_side
 
@@ -37,8 +37,6 @@ MAX_IMAGE_PIXELS = 100_000_000
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
 
-# Resize interpolations (PIL names them the same way).
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 # "shorter": the shorter side becomes ``resize`` and the aspect ratio is kept (torchvision, timm's
 # default crop mode, Hugging Face's shortest_edge); "square": both sides become ``resize`` (Hugging
 # Face's height/width sizes, timm's "squash" crop mode).
@@ -51,11 +49,6 @@ BACKENDS = ("pil", "tensor")
 # The centre crop's offset (size - crop) / 2 when it is not whole: torchvision and timm round it,
 # Hugging Face's image processors floor it.
 CROP_OFFSETS = ("round", "floor")
-# How a 3-channel model gets the image's colours: "rgb" as decoded; "bgr" in reverse order (models
-# trained on images read by OpenCV or Caffe); "grey" the grey image (Pillow's luma, as 1-channel models
-# get it) repeated in the three channels (models trained on grey pictures stored as RGB). A
-# 1-channel model always gets the grey image ("rgb" is the only value it takes).
-COLOURS = ("rgb", "bgr", "grey")
 # Where JPEG files are decoded (defaults.DECODE is the default). "cpu": Pillow, in the decoding
 # workers; "gpu": the workers only read the files' bytes, and the model's CUDA device decodes a
 # batch at a time (nvJPEG) and resizes, crops and normalises it there; "auto": "gpu" when the

@@ -72,6 +72,77 @@ class TensorInput:
     geometry = normalise = __call__ = _refuse
 
 
+# The picture a transform is probed with to learn the input size it gives (decompose re-probes
+# with the data's first picture when that gives another size).
+TRANSFORM_PROBE = (256, 256)
+
+
+class TransformInput:
+    """A torchvision transform (``transforms.Compose([...])`` or any callable from a PIL image to
+    a (C, H, W) tensor) given as the preprocessing: applied as given to every picture, and
+    recorded (its text) in the run. Its ``Normalize`` step, when it has one, gives the mean and
+    std that turn a preprocessed image back into a picture."""
+
+    def __init__(self, transform, input_size: Optional[tuple] = None):
+        self.transform = transform
+        if input_size is None:
+            input_size = tuple(self(Image.new("RGB", TRANSFORM_PROBE, (128, 128, 128))).shape)
+        self.channels, self.height, self.width = (int(v) for v in input_size)
+        steps = getattr(transform, "transforms", [transform])
+        normalize = next((t for t in steps if hasattr(t, "mean") and hasattr(t, "std")), None)
+        self.mean = [float(v) for v in normalize.mean] if normalize is not None else None
+        self.std = [float(v) for v in normalize.std] if normalize is not None else None
+
+    @property
+    def crop(self) -> int:
+        return self.height
+
+    @property
+    def input_size(self) -> tuple:
+        return (self.channels, self.height, self.width)
+
+    @property
+    def source(self) -> str:
+        return "a transform given in Python"
+
+    def resized(self, input_size: tuple) -> "TransformInput":
+        return TransformInput(self.transform, input_size)
+
+    def __call__(self, image) -> torch.Tensor:
+        try:
+            out = self.transform(image)
+        except Exception as exc:  # the transform's own error, named
+            raise DataError(f"The preprocess transform failed on an image ({type(exc).__name__}: "
+                            f"{' '.join(str(exc).split())[:300]}).",
+                            "Pass preprocess= a transform that takes a PIL image, e.g. transforms.Compose([...]).") \
+                from None
+        if not isinstance(out, torch.Tensor) or out.ndim != 3:
+            raise ConfigError(f"The preprocess transform returned {type(out).__name__} "
+                              f"{tuple(getattr(out, 'shape', ()))}, not a (channels, height, width) tensor.",
+                              "End the transform with transforms.ToTensor() (and Normalize), or "
+                              "transforms.v2.ToImage() and ToDtype(torch.float32, scale=True).")
+        return out.float()
+
+    def geometry(self, image) -> Image.Image:
+        """The picture the model sees: the transform's output, un-normalised."""
+        x = self(image)
+        if self.mean is not None and len(self.mean) == x.shape[0]:
+            x = x * torch.tensor(self.std)[:, None, None] + torch.tensor(self.mean)[:, None, None]
+        else:
+            lo, hi = float(x.min()), float(x.max())
+            x = (x - lo) / (hi - lo) if hi > lo else torch.zeros_like(x)
+        arr = (x.clamp(0, 1).numpy().transpose(1, 2, 0) * 255).round().astype(np.uint8)
+        return Image.fromarray(arr[:, :, 0], "L").convert("RGB") if arr.shape[2] == 1 else \
+            Image.fromarray(arr[:, :, :3], "RGB")
+
+    def to_dict(self) -> dict:
+        return {"given": "a transform", "transform": " ".join(repr(self.transform).split())[:4000],
+                "channels": self.channels, "size": [self.height, self.width]}
+
+    def describe(self) -> str:
+        return f"the transform given in Python: {self.to_dict()['transform']}"
+
+
 def is_preprocess_spec(pre) -> bool:
     """A Preprocess (or the tensor stand-in): something that says what the model's input is."""
     return hasattr(pre, "to_dict") and hasattr(pre, "crop")
@@ -125,13 +196,17 @@ def merge_preprocess(base, overrides: Optional[dict] = None, how: str = "changed
 
 def as_preprocess(spec):
     """A ``Preprocess`` from a Preprocess, a dict of its fields (over phpn's defaults, by
-    :func:`merge_preprocess`), or None."""
+    :func:`merge_preprocess`), a torchvision transform (:class:`TransformInput`), or None."""
     if spec is None or is_preprocess_spec(spec):
         return spec
     if isinstance(spec, dict):
         return merge_preprocess(Preprocess(source="phpn's defaults"), spec, how="given by the caller")
-    raise ConfigError(f"preprocess must be a phpn.Preprocess or a dict of its fields, not {type(spec).__name__}.",
-                      "For example preprocess={'resize': 256, 'crop': 224, 'mean': [...], 'std': [...]}.")
+    if callable(spec):
+        return TransformInput(spec)
+    raise ConfigError(f"preprocess must be a phpn.Preprocess, a dict of its fields or a torchvision transform, "
+                      f"not {type(spec).__name__}.",
+                      "For example preprocess=transforms.Compose([...]) or preprocess={'resize': 256, 'crop': 224, "
+                      "'mean': [...], 'std': [...]}.")
 
 
 def module_sha256(model: torch.nn.Module) -> str:
@@ -248,6 +323,27 @@ def _folder_name(c: int, names) -> str:
     return class_name(names, c)
 
 
+def loader_batch(batch, b: int, num_classes: int) -> tuple:
+    """One DataLoader batch as (images (n, C, H, W), labels (n,) long), each label one of the model's classes."""
+    images, labels = _pair(batch, f"batch {b}")
+    if isinstance(images, torch.Tensor) and images.ndim == 3:
+        images = images[None]
+    if not isinstance(images, torch.Tensor) or images.ndim != 4:
+        raise DataError(f"batch {b}: images must be a tensor (batch, channels, height, width), got "
+                        f"{type(images).__name__} {tuple(getattr(images, 'shape', ()))}.",
+                        "Give the DataLoader a transform that returns tensors (e.g. ToTensor + Normalize).")
+    labels = torch.as_tensor(labels).reshape(-1)
+    if labels.numel() != images.shape[0]:
+        raise DataError(f"batch {b} has {images.shape[0]} images but {labels.numel()} labels.",
+                        "Yield one label per image.")
+    checked = []
+    for label in labels.tolist():
+        label = _label(label, f"batch {b}")
+        _check_label(label, num_classes, f"batch {b}")
+        checked.append(label)
+    return images, torch.tensor(checked, dtype=torch.long)
+
+
 def from_loader(loader, *, num_classes: int, images_per_class: Optional[int] = None,
                 class_names=None, max_bytes: int = MAX_LOADER_BYTES) -> ImageFolderData:
     """Gather a DataLoader's ``(images, labels)`` batches by class (the first ``images_per_class`` of each)."""
@@ -255,20 +351,8 @@ def from_loader(loader, *, num_classes: int, images_per_class: Optional[int] = N
     keys: dict = {}
     held = 0
     for b, batch in enumerate(loader):
-        images, labels = _pair(batch, f"batch {b}")
-        if isinstance(images, torch.Tensor) and images.ndim == 3:
-            images = images[None]
-        if not isinstance(images, torch.Tensor) or images.ndim != 4:
-            raise DataError(f"batch {b}: images must be a tensor (batch, channels, height, width), got "
-                            f"{type(images).__name__} {tuple(getattr(images, 'shape', ()))}.",
-                            "Give the DataLoader a transform that returns tensors (e.g. ToTensor + Normalize).")
-        labels = torch.as_tensor(labels).reshape(-1)
-        if labels.numel() != images.shape[0]:
-            raise DataError(f"batch {b} has {images.shape[0]} images but {labels.numel()} labels.",
-                            "Yield one label per image.")
+        images, labels = loader_batch(batch, b, num_classes)
         for image, label in zip(images, labels.tolist()):
-            label = _label(label, f"batch {b}")
-            _check_label(label, num_classes, f"batch {b}")
             have = keys.setdefault(label, [])
             if images_per_class is None or len(have) < images_per_class:
                 key = _key(label, len(have))
@@ -283,14 +367,24 @@ def from_loader(loader, *, num_classes: int, images_per_class: Optional[int] = N
     return _as_data(store, keys, class_names)
 
 
+def _targets(dataset) -> Optional[list]:
+    """The labels a dataset states without reading its images (torchvision's ``targets``), through
+    ``Subset`` and ``random_split`` too (their ``indices`` into ``.dataset``); None when it has none."""
+    targets = getattr(dataset, "targets", None)
+    if targets is None and hasattr(dataset, "indices") and hasattr(dataset, "dataset"):
+        parent = _targets(dataset.dataset)
+        targets = [parent[int(i)] for i in dataset.indices] if parent is not None else None
+    if targets is not None and len(targets) != len(dataset):
+        return None
+    return targets
+
+
 def from_dataset(dataset, *, num_classes: int, images_per_class: Optional[int] = None,
                  class_names=None) -> ImageFolderData:
     """Index a Dataset of ``(image, label)`` pairs by class; images are read again when needed."""
     store = InMemoryImages(f"in-memory {type(dataset).__name__} ({len(dataset)} items)")
     store._dataset = dataset
-    targets = getattr(dataset, "targets", None)
-    if targets is not None and len(targets) != len(dataset):
-        targets = None
+    targets = _targets(dataset)
     keys: dict = {}
     for i in range(len(dataset)):
         where = f"item {i}"
@@ -341,3 +435,75 @@ def peek_input_size(data) -> Optional[tuple]:
     except (StopIteration, DataError):
         return None  # the full read that follows reports the problem
     return None
+
+
+# --- images handed to explain: what a PyTorch user holds ---------------------------------------
+
+def _picture_of_array(array: np.ndarray, where: str) -> Image.Image:
+    """An 8-bit array as a picture: (H, W), (H, W, C) or (C, H, W) with C in 1, 3, 4."""
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+        array = np.moveaxis(array, 0, -1)  # CHW -> HWC
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        raise DataError(f"{where}: an 8-bit image array must be (height, width), (height, width, channels) or "
+                        f"(channels, height, width), got shape {tuple(array.shape)}.",
+                        "Pass one picture as a numpy array of shape (H, W, 3), or a list of them.")
+    return Image.fromarray(np.ascontiguousarray(array))
+
+
+def _tensor_for_model(x: torch.Tensor, input_size: Optional[tuple], where: str) -> torch.Tensor:
+    """A float image tensor as (C, H, W) for a model taking ``input_size``: a (H, W, C) one is turned
+    round when its last axis is the model's channel count; any other channel count is refused."""
+    x = x.detach().cpu().float()
+    channels = int(input_size[0]) if input_size else None
+    if x.ndim == 2 and channels == 1:
+        x = x[None]
+    if x.ndim != 3:
+        raise DataError(f"{where}: an image tensor must be (channels, height, width), got shape {tuple(x.shape)}.",
+                        "Pass one preprocessed image (C, H, W), a batch (N, C, H, W) or a list of images.")
+    if channels is not None and x.shape[0] != channels:
+        if x.shape[-1] == channels:
+            return x.permute(2, 0, 1).contiguous()  # (H, W, C), as numpy and matplotlib hold images
+        raise DataError(f"{where}: the image has shape {tuple(x.shape)}, but the model takes {channels} channels "
+                        f"(input {tuple(input_size)}).",
+                        f"Pass a ({channels}, H, W) tensor preprocessed as for the model, or a PIL image.")
+    return x
+
+
+def explain_inputs(image, input_size: Optional[tuple] = None) -> tuple:
+    """What ``run.explain`` was given -> ([one image each], batched). An image is a path, a file
+    object, a PIL image, a numpy array (8-bit: a picture; float: a preprocessed image, HWC or
+    CHW) or a tensor (C, H, W) or (H, W, C); a batch is a tensor (N, C, H, W) or a list of images.
+    Each item becomes a path/file/PIL picture or a (C, H, W) float tensor."""
+    if isinstance(image, (list, tuple)):
+        if not image:
+            raise DataError("The list of images is empty.", "Pass at least one image.")
+        return [explain_input(item, input_size, f"image {i}") for i, item in enumerate(image)], True
+    if isinstance(image, np.ndarray) and image.dtype != np.uint8:
+        image = torch.from_numpy(np.ascontiguousarray(image))
+    if isinstance(image, torch.Tensor) and image.ndim == 4 and image.dtype != torch.uint8:
+        return [explain_input(x, input_size, f"image {i}") for i, x in enumerate(image)], True
+    return [explain_input(image, input_size, "the image")], False
+
+
+def explain_input(image, input_size: Optional[tuple] = None, where: str = "the image"):
+    """One image for :func:`explain_inputs` (a 4-D tensor of one image is that image)."""
+    if isinstance(image, np.ndarray):
+        if image.dtype == np.uint8:
+            return _picture_of_array(image, where)
+        if image.dtype == object or not np.issubdtype(image.dtype, np.number):
+            raise DataError(f"{where}: a numpy array of {image.dtype} is not an image.",
+                            "Pass an 8-bit picture (H, W, 3) or a float array preprocessed as for the model.")
+        image = torch.from_numpy(np.ascontiguousarray(image))
+    if isinstance(image, torch.Tensor):
+        if image.ndim == 4 and image.shape[0] == 1:
+            image = image[0]
+        if image.dtype == torch.uint8:  # an 8-bit picture (torchvision's read_image gives CHW uint8)
+            return _picture_of_array(image.cpu().numpy(), where)
+        return _tensor_for_model(image, input_size, where)
+    if isinstance(image, Image.Image) or hasattr(image, "read") or isinstance(image, str) \
+            or hasattr(image, "__fspath__"):
+        return image
+    raise DataError(f"{where} is a {type(image).__name__}, which phpn cannot read as an image.",
+                    "Pass a file path, a PIL image, a numpy array or a tensor (C, H, W), or a list or batch of them.")

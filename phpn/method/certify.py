@@ -19,7 +19,7 @@ import math
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Optional, Union
 
 import torch
@@ -38,6 +38,20 @@ CHANCE_P_VALUE = 0.01
 LIKELY_CAUSES = ("the input size (resize / crop)", "the mean / std normalisation",
                  "the channels (grey-scale or RGB)", "the class order (which folder is which class)")
 
+class InputWarning(UserWarning):
+    """The model may not read the images as given. ``kind``: "chance" (accuracy near guessing,
+    :func:`chance_warning`'s text, the one every door shows), "class order" (labels read
+    consistently as other classes) or "normalisation" (tensors that the model reads better
+    normalised); ``str(warning)`` is the message, with what to do."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind, self.message = kind, message
+
+    def __repr__(self) -> str:
+        return f"InputWarning({self.kind!r}, {self.message!r})"
+
+
 CancelCheck = Optional[Union[Callable[[], bool], "object"]]  # a callable or anything with is_set()
 
 
@@ -54,6 +68,8 @@ class Certificate:
     correct: int = 0  # of those, how many the original model gets right
     labelled_classes: int = 0  # distinct true classes among the labelled images
     seconds: Optional[float] = None  # wall-clock time of the certificate
+    # {(label, predicted class): images}, for reading the class order; kept in memory, not recorded
+    confusion: Optional[dict] = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         if self.agreed is None:
@@ -75,6 +91,7 @@ class Certificate:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        d.pop("confusion")
         d["relative_logit_diff"] = self.relative_logit_diff
         d["passed"] = self.passed
         d["accuracy"] = self.accuracy
@@ -103,6 +120,7 @@ class CertificateAccumulator:
         self.images = self.agreed = self.labelled = self.correct = 0
         self.max_diff = self.max_logit = 0.0
         self.classes: set = set()
+        self.confusion: dict = {}
         self.started = time.perf_counter()
 
     def add(self, reference: torch.Tensor, ours: torch.Tensor, labels: Optional[torch.Tensor] = None) -> None:
@@ -119,6 +137,10 @@ class CertificateAccumulator:
             self.labelled += int(known.sum())
             self.correct += int((predicted[known] == labels[known]).sum())
             self.classes.update(labels[known].tolist())
+            pairs, counts = torch.unique(torch.stack([labels[known], predicted[known]], 1), dim=0,
+                                         return_counts=True)
+            for (t, p), n in zip(pairs.tolist(), counts.tolist()):
+                self.confusion[(t, p)] = self.confusion.get((t, p), 0) + n
 
     def certificate(self, head_error: torch.Tensor) -> Certificate:
         head_error = head_error.double()
@@ -129,7 +151,7 @@ class CertificateAccumulator:
                            mean_head_error=float(head_error.mean()) if head_error.numel() else 0.0,
                            agreed=self.agreed, labelled_images=self.labelled, correct=self.correct,
                            labelled_classes=len(self.classes),
-                           seconds=round(time.perf_counter() - self.started, 3))
+                           seconds=round(time.perf_counter() - self.started, 3), confusion=dict(self.confusion))
 
 
 def check_cancel(cancel: CancelCheck) -> None:
@@ -175,11 +197,15 @@ def checks_inside(modules: Iterable[torch.nn.Module], tick: Callable[[], None], 
 @torch.inference_mode()
 def certify(network, model: torch.nn.Module, batches: Iterable, head_error: torch.Tensor,
             device: Optional[torch.device] = None, *, progress: Optional[ProgressFn] = None,
-            total: Optional[int] = None, cancel: CancelCheck = None) -> Certificate:
+            total: Optional[int] = None, cancel: CancelCheck = None,
+            forward: Optional[Callable[[torch.Tensor], tuple]] = None) -> Certificate:
     """Compare ``network`` (a PrototypeNetwork) with ``model`` on every batch of images.
 
     A batch is an image tensor, or ``(images, labels)`` with each image's true class index
     (-1 when unknown); with labels the certificate records the model's accuracy too.
+    ``forward(images) -> (features, model's logits)``, when given, is one pass of the model that
+    also catches the features at the cut (phpn.pipeline.features.FeatureTap): the decomposed
+    network then reads those features, so each batch costs one forward instead of two.
     ``progress("certify", images done, total)`` is called after every batch (``total``
     defaults to the images seen so far) and, like ``cancel``, between the layers of each
     forward pass (at most every 50 ms): a cancel stops the certificate within one layer.
@@ -200,9 +226,16 @@ def certify(network, model: torch.nn.Module, batches: Iterable, head_error: torc
                 images, labels = batch if isinstance(batch, (tuple, list)) else (batch, None)
                 tick()
                 images = images.to(device)
-                reference = model(images)
-                tick()
-                ours = network(images, with_maps=False).logits
+                if forward is not None:
+                    features, reference = forward(images)
+                    # The logits depend on the pooled features only: pooled here, in the features'
+                    # precision, the float64 head reads (B, D) and not the whole map (as discovery does).
+                    pooled = features.mean(dim=(2, 3))[:, :, None, None]
+                    ours = network.explain_features(pooled, classes=[], with_maps=False).logits
+                else:
+                    reference = model(images)
+                    tick()
+                    ours = network(images, with_maps=False).logits
                 acc.add(reference, ours, labels)
         end = max(total or 0, acc.images)  # skipped files count as done
         report(progress, "certify", end, end)

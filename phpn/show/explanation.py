@@ -45,6 +45,12 @@ class Explanation:
     preprocess: object = field(default=None, repr=False)
     image_root: object = field(default=None, repr=False)  # the discovery images (a folder or in memory)
 
+    def __repr__(self) -> str:  # a line of numbers, never the arrays (the picture is _repr_html_)
+        parts = " + ".join(f"{c:.3g}" for c in self.contributions)
+        where = f" for {self.source}" if self.source else ""
+        return (f"<Explanation{where}: {self.class_name} (class {self.class_index}), logit {self.logit:.4g} = "
+                f"bias {self.bias:.3g} + {parts} ({self.k} prototypes, maps {'x'.join(map(str, self.maps.shape[1:]))})>")
+
     @property
     def class_map(self) -> np.ndarray:
         """The class activation map: the sum of the prototype maps."""
