@@ -475,16 +475,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 
-    from phpn.pipeline import audit as A
-    from phpn.pipeline import compare as CMP
-
     p = sub.add_parser("audit", help="rank every prototype of a run by how much a person should look at it first "
                                      "(shortcuts: fixed place, one look, everywhere, causal paste/remove, reliance)")
     p.add_argument("run", type=Path)
     _add_model_args(p)
     p.add_argument("--data", type=Path, help="labelled images, one sub-folder per class (default: the run's own "
                    "discovery folder)")
-    p.add_argument("--images-per-class", type=int, help=f"labelled images read per class (default {A.IMAGES_PER_CLASS})")
+    p.add_argument("--images-per-class", type=int, help=f"labelled images read per class (default {D.AUDIT_IMAGES_PER_CLASS})")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_audit)
 
@@ -502,9 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, help="labelled images, one sub-folder per class (default: RUN_A's "
                    "discovery folder, else RUN_B's)")
     p.add_argument("--images-per-class", type=int, help="images per class the maps are compared on (default "
-                   f"{CMP.IMAGES_PER_CLASS})")
+                   f"{D.COMPARE_IMAGES_PER_CLASS})")
     p.add_argument("--threshold", type=float, help="similarity below which a pair is not a match (default "
-                   f"{CMP.MATCH_THRESHOLD:g})")
+                   f"{D.MATCH_THRESHOLD:g})")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_compare)
 

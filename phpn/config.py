@@ -58,6 +58,11 @@ DISCOVERY = {
 }
 
 
+# --- auditing and comparing runs ------------------------------------------------------------
+AUDIT_IMAGES_PER_CLASS = 12  # labelled images per class the audit reads (its own class's; others' for pasting)
+COMPARE_IMAGES_PER_CLASS = 16  # images per class both runs' maps are computed on
+MATCH_THRESHOLD = 0.5  # map correlation below which two prototypes are not the same part
+
 # --- class names ---------------------------------------------------------------------------
 
 def class_names_or_indices(names: Optional[Sequence[str]], count: int) -> list:

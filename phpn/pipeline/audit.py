@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from phpn import config
 from phpn.config import class_name
 from phpn.errors import DataError
 from phpn.images.data import ImageFolderData, load_batch
@@ -43,7 +44,7 @@ from phpn.method.baselines import equal_split_prototypes, random_prototypes
 from phpn.method.network import prototype_maps
 from phpn.progress import report
 
-IMAGES_PER_CLASS = 12  # labelled images per class the audit reads (its own class's; others' for pasting)
+IMAGES_PER_CLASS = config.AUDIT_IMAGES_PER_CLASS
 OTHER_IMAGES = 48  # other classes' images a region is pasted onto, at most
 TOP_PATCHES = 6  # top patches compared for "one look"
 BORDER_CELLS = 1  # the border band: this many cells of the feature grid along each edge

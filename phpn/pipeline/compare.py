@@ -19,14 +19,15 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
+from phpn import config
 from phpn.config import class_name
 from phpn.errors import ConfigError, DataError
 from phpn.images.data import ImageFolderData, load_batch
 from phpn.method.network import prototype_maps
 from phpn.progress import report
 
-MATCH_THRESHOLD = 0.5  # map correlation below which two prototypes are not the same part
-IMAGES_PER_CLASS = 16
+MATCH_THRESHOLD = config.MATCH_THRESHOLD
+IMAGES_PER_CLASS = config.COMPARE_IMAGES_PER_CLASS
 SIMILARITY = "Pearson correlation of the two prototypes' maps on the same images of their class"
 
 
