@@ -141,3 +141,61 @@ def test_the_accuracy_without_the_spurious_prototypes_is_the_head_without_them(w
         by_hand = edited(batch).argmax(1)
     assert result.edited_accuracy == pytest.approx(float((by_hand == truth).double().mean()))
     assert result.edited_accuracy < result.original_accuracy
+
+
+def test_the_audit_page_takes_verdicts_and_switches_the_spurious_prototypes_off(tmp_path, monkeypatch):
+    pytest.importorskip("streamlit.testing.v1")
+    from streamlit.testing.v1 import AppTest  # noqa: PLC0415 - optional: the app's test harness
+    from test_app import APP, _clean, _demo_ready, _errors  # noqa: PLC0415 - the app tests' helpers
+
+    if not _demo_ready():
+        pytest.skip("the fashion-mnist demo assets are not there")
+    monkeypatch.setenv("PHPN_UPLOAD_DIR", str(tmp_path / "uploads"))
+    monkeypatch.setenv("PHPN_DATA_ROOTS", str(tmp_path))
+    monkeypatch.setenv("PHPN_SETTINGS_FILE", str(tmp_path / "no-settings.toml"))
+    at = AppTest.from_file(APP, default_timeout=180).run()
+    at.switch_page("pages/audit.py").run()
+    _clean(at)
+    at.radio(key="audit_source").set_value("The demo's held-out images")
+    at.number_input(key="audit_cap").set_value(2)
+    at.button(key="audit_go").click().run()
+    _clean(at)
+    assert not _errors(at)
+    audit = at.session_state["audit_result"][1]
+    notes = at.session_state["run"].notes
+    assert "No prototype is confirmed spurious yet." in " ".join(c.value for c in at.caption)
+    table = at.dataframe[0].value  # the ranking: the page's first table
+    assert list(table["expert's verdict"]) == ["not judged"] * len(audit.entries)
+
+    first, second = audit.entries[0], audit.entries[1]
+    at.selectbox(key="audit_pick").set_value(0)
+    at.radio(key="audit_verdict").set_value("spurious")
+    at.button(key="FormSubmitter:audit_verdict_form-Save the verdict").click().run()
+    _clean(at)
+    at.selectbox(key="audit_pick").set_value(1)
+    at.radio(key="audit_verdict").set_value("dismissed")
+    at.button(key="FormSubmitter:audit_verdict_form-Save the verdict").click().run()
+    _clean(at)
+    assert notes.verdict(first.class_index, first.prototype) == "spurious"
+    assert notes.verdict(second.class_index, second.prototype) == "dismissed"
+    table = at.dataframe[0].value  # the ranking: the page's first table
+    assert list(table["expert's verdict"][:2]) == ["confirmed: spurious", "dismissed"]
+    assert any(e.label.startswith("2. ") and e.label.endswith(" · dismissed") for e in at.expander)
+    assert "Dismissed in your notes: looked at, and judged not a shortcut." in " ".join(c.value for c in at.caption)
+
+    at.button(key="audit_switch_off").click().run()
+    _clean(at)
+    result = at.session_state["audit_switched_off"][2]
+    assert result.switched_off == {first.class_index: [first.prototype]}
+    assert result.images == audit.images  # the audited images
+    shown = [w.value for w in at.warning]
+    assert result.summary(at.session_state["run"].run.class_names) in shown
+
+    # the Export page's class report carries the audit and the verdict
+    at.switch_page("pages/export.py").run()
+    _clean(at)
+    at.selectbox(key="export_class").set_value(first.class_index)
+    at.button(key="build_class_report").click().run()
+    _clean(at)
+    page = at.session_state["class_report"][2]
+    assert "<h2>Audit</h2>" in page and "<td class=l>confirmed: spurious</td></tr>" in page
