@@ -1,6 +1,8 @@
 """Audit: every prototype of the run ranked by how much a person should look at it first, with its
 reasons in words and every signal beside the baselines of the same run. The numbers come from
-phpn.pipeline.audit (the same as ``phpn audit`` and ``run.audit()``)."""
+phpn.pipeline.audit (the same as ``phpn audit`` and ``run.audit()``). The expert confirms a finding
+("spurious", "background") or dismisses it in the run's notes, and sees the accuracy with the
+prototypes confirmed spurious switched off."""
 import json
 from pathlib import Path
 
@@ -8,8 +10,11 @@ import pandas as pd
 import streamlit as st
 
 from phpn.app import frame as S
+from phpn.config import class_name
 from phpn.errors import DataError
 from phpn.pipeline.audit import IMAGES_PER_CLASS, NO_SINGLE_REASON, REASON_EXCESS, SIGNALS, audit_run
+from phpn.runs.annotations import DISMISSED, NOT_JUDGED, VERDICTS, prototype_label, switch_off, verdict_words
+from phpn.show.report import audit_json
 
 S.frame()
 st.title("Audit")
@@ -17,6 +22,7 @@ entry = S.require_run()
 model = S.current_model()
 data = S.current_data()
 run = entry.run
+notes = entry.notes
 
 st.caption("Is the model right for the right reasons? Each prototype is tested for what a shortcut (a watermark, a "
            "ruler, a border artefact) leaves behind: its map always peaks at the same place, its top patches look "
@@ -58,19 +64,31 @@ if st.button("Audit the prototypes", type="primary", key="audit_go"):
                                                                              text=f"Auditing: class {done}/{total}"))
         bar.empty()
         st.session_state["audit_result"] = (entry.id, result)
+        st.session_state["audit_images"] = (entry.id, str(root), int(per_class))
 
 stored = st.session_state.get("audit_result")
 if stored and stored[0] == entry.id:
     audit = stored[1]
     (st.warning if audit.stands_out else st.success)(audit.summary)
     st.caption(f"{audit.images} labelled images, up to {audit.images_per_class} per class.")
+    def _who(e) -> str:
+        return f"{e.class_name}, {prototype_label(notes, e.class_index, e.prototype)}"
+
+    def _verdict(e):
+        return notes.verdict(e.class_index, e.prototype) if notes is not None else None
+
     rows = [{"rank": i + 1, "class": e.class_name, "prototype": e.prototype + 1, "score": round(e.score, 2),
-             "stands out": "yes" if e.stands_out else "", "reasons": " · ".join(r.split(":", 1)[0] for r in e.reasons)}
+             "stands out": "yes" if e.stands_out else "", "reasons": " · ".join(r.split(":", 1)[0] for r in e.reasons),
+             "expert's verdict": verdict_words(_verdict(e))}
             for i, e in enumerate(audit.entries)]
     st.dataframe(pd.DataFrame(rows), hide_index=True, key="audit_table")
     for i, e in enumerate(audit.entries[:5]):  # the first five, beside their baselines
-        with st.expander(f"{i + 1}. {e.class_name}, prototype {e.prototype + 1} (score {e.score:.2f})",
-                         expanded=i == 0):
+        verdict = _verdict(e)
+        with st.expander(f"{i + 1}. {_who(e)} (score {e.score:.2f})"
+                         + ("" if verdict is None else f" · {verdict_words(verdict)}"),
+                         expanded=i == 0 and verdict != DISMISSED):
+            if verdict == DISMISSED:
+                st.caption("Dismissed in your notes: looked at, and judged not a shortcut.")
             for reason in e.reasons or [NO_SINGLE_REASON]:
                 st.markdown(f"- {reason}")
             table = [{"signal": SIGNALS[name][0], "value": round(s["value"], 3),
@@ -79,5 +97,49 @@ if stored and stored[0] == entry.id:
                       "equal split": round(s["equal"], 3), "excess (spreads)": round(s["excess"], 2)}
                      for name, s in e.signals.items()]
             st.dataframe(pd.DataFrame(table), hide_index=True)
-    st.download_button("Download the audit (.json)", data=json.dumps(audit.to_dict(), indent=1),
+    st.download_button("Download the audit (.json)", data=json.dumps(audit_json(audit, notes), indent=1),
                        file_name="phpn-audit.json", mime="application/json", key="dl_audit")
+
+    st.subheader("Your verdict")
+    st.caption("Confirm a finding (a spurious shortcut, or the background) or dismiss it. The verdict is a flag "
+               "in the run's notes, as on the Class browser: it goes into the class and explanation reports and "
+               "the run's zip (Export page).")
+    if entry.notes_problem:
+        st.warning(f"Notes are not saved: {entry.notes_problem}.")
+    choices = [*VERDICTS, DISMISSED, NOT_JUDGED]
+    with st.form("audit_verdict_form"):
+        a, b = st.columns([3, 2])
+        pick = a.selectbox("Prototype", list(range(len(audit.entries))), key="audit_pick",
+                           format_func=lambda i: f"{i + 1}. {_who(audit.entries[i])}")
+        choice = b.radio("Verdict", choices, horizontal=True, key="audit_verdict")
+        if st.form_submit_button("Save the verdict"):
+            with S.user_errors():
+                e = audit.entries[int(pick)]
+                notes.set_verdict(e.class_index, e.prototype, None if choice == NOT_JUDGED else choice)
+                why = S.save_notes(entry)
+                S.flash(f"{_who(e)}: {verdict_words(_verdict(e))}. "
+                        + ("Saved beside the run." if why is None else f"Kept for this session; {why}."),
+                        "success" if why is None else "warning", place="audit_verdict")
+                st.rerun()
+    S.show_flash("audit_verdict")
+
+    st.subheader("Without the spurious prototypes")
+    off = notes.spurious_off() if notes is not None else {}
+    if not off:
+        st.caption("No prototype is confirmed spurious yet. Once some are, the model's accuracy with them "
+                   "switched off is measured here on the audited images.")
+    else:
+        st.caption("Switched off: " + "; ".join(
+            f"{class_name(run.class_names, c)}: " + ", ".join(prototype_label(notes, c, i) for i in p)
+            for c, p in off.items()) + ".")
+        images = st.session_state.get("audit_images")
+        if st.button("Accuracy without the spurious prototypes", key="audit_switch_off"):
+            with S.user_errors():
+                folder = S.scan_data(model, Path(images[1]), images[2], 0)
+                with st.spinner("Predicting with and without those prototypes…"), model.lock:
+                    done = switch_off(entry.network, folder, model.session.preprocess, off,
+                                      images_per_class=images[2])
+                st.session_state["audit_switched_off"] = (entry.id, json.dumps(off), done)
+        stored_off = st.session_state.get("audit_switched_off")
+        if stored_off and stored_off[0] == entry.id and stored_off[1] == json.dumps(off):
+            st.warning(stored_off[2].summary(run.class_names), icon=":material/construction:")

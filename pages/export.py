@@ -18,6 +18,9 @@ run = entry.run
 notes = entry.notes
 names = run.class_names
 notes_key = json.dumps(notes.to_dict(), sort_keys=True) if notes is not None else ""
+audited = st.session_state.get("audit_result")  # the Audit page's last audit of this run, if any
+audit = audited[1] if audited and audited[0] == entry.id else None
+notes_key += "|" + json.dumps(audit.to_dict(), sort_keys=True) if audit is not None else ""
 
 
 def _name(i: int) -> str:
@@ -37,19 +40,21 @@ st.caption("A zip of the run folder: `run.json` (model identity, every setting a
            "the index of the classes), the head the prototypes sum to, and shards of classes (prototypes, α, "
            "per-class statistics, top patches), each file checksummed. "
            "Load it again on the Discover page or with `python -m phpn explain --run …`. Your notes on the "
-           "prototypes (names, flags, descriptions) are in it as `annotations.json`.")
+           "prototypes (names, flags, descriptions) are in it as `annotations.json`; once the run is audited (Audit "
+           "page), the audit's findings with your verdicts are in it as `audit.json`, and in the reports.")
 if origin:
     st.caption(f"Model: {origin}. The run and the reports name it so; they hold no path of this server's "
                "workspace.")
 
 
 @st.cache_data(max_entries=4, show_spinner=False)
-def _run_zip(run_id: str, name: str, notes_key: str, _run, _notes) -> bytes:
-    return report.run_zip_bytes(_run, name, notes=_notes)
+def _run_zip(run_id: str, name: str, notes_key: str, _run, _notes, _audit) -> bytes:
+    return report.run_zip_bytes(_run, name, notes=_notes, audit=_audit)
 
 
 with S.user_errors():
-    st.download_button("Download the run (.zip)", data=_run_zip(entry.id, f"phpn-run-{stem}-k{run.k}", notes_key, run, notes),
+    st.download_button("Download the run (.zip)",
+                       data=_run_zip(entry.id, f"phpn-run-{stem}-k{run.k}", notes_key, run, notes, audit),
                        file_name=f"phpn-run-{stem}-k{run.k}.zip", mime="application/zip", key="dl_run",
                        type="primary")
 
@@ -62,7 +67,8 @@ S.memorise("export_class")
 
 def _class_html(class_index: int) -> str:
     return report.class_report(run, class_index, image_root=S.image_root_for_run(run, class_index),
-                               preprocess=model.session.preprocess, network=entry.network, notes=notes)
+                               preprocess=model.session.preprocess, network=entry.network, notes=notes,
+                               audit=audit)
 
 
 if st.button("Build the class report", key="build_class_report"):
@@ -93,7 +99,7 @@ else:
                                                   model_label=origin_words(recorded_model) or model.label,
                                                   run_label=S.shown_path(entry.saved_to) if entry.saved_to
                                                   else entry.origin, true_class=explained.get("true_class"),
-                                                  notes=notes)
+                                                  notes=notes, audit=audit)
             st.session_state["explanation_report"] = (entry.id, explained["label"], e.class_index, html_text,
                                                       notes_key)
     built = st.session_state.get("explanation_report")

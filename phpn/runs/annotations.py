@@ -37,6 +37,11 @@ MAX_NAME = 80
 MAX_DESCRIPTION = 2000
 MAX_FLAG = 40
 MAX_FLAGS = 12
+# The expert's verdict on an audit finding, kept as flags in the same notes (no other storage):
+# confirmed as one of VERDICTS, or dismissed (looked at: the model is right for the right reasons).
+VERDICTS = ("spurious", "background")
+DISMISSED = "dismissed"
+NOT_JUDGED = "not judged"
 EDITED_MODEL = ("Edited model: prototypes switched off. It no longer equals the original model; these numbers only "
                 "show what those prototypes do.")
 
@@ -98,6 +103,12 @@ def run_seal_sha256(run) -> Optional[str]:
 def plain_label(prototype: int) -> str:
     """A prototype without a name: "prototype 2" (counted from 1)."""
     return f"prototype {int(prototype) + 1}"
+
+
+def verdict_words(verdict: Optional[str]) -> str:
+    """A verdict as shown in the reports and on the Audit page: "confirmed: spurious",
+    "dismissed" or "not judged"."""
+    return NOT_JUDGED if verdict is None else DISMISSED if verdict == DISMISSED else f"confirmed: {verdict}"
 
 
 def prototype_label(notes: Optional["Annotations"], class_index: int, prototype: int) -> str:
@@ -168,6 +179,29 @@ class Annotations:
     def flagged(self, flag: Optional[str] = None) -> list:
         """(class index, prototype) of the prototypes carrying ``flag`` (any flag when None)."""
         return sorted(key for key, note in self.notes.items() if note.flags and (flag is None or flag in note.flags))
+
+    def verdict(self, class_index: int, prototype: int) -> Optional[str]:
+        """The expert's verdict on a prototype: "spurious" or "background" (confirmed), "dismissed",
+        or None (not judged yet)."""
+        flags = self.get(class_index, prototype).flags
+        return next((f for f in (*VERDICTS, DISMISSED) if f in flags), None)
+
+    def set_verdict(self, class_index: int, prototype: int, verdict: Optional[str]) -> PrototypeNote:
+        """Confirm a finding ("spurious", "background"), dismiss it ("dismissed") or clear the
+        verdict (None); the prototype's other flags, name and description are kept."""
+        if verdict is not None and verdict not in (*VERDICTS, DISMISSED):
+            raise ConfigError(f"“{verdict}” is not a verdict.",
+                              f"Pick one of {', '.join(VERDICTS)} or {DISMISSED} (or none to clear it).")
+        kept = [f for f in self.get(class_index, prototype).flags if f not in (*VERDICTS, DISMISSED)]
+        return self.set(class_index, prototype, flags=kept + ([verdict] if verdict else []))
+
+    def spurious_off(self) -> dict:
+        """{class index: [prototypes]} flagged spurious: what :func:`switch_off` removes to show the
+        accuracy without them."""
+        off: dict = {}
+        for c, i in self.flagged("spurious"):
+            off.setdefault(c, []).append(i)
+        return off
 
     def to_dict(self) -> dict:
         named = {"run_sha256": self.run_seal} if self.run_seal else {}

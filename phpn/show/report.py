@@ -6,6 +6,8 @@ run archives.
 - :func:`explanation_report`: one image explained for one class, as the Explain page shows it
   (:func:`explanation_html` lays out :func:`phpn.show.compose.compose_explanation`'s view).
 - :func:`run_zip_bytes`: a saved run folder (or an unsaved run) as a zip, in memory.
+- :func:`audit_findings` / :func:`audit_html`: the audit's findings (rank, score, reasons) with the
+  expert's verdicts from the notes, for the reports, the zip's audit.json and the Audit page.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from PIL import Image
 from phpn.config import MAP_OPACITY, class_name
 from phpn.images.data import Preprocess
 from phpn.method.certify import chance_warning, format_certificate
-from phpn.runs.annotations import prototype_label, prototype_labels, prototype_note_html
+from phpn.runs.annotations import prototype_label, prototype_labels, prototype_note_html, verdict_words
 from phpn.runs.provenance import origin_words
 from phpn.runs.store import save_run
 from phpn.show import viz
@@ -115,8 +117,9 @@ def _certificate_html(cert: Optional[dict]) -> str:
 
 
 def class_report(run, class_index: int, *, image_root=None, preprocess=None, network=None, map_images: int = 4,
-                 patch_size: int = 112, similar_top: int = 3, notes=None) -> str:
-    """HTML report of one class's prototypes (see module doc)."""
+                 patch_size: int = 112, similar_top: int = 3, notes=None, audit=None) -> str:
+    """HTML report of one class's prototypes (see module doc); with ``audit``
+    (:class:`phpn.pipeline.audit.Audit` or its dict), a short Audit section on the class."""
     preprocess = preprocess or Preprocess.from_dict(run.meta["preprocess"])
     meta = run.class_meta(class_index)
     names = run.class_names
@@ -179,6 +182,7 @@ def class_report(run, class_index: int, *, image_root=None, preprocess=None, net
                               for s in similar[i])
             body.append(f"<p>Shared parts — most similar prototypes of other classes: {items}.</p>")
         body.append("</div>")
+    body.append(audit_html(audit, notes, class_index))
     return _page(f"phpn: {name}", "".join(body))
 
 
@@ -217,8 +221,9 @@ def _panel(panel: Panel) -> str:
     return _img(panel.picture, panel.caption, panel.width)
 
 
-def explanation_html(view: ExplanationView) -> str:
-    """The page of an explanation (:func:`phpn.show.compose.compose_explanation`), laid out as HTML."""
+def explanation_html(view: ExplanationView, audit=None, notes=None) -> str:
+    """The page of an explanation (:func:`phpn.show.compose.compose_explanation`), laid out as HTML;
+    with ``audit``, the audit's findings on the explained class."""
     v = view
     body = [f"<h1>{_esc(v.title)} — {_esc(v.image_name)}</h1>",
             (f'<p class="bad">Warning: {_esc(v.chance_warning)}</p>' if v.chance_warning else ""),
@@ -245,24 +250,81 @@ def explanation_html(view: ExplanationView) -> str:
             body.append(f'<p class="note">{_esc(p.description)}</p>')
         body.append('<div class="row">' + _panel(p.where) + _panel(p.grid)
                     + (_panel(p.looks_like) if p.looks_like else "") + "</div></div>")
+    body.append(audit_html(audit, notes, v.class_index))
     return _page(f"phpn: why {v.class_name}? ({v.image_name})", "".join(body))
 
 
 def explanation_report(explanation, run, *, image_root=None, preprocess=None, opacity: float = MAP_OPACITY,
                        mode: str = "bicubic", patches: int = 4, size: int = REPORT_SIZE,
                        image_name: Optional[str] = None, model_label: Optional[str] = None,
-                       run_label: Optional[str] = None, true_class: Optional[int] = None, notes=None) -> str:
+                       run_label: Optional[str] = None, true_class: Optional[int] = None, notes=None,
+                       audit=None) -> str:
     """HTML report of one image explained for one class (:class:`phpn.show.explanation.Explanation`),
     with its provenance (:func:`phpn.show.compose.provenance`) at the top: the panels of the Explain page."""
     return explanation_html(compose_explanation(
         explanation, run, notes=notes, image_root=image_root, preprocess=preprocess, opacity=opacity, mode=mode,
         size=size, patches=patches, image_name=image_name, model_label=model_label, run_label=run_label,
-        true_class=true_class))
+        true_class=true_class), audit=audit, notes=notes)
 
 
-def run_zip_bytes(run, name: Optional[str] = None, notes=None) -> bytes:
+def _audit_dict(audit) -> dict:
+    return audit.to_dict() if hasattr(audit, "to_dict") else dict(audit)
+
+
+def audit_findings(audit, notes=None, class_index: Optional[int] = None) -> list:
+    """The audit's prototypes (of ``class_index`` only, when given), highest score first, each with
+    its rank among all prototypes, score, reasons and the expert's verdict from ``notes``
+    ("spurious", "background", "dismissed" or None)."""
+    rows = []
+    for rank, e in enumerate(_audit_dict(audit)["prototypes"], 1):
+        if class_index is not None and int(e["class"]) != int(class_index):
+            continue
+        verdict = notes.verdict(e["class"], e["prototype"]) if notes is not None else None
+        rows.append({"rank": rank, "class": int(e["class"]), "class_name": e["class_name"],
+                     "prototype": int(e["prototype"]), "score": float(e["score"]),
+                     "stands_out": bool(e["stands_out"]), "reasons": list(e["reasons"]), "verdict": verdict})
+    return rows
+
+
+def audit_json(audit, notes=None) -> dict:
+    """The audit as saved in a run's zip (audit.json): its dict, each prototype with the expert's verdict."""
+    d = _audit_dict(audit)
+    verdicts = {(r["class"], r["prototype"]): r["verdict"] for r in audit_findings(d, notes)}
+    return {**d, "prototypes": [{**e, "verdict": verdicts[(int(e["class"]), int(e["prototype"]))]}
+                                for e in d["prototypes"]]}
+
+
+def audit_html(audit, notes=None, class_index: Optional[int] = None) -> str:
+    """A short "Audit" section: the audit's summary and its findings on ``class_index`` (rank among
+    all prototypes, score, reasons, the expert's verdict); '' without an audit."""
+    if audit is None:
+        return ""
+    d = _audit_dict(audit)
+    rows = audit_findings(d, notes, class_index)
+    out = [f"<h2>Audit</h2><p>{_esc(d['summary'])}</p>",
+           f'<p class="meta">{len(d["prototypes"])} prototypes audited on {d["images"]} labelled images; rank among '
+           "all of them, highest score first; score: the sum of the signals' excesses over random-direction "
+           "prototypes of the same run.</p>"]
+    if not rows:
+        return "".join(out)
+    out.append("<table><tr><th>rank</th><th class=l>prototype</th><th>score</th><th class=l>reasons</th>"
+               "<th class=l>expert's verdict</th></tr>")
+    for r in rows:
+        label = prototype_label(notes, r["class"], r["prototype"])
+        who = label if class_index is not None else f"{r['class_name']} {label}"
+        stands = " (stands out)" if r["stands_out"] else ""
+        reasons = "<br>".join(_esc(x) for x in r["reasons"]) or "—"
+        verdict = verdict_words(r["verdict"])
+        out.append(f"<tr><td>{r['rank']}</td><td class=l>{_esc(who)}{stands}</td><td>{r['score']:.2f}</td>"
+                   f"<td class=l>{reasons}</td><td class=l>{_esc(verdict)}</td></tr>")
+    out.append("</table>")
+    return "".join(out)
+
+
+def run_zip_bytes(run, name: Optional[str] = None, notes=None, audit=None) -> bytes:
     """The run's folder as a zip (saved first to a temporary folder when it has none); with
-    ``notes`` (phpn.runs.annotations.Annotations), those as the zip's annotations.json."""
+    ``notes`` (phpn.runs.annotations.Annotations), those as the zip's annotations.json; with
+    ``audit``, the audit's findings and the expert's verdicts as audit.json (:func:`audit_json`)."""
     tmp = None
     try:
         folder = Path(run.path) if run.path is not None and Path(run.path).is_dir() else None
@@ -275,10 +337,14 @@ def run_zip_bytes(run, name: Optional[str] = None, notes=None) -> bytes:
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
             for p in sorted(folder.rglob("*")):
-                if p.is_file() and not (notes is not None and p.name == "annotations.json"):
+                replaced = (notes is not None and p.name == "annotations.json") or (audit is not None
+                                                                                  and p.name == "audit.json")
+                if p.is_file() and not replaced:
                     zf.write(p, f"{top}/{p.relative_to(folder).as_posix()}")
             if notes is not None and notes.notes:
                 zf.writestr(f"{top}/annotations.json", json.dumps(notes.to_dict(), indent=1, ensure_ascii=False))
+            if audit is not None:
+                zf.writestr(f"{top}/audit.json", json.dumps(audit_json(audit, notes), indent=1, ensure_ascii=False))
         return buf.getvalue()
     finally:
         if tmp is not None:
