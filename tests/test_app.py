@@ -36,10 +36,12 @@ needs_demo = pytest.mark.skipif(not _demo_ready(), reason="the fashion-mnist dem
 
 @pytest.fixture(autouse=True)
 def _uploads_in_tmp(tmp_path, monkeypatch):
-    """Workspaces in the test's folder; typed paths allowed there only; visitors' code off
-    unless a test turns it on (the operator's switch)."""
-    monkeypatch.setenv("PHPN_UPLOAD_DIR", str(tmp_path / "uploads"))
+    """Workspaces beside the test's folder (data roots and workspaces lie apart); typed paths
+    and saving allowed in the test's folder only; visitors' code off unless a test turns it on
+    (the operator's switch)."""
+    monkeypatch.setenv("PHPN_UPLOAD_DIR", str(tmp_path.parent / f"{tmp_path.name}-uploads"))
     monkeypatch.setenv("PHPN_DATA_ROOTS", str(tmp_path))
+    monkeypatch.setenv("PHPN_WRITABLE_ROOTS", str(tmp_path))
     monkeypatch.delenv("PHPN_ALLOW_CODE", raising=False)
     monkeypatch.setenv("PHPN_SETTINGS_FILE", str(tmp_path / "no-settings.toml"))
 

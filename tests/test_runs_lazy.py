@@ -269,7 +269,8 @@ def test_the_app_reopens_a_run_without_reading_its_shards_and_names_a_damaged_on
 
     if not _demo_ready():
         pytest.skip("the fashion-mnist demo assets are not there")
-    for name, value in {"PHPN_UPLOAD_DIR": tmp_path / "uploads", "PHPN_DATA_ROOTS": tmp_path,
+    for name, value in {"PHPN_UPLOAD_DIR": tmp_path.parent / f"{tmp_path.name}-uploads",
+                        "PHPN_DATA_ROOTS": tmp_path, "PHPN_WRITABLE_ROOTS": tmp_path,
                         "PHPN_SETTINGS_FILE": tmp_path / "no-settings.toml"}.items():
         monkeypatch.setenv(name, str(value))  # as test_app's fixture does: this visitor's files in tmp_path
     monkeypatch.delenv("PHPN_ALLOW_CODE", raising=False)

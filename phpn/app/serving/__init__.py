@@ -5,6 +5,7 @@
   with a time limit in which such code is tried first.
 - :mod:`.workspace`: a private workspace per visitor (uploads, saved runs), quotas, and the
   sweep that deletes idle workspaces.
+- :mod:`.shares`: read-only share links to one saved run, revocable by the visitor who made them.
 - :mod:`.paths`: which server paths a visitor may name, which runs they may list and open,
   where they may save, and messages with server paths redacted.
 
@@ -18,6 +19,7 @@ from phpn.app.serving.isolation import (
                         try_in_child_process,
 )
 from phpn.app.serving.paths import (
+                        check_confined,
                         may_read,
                         read_only_reason,
                         readable_runs,
@@ -31,19 +33,31 @@ from phpn.app.serving.settings import (
                         load_settings,
                         settings_table,
 )
+from phpn.app.serving.shares import (
+                        Share,
+                        create_share,
+                        list_shares,
+                        open_share,
+                        revoke_share,
+                        sweep_shares,
+                        token_digest,
+)
 from phpn.app.serving.workspace import (
                         Workspace,
                         folder_size,
                         human_size,
                         is_within,
+                        new_browser_key,
                         removed_on_error,
                         sweep_idle,
+                        workspace_id,
                         workspace_root,
 )
 
 __all__ = [
-    "CODE_OFF_MESSAGE", "ENABLE_HINT", "SETTINGS", "ServerSettings", "Workspace", "code_allowed", "folder_size",
-    "human_size", "is_within", "load_settings", "may_read", "read_only_reason", "readable_runs", "redact_paths",
-    "removed_on_error", "require_code_allowed", "run_save_target", "settings_table", "sweep_idle", "try_in_child_process",
-    "visitor_path", "workspace_root",
+    "CODE_OFF_MESSAGE", "ENABLE_HINT", "SETTINGS", "ServerSettings", "Share", "Workspace", "check_confined",
+    "code_allowed", "create_share", "folder_size", "human_size", "is_within", "list_shares", "load_settings", "may_read",
+    "new_browser_key", "open_share", "read_only_reason", "readable_runs", "redact_paths", "removed_on_error",
+    "require_code_allowed", "revoke_share", "run_save_target", "settings_table", "sweep_idle", "sweep_shares",
+    "token_digest", "try_in_child_process", "visitor_path", "workspace_id", "workspace_root",
 ]
