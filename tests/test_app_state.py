@@ -10,6 +10,7 @@ import json
 import zipfile
 
 import pytest
+from streamlit.testing.v1 import AppTest
 from test_app import (  # noqa: F401
     _app,
     _clean,
@@ -28,6 +29,16 @@ NOTES_SUBMIT = "FormSubmitter:notes_{c}_{i}-Save the note"
 OFF_SUBMIT = "FormSubmitter:off_form_{c}-Compare with the original model"
 
 
+def _same_browser(at, monkeypatch) -> AppTest:
+    """A new page load in the browser that ``at`` ran in: it sends back the key that page gave it
+    (the cookie), never anything from the URL."""
+    from phpn.app import frame
+
+    key = at.session_state["_key_to_keep"]
+    monkeypatch.setattr(frame, "browser_cookie", lambda: key)
+    return _app()
+
+
 def _sha(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -42,7 +53,7 @@ def _save_run(at, name: str):
 
 
 @needs_demo
-def test_notes_are_saved_beside_the_run_survive_a_reload_and_reach_reports_and_exports():
+def test_notes_are_saved_beside_the_run_survive_a_reload_and_reach_reports_and_exports(monkeypatch):
     from phpn.runs.annotations import load_annotations
     from phpn.runs.store import load_run
 
@@ -66,7 +77,7 @@ def test_notes_are_saved_beside_the_run_survive_a_reload_and_reach_reports_and_e
     assert query["run"] == "my runs / annotated" and query["class"] == "3" and query["demo"] == "fashion-mnist"
 
     # A reload (a new session with the same URL) restores the run, its notes and the class.
-    again = _app()
+    again = _same_browser(at, monkeypatch)
     for key, value in query.items():
         again.query_params[key] = value
     again.run()
@@ -156,7 +167,7 @@ def test_settings_and_messages_belong_to_one_model_and_a_stale_link_is_a_warning
 
 
 @needs_demo
-def test_a_run_whose_model_file_is_missing_asks_for_it_and_opens_once_it_is_loaded(tmp_path):
+def test_a_run_whose_model_file_is_missing_asks_for_it_and_opens_once_it_is_loaded(tmp_path, monkeypatch):
     at = _app().run()
     at.switch_page("pages/model.py").run()
     at.selectbox(key="demo_name").set_value("imagenet-lite0").run()
@@ -169,8 +180,7 @@ def test_a_run_whose_model_file_is_missing_asks_for_it_and_opens_once_it_is_load
     (folder / "run.json").write_text(json.dumps(meta))
     sha = meta["model"]["sha256"]
 
-    again = _app()
-    again.query_params["session"] = at.query_params["session"]
+    again = _same_browser(at, monkeypatch)
     again.query_params["run"] = "my runs / lite0-copy"
     again.run()
     _clean(again)
@@ -233,7 +243,8 @@ def test_notes_on_a_read_only_demo_run_are_kept_and_written_when_a_copy_is_saved
 
 
 @needs_demo
-def test_a_saved_run_of_an_uploaded_model_reopens_with_its_model_and_images_after_a_reload(code_allowed):
+def test_a_saved_run_of_an_uploaded_model_reopens_with_its_model_and_images_after_a_reload(code_allowed,
+                                                                                            monkeypatch):
     at = _app().run()
     _load_uploaded_tiny(at)
     at.radio(key="data_source").set_value("Upload a zip of an image folder").run()
@@ -246,7 +257,7 @@ def test_a_saved_run_of_an_uploaded_model_reopens_with_its_model_and_images_afte
     query = dict(at.query_params)
     assert query["run"] == "my runs / tiny-run" and "demo" not in query
 
-    again = _app()
+    again = _same_browser(at, monkeypatch)
     for key, value in query.items():
         again.query_params[key] = value
     again.run()
