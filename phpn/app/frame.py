@@ -7,6 +7,8 @@ Session state (``st.session_state``):
   run        RunEntry      the current run, its decomposed network and where it came from
   job        DiscoveryJob  the live discovery, if one was started
   explained  dict          the last explanation shown (for the Export page)
+  _sid       str           this visitor's workspace id, from the browser's key (never from the URL)
+  _view      Share         the run a read-only share link opened (its token in ``_view_token``)
 """
 from __future__ import annotations
 
@@ -169,10 +171,9 @@ def scan_data(entry: ModelEntry, root, cap: Optional[int], seed: int = 0):
     root = Path(root)
     mtime = root.stat().st_mtime if root.exists() else 0.0
     names = tuple(loaded.class_names) if loaded.class_names else None
-    data = _scan(str(root), names, int(loaded.num_classes), cap, int(seed), mtime)
-    # Under an operator's data root every file is resolved on its own: a link out of it is refused.
-    serving.check_confined(root, [p for c in data.classes for p in c.paths])
-    return data
+    # Under an operator's data root every entry is resolved on its own: a link out of it is refused.
+    serving.check_confined(root)
+    return _scan(str(root), names, int(loaded.num_classes), cap, int(seed), mtime)
 
 
 @st.cache_data(max_entries=4096, show_spinner=False)

@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Optional
@@ -74,18 +75,23 @@ def data_root_of(path, settings: Optional[ServerSettings] = None) -> Optional[Pa
     return next((root for root in (*settings.data_roots, *settings.writable_roots) if is_within(path, root)), None)
 
 
-def check_confined(folder, files, settings: Optional[ServerSettings] = None) -> None:
-    """Refuse a folder under a data root when any of its ``files`` (relative to it) is a link
-    that leads out of that data root: each file is resolved on its own, so a linked class
-    folder or image is caught too. Folders outside the data roots are not concerned."""
+def check_confined(folder, settings: Optional[ServerSettings] = None) -> None:
+    """Refuse a folder under a data root when anything in it is a link that leads out of that
+    data root: every entry is looked at on its own (links are not followed by the walk), so a
+    linked class folder or image is caught too. Folders outside the data roots are not concerned."""
     settings = settings or load_settings()
     root = data_root_of(folder, settings)
     if root is None:
         return
-    leaving = [str(name) for name in files if not is_within(Path(folder) / name, root)]
+    leaving = []
+    for base, dirs, files in os.walk(folder, followlinks=False):
+        for name in sorted(dirs) + sorted(files):
+            path = Path(base) / name
+            if path.is_symlink() and not is_within(path, root):
+                leaving.append(path.relative_to(folder).as_posix())
     if leaving:
-        raise DataError(f"{len(leaving)} file(s) in the folder are links that lead outside the server's data "
-                        f"folders (the first: {leaving[0]}); phpn does not follow them.",
+        raise DataError(f"{len(leaving)} link(s) in the folder lead outside the server's data folders "
+                        f"(the first: {sorted(leaving)[0]}); phpn does not follow them.",
                         "Ask the operator to copy those images into the data folder instead of linking them.")
 
 
