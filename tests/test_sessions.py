@@ -252,13 +252,14 @@ def test_a_second_browser_and_an_attackers_link_reach_nothing_a_share_link_one_r
 
 # --- the HttpOnly cookie (serve.py) --------------------------------------------------------
 
-def _through_middleware(headers, content_type=b"text/html; charset=utf-8", scheme="http"):
+def _through_middleware(headers, content_type=b"text/html; charset=utf-8", scheme="http", status=200, path="/"):
     import asyncio
 
     from phpn.app.serving.browser import BrowserKeyMiddleware
 
     async def inner(scope, receive, send):
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", content_type)]})
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", content_type)] if content_type else []})
         await send({"type": "http.response.body", "body": b""})
 
     sent = []
@@ -266,7 +267,7 @@ def _through_middleware(headers, content_type=b"text/html; charset=utf-8", schem
     async def send(message):
         sent.append(message)
 
-    scope = {"type": "http", "scheme": scheme, "headers": headers}
+    scope = {"type": "http", "scheme": scheme, "headers": headers, "path": path}
     asyncio.run(BrowserKeyMiddleware(inner)(scope, None, send))
     return [v.decode() for n, v in sent[0]["headers"] if n == b"set-cookie"]
 
@@ -281,7 +282,11 @@ def test_the_server_gives_a_browser_without_a_valid_key_an_httponly_one(tmp_path
     assert key.startswith("phpn_key=") and workspace_id(key[len("phpn_key="):]) is not None
     assert attributes == ["Path=/", "Max-Age=21600", "HttpOnly", "SameSite=Strict"]
     assert _through_middleware([], scheme="https")[0].endswith("; Secure")
-    assert _through_middleware([(b"cookie", f"a=1; {key}".encode())]) == []  # a valid key is kept
+    [renewed] = _through_middleware([(b"cookie", f"a=1; {key}".encode())])
+    assert renewed == cookie  # a valid key is kept, its lifetime renewed
     forged = key[:-4] + "0000" if not key.endswith("0000") else key[:-4] + "1111"
-    assert len(_through_middleware([(b"cookie", forged.encode())])) == 1  # a forged one is replaced
+    [replaced] = _through_middleware([(b"cookie", forged.encode())])
+    assert replaced.split("; ")[0] not in (forged, key)  # a forged one is replaced
     assert _through_middleware([], content_type=b"application/javascript") == []  # pages only
+    assert len(_through_middleware([], content_type=None, status=304, path="/classes")) == 1  # a cached page
+    assert _through_middleware([], content_type=None, status=304, path="/static/js/index.js") == []
