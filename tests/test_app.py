@@ -55,6 +55,16 @@ def _app() -> AppTest:
     return AppTest.from_file(APP, default_timeout=120)
 
 
+def _same_browser(at: AppTest, monkeypatch) -> AppTest:
+    """A new page load (a reload) in the browser that ``at`` ran in: it sends back the key that
+    page gave it, as a browser sends its cookie; nothing of it is in the URL."""
+    from phpn.app import frame
+
+    key = at.session_state["_key_to_keep"]
+    monkeypatch.setattr(frame, "browser_cookie", lambda: key)
+    return _app()
+
+
 def _clean(at: AppTest) -> None:
     """No uncaught exception on the page."""
     assert not at.exception, [e.value for e in at.exception]

@@ -10,13 +10,13 @@ import json
 import zipfile
 
 import pytest
-from streamlit.testing.v1 import AppTest
 from test_app import (  # noqa: F401
     _app,
     _clean,
     _errors,
     _folder_zip,
     _load_uploaded_tiny,
+    _same_browser,
     _small_discovery,
     _uploads_in_tmp,
     code_allowed,
@@ -27,16 +27,6 @@ pytest.importorskip("streamlit.testing.v1")
 
 NOTES_SUBMIT = "FormSubmitter:notes_{c}_{i}-Save the note"
 OFF_SUBMIT = "FormSubmitter:off_form_{c}-Compare with the original model"
-
-
-def _same_browser(at, monkeypatch) -> AppTest:
-    """A new page load in the browser that ``at`` ran in: it sends back the key that page gave it
-    (the cookie), never anything from the URL."""
-    from phpn.app import frame
-
-    key = at.session_state["_key_to_keep"]
-    monkeypatch.setattr(frame, "browser_cookie", lambda: key)
-    return _app()
 
 
 def _sha(path) -> str:

@@ -26,7 +26,6 @@ from typing import Optional
 
 import numpy as np
 import streamlit as st
-import streamlit.components.v1 as components
 from PIL import Image, ImageDraw
 
 from phpn import jobs
@@ -278,19 +277,20 @@ def session_id() -> str:
 
 def keep_browser_key() -> None:
     """Give a new browser key to the browser as a first-party cookie (SameSite=Strict, Secure on
-    https, lasting as long as an idle workspace). Streamlit lets a page script set no response
-    header, so an HttpOnly cookie is out of reach; the cookie is written by the page itself,
-    through Streamlit's own component frame (same origin). The key is sent back only with the
-    connection of a later page load of this site."""
+    https, lasting as long as an idle workspace), when the server did not: served with
+    ``phpn app`` / ``serve.py`` the key arrives as an HttpOnly cookie set by the server
+    (phpn.app.serving.browser) and this does nothing. Under plain ``streamlit run app.py`` a page
+    script can set no response header, so the page writes the cookie itself, through Streamlit's
+    own script (``st.html`` with its JavaScript allowed, our text only); it is then not HttpOnly."""
     key = st.session_state.get("_key_to_keep")
     if not key:
         return
     age = int(max(1.0, serving.load_settings().idle_hours) * 3600)
-    script = (f"<script>(function(){{var k={json.dumps(key)};var d=window.parent.document;"
-              f"var s=d.location.protocol==='https:'?'; Secure':'';"
-              f"d.cookie='{BROWSER_KEY_COOKIE}='+k+'; Path=/; Max-Age={age}; SameSite=Strict'+s;}})();</script>")
+    script = (f"<script>(function(){{var k={json.dumps(key)};"  # the key is [A-Za-z0-9_.-]: nothing to escape
+              f"var s=document.location.protocol==='https:'?'; Secure':'';"
+              f"document.cookie='{BROWSER_KEY_COOKIE}='+k+'; Path=/; Max-Age={age}; SameSite=Strict'+s;}})();</script>")
     with st.sidebar:
-        components.html(script, height=0)
+        st.html(script, unsafe_allow_javascript=True)
 
 
 def workspace() -> "serving.Workspace":
@@ -689,8 +689,9 @@ def share_controls() -> None:
                     token = serving.create_share(ws, run.saved_to)
                     base = str(getattr(st.context, "url", "") or "").split("?")[0]
                     st.session_state.setdefault("_made_links", {})[token] = f"{base}?view={token}"
+                    shares = serving.list_shares(ws)
         made = st.session_state.get("_made_links", {})
-        for share in serving.list_shares(ws):
+        for share in shares:
             when = time.strftime("%H:%M", time.localtime(share.created))
             link = next((url for token, url in made.items() if serving.token_digest(token) == share.digest), None)
             st.caption(f"Link to **{share.run_name}**, made {when}")
