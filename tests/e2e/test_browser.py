@@ -170,6 +170,7 @@ def test_walk_every_page_with_a_live_discovery(page):
     # 1. Model & data: the demo is loaded at first start.
     _main(pg).get_by_text("Doctor's verdict").wait_for()
     _idle(pg)
+    _main(pg).get_by_text("128 × 7 × 7").wait_for(timeout=10_000)  # the metrics follow the verdict in the same run
     assert _main(pg).get_by_text("128 × 7 × 7").is_visible()
     _shot(pg, "1-model-and-data")
 
