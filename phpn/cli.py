@@ -520,7 +520,7 @@ def cmd_app(args) -> int:
 
     if importlib.util.find_spec("streamlit") is None:
         raise PhpnError("The app needs Streamlit, which is not installed.", 'Install it with: pip install "phpn[app]"')
-    entry = importlib.util.find_spec("phpn.app.main").origin
+    entry = importlib.util.find_spec("phpn.app.serve").origin  # the app with its HttpOnly browser-key cookie
     return subprocess.call([sys.executable, "-m", "streamlit", "run", entry, *args.streamlit_args])
 
 

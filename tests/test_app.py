@@ -36,10 +36,12 @@ needs_demo = pytest.mark.skipif(not _demo_ready(), reason="the fashion-mnist dem
 
 @pytest.fixture(autouse=True)
 def _uploads_in_tmp(tmp_path, monkeypatch):
-    """Workspaces in the test's folder; typed paths allowed there only; visitors' code off
-    unless a test turns it on (the operator's switch)."""
-    monkeypatch.setenv("PHPN_UPLOAD_DIR", str(tmp_path / "uploads"))
+    """Workspaces beside the test's folder (data roots and workspaces lie apart); typed paths
+    and saving allowed in the test's folder only; visitors' code off unless a test turns it on
+    (the operator's switch)."""
+    monkeypatch.setenv("PHPN_UPLOAD_DIR", str(tmp_path.parent / f"{tmp_path.name}-uploads"))
     monkeypatch.setenv("PHPN_DATA_ROOTS", str(tmp_path))
+    monkeypatch.setenv("PHPN_WRITABLE_ROOTS", str(tmp_path))
     monkeypatch.delenv("PHPN_ALLOW_CODE", raising=False)
     monkeypatch.setenv("PHPN_SETTINGS_FILE", str(tmp_path / "no-settings.toml"))
 
@@ -51,6 +53,16 @@ def code_allowed(monkeypatch):
 
 def _app() -> AppTest:
     return AppTest.from_file(APP, default_timeout=120)
+
+
+def _same_browser(at: AppTest, monkeypatch) -> AppTest:
+    """A new page load (a reload) in the browser that ``at`` ran in: it sends back the key that
+    page gave it, as a browser sends its cookie; nothing of it is in the URL."""
+    from phpn.app import frame
+
+    key = at.session_state["_key_to_keep"]
+    monkeypatch.setattr(frame, "browser_cookie", lambda: key)
+    return _app()
 
 
 def _clean(at: AppTest) -> None:

@@ -16,6 +16,7 @@ from test_app import (  # noqa: F401
     _errors,
     _folder_zip,
     _load_uploaded_tiny,
+    _same_browser,
     _small_discovery,
     _uploads_in_tmp,
     code_allowed,
@@ -42,7 +43,7 @@ def _save_run(at, name: str):
 
 
 @needs_demo
-def test_notes_are_saved_beside_the_run_survive_a_reload_and_reach_reports_and_exports():
+def test_notes_are_saved_beside_the_run_survive_a_reload_and_reach_reports_and_exports(monkeypatch):
     from phpn.runs.annotations import load_annotations
     from phpn.runs.store import load_run
 
@@ -66,7 +67,7 @@ def test_notes_are_saved_beside_the_run_survive_a_reload_and_reach_reports_and_e
     assert query["run"] == "my runs / annotated" and query["class"] == "3" and query["demo"] == "fashion-mnist"
 
     # A reload (a new session with the same URL) restores the run, its notes and the class.
-    again = _app()
+    again = _same_browser(at, monkeypatch)
     for key, value in query.items():
         again.query_params[key] = value
     again.run()
@@ -156,7 +157,7 @@ def test_settings_and_messages_belong_to_one_model_and_a_stale_link_is_a_warning
 
 
 @needs_demo
-def test_a_run_whose_model_file_is_missing_asks_for_it_and_opens_once_it_is_loaded(tmp_path):
+def test_a_run_whose_model_file_is_missing_asks_for_it_and_opens_once_it_is_loaded(tmp_path, monkeypatch):
     at = _app().run()
     at.switch_page("pages/model.py").run()
     at.selectbox(key="demo_name").set_value("imagenet-lite0").run()
@@ -172,8 +173,7 @@ def test_a_run_whose_model_file_is_missing_asks_for_it_and_opens_once_it_is_load
     save_run(saved, folder, overwrite=True)
     sha = meta["model"]["sha256"]
 
-    again = _app()
-    again.query_params["session"] = at.query_params["session"]
+    again = _same_browser(at, monkeypatch)
     again.query_params["run"] = "my runs / lite0-copy"
     again.run()
     _clean(again)
@@ -237,7 +237,8 @@ def test_notes_on_a_read_only_demo_run_are_kept_and_written_when_a_copy_is_saved
 
 @pytest.mark.slow
 @needs_demo
-def test_a_saved_run_of_an_uploaded_model_reopens_with_its_model_and_images_after_a_reload(code_allowed):
+def test_a_saved_run_of_an_uploaded_model_reopens_with_its_model_and_images_after_a_reload(code_allowed,
+                                                                                            monkeypatch):
     at = _app().run()
     _load_uploaded_tiny(at)
     at.radio(key="data_source").set_value("Upload a zip of an image folder").run()
@@ -250,7 +251,7 @@ def test_a_saved_run_of_an_uploaded_model_reopens_with_its_model_and_images_afte
     query = dict(at.query_params)
     assert query["run"] == "my runs / tiny-run" and "demo" not in query
 
-    again = _app()
+    again = _same_browser(at, monkeypatch)
     for key, value in query.items():
         again.query_params[key] = value
     again.run()

@@ -249,11 +249,12 @@ def test_switching_prototypes_off_explains_those_classes_only(tiny_loaded, image
 
 @pytest.mark.skipif(importlib.util.find_spec("streamlit") is None, reason="needs streamlit")
 def test_the_pages_read_only_the_shards_of_the_classes_they_show(tmp_path, monkeypatch, shard_reads):
-    from test_app import _app, _clean, _demo_ready, _errors
+    from test_app import _app, _clean, _demo_ready, _errors, _same_browser
 
     if not _demo_ready():
         pytest.skip("the fashion-mnist demo assets are not there")
-    for name, value in {"PHPN_UPLOAD_DIR": tmp_path / "uploads", "PHPN_DATA_ROOTS": tmp_path,
+    for name, value in {"PHPN_UPLOAD_DIR": tmp_path.parent / f"{tmp_path.name}-uploads",
+                        "PHPN_DATA_ROOTS": tmp_path, "PHPN_WRITABLE_ROOTS": tmp_path,
                         "PHPN_SETTINGS_FILE": tmp_path / "no-settings.toml"}.items():
         monkeypatch.setenv(name, str(value))  # as test_app's fixture does: this visitor's files in tmp_path
     monkeypatch.delenv("PHPN_ALLOW_CODE", raising=False)
@@ -269,8 +270,8 @@ def test_the_pages_read_only_the_shards_of_the_classes_they_show(tmp_path, monke
     save_run(run, folder, overwrite=True)
 
     shard_reads.clear()
-    again = _app()  # a reload: the URL reopens the saved run on class 3
-    again.query_params.update(session=at.query_params["session"], run="my runs / lazy")
+    again = _same_browser(at, monkeypatch)  # a reload: the URL reopens the saved run on class 3
+    again.query_params.update(run="my runs / lazy")
     again.query_params["class"] = "3"
     again.run()
     _clean(again)

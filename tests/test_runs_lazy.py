@@ -268,11 +268,12 @@ def test_the_head_is_checked_row_by_row_without_reading_shards(large):
 
 @pytest.mark.skipif(importlib.util.find_spec("streamlit") is None, reason="needs streamlit")
 def test_the_app_reopens_a_run_without_reading_its_shards_and_names_a_damaged_one(tmp_path, monkeypatch):
-    from test_app import _app, _clean, _demo_ready, _errors
+    from test_app import _app, _clean, _demo_ready, _errors, _same_browser
 
     if not _demo_ready():
         pytest.skip("the fashion-mnist demo assets are not there")
-    for name, value in {"PHPN_UPLOAD_DIR": tmp_path / "uploads", "PHPN_DATA_ROOTS": tmp_path,
+    for name, value in {"PHPN_UPLOAD_DIR": tmp_path.parent / f"{tmp_path.name}-uploads",
+                        "PHPN_DATA_ROOTS": tmp_path, "PHPN_WRITABLE_ROOTS": tmp_path,
                         "PHPN_SETTINGS_FILE": tmp_path / "no-settings.toml"}.items():
         monkeypatch.setenv(name, str(value))  # as test_app's fixture does: this visitor's files in tmp_path
     monkeypatch.delenv("PHPN_ALLOW_CODE", raising=False)
@@ -288,8 +289,7 @@ def test_the_app_reopens_a_run_without_reading_its_shards_and_names_a_damaged_on
     raw[-5] ^= 0x01
     (folder / shard["file"]).write_bytes(bytes(raw))
 
-    again = _app()  # a reload: the URL reopens the saved run
-    again.query_params["session"] = at.query_params["session"]
+    again = _same_browser(at, monkeypatch)  # a reload: the URL reopens the saved run
     again.query_params["run"] = "my runs / lazy"
     again.run()
     _clean(again)

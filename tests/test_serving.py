@@ -277,10 +277,13 @@ def test_saving_runs_never_touches_the_demos_or_the_shared_folder(tmp_path):
 
     shared = tmp_path / "shared"
     shared.mkdir()
-    settings = ServerSettings(upload_dir=tmp_path / "ws", shared_runs=shared, data_roots=(tmp_path,))
+    settings = ServerSettings(upload_dir=tmp_path / "ws", shared_runs=shared, data_roots=(tmp_path / "data",),
+                              writable_roots=(tmp_path / "out",))
     ws = Workspace(SID_A, settings)
     assert run_save_target("my-run", ws, settings) == ws.runs / "my-run"
     assert run_save_target(str(tmp_path / "out" / "r"), ws, settings) == tmp_path / "out" / "r"
+    with pytest.raises(RunError, match="the server's data folders are read-only"):
+        run_save_target(str(tmp_path / "data" / "r"), ws, settings)
     with pytest.raises(RunError, match="the shared runs are read-only"):
         run_save_target(str(shared / "r"), ws, settings)
     demo = next(iter(DEMOS.values()))

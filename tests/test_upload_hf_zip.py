@@ -317,7 +317,8 @@ def _images_zip() -> bytes:
     return buf.getvalue()
 
 
-def test_the_model_page_takes_a_zipped_model_and_the_run_says_where_it_came_from(app, saved, tmp_path):
+def test_the_model_page_takes_a_zipped_model_and_the_run_says_where_it_came_from(app, saved, tmp_path,
+                                                                                  monkeypatch):
     import time
 
     from phpn.models.checkpoint import file_sha256
@@ -373,11 +374,16 @@ def test_the_model_page_takes_a_zipped_model_and_the_run_says_where_it_came_from
     assert workspace not in text and str(tmp_path) not in text  # no server path of the visitor's files
     assert load_run(saved_to).meta["model"]["origin"]["name"] == "my convnext.zip"
 
-    # A reload (a new session with the same URL) reopens the run with its model, from 'my files/…'.
+    # A reload (a new session with the same URL, in the same browser) reopens the run with its
+    # model, from 'my files/…'.
     from streamlit.testing.v1 import AppTest
+
+    from phpn.app import frame
 
     query = dict(at.query_params)
     assert query["run"] == "my runs / hf-run"
+    cookie = at.session_state["_key_to_keep"]  # what the browser keeps
+    monkeypatch.setattr(frame, "browser_cookie", lambda: cookie)
     again = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
     for key, value in query.items():
         again.query_params[key] = value

@@ -7,12 +7,14 @@ Session state (``st.session_state``):
   run        RunEntry      the current run, its decomposed network and where it came from
   job        DiscoveryJob  the live discovery, if one was started
   explained  dict          the last explanation shown (for the Export page)
+  _sid       str           this visitor's workspace id, from the browser's key (never from the URL)
+  _view      Share         the run a read-only share link opened (its token in ``_view_token``)
 """
 from __future__ import annotations
 
 import copy
 import functools
-import re
+import json
 import threading
 import time
 import traceback
@@ -47,6 +49,7 @@ from phpn.runs.store import check_split, load_run
 from phpn.show import viz
 
 DEFAULT_DEMO = "fashion-mnist"
+BROWSER_KEY_COOKIE = "phpn_key"  # the browser's key to its workspace (never in a URL)
 SWEEP_EVERY_S = 600  # idle visitors' workspaces are looked for this often
 
 
@@ -163,6 +166,8 @@ def scan_data(entry: ModelEntry, root, cap: Optional[int], seed: int = 0):
     root = Path(root)
     mtime = root.stat().st_mtime if root.exists() else 0.0
     names = tuple(loaded.class_names) if loaded.class_names else None
+    # Under an operator's data root every entry is resolved on its own: a link out of it is refused.
+    serving.check_confined(root)
     return _scan(str(root), names, int(loaded.num_classes), cap, int(seed), mtime)
 
 
@@ -216,6 +221,7 @@ class RunEntry:
     notes_problem: Optional[str] = None  # why the saved notes could not be read (then they are not overwritten)
     notes_unsaved: bool = False  # edited notes not yet written beside the run
     url_label: Optional[tuple] = None  # (saved_to, its label among the visitor's runs), found once per folder
+    shared: bool = False  # opened through another visitor's read-only share link
 
     @functools.cached_property
     def network(self):
@@ -241,10 +247,46 @@ def state():
     return st.session_state
 
 
+def browser_cookie() -> Optional[str]:
+    """The browser key this browser sent with the page's connection (a cookie), or None. It is
+    never read from the URL, so a link cannot hand anybody a workspace."""
+    try:
+        return st.context.cookies.get(BROWSER_KEY_COOKIE)
+    except Exception:  # noqa: BLE001 - no browser connection (a script run without a server)
+        return None
+
+
 def session_id() -> str:
+    """This visitor's workspace id: from the browser's key when the browser holds one this
+    server made (a reload, another tab of the same browser), else from a fresh key that the
+    page then gives the browser to keep (:func:`keep_browser_key`)."""
     if "_sid" not in st.session_state:
-        st.session_state["_sid"] = uuid.uuid4().hex
+        key = browser_cookie()
+        sid = serving.workspace_id(key) if key else None
+        if sid is None:
+            key = serving.new_browser_key()
+            sid = serving.workspace_id(key)
+            st.session_state["_key_to_keep"] = key
+        st.session_state["_sid"] = sid
     return st.session_state["_sid"]
+
+
+def keep_browser_key() -> None:
+    """Give a new browser key to the browser as a first-party cookie (SameSite=Strict, Secure on
+    https, lasting as long as an idle workspace), when the server did not: served with
+    ``phpn app`` / ``serve.py`` the key arrives as an HttpOnly cookie set by the server
+    (phpn.app.serving.browser) and this does nothing. Under plain ``streamlit run app.py`` a page
+    script can set no response header, so the page writes the cookie itself, through Streamlit's
+    own script (``st.html`` with its JavaScript allowed, our text only); it is then not HttpOnly."""
+    key = st.session_state.get("_key_to_keep")
+    if not key:
+        return
+    age = int(max(1.0, serving.load_settings().idle_hours) * 3600)
+    script = (f"<script>(function(){{var k={json.dumps(key)};"  # the key is [A-Za-z0-9_.-]: nothing to escape
+              f"var s=document.location.protocol==='https:'?'; Secure':'';"
+              f"document.cookie='{BROWSER_KEY_COOKIE}='+k+'; Path=/; Max-Age={age}; SameSite=Strict'+s;}})();</script>")
+    with st.sidebar:
+        st.html(script, unsafe_allow_javascript=True)
 
 
 def workspace() -> "serving.Workspace":
@@ -274,8 +316,31 @@ def visitor_path(text: str, what: str) -> Path:
 
 
 def known_runs() -> list:
-    """(label, folder) of the runs this visitor may open: theirs, the shared ones, the demos'."""
-    return serving.readable_runs(workspace())
+    """(label, folder) of the runs this visitor may open: theirs, the shared ones, the demos', and
+    the one run a share link opened (none other of its owner's)."""
+    found = serving.readable_runs(workspace())
+    view = st.session_state.get("_view")
+    if view is not None:
+        found.insert(0, (f"shared with you / {view.run_name}", view.run_dir))
+    return found
+
+
+def _view_of(folder) -> Optional["serving.Share"]:
+    """The share link this session opened, when ``folder`` is its run."""
+    view = st.session_state.get("_view")
+    if view is None or folder is None:
+        return None
+    return view if serving.is_within(folder, view.run_dir) and serving.is_within(view.run_dir, folder) else None
+
+
+def readable_for(folder, path) -> bool:
+    """Whether this visitor may read ``path`` for the run at ``folder``: what they may read
+    anyway, and, for a run a share link opened, the files that run names in its owner's
+    workspace (its model and images: read by the server, never listed or written)."""
+    if serving.may_read(path, workspace()):
+        return True
+    view = _view_of(folder)
+    return view is not None and serving.is_within(path, view.run_dir.parent.parent)
 
 
 def save_target(text: str) -> Path:
@@ -363,6 +428,8 @@ def forget_model_state() -> None:
 
 def _notes_writable(entry: RunEntry) -> Optional[str]:
     """Why the notes cannot be written beside the run now, or None."""
+    if entry.shared:
+        return "this run was shared with you read-only"
     if entry.saved_to is None:
         return "the run is not saved yet: save it on the Discover page and the notes go with it"
     if entry.notes_problem:
@@ -424,10 +491,13 @@ def set_url(**values) -> None:
 
 
 def sync_url() -> None:
-    """The session, the model (a demo) and the run in the URL; pages add the class and image."""
+    """The model (a demo) and the run in the URL, or the share link's token while its run is
+    shown; pages add the class and image. Nothing in the URL names the visitor's workspace."""
     model = current_model()
-    set_url(session=session_id(), demo=model.session.demo if model is not None else None,
-            run=run_url_label(current_run()))
+    run = current_run()
+    view = st.session_state.get("_view_token") if run is not None and run.shared else None
+    set_url(session=None, view=view, demo=model.session.demo if model is not None else None,
+            run=None if view else run_url_label(run))
 
 
 def _record_how_the_model_was_loaded(run, entry: ModelEntry) -> None:
@@ -449,10 +519,16 @@ def _record_how_the_model_was_loaded(run, entry: ModelEntry) -> None:
                                            "cap": data.cap, "seed": data.seed})
 
 
-def model_spec_of_run(run) -> Optional[dict]:
+def _files_of(folder) -> Path:
+    """Whose 'my files/…' the run at ``folder`` means: its owner's for a shared run, else this visitor's."""
+    view = _view_of(folder)
+    return view.run_dir.parent.parent if view is not None else workspace().path
+
+
+def model_spec_of_run(run, folder=None) -> Optional[dict]:
     """How to load the model a run was made from (load_model_entry's arguments), or None when
     its file is not on this server or not readable by this visitor."""
-    return model_source(run, allowed=lambda path: serving.may_read(path, workspace()), workspace=workspace().path,
+    return model_source(run, allowed=lambda path: readable_for(folder, path), workspace=_files_of(folder),
                         code=True)  # load_model_entry runs a visitor's code only where the operator allows it
 
 
@@ -462,7 +538,7 @@ def reopen_run(folder: Path, origin: str) -> Optional[str]:
     run = load_run(folder)
     model = current_model()
     if model is None or model.session.loaded.sha256 != run.checkpoint_sha256:
-        spec = model_spec_of_run(run)
+        spec = model_spec_of_run(run, folder)
         if spec is None:
             st.session_state["pending_run"] = (Path(folder), origin, run.checkpoint_sha256)
             return (missing_model(run, where="on this server for you").problem
@@ -473,28 +549,31 @@ def reopen_run(folder: Path, origin: str) -> Optional[str]:
             set_model(load_model_entry(**spec))
 
     run = open_run(folder, current_model().session)
-    set_run(run, origin, saved_to=folder, checked=True)
-    _reopen_data(run)
+    entry = set_run(run, origin, saved_to=folder, checked=True)
+    if _view_of(folder) is not None:
+        entry.shared = True
+        entry.notes_problem = None
+    _reopen_data(run, folder)
     return None
 
 
-def _reopen_data(run) -> None:
+def _reopen_data(run, folder=None) -> None:
     """The image folder the run was made from, scanned again when this visitor may read it."""
     recorded = run.meta.get("data", {})
-    folder = recorded.get("app_folder") or {}
-    root = str(folder.get("root") or recorded.get("root", ""))
+    recorded_folder = recorded.get("app_folder") or {}
+    root = str(recorded_folder.get("root") or recorded.get("root", ""))
     if current_data() is not None or not root or root.startswith("demo:"):
         return
 
-    path = resolve_portable(root, workspace().path)  # 'my files/…': this visitor's workspace
-    if path is None or not path.is_dir() or not serving.may_read(path, workspace()):
+    path = resolve_portable(root, _files_of(folder))  # 'my files/…': this visitor's workspace (a share: its owner's)
+    if path is None or not path.is_dir() or not readable_for(folder, path):
         return
     config = run.meta.get("config", {})
-    cap = folder.get("cap", config.get("images_per_class"))
-    seed = int(folder.get("seed", config.get("seed", 0)) or 0)
+    cap = recorded_folder.get("cap", config.get("images_per_class"))
+    seed = int(recorded_folder.get("seed", config.get("seed", 0)) or 0)
     data = scan_data(current_model(), path, cap, seed)
     set_data(DataEntry(data=data, label=str(recorded.get("root", root)), cap=cap, seed=seed,
-                       kind=folder.get("kind") or ("upload" if workspace().owns(path) else "path")))
+                       kind=recorded_folder.get("kind") or ("upload" if workspace().owns(path) else "path")))
 
 
 def open_pending_run() -> None:
@@ -509,12 +588,6 @@ def open_pending_run() -> None:
         st.toast(f"Opened the run that was waiting for this model ({pending[1]}).", icon=":material/history:")
 
 
-def _returning_session(sid: str) -> bool:
-    """Whether ``sid`` (from the URL) names a workspace that is still there. The id is random
-    (uuid4, 128 bits): the link works like a private share link to the visitor's own files."""
-    return bool(re.fullmatch(r"[0-9a-f]{32}", str(sid))) and (serving.workspace_root() / str(sid)).is_dir()
-
-
 def _keep_link_warnings() -> None:
     """What the link could not restore, shown in the sidebar with the start-up warnings."""
     link = st.session_state.pop("_link_warnings", [])
@@ -524,16 +597,23 @@ def _keep_link_warnings() -> None:
 
 def restore_from_url() -> bool:
     """First start of a session from a link or a reload: the session's files, the model, the
-    run, the class and the image named in the URL. Returns whether a run or model was restored."""
+    run, the class and the image named in the URL. Returns whether a run or model was restored.
+
+    The URL never names a workspace (an old link's ``session`` is ignored): a run is looked up
+    among the runs *this* visitor may open, so a link to "my runs / x" opens the visitor's own x
+    or nothing. A share link (``view``) opens its one run read-only."""
     q = st.query_params
-    sid = q.get("session")
-    if sid and sid != st.session_state.get("_sid") and _returning_session(sid):
-        st.session_state["_sid"] = sid  # the same visitor's files after a reload
-        st.session_state.pop("_workspace", None)  # a fresh one may have been made already
     restored, warnings = False, []
-    label, demo = q.get("run"), q.get("demo")
+    label, demo, token = q.get("run"), q.get("demo"), q.get("view")
     try:
-        if label:
+        if token:
+            share = serving.open_share(token)
+            st.session_state["_view"], st.session_state["_view_token"] = share, token
+            missing = reopen_run(share.run_dir, f"shared with you read-only ({share.run_name})")
+            if missing:
+                warnings.append(missing)
+            restored = True
+        elif label:
             folder = run_folder(label)
             missing = reopen_run(folder, f"reopened from the link ({label})")
             if missing:
@@ -543,7 +623,11 @@ def restore_from_url() -> bool:
             warnings += load_demo(demo)
             restored = True
     except Exception as exc:  # noqa: BLE001 - a stale link must not stop the app
-        warnings.append(f"The link's {'run' if label else 'model'} could not be opened: {error_text(exc)}")
+        if token:  # a revoked link is said as such, and the session goes on with the demo
+            forget_view()
+            warnings.append(error_text(exc))
+        else:
+            warnings.append(f"The link's {'run' if label else 'model'} could not be opened: {error_text(exc)}")
     st.session_state["_link_warnings"] = warnings
     for key, stores in (("class", ("_kept_browser_class", "_kept_export_class")), ("image", ("_kept_explain_file",))):
         value = q.get(key)
@@ -561,6 +645,58 @@ def restore_from_url() -> bool:
             for store in stores:
                 st.session_state[store] = value
     return restored
+
+
+def forget_view() -> None:
+    st.session_state.pop("_view", None)
+    st.session_state.pop("_view_token", None)
+
+
+def check_view() -> None:
+    """A shared run stays open only while its link does: once revoked, the run is closed and
+    the page says why."""
+    token = st.session_state.get("_view_token")
+    run = current_run()
+    if not token or run is None or not run.shared:
+        return
+    try:
+        serving.open_share(token)
+    except PhpnError as exc:
+        forget_view()
+        st.session_state.pop("run", None)
+        flash(error_text(exc), "error", place="sidebar")
+
+
+def share_controls() -> None:
+    """'Copy a link to this view' for a run saved in this visitor's workspace, and the links
+    they made, each with a Revoke button."""
+    run = current_run()
+    ws = workspace()
+    shares = serving.list_shares(ws)
+    own_run = run is not None and not run.shared and run.saved_to is not None and serving.is_within(run.saved_to, ws.runs)
+    if not own_run and not shares:
+        return
+    with st.expander("Share", icon=":material/share:"):
+        if own_run:
+            st.caption("A link that opens this run and its notes read-only, and nothing else of your files. "
+                       "Whoever has it sees the run's top patches; you can revoke it here.")
+            if st.button("Copy a link to this view", key="share_make", icon=":material/link:"):
+                with user_errors():
+                    token = serving.create_share(ws, run.saved_to)
+                    base = str(getattr(st.context, "url", "") or "").split("?")[0]
+                    st.session_state.setdefault("_made_links", {})[token] = f"{base}?view={token}"
+                    shares = serving.list_shares(ws)
+        made = st.session_state.get("_made_links", {})
+        for share in shares:
+            when = time.strftime("%H:%M", time.localtime(share.created))
+            link = next((url for token, url in made.items() if serving.token_digest(token) == share.digest), None)
+            st.caption(f"Link to **{share.run_name}**, made {when}")
+            if link:
+                st.code(link, language=None)
+            if st.button("Revoke", key=f"share_revoke_{share.digest}", icon=":material/link_off:"):
+                serving.revoke_share(ws, share.digest)
+                flash(f"The link to {share.run_name} is revoked: it opens nothing any more.", place="sidebar")
+                st.rerun()
 
 
 def load_demo(name: str, with_data: bool = True, with_run: bool = True) -> list:
@@ -617,6 +753,7 @@ def sweep_idle_workspaces() -> None:
     _LAST_SWEEP[0] = time.time()
     try:
         serving.sweep_idle(keep=(session_id(),))
+        serving.sweep_shares()
     except Exception:  # noqa: BLE001 - housekeeping must never stop the app
         traceback.print_exc()
 
@@ -625,10 +762,11 @@ def image_root_for_run(run, class_index: Optional[int] = None) -> Optional[Path]
     """Where the run's training images (top patches) can be read now, or None; probed with a
     patch of ``class_index`` (the class shown: no other class's shard is read)."""
     data = current_data()
-    ws = workspace()
+    entry = current_run()
+    folder = entry.saved_to if entry is not None and entry.run is run else None
     # Only folders this visitor may read: a run's recorded folder may be another visitor's.
     return run_image_root(run, also=[data.data.root] if data is not None else [],
-                          allowed=lambda root: serving.may_read(root, ws), class_index=class_index)
+                          allowed=lambda root: readable_for(folder, root), class_index=class_index)
 
 
 def require_model(decomposable: bool = True) -> ModelEntry:
@@ -787,10 +925,12 @@ def frame() -> None:
     except PhpnError as exc:  # the operator's workspace root is unsafe: say so, write nothing
         show_error(exc)
         st.stop()
+    keep_browser_key()
     bootstrap()
     sweep_idle_workspaces()
     adopt_finished_job()
     open_pending_run()
+    check_view()
     flush_notes()
     sync_url()
     sidebar()
@@ -829,6 +969,11 @@ def sidebar() -> None:
                 st.caption("Not saved yet (Discover page).")
         else:
             st.caption("Run: none")
+        if run is not None and run.shared:
+            st.info("A read-only view of a run shared with you: notes cannot be saved, and nothing of the "
+                    "person's other files is open to you.", icon=":material/visibility:")
+        share_controls()
+        show_flash("sidebar")
         job = st.session_state.get("job")
         if job is not None and job.waiting:
             st.caption(f":material/hourglass_top: Discovery waiting in the queue (position {job.queue_position()})")

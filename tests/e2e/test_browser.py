@@ -66,14 +66,14 @@ def wait_until_serving(url: str, proc, log: Path, timeout: float = 60) -> None:
         time.sleep(0.3)
 
 
-def serve_app(tmp_path_factory, name: str = "e2e", **settings):
-    """``streamlit run app.py`` on a free loopback port with phpn's ``settings`` (environment
-    variables, e.g. PHPN_ALLOW_CODE="1"); yields the URL, then stops the server and fails on
-    any traceback in its log."""
+def serve_app(tmp_path_factory, name: str = "e2e", script: str = "app.py", **settings):
+    """``streamlit run app.py`` (or ``script``) on a free loopback port with phpn's ``settings``
+    (environment variables, e.g. PHPN_ALLOW_CODE="1"); yields the URL, then stops the server
+    and fails on any traceback in its log."""
     port = _free_port()
     log = tmp_path_factory.mktemp(name) / "streamlit.log"
     env = dict(os.environ, PHPN_UPLOAD_DIR=str(log.parent / "uploads"), PYTHONUNBUFFERED="1", **settings)
-    cmd = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port", str(port),
+    cmd = [sys.executable, "-m", "streamlit", "run", script, "--server.headless", "true", "--server.port", str(port),
            "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"]
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
@@ -175,6 +175,7 @@ def test_walk_every_page_with_a_live_discovery(page):
     # 1. Model & data: the demo is loaded at first start.
     _main(pg).get_by_text("Doctor's verdict").wait_for()
     _idle(pg)
+    _main(pg).get_by_text("128 × 7 × 7").wait_for(timeout=10_000)  # the metrics follow the verdict in the same run
     assert _main(pg).get_by_text("128 × 7 × 7").is_visible()
     _shot(pg, "1-model-and-data")
 

@@ -6,6 +6,7 @@
   (:mod:`.worker`) that holds a visitor's model.
 - :mod:`.workspace`: a private workspace per visitor (uploads, saved runs), quotas, and the
   sweep that deletes idle workspaces.
+- :mod:`.shares`: read-only share links to one saved run, revocable by the visitor who made them.
 - :mod:`.paths`: which server paths a visitor may name, which runs they may list and open,
   where they may save, and messages with server paths redacted.
 
@@ -26,6 +27,7 @@ from phpn.app.serving.isolation import (
 )
 from phpn.app.serving.jail import JailedModel, check_input_pixels, jail_problem
 from phpn.app.serving.paths import (
+                        check_confined,
                         may_read,
                         read_only_reason,
                         readable_runs,
@@ -39,20 +41,33 @@ from phpn.app.serving.settings import (
                         load_settings,
                         settings_table,
 )
+from phpn.app.serving.shares import (
+                        Share,
+                        create_share,
+                        list_shares,
+                        open_share,
+                        revoke_share,
+                        sweep_shares,
+                        token_digest,
+)
 from phpn.app.serving.workspace import (
                         Workspace,
                         folder_size,
                         human_size,
                         is_within,
+                        new_browser_key,
                         removed_on_error,
                         sweep_idle,
+                        workspace_id,
                         workspace_root,
 )
 
 __all__ = [
-    "CODE_OFF_MESSAGE", "ENABLE_HINT", "SETTINGS", "JailedModel", "check_input_pixels", "check_request_pixels", "jail_problem", "jailed_session",
-    "jailed_worker", "open_jailed", "open_jailed_session", "stop_jailed", "ServerSettings", "Workspace", "code_allowed", "folder_size",
-    "human_size", "is_within", "load_settings", "may_read", "read_only_reason", "readable_runs", "redact_paths",
-    "removed_on_error", "require_code_allowed", "run_save_target", "settings_table", "sweep_idle", "try_in_child_process",
-    "visitor_path", "workspace_root",
+    "CODE_OFF_MESSAGE", "ENABLE_HINT", "JailedModel", "SETTINGS", "ServerSettings", "Share", "Workspace",
+    "check_confined", "check_input_pixels", "check_request_pixels", "code_allowed", "create_share", "folder_size",
+    "human_size", "is_within", "jail_problem", "jailed_session", "jailed_worker", "list_shares", "load_settings",
+    "may_read", "new_browser_key", "open_jailed", "open_jailed_session", "open_share", "read_only_reason",
+    "readable_runs", "redact_paths", "removed_on_error", "require_code_allowed", "revoke_share", "run_save_target",
+    "settings_table", "stop_jailed", "sweep_idle", "sweep_shares", "token_digest", "try_in_child_process",
+    "visitor_path", "workspace_id", "workspace_root",
 ]

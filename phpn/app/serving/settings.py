@@ -34,6 +34,7 @@ class ServerSettings:
     allow_code: bool = False
     code_timeout_s: float = 120.0
     data_roots: tuple = ()
+    writable_roots: tuple = ()
     shared_runs: Optional[Path] = None
     upload_dir: Optional[Path] = None
     session_quota_mb: float = 2048.0
@@ -77,7 +78,10 @@ SETTINGS = {
                        "seconds the jailed worker may take to import, build and try the visitor's model"),
     "data_roots": ("PHPN_DATA_ROOTS",
                    "server folders (separated by ':') under which visitors may type paths to checkpoints, "
-                   "image folders, class-name files and runs, and save runs; none by default"),
+                   "image folders, class-name files and runs (read-only); none by default"),
+    "writable_roots": ("PHPN_WRITABLE_ROOTS",
+                       "folders (separated by ':') where visitors may type paths as under the data roots and also "
+                       "save runs; none by default: visitors write only in their own workspace"),
     "shared_runs": ("PHPN_SHARED_RUNS", "a folder of runs that every visitor may list and open, read-only"),
     "upload_dir": ("PHPN_UPLOAD_DIR",
                    "where the visitors' private workspaces live (default: phpn-<user id> in the temporary folder)"),

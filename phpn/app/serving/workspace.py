@@ -2,10 +2,16 @@
 
 Layout under the workspace root (one per server user, mode 700)::
 
-    <root>/<session id>/          one visitor (mode 700); the id is random and unguessable
+    <root>/.server-key            the secret that signs browser keys (mode 600)
+    <root>/.shares/               read-only share links (phpn.app.serving.shares)
+    <root>/<workspace id>/        one visitor (mode 700), named by a digest of their browser key
         uploads/<upload-xxxx>/    each upload in a fresh folder
         runs/<name>/              runs the visitor saved
         .last-active              touched on every page the visitor opens
+
+A visitor's workspace is found from a *browser key*: a random value signed with the server's
+secret, held by the visitor's browser and never put in a URL (see phpn.app.frame). The folder
+name is a digest of the key, so the folder names do not give the key away.
 
 Streamlit has no hook for a session's end, so :func:`sweep_idle` deletes workspaces whose
 ``.last-active`` is older than the idle limit; the app calls it at start-up and then every
@@ -13,8 +19,11 @@ few minutes.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import re
+import secrets
 import shutil
 import stat
 import tempfile
@@ -27,7 +36,9 @@ from phpn.app.serving.settings import ServerSettings, load_settings
 from phpn.errors import ConfigError, DataError
 
 ACTIVITY_FILE = ".last-active"
+SERVER_KEY_FILE = ".server-key"
 _SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+_BROWSER_KEY = re.compile(r"^([A-Za-z0-9_-]{32,64})\.([0-9a-f]{32})$")
 
 
 def human_size(n: float) -> str:
@@ -68,7 +79,8 @@ def _make_private_folder(path: Path, what: str) -> Path:
 
 
 def workspace_root(settings: Optional[ServerSettings] = None) -> Path:
-    """The folder that holds every visitor's workspace, created safely."""
+    """The folder that holds every visitor's workspace, created safely (and only when the
+    operator's data folders lie apart from it)."""
     settings = settings or load_settings()
     if settings.upload_dir is not None:
         root = Path(settings.upload_dir)
@@ -78,7 +90,66 @@ def workspace_root(settings: Optional[ServerSettings] = None) -> Path:
     else:
         uid = os.getuid() if hasattr(os, "getuid") else "user"
         root = Path(tempfile.gettempdir()) / f"phpn-{uid}"
+    check_roots_apart(root, settings)
     return _make_private_folder(root, "workspace root")
+
+
+def check_roots_apart(root: Path, settings: ServerSettings) -> None:
+    """Refuse operator folders that overlap the workspaces: a data root (or the shared runs, or a
+    writable root) that contains the workspace root would list every visitor's workspace and
+    open their files; one inside it would be deleted with an idle workspace."""
+    named = [("PHPN_DATA_ROOTS", r) for r in settings.data_roots]
+    named += [("PHPN_WRITABLE_ROOTS", r) for r in settings.writable_roots]
+    if settings.shared_runs is not None:
+        named.append(("PHPN_SHARED_RUNS", settings.shared_runs))
+    for variable, folder in named:
+        if is_within(root, folder):
+            raise ConfigError(f"The folder {folder} in {variable} contains the visitors' workspaces ({root}): "
+                              "every visitor could open the others' files.",
+                              "Name folders apart from PHPN_UPLOAD_DIR (or move PHPN_UPLOAD_DIR out of them), "
+                              "then restart the app.")
+        if is_within(folder, root):
+            raise ConfigError(f"The folder {folder} in {variable} lies inside the visitors' workspaces ({root}).",
+                              "Name folders apart from PHPN_UPLOAD_DIR, then restart the app.")
+
+
+def _server_key(root: Path) -> bytes:
+    """The secret that signs browser keys, made once per workspace root (mode 600)."""
+    path = root / SERVER_KEY_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    except FileExistsError:
+        pass
+    else:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32))
+    info = os.lstat(path)
+    if not stat.S_ISREG(info.st_mode) or info.st_mode & 0o077:
+        raise ConfigError(f"The server's key file {path} is not a private file.",
+                          "Delete it (visitors then start new sessions) and restart the app.")
+    return path.read_text(encoding="ascii").strip().encode()
+
+
+def _sign(key: bytes, value: str) -> str:
+    return hmac.new(key, value.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def new_browser_key(settings: Optional[ServerSettings] = None) -> str:
+    """A fresh browser key: 192 random bits and the server's signature of them."""
+    value = secrets.token_urlsafe(24) + secrets.token_urlsafe(12)
+    return f"{value}.{_sign(_server_key(workspace_root(settings)), value)}"
+
+
+def workspace_id(browser_key, settings: Optional[ServerSettings] = None) -> Optional[str]:
+    """The workspace folder name for a browser key this server made, else None (a key that was
+    typed, guessed or made by another server is never accepted)."""
+    match = _BROWSER_KEY.match(str(browser_key or ""))
+    if match is None:
+        return None
+    key = _server_key(workspace_root(settings))
+    if not hmac.compare_digest(_sign(key, match.group(1)), match.group(2)):
+        return None
+    return hashlib.sha256(f"workspace:{browser_key}".encode()).hexdigest()[:32]
 
 
 class Workspace:
@@ -90,6 +161,7 @@ class Workspace:
         self.settings = settings or load_settings()
         self.root = workspace_root(self.settings)
         self.path = _make_private_folder(self.root / str(session_id), "visitor's workspace")
+        self.made_here: set = set()  # upload folders this browser session made (the only ones it removes)
         self.touch()
 
     @property
@@ -108,7 +180,9 @@ class Workspace:
         (self.path / ACTIVITY_FILE).touch()
 
     def new_upload_dir(self) -> Path:
-        return Path(tempfile.mkdtemp(prefix="upload-", dir=self.uploads))
+        folder = Path(tempfile.mkdtemp(prefix="upload-", dir=self.uploads))
+        self.made_here.add(folder.name)
+        return folder
 
     def usage(self) -> int:
         return folder_size(self.path)
@@ -147,14 +221,15 @@ class Workspace:
         return is_within(path, self.path)
 
     def forget_uploads(self, keep=()) -> int:
-        """Delete this visitor's upload folders that hold none of ``keep`` (the files still in
-        use); return how many. Saved runs are not touched."""
+        """Delete the upload folders this browser session made that hold none of ``keep`` (the
+        files still in use); return how many. Another tab's uploads and saved runs are not touched."""
         removed = 0
         for folder in self.uploads.iterdir():
-            if folder.is_symlink() or not folder.is_dir():
+            if folder.is_symlink() or not folder.is_dir() or folder.name not in self.made_here:
                 continue
             if not any(is_within(path, folder) for path in keep if path):
                 shutil.rmtree(folder, ignore_errors=True)
+                self.made_here.discard(folder.name)
                 removed += 1
         return removed
 
@@ -218,7 +293,8 @@ def sweep_idle(settings: Optional[ServerSettings] = None, *, now: Optional[float
     kept = {str(k) for k in keep}
     for child in root.iterdir():
         try:
-            if child.name in kept or child.is_symlink() or not child.is_dir():
+            if (child.name in kept or child.name.startswith(".") or child.is_symlink() or not child.is_dir()
+                    or not _SESSION_ID.match(child.name)):
                 continue
             if now - last_active(child) > limit:
                 shutil.rmtree(child, ignore_errors=True)
