@@ -39,6 +39,11 @@ NMF_DATA_CHOICES = ("clamped", "signed")
 DEVICES = ("auto", "cpu", "cuda")
 DECODES = ("auto", "cpu", "gpu")  # where JPEGs are decoded
 
+# --- checking the setup (before discovery) ----------------------------------------------------
+CHECK_IMAGES_PER_CLASS = 20  # labelled images per class (or all of a smaller class) to judge a setting
+CHECK_MAX_IMAGES = 1000  # the quick setup check's sample at most (fewer per class for many classes)
+UPSAMPLING_WARN = 3.0  # images scaled up more than this (model input side / image side) get a warning
+
 # --- explaining ----------------------------------------------------------------------------
 TOP_CLASSES = 5  # classes listed beside an explanation
 MAP_OPACITY = 0.6
