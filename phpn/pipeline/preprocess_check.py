@@ -8,7 +8,9 @@ per class and ranks them by the model's accuracy:
 1. the setting in use, the one recorded with the model, the model family's reference
    setting (torchvision's weights metadata);
 2. common input sizes (28, 32, 64, 96, 128, 224, 256, 299, 384), each as an exact resize
-   and as resize-then-centre-crop (crop fraction 0.875), with the normalisation in use;
+   and as resize-then-centre-crop (crop fraction 0.875), with the normalisation in use; with
+   more than :data:`SCREEN_PER_CLASS` images per class they are screened on that many, and the
+   best :data:`BEST_SCREENED` run on every image;
 3. the best few sizes again with the usual normalisations (ImageNet, 0.5, none);
 4. for a 3-channel model, the best few settings again with the colours arranged otherwise
    (:data:`COLOUR_VARIANTS`): the channels in BGR order (a model trained on images read by
@@ -60,6 +62,8 @@ COLOUR_VARIANTS = {"rgb": "RGB (as decoded)", "bgr": "BGR (channel order reverse
                    "grey": "grey as RGB (grey image in each channel)"}
 BEST_SIZES_RENORMALISED = 3  # how many of the best geometries are tried with every normalisation
 BEST_SETTINGS_RECOLOURED = 2  # how many of the best settings are tried with every colour variant
+SCREEN_PER_CLASS = 3  # with more images per class, the size grid is first tried on this many per class ...
+BEST_SCREENED = 3  # ... and its best few settings then on every image
 DEFAULT_IMAGES_PER_CLASS = CHECK_IMAGES_PER_CLASS  # (or all of a smaller class): enough to tell settings apart
 # A candidate is proposed only when the McNemar test against the setting in use gives a p-value
 # below this level divided by the number of candidates tried (Bonferroni).
@@ -80,6 +84,7 @@ class SettingResult:
     error: Optional[str] = None  # the model could not run on this input (e.g. a fixed-size layer)
     seconds: float = 0.0
     predicted: list = field(default_factory=list, repr=False)  # the model's class for each image
+    screened: bool = False  # run on the screening images only (not among the best sizes there)
 
     @property
     def accuracy(self) -> Optional[float]:
@@ -87,7 +92,7 @@ class SettingResult:
 
     def to_dict(self) -> dict:
         return {"setting": self.label, "preprocess": self.preprocess.to_dict(), "accuracy": self.accuracy,
-                "correct": self.correct, "images": self.images, "error": self.error,
+                "correct": self.correct, "images": self.images, "error": self.error, "screened": self.screened,
                 "seconds": round(self.seconds, 3)}
 
 
@@ -237,7 +242,7 @@ class PreprocessCheck:
             rows.append({"setting": r.label, "resize": p.resize, "crop": p.crop,
                          "normalisation": normalisation_name(p), "channels": colour_name(p),
                          "accuracy": r.accuracy, "right": f"{r.correct}/{r.images}" if r.error is None else "—",
-                         "note": r.error or ""})
+                         "note": r.error or (f"screened out on {r.images} images" if r.screened else "")})
         return rows
 
 
@@ -349,8 +354,23 @@ def _evaluate(model, images: list, labels: torch.Tensor, result: SettingResult, 
 
 
 def _rank(results: list) -> list:
+    """Best first: settings run on every image by their count right, then the screened-out ones by
+    their accuracy on the screening images, then failures."""
     order = {id(r): i for i, r in enumerate(results)}  # ties: the earlier (in use, recorded, family) first
-    return sorted(results, key=lambda r: (r.error is not None, -r.correct, order[id(r)]))
+    return sorted(results, key=lambda r: (r.error is not None, r.screened,
+                                          -(r.accuracy or 0) if r.screened else -r.correct, order[id(r)]))
+
+
+def _screen_positions(labels: list, per_class: int) -> torch.Tensor:
+    """Positions of ``per_class`` images of each class, spread over the class's images in the sample."""
+    by_class: dict = {}
+    for i, c in enumerate(labels):
+        by_class.setdefault(c, []).append(i)
+    chosen = []
+    for positions in by_class.values():
+        step = max(1.0, len(positions) / per_class)
+        chosen += sorted({positions[int(j * step)] for j in range(min(per_class, len(positions)))})
+    return torch.tensor(sorted(chosen), dtype=torch.long)
 
 
 def check_preprocessing(session, data: ImageFolderData, *, images_per_class: int = DEFAULT_IMAGES_PER_CLASS,
@@ -389,16 +409,30 @@ def check_preprocessing(session, data: ImageFolderData, *, images_per_class: int
         family = None
 
     first = candidate_settings(current, recorded, family, sizes)
+    priors = sum(1 for label, _ in first if not label.startswith("size "))
+    # The grid is screened on a few images per class (a 384 px pass over every image is what makes
+    # the check slow); the best few sizes then run on every image, so that the comparison with the
+    # setting in use is on the same images. Screened-out settings still count as tried.
+    screen = _screen_positions(labels.tolist(), SCREEN_PER_CLASS) if images_per_class > SCREEN_PER_CLASS else None
     # Stage 3 runs the best few geometries with every normalisation, stage 4 the best few settings
     # with every colour variant; count them in the total.
     total = (len(first) + BEST_SIZES_RENORMALISED * len(NORMALISATIONS)
              + (BEST_SETTINGS_RECOLOURED * (len(COLOUR_VARIANTS) - 1) if current.channels == 3 else 0))
     results, seen = [], set()
     report(progress, "check", 0, total)
-    for label, pre in first:
+    for i, (label, pre) in enumerate(first):
         seen.add(pre)
-        results.append(_evaluate(model, images, labels, SettingResult(label, pre), batch_size, cancel))
+        if screen is None or i < priors:
+            results.append(_evaluate(model, images, labels, SettingResult(label, pre), batch_size, cancel))
+        else:
+            results.append(_evaluate(model, [images[j] for j in screen], labels[screen],
+                                     SettingResult(label, pre, screened=True), batch_size, cancel))
         report(progress, "check", len(results), total)
+    if screen is not None:
+        for r in [r for r in _rank(results) if r.screened and r.error is None][:BEST_SCREENED]:
+            full = _evaluate(model, images, labels, SettingResult(r.label, r.preprocess), batch_size, cancel)
+            full.seconds += r.seconds
+            results[results.index(r)] = full
     geometries = []
     for r in _rank(results):
         key = (r.preprocess.resize, r.preprocess.crop)
