@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from phpn import config as D
 from phpn.app import frame as S
 from phpn.config import MAP_OPACITY, class_name
 from phpn.errors import ConfigError
@@ -161,12 +162,14 @@ for i in range(k):
                                            pictures, maps)
                 st.image(row, caption="Each picture on this prototype's own scale: full colour = "
                                       + ", ".join(f"{s:.3g}" for s in scales) + " (its largest |value| there)")
-        if similar[i]:
+        shared = D.shared_parts(similar[i])
+        if shared:
             items = " · ".join(f"{_name(s['class_index'])} {notes.label(s['class_index'], s['prototype'])} "
-                               f"(cos {s['cosine']:.2f})" for s in similar[i])
+                               f"(cos {s['cosine']:.2f})" for s in shared)
             st.caption(f"Shared parts, similar prototypes of other classes: {items}")
         else:
-            st.caption("Shared parts: no prototype of another class points the same way (cosine > 0).")
+            st.caption("Shared parts: no prototype of another class points the same way "
+                       f"(cosine {D.SHARED_PART_MIN_COSINE:g} or more).")
         with st.expander("Your notes: name, describe and flag this prototype"):
             _notes_form(i)
 

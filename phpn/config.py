@@ -45,6 +45,9 @@ CHECK_MAX_IMAGES = 1000  # the quick setup check's sample at most (fewer per cla
 UPSAMPLING_WARN = 3.0  # images scaled up more than this (model input side / image side) get a warning
 
 # --- explaining ----------------------------------------------------------------------------
+# "Shared parts": another class's prototype is listed only when it points clearly the same way;
+# a cosine near 0 (shown as 0.00) means the two have nothing in common.
+SHARED_PART_MIN_COSINE = 0.1
 TOP_CLASSES = 5  # classes listed beside an explanation
 MAP_OPACITY = 0.6
 
@@ -66,3 +69,8 @@ def class_name(names: Optional[Sequence[str]], index: int) -> str:
     """Class ``index``'s name, or its index as text when it has none."""
     index = int(index)
     return str(names[index]) if names is not None and 0 <= index < len(names) else str(index)
+
+
+def shared_parts(similar: Sequence[dict], min_cosine: float = SHARED_PART_MIN_COSINE) -> list:
+    """The similar prototypes ({class_index, prototype, cosine}) that count as shared parts."""
+    return [s for s in similar if float(s["cosine"]) >= min_cosine]
