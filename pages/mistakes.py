@@ -175,7 +175,7 @@ with S.user_errors():
         c = contrast_image(model.session, network, found.root / pick.path, int(class_a), int(class_b),
                            class_names=names, notes=entry.notes)
     verdict = "prefers" if c.gap >= 0 else "does not prefer"
-    st.subheader(f"The model {verdict} '{c.name_a}' over '{c.name_b}': score difference (logit gap) {c.gap:+.3f}")
+    st.subheader(f"The model {verdict} {c.name_a} over {c.name_b}: score difference (logit gap) {c.gap:+.3f}")
     st.markdown(c.story())
     steps = c.steps()
     k = len(c.contributions_a)
