@@ -318,7 +318,7 @@ def row_space_basis(features: torch.Tensor, rank: int, seed: int = 0, power_iter
 
 
 def _lbfgs(problem: _Problem, start: torch.Tensor, max_iter: int, tick=None, history: int = 20,
-           tolerance: float = 1e-13) -> tuple:
+           tolerance: float = 1e-13, solved=None) -> tuple:
     """Minimise each class's objective on its own: L-BFGS batched over classes, with per-class
     step lengths, histories and stopping, in float64.
 
@@ -328,7 +328,8 @@ def _lbfgs(problem: _Problem, start: torch.Tensor, max_iter: int, tick=None, his
     stops when its objective no longer falls by more than ``tolerance`` of its value (or its
     gradient vanishes), which makes the result a property of the problem, not of the path.
     Returns the solution (B, k−1, m), each class's iteration count (B,) and whether it met its
-    stopping test (B,) rather than running out of iterations.
+    stopping test (B,) rather than running out of iterations. ``solved`` is told how many classes
+    have stopped each time that number grows (per-class progress).
     """
     b = start.shape[0]
     shape = start.shape[1:]
@@ -417,10 +418,13 @@ def _lbfgs(problem: _Problem, start: torch.Tensor, max_iter: int, tick=None, his
         # A class is done when its objective stops falling or no step lowers it any more.
         done = ~accepted | (decrease <= tolerance * f_new.abs().clamp(min=1.0)) | (g_new.abs().amax(1) <= EPS)
         active[idx[done]] = False
+        if solved is not None and bool(done.any()):
+            solved(b - int(active.sum()))
     return (origin + scale * x).reshape(b, *shape).to(start.dtype), iterations, ~active
 
 
-def _nelder_mead(problem: _Problem, start: torch.Tensor, max_evaluations: int, tick=None) -> torch.Tensor:
+def _nelder_mead(problem: _Problem, start: torch.Tensor, max_evaluations: int, tick=None,
+                 solved=None) -> torch.Tensor:
     out = start.clone()
     shape = start.shape[1:]
     for c in range(start.shape[0]):
@@ -436,17 +440,21 @@ def _nelder_mead(problem: _Problem, start: torch.Tensor, max_evaluations: int, t
         result = minimize(fun, start[c].reshape(-1).cpu().double().numpy(), method="Nelder-Mead",
                           options={"maxfev": max_evaluations, "xatol": 1e-10, "fatol": 1e-12})
         out[c] = torch.from_numpy(result.x).to(out).reshape(shape)
+        if solved is not None:
+            solved(c + 1)
     return out
 
 
 def refine(features: torch.Tensor, prototypes: torch.Tensor, heads: torch.Tensor,
            config: RefineConfig = RefineConfig(), counts: Optional[torch.Tensor] = None,
-           tick: Optional[Callable[[], None]] = None, usage: Optional[torch.Tensor] = None) -> RefineResult:
+           tick: Optional[Callable[[], None]] = None, usage: Optional[torch.Tensor] = None,
+           solved: Optional[Callable[[int], None]] = None) -> RefineResult:
     """Refine a batch of classes. ``features`` (B, N, D) as the head sees them (signed allowed),
     ``prototypes`` (B, k, D) from NMF, ``heads`` (B, D) the classes' head rows. ``usage`` (B, k):
     each part's mean NMF encoding over the discovery positions (None: the non-negative
     least-squares fit of the mean feature vector by the parts). ``tick`` is called at every
-    objective evaluation and may raise to stop the work."""
+    objective evaluation and may raise to stop the work; ``solved`` with the number of classes
+    solved so far, each time it grows."""
     b, n, d = features.shape
     k = prototypes.shape[1]
     if counts is None:
@@ -488,15 +496,18 @@ def refine(features: torch.Tensor, prototypes: torch.Tensor, heads: torch.Tensor
         iterations = torch.zeros(b, dtype=torch.long)
         converged = torch.ones(b, dtype=torch.bool)
         if k > 1 and config.solver == "lbfgs":
-            free, iterations, converged = _lbfgs(problem, free, config.max_iter, tick, tolerance=config.tolerance)
+            free, iterations, converged = _lbfgs(problem, free, config.max_iter, tick, tolerance=config.tolerance,
+                                                 solved=solved)
         elif k > 1 and config.solver == "nelder-mead":
-            free = _nelder_mead(problem, free, config.max_evaluations, tick)
+            free = _nelder_mead(problem, free, config.max_evaluations, tick, solved=solved)
         after = problem.loss(free)
         # Never return a split worse than the one we started from.
         worse = after > before
         free = torch.where(worse[:, None, None], problem.start(), free)
         after = torch.where(worse, before, after)
         split_shares = problem.shares(free)
+        if solved is not None:
+            solved(b)
         clock.lap("solve")
 
         # Final prototypes in float64; the last one closes the sum so Σ p̃ = v to rounding.
