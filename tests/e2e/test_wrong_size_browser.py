@@ -62,6 +62,7 @@ def test_a_wrong_input_size_is_caught_before_any_explanation(operator_server):
             # The setup check, before any heavy work: near chance and scaled up 3.4×, said on this page.
             main.get_by_text("Setup check: fix this before discovering.").wait_for()
             main.get_by_text("scaled up 3.4× to the model's 96 px").wait_for()
+            main.get_by_text("Setup check: fix this before discovering.").scroll_into_view_if_needed()
             _shot(pg, "10-setup-check-before-discovery")
             # Discover: a discovery near chance asks for a confirmation first.
             _nav(pg, "Discover", "Discover part-prototypes")
