@@ -411,6 +411,8 @@ def _factorise_group(g: int, group: list, stacked: torch.Tensor, counts: torch.T
                         tick=nmf_tick)
         _sync(device)
         timings["nmf_s"] += time.perf_counter() - t0
+        if k == max(ks):  # the group's last factorisation: NMF is done before its refinement reports
+            report(progress, "nmf", classes_done + len(group), classes_total)
         if not bool(torch.isfinite(found.prototypes).all()):
             ok = torch.isfinite(found.prototypes).all(2).all(1).tolist()
             bad = [group[i].folder for i, fine in zip(rows, ok) if not fine]
@@ -444,7 +446,6 @@ def _factorise_group(g: int, group: list, stacked: torch.Tensor, counts: torch.T
         del sub_feats
         t0 = time.perf_counter()
     del nmf_input
-    report(progress, "nmf", classes_done + len(group), classes_total)
     for record, (k, reason, errors) in zip(records, suggestions or []):
         record["k_suggested"], record["k_reason"], record["k_relative_errors"] = k, reason, errors
     return records, prototypes, nmf_prototypes, alpha
