@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from phpn import config as D
 from phpn.app import frame as S
 from phpn.config import MAP_OPACITY, class_name
 from phpn.errors import ConfigError
@@ -14,6 +15,7 @@ from phpn.glossary import explain, fidelity_warning
 from phpn.runs.annotations import (
     EDITED_MODEL,
     SUGGESTED_FLAGS,
+    conflict_text,
     label_heading,
     prototype_labels,
 )
@@ -122,17 +124,27 @@ def _notes_form(i: int) -> None:
         other = b.text_input("Another flag (your own word)", key=f"notes_other_{class_index}_{i}")
         description = st.text_area("Description", value=note.description, height=68,
                                    key=f"notes_desc_{class_index}_{i}")
+        if note.last_edit():
+            st.caption(f"Last {note.last_edit()}.")
         if st.form_submit_button("Save the note"):
             with S.user_errors():
+                notes.editor = str(st.session_state.get("notes_editor") or "").strip() or None  # unnamed: unsigned
                 notes.set(class_index, i, name=name, description=description,
                           flags=list(flags) + ([other] if other.strip() else []))
-                why = S.save_notes(entry)
+                why = S.save_notes(entry)  # merged per prototype with what others saved meanwhile
                 S.flash("Note saved beside the run." if why is None else f"Note kept for this session; {why}.",
                         "success" if why is None else "warning", place=f"notes_{class_index}_{i}")
+                clash = conflict_text(notes, names)
+                if why is None and clash:
+                    S.flash(clash, "warning", place=f"notes_{class_index}_{i}")
                 st.rerun()
     S.show_flash(f"notes_{class_index}_{i}")
 
 
+S.remember("notes_editor")
+st.text_input("Your name, shown beside the notes you change (several people can annotate one run: each save "
+              "keeps the others' notes)", key="notes_editor", max_chars=80)
+S.memorise("notes_editor")
 for i in range(k):
     with st.container(border=True):
         fid = meta["fidelity"][i]
@@ -161,12 +173,14 @@ for i in range(k):
                                            pictures, maps)
                 st.image(row, caption="Each picture on this prototype's own scale: full colour = "
                                       + ", ".join(f"{s:.3g}" for s in scales) + " (its largest |value| there)")
-        if similar[i]:
+        shared = D.shared_parts(similar[i])
+        if shared:
             items = " · ".join(f"{_name(s['class_index'])} {notes.label(s['class_index'], s['prototype'])} "
-                               f"(cos {s['cosine']:.2f})" for s in similar[i])
+                               f"(cos {s['cosine']:.2f})" for s in shared)
             st.caption(f"Shared parts, similar prototypes of other classes: {items}")
         else:
-            st.caption("Shared parts: no prototype of another class points the same way (cosine > 0).")
+            st.caption("Shared parts: no prototype of another class points the same way "
+                       f"(cosine {D.SHARED_PART_MIN_COSINE:g} or more).")
         with st.expander("Your notes: name, describe and flag this prototype"):
             _notes_form(i)
 

@@ -9,13 +9,12 @@ import streamlit as st
 import torch
 
 from phpn import config as D
-from phpn.api import discovery_defaults, open_model, resolve_discovery
+from phpn.api import discovery_defaults, resolve_discovery
 from phpn.app import frame as S
-from phpn.app import serving
+from phpn.app import setup_ui as U
 from phpn.errors import DataError
 from phpn.method.certify import chance_warning
 from phpn.pipeline.discover import DiscoveryConfig
-from phpn.pipeline.preprocess_check import check_preprocessing, describe
 
 EXPERT_TABLE_CLASSES = 500  # rows of the per-class table; the Class browser shows any class
 
@@ -33,6 +32,9 @@ if data is None:
     st.info("No images are loaded: scan an image folder on the **Model & data** page to run a discovery. "
             "You can still load a saved run below.")
 else:
+    setup = U.setup_check_for(model, data)  # made on Model & data already, or now: one pass over a sample
+    if setup is not None and not setup.ok:
+        U.show_setup_check(setup)
     S.remember("disc_k", "disc_cap", "disc_solver", "disc_device", "disc_objective", "disc_scaling", "disc_seed",
                "disc_top")
     with st.form("discover_form", border=True):
@@ -65,20 +67,32 @@ else:
                                help="Instead of the same k for every class: each class gets the k after which "
                                     "more prototypes explain little more of its features. The slider above is "
                                     "then not used; each class's page says why its k was chosen.")
-            names = model.session.class_names
+            # The folders name the classes of a model without names (as the run will record them).
+            names = D.class_names_or_indices(model.session.loaded.class_names or data.data.class_names,
+                                             model.session.loaded.num_classes)
             subset = st.multiselect("Only these classes (empty: every class with images)",
                                     [c.class_index for c in data.data.classes],
-                                    format_func=lambda i: f"{names[i] if i < len(names) else i} ({i})",
+                                    format_func=lambda i: f"{D.class_name(names, i)} ({i})",
                                     key="disc_classes")
             budget = st.number_input("Memory budget (MB)", min_value=0, value=DiscoveryConfig.memory_budget_mb,
                                      step=256, key="disc_budget",
                                      help="Features held at once: classes are decomposed in groups that fit. "
                                           "Lower it if discovery runs out of memory (0: one class at a time).")
+        confirmed = True
+        if setup is not None and setup.near_chance:
+            confirmed = st.checkbox("Discover anyway at this setting (the model is near chance on these images)",
+                                    key="disc_confirm_chance",
+                                    help="Its prototypes would describe a model that cannot read the images; "
+                                         "Check preprocessing below looks for the setting it can read them at.")
         start = st.form_submit_button("Start discovery", type="primary", disabled=running)
     S.memorise("disc_k", "disc_cap", "disc_solver", "disc_device", "disc_objective", "disc_scaling", "disc_seed",
                "disc_top")
 
-    if start and not running:
+    if start and not running and not confirmed:
+        st.error("Not started: the model is near chance on these images at this setting. Tick “Discover anyway” "
+                 "to run it all the same, or find the right setting with Check preprocessing first.",
+                 icon=":material/block:")
+    elif start and not running:
         with S.user_errors():
             config = resolve_discovery(
                 model.session.demo, k="auto" if auto_k else int(k), images_per_class=int(cap), solver=solver,
@@ -96,88 +110,11 @@ else:
 
 
 # --- check preprocessing ---------------------------------------------------------------------
-def _apply_preprocessing(pre) -> None:
-    """Use ``pre`` for this session: the same model, diagnosed again at that input; the images
-    stay, the run made with the old setting is put aside. Undo brings all of it back."""
-    before, images, run = model, S.current_data(), S.current_run()
-    spec = {k: v for k, v in before.spec.items() if k != "overrides"}
-    if serving.jailed_worker(before.session) is not None:  # a visitor's code: diagnosed again in its jail
-        session = S.load_model_entry(**{**spec, "preprocess": pre.to_dict()}).session
-    else:
-        with before.lock:  # the loaded model is shared with the entry it came from
-            session = open_model(before.session, preprocess=pre, feature_layer=spec.get("feature_layer"),
-                                 head_layer=spec.get("head_layer"))
-    entry = S.ModelEntry(session=session, key=f"{before.key} | preprocessing {sorted(pre.to_dict().items())}",
-                         label=before.label, lock=before.lock,
-                         spec={**spec, "preprocess": pre.to_dict()} if spec else {})
-    S.set_model(entry)
-    if images is not None:
-        S.set_data(images)
-    st.session_state["preprocess_applied"] = {"key": entry.key, "before": before, "data": images, "run": run,
-                                              "was": describe(before.session.preprocess), "now": describe(pre)}
-
-
-def _undo_preprocessing(applied: dict) -> None:
-    S.set_model(applied["before"])
-    if applied["data"] is not None:
-        S.set_data(applied["data"])
-    if applied["run"] is not None:
-        st.session_state["run"] = applied["run"]
-    st.session_state.pop("preprocess_applied", None)
-
-
-def _applied_preprocessing_banner() -> None:
-    applied = st.session_state.get("preprocess_applied")
-    if applied is None:
-        return
-    if applied["key"] != model.key:  # another model was loaded since
-        st.session_state.pop("preprocess_applied", None)
-        return
-    st.info(f"Preprocessing for this session: **{applied['now']}**, set by Check preprocessing (it was "
-            f"{applied['was']}). Discover again to make a run with it"
-            + ("; the run made with the old setting is put aside." if applied["run"] is not None else "."),
-            icon=":material/tune:")
-    if st.button("Undo: back to the old setting", key="check_pre_undo", disabled=running):
-        _undo_preprocessing(applied)
-        st.rerun()
-
-
-def _check_preprocessing_section() -> None:
-    _applied_preprocessing_banner()
+if data is not None:
     current = S.current_run()
     at_chance = bool(current and chance_warning(current.run.meta.get("certificate")))
-    with st.expander("Check preprocessing: does the model read these images?", expanded=at_chance,
-                     icon=":material/tune:"):
-        st.caption(f"In use: {describe(model.session.preprocess)}. The check runs the model on a few labelled "
-                   "images per class with the usual input sizes (with and without a centre crop) and "
-                   "normalisations, and ranks them by accuracy.")
-        per_class = st.number_input("Images per class", 1, 20, 3, key="check_pre_images")
-        if st.button("Check preprocessing", key="check_pre", disabled=running):
-            with S.user_errors():
-                bar = st.progress(0.0, text="Trying settings…")
-                with model.lock:
-                    check = check_preprocessing(
-                        model.session, data.data, images_per_class=int(per_class),
-                        progress=lambda _s, d, t: bar.progress(min(1.0, d / max(t, 1)), text=f"Settings tried: {d}"))
-                bar.empty()
-                st.session_state["preprocess_check"] = (model.key, check)
-        done = st.session_state.get("preprocess_check")
-        if done and done[0] == model.key:
-            check = done[1]
-            (st.warning if check.improves or check.best_near_chance else st.success)(check.proposal())
-            if check.improves and st.button(f"Apply this setting: {describe(check.best.preprocess)}",
-                                            key="check_pre_apply", type="primary", disabled=running,
-                                            help="Uses it for this session (the model is diagnosed again at this "
-                                                 "input; the images stay). Undo is offered above."):
-                with S.user_errors():
-                    _apply_preprocessing(check.best.preprocess)
-                    st.rerun()
-            st.dataframe(pd.DataFrame(check.table()), hide_index=True,
-                         column_config={"accuracy": st.column_config.NumberColumn(format="percent")})
-
-
-if data is not None:
-    _check_preprocessing_section()
+    U.check_preprocessing_section(model, data, running,
+                                  expanded=at_chance or bool(setup and setup.near_chance))
 
 
 # --- live progress -----------------------------------------------------------------------------
@@ -278,7 +215,7 @@ if entry is not None:
         for c in itertools.islice(run.meta["classes"], EXPERT_TABLE_CLASSES):
             before, after = c["objective_before"], c["objective_after"]
             rows.append({
-                "class": f"{names[c['index']] if c['index'] < len(names) else c['index']} ({c['index']})",
+                "class": f"{D.class_name(names, c['index'])} ({c['index']})",
                 "images": c["images"],
                 "α": ", ".join(f"{a:.3g}" for a in c["alpha"]),
                 "negative α": c["negative_alpha"],

@@ -39,7 +39,8 @@ st.header("The run")
 st.caption("A zip of the run folder: `run.json` (model identity, every setting and seed, timings, certificate, "
            "the index of the classes), the head the prototypes sum to, and shards of classes (prototypes, α, "
            "per-class statistics, top patches), each file checksummed. "
-           "Load it again on the Discover page or with `python -m phpn explain --run …`. Your notes on the "
+           "Unzip it, then load the folder again on the Discover page or explain images with it from a shell: "
+           "`python -m phpn explain RUN_FOLDER IMAGE …`. Your notes on the "
            "prototypes (names, flags, descriptions) are in it as `annotations.json`; once the run is audited (Audit "
            "page), the audit's findings with your verdicts are in it as `audit.json`, and in the reports.")
 if origin:

@@ -5,11 +5,13 @@ from pathlib import Path
 
 import pandas as pd
 import streamlit as st
+from PIL import Image
 
 from phpn.app import frame as S
 from phpn.config import class_name
 from phpn.errors import DataError
 from phpn.method.certify import chance_warning
+from phpn.pipeline.mistakes import in_model_colours
 from phpn.show import viz
 
 S.frame()
@@ -18,7 +20,7 @@ entry = S.require_run()
 model = S.current_model()
 run, network = entry.run, entry.network
 data = S.current_data()
-names = model.session.class_names
+names = run.class_names  # the model's names, or the class folders' that the run recorded
 pre_key = S.preprocess_key(model.session.preprocess)
 
 
@@ -135,7 +137,8 @@ for i, p in enumerate(shown[(page - 1) * per_page: page * per_page]):
     with columns[i % 6]:
         seen = S.seen_image(str(found.root / p.path), pre_key)
         if seen is not None:
-            st.image(viz.enlarge(seen, 112), width=112)
+            st.image(viz.enlarge(in_model_colours(Image.fromarray(seen), model.session.preprocess), 112),
+                     width=112)
         mark = ":green[✓ right]" if p.correct else ":red[✗ wrong]"
         st.markdown(f"{mark} · true **{found.name(p.true_class)}**  \npredicted **{found.name(p.predicted)}** "
                     f"({100 * p.confidence:.0f}%)")
@@ -170,16 +173,18 @@ with S.user_errors():
 
     with model.lock:
         c = contrast_image(model.session, network, found.root / pick.path, int(class_a), int(class_b),
-                           notes=entry.notes)
+                           class_names=names, notes=entry.notes)
     verdict = "prefers" if c.gap >= 0 else "does not prefer"
-    st.subheader(f"The model {verdict} {c.name_a} over {c.name_b}: logit gap {c.gap:+.3f}")
+    st.subheader(f"The model {verdict} {c.name_a} over {c.name_b}: score difference (logit gap) {c.gap:+.3f}")
+    st.markdown(c.story())
     steps = c.steps()
     k = len(c.contributions_a)
     colors = [viz.prototype_color(i) for i in range(k)] * 2
     st.plotly_chart(viz.figure_waterfall(steps[0][1], [v for _, v in steps[1:]], c.gap, [lab for lab, _ in steps[1:]],
                                          colors, title=f"logit({c.name_a}) − logit({c.name_b}), term by term: "
                                                        f"{c.name_a}'s prototypes add, {c.name_b}'s subtract",
-                                         start_label="bias difference", end_label="logit gap"),
+                                         start_label="starting values (bias difference)",
+                                         end_label="score difference (logit gap)"),
                     key=f"contrast_waterfall_{pick.path}_{class_a}_{class_b}", config={"displayModeBar": False})
     picture = viz.enlarge(c.image, 224)
     left, right = st.columns(2)
@@ -187,7 +192,8 @@ with S.user_errors():
             (left, c.name_a, c.logit_a, c.bias_a, c.contributions_a, c.maps_a, c.labels_a),
             (right, c.name_b, c.logit_b, c.bias_b, c.contributions_b, c.maps_b, c.labels_b)):
         with col:
-            st.markdown(f"**{name}**: logit {logit:.3f} = bias {bias:.3f} + Σ prototypes {float(contrib.sum()):.3f}")
+            st.markdown(f"**{name}**: score (logit) {logit:.3f} = starting value (bias) {bias:.3f} + what its "
+                        f"prototypes find {float(contrib.sum()):.3f}")
             tiles = st.columns(k)
             for i in range(k):
                 tiles[i].image(viz.prototype_overlay(picture, maps[i], 0.6, colors=[colors[i]]),

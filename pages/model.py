@@ -7,6 +7,8 @@ import streamlit as st
 from phpn.api import discovery_defaults
 from phpn.app import frame as S
 from phpn.app import serving
+from phpn.app import setup_ui as U
+from phpn.config import class_name, class_names_or_indices
 from phpn.demos import DEMOS, get_demo
 from phpn.errors import ConfigError, DataError
 
@@ -285,13 +287,15 @@ S.show_flash("data")
 data = S.current_data()
 if data is not None:
     summary = data.data.summary()
-    names = data.data.class_names or model.session.class_names  # a model without names: the folders'
+    # A model without names: the folders' (as a run records them).
+    names = class_names_or_indices(model.session.loaded.class_names or data.data.class_names,
+                                   model.session.loaded.num_classes)
     n1, n2, n3 = st.columns(3)
     n1.metric("Classes found", summary["classes"])
     n2.metric("Images", summary["images"])
     n3.metric("Skipped files", len(summary["skipped"]))
     rows = [{"folder": c.folder, "class index": c.class_index,
-             "class name": names[c.class_index] if c.class_index < len(names) else "?", "images": len(c.paths)}
+             "class name": class_name(names, c.class_index), "images": len(c.paths)}
             for c in data.data.classes]
     st.dataframe(pd.DataFrame(rows), hide_index=True, height=min(400, 38 + 35 * len(rows)))
     from phpn.images.data import describe_class_mapping
@@ -301,3 +305,11 @@ if data is not None:
         with st.expander(f"Skipped files ({len(summary['skipped'])})"):
             st.dataframe(pd.DataFrame(summary["skipped"], columns=["file", "why"]), hide_index=True)
     st.caption(f"Folder: `{S.shown_path(data.data.root)}`")
+
+    # --- the setup check: before any heavy work --------------------------------------------------
+    st.header("3 · Setup check")
+    setup = U.setup_check_for(model, data)
+    U.show_setup_check(setup)
+    if setup is not None:
+        running = st.session_state.get("job") is not None and st.session_state["job"].running
+        U.check_preprocessing_section(model, data, running, expanded=not setup.ok)

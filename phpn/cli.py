@@ -457,7 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="try the usual input sizes and normalisations on labelled images; propose the best")
     _add_model_args(p)
     p.add_argument("--data", type=Path, help="image folder, one sub-folder per class (the demo's own with --demo)")
-    p.add_argument("--images-per-class", type=int, default=3, help="labelled images tried per class (default 3)")
+    p.add_argument("--images-per-class", type=int, default=D.CHECK_IMAGES_PER_CLASS,
+                   help=f"labelled images tried per class (default {D.CHECK_IMAGES_PER_CLASS}, or all of a smaller class)")
     p.add_argument("--sizes", type=int, nargs="+", help="input sizes to try (default 28 32 64 96 128 224 256 299 384)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_check_preprocessing)

@@ -48,7 +48,15 @@ INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 # 1-channel model always gets the grey image ("rgb" is the only value it takes).
 COLOURS = ("rgb", "bgr", "grey")
 
+# --- checking the setup (before discovery) ----------------------------------------------------
+CHECK_IMAGES_PER_CLASS = 20  # labelled images per class (or all of a smaller class) to judge a setting
+CHECK_MAX_IMAGES = 1000  # the quick setup check's sample at most (fewer per class for many classes)
+UPSAMPLING_WARN = 3.0  # images scaled up more than this (model input side / image side) get a warning
+
 # --- explaining ----------------------------------------------------------------------------
+# "Shared parts": another class's prototype is listed only when it points clearly the same way;
+# a cosine near 0 (shown as 0.00) means the two have nothing in common.
+SHARED_PART_MIN_COSINE = 0.1
 TOP_CLASSES = 5  # classes listed beside an explanation
 MAP_OPACITY = 0.6
 
@@ -75,3 +83,8 @@ def class_name(names: Optional[Sequence[str]], index: int) -> str:
     """Class ``index``'s name, or its index as text when it has none."""
     index = int(index)
     return str(names[index]) if names is not None and 0 <= index < len(names) else str(index)
+
+
+def shared_parts(similar: Sequence[dict], min_cosine: float = SHARED_PART_MIN_COSINE) -> list:
+    """The similar prototypes ({class_index, prototype, cosine}) that count as shared parts."""
+    return [s for s in similar if float(s["cosine"]) >= min_cosine]

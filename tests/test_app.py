@@ -94,6 +94,8 @@ def _small_discovery(at: AppTest, k: int = 2, cap: int = 8, toggles: dict = None
         at.selectbox(key=key).set_value(value)
     for key, value in (toggles or {}).items():
         at.toggle(key=key).set_value(value)
+    if [c for c in at.checkbox if c.key == "disc_confirm_chance"]:  # near chance: the visitor confirms
+        at.checkbox(key="disc_confirm_chance").check()
     at.button(key=SUBMIT_DISCOVERY).click().run()
     _clean(at)
     job = _wait_for_job(at)
@@ -654,8 +656,7 @@ def test_a_model_at_the_wrong_size_is_flagged_before_any_explanation_and_the_che
     _clean(at)
     assert _errors(at)[0] == warning  # the first thing on the page, before any explanation
     at.switch_page("pages/discover.py").run()
-    at.number_input(key="check_pre_images").set_value(1)
-    at.button(key="check_pre").click().run()
+    at.button(key="check_pre").click().run(timeout=600)  # 20 images per class, the whole size grid
     _clean(at)
     proposal = next(w.value for w in at.warning if w.value.startswith("Use "))
     assert proposal.startswith("Use 28 px, mean 0.286, std 0.353 normalisation (recorded with the model)")
@@ -673,8 +674,7 @@ def test_the_proposed_preprocessing_is_applied_for_the_session_and_undone():
     at.session_state["run"] = run  # a run made before: put aside while the new setting is tried
     data = at.session_state["data"]
     at.switch_page("pages/discover.py").run()
-    at.number_input(key="check_pre_images").set_value(1)
-    at.button(key="check_pre").click().run()
+    at.button(key="check_pre").click().run(timeout=600)  # 20 images per class, the whole size grid
     _clean(at)
     check = at.session_state["preprocess_check"][1]
     assert check.improves and check.best.preprocess.crop == 28

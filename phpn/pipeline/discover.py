@@ -374,7 +374,17 @@ def _factorise_group(g: int, group: list, stacked: torch.Tensor, counts: torch.T
     (zero rows add nothing to a logit, so the sum stays exact)."""
     d, h, w = shape
     nmf_input = stacked.clamp(min=0) if split.signed_features and config.nmf_data == "clamped" else stacked
-    nmf_tick = lambda: report(progress, "nmf", classes_done, classes_total)  # noqa: E731
+    # NMF factorises the group's classes together: its bar moves by the share of the iteration
+    # budget spent (classes stop early, so it may then jump to done), never past the group's end.
+    tries = max(1, (config.auto_k or config.suggest_k or 2) - 1)  # suggesting k factorises at k = 2, 3, ...
+    nmf_budget = max(1, (config.nmf_config().max_iter + NMFConfig().polish_iter) * tries)
+    nmf_ticks = [0]
+
+    def nmf_tick():
+        nmf_ticks[0] += 1
+        report(progress, "nmf", classes_done + min(len(group) - 1, len(group) * nmf_ticks[0] // nmf_budget),
+               classes_total)
+
     t0 = time.perf_counter()
     report(progress, "nmf", classes_done, classes_total)
     k_most = config.auto_k or config.suggest_k
@@ -388,6 +398,7 @@ def _factorise_group(g: int, group: list, stacked: torch.Tensor, counts: torch.T
     records = [None] * len(group)
     heads = split.weight.detach().to(device).float()[[e.class_index for e in group]]
     timings["nmf_s"] = timings["refine_s"] = 0.0
+    refined_rows = 0
     for k in sorted(set(ks)):
         rows = [i for i, kk in enumerate(ks) if kk == k]
         whole = len(rows) == len(group)
@@ -400,6 +411,8 @@ def _factorise_group(g: int, group: list, stacked: torch.Tensor, counts: torch.T
                         tick=nmf_tick)
         _sync(device)
         timings["nmf_s"] += time.perf_counter() - t0
+        if k == max(ks):  # the group's last factorisation: NMF is done before its refinement reports
+            report(progress, "nmf", classes_done + len(group), classes_total)
         if not bool(torch.isfinite(found.prototypes).all()):
             ok = torch.isfinite(found.prototypes).all(2).all(1).tolist()
             bad = [group[i].folder for i, fine in zip(rows, ok) if not fine]
@@ -409,8 +422,17 @@ def _factorise_group(g: int, group: list, stacked: torch.Tensor, counts: torch.T
         report(progress, "refine", classes_done, classes_total)
         sub_feats = stacked if whole else stacked[pick]
         usage = found.encodings.sum(1) / sub_counts.to(found.encodings)[:, None]  # each part's mean encoding
+        # The refinement's bar moves class by class, as each class's solver stops (ticks repeat it).
+        at = [classes_done + refined_rows]
+
+        def solved(n, before=at[0], at=at):
+            at[0] = before + n
+            report(progress, "refine", at[0], classes_total)
+
         refined = refine(sub_feats, found.prototypes, heads if whole else heads[pick], config.refine_config(),
-                         sub_counts, tick=lambda: report(progress, "refine", classes_done, classes_total), usage=usage)
+                         sub_counts, tick=lambda at=at: report(progress, "refine", at[0], classes_total),
+                         usage=usage, solved=solved)
+        refined_rows += len(rows)
         _sync(device)
         timings["refine_s"] += time.perf_counter() - t0
         for j, i in enumerate(rows):
@@ -424,7 +446,6 @@ def _factorise_group(g: int, group: list, stacked: torch.Tensor, counts: torch.T
         del sub_feats
         t0 = time.perf_counter()
     del nmf_input
-    report(progress, "nmf", classes_done + len(group), classes_total)
     for record, (k, reason, errors) in zip(records, suggestions or []):
         record["k_suggested"], record["k_reason"], record["k_relative_errors"] = k, reason, errors
     return records, prototypes, nmf_prototypes, alpha

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from phpn.config import class_name
+from phpn.config import class_name, class_names_or_indices
 from phpn.errors import DataError, PhpnError
 from phpn.images.data import ImageFolderData, load_batch, load_image, scan_image_folder
 from phpn.method.certify import CancelCheck, check_cancel
@@ -199,7 +199,9 @@ def predict_folder(session, data: ImageFolderData, *, batch_size: int = 32, devi
                                               true_probability=float(probs[row, truth]) if truth < probs.shape[1] else 0.0,
                                               runner_up=second))
         report(progress, "predict", min(start + batch_size, len(items)), len(items))
-    return FolderPredictions(root=Path(data.root), predictions=predictions, class_names=list(session.class_names),
+    # The folders name the classes of a model without names (the same rule as a run's records).
+    names = class_names_or_indices(session.loaded.class_names or data.class_names, session.loaded.num_classes)
+    return FolderPredictions(root=Path(data.root), predictions=predictions, class_names=names,
                              skipped=skipped, folders={c.class_index: c.folder for c in data.classes})
 
 
@@ -235,13 +237,43 @@ class Contrast:
         out += [(f"{self.name_b}: {lab}", -float(c)) for lab, c in zip(self.labels_b, self.contributions_b)]
         return out
 
+    def story(self, shown: int = 2) -> str:
+        """The contrast in plain words: which parts tipped the balance, by the expert's names."""
+        a, b = f"'{self.name_a}'", f"'{self.name_b}'"
+        winner, loser = (a, b) if self.gap >= 0 else (b, a)
+        text = (f"The model gives each class a score: a fixed starting value (its bias) plus what each of its "
+                f"prototypes finds in this image. Here {winner} scores {abs(self.gap):.2f} more than {loser}")
+        bias = self.bias_a - self.bias_b
+        if abs(bias) >= 0.5 * abs(self.gap) and abs(bias) > 1e-9:
+            favoured = a if bias > 0 else b
+            text += f"; {abs(bias):.2f} of that difference in starting values favours {favoured} before any part is seen"
+        terms = [(f"{a}'s {lab}", float(c)) for lab, c in zip(self.labels_a, self.contributions_a)]
+        terms += [(f"{b}'s {lab}", -float(c)) for lab, c in zip(self.labels_b, self.contributions_b)]
+        sign = 1.0 if self.gap >= 0 else -1.0
+        pro = sorted((t for t in terms if sign * t[1] > 0), key=lambda t: -abs(t[1]))[:shown]
+        con = sorted((t for t in terms if sign * t[1] < 0), key=lambda t: -abs(t[1]))[:shown]
+        if pro:
+            text += (". The parts that make the difference: "
+                     + ", ".join(f"{lab} ({abs(v):.2f} for {winner})" for lab, v in pro))
+        if con:
+            text += "; against it: " + ", ".join(f"{lab} ({abs(v):.2f} for {loser})" for lab, v in con)
+        return text + "."
+
     def to_dict(self) -> dict:
         return {"class_a": self.class_a, "class_b": self.class_b, "name_a": self.name_a, "name_b": self.name_b,
                 "logit_a": self.logit_a, "logit_b": self.logit_b, "gap": self.gap,
                 "contributions_a": [float(c) for c in self.contributions_a],
                 "contributions_b": [float(c) for c in self.contributions_b],
                 "labels_a": list(self.labels_a), "labels_b": list(self.labels_b),
-                "steps": [{"label": lab, "value": v} for lab, v in self.steps()]}
+                "steps": [{"label": lab, "value": v} for lab, v in self.steps()], "story": self.story()}
+
+
+def in_model_colours(picture: Image.Image, preprocess) -> Image.Image:
+    """The picture (already resized and cropped) in the colours the model gets: grey for a
+    1-channel model or the grey-as-RGB setting, so a grey model's photo is not shown in colour."""
+    if getattr(preprocess, "channels", 3) == 1 or getattr(preprocess, "colour", "rgb") == "grey":
+        return picture.convert("L").convert("RGB")
+    return picture.convert("RGB")
 
 
 @torch.inference_mode()
@@ -266,7 +298,7 @@ def contrast_image(session, network, image, class_a: int, class_b: int,
     maps = out.maps[0].cpu().numpy()
     ka, kb = network.class_k(int(class_a)), network.class_k(int(class_b))  # each class's own k (--k auto)
     logits, bias = out.logits[0], out.bias
-    return Contrast(image=seen, class_a=int(class_a), class_b=int(class_b), name_a=names[int(class_a)],
+    return Contrast(image=in_model_colours(seen, session.preprocess), class_a=int(class_a), class_b=int(class_b), name_a=names[int(class_a)],
                     name_b=names[int(class_b)], logit_a=float(logits[class_a]), logit_b=float(logits[class_b]),
                     bias_a=float(bias[class_a]), bias_b=float(bias[class_b]), contributions_a=contrib[0, :ka],
                     contributions_b=contrib[1, :kb], maps_a=maps[0, :ka], maps_b=maps[1, :kb],

@@ -6,6 +6,10 @@ Notes: each prototype of a run can get a name ("beak"), a description and flags
 ``run.json`` or the tensors, so annotating never changes the run or its checksum. The file
 names the run it describes (the sha256 of its sealed run.json, and of its tensors) and is
 refused for another run; a file that names no run is refused too.
+Saving merges per prototype: only the prototypes edited since the notes were read are
+written over what is on disk, so two people annotating one run keep each other's notes; each
+note records who edited it last and when, and a prototype that both changed is reported
+(:attr:`Annotations.conflicts`), never overwritten silently.
 
 Switching off: :func:`switch_off` predicts labelled images with some prototypes removed
 from their class's score (the head row loses those prototypes) and reports the changed
@@ -16,8 +20,10 @@ from __future__ import annotations
 
 import html
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional, Sequence
 
 import torch
@@ -51,13 +57,30 @@ class PrototypeNote:
     name: str = ""
     description: str = ""
     flags: tuple = ()
+    edited_by: str = ""  # who changed it last ("" when not said)
+    edited_at: str = ""  # when, ISO 8601 in UTC
 
     @property
     def empty(self) -> bool:
         return not (self.name or self.description or self.flags)
 
+    @property
+    def content(self) -> tuple:
+        """What the note says (not who wrote it): two notes saying the same are the same edit."""
+        return self.name, self.description, tuple(self.flags)
+
+    def last_edit(self) -> str:
+        """"edited by Ana, 2026-12-07 11:50 UTC", or "" when the note does not say."""
+        if not (self.edited_by or self.edited_at):
+            return ""
+        when = self.edited_at.replace("T", " ")[:16] + " UTC" if self.edited_at else ""
+        return "edited" + (f" by {self.edited_by}" if self.edited_by else "") + (f", {when}" if when else "")
+
     def to_dict(self) -> dict:
-        return {"name": self.name, "description": self.description, "flags": list(self.flags)}
+        out = {"name": self.name, "description": self.description, "flags": list(self.flags)}
+        if self.edited_by or self.edited_at:
+            out.update(edited_by=self.edited_by, edited_at=self.edited_at)
+        return out
 
 
 def _clean_text(value, what: str, limit: int) -> str:
@@ -137,6 +160,12 @@ class Annotations:
     notes: dict = field(default_factory=dict)
     run_sha256: Optional[str] = None  # the tensors checksum of the run they describe
     run_seal: Optional[str] = None  # the sha256 of that run's sealed run.json (runs saved before seals: None)
+    editor: Optional[str] = None  # who is editing (recorded on each note they change)
+    # The notes as last read from or written to disk, and the prototypes changed since: a save
+    # writes only those over the file's current notes (see save_annotations).
+    base: dict = field(default_factory=dict, repr=False)
+    edited: set = field(default_factory=set, repr=False)
+    conflicts: list = field(default_factory=list, repr=False)  # set by the last save: see merge_notes
 
     @classmethod
     def for_run(cls, run) -> "Annotations":
@@ -164,7 +193,14 @@ class Annotations:
             name=old.name if name is None else _clean_text(name, "name", MAX_NAME),
             description=old.description if description is None else _clean_text(description, "description",
                                                                                  MAX_DESCRIPTION),
-            flags=old.flags if flags is None else _clean_flags(flags))
+            flags=old.flags if flags is None else _clean_flags(flags), edited_by=old.edited_by,
+            edited_at=old.edited_at)
+        if note.content == old.content:
+            return old
+        if self.editor is not None:
+            note = replace(note, edited_by=_clean_text(self.editor, "name", MAX_NAME),
+                           edited_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        self.edited.add(key)
         if note.empty:
             self.notes.pop(key, None)
         else:
@@ -225,10 +261,31 @@ class Annotations:
             try:
                 c, i = int(entry["class_index"]), int(entry["prototype"])
                 out.set(c, i, name=entry.get("name"), description=entry.get("description"), flags=entry.get("flags"))
+                if (c, i) in out.notes:
+                    out.notes[(c, i)] = replace(out.notes[(c, i)], edited_by=str(entry.get("edited_by") or ""),
+                                                edited_at=str(entry.get("edited_at") or ""))
             except (ConfigError, KeyError, TypeError, ValueError) as exc:
                 raise RunError(f"The {where} has an entry this run cannot take ({exc}).",
                                f"Fix or remove {ANNOTATIONS}.") from None
+        out.base, out.edited = dict(out.notes), set()
         return out
+
+    def merge_into(self, on_disk: "Annotations") -> dict:
+        """The notes to write: ``on_disk``'s, with the prototypes edited here put over them.
+        Sets :attr:`conflicts` to the prototypes that were also changed on disk since these notes
+        were read (their (class index, prototype), the other version): this edit wins, and says so."""
+        merged = dict(on_disk.notes)
+        self.conflicts = []
+        for key in sorted(self.edited):
+            theirs, base = on_disk.notes.get(key), self.base.get(key)
+            if (theirs.content if theirs else None) != (base.content if base else None) and theirs is not None:
+                self.conflicts.append((key, theirs))
+            mine = self.notes.get(key)
+            if mine is None:
+                merged.pop(key, None)
+            else:
+                merged[key] = mine
+        return merged
 
 
 def _check_run(seal, tensors, notes: Annotations, where: str) -> None:
@@ -290,7 +347,49 @@ def save_annotations(annotations: Annotations, run_dir) -> Path:
                        "Open that run and write its notes there.")
     else:
         annotations.run_sha256, annotations.run_seal = tensors, seal
-    return write_atomic(folder / ANNOTATIONS, json.dumps(annotations.to_dict(), indent=1, ensure_ascii=False))
+    on_disk = _read_notes_beside(annotations, folder)
+    if on_disk is not None:  # someone may have saved notes since these were read: merge per prototype
+        annotations.notes = annotations.merge_into(on_disk)
+    else:
+        annotations.conflicts = []
+    path = write_atomic(folder / ANNOTATIONS, json.dumps(annotations.to_dict(), indent=1, ensure_ascii=False))
+    annotations.base, annotations.edited = dict(annotations.notes), set()
+    return path
+
+
+def _read_notes_beside(annotations: Annotations, folder: Path) -> Optional[Annotations]:
+    """The notes saved in ``folder`` now (None when there are none or they cannot be read: then
+    these notes replace them, as before)."""
+    path = annotations_path(folder)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+    class _Shape:  # what Annotations.from_dict reads of a run: the one these notes were checked against
+        class_indices = torch.tensor(list(annotations.class_indices))
+        k = annotations.k
+        record = SimpleNamespace(tensors_sha256=annotations.run_sha256,
+                                 seal=SimpleNamespace(sha256=annotations.run_seal) if annotations.run_seal else None)
+
+    try:
+        return Annotations.from_dict(data, _Shape)
+    except RunError:
+        return None
+
+
+def conflict_text(annotations: Annotations, class_names: Optional[Sequence[str]] = None) -> str:
+    """The last save's conflicts in one sentence ("" when none): whose version was replaced."""
+    if not annotations.conflicts:
+        return ""
+    items = "; ".join(f"{class_name(class_names, c)} {plain_label(i)} (theirs: "
+                      f"“{theirs.name or theirs.description[:40] or ', '.join(theirs.flags)}”"
+                      + (f", {theirs.last_edit()}" if theirs.last_edit() else "") + ")"
+                      for (c, i), theirs in annotations.conflicts)
+    return (f"Someone else changed the same prototype since you opened these notes: {items}. Your version is saved; "
+            "theirs is quoted here so that nothing is lost.")
 
 
 # --- switching prototypes off -----------------------------------------------------------------

@@ -1,6 +1,7 @@
 """In a real browser, the issue's case: a visitor's own model (the fashion-mnist network loaded
 from its weights and model file, as an operator who allows code and server paths would serve
-it) left at a wrong input size. The discovery is exact and certified, yet the app says the
+it) left at a wrong input size. The setup check says so as soon as the images are scanned, and
+a discovery asks for a confirmation; the discovery is exact and certified, yet the app says the
 model is at chance before any explanation, and "Check preprocessing" proposes 28 px, which one
 click applies for the session (and one undoes)."""
 from __future__ import annotations
@@ -58,16 +59,23 @@ def test_a_wrong_input_size_is_caught_before_any_explanation(operator_server):
             pg.get_by_role("button", name="Scan images").click()
             main.get_by_text("Found 10 classes").wait_for()
             _idle(pg)
-            # Discover: exact, certified, and at chance.
+            # The setup check, before any heavy work: near chance and scaled up 3.4×, said on this page.
+            main.get_by_text("Setup check: fix this before discovering.").wait_for()
+            main.get_by_text("scaled up 3.4× to the model's 96 px").wait_for()
+            main.get_by_text("Setup check: fix this before discovering.").scroll_into_view_if_needed()
+            _shot(pg, "10-setup-check-before-discovery")
+            # Discover: a discovery near chance asks for a confirmation first.
             _nav(pg, "Discover", "Discover part-prototypes")
+            pg.get_by_role("button", name="Start discovery").click()
+            main.get_by_text("Not started: the model is near chance").wait_for()
+            main.get_by_text("Discover anyway at this setting").click()
             pg.get_by_role("button", name="Start discovery").click()
             main.get_by_text("Discovery finished").wait_for(timeout=480_000)
             main.get_by_text("Certificate PASSED").wait_for()
             main.get_by_text("The model is right on only").first.wait_for()
             assert pg.locator("[data-testid='stSidebar']").get_by_text("near chance").count() == 1
-            pg.get_by_label("Images per class").last.fill("1")
             pg.get_by_role("button", name="Check preprocessing").click()
-            main.get_by_text("Use 28 px").wait_for(timeout=180_000)
+            main.get_by_text("Use 28 px").wait_for(timeout=300_000)
             _idle(pg)
             main.get_by_text("Check preprocessing: does the model read these images?").evaluate(
                 "e => e.scrollIntoView({block: 'start'})")
