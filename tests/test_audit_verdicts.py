@@ -150,8 +150,11 @@ def test_the_audit_page_takes_verdicts_and_switches_the_spurious_prototypes_off(
 
     if not _demo_ready():
         pytest.skip("the fashion-mnist demo assets are not there")
-    monkeypatch.setenv("PHPN_UPLOAD_DIR", str(tmp_path / "uploads"))
+    # Workspaces beside the data root, never inside it (the server refuses that).
+    monkeypatch.setenv("PHPN_UPLOAD_DIR", str(tmp_path.parent / f"{tmp_path.name}-uploads"))
     monkeypatch.setenv("PHPN_DATA_ROOTS", str(tmp_path))
+    monkeypatch.setenv("PHPN_WRITABLE_ROOTS", str(tmp_path))
+    monkeypatch.delenv("PHPN_ALLOW_CODE", raising=False)
     monkeypatch.setenv("PHPN_SETTINGS_FILE", str(tmp_path / "no-settings.toml"))
     at = AppTest.from_file(APP, default_timeout=180).run()
     at.switch_page("pages/audit.py").run()

@@ -154,8 +154,10 @@ def test_the_explain_page_shows_what_its_report_exports(tmp_path, monkeypatch):
     demo = get_demo("fashion-mnist")
     if not (demo.assets_dir / "model.safetensors").is_file():
         pytest.skip("the fashion-mnist demo assets are not there")
-    monkeypatch.setenv("PHPN_UPLOAD_DIR", str(tmp_path / "uploads"))
+    # Workspaces beside the data root, never inside it (the server refuses that).
+    monkeypatch.setenv("PHPN_UPLOAD_DIR", str(tmp_path.parent / f"{tmp_path.name}-uploads"))
     monkeypatch.setenv("PHPN_DATA_ROOTS", str(tmp_path))
+    monkeypatch.setenv("PHPN_WRITABLE_ROOTS", str(tmp_path))
     monkeypatch.delenv("PHPN_ALLOW_CODE", raising=False)
     monkeypatch.setenv("PHPN_SETTINGS_FILE", str(tmp_path / "no-settings.toml"))
     at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app.py"), default_timeout=120).run()

@@ -343,6 +343,8 @@ def test_the_model_page_takes_a_zipped_model_and_the_run_says_where_it_came_from
     at.switch_page("pages/discover.py").run()
     at.slider(key="disc_k").set_value(2)
     at.number_input(key="disc_cap").set_value(4)
+    if [c for c in at.checkbox if c.key == "disc_confirm_chance"]:  # near chance: the visitor confirms
+        at.checkbox(key="disc_confirm_chance").check()
     at.button(key="FormSubmitter:discover_form-Start discovery").click().run()
     job = at.session_state["job"]
     start = time.time()
