@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle threads must not spin
 
@@ -92,3 +93,14 @@ def one_thread_for_small_models(request):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+_E2E = Path(__file__).resolve().parent / "e2e"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Browser tests start a Streamlit server and Chromium: all of them belong to the slow tier
+    (``pytest -m "not slow"`` leaves them out)."""
+    for item in items:
+        if _E2E in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(pytest.mark.slow)
