@@ -282,6 +282,7 @@ def test_public_names_are_documented():
 
 # --- the CLI's batch explanations ----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_cli_explains_images_and_folders_into_a_folder(tmp_path, capsys):
     from phpn.cli import main
     from phpn.demos import get_demo

@@ -167,6 +167,7 @@ def test_the_experts_names_are_shown_as_text_not_html():
         assert any("**Prototype 1 “&lt;i&gt;Sky&lt;/i&gt;”**" in v for v in shown), (page, shown)  # case kept
 
 
+@pytest.mark.slow
 @needs_demo
 def test_the_imagenet_demo_loads_with_its_run_and_every_page_renders():
     at = _app().run()
@@ -182,6 +183,7 @@ def test_the_imagenet_demo_loads_with_its_run_and_every_page_renders():
         assert not _errors(at), (page, _errors(at))
 
 
+@pytest.mark.slow
 def test_every_page_with_a_run(demo_app):
     at = demo_app
     titles = {}
@@ -195,6 +197,7 @@ def test_every_page_with_a_run(demo_app):
 
 # --- discovery -------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_live_discovery_shows_the_certificate_and_the_refinement_table(demo_app):
     at = demo_app
     at.switch_page("pages/discover.py").run()
@@ -257,6 +260,7 @@ def test_save_and_load_a_run(demo_app, tmp_path):
     assert torch.equal(at.session_state["run"].run.prototypes, before)
 
 
+@pytest.mark.slow
 @needs_demo
 def test_a_run_from_another_checkpoint_is_refused(tmp_path):
     from phpn.runs.store import load_run, save_run
@@ -272,6 +276,7 @@ def test_a_run_from_another_checkpoint_is_refused(tmp_path):
     assert any("different checkpoint" in e for e in _errors(at))
 
 
+@pytest.mark.slow
 @needs_demo
 def test_cancel_keeps_the_session_and_the_previous_run():
     at = _app().run()
@@ -527,6 +532,7 @@ def test_uploaded_checkpoint_model_file_and_zip_then_discover_browse_explain(cod
     assert at.session_state["explained"]["explanation"].maps.shape[0] == 2
 
 
+@pytest.mark.slow
 def test_a_head_that_cannot_be_decomposed_is_explained(code_allowed):
     at = _app().run()
     _load_uploaded_tiny(at, "MLPHead")
@@ -745,6 +751,7 @@ def test_mistakes_first_gallery_confusions_and_why_a_not_b():
     assert any(other.path in c.value for c in at.caption)
 
 
+@pytest.mark.slow
 @needs_demo
 def test_explain_marks_a_mistake_against_the_images_label():
     from phpn.api import open_data

@@ -42,6 +42,7 @@ def _save_run(at, name: str):
     return at.session_state["run"].saved_to
 
 
+@pytest.mark.slow
 @needs_demo
 def test_notes_are_saved_beside_the_run_survive_a_reload_and_reach_reports_and_exports(monkeypatch):
     from phpn.runs.annotations import load_annotations
@@ -132,6 +133,7 @@ def test_switching_prototypes_off_is_an_edited_model_with_its_accuracy_beside_th
     assert any(w.value.startswith(f"Low fidelity ({LOW_FIDELITY / 2:.2f} < {LOW_FIDELITY:g})") for w in at.warning)
 
 
+@pytest.mark.slow
 @needs_demo
 def test_settings_and_messages_belong_to_one_model_and_a_stale_link_is_a_warning():
     at = _app().run()
@@ -156,6 +158,7 @@ def test_settings_and_messages_belong_to_one_model_and_a_stale_link_is_a_warning
     assert stale.session_state["model"].session.demo == "fashion-mnist"  # the default demo instead
 
 
+@pytest.mark.slow
 @needs_demo
 def test_a_run_whose_model_file_is_missing_asks_for_it_and_opens_once_it_is_loaded(tmp_path, monkeypatch):
     at = _app().run()
@@ -190,6 +193,7 @@ def test_a_run_whose_model_file_is_missing_asks_for_it_and_opens_once_it_is_load
     assert "pending_run" not in again.session_state
 
 
+@pytest.mark.slow
 @needs_demo
 def test_the_url_carries_the_image_and_a_reload_shows_it_again():
     at = _app().run()

@@ -52,6 +52,7 @@ def audit(run):
     return run.audit(SHORTCUT / "train")
 
 
+@pytest.mark.slow
 def test_the_mark_prototype_is_ranked_first_with_a_causal_reason(run, audit):
     first = audit.entries[0]
     assert (first.class_index, first.prototype) == (MARKED, mark_prototype(run))
@@ -73,6 +74,7 @@ def test_the_mark_prototype_is_ranked_first_with_a_causal_reason(run, audit):
     assert first.score == pytest.approx(sum(max(0.0, s["excess"]) for s in first.signals.values()), abs=1e-4)
 
 
+@pytest.mark.slow
 def test_every_prototype_is_listed_highest_score_first(audit):
     d = audit.to_dict()
     json.dumps(d)  # JSON-ready

@@ -143,6 +143,7 @@ def test_the_accuracy_without_the_spurious_prototypes_is_the_head_without_them(w
     assert result.edited_accuracy < result.original_accuracy
 
 
+@pytest.mark.slow
 def test_the_audit_page_takes_verdicts_and_switches_the_spurious_prototypes_off(tmp_path, monkeypatch):
     pytest.importorskip("streamlit.testing.v1")
     from streamlit.testing.v1 import AppTest  # noqa: PLC0415 - optional: the app's test harness

@@ -309,6 +309,7 @@ def test_the_certificate_time_is_never_rounded_to_zero():
     assert format_certificate({**cert, "seconds": 72.3}).endswith("; checked in 72 s")
 
 
+@pytest.mark.slow
 def test_cli_warns_before_any_result_when_the_model_is_at_chance(tmp_path, capsys):
     """discover at the wrong input size: the certificate passes, the accuracy is at chance, and
     both discover and explain say so on stderr (and in --json) before their results."""

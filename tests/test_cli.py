@@ -101,6 +101,7 @@ def test_help_version_and_argument_errors_import_nothing_heavy():
     assert _phpn("--version").stdout.strip().startswith("phpn ")
 
 
+@pytest.mark.slow
 def test_json_errors_carry_type_and_exit_code(tmp_path):
     # An argument error is a JSON object on stdout too, with argparse's exit code.
     proc = _phpn("discover", "--k", "x", "--out", tmp_path / "x", "--json", check=False)
@@ -115,6 +116,7 @@ def test_json_errors_carry_type_and_exit_code(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_explain_into_a_folder_resumes_and_overwrites(tmp_path, image_folder, user_model):
     out = tmp_path / "run"
     _phpn("discover", *user_model, "--data", image_folder, "--k", "2", "--out", out, "--device", "cpu", "--quiet")

@@ -14,6 +14,8 @@ import phpn
 from phpn.errors import ConfigError
 from phpn.pipeline.compare import MATCH_THRESHOLD, SIMILARITY
 
+pytestmark = pytest.mark.slow  # every test here starts from a costly fixture (a jailed worker, trained models, runs)
+
 
 @pytest.fixture(scope="module")
 def runs():
@@ -22,6 +24,7 @@ def runs():
             "shortcut seed 1": shortcut_run("shortcut", seed=1)}
 
 
+@pytest.mark.slow
 def test_clean_and_shortcut_models_pair_but_the_mark_prototype_stays_unmatched(runs):
     result = phpn.compare(runs["clean"], runs["shortcut"], SHORTCUT / "train")
     assert result.similarity == SIMILARITY and result.threshold == MATCH_THRESHOLD
@@ -46,6 +49,7 @@ def test_clean_and_shortcut_models_pair_but_the_mark_prototype_stays_unmatched(r
     json.dumps(result.to_dict())
 
 
+@pytest.mark.slow
 def test_two_seeds_of_one_model_match_with_high_similarity(runs):
     result = phpn.compare(runs["shortcut"], runs["shortcut seed 1"], SHORTCUT / "train")
     assert result.vectors_comparable  # the same checkpoint and cut: prototype vectors are comparable

@@ -12,6 +12,8 @@ from phpn.evaluate import benchmark as B
 from phpn.evaluate import evaluate_run, run_parts_benchmark
 from phpn.evaluate.parts_cnn import ASSET_DIR, METRICS_FILE, PREPROCESS, WEIGHTS_FILE, load_parts_benchmark
 
+pytestmark = pytest.mark.slow  # every test here starts from a costly fixture (a jailed worker, trained models, runs)
+
 weights = pytest.mark.skipif(not (ASSET_DIR / WEIGHTS_FILE).is_file(), reason="parts-benchmark weights not trained")
 needs_dff = pytest.mark.skipif(not B.dff_available(), reason="pytorch-grad-cam (grad-cam) not installed")
 
@@ -163,6 +165,7 @@ def test_benchmark_small_end_to_end(small):
     assert " ± " in result["markdown"] and "| separates |" in result["markdown"]
 
 
+@pytest.mark.slow
 def test_every_draw_is_kept_and_the_rows_are_their_mean_and_spread(small):
     result, _ = small
     details = result["details"]
@@ -193,6 +196,7 @@ def by_key(result, key):
     return next(r for r in result["table"] if r["key"] == key)
 
 
+@pytest.mark.slow
 @needs_dff
 def test_dff_row_is_scored_like_the_others(small):
     result, _ = small

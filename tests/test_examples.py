@@ -53,6 +53,7 @@ def test_notebook_is_the_script_with_its_outputs():
     _check_outputs(nb)  # shipped executed: a reader sees the results without running it
 
 
+@pytest.mark.slow
 def test_notebook_runs_as_stored(tmp_path):
     """The suite runs the notebook's cells as a kernel would; the outputs are those shipped."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")

@@ -34,6 +34,8 @@ from phpn.errors import CheckpointError, ConfigError, DataError
 from phpn.models.checkpoint import MAX_SAFETENSORS_TENSORS, read_checkpoint
 from phpn.models.hf import load_model_folder
 
+pytestmark = pytest.mark.slow  # every test here starts from a costly fixture (a jailed worker, trained models, runs)
+
 
 def _bwrap_reason() -> str:
     problem = jail_problem()
@@ -170,6 +172,7 @@ def hostile(tmp_path_factory):
     listener.close()
 
 
+@pytest.mark.slow
 @needs_jail
 def test_the_hostile_model_loads_and_answers_real_batches(hostile):
     jailed, _, _ = hostile
@@ -182,6 +185,7 @@ def test_the_hostile_model_loads_and_answers_real_batches(hostile):
     assert here not in sys.modules  # the server never imported the visitor's file
 
 
+@pytest.mark.slow
 @needs_jail
 def test_another_folders_file_cannot_be_read(hostile):
     message = _probe(hostile[0], 1)
@@ -236,6 +240,7 @@ def _processes_of(uid: int) -> list:
     return found
 
 
+@pytest.mark.slow
 @needs_jail
 def test_files_cannot_be_written_beside_the_model(hostile):
     message = _probe(hostile[0], 6)
@@ -243,6 +248,7 @@ def test_files_cannot_be_written_beside_the_model(hostile):
     assert not (hostile[2] / "planted.py").exists()
 
 
+@pytest.mark.slow
 @needs_jail
 def test_allocating_4_gb_is_refused_with_a_clear_message(hostile):
     message = _probe(hostile[0], 5)
@@ -252,6 +258,7 @@ def test_allocating_4_gb_is_refused_with_a_clear_message(hostile):
     assert "ESCAPED" not in message
 
 
+@pytest.mark.slow
 @needs_jail
 def test_a_hang_on_real_batches_is_killed_by_the_time_limit_and_cancel_kills(hostile):
     jailed, _, _ = hostile
@@ -264,6 +271,7 @@ def test_a_hang_on_real_batches_is_killed_by_the_time_limit_and_cancel_kills(hos
     assert jailed.starts == starts + 1 and jailed.alive
 
 
+@pytest.mark.slow
 @needs_jail
 def test_cancel_and_idleness_kill_the_worker(tmp_path):
     (tmp_path / "net.py").write_text(HOSTILE.format(other="", port=1, alloc=0))
@@ -287,6 +295,7 @@ def test_cancel_and_idleness_kill_the_worker(tmp_path):
     jailed.close()
 
 
+@pytest.mark.slow
 @needs_jail
 def test_the_trial_runs_in_the_jail_and_reports_a_refused_read(tmp_path):
     secret = tmp_path / "elsewhere" / "secret.txt"
@@ -344,6 +353,7 @@ def test_a_small_zip_with_a_huge_safetensors_header_is_refused_fast(tmp_path):
         assert time.monotonic() - start < 5
 
 
+@pytest.mark.slow
 def test_a_safetensors_file_listing_too_many_tensors_is_refused(tmp_path):
     n = MAX_SAFETENSORS_TENSORS + 1
     header = json.dumps({f"t{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for i in range(n)})
@@ -438,6 +448,7 @@ def test_a_write_that_hits_a_full_disk_leaves_nothing(tmp_path, monkeypatch):
     assert not (tmp_path / "m.pt").exists()
 
 
+@pytest.mark.slow
 def test_uploads_held_in_memory_are_counted():
     with held_upload(600, limit=1000):
         with pytest.raises(DataError) as err:
@@ -467,6 +478,7 @@ class TinyNet(nn.Module):
 '''
 
 
+@pytest.mark.slow
 @needs_jail
 def test_discovery_and_explanation_through_the_worker_match_the_model_in_process(tmp_path, image_folder):
     from phpn.api import decompose, open_model  # noqa: PLC0415 - only this test needs the whole door
@@ -498,6 +510,7 @@ def test_discovery_and_explanation_through_the_worker_match_the_model_in_process
     assert not jailed.loaded.model.jailed.alive
 
 
+@pytest.mark.slow
 def test_tensors_cross_the_pipe_as_plain_bytes_checked_against_their_shape():
     import io  # noqa: PLC0415 - only here
 

@@ -123,6 +123,7 @@ def test_format_seconds():
         "estimating…", "0 s", "4 s", "60 s", "1 min 01 s", "62 min 05 s"]
 
 
+@pytest.mark.slow
 def test_discoveries_sharing_a_model_with_other_visitors_get_their_own_features(session, image_folder):
     """In the app one cached model serves every visitor: forwards from other threads (another
     discovery, an explanation) must not leak into a discovery's features."""

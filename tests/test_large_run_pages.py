@@ -247,6 +247,7 @@ def test_switching_prototypes_off_explains_those_classes_only(tiny_loaded, image
     assert ours.to_dict() == theirs.to_dict() and ours.images == 48
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("streamlit") is None, reason="needs streamlit")
 def test_the_pages_read_only_the_shards_of_the_classes_they_show(tmp_path, monkeypatch, shard_reads):
     from test_app import _app, _clean, _demo_ready, _errors, _same_browser

@@ -68,6 +68,7 @@ def test_a_cancel_stops_the_predictions(setup):
         predict_folder(session, data, cancel=lambda: True)
 
 
+@pytest.mark.slow
 def test_why_a_and_not_b_adds_up_to_the_logit_gap(setup, tiny_loaded, image_folder):
     session, data, split = setup
     run = discover(tiny_loaded, split, data, session.preprocess, DiscoveryConfig(k=3, device="cpu"))

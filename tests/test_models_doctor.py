@@ -28,6 +28,7 @@ def test_convnext_is_exact_after_folding():
     json.dumps(as_dict)
 
 
+@pytest.mark.slow
 def test_vit_b_16_is_impossible_because_of_the_class_token():
     # vit_b_16's architecture (patch 16, 12 layers, width 768) at a small image size, for speed.
     model = torchvision.models.vit_b_16(weights=None, num_classes=3, image_size=32)

@@ -22,6 +22,7 @@ def same_outputs(a, b, size=64):
         return torch.allclose(a(x), b(x), atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["pt", "pth", "bin", "safetensors", "wrapped", "prefixed", "legacy"])
 def test_torchvision_checkpoint_in_every_form(tmp_path, resnet18, kind):
     sd = resnet18.state_dict()

@@ -118,6 +118,7 @@ def test_known_archs_cover_the_families():
         assert a in archs
 
 
+@pytest.mark.slow
 def test_family_markers_hold_for_every_member():
     # infer_arch only compares against families whose marker keys the checkpoint has; that
     # is exact only if every member of a family really has them.

@@ -83,6 +83,7 @@ def test_every_field_has_a_meaning():
     assert PM.FIELDS["cancellation"].startswith("|sum of mean contributions|")
 
 
+@pytest.mark.slow
 def test_discovery_records_part_metrics_and_held_out_fidelity(tiny_loaded, image_folder):
     data = scan_image_folder(image_folder, class_names=tiny_loaded.class_names, num_classes=4)
     split = tiny_split(tiny_loaded.model)
@@ -128,6 +129,7 @@ def test_top_patches_skip_weak_peaks_and_near_identical_crops():
     assert [(p["path"], p["score"]) for p in negative] == [("im4.png", -1.0)]
 
 
+@pytest.mark.slow
 def test_discovery_records_a_suggested_k_with_its_reason(tiny_loaded, image_folder):
     data = scan_image_folder(image_folder, class_names=tiny_loaded.class_names, num_classes=4)
     run = discover(tiny_loaded, tiny_split(tiny_loaded.model), data, tiny_loaded.preprocess,

@@ -19,6 +19,7 @@ def _discover(tiny_loaded, image_folder, **overrides):
     return discover(tiny_loaded, split, data, tiny_loaded.preprocess, config), split, data
 
 
+@pytest.mark.slow
 def test_discovery_is_exact_and_certified(tiny_loaded, image_folder, tmp_path):
 
     run, split, data = _discover(tiny_loaded, image_folder)

@@ -56,6 +56,7 @@ def test_shards_hold_bounded_groups_of_classes_and_run_json_only_the_index(large
     assert len(names) == 1 + 1 + 2 * 40 and all(runs.is_run_file(n) for n in names)
 
 
+@pytest.mark.slow
 def test_a_corrupt_shard_stops_only_its_own_classes(large):
     path, run = large
     bad = _shard_of(path, 9000)
@@ -77,6 +78,7 @@ def test_a_corrupt_shard_stops_only_its_own_classes(large):
         verify_run(path)
 
 
+@pytest.mark.slow
 def test_opening_and_reading_one_class_needs_no_other_shard(large):
     path, run = large
     keep = _shard_of(path, 3)

@@ -413,6 +413,7 @@ def test_server_paths_are_off_and_uploads_take_any_checkpoint_name(app_env, monk
     assert [p for p in at.session_state["_workspace"].uploads.rglob("*")] == []  # a failed load keeps nothing
 
 
+@pytest.mark.slow
 def test_two_visitors_see_only_their_own_runs_and_the_demo_run_stays_read_only(app_env):
     a, b = _app(), _app()
     a.switch_page("pages/discover.py").run()

@@ -179,6 +179,7 @@ def _labels(at):
     return [label for label, _ in frame.serving.readable_runs(at.session_state["_workspace"])]
 
 
+@pytest.mark.slow
 @needs_demo
 def test_a_second_browser_and_an_attackers_link_reach_nothing_a_share_link_one_run(monkeypatch):
     alice = Browser(monkeypatch)

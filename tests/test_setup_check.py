@@ -75,6 +75,7 @@ def test_a_clear_win_is_proposed_with_its_evidence():
                                        "this with probability below 0.0001, below 0.05 (0.05 shared among the 1 ")
 
 
+@pytest.mark.slow
 def test_fashion_mnist_at_its_right_setting_proposes_nothing():
     session, data = _fashion()
     right = session.preprocess
@@ -87,6 +88,7 @@ def test_fashion_mnist_at_its_right_setting_proposes_nothing():
         assert r is check.current or check.p_value(r) >= check.level
 
 
+@pytest.mark.slow
 def test_fashion_mnist_at_96_px_proposes_28():
     session, data = _fashion()
     right = session.preprocess
@@ -99,6 +101,7 @@ def test_fashion_mnist_at_96_px_proposes_28():
     assert check.proposal().startswith("Use 28 px, mean 0.286, std 0.353 normalisation (recorded with the model)")
 
 
+@pytest.mark.slow
 def test_setup_check_flags_chance_and_upsampling():
     session, data = _fashion()
     ok = setup_check(session, data)

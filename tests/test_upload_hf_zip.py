@@ -317,6 +317,7 @@ def _images_zip() -> bytes:
     return buf.getvalue()
 
 
+@pytest.mark.slow
 def test_the_model_page_takes_a_zipped_model_and_the_run_says_where_it_came_from(app, saved, tmp_path,
                                                                                   monkeypatch):
     import time
@@ -407,6 +408,7 @@ def test_the_model_page_takes_a_zipped_model_and_the_run_says_where_it_came_from
     assert workspace not in html
 
 
+@pytest.mark.slow
 def test_the_model_page_opens_pickled_weights_in_a_zip_only_with_both_opt_ins(app, tmp_path, monkeypatch):
     folder = tmp_path / "src" / "old"
     _save_convnext(folder, safetensors=False)
