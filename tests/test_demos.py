@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from phpn.demos import ASSETS, DEMOS, get_demo, lite0
+from phpn.demos import ASSETS, DEMOS, get_demo
+from phpn.demos import lite0_photos as lite0
 from phpn.errors import ConfigError
 from phpn.head import LoadedModel
 from phpn.images.data import load_batch, scan_image_folder

@@ -59,8 +59,8 @@ def test_dff_prototypes_are_pytorch_grad_cams_concepts():
 
 
 def test_stacked_maps_score_each_set_as_its_own_explainer():
+    from phpn.evaluate.consistency import part_sets
     from phpn.evaluate.explainers import NetworkExplainer, PrototypeExplainer
-    from phpn.evaluate.metrics import part_sets
     from phpn.method.network import PrototypeNetwork
     from phpn.models import HeadSplit
 

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 from safetensors.torch import load_file
 
-from phpn.demos import lite0
+from phpn.demos import lite0_photos as lite0
 from phpn.demos.fashion_cnn import FashionCNN
 from phpn.errors import CheckpointError, ConfigError
 from phpn.head import LoadedModel

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import sys
 
-from phpn.demos import DEMOS, lite0
+from phpn.demos import DEMOS
+from phpn.demos import lite0_photos as lite0
 
 
 def main(argv=None) -> int:

@@ -3,12 +3,11 @@
 - :func:`evaluate_run`: a saved run on a model, with an image folder and/or a CUB-layout
   part-annotated dataset; returns a JSON-ready dict (the CLI ``evaluate`` and the app call it).
 - :func:`run_parts_benchmark`: the synthetic parts benchmark (ground-truth parts).
-- :mod:`.metrics`: the metrics of Huang et al. (ICCV 2023) on plain arrays.
+- :mod:`.consistency`: consistency and stability as Huang et al. define them (ICCV 2023) on plain arrays.
 - :mod:`.parts`: the CUB-200-2011 annotation loader.
 """
 from phpn.evaluate.benchmark import SIZES, run_parts_benchmark
-from phpn.evaluate.evaluation import DEFAULTS, evaluate_run, summary_text
-from phpn.evaluate.metrics import (
+from phpn.evaluate.consistency import (
                       consistency_score,
                       consistent,
                       part_fractions,
@@ -19,6 +18,7 @@ from phpn.evaluate.metrics import (
                       stability_score,
                       stable_fraction,
 )
+from phpn.evaluate.evaluation import DEFAULTS, evaluate_run, summary_text
 from phpn.evaluate.parts import PartDataset, is_cub_layout, load_cub_parts
 
 __all__ = [

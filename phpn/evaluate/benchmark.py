@@ -24,7 +24,7 @@ The design (frozen: written down before its scores were seen, not tuned after)
   space and map a test image as the NMF parts do, features . concept); k random directions
   summing to the head row (seed ``seed + d``); the head row split in k equal parts (the
   class activation map / k).
-- Scores: consistency and stability as Huang et al. define them (:mod:`.metrics`: maps
+- Scores: consistency and stability as Huang et al. define them (:mod:`.consistency`: maps
   upsampled bicubically), consistency again with the maps upsampled bilinearly, and two
   scores without the 80% threshold: "class parts found" (the share of a class's true parts
   that is some prototype's best part) and "mean best-part hit" (how often a prototype's
@@ -65,7 +65,7 @@ from sklearn.exceptions import ConvergenceWarning
 
 from phpn.atomic import check_may_write, write_atomic
 from phpn.errors import ConfigError, PhpnError
-from phpn.evaluate import metrics as M
+from phpn.evaluate import consistency as M
 from phpn.evaluate.evaluation import _Images, _jsonable, deletion_of
 from phpn.evaluate.explainers import NetworkExplainer, PrototypeExplainer
 from phpn.evaluate.interpretability import interpretability_of

@@ -13,8 +13,8 @@ import torch
 
 from phpn.device import resolve_device
 from phpn.errors import ConfigError, DataError
+from phpn.evaluate import consistency as M
 from phpn.evaluate import faithfulness as FA
-from phpn.evaluate import metrics as M
 from phpn.evaluate.explainers import NetworkExplainer, PrototypeExplainer
 from phpn.evaluate.interpretability import interpretability_of
 from phpn.evaluate.parts import PartDataset, is_cub_layout, load_cub_parts

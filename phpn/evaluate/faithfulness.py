@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from phpn.evaluate.metrics import upsample_maps
+from phpn.evaluate.consistency import upsample_maps
 
 FRACTIONS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)
 

@@ -2,7 +2,7 @@
 
 For every class that has prototypes and images, the images of that class go through the
 explainer clean and with noise (the same draw, unclipped and clipped); the part sets of
-:mod:`phpn.evaluate.metrics` are computed per image and prototype, and the scores follow.
+:mod:`phpn.evaluate.consistency` are computed per image and prototype, and the scores follow.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from phpn.errors import DataError
-from phpn.evaluate import metrics as M
+from phpn.evaluate import consistency as M
 from phpn.evaluate.parts import PartDataset
 from phpn.progress import ProgressFn, report
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from phpn.evaluate import metrics as m
+from phpn.evaluate import consistency as m
 
 
 def peaked_maps(peaks_xy, h=8, w=8):
