@@ -2,7 +2,6 @@
 certificate, timings, the per-class refinement table; save and load runs."""
 import itertools
 import time
-from datetime import datetime
 
 import pandas as pd
 import streamlit as st
@@ -250,11 +249,12 @@ if entry is not None:
 
     st.subheader("Save this run")
     if entry.saved_to:
-        st.caption(f"Saved at `{S.shown_path(entry.saved_to)}`.")
-    stem = (model.session.demo or model.session.loaded.arch).replace("/", "-").replace(":", "-")
+        kept = entry.origin == "live discovery" and S.workspace().owns(entry.saved_to)
+        st.caption(f"Saved at `{S.shown_path(entry.saved_to)}`"
+                   + (" (kept as soon as the discovery finished, so a reload does not lose it); save it again "
+                      "under a name of your own if you like." if kept else "."))
     save_path = st.text_input("Name (saved in your private workspace; a folder under PHPN_DATA_ROOTS if the "
-                              "operator allows one)", value=f"{stem}-k{run.k}-{datetime.now():%Y%m%d-%H%M%S}",
-                              key="save_path")
+                              "operator allows one)", value=S.default_run_name(model, run), key="save_path")
     if st.button("Save run", key="save_run"):
         with S.user_errors():
             from phpn.runs.store import save_run

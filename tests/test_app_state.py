@@ -265,3 +265,26 @@ def test_a_saved_run_of_an_uploaded_model_reopens_with_its_model_and_images_afte
     assert again.session_state["run"].saved_to == folder
     data = again.session_state["data"]
     assert data.kind == "upload" and [len(c.paths) for c in data.data.classes] == [6, 6, 6, 6]
+
+
+@needs_demo
+def test_a_finished_discovery_is_kept_at_once_and_a_reload_brings_it_back(monkeypatch):
+    at = _app().run()
+    _clean(at)
+    _small_discovery(at, k=2, cap=4)
+    at.run()
+    _clean(at)
+    entry = at.session_state["run"]
+    workspace = at.session_state["_workspace"]
+    assert entry.origin == "live discovery" and entry.saved_to is not None
+    assert entry.saved_to.parent == workspace.runs and (entry.saved_to / "run.json").is_file()
+    assert at.query_params["run"] == f"my runs / {entry.saved_to.name}"
+    prototypes = entry.run.prototypes.clone()
+
+    again = _same_browser(at, monkeypatch)  # F5: the same browser, the same URL
+    again.query_params["run"] = at.query_params["run"]
+    again.run()
+    _clean(again)
+    back = again.session_state["run"]
+    assert back.saved_to.resolve() == entry.saved_to.resolve()
+    assert (back.run.prototypes - prototypes).abs().max().item() == 0.0

@@ -45,7 +45,7 @@ from phpn.runs.provenance import (
     recorded_load,
     resolve_portable,
 )
-from phpn.runs.store import check_split, load_run
+from phpn.runs.store import check_split, load_run, save_run
 from phpn.show import viz
 
 DEFAULT_DEMO = "fashion-mnist"
@@ -839,9 +839,38 @@ def adopt_finished_job() -> None:
                                             "its result was not kept.")
             return
         try:
-            set_run(job.result, "live discovery", wall=job.wall_times())
+            entry = set_run(job.result, "live discovery", wall=job.wall_times())
         except Exception as exc:  # noqa: BLE001
             st.session_state["job_note"] = error_text(exc)
+            return
+        note = keep_finished_run(entry, model)
+        if note:
+            st.session_state["job_note"] = note
+
+
+def default_run_name(model: ModelEntry, run) -> str:
+    """The name a run is saved under unless the visitor types another: model, k and the time."""
+    stem = (model.session.demo or model.session.loaded.arch).replace("/", "-").replace(":", "-")
+    return f"{stem}-k{run.k}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def keep_finished_run(entry: RunEntry, model: ModelEntry) -> Optional[str]:
+    """A finished discovery, saved at once in the visitor's own workspace ("my runs"), so that a
+    reload or a closed tab never loses it (the URL then names it); returns why it could not be
+    kept, or None. Saving it under another name stays possible on the Discover page."""
+    base = workspace().runs / default_run_name(model, entry.run)
+    target, n = base, 1
+    while target.exists():  # two discoveries finished in the same second
+        n += 1
+        target = base.with_name(f"{base.name}-{n}")
+    try:
+        save_run(entry.run, target)
+        workspace().keep_within_quota(target)
+    except PhpnError as exc:
+        return (f"The run was not kept in your workspace: {error_text(exc)} It stays open until you leave; save it "
+                "on the Discover page once there is room.")
+    entry.saved_to = target
+    return None
 
 
 # --- small display helpers ----------------------------------------------------------------
