@@ -251,8 +251,8 @@ if entry is not None:
     if entry.saved_to:
         kept = entry.origin == "live discovery" and S.workspace().owns(entry.saved_to)
         st.caption(f"Saved at `{S.shown_path(entry.saved_to)}`"
-                   + (" (kept as soon as the discovery finished, so a reload does not lose it); save it again "
-                      "under a name of your own if you like." if kept else "."))
+                   + (" (kept the moment it was made, so a reload does not lose it); save it again under a name "
+                      "of your own if you like." if kept else "."))
     save_path = st.text_input("Name (saved in your private workspace; a folder under PHPN_DATA_ROOTS if the "
                               "operator allows one)", value=S.default_run_name(model, run), key="save_path")
     if st.button("Save run", key="save_run"):

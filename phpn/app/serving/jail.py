@@ -219,6 +219,10 @@ def jail_argv(command: list, visitor_paths: list, *, tmp_mb: float, processes: i
     exposer = _Exposer(uid)
     args = [JAIL_TOOL, *_namespace_flags(), "--die-with-parent", "--new-session", "--clearenv"]
     args += _system_binds()
+    # The private /tmp first: what is bound below it afterwards (a Python or a checkout that lives
+    # under /tmp) is mounted on top of it instead of being hidden by it.
+    args += ["--perms", "1777", "--size", str(int(tmp_mb * 2 ** 20)), "--tmpfs", "/tmp"]
+    made.add(Path("/tmp"))
     for folder in _python_folders():
         if folder.parts[1:2] != ("usr",):
             args += _dirs_for(folder, made) + ["--ro-bind", str(folder), str(folder)]
@@ -233,8 +237,7 @@ def jail_argv(command: list, visitor_paths: list, *, tmp_mb: float, processes: i
     except BaseException:
         exposer.remove()
         raise
-    args += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--size", str(int(tmp_mb * 2 ** 20)),
-             "--tmpfs", "/tmp", "--chdir", "/tmp"]
+    args += ["--proc", "/proc", "--dev", "/dev", "--chdir", "/tmp"]
     env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1",
            "MKL_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": str(_PACKAGE_PARENT),
            "PHPN_JAIL_NPROC": str(int(processes))}
