@@ -39,6 +39,11 @@ def _uploads_in_tmp(tmp_path, monkeypatch):
     """Workspaces beside the test's folder (data roots and workspaces lie apart); typed paths
     and saving allowed in the test's folder only; visitors' code off unless a test turns it on
     (the operator's switch)."""
+    app_settings_in(tmp_path, monkeypatch)
+
+
+def app_settings_in(tmp_path, monkeypatch) -> None:
+    """The app's settings for one test (what the autouse fixture above applies; usable directly)."""
     monkeypatch.setenv("PHPN_UPLOAD_DIR", str(tmp_path.parent / f"{tmp_path.name}-uploads"))
     monkeypatch.setenv("PHPN_DATA_ROOTS", str(tmp_path))
     monkeypatch.setenv("PHPN_WRITABLE_ROOTS", str(tmp_path))

@@ -147,16 +147,11 @@ def test_the_accuracy_without_the_spurious_prototypes_is_the_head_without_them(w
 def test_the_audit_page_takes_verdicts_and_switches_the_spurious_prototypes_off(tmp_path, monkeypatch):
     pytest.importorskip("streamlit.testing.v1")
     from streamlit.testing.v1 import AppTest  # noqa: PLC0415 - optional: the app's test harness
-    from test_app import APP, _clean, _demo_ready, _errors  # noqa: PLC0415 - the app tests' helpers
+    from test_app import APP, _clean, _demo_ready, _errors, app_settings_in  # noqa: PLC0415 - the app tests' helpers
 
     if not _demo_ready():
         pytest.skip("the fashion-mnist demo assets are not there")
-    # Workspaces beside the data root, never inside it (the server refuses that).
-    monkeypatch.setenv("PHPN_UPLOAD_DIR", str(tmp_path.parent / f"{tmp_path.name}-uploads"))
-    monkeypatch.setenv("PHPN_DATA_ROOTS", str(tmp_path))
-    monkeypatch.setenv("PHPN_WRITABLE_ROOTS", str(tmp_path))
-    monkeypatch.delenv("PHPN_ALLOW_CODE", raising=False)
-    monkeypatch.setenv("PHPN_SETTINGS_FILE", str(tmp_path / "no-settings.toml"))
+    app_settings_in(tmp_path, monkeypatch)  # workspaces beside the data root, never inside it
     at = AppTest.from_file(APP, default_timeout=180).run()
     at.switch_page("pages/audit.py").run()
     _clean(at)

@@ -154,12 +154,9 @@ def test_the_explain_page_shows_what_its_report_exports(tmp_path, monkeypatch):
     demo = get_demo("fashion-mnist")
     if not (demo.assets_dir / "model.safetensors").is_file():
         pytest.skip("the fashion-mnist demo assets are not there")
-    # Workspaces beside the data root, never inside it (the server refuses that).
-    monkeypatch.setenv("PHPN_UPLOAD_DIR", str(tmp_path.parent / f"{tmp_path.name}-uploads"))
-    monkeypatch.setenv("PHPN_DATA_ROOTS", str(tmp_path))
-    monkeypatch.setenv("PHPN_WRITABLE_ROOTS", str(tmp_path))
-    monkeypatch.delenv("PHPN_ALLOW_CODE", raising=False)
-    monkeypatch.setenv("PHPN_SETTINGS_FILE", str(tmp_path / "no-settings.toml"))
+    from test_app import app_settings_in
+
+    app_settings_in(tmp_path, monkeypatch)  # workspaces beside the data root, never inside it
     at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app.py"), default_timeout=120).run()
     at.switch_page("pages/explain.py").run()
     e = at.session_state["explained"]["explanation"]
