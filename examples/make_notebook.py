@@ -4,21 +4,15 @@ and run it so that it ships with its outputs.
     python examples/make_notebook.py            # cells and outputs (runs the quickstart, about a minute)
     python examples/make_notebook.py --no-run   # cells only
 
-The cells run one after the other in one namespace, as a kernel runs them: what a cell prints
-becomes a stream output (progress bars as they ended), its last expression a display output with
-the text and, when the object has one, the HTML a notebook shows (``_repr_html_``).
+The notebook runs in a real Jupyter kernel (``nbclient`` and ``ipykernel``, development
+requirements); its streams are stored as a screen shows them (progress bars as they ended).
 """
 from __future__ import annotations
 
 import argparse
-import ast
-import contextlib
-import io
 import json
 import os
 import re
-import sys
-import warnings
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -58,59 +52,46 @@ def _screen(text: str) -> str:
     return "".join(line.rsplit("\r", 1)[-1] for line in text.splitlines(keepends=True))
 
 
-def _streams(name: str, text: str) -> list:
-    text = _screen(text)
-    return [{"name": name, "output_type": "stream", "text": text.splitlines(keepends=True)}] if text.strip() else []
-
-
-class _Printer:
-    """The little of IPython's pretty printer that ``_repr_pretty_`` methods use."""
-
-    def __init__(self):
-        self.parts = []
-
-    def text(self, text: str) -> None:
-        self.parts.append(text)
-
-
-def _plain(value) -> str:
-    """The text a notebook shows for a value: its ``_repr_pretty_`` when it has one, else its repr."""
-    if hasattr(value, "_repr_pretty_"):
-        printer = _Printer()
-        value._repr_pretty_(printer, False)
-        return "".join(printer.parts)
-    return repr(value)
-
-
-def execute(nb: dict, cwd: Path) -> dict:
-    """Run the notebook's code cells in order in one namespace (in ``cwd``); their outputs are stored."""
-    namespace = {"__name__": "__main__"}
-    count, here = 0, Path.cwd()
-    os.chdir(cwd)
-    try:
-        for cell in nb["cells"]:
-            if cell["cell_type"] != "code":
-                continue
-            count += 1
-            tree = ast.parse("".join(cell["source"]))
-            last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
-            out, err = io.StringIO(), io.StringIO()
-            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
-                warnings.simplefilter("always")
-                exec(compile(tree, f"<cell {count}>", "exec"), namespace)  # noqa: S102 - the example's own code
-                value = eval(compile(ast.Expression(last.value), f"<cell {count}>", "eval"), namespace) \
-                    if last is not None else None
-            outputs = _streams("stdout", out.getvalue()) + _streams("stderr", err.getvalue())
-            if value is not None:
-                data = {"text/plain": _plain(value).splitlines(keepends=True)}
-                if hasattr(value, "_repr_html_"):
-                    data["text/html"] = value._repr_html_().splitlines(keepends=True)
-                outputs.append({"data": data, "execution_count": count, "metadata": {},
-                                "output_type": "execute_result"})
-            cell["execution_count"], cell["outputs"] = count, outputs
-    finally:
-        os.chdir(here)
+def _screen_streams(nb: dict) -> dict:
+    """Each cell's streams merged per name and shown as a screen shows them (progress bars as they
+    ended), so that the stored notebook reads as it did in Jupyter and stays small."""
+    for cell in nb["cells"]:
+        merged, rest = {}, []
+        for output in cell.get("outputs", []):
+            if output["output_type"] == "stream":
+                merged.setdefault(output["name"], []).append("".join(output["text"]))
+            else:
+                rest.append(output)
+        streams = []
+        for name in merged:  # in the order they first appeared, as Jupyter shows them
+            text = _screen("".join(merged.get(name, [])))
+            if text.strip():
+                streams.append({"name": name, "output_type": "stream", "text": text.splitlines(keepends=True)})
+        if cell["cell_type"] == "code":
+            cell["outputs"] = streams + rest
     return nb
+
+
+def execute(nb: dict, cwd: Path, timeout: int = 600) -> dict:
+    """Run the notebook in a real Jupyter kernel (nbclient + ipykernel), in ``cwd``; outputs are stored."""
+    import nbformat  # noqa: PLC0415 - development dependency, needed only to run the notebook
+    from nbclient import NotebookClient  # noqa: PLC0415 - development dependency
+
+    node = nbformat.reads(json.dumps(nb), as_version=4)
+    client = NotebookClient(node, timeout=timeout, kernel_name="python3", record_timing=False,
+                            resources={"metadata": {"path": str(cwd)}})
+    before = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent), before]))  # the kernel's phpn: this checkout's
+    try:
+        client.execute()
+    finally:
+        if before is None:
+            os.environ.pop("PYTHONPATH")
+        else:
+            os.environ["PYTHONPATH"] = before
+    ran = _screen_streams(json.loads(nbformat.writes(node)))
+    ran["metadata"] = nb["metadata"]  # not the kernel's language_info: the shipped file names no local Python
+    return ran
 
 
 def main() -> None:
@@ -122,7 +103,6 @@ def main() -> None:
     if not args.no_run:
         import tempfile
 
-        sys.path.insert(0, str(HERE.parent))  # the phpn of this checkout
         with tempfile.TemporaryDirectory() as scratch:  # the files the quickstart saves are not kept
             nb = execute(nb, Path(scratch))
     args.out.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -5,9 +5,16 @@ Long stages call ``progress(stage, done, total)``; a callback may raise
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Optional
 
-from tqdm.auto import tqdm  # widgets in a notebook, text in a terminal
+from tqdm import TqdmWarning
+
+with warnings.catch_warnings():
+    # In a notebook without ipywidgets tqdm.auto falls back to text bars, which serve as well:
+    # its advice to install ipywidgets is not phpn's to print on every run.
+    warnings.simplefilter("ignore", TqdmWarning)
+    from tqdm.auto import tqdm  # widgets in a notebook that has ipywidgets, text elsewhere
 
 ProgressFn = Callable[[str, int, int], None]
 

@@ -40,7 +40,12 @@ def _check_outputs(nb: dict) -> None:
     assert _text({"data": explanation}).startswith("<Explanation: 00_t-shirt-top (class 0), logit ")
     page = "".join(explanation["text/html"])
     assert "data:image/png;base64," in page and "<script" not in page and len(page) < 400_000
-    assert all("\r" not in _text(o) for c in code for o in c["outputs"] if o["output_type"] == "stream")
+    # Compact inline: the answer shows, the details (each prototype's section included) fold.
+    assert page.count("<details>") == 3 and "<summary><b>This looks like that</b></summary>" in page
+    streams = [_text(o) for c in code for o in c["outputs"] if o["output_type"] == "stream"]
+    assert all("\r" not in text for text in streams)
+    errors = "".join(_text(o) for c in code for o in c["outputs"] if o.get("name") == "stderr")
+    assert "Warning" not in errors and "refine: 100%" in errors  # text progress bars, no advice to install widgets
 
 
 def test_notebook_is_the_script_with_its_outputs():
@@ -55,7 +60,7 @@ def test_notebook_is_the_script_with_its_outputs():
 
 @pytest.mark.slow
 def test_notebook_runs_as_stored(tmp_path):
-    """The suite runs the notebook's cells as a kernel would; the outputs are those shipped."""
+    """The suite runs the notebook in a real Jupyter kernel; the outputs are of the kinds shipped."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     fresh = tmp_path / "fresh.ipynb"
     out = subprocess.run([sys.executable, str(EXAMPLES / "make_notebook.py"), "--out", str(fresh)], cwd=tmp_path,

@@ -216,3 +216,19 @@ def test_errors_in_python_name_keywords_not_flags():
             phpn.decompose(ColourNet(), DataLoader(Pictures(NORMALISED), batch_size=8), k=2, device="cuda",
                            progress=False)
         assert "--" not in str(caught.value) and "device='cpu'" in str(caught.value)
+
+
+def test_random_split_keeps_the_datasets_names_and_the_images_they_hold():
+    """``random_split`` (a Subset of a Subset here) hands the names through, in the explanations too."""
+    train, held_out = torch.utils.data.random_split(Pictures(NORMALISED), [24, 12],
+                                                    generator=torch.Generator().manual_seed(0))
+    inner = torch.utils.data.random_split(train, [18, 6], generator=torch.Generator().manual_seed(1))[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InputWarning)
+        run = phpn.decompose(ColourNet(), DataLoader(inner, batch_size=8), k=2, progress=False)
+    assert run.class_names == NAMES
+    assert run.meta["certificate"]["images"] == 18  # the split's images, not the whole dataset's
+    image, label = held_out[0]
+    explanation = run.explain(image)
+    assert explanation.class_name == NAMES[label] and explanation.class_index == label
+    assert repr(explanation).startswith(f"<Explanation: {NAMES[label]} (class {label}), logit ")

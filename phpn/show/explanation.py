@@ -100,8 +100,10 @@ class Explanation:
         return explanation_html(self.view(notes, size=REPORT_SIZE))
 
     def _repr_html_(self) -> str:
-        """The page's body inline (Jupyter), its styles scoped to it so the notebook keeps its own."""
-        return html_fragment(self.to_html())
+        """The page's body inline (Jupyter), compact (the details fold), its styles scoped to it so
+        the notebook keeps its own."""
+        self.to_html()  # the same refusal as the page when the run is unknown
+        return html_fragment(explanation_html(self.view(None, size=REPORT_SIZE), compact=True))
 
     def to_image(self, size: int = 224, notes=None) -> Image.Image:
         """One picture of the same panels: the image, all prototypes, the class map, the waterfall

@@ -43,6 +43,7 @@ th{background:#f5f5f5}td.l,th.l{text-align:left}.proto{border:1px solid #e3e3e3;
 .fig img{display:block;image-rendering:pixelated;border:1px solid #ccc}.ok{color:#1a7f37;font-weight:600}
 .bad{color:#cf222e;font-weight:600}.sw{display:inline-block;width:14px;height:14px;border-radius:3px;vertical-align:middle;margin-right:6px}
 .note{background:#f6f8fa;border-left:3px solid #999;padding:6px 10px;font-size:.9em}
+details{margin:10px 0}summary{cursor:pointer;padding:4px 0}
 """
 
 REPORT_SIZE = 196  # an explanation report's overview pictures, in pixels: four fit in a page's width
@@ -221,35 +222,47 @@ def _panel(panel: Panel) -> str:
     return _img(panel.picture, panel.caption, panel.width)
 
 
-def explanation_html(view: ExplanationView, audit=None, notes=None) -> str:
+def explanation_html(view: ExplanationView, audit=None, notes=None, compact: bool = False) -> str:
     """The page of an explanation (:func:`phpn.show.compose.compose_explanation`), laid out as HTML;
-    with ``audit``, the audit's findings on the explained class."""
+    with ``audit``, the audit's findings on the explained class. ``compact`` (a notebook's inline
+    display) shows the answer (the pictures and the waterfall) and folds the details, the
+    prototypes' own sections included, under headings a click opens."""
     v = view
+
+    def section(title: str, content: str) -> str:
+        if compact:
+            return f"<details><summary><b>{_esc(title)}</b></summary>{content}</details>"
+        return f"<h2>{_esc(title)}</h2>{content}"
+
+    provenance = ("<table>" + "".join(f"<tr><th class=l>{_esc(a)}</th><td class=l>{_esc(b)}</td></tr>"
+                                      for a, b in v.provenance) + "</table>")
+    top = ("<table><tr><th class=l>class</th><th>logit</th><th>probability</th></tr>"
+           + "".join(f"<tr><td class=l>{_esc(n)} ({c})</td><td>{lg:.3f}</td><td>{100 * p:.2f}%</td></tr>"
+                     for c, n, lg, p in v.top) + "</table>")
+    looks = [f'<p class="meta">{_esc(v.patches_note)}</p>'] if v.patches_note else []
+    for p in v.prototypes:
+        flags = "".join(f" <code>{_esc(f)}</code>" for f in p.flags)
+        looks.append(f'<div class="proto"><h3><span class="sw" style="background:{p.color}"></span>{_esc(p.title)}'
+                     f"{flags}: {_esc(p.summary)}</h3>")
+        if p.warning:
+            looks.append(f'<p class="bad">{_esc(p.warning)}</p>')
+        if p.description:
+            looks.append(f'<p class="note">{_esc(p.description)}</p>')
+        looks.append('<div class="row">' + _panel(p.where) + _panel(p.grid)
+                     + (_panel(p.looks_like) if p.looks_like else "") + "</div></div>")
     body = [f"<h1>{_esc(v.title)} — {_esc(v.image_name)}</h1>",
             (f'<p class="bad">Warning: {_esc(v.chance_warning)}</p>' if v.chance_warning else ""),
-            "<table>" + "".join(f"<tr><th class=l>{_esc(a)}</th><td class=l>{_esc(b)}</td></tr>"
-                                for a, b in v.provenance) + "</table>",
+            section("Image, model, run and certificate", provenance) if compact else provenance,
             f'<p class="meta">{_esc(v.equation)}.</p>',
             '<div class="row">', *[_panel(p) for p in v.overview], "</div>",
             "<p>" + " ".join(f'<span class="sw" style="background:{c}"></span>{_esc(lab)}' for lab, c in v.legend)
-            + "</p>",
-            "<h2>Top predictions</h2><table><tr><th class=l>class</th><th>logit</th><th>probability</th></tr>"]
-    for c, n, lg, p in v.top:
-        body.append(f"<tr><td class=l>{_esc(n)} ({c})</td><td>{lg:.3f}</td><td>{100 * p:.2f}%</td></tr>")
-    body.append(f"</table><h2>{_esc(v.waterfall.title)}</h2>{_waterfall_svg(v.waterfall)}")
-    body.append("<h2>This looks like that</h2>")
-    if v.patches_note:
-        body.append(f'<p class="meta">{_esc(v.patches_note)}</p>')
-    for p in v.prototypes:
-        flags = "".join(f" <code>{_esc(f)}</code>" for f in p.flags)
-        body.append(f'<div class="proto"><h3><span class="sw" style="background:{p.color}"></span>{_esc(p.title)}'
-                    f"{flags}: {_esc(p.summary)}</h3>")
-        if p.warning:
-            body.append(f'<p class="bad">{_esc(p.warning)}</p>')
-        if p.description:
-            body.append(f'<p class="note">{_esc(p.description)}</p>')
-        body.append('<div class="row">' + _panel(p.where) + _panel(p.grid)
-                    + (_panel(p.looks_like) if p.looks_like else "") + "</div></div>")
+            + "</p>"]
+    if compact:  # the answer first: how the logit is made, then what each prototype looks like
+        body += [f"<h2>{_esc(v.waterfall.title)}</h2>{_waterfall_svg(v.waterfall)}",
+                 section("This looks like that", "".join(looks)), section("Top predictions", top)]
+    else:
+        body += [section("Top predictions", top), f"<h2>{_esc(v.waterfall.title)}</h2>{_waterfall_svg(v.waterfall)}",
+                 section("This looks like that", "".join(looks))]
     body.append(audit_html(audit, notes, v.class_index))
     return _page(f"phpn: why {v.class_name}? ({v.image_name})", "".join(body))
 
