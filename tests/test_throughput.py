@@ -229,3 +229,30 @@ def test_default_workers_share_the_cores_among_local_ranks(monkeypatch):
     assert default_workers() == 3
     monkeypatch.setattr(phpn.images.data.os, "sched_getaffinity", lambda pid: {0})
     assert default_workers() == 0
+
+
+class _SmallMemoryNet(TinyNet):
+    """A TinyNet whose forward runs out of (GPU) memory on more than ``fits`` images at once."""
+
+    fits = 3
+
+    def forward(self, x):
+        if len(x) > self.fits:
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory: {len(x)} images")
+        return super().forward(x)
+
+
+def test_tap_halves_a_batch_that_runs_out_of_memory_and_keeps_the_size_that_fitted():
+    torch.manual_seed(0)
+    model = _SmallMemoryNet().eval()
+    tap = FeatureTap(tiny_split(model), model, torch.device("cpu"))
+    images = torch.randn(10, 3, 16, 16)
+    feats, logits = tap(images)
+    assert tap.max_batch == 3  # 10 -> 5 -> 3 images per pass
+    with torch.no_grad():
+        assert torch.allclose(logits, TinyNet.forward(model, images), atol=1e-6)
+        assert torch.allclose(feats, model.features(images), atol=1e-6)
+    assert tap(images[:7])[1].shape == (7, 4)  # later batches are cut at once
+    model.fits = 0  # a single image that does not fit is the user's problem to hear about
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        tap(images[:1])

@@ -134,6 +134,8 @@ class FeatureTap:
         self.copy = False  # catch copies of the layers' outputs (set when the model changes them in place)
         self.head_gap: Optional[float] = None  # relative max |head(features) - model logits| on the first batch
         self.mode = "one pass" if self.anchors is not None else f"two passes ({self.replay})"
+        self.max_batch: Optional[int] = None  # images per forward pass that fit in memory, once a pass did not
+
 
     def _fallback(self, why: str) -> None:
         self.anchors = None
@@ -167,8 +169,25 @@ class FeatureTap:
         feats = self.replay(*caught) if self.replay is not None else caught[0]
         return (feats if isinstance(feats, torch.Tensor) else None), logits
 
-    @torch.inference_mode()
     def __call__(self, images: torch.Tensor):
+        """Batches are sized to memory: a pass that runs out of GPU memory is split in halves until
+        the halves fit, and later batches are cut to the size that fitted (so a large batch size,
+        or a user's DataLoader of large images, never ends a certificate or a discovery)."""
+        if self.max_batch is not None and len(images) > self.max_batch:
+            parts = [self(chunk) for chunk in images.split(self.max_batch)]
+            return torch.cat([f for f, _ in parts]), torch.cat([lg for _, lg in parts])
+        try:
+            return self._pass(images)
+        except torch.cuda.OutOfMemoryError:
+            if len(images) <= 1:
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # the failed pass's blocks, before the halves run
+            self.max_batch = (len(images) + 1) // 2
+            return self(images)
+
+    @torch.inference_mode()
+    def _pass(self, images: torch.Tensor):
         x = _to_device(images, self.device)
         if self.anchors is not None:
             feats, logits = self._one_pass(x)
