@@ -66,6 +66,7 @@ from phpn.images.inputs import (
     from_dataset,
     from_loader,
     holds_pictures,
+    is_deterministic,
     loader_batch,
     merge_preprocess,
     module_sha256,
@@ -445,6 +446,20 @@ def dataset_classes(data) -> Optional[list]:
     return None
 
 
+def dataset_transform(data):
+    """A dataset's own ``transform`` (torchvision's), looked for as :func:`dataset_classes` looks
+    for its names, when it is deterministic (no random step: an augmenting transform would show
+    a different picture on every call); else None."""
+    for _ in range(8):
+        transform = getattr(data, "transform", None)
+        if callable(transform):
+            return transform if is_deterministic(transform) else None
+        if not hasattr(data, "dataset"):
+            return None
+        data = data.dataset
+    return None
+
+
 def _names_from_dataset(session: ModelSession, dataset) -> None:
     """A model without class names takes a dataset's (torchvision's ``classes``) when they are
     exactly one per class, as an image folder's names are taken (the same rule as open_data)."""
@@ -581,7 +596,9 @@ def decompose(model, data, *, k=None, images_per_class: Optional[int] = None, pr
     read by index when needed; a DataLoader's images are held in memory (``images_per_class``
     caps them: the first N of each class in the loader's order).
     ``preprocess``: for pictures, a torchvision transform (``transforms.Compose([...])``, applied
-    as given and recorded), a :class:`phpn.Preprocess` or a dict of its fields; not needed for tensors.
+    as given and recorded), a :class:`phpn.Preprocess` or a dict of its fields; not needed for
+    tensors. When left out, a dataset's own deterministic ``transform`` (found through ``Subset``
+    and DataLoaders too) is taken, so that pictures can be explained as the dataset reads them.
     ``class_names``: the model's class names in its output order (default: the model's own, else
     the dataset's ``classes``, found through ``Subset`` and ``random_split`` too).
     ``progress``: True for progress bars, False for none, or a callback ``(stage, done, total)``.
@@ -603,6 +620,12 @@ def decompose(model, data, *, k=None, images_per_class: Optional[int] = None, pr
                                images_per_class=images_per_class, device=device, **options)
     images = as_data(session, data, images_per_class, config.seed)
     session = _fit_session_to(session, images)
+    own = dataset_transform(data) if preprocess is None else None
+    if own is not None and isinstance(session.preprocess, TensorInput):
+        # The tensors came through the dataset's own transform: it is how a picture is read for
+        # this model (explain a file, a PIL image or a numpy picture), and it is recorded.
+        pre = TransformInput(own, session.preprocess.input_size)
+        session = replace(session, loaded=replace(session.loaded, preprocess=pre), preprocess=pre)
     bar = _progress_fn(progress)
     try:
         run = run_discovery(session, images, config, progress=bar, data_label=str(images.root), decode=decode)
@@ -684,7 +707,10 @@ def input_warnings(session: ModelSession, data, certificate) -> list:
     text = chance_warning(certificate)
     if text:
         found.append(InputWarning("chance", text))
-    if not isinstance(data, ImageFolderData) or not (text or isinstance(session.preprocess, TensorInput)):
+    # Tensors the user made (as given, or through a transform without a Normalize step) may be unnormalised.
+    unknown_scale = isinstance(session.preprocess, TensorInput) or (
+        isinstance(session.preprocess, TransformInput) and session.preprocess.mean is None)
+    if not isinstance(data, ImageFolderData) or not (text or unknown_scale):
         return found
     images, labels = _input_sample(session, data)
     if images is None:
@@ -698,7 +724,7 @@ def input_warnings(session: ModelSession, data, certificate) -> list:
         order = class_order_warning(pairs, session.class_names)
         if order:
             found.append(InputWarning("class order", order))
-    if isinstance(session.preprocess, TensorInput) and images.shape[1] in (1, 3) \
+    if unknown_scale and images.shape[1] in (1, 3) \
             and float(images.min()) >= 0 and float(images.max()) <= 1:
         mean, std = NORMALISATIONS["ImageNet"]
         mean, std = (mean, std) if images.shape[1] == 3 else ((0.5,), (0.5,))

@@ -100,3 +100,39 @@ def test_packaging_is_honest():
     assert project["project"]["requires-python"] == ">=3.11"  # zip(strict=), tomllib
     assert (ROOT / "phpn" / "py.typed").is_file()
     assert "py.typed" in project["tool"]["setuptools"]["package-data"]["phpn"]
+
+
+@pytest.mark.slow
+def test_a_real_kernel_hears_about_labels_in_another_order(tmp_path):
+    """In a Jupyter kernel, a live model on a Subset with labels one class off: the warning shows as
+    the cell runs, the run's display names it, and numpy pictures are explained with the names."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    cells = [
+        f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r})\n"
+        "from torch.utils.data import DataLoader, Subset\n"
+        "import phpn\n"
+        "from test_notebook_inputs import NORMALISED, ColourNet, Pictures\n"
+        "data = Pictures(NORMALISED)\n"
+        "data.targets = [(t + 1) % 3 for t in data.targets]",
+        "run = phpn.decompose(ColourNet(), DataLoader(Subset(data, list(range(30))), batch_size=8), k=2)\n"
+        "run",
+        "run.explain(data.arrays[2])  # a numpy picture, read by the dataset's own transform",
+    ]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    env_path = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env_path]))
+    try:
+        NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    finally:
+        os.environ.pop("PYTHONPATH") if env_path is None else os.environ.__setitem__("PYTHONPATH", env_path)
+    outputs = nb.cells[1].outputs
+    errors = "".join(o.text for o in outputs if o.output_type == "stream" and o.name == "stderr")
+    assert "InputWarning: The labels look like another class order than the model's: label 0 (red) is read as " \
+           "class 2 (blue)" in errors
+    shown = [o.data["text/plain"] for o in outputs if o.output_type == "execute_result"][0]
+    assert "WARNING (class order): The labels look like" in shown and "WARNING (chance)" in shown
+    explained = [o.data for o in nb.cells[2].outputs if o.output_type == "execute_result"][0]
+    assert explained["text/plain"].startswith("<Explanation: blue (class 2), logit ")  # a numpy HWC picture
+    assert "<details>" in explained["text/html"] and "Why “blue”?" in explained["text/html"]

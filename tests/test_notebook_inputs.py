@@ -141,9 +141,8 @@ def test_explain_takes_numpy_hwc_batches_and_class_names(run):
     # A tensor whose channels fit nothing: the fix in one line.
     with pytest.raises(DataError, match=r"the model takes 3 channels \(input \(3, 12, 12\)\)"):
         run.explain(torch.zeros(5, 12, 12))
-    # An 8-bit picture needs the preprocessing, which tensors alone do not say.
-    with pytest.raises(ConfigError, match="preprocess="):
-        run.explain(arrays[0])
+    # An 8-bit picture goes through the dataset's own transform (the tensors alone would not say how).
+    assert run.explain(arrays[1]).logit == pytest.approx(one.logit, abs=1e-6)
     with pytest.raises(DataError, match="cannot read as an image"):
         run.explain({"image": 1})
 
@@ -232,3 +231,22 @@ def test_random_split_keeps_the_datasets_names_and_the_images_they_hold():
     explanation = run.explain(image)
     assert explanation.class_name == NAMES[label] and explanation.class_index == label
     assert repr(explanation).startswith(f"<Explanation: {NAMES[label]} (class {label}), logit ")
+
+
+def test_the_datasets_own_transform_reads_pictures_when_no_preprocess_is_given():
+    data = Pictures(NORMALISED)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InputWarning)
+        run = phpn.decompose(ColourNet(), DataLoader(Subset(data, list(range(30))), batch_size=8), k=2,
+                             progress=False)
+    recorded = run.meta["preprocess"]
+    assert recorded["given"] == "a transform" and recorded["size"] == [12, 12]
+    assert "Normalize(mean=(0.485, 0.456, 0.406)" in recorded["transform"]
+    picture = data.arrays[2]  # an 8-bit HWC numpy picture, read as the dataset reads it
+    assert run.explain(picture).logit == pytest.approx(run.explain(data[2][0]).logit, abs=1e-6)
+    # An augmenting transform would read a picture differently on every call: not taken.
+    augmenting = Pictures(transforms.Compose([transforms.RandomHorizontalFlip(), NORMALISED]))
+    run = phpn.decompose(ColourNet(), DataLoader(augmenting, batch_size=8), k=2, progress=False)
+    assert run.meta["preprocess"]["given"] == "preprocessed tensors"
+    with pytest.raises(ConfigError, match="given as preprocessed tensors"):
+        run.explain(picture)

@@ -77,6 +77,21 @@ class TensorInput:
 TRANSFORM_PROBE = (256, 256)
 
 
+# torchvision's transforms that draw at random on every call (besides every Random* one).
+_RANDOM_STEPS = {"ColorJitter", "GaussianBlur", "AutoAugment", "RandAugment", "TrivialAugmentWide", "AugMix",
+                 "ElasticTransform", "RandomErasing"}
+
+
+def is_deterministic(transform) -> bool:
+    """Whether a transform (a ``Compose``, nested or not) has no random step: the same picture
+    always gives the same tensor."""
+    steps = getattr(transform, "transforms", None)
+    if isinstance(steps, (list, tuple)):
+        return all(is_deterministic(step) for step in steps)
+    name = type(transform).__name__
+    return not (name.startswith("Random") or name in _RANDOM_STEPS)
+
+
 class TransformInput:
     """A torchvision transform (``transforms.Compose([...])`` or any callable from a PIL image to
     a (C, H, W) tensor) given as the preprocessing: applied as given to every picture, and
