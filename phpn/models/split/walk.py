@@ -452,7 +452,7 @@ class _Walk:
         reached = [self.describe(n) for _, n, _ in branches]
         return _WalkResult(reason=(f"The model adds up two heads, '{names[0]}' and '{names[1]}', that read different "
                                    f"inputs ({reached[0]} and {reached[1]}), not one pooled feature vector."),
-                           certain=True, notes=notes)
+                           certain=False, notes=notes)  # forward hooks may still find a plain head
 
     # -- the pooling and the feature map -------------------------------------------------
 
