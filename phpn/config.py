@@ -60,6 +60,10 @@ SHARED_PART_MIN_COSINE = 0.1
 TOP_CLASSES = 5  # classes listed beside an explanation
 MAP_OPACITY = 0.6
 
+# A where-map needs a grid: a feature map with fewer positions per image (1x1) puts all of an
+# image's evidence in one cell, so discovery refuses it (phpn.models.doctor.feature_positions_problem).
+MIN_POSITIONS_PER_IMAGE = 2
+
 DISCOVERY = {
     "k": K, "images_per_class": IMAGES_PER_CLASS, "solver": SOLVER, "objective": OBJECTIVE, "scaling": SCALING,
     "nmf_solver": NMF_SOLVER, "seed": SEED, "top_patches": TOP_PATCHES, "batch_size": BATCH_SIZE, "device": DEVICE,

@@ -8,6 +8,7 @@ seen. Prints a markdown table: family, model, verdict, agreement, max |Δlogit|,
 
     python scripts/model_coverage.py            # the table (a few minutes on a CPU)
     python scripts/model_coverage.py --fast     # the subset the tests check
+    python scripts/model_coverage.py --family VGG --family LeViT   # only those families
     python scripts/model_coverage.py --write-index   # regenerate phpn/models/timm_index.json
 
 The index lets phpn name a timm architecture from a state dict's keys and shapes; rebuild it
@@ -134,6 +135,9 @@ CASES = [
     Case("timm DenseNet", "densenet121", _timm("densenet121"), 64),
     Case("timm MobileNetV2", "mobilenetv2_050", _timm("mobilenetv2_050"), 64),
     Case("timm MobileNetV3", "mobilenetv3_small_050", _timm("mobilenetv3_small_050"), 64),
+    Case("timm MobileNetV4", "mobilenetv4_conv_small", _timm("mobilenetv4_conv_small"), 64),
+    Case("timm VGG", "vgg11", _timm("vgg11"), 32),
+    Case("timm LeViT", "levit_128s", _timm("levit_128s"), 224),
     Case("timm ViT (avg pool)", "vit_tiny_patch16_224, global_pool='avg'",
          _timm("vit_tiny_patch16_224", global_pool="avg"), 224, fast=True),
     Case("timm ViT (avg pool)", "vit_small_patch16_224, global_pool='avg'",
@@ -141,6 +145,7 @@ CASES = [
     Case("timm ViT (class token)", "vit_tiny_patch16_224", _timm("vit_tiny_patch16_224"), 224),
     Case("timm DeiT (avg pool)", "deit_tiny_patch16_224, global_pool='avg'",
          _timm("deit_tiny_patch16_224", global_pool="avg"), 224),
+    Case("timm DeiT (distilled)", "deit_tiny_distilled_patch16_224", _timm("deit_tiny_distilled_patch16_224"), 224),
     Case("timm EVA (avg pool)", "eva02_tiny_patch14_224, global_pool='avg'",
          _timm("eva02_tiny_patch14_224.mim_in22k", global_pool="avg"), 224),
     Case("timm Swin", "swin_tiny_patch4_window7_224", _timm("swin_tiny_patch4_window7_224"), 224),
@@ -258,6 +263,8 @@ def write_index(path: Path) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--fast", action="store_true", help="only the subset the tests run")
+    parser.add_argument("--family", action="append", default=[],
+                        help="only the cases whose family contains this text (repeatable)")
     parser.add_argument("--write-index", action="store_true", help="regenerate phpn/models/timm_index.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -267,7 +274,8 @@ def main(argv=None) -> int:
         write_index(INDEX_PATH)
         return 0
     print(TABLE_HEADER)
-    run_cases([c for c in CASES if c.fast or not args.fast])
+    run_cases([c for c in CASES if (c.fast or not args.fast)
+               and (not args.family or any(f.lower() in c.family.lower() for f in args.family))])
     return 0
 
 

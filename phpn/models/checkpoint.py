@@ -18,11 +18,12 @@ import re
 import warnings
 import zipfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -62,6 +63,9 @@ class Checkpoint:
     sha256: str
     path: Path
     format: str  # "torch-zip", "torch-legacy", "safetensors", "pickled-module"
+    # Plain values saved beside the weights ({"arch": ..., "pretrained_cfg": {...}}) or a
+    # safetensors header's metadata: evidence of which library's model the weights are.
+    metadata: dict = field(default_factory=dict)
 
 
 def file_sha256(path) -> str:
@@ -101,7 +105,8 @@ def read_checkpoint(path, *, trust_pickle: bool = False) -> Checkpoint:
         head = f.read(16)
 
     if _looks_like_safetensors(head, size) or path.suffix.lower() == ".safetensors":
-        return Checkpoint(_read_safetensors(path), None, sha256, path, "safetensors")
+        return Checkpoint(_read_safetensors(path), None, sha256, path, "safetensors",
+                          _safetensors_metadata(path))
 
     fmt = "torch-zip" if head.startswith(_ZIP_MAGIC) else "torch-legacy"
     obj = _torch_load(path, trust_pickle)
@@ -115,7 +120,32 @@ def read_checkpoint(path, *, trust_pickle: bool = False) -> Checkpoint:
                               "in it.",
                               "Save the weights with torch.save(model.state_dict(), path).")
     state_dict = {k: v.detach().cpu() for k, v in strip_wrapper_prefixes(found).items()}
-    return Checkpoint(state_dict, None, sha256, path, fmt)
+    return Checkpoint(state_dict, None, sha256, path, fmt, plain_values(obj) if obj is not found else {})
+
+
+def _is_plain(value, depth: int = 0) -> bool:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return True
+    if isinstance(value, (list, tuple)) and depth < 3:
+        return all(_is_plain(v, depth + 1) for v in value)
+    if isinstance(value, Mapping) and depth < 3:
+        return all(isinstance(k, str) and _is_plain(v, depth + 1) for k, v in value.items())
+    return False
+
+
+def plain_values(obj) -> dict:
+    """The plain (JSON-like) entries of a checkpoint dict beside its weights."""
+    if not isinstance(obj, Mapping):
+        return {}
+    return {k: v for k, v in obj.items() if isinstance(k, str) and _is_plain(v)}
+
+
+def _safetensors_metadata(path: Path) -> dict:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # the weights were read; metadata is only evidence
+        return {}
 
 
 def _looks_like_safetensors(head: bytes, size: int) -> bool:

@@ -18,7 +18,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from phpn.errors import NotDecomposableError, PhpnError
+from phpn import config as D
+from phpn.errors import ConfigError, NotDecomposableError, PhpnError
 from phpn.head import SIGNED_FEATURES_NMF, HeadSplit, LoadedModel
 from phpn.models.split import split_head
 from phpn.validation import MAX_INPUT_SIDE
@@ -102,6 +103,32 @@ class Diagnosis:
         }
 
 
+def feature_positions_problem(feature_shape: tuple, *, feature_layer: str = "", k: Optional[int] = None,
+                              class_images: Optional[dict] = None) -> Optional[PhpnError]:
+    """Why parts cannot be found on this feature map (D, H, W), or None: fewer than
+    ``MIN_POSITIONS_PER_IMAGE`` positions per image (where-maps say nothing), or a class (name ->
+    image count in ``class_images``) with fewer feature vectors than the ``k`` parts asked."""
+    d, h, w = (int(v) for v in feature_shape)
+    if h * w < D.MIN_POSITIONS_PER_IMAGE:
+        where = f" ('{feature_layer}')" if feature_layer else ""
+        return NotDecomposableError(
+            f"The feature map{where} is {h}x{w} at this input size: every image is one position, so a part's "
+            "where-map cannot point anywhere in the image and the parts cannot be told apart by place (timm's VGG, "
+            "for one, ends in a convolution over the whole 7x7 map before its pooling).",
+            "Use a model whose last feature map keeps a grid of positions (ResNet, DenseNet, EfficientNet, "
+            "ConvNeXt, ...), or a larger input if the model works at one (its feature map grows with the crop).")
+    if k is not None and class_images:
+        short = {name: n for name, n in class_images.items() if n * h * w < k}
+        if short:
+            name, n = next(iter(short.items()))
+            more = f" (and {len(short) - 1} more classes)" if len(short) > 1 else ""
+            return ConfigError(
+                f"Class '{name}'{more} has {n} image{'s' if n != 1 else ''} x {h * w} positions = {n * h * w} "
+                f"feature vectors, fewer than the {k} parts asked: NMF cannot find {k} parts in them.",
+                "Lower k or add images to that class.")
+    return None
+
+
 def diagnose(loaded_or_model, input_size: Optional[tuple] = None, *, feature_layer: Optional[str] = None,
              head_layer: Optional[str] = None, time_limit_s: float = TRIAL_TIME_LIMIT_S) -> Diagnosis:
     """Check whether the model decomposes exactly; never raises NotDecomposableError.
@@ -170,6 +197,10 @@ def diagnose(loaded_or_model, input_size: Optional[tuple] = None, *, feature_lay
                          "on the trial input, so its logits are not numbers phpn can decompose.",
                          notes=["check the checkpoint (a diverged training?) and the preprocessing"],
                          arch=arch, input_size=size)
+    too_small = feature_positions_problem(feature_shape, feature_layer=split.feature_layer)
+    if too_small is not None:
+        return Diagnosis("impossible", too_small.problem, feature_shape=feature_shape,
+                         notes=[too_small.fix] + list(split.notes), arch=arch, input_size=size)
     folded = split.folded or bool(split.folded_layers)
     verdict = "exact-after-folding" if folded else "exact"
     return Diagnosis(verdict, _reason(split, verdict), split=split, feature_shape=feature_shape,

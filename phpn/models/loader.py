@@ -70,7 +70,7 @@ def load_model(checkpoint=None, *, arch: Optional[str] = None, model_def: Option
                            preprocess=lite0.PREPROCESS, class_names=zoo.imagenet_categories() if rows == 1000 else None,
                            source=source, notes=["EfficientNet-Lite0 architecture"])
 
-    return zoo.load_architecture(sd, arch, num_classes, sha256=ckpt.sha256, source=source)
+    return zoo.load_architecture(sd, arch, num_classes, sha256=ckpt.sha256, source=source, metadata=ckpt.metadata)
 
 
 def _from_pickled_module(ckpt, source: str, arch, model_def, num_classes) -> LoadedModel:

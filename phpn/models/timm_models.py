@@ -342,15 +342,7 @@ def index_candidates(state_dict: Mapping) -> list:
 def infer(state_dict: Mapping) -> Optional[str]:
     """The one timm model this state dict is, None when none fits; CheckpointError when several
     fit (the user must say which: they may differ in padding, pooling or preprocessing)."""
-    if not available():
-        return None
-    exact = []
-    for name in index_candidates(state_dict):
-        try:
-            fit(state_dict, name)
-        except CheckpointError:
-            continue
-        exact.append(name)
+    exact = exact_fits(state_dict)
     if len(exact) == 1:
         return exact[0]
     if len(exact) > 1:
@@ -361,6 +353,41 @@ def infer(state_dict: Mapping) -> Optional[str]:
             f"Say which one with --arch (e.g. --arch {PREFIX}{exact[0]}).",
         )
     return None
+
+
+def exact_fits(state_dict: Mapping) -> list:
+    """Every indexed timm model whose keys and shapes the state dict fits exactly ([] without timm)."""
+    if not available():
+        return []
+    exact = []
+    for name in index_candidates(state_dict):
+        try:
+            fit(state_dict, name)
+        except CheckpointError:
+            continue
+        exact.append(name)
+    return exact
+
+
+def preprocess_for_name(name: str) -> Preprocess:
+    """The preprocessing timm's ``pretrained_cfg`` gives model ``name`` (a tag chooses the cfg),
+    read from the model built on the meta device: no weights, no download."""
+    return preprocess_of(build(name, SENTINEL_CLASSES, empty=True), name)[0]
+
+
+def named_in_file_name(path, names: list) -> str:
+    """The timm name (with its pretrained tag) that a file name like ``resnet50.a1_in1k.pth``
+    spells, for a model in ``names``; "" when it spells none."""
+    stem = Path(str(path)).name
+    for suffix in (".safetensors", ".pth", ".pt", ".bin", ".ckpt"):
+        if stem.lower().endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    base, _, tag = stem.partition(".")
+    if base not in names or not tag:
+        return ""
+    timm = require_timm()
+    return stem if stem in timm.list_pretrained(stem) else ""
 
 
 def index_entries(module: str, head_weights: set, other_class_keys: set, progress=None) -> dict:

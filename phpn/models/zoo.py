@@ -12,10 +12,12 @@ preprocessing and the ImageNet class names come from torchvision's offline metad
 from __future__ import annotations
 
 import functools
+import json
 import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -237,10 +239,13 @@ class _NoMatch(CheckpointError):
 
 
 def load_architecture(state_dict: Mapping, arch: Optional[str] = None, num_classes: Optional[int] = None, *,
-                      sha256: str = "", source: str = "") -> LoadedModel:
+                      sha256: str = "", source: str = "", metadata: Optional[Mapping] = None) -> LoadedModel:
     """A torchvision or timm classifier, named by ``arch`` or inferred, with ``state_dict`` loaded.
 
     Inference tries torchvision's architectures first, then timm's (when timm is installed).
+    Weights that fit a torchvision and a timm model alike (timm's ResNets and DenseNets keep
+    torchvision's names) are given the library the evidence points to (``twin_choice``), and
+    the notes say so, with both preprocessings.
     """
 
     if timm_models.is_timm_arch(arch):
@@ -260,8 +265,107 @@ def load_architecture(state_dict: Mapping, arch: Optional[str] = None, num_class
         raise CheckpointError(err.problem[:-1] + ", nor any timm model of the families phpn indexes.",
                               err.fix) from None
     pre, pre_notes = default_preprocess_with_notes(name, sha256)
+    twins = timm_models.exact_fits(model.state_dict()) if arch is None else []
+    if twins:
+        choice = twin_choice(name, twins, sha256=sha256, source=source, metadata=metadata or {})
+        note = twin_note(name, pre, choice)
+        if choice.timm_name:
+            loaded = _load_timm(normalise_state_dict(model.state_dict()), timm_models.PREFIX + choice.timm_name,
+                                num_classes, sha256, source, [])
+            loaded.notes.insert(0, note)
+            return loaded
+        notes.append(note)
     return LoadedModel(model=model, arch=name, num_classes=rows, sha256=sha256, preprocess=pre,
                        class_names=class_names(name, rows), source=source, notes=notes + pre_notes)
+
+
+@dataclass(frozen=True)
+class TwinChoice:
+    """Which library's model weights that fit both are taken for, and why."""
+
+    timm_name: str  # "" when torchvision's is taken
+    twin: str  # the timm model (with a pretrained tag when known) the note offers
+    others: tuple  # further timm models the weights fit
+    reason: str
+
+
+def _torchvision_weights_of(arch: str, sha256: str) -> str:
+    try:
+        weights = list(torchvision.models.get_model_weights(arch))
+    except (ValueError, KeyError, AttributeError, TypeError):
+        return ""
+    return next((str(w) for w in weights if _weights_hash(w) and sha256.lower().startswith(_weights_hash(w))), "")
+
+
+def _timm_config_beside(source: str) -> dict:
+    """timm's config.json next to the weights (as timm's Hugging Face repositories hold them)."""
+    if not source:
+        return {}
+    path = Path(source).with_name("config.json")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return cfg if isinstance(cfg, dict) and "architecture" in cfg and "pretrained_cfg" in cfg else {}
+
+
+def _tagged(architecture, cfg, names: list) -> str:
+    """'resnet50' + pretrained_cfg {'tag': 'a1_in1k'} -> 'resnet50.a1_in1k', when the base is in ``names``."""
+    if not isinstance(architecture, str) or architecture.split(".", 1)[0] not in names:
+        return ""
+    tag = cfg.get("tag") if isinstance(cfg, Mapping) else None
+    return f"{architecture}.{tag}" if tag and "." not in architecture else architecture
+
+
+def twin_choice(arch: str, timm_names: list, *, sha256: str = "", source: str = "",
+                metadata: Optional[Mapping] = None) -> TwinChoice:
+    """torchvision's ``arch`` or one of ``timm_names``, for weights that fit both, by the evidence:
+    the file's SHA-256 (torchvision's own files), a ``pretrained_cfg`` saved with the weights or in
+    a timm config.json beside them, the file name; torchvision's when nothing tells."""
+    metadata = metadata or {}
+    same = arch if arch in timm_names else timm_names[0]
+    others = tuple(n for n in timm_names if n != same)
+
+    def timm(name, reason):
+        return TwinChoice(name, name, tuple(n for n in timm_names if n != name.split(".", 1)[0]), reason)
+
+    tv_weights = _torchvision_weights_of(arch, sha256) if sha256 else ""
+    if tv_weights:
+        return TwinChoice("", same, others, f"the file's SHA-256 is that of torchvision's {tv_weights}")
+    if "pretrained_cfg" in metadata:
+        named = _tagged(metadata.get("architecture") or metadata.get("arch"), metadata["pretrained_cfg"], timm_names)
+        return timm(named or same, "the file holds a timm pretrained_cfg")
+    cfg = _timm_config_beside(source)
+    if cfg:
+        named = _tagged(cfg["architecture"], cfg["pretrained_cfg"], timm_names)
+        if named:
+            return timm(named, "the config.json beside it is timm's (architecture and pretrained_cfg)")
+    file_name = Path(source).name if source else ""
+    spelled = timm_models.named_in_file_name(file_name, timm_names) if file_name else ""
+    if spelled:
+        return timm(spelled, f"the file name '{file_name}' is timm's name for it with a pretrained tag")
+    if re.search(r"(^|[^a-z])timm([^a-z]|$)", file_name.lower()):
+        return timm(same, f"the file name '{file_name}' says timm")
+    return TwinChoice("", same, others, "nothing in the file (its SHA-256, a pretrained_cfg, a timm config.json "
+                                        "beside it, its name) says which, and torchvision's is the default")
+
+
+def _pre_text(pre: Preprocess) -> str:
+    fmt = lambda v: ", ".join(f"{x:.4g}" for x in v)  # noqa: E731
+    crop_pct = f", crop_pct {pre.crop / pre.resize:.3g}" if pre.resize else ""
+    return (f"resize {pre.resize} {pre.interpolation}, crop {pre.crop}{crop_pct}, "
+            f"mean ({fmt(pre.mean)}), std ({fmt(pre.std)})")
+
+
+def twin_note(arch: str, tv_pre: Preprocess, choice: TwinChoice) -> str:
+    """The one message for weights that fit a torchvision and a timm model alike."""
+    timm_pre = timm_models.preprocess_for_name(choice.twin)
+    also = f" (and timm's {', '.join(choice.others)})" if choice.others else ""
+    chosen, other = ("timm's", f"torchvision's, choose the architecture {arch}") if choice.timm_name else         ("torchvision's", f"timm's, choose the architecture {timm_models.PREFIX}{choice.twin}")
+    return (f"the weights fit both torchvision's {arch} and timm's {choice.twin}{also}: the same layer names and "
+            f"shapes, but other preprocessing. torchvision's: {_pre_text(tv_pre)}; timm's: {_pre_text(timm_pre)}. "
+            f"phpn took {chosen} because {choice.reason}. For {other} (the Architecture fields on the app's Model "
+            "page, --arch on the command line, arch= in Python)")
 
 
 def _load_timm(sd: dict, arch: str, num_classes, sha256: str, source: str, notes: list) -> LoadedModel:

@@ -50,6 +50,7 @@ from phpn.method.part_metrics import (
     warnings_for,
 )
 from phpn.method.refine import RefineConfig, part_signs, refine
+from phpn.models.doctor import feature_positions_problem
 from phpn.pipeline.features import FeatureTap, backbone_features, prepare_backbone
 from phpn.progress import ProgressFn, RepeatLast, report
 from phpn.runs.resume import GroupResult, fingerprint, open_store
@@ -635,6 +636,11 @@ def discover(loaded: LoadedModel, split: HeadSplit, data: ImageFolderData, prepr
         progress = RepeatLast(progress)
         forward.tick = progress.repeat
     shape = _probe(data, wanted[0], preprocess, forward)
+    problem = feature_positions_problem(shape, feature_layer=split.feature_layer,
+                                        k=2 if config.auto_k else config.k,
+                                        class_images={e.folder: len(e.paths) for e in wanted})
+    if problem is not None:  # before any heavy work: the CLI, the app and the API all stop here
+        raise problem
     if certify and forward.tap.anchors is None:
         warnings.warn(f"The certificate takes a second forward pass: {forward.tap.mode}.")
     groups = plan_groups(wanted, shape, config.memory_budget_mb)

@@ -88,6 +88,41 @@ def _is_torch_module(m: nn.Module) -> bool:
     return type(m).__module__.startswith("torch.nn")
 
 
+def _activation_inside(m: nn.Module) -> Optional[nn.Module]:
+    """The activation a normalisation layer applies after itself (timm's BatchNormAct2d), else None."""
+    if _is_torch_module(m) or type(m).forward in (nn.BatchNorm1d.forward, nn.BatchNorm2d.forward):
+        return None
+    return next((c for c in m.children() if not isinstance(c, _SHAPE_MODULES)), None)
+
+
+def _two_summands(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in (operator.add, torch.add, operator.iadd)
+            and len(node.args) >= 2 and all(isinstance(a, fx.Node) for a in node.args[:2]))
+
+
+def _head_name(layers: list) -> str:
+    """The module the layers of one head share ('head' for 'head.bn', 'head.linear')."""
+    parts = [name.split(".") for name in layers]
+    common = []
+    for pieces in zip(*parts):
+        if len(set(pieces)) != 1:
+            break
+        common.append(pieces[0])
+    return ".".join(common) or layers[-1]
+
+
+def _compose(root: nn.Module, ops: list, width: Optional[int]):
+    """The affine ops of one head composed into (A, c), float64."""
+    if width is None:
+        first = next(op for op in ops if not op.scalar)
+        width = int(first.read(root)[0].shape[1])
+    A, c = torch.eye(width, dtype=torch.float64), torch.zeros(width, dtype=torch.float64)
+    for op in ops:
+        M, m = op.read(root, A.shape[0])
+        A, c = M @ A, M @ c + m
+    return A, c
+
+
 def _per_sample_dims(shape: tuple) -> list:
     return [s for s in shape[1:] if s != 1]
 
@@ -151,7 +186,9 @@ class _Walk:
 
     def describe(self, node: fx.Node) -> str:
         if node.op == "call_module":
-            return f"{type(self.modules[node.target]).__name__} '{node.target}'"
+            m = self.modules[node.target]
+            act = _activation_inside(m)
+            return f"{type(m).__name__} '{node.target}'" + (f" (with its {type(act).__name__})" if act else "")
         if node.op == "call_method":
             return f".{node.target}()"
         if node.op == "call_function":
@@ -172,6 +209,10 @@ class _Walk:
             kind, payload = self.classify(node)
             if kind == "expand":
                 return _WalkResult(expand=payload)
+            if kind == "stop" and _two_summands(node):  # two heads added up (LeViT, distilled DeiT)
+                summed = self.summed_heads(node, chain)
+                if summed is not None:
+                    return summed
             chain.append((kind, node, payload))
             if kind == "pool":
                 return self.finish(chain, node)
@@ -205,6 +246,8 @@ class _Walk:
         if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1 and self.spatial_is_one(node):
             return "affine", _Affine(name, lambda root, width=None, n=name: _conv1x1_params(root.get_submodule(n)))
         if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            if _activation_inside(m):  # timm's BatchNormAct2d: the normalisation, then its activation
+                return "nonlinear", None
             if m.running_mean is None:
                 return "nonlinear", "BatchNorm without running statistics (normalises by the batch)"
             return "affine", _Affine(name, lambda root, width=None, n=name: _batchnorm_params(root.get_submodule(n)))
@@ -352,6 +395,64 @@ class _Walk:
             return g, beta, float(eps)
 
         return "layernorm", _LayerNorm("F.layer_norm", read)
+
+    def branch(self, node):
+        """Walk one summand back through shape-only and affine ops: (kind, node reached, affine ops in
+        forward order); kind "expand" with the module name when one must be traced into first."""
+        ops = []
+        for _ in range(_MAX_WALK):
+            kind, payload = self.classify(node)
+            if kind == "expand":
+                return "expand", payload, ops
+            if kind not in ("shape", "affine"):
+                return kind, node, ops
+            if kind == "affine":
+                ops.insert(0, payload)
+            nxt = _main_input(node)
+            if nxt is None:
+                return "stop", node, ops
+            node = nxt
+        return "stop", node, ops
+
+    def summed_heads(self, add_node, chain) -> Optional[_WalkResult]:
+        """Two affine heads added up. On one pooled vector their sum is one affine map, folded like
+        any other (LeViT averages 'head' and 'head_dist'); heads reading two different tokens
+        (distilled DeiT: the class and the distillation token) are refused with that reason."""
+        branches = [self.branch(a) for a in add_node.args[:2]]
+        for kind, payload, _ in branches:
+            if kind == "expand":
+                return _WalkResult(expand=payload)
+        heads = [[op.name for op in ops if not op.scalar] for _, _, ops in branches]
+        if not all(heads):
+            return None
+        names = [_head_name(h) for h in heads]
+        (k1, n1, ops1), (k2, n2, ops2) = branches
+        notes = [f"walking back from the output: {self.chain_text(chain + [('stop', add_node, None)])}, "
+                 f"then two heads: {' then '.join(heads[0])}; {' then '.join(heads[1])}"]
+        if k1 == k2 == "pool" and n1 is n2:
+            def read(root, width=None, first=ops1, second=ops2):
+                maps = [_compose(root, ops, width) for ops in (first, second)]
+                return maps[0][0] + maps[1][0], maps[0][1] + maps[1][1]
+
+            summed = _Affine(f"{names[0]} + {names[1]}", read)
+            result = self.finish(chain + [("affine", add_node, summed), ("pool", n1, self.classify(n1)[1])], n1)
+            if result.plan is not None:
+                result.plan.notes.append(f"the heads '{names[0]}' and '{names[1]}' read the same pooled features and "
+                                         "their outputs are added: one affine map, folded into one head")
+            return result
+        tokens = [self.describe(n) for k, n, _ in branches if k == "token"]
+        if len(tokens) == 2:
+            text = (f"The model adds up two heads that read different tokens: '{names[0]}' reads {tokens[0]} (the "
+                    f"class token) and '{names[1]}' reads {tokens[1]} (the distillation token of a distilled "
+                    "DeiT). Neither averages over positions, so the logit is not a sum of per-position "
+                    f"contributions, and '{names[0]}' alone is not the model (it drops half of each logit).")
+            err_notes = notes + ["use a ViT or DeiT trained with global average pooling (timm's global_pool='avg') "
+                                 "instead of class and distillation tokens"]
+            return _WalkResult(reason=text, certain=True, notes=err_notes)
+        reached = [self.describe(n) for _, n, _ in branches]
+        return _WalkResult(reason=(f"The model adds up two heads, '{names[0]}' and '{names[1]}', that read different "
+                                   f"inputs ({reached[0]} and {reached[1]}), not one pooled feature vector."),
+                           certain=False, notes=notes)  # forward hooks may still find a plain head
 
     # -- the pooling and the feature map -------------------------------------------------
 
