@@ -57,13 +57,13 @@ def test_an_opened_run_gives_its_record_typed(demo):
 
 
 @pytest.mark.parametrize("demo", DEMOS)
-def test_shipped_runs_open_unsealed_and_a_save_seals_them(demo, tmp_path):
-    """The shipped runs were saved before the seal: they open, say so, and keep their numbers
-    when saved again (sealed)."""
+def test_shipped_runs_are_sealed_and_a_save_keeps_their_numbers(demo, tmp_path):
+    """The shipped runs open sealed (run.json's meaning under its seal), and keep their numbers
+    when saved again."""
     from phpn.runs.store import save_run
 
     old = load_run(ROOT / "assets" / demo / "run")
-    assert old.record.seal is ABSENT and old.record.integrity.startswith("unsealed (saved before phpn sealed")
+    assert old.record.integrity.startswith("sealed: run.json's meaning") and old.record.seal_problem() == ""
     new = load_run(save_run(old, tmp_path / "run"))
     assert new.record.integrity.startswith("sealed: run.json's meaning") and new.record.seal_problem() == ""
     assert new.meta["certificate"] == old.meta["certificate"] and new.meta["tensors_sha256"] != ""
