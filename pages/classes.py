@@ -173,14 +173,13 @@ for i in range(k):
                                            pictures, maps)
                 st.image(row, caption="Each picture on this prototype's own scale: full colour = "
                                       + ", ".join(f"{s:.3g}" for s in scales) + " (its largest |value| there)")
-        shared = D.shared_parts(similar[i])
+        shared = similar[i]  # already the shared parts only (phpn.config.shared_parts)
         if shared:
             items = " · ".join(f"{_name(s['class_index'])} {notes.label(s['class_index'], s['prototype'])} "
                                f"(cos {s['cosine']:.2f})" for s in shared)
             st.caption(f"Shared parts, similar prototypes of other classes: {items}")
         else:
-            st.caption("Shared parts: no prototype of another class points the same way "
-                       f"(cosine {D.SHARED_PART_MIN_COSINE:g} or more).")
+            st.caption(f"Shared parts: {D.no_shared_parts()}.")
         with st.expander("Your notes: name, describe and flag this prototype"):
             _notes_form(i)
 
