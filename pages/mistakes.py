@@ -1,7 +1,6 @@
 """Mistakes first: a labelled test folder through the model, its mistakes before its successes,
 the most frequent confusions, and "why A and not B" on one image: both classes' prototypes
 side by side and the logit gap as a waterfall. Every number comes from phpn.pipeline.mistakes."""
-from pathlib import Path
 
 import pandas as pd
 import streamlit as st
@@ -11,7 +10,7 @@ from phpn.app import frame as S
 from phpn.config import class_name
 from phpn.errors import DataError
 from phpn.method.certify import chance_warning
-from phpn.pipeline.mistakes import in_model_colours
+from phpn.pipeline.mistakes import LOADED_IMAGES, SERVER_FOLDER, UPLOADED_FOLDER, in_model_colours, labelled_sets
 from phpn.show import viz
 
 S.frame()
@@ -35,18 +34,15 @@ if warning:
 # --- which labelled folder ------------------------------------------------------------------------
 st.caption("A labelled folder: one sub-folder of images per class, matched to the model's classes as on the "
            "Model & data page. Each image's folder is its true class.")
-options = []
-if data is not None and data.explain_root is not None:
-    options.append("The demo's held-out images")
-if data is not None:
-    options.append("The images loaded on Model & data")
-options += ["Upload a zip of a labelled folder", "Labelled folder on this server"]
+sets = {s.choice: s for s in labelled_sets(data.explain_root if data is not None else None,
+                                            data.data.root if data is not None else None)}
+options = list(sets)
 S.remember("mistakes_source", "mistakes_cap", options={"mistakes_source": options})
 source = st.radio("Test images", options, horizontal=True, key="mistakes_source")
 zip_file, folder_path = None, ""
-if source == "Upload a zip of a labelled folder":
+if source == UPLOADED_FOLDER:
     zip_file = st.file_uploader("Zip of the labelled folder", type=["zip"], key="mistakes_zip")
-elif source == "Labelled folder on this server":
+elif source == SERVER_FOLDER:
     folder_path = st.text_input("Folder path", key="mistakes_path", placeholder="/data/my-test-set")
 cap = st.number_input("Images per class (0: all)", min_value=0, value=20, step=10, key="mistakes_cap")
 S.memorise("mistakes_source", "mistakes_cap")
@@ -55,11 +51,9 @@ if st.button("Predict the folder", type="primary", key="mistakes_predict"):
     with S.user_errors():
         from phpn.pipeline.mistakes import predict_folder
 
-        if source == "The demo's held-out images":
-            root, label = Path(data.explain_root), "the demo's held-out images"
-        elif source == "The images loaded on Model & data":
-            root, label = Path(data.data.root), data.label
-        elif source == "Upload a zip of a labelled folder":
+        if sets[source].root is not None:
+            root, label = sets[source].root, (data.label if source == LOADED_IMAGES else sets[source].words)
+        elif source == UPLOADED_FOLDER:
             from phpn.app.uploads import MAX_ZIP_BYTES, unpack_uploaded_zip
 
             if zip_file is None:

@@ -126,6 +126,44 @@ class FolderPredictions:
         return text
 
 
+# The labelled image sets a visitor can measure on (Mistakes, Audit, switching prototypes off).
+HELD_OUT_IMAGES = "The demo's held-out images"
+LOADED_IMAGES = "The images loaded on Model & data"
+UPLOADED_FOLDER = "Upload a zip of a labelled folder"
+SERVER_FOLDER = "Labelled folder on this server"
+
+
+@dataclass(frozen=True)
+class LabelledSet:
+    """One labelled image set on offer: what the visitor picks, where it is, how results name it."""
+
+    choice: str  # the option's words
+    root: Optional[Path]  # None: the visitor gives the folder (a zip, a path)
+    words: str  # how a result names it: "measured on <words>"
+    discovery: bool = False  # the images the run's prototypes were found on: an optimistic accuracy
+
+
+def labelled_sets(held_out=None, loaded=None, *, loaded_label: str = "", run_meta: Optional[dict] = None,
+                  upload: bool = True, server: bool = True) -> list:
+    """The labelled sets on offer, held-out images first (the default: a number measured on images
+    discovery did not see is the fair one). ``held_out``: the demo's held-out folder; ``loaded``:
+    the folder loaded on Model & data, recorded in runs as ``loaded_label``: with ``run_meta``
+    (the run's record) it is known to be the run's discovery images when the run names it."""
+    sets = []
+    if held_out is not None:
+        sets.append(LabelledSet(HELD_OUT_IMAGES, Path(held_out), "the demo's held-out images"))
+    if loaded is not None:
+        recorded = ((run_meta or {}).get("data") or {}).get("root")
+        discovery = bool(loaded_label) and recorded == loaded_label
+        sets.append(LabelledSet(LOADED_IMAGES, Path(loaded), "the discovery images (loaded on Model & data)"
+                                if discovery else "the images loaded on Model & data", discovery))
+    if upload:
+        sets.append(LabelledSet(UPLOADED_FOLDER, None, "an uploaded labelled folder"))
+    if server:
+        sets.append(LabelledSet(SERVER_FOLDER, None, "a labelled folder on this server"))
+    return sets
+
+
 def majorities(labels: Sequence[int], predicted: Sequence[int]) -> dict:
     """true class -> (the class the model reads it as most, how often, of how many images)."""
     by_class = {}
