@@ -49,6 +49,11 @@ class Prediction:
         """The class to contrast with: the prediction when wrong, else the runner-up."""
         return self.runner_up if self.correct else self.predicted
 
+    @property
+    def contrast(self) -> tuple:
+        """(A, B) of "why A and not B": the prediction against the label; when right, against the runner-up."""
+        return self.predicted, self.rival if self.correct else self.true_class
+
     def to_dict(self) -> dict:
         return {"path": self.path, "true_class": self.true_class, "predicted": self.predicted,
                 "correct": self.correct, "confidence": self.confidence, "true_probability": self.true_probability,
@@ -94,6 +99,31 @@ class FolderPredictions:
         ranked = sorted(pairs.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
         return [{"true": t, "predicted": q, "true_name": self.name(t), "predicted_name": self.name(q), "count": n,
                  "share": n / totals[t]} for (t, q), n in ranked]
+
+    def confusion_matrix(self, max_classes: int = 20) -> tuple:
+        """(classes, counts): ``counts[i, j]`` images of true class ``classes[i]`` predicted as
+        ``classes[j]``, over every class that occurs; beyond ``max_classes`` classes, over those in
+        the most mistakes (as the truth or the prediction), so that the matrix stays readable."""
+        involved = {}
+        for p in self.predictions:
+            for c in (p.true_class, p.predicted):
+                involved[c] = involved.get(c, 0) + (0 if p.correct else 1)
+        ranked = sorted(involved, key=lambda c: (-involved[c], c))[:max(1, int(max_classes))]
+        classes = sorted(ranked)
+        row = {c: i for i, c in enumerate(classes)}
+        counts = np.zeros((len(classes), len(classes)), dtype=np.int64)
+        for p in self.predictions:
+            if p.true_class in row and p.predicted in row:
+                counts[row[p.true_class], row[p.predicted]] += 1
+        return classes, counts
+
+    def open_cell(self, true_class: int, predicted: int) -> Optional[tuple]:
+        """The story of one cell of the confusion matrix: (its image, class A, class B) for "why A
+        and not B": its most confident mistake, A the prediction and B the truth; on the diagonal,
+        the least sure right image, B its runner-up. None for an empty cell."""
+        example = next((p for p in self.mistakes_first() if p.true_class == int(true_class)
+                        and p.predicted == int(predicted)), None)
+        return None if example is None else (example, *example.contrast)
 
     def per_class(self) -> list:
         """{class, name, images, correct, accuracy} per true class, the worst first."""
@@ -162,6 +192,22 @@ def labelled_sets(held_out=None, loaded=None, *, loaded_label: str = "", run_met
     if server:
         sets.append(LabelledSet(SERVER_FOLDER, None, "a labelled folder on this server"))
     return sets
+
+
+def confusion_pick(points: Sequence[dict], classes: Sequence[int]) -> Optional[tuple]:
+    """The cell (true class, predicted class) that a click on the confusion matrix picked, from the
+    chart's selected points (Streamlit's plotly selection: each point's ``customdata`` is
+    [true, predicted], else its x (predicted) and y (true) are positions in ``classes``); the
+    last point when several are selected; None when nothing (or nothing of the matrix) is."""
+    for point in reversed(list(points or [])):
+        data = point.get("customdata")
+        if isinstance(data, (list, tuple)) and len(data) == 2:
+            return int(data[0]), int(data[1])
+        x, y = point.get("x"), point.get("y")
+        if isinstance(x, (int, float)) and isinstance(y, (int, float)) and float(x).is_integer() \
+                and float(y).is_integer() and 0 <= x < len(classes) and 0 <= y < len(classes):
+            return int(classes[int(y)]), int(classes[int(x)])
+    return None
 
 
 def majorities(labels: Sequence[int], predicted: Sequence[int]) -> dict:
