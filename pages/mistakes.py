@@ -271,7 +271,7 @@ with S.user_errors():
                         str(root), tuple((p["path"], tuple(p["box"])) for p in top_patches[i][:CONTRAST_PATCHES]),
                         colors[i], pre_key, 64, 1)
                     if grid is not None:
-                        st.image(grid, caption=f"{labels[i]}: what it looks for (its top training patches)")
+                        st.image(grid, caption=f"{labels[i]}: its top training patches")
             if root is None:
                 st.caption("The training images of this run are not available here, so the prototypes' top patches "
                            "cannot be shown.")
