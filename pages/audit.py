@@ -13,6 +13,7 @@ from phpn.app import frame as S
 from phpn.config import class_name
 from phpn.errors import DataError
 from phpn.pipeline.audit import IMAGES_PER_CLASS, NO_SINGLE_REASON, REASON_EXCESS, SIGNALS, audit_run
+from phpn.pipeline.mistakes import SERVER_FOLDER, labelled_sets
 from phpn.runs.annotations import DISMISSED, NOT_JUDGED, VERDICTS, prototype_label, switch_off, verdict_words
 from phpn.show.report import audit_json
 
@@ -33,28 +34,26 @@ st.caption("Is the model right for the right reasons? Each prototype is tested f
            "adds these excesses; a prototype stands out when it scores above every random-direction prototype; a "
            f"signal {REASON_EXCESS:g} spreads above is given as a reason.")
 
-options = []
-if data is not None and data.explain_root is not None:
-    options.append("The demo's held-out images")
-if data is not None:
-    options.append("The images loaded on Model & data")
-options.append("Labelled folder on this server")
-source = st.radio("Labelled images", options, horizontal=True, key="audit_source")
+sets = {s.choice: s for s in labelled_sets(data.explain_root if data is not None else None,
+                                            data.data.root if data is not None else None,
+                                            loaded_label=data.label if data is not None else "", run_meta=run.meta,
+                                            upload=False)}
+source = st.radio("Labelled images", list(sets), horizontal=True, key="audit_source")
 folder_path = ""
-if source == "Labelled folder on this server":
+if source == SERVER_FOLDER:
     folder_path = st.text_input("Folder path", key="audit_path", placeholder="/data/my-test-set")
 per_class = st.number_input("Images per class", min_value=2, max_value=200, value=IMAGES_PER_CLASS, key="audit_cap")
 
 if st.button("Audit the prototypes", type="primary", key="audit_go"):
     with S.user_errors():
-        if source == "The demo's held-out images":
-            root = Path(data.explain_root)
-        elif source == "The images loaded on Model & data":
-            root = Path(data.data.root)
+        chosen = sets[source]
+        if chosen.root is not None:
+            root, words = chosen.root, chosen.words
         else:
             if not folder_path.strip():
                 raise DataError("No folder given.", "Type the path of the labelled folder on this server.")
             root = S.visitor_path(folder_path, "image folder")
+            words = f"the labelled folder {S.shown_path(root)}"
         folder = S.scan_data(model, root, int(per_class), 0)
         bar = st.progress(0.0, text="Auditing…")
         with S.stop_on_error():
@@ -64,7 +63,7 @@ if st.button("Audit the prototypes", type="primary", key="audit_go"):
                                                                              text=f"Auditing: class {done}/{total}"))
         bar.empty()
         st.session_state["audit_result"] = (entry.id, result)
-        st.session_state["audit_images"] = (entry.id, str(root), int(per_class))
+        st.session_state["audit_images"] = (entry.id, str(root), int(per_class), words, chosen.discovery)
 
 stored = st.session_state.get("audit_result")
 if stored and stored[0] == entry.id:
@@ -138,7 +137,8 @@ if stored and stored[0] == entry.id:
                 folder = S.scan_data(model, Path(images[1]), images[2], 0)
                 with st.spinner("Predicting with and without those prototypes…"), model.lock:
                     done = switch_off(entry.network, folder, model.session.preprocess, off,
-                                      images_per_class=images[2])
+                                      images_per_class=images[2], measured_on=images[3],
+                                      on_discovery_images=images[4])
                 st.session_state["audit_switched_off"] = (entry.id, json.dumps(off), done)
         stored_off = st.session_state.get("audit_switched_off")
         if stored_off and stored_off[0] == entry.id and stored_off[1] == json.dumps(off):

@@ -10,8 +10,9 @@ import streamlit as st
 from phpn import config as D
 from phpn.app import frame as S
 from phpn.config import MAP_OPACITY, class_name
-from phpn.errors import ConfigError
+from phpn.errors import ConfigError, DataError
 from phpn.glossary import explain, fidelity_warning
+from phpn.pipeline.mistakes import labelled_sets
 from phpn.runs.annotations import (
     EDITED_MODEL,
     SUGGESTED_FLAGS,
@@ -173,14 +174,13 @@ for i in range(k):
                                            pictures, maps)
                 st.image(row, caption="Each picture on this prototype's own scale: full colour = "
                                       + ", ".join(f"{s:.3g}" for s in scales) + " (its largest |value| there)")
-        shared = D.shared_parts(similar[i])
+        shared = similar[i]  # already the shared parts only (phpn.config.shared_parts)
         if shared:
             items = " · ".join(f"{_name(s['class_index'])} {notes.label(s['class_index'], s['prototype'])} "
                                f"(cos {s['cosine']:.2f})" for s in shared)
             st.caption(f"Shared parts, similar prototypes of other classes: {items}")
         else:
-            st.caption("Shared parts: no prototype of another class points the same way "
-                       f"(cosine {D.SHARED_PART_MIN_COSINE:g} or more).")
+            st.caption(f"Shared parts: {D.no_shared_parts()}.")
         with st.expander("Your notes: name, describe and flag this prototype"):
             _notes_form(i)
 
@@ -189,47 +189,57 @@ st.header("Switch prototypes off")
 st.caption("What the model would predict without some of this class's prototypes, on labelled images. "
            + explain("edited model"))
 data = S.current_data()
-sources = {}
-if data is not None and data.explain_root is not None:
-    sources["Held-out images"] = data.explain_root
-if data is not None:
-    sources["Discovery images"] = data.data.root
-if not sources:
-    st.info("Scan a labelled image folder (one sub-folder per class) on the Model & data page first.")
-else:
-    with st.form(f"off_form_{class_index}"):
-        a, b, c = st.columns([3, 2, 1])
-        off = a.multiselect("Prototypes to switch off", list(range(k)), format_func=lambda i: labels[i],
-                            key=f"off_protos_{class_index}")
-        source = b.selectbox("Labelled images", list(sources), key="off_source")
-        per_class = c.number_input("Per class", 1, 200, 10, key="off_per_class")
-        go = st.form_submit_button("Compare with the original model")
-    if go:
-        with S.user_errors():
-            from phpn.runs.annotations import switch_off
+sets = {s.choice: s for s in labelled_sets(data.explain_root if data is not None else None,
+                                            data.data.root if data is not None else None,
+                                            loaded_label=data.label if data is not None else "", run_meta=run.meta,
+                                            upload=False)}
+with st.form(f"off_form_{class_index}"):
+    a, b, c = st.columns([3, 2, 1])
+    off = a.multiselect("Prototypes to switch off", list(range(k)), format_func=lambda i: labels[i],
+                        key=f"off_protos_{class_index}")
+    source = b.selectbox("Labelled images", list(sets), key="off_source",
+                         help="The demo's held-out images, when there are, are the fair test: the prototypes were "
+                              "not found on them.")
+    per_class = c.number_input("Per class", 1, 200, 10, key="off_per_class")
+    off_path = st.text_input("Folder path (for a labelled folder on this server)", key="off_path",
+                             placeholder="/data/my-test-set")
+    go = st.form_submit_button("Compare with the original model")
+if go:
+    with S.user_errors():
+        from phpn.runs.annotations import switch_off
 
-            if not off:
-                raise ConfigError("No prototype picked.", "Pick at least one prototype to switch off.")
-            folder = sources[source]
-            labelled = data.data if folder == data.data.root else S.scan_data(model, folder, None, 0)
-            with st.spinner("Predicting with and without those prototypes…"), model.lock:
-                result = switch_off(network, labelled, pre, {int(class_index): list(off)},
-                                    images_per_class=int(per_class))
-            st.session_state["switch_off"] = (entry.id, int(class_index), result)
-    stored = st.session_state.get("switch_off")
-    if stored and stored[0] == entry.id and stored[1] == int(class_index):
-        result = stored[2]
-        with st.container(border=True):
-            st.warning(f"**{EDITED_MODEL}**", icon=":material/construction:")
-            m1, m2, m3 = st.columns(3)
-            m1.metric("Original model accuracy", f"{100 * result.original_accuracy:.1f}%",
-                      help=explain("accuracy"))
-            m2.metric("Edited model accuracy", f"{100 * result.edited_accuracy:.1f}%",
-                      delta=f"{100 * result.accuracy_change:+.1f} points")
-            m3.metric("Predictions changed", f"{len(result.changed)} of {result.images}")
-            st.caption(result.summary(names))
-            if result.changed:
-                st.dataframe(pd.DataFrame([{"image": ch["path"], "true class": _name(ch["true"]),
-                                            "original model": _name(ch["original"]),
-                                            "edited model": _name(ch["edited"])} for ch in result.changed]),
-                             hide_index=True)
+        if not off:
+            raise ConfigError("No prototype picked.", "Pick at least one prototype to switch off.")
+        chosen = sets[source]
+        if chosen.root is not None:
+            root, words = chosen.root, chosen.words
+        else:
+            if not off_path.strip():
+                raise DataError("No folder given.", "Type the path of the labelled folder on this server.")
+            root = S.visitor_path(off_path, "image folder")
+            words = f"the labelled folder {S.shown_path(root)}"
+        labelled = data.data if data is not None and root == data.data.root else S.scan_data(model, root, None, 0)
+        with st.spinner("Predicting with and without those prototypes…"), model.lock:
+            result = switch_off(network, labelled, pre, {int(class_index): list(off)},
+                                images_per_class=int(per_class), measured_on=words,
+                                on_discovery_images=chosen.discovery)
+        st.session_state["switch_off"] = (entry.id, int(class_index), result)
+stored = st.session_state.get("switch_off")
+if stored and stored[0] == entry.id and stored[1] == int(class_index):
+    result = stored[2]
+    with st.container(border=True):
+        st.warning(f"**{EDITED_MODEL}**", icon=":material/construction:")
+        m1, m2, m3 = st.columns(3)
+        m1.metric("Original model accuracy", f"{100 * result.original_accuracy:.1f}%",
+                  help=explain("accuracy"))
+        m2.metric("Edited model accuracy", f"{100 * result.edited_accuracy:.1f}%",
+                  delta=f"{100 * result.accuracy_change:+.1f} points")
+        m3.metric("Predictions changed", f"{len(result.changed)} of {result.images}")
+        st.caption(result.summary(names, with_warning=False))
+        if result.warning:
+            st.warning(result.warning, icon=":material/warning:")
+        if result.changed:
+            st.dataframe(pd.DataFrame([{"image": ch["path"], "true class": _name(ch["true"]),
+                                        "original model": _name(ch["original"]),
+                                        "edited model": _name(ch["edited"])} for ch in result.changed]),
+                         hide_index=True)

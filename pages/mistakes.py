@@ -1,8 +1,8 @@
 """Mistakes first: a labelled test folder through the model, its mistakes before its successes,
 the most frequent confusions, and "why A and not B" on one image: both classes' prototypes
 side by side and the logit gap as a waterfall. Every number comes from phpn.pipeline.mistakes."""
-from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 from PIL import Image
@@ -11,7 +11,14 @@ from phpn.app import frame as S
 from phpn.config import class_name
 from phpn.errors import DataError
 from phpn.method.certify import chance_warning
-from phpn.pipeline.mistakes import in_model_colours
+from phpn.pipeline.mistakes import (
+    LOADED_IMAGES,
+    SERVER_FOLDER,
+    UPLOADED_FOLDER,
+    confusion_pick,
+    in_model_colours,
+    labelled_sets,
+)
 from phpn.show import viz
 
 S.frame()
@@ -22,6 +29,9 @@ run, network = entry.run, entry.network
 data = S.current_data()
 names = run.class_names  # the model's names, or the class folders' that the run recorded
 pre_key = S.preprocess_key(model.session.preprocess)
+
+
+CONTRAST_PATCHES = 2  # top training patches under each prototype of "why A and not B" (the Class browser has all)
 
 
 def _name(i: int) -> str:
@@ -35,18 +45,15 @@ if warning:
 # --- which labelled folder ------------------------------------------------------------------------
 st.caption("A labelled folder: one sub-folder of images per class, matched to the model's classes as on the "
            "Model & data page. Each image's folder is its true class.")
-options = []
-if data is not None and data.explain_root is not None:
-    options.append("The demo's held-out images")
-if data is not None:
-    options.append("The images loaded on Model & data")
-options += ["Upload a zip of a labelled folder", "Labelled folder on this server"]
+sets = {s.choice: s for s in labelled_sets(data.explain_root if data is not None else None,
+                                            data.data.root if data is not None else None)}
+options = list(sets)
 S.remember("mistakes_source", "mistakes_cap", options={"mistakes_source": options})
 source = st.radio("Test images", options, horizontal=True, key="mistakes_source")
 zip_file, folder_path = None, ""
-if source == "Upload a zip of a labelled folder":
+if source == UPLOADED_FOLDER:
     zip_file = st.file_uploader("Zip of the labelled folder", type=["zip"], key="mistakes_zip")
-elif source == "Labelled folder on this server":
+elif source == SERVER_FOLDER:
     folder_path = st.text_input("Folder path", key="mistakes_path", placeholder="/data/my-test-set")
 cap = st.number_input("Images per class (0: all)", min_value=0, value=20, step=10, key="mistakes_cap")
 S.memorise("mistakes_source", "mistakes_cap")
@@ -55,11 +62,9 @@ if st.button("Predict the folder", type="primary", key="mistakes_predict"):
     with S.user_errors():
         from phpn.pipeline.mistakes import predict_folder
 
-        if source == "The demo's held-out images":
-            root, label = Path(data.explain_root), "the demo's held-out images"
-        elif source == "The images loaded on Model & data":
-            root, label = Path(data.data.root), data.label
-        elif source == "Upload a zip of a labelled folder":
+        if sets[source].root is not None:
+            root, label = sets[source].root, (data.label if source == LOADED_IMAGES else sets[source].words)
+        elif source == UPLOADED_FOLDER:
             from phpn.app.uploads import MAX_ZIP_BYTES, unpack_uploaded_zip
 
             if zip_file is None:
@@ -124,6 +129,61 @@ with c2:
                                 "accuracy": r["accuracy"]} for r in found.per_class()]), hide_index=True,
                  column_config={"accuracy": st.column_config.NumberColumn(format="percent")})
 
+# --- the confusion matrix: a cell opens its story ---------------------------------------------------------
+matrix_classes, counts = found.confusion_matrix()
+
+
+def _matrix_figure(classes: list, counts) -> object:
+    """Rows: the true class; columns: the prediction; colour: the share of the true class's
+    images. A clear square sits on each cell, since Plotly heatmaps report no click (a
+    scatter does)."""
+    import plotly.graph_objects as go  # noqa: PLC0415 - optional dependency
+
+    n = len(classes)
+    labels = [found.name(c) for c in classes]
+    shares = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    where = [(i, j) for i in range(n) for j in range(n)]
+    side = max(260, min(760, 34 * n + 160))
+    cell = (side - 160) / max(n, 1)
+    fig = go.Figure([
+        go.Heatmap(z=shares.tolist(), x=list(range(n)), y=list(range(n)), text=counts.tolist(), texttemplate="%{text}",
+                   colorscale="Blues", zmin=0, zmax=1, showscale=False, hoverinfo="skip"),
+        go.Scatter(x=[j for _, j in where], y=[i for i, _ in where], mode="markers",
+                   customdata=[[classes[i], classes[j]] for i, j in where],
+                   hovertext=[f"{labels[i]} taken for {labels[j]}: {counts[i, j]} images" if i != j else
+                              f"{labels[i]} right: {counts[i, j]} images" for i, j in where],
+                   hoverinfo="text", marker={"symbol": "square", "size": max(6.0, 0.9 * cell),
+                                             "color": "rgba(0,0,0,0)"},
+                   selected={"marker": {"color": "rgba(230,60,40,0.35)"}},
+                   unselected={"marker": {"opacity": 1}}, showlegend=False),
+    ])
+    axis = {"tickmode": "array", "tickvals": list(range(n)), "ticktext": labels, "showgrid": False, "zeroline": False}
+    fig.update_layout(height=side, margin={"l": 10, "r": 10, "t": 30, "b": 10}, clickmode="event+select",
+                      xaxis={**axis, "title": "predicted", "side": "top"},
+                      yaxis={**axis, "title": "true class", "autorange": "reversed"})
+    return fig
+
+
+def _open_cell() -> None:
+    """A clicked cell picks the image and the two classes of "why A and not B", the state the
+    gallery's "Why?" buttons and the A/B boxes set too."""
+    cell = confusion_pick(st.session_state["mistakes_matrix"].selection.points, matrix_classes)
+    opened = found.open_cell(*cell) if cell is not None else None
+    if opened is not None:
+        example, class_a, class_b = opened
+        st.session_state["mistakes_pick"] = example.path
+        st.session_state[f"contrast_a_{example.path}"] = class_a
+        st.session_state[f"contrast_b_{example.path}"] = class_b
+
+
+st.subheader("Confusion matrix")
+st.caption("Each row is a true class, each column what the model predicted; the number is how many images. "
+           "Click a cell to see why the model took those images for that class."
+           + (f" Shown: the {len(matrix_classes)} classes in the most mistakes." if
+              len(matrix_classes) < len({c for p in found.predictions for c in (p.true_class, p.predicted)}) else ""))
+st.plotly_chart(_matrix_figure(matrix_classes, counts), key="mistakes_matrix", on_select=_open_cell,
+                selection_mode="points", config={"displayModeBar": False})
+
 # --- the gallery ----------------------------------------------------------------------------------------
 st.subheader("Gallery: mistakes first")
 only_mistakes = st.toggle("Mistakes only", value=False, key="mistakes_only")
@@ -155,18 +215,23 @@ decomposed = sorted(int(c) for c in run.class_indices.tolist())
 st.header("Why A and not B?")
 st.caption(f"Image `{pick.path}`: labelled **{found.name(pick.true_class)}**, predicted "
            f"**{found.name(pick.predicted)}** ({'right' if pick.correct else 'a mistake'}).")
-default_a, default_b = pick.predicted, pick.rival if pick.correct else pick.true_class
+default_a, default_b = pick.contrast
 if default_a not in decomposed or default_b not in decomposed:
     st.info("Both classes need prototypes in this run; pick two classes that were decomposed.")
 a1, a2 = st.columns(2)
-class_a = a1.selectbox("A (the model's choice)", decomposed, format_func=lambda i: f"{_name(i)} ({i})",
-                       index=decomposed.index(default_a) if default_a in decomposed else 0, key=f"contrast_a_{pick.path}")
+# The boxes' state is the one source of truth (the matrix and the "Why?" buttons set it): filled
+# with the image's own classes when it holds none it can show.
+key_a, key_b = f"contrast_a_{pick.path}", f"contrast_b_{pick.path}"
+if st.session_state.get(key_a) not in decomposed:
+    st.session_state[key_a] = default_a if default_a in decomposed else decomposed[0]
+class_a = a1.selectbox("A (the model's choice)", decomposed, format_func=lambda i: f"{_name(i)} ({i})", key=key_a)
 b_choices = [c for c in decomposed if c != class_a]
 if not b_choices:
     st.info("This run has prototypes for one class only: there is nothing to compare with.")
     st.stop()
-class_b = a2.selectbox("B (the class it was not)", b_choices, format_func=lambda i: f"{_name(i)} ({i})",
-                       index=b_choices.index(default_b) if default_b in b_choices else 0, key=f"contrast_b_{pick.path}")
+if st.session_state.get(key_b) not in b_choices:
+    st.session_state[key_b] = default_b if default_b in b_choices else b_choices[0]
+class_b = a2.selectbox("B (the class it was not)", b_choices, format_func=lambda i: f"{_name(i)} ({i})", key=key_b)
 
 with S.user_errors():
     from phpn.pipeline.mistakes import contrast_image
@@ -178,23 +243,35 @@ with S.user_errors():
     st.subheader(f"The model {verdict} {c.name_a} over {c.name_b}: score difference (logit gap) {c.gap:+.3f}")
     st.markdown(c.story())
     steps = c.steps()
-    k = len(c.contributions_a)
-    colors = [viz.prototype_color(i) for i in range(k)] * 2
+    colors_a = [viz.prototype_color(i) for i in range(len(c.contributions_a))]  # each class its own k (k auto)
+    colors_b = [viz.prototype_color(i) for i in range(len(c.contributions_b))]
     st.plotly_chart(viz.figure_waterfall(steps[0][1], [v for _, v in steps[1:]], c.gap, [lab for lab, _ in steps[1:]],
-                                         colors, title=f"logit({c.name_a}) − logit({c.name_b}), term by term: "
+                                         colors_a + colors_b, title=f"{c.name_a}'s score minus {c.name_b}'s, part by part: "
                                                        f"{c.name_a}'s prototypes add, {c.name_b}'s subtract",
                                          start_label="starting values (bias difference)",
                                          end_label="score difference (logit gap)"),
                     key=f"contrast_waterfall_{pick.path}_{class_a}_{class_b}", config={"displayModeBar": False})
     picture = viz.enlarge(c.image, 224)
     left, right = st.columns(2)
-    for col, name, logit, bias, contrib, maps, labels in (
-            (left, c.name_a, c.logit_a, c.bias_a, c.contributions_a, c.maps_a, c.labels_a),
-            (right, c.name_b, c.logit_b, c.bias_b, c.contributions_b, c.maps_b, c.labels_b)):
+    for col, index, name, logit, bias, contrib, maps, labels, colors in (
+            (left, c.class_a, c.name_a, c.logit_a, c.bias_a, c.contributions_a, c.maps_a, c.labels_a, colors_a),
+            (right, c.class_b, c.name_b, c.logit_b, c.bias_b, c.contributions_b, c.maps_b, c.labels_b, colors_b)):
         with col:
             st.markdown(f"**{name}**: score (logit) {logit:.3f} = starting value (bias) {bias:.3f} + what its "
                         f"prototypes find {float(contrib.sum()):.3f}")
-            tiles = st.columns(k)
-            for i in range(k):
-                tiles[i].image(viz.prototype_overlay(picture, maps[i], 0.6, colors=[colors[i]]),
-                               caption=f"{labels[i]}: {float(contrib[i]):+.3f}")
+            with S.stop_on_error():  # the class's shard is read here
+                top_patches = run.class_meta(index)["top_patches"]
+                root = S.image_root_for_run(run, index)
+            tiles = st.columns(len(contrib))
+            for i in range(len(contrib)):
+                with tiles[i]:
+                    st.image(viz.prototype_overlay(picture, maps[i], 0.6, colors=[colors[i]]),
+                             caption=f"{labels[i]}: {float(contrib[i]):+.3f}")
+                    grid = None if root is None else S.patch_grid(
+                        str(root), tuple((p["path"], tuple(p["box"])) for p in top_patches[i][:CONTRAST_PATCHES]),
+                        colors[i], pre_key, 64, 1)
+                    if grid is not None:
+                        st.image(grid, caption=f"{labels[i]}: its top training patches")
+            if root is None:
+                st.caption("The training images of this run are not available here, so the prototypes' top patches "
+                           "cannot be shown.")

@@ -92,3 +92,8 @@ def class_name(names: Optional[Sequence[str]], index: int) -> str:
 def shared_parts(similar: Sequence[dict], min_cosine: float = SHARED_PART_MIN_COSINE) -> list:
     """The similar prototypes ({class_index, prototype, cosine}) that count as shared parts."""
     return [s for s in similar if float(s["cosine"]) >= min_cosine]
+
+
+def no_shared_parts(min_cosine: float = SHARED_PART_MIN_COSINE) -> str:
+    """What the Class browser and the reports say of a prototype with no shared part."""
+    return f"no prototype of another class points the same way (cosine {min_cosine:g} or more)"

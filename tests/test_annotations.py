@@ -150,6 +150,29 @@ def test_switch_off_equals_the_head_without_those_prototypes(world):
     assert "green: prototype 1, prototype 3; blue: prototype 2" in text
     assert f"{100 * result.original_accuracy:.1f}% → {100 * result.edited_accuracy:.1f}%" in text
     assert result.to_dict()["edited_model"] is True
+    assert text.endswith(f"On 32 labelled images, accuracy {100 * result.original_accuracy:.1f}% → "
+                         f"{100 * result.edited_accuracy:.1f}% ({100 * result.accuracy_change:+.1f} points); "
+                         f"{len(expected)} predictions changed.")
+
+
+def test_a_switch_off_says_which_images_it_was_measured_on(world):
+    _, split, data, pre, run, _ = world
+    net = run.network(split).eval()
+    held = A.switch_off(net, data, pre, {1: [0]}, measured_on="the demo's held-out images")
+    found_on = A.switch_off(net, data, pre, {1: [0]}, measured_on="the discovery images",
+                            on_discovery_images=True)
+    assert (held.original_accuracy, held.edited_accuracy) == (found_on.original_accuracy, found_on.edited_accuracy)
+    numbers = (f"accuracy {100 * held.original_accuracy:.1f}% → {100 * held.edited_accuracy:.1f}% "
+               f"({100 * held.accuracy_change:+.1f} points); {len(held.changed)} predictions changed.")
+    assert held.summary(run.class_names).endswith(
+        f"Switched off: green: prototype 1. Measured on the demo's held-out images (32 labelled images): {numbers}")
+    assert held.warning is None
+    assert found_on.warning == A.ON_DISCOVERY_IMAGES == (
+        "Measured on the discovery images: the prototypes were found on these very images, so this accuracy is "
+        "optimistic. Held-out images (ones discovery did not see) give a fair number.")
+    assert found_on.summary(run.class_names).endswith(f"(32 labelled images): {numbers} {A.ON_DISCOVERY_IMAGES}")
+    assert found_on.summary(run.class_names, with_warning=False).endswith(numbers)
+    assert found_on.to_dict()["measured_on"] == "the discovery images" and found_on.to_dict()["on_discovery_images"]
 
 
 def test_edited_logits_lose_exactly_the_switched_off_contributions(world):

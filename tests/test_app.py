@@ -736,19 +736,31 @@ def test_mistakes_first_gallery_confusions_and_why_a_not_b():
     first = wrong[0]
     gap_title = next(s.value for s in at.subheader if "logit gap" in s.value)
     assert f"{found.name(first.predicted)} over {found.name(first.true_class)}" in gap_title
-    assert len(at.get("plotly_chart")) == 1
-    # A prototype the expert named is called by its name in the waterfall and under its map.
+    assert [c.key for c in at.get("plotly_chart")][0] == "mistakes_matrix"
+    # The confusion matrix: classes by their names, each cell's count, and the cell's classes kept
+    # for the click that opens its story.
     import json
 
+    classes, counts = found.confusion_matrix()
+    heat, cells = json.loads(at.get("plotly_chart")[0].proto.spec)["data"]
+    layout = json.loads(at.get("plotly_chart")[0].proto.spec)["layout"]
+    assert layout["xaxis"]["ticktext"] == layout["yaxis"]["ticktext"] == [found.name(c) for c in classes]
+    assert heat["text"] == counts.tolist() and int(counts.sum()) == found.images
+    assert cells["customdata"][len(classes) * classes.index(first.true_class) + classes.index(first.predicted)] == [
+        first.true_class, first.predicted]
+    # A prototype the expert named is called by its name in the waterfall and under its map.
     at.session_state["run"].notes.set(first.predicted, 1, name="collar")
     at.run()
     _clean(at)
-    bars = json.loads(at.get("plotly_chart")[0].proto.spec)["data"][0]["x"]
+    bars = json.loads(at.get("plotly_chart")[1].proto.spec)["data"][0]["x"]
     a, b = found.name(first.predicted), found.name(first.true_class)
     assert bars[1:4] == [f"{a}: prototype 1", f"{a}: prototype 2 “collar”", f"{a}: prototype 3"]
     assert bars[4] == f"{b}: prototype 1"
     captions = [c for img in at.image for c in img.captions]
     assert any(c.startswith("prototype 2 “collar”: ") for c in captions), captions
+    # ... and its top training patches are shown under it, named the same way.
+    assert "prototype 2 “collar”: its top training patches" in captions
+    assert sum(c.endswith(": its top training patches") for c in captions) == 6  # k = 3, twice
     # Another image through its own "Why?" button.
     other = wrong[-1]
     at.button(key=f"why_{other.path}").click().run()

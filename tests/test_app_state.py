@@ -135,6 +135,52 @@ def test_switching_prototypes_off_is_an_edited_model_with_its_accuracy_beside_th
 
 @pytest.mark.slow
 @needs_demo
+def test_switching_off_is_measured_on_the_held_out_images_by_default_and_says_so():
+    from phpn.runs.annotations import ON_DISCOVERY_IMAGES, switch_off
+
+    at = _app().run()
+    _small_discovery(at, k=2, cap=4)
+    at.switch_page("pages/classes.py").run()
+    at.selectbox(key="browser_class").set_value(3).run()
+    assert at.selectbox(key="off_source").value == "The demo's held-out images"  # the default where there are
+    assert at.selectbox(key="off_source").options == ["The demo's held-out images",
+                                                      "The images loaded on Model & data",
+                                                      "Labelled folder on this server"]
+    at.multiselect(key="off_protos_3").set_value([0])
+    at.number_input(key="off_per_class").set_value(3)
+    at.button(key=OFF_SUBMIT.format(c=3)).click().run()
+    _clean(at)
+    assert not _errors(at), _errors(at)
+    result = at.session_state["switch_off"][2]
+    model, data, entry = at.session_state["model"], at.session_state["data"], at.session_state["run"]
+    held_out = switch_off(entry.network, model_scan(model, data.explain_root), model.session.preprocess, {3: [0]},
+                          images_per_class=3)
+    assert result.images == held_out.images == 30
+    assert (result.original_accuracy, result.edited_accuracy, result.changed) == (
+        held_out.original_accuracy, held_out.edited_accuracy, held_out.changed)
+    assert result.measured_on == "the demo's held-out images" and not result.on_discovery_images
+    caption = next(c.value for c in at.caption if c.value.startswith("Edited model"))
+    assert (f"Measured on the demo's held-out images (30 labelled images): accuracy "
+            f"{100 * held_out.original_accuracy:.1f}% → {100 * held_out.edited_accuracy:.1f}%") in caption
+    assert ON_DISCOVERY_IMAGES not in [w.value for w in at.warning]
+    # On the images discovery read, the same numbers come with the warning that they are optimistic.
+    at.selectbox(key="off_source").set_value("The images loaded on Model & data")
+    at.button(key=OFF_SUBMIT.format(c=3)).click().run()
+    _clean(at)
+    result = at.session_state["switch_off"][2]
+    assert result.on_discovery_images and result.measured_on == "the discovery images (loaded on Model & data)"
+    assert ON_DISCOVERY_IMAGES in [w.value for w in at.warning]
+    assert result.images == sum(min(3, len(c.paths)) for c in data.data.classes)
+
+
+def model_scan(model, root):
+    from phpn.api import open_data
+
+    return open_data(model.session, root)
+
+
+@pytest.mark.slow
+@needs_demo
 def test_settings_and_messages_belong_to_one_model_and_a_stale_link_is_a_warning():
     at = _app().run()
     _small_discovery(at, k=2, cap=4)

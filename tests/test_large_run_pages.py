@@ -12,6 +12,7 @@ from PIL import Image
 
 import phpn.runs.store as runs
 from phpn.api import explain_image, open_model, open_run
+from phpn.config import shared_parts
 from phpn.errors import ConfigError
 from phpn.images.data import scan_image_folder
 from phpn.method.network import LazyPrototypeNetwork, PrototypeNetwork
@@ -228,7 +229,7 @@ def test_discovery_keeps_each_classes_shared_parts_in_its_record(tiny_loaded, im
         for ours, theirs in zip(kept, expected):
             _same_found(ours, theirs)
     opened = load_run(save_run(run, tmp_path / "run"))
-    assert viz.shared_parts(opened, 2) == run.class_meta(2)["similar_prototypes"]
+    assert viz.shared_parts(opened, 2) == [shared_parts(found) for found in run.class_meta(2)["similar_prototypes"]]
 
 
 def test_switching_prototypes_off_explains_those_classes_only(tiny_loaded, image_folder, tmp_path, shard_reads,

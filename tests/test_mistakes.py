@@ -119,3 +119,44 @@ def test_a_class_order_that_is_off_by_one_is_named():
     found = _toy([(t, q, 0.9) for t, q in zip(labels, shifted)])
     found.folders = {0: "cat", 1: "dog", 2: "fox"}
     assert found.class_order_hint() == class_order_hint(labels, shifted, found.folders)
+
+
+def test_the_labelled_sets_on_offer_put_the_held_out_images_first(tmp_path):
+    from phpn.pipeline.mistakes import HELD_OUT_IMAGES, LOADED_IMAGES, SERVER_FOLDER, UPLOADED_FOLDER, labelled_sets
+
+    held, loaded = tmp_path / "held", tmp_path / "train"
+    sets = labelled_sets(held, loaded, loaded_label="demo:x", run_meta={"data": {"root": "demo:x"}})
+    assert [s.choice for s in sets] == [HELD_OUT_IMAGES, LOADED_IMAGES, UPLOADED_FOLDER, SERVER_FOLDER]
+    assert [(s.root, s.words, s.discovery) for s in sets] == [
+        (held, "the demo's held-out images", False), (loaded, "the discovery images (loaded on Model & data)", True),
+        (None, "an uploaded labelled folder", False), (None, "a labelled folder on this server", False)]
+    other = labelled_sets(None, loaded, loaded_label="/data/test", run_meta={"data": {"root": "demo:x"}}, upload=False)
+    assert [(s.choice, s.words, s.discovery) for s in other] == [
+        (LOADED_IMAGES, "the images loaded on Model & data", False),  # not the run's discovery images
+        (SERVER_FOLDER, "a labelled folder on this server", False)]
+    assert [s.choice for s in labelled_sets(upload=False)] == [SERVER_FOLDER]
+
+
+def test_the_confusion_matrix_and_the_cell_a_click_opens():
+    from phpn.pipeline.mistakes import confusion_pick
+
+    found = _toy([(0, 0, 0.9), (0, 1, 0.6), (0, 1, 0.8), (1, 1, 0.5), (1, 1, 0.99), (2, 0, 0.7), (2, 2, 0.4)])
+    classes, counts = found.confusion_matrix()
+    assert classes == [0, 1, 2] and counts.tolist() == [[1, 2, 0], [0, 2, 0], [1, 0, 1]]
+    # Beyond the limit: the classes in the most mistakes (cat 3, dog 2, fox 1).
+    fewer, small = found.confusion_matrix(max_classes=2)
+    assert fewer == [0, 1] and small.tolist() == [[1, 2], [0, 2]]
+    # A cell's story: its most confident mistake, A the prediction, B the truth; on the diagonal,
+    # the least sure right image against its runner-up; nothing for an empty cell.
+    example, a, b = found.open_cell(0, 1)
+    assert (example.path, example.confidence, a, b) == ("0/2.png", 0.8, 1, 0)
+    example, a, b = found.open_cell(1, 1)
+    assert (example.path, a, b) == ("1/3.png", 1, 2)
+    assert found.open_cell(1, 0) is None
+    # What the chart reports for a click: the point's customdata [true, predicted], else its position.
+    assert confusion_pick([{"curve_number": 1, "point_index": 1, "x": 1, "y": 0, "customdata": [0, 1]}],
+                          classes) == (0, 1)
+    assert confusion_pick([{"x": 2, "y": 1}], [3, 5, 7]) == (5, 7)  # row: true class, column: prediction
+    assert confusion_pick([{"x": 0, "y": 0, "customdata": [2, 2]}, {"customdata": [2, 0]}], classes) == (2, 0)
+    assert confusion_pick([], classes) is None and confusion_pick(None, classes) is None
+    assert confusion_pick([{"x": 0.5, "y": 1}, {"x": 3, "y": 0}], classes) is None  # no cell of the matrix

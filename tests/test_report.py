@@ -7,6 +7,7 @@ import html
 import pytest
 from conftest import tiny_split
 
+from phpn.config import SHARED_PART_MIN_COSINE, no_shared_parts, shared_parts
 from phpn.images.data import scan_image_folder
 from phpn.method.certify import chance_warning, format_certificate
 from phpn.pipeline.discover import DiscoveryConfig, discover
@@ -120,6 +121,32 @@ def test_the_class_report_names_prototypes_as_the_expert_did_and_escapes_the_nam
     page = report.class_report(run, 2, preprocess=tiny_loaded.preprocess, notes=notes)
     assert "<b>beak</b>" not in page and page.count("prototype 1 “&lt;b&gt;beak&lt;/b&gt;”") >= 3  # bars, table, title
     for found in viz.prototype_similarity(run.prototypes, run.class_indices, 2, top=3):
+        found = shared_parts(found)  # only those that count as shared parts
+        if not found:
+            assert f"<p>Shared parts: {no_shared_parts()}.</p>" in page
+            continue
         shared = ", ".join(f"{html.escape(run.class_names[s['class_index']])} prototype {s['prototype'] + 1} "
                            f"“part {s['class_index']}.{s['prototype']}” (cos {s['cosine']:.2f})" for s in found)
         assert f"Shared parts — most similar prototypes of other classes: {shared}.</p>" in page
+
+
+def test_prototypes_with_nothing_in_common_are_no_shared_parts(explained, tiny_loaded):
+    """A cosine of 0.00 is listed nowhere: the report, the Class browser and the API share one rule."""
+    from phpn.show import viz
+
+    run = explained[0]
+    record = run.class_meta(2)
+    others = [c for c in run.class_indices.tolist() if c != 2]
+    record["similar_prototypes"] = [[{"class_index": others[0], "prototype": 0, "cosine": 0.0},
+                                     {"class_index": others[1], "prototype": 1, "cosine": 0.0}],
+                                    [{"class_index": others[0], "prototype": 1, "cosine": SHARED_PART_MIN_COSINE},
+                                     {"class_index": others[2], "prototype": 0, "cosine": 0.0}]]
+    assert viz.shared_parts(run, 2) == [[], [{"class_index": others[0], "prototype": 1,
+                                               "cosine": SHARED_PART_MIN_COSINE}]]
+    page = report.class_report(run, 2, preprocess=tiny_loaded.preprocess)
+    assert "(cos 0.00)" not in page
+    assert page.count("Shared parts — most similar prototypes of other classes:") == 1
+    assert (f"Shared parts — most similar prototypes of other classes: {run.class_names[others[0]]} prototype 2 "
+            f"(cos {SHARED_PART_MIN_COSINE:.2f}).</p>") in page
+    assert page.count(f"<p>Shared parts: {no_shared_parts()}.</p>") == 1
+    assert no_shared_parts() == "no prototype of another class points the same way (cosine 0.1 or more)"

@@ -49,6 +49,11 @@ class Prediction:
         """The class to contrast with: the prediction when wrong, else the runner-up."""
         return self.runner_up if self.correct else self.predicted
 
+    @property
+    def contrast(self) -> tuple:
+        """(A, B) of "why A and not B": the prediction against the label; when right, against the runner-up."""
+        return self.predicted, self.rival if self.correct else self.true_class
+
     def to_dict(self) -> dict:
         return {"path": self.path, "true_class": self.true_class, "predicted": self.predicted,
                 "correct": self.correct, "confidence": self.confidence, "true_probability": self.true_probability,
@@ -95,6 +100,31 @@ class FolderPredictions:
         return [{"true": t, "predicted": q, "true_name": self.name(t), "predicted_name": self.name(q), "count": n,
                  "share": n / totals[t]} for (t, q), n in ranked]
 
+    def confusion_matrix(self, max_classes: int = 20) -> tuple:
+        """(classes, counts): ``counts[i, j]`` images of true class ``classes[i]`` predicted as
+        ``classes[j]``, over every class that occurs; beyond ``max_classes`` classes, over those in
+        the most mistakes (as the truth or the prediction), so that the matrix stays readable."""
+        involved = {}
+        for p in self.predictions:
+            for c in (p.true_class, p.predicted):
+                involved[c] = involved.get(c, 0) + (0 if p.correct else 1)
+        ranked = sorted(involved, key=lambda c: (-involved[c], c))[:max(1, int(max_classes))]
+        classes = sorted(ranked)
+        row = {c: i for i, c in enumerate(classes)}
+        counts = np.zeros((len(classes), len(classes)), dtype=np.int64)
+        for p in self.predictions:
+            if p.true_class in row and p.predicted in row:
+                counts[row[p.true_class], row[p.predicted]] += 1
+        return classes, counts
+
+    def open_cell(self, true_class: int, predicted: int) -> Optional[tuple]:
+        """The story of one cell of the confusion matrix: (its image, class A, class B) for "why A
+        and not B": its most confident mistake, A the prediction and B the truth; on the diagonal,
+        the least sure right image, B its runner-up. None for an empty cell."""
+        example = next((p for p in self.mistakes_first() if p.true_class == int(true_class)
+                        and p.predicted == int(predicted)), None)
+        return None if example is None else (example, *example.contrast)
+
     def per_class(self) -> list:
         """{class, name, images, correct, accuracy} per true class, the worst first."""
         rows = {}
@@ -124,6 +154,60 @@ class FolderPredictions:
             text += (f" Most frequent: {c['true_name']} taken for {c['predicted_name']} ({c['count']} of the "
                      f"{c['true_name']} images).")
         return text
+
+
+# The labelled image sets a visitor can measure on (Mistakes, Audit, switching prototypes off).
+HELD_OUT_IMAGES = "The demo's held-out images"
+LOADED_IMAGES = "The images loaded on Model & data"
+UPLOADED_FOLDER = "Upload a zip of a labelled folder"
+SERVER_FOLDER = "Labelled folder on this server"
+
+
+@dataclass(frozen=True)
+class LabelledSet:
+    """One labelled image set on offer: what the visitor picks, where it is, how results name it."""
+
+    choice: str  # the option's words
+    root: Optional[Path]  # None: the visitor gives the folder (a zip, a path)
+    words: str  # how a result names it: "measured on <words>"
+    discovery: bool = False  # the images the run's prototypes were found on: an optimistic accuracy
+
+
+def labelled_sets(held_out=None, loaded=None, *, loaded_label: str = "", run_meta: Optional[dict] = None,
+                  upload: bool = True, server: bool = True) -> list:
+    """The labelled sets on offer, held-out images first (the default: a number measured on images
+    discovery did not see is the fair one). ``held_out``: the demo's held-out folder; ``loaded``:
+    the folder loaded on Model & data, recorded in runs as ``loaded_label``: with ``run_meta``
+    (the run's record) it is known to be the run's discovery images when the run names it."""
+    sets = []
+    if held_out is not None:
+        sets.append(LabelledSet(HELD_OUT_IMAGES, Path(held_out), "the demo's held-out images"))
+    if loaded is not None:
+        recorded = ((run_meta or {}).get("data") or {}).get("root")
+        discovery = bool(loaded_label) and recorded == loaded_label
+        sets.append(LabelledSet(LOADED_IMAGES, Path(loaded), "the discovery images (loaded on Model & data)"
+                                if discovery else "the images loaded on Model & data", discovery))
+    if upload:
+        sets.append(LabelledSet(UPLOADED_FOLDER, None, "an uploaded labelled folder"))
+    if server:
+        sets.append(LabelledSet(SERVER_FOLDER, None, "a labelled folder on this server"))
+    return sets
+
+
+def confusion_pick(points: Sequence[dict], classes: Sequence[int]) -> Optional[tuple]:
+    """The cell (true class, predicted class) that a click on the confusion matrix picked, from the
+    chart's selected points (Streamlit's plotly selection: each point's ``customdata`` is
+    [true, predicted], else its x (predicted) and y (true) are positions in ``classes``); the
+    last point when several are selected; None when nothing (or nothing of the matrix) is."""
+    for point in reversed(list(points or [])):
+        data = point.get("customdata")
+        if isinstance(data, (list, tuple)) and len(data) == 2:
+            return int(data[0]), int(data[1])
+        x, y = point.get("x"), point.get("y")
+        if isinstance(x, (int, float)) and isinstance(y, (int, float)) and float(x).is_integer() \
+                and float(y).is_integer() and 0 <= x < len(classes) and 0 <= y < len(classes):
+            return int(classes[int(y)]), int(classes[int(x)])
+    return None
 
 
 def majorities(labels: Sequence[int], predicted: Sequence[int]) -> dict:

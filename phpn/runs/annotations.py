@@ -51,6 +51,10 @@ NOT_JUDGED = "not judged"
 EDITED_MODEL = ("Edited model: prototypes switched off. It no longer equals the original model; these numbers only "
                 "show what those prototypes do.")
 
+# Said beside a switch-off measured on the images discovery found the prototypes on.
+ON_DISCOVERY_IMAGES = ("Measured on the discovery images: the prototypes were found on these very images, so this "
+                       "accuracy is optimistic. Held-out images (ones discovery did not see) give a fair number.")
+
 
 @dataclass
 class PrototypeNote:
@@ -428,30 +432,46 @@ class SwitchOffResult:
     changed: list  # [{"path", "true", "original", "edited"}] images whose prediction changed
     skipped: list = field(default_factory=list)
     edited: bool = True  # always: the numbers are those of a model that is not the original
+    measured_on: str = ""  # the labelled set, in words ("the demo's held-out images")
+    on_discovery_images: bool = False  # the images the prototypes were found on: an optimistic accuracy
 
     @property
     def accuracy_change(self) -> float:
         return self.edited_accuracy - self.original_accuracy
 
-    def summary(self, class_names: Optional[Sequence[str]] = None) -> str:
+    def summary(self, class_names: Optional[Sequence[str]] = None, with_warning: bool = True) -> str:
+        """The result in words: the set it was measured on, the accuracy before and after and, on
+        the discovery images, that it is optimistic (unless ``with_warning`` is False: shown apart)."""
         off = "; ".join(f"{class_name(class_names, c)}: " + ", ".join(f"prototype {i + 1}" for i in p)
                         for c, p in self.switched_off.items()) or "nothing"
-        return (f"{EDITED_MODEL} Switched off: {off}. On {self.images} labelled images, accuracy "
+        where = (f"Measured on {self.measured_on} ({self.images} labelled images): accuracy" if self.measured_on
+                 else f"On {self.images} labelled images, accuracy")
+        return (f"{EDITED_MODEL} Switched off: {off}. {where} "
                 f"{100 * self.original_accuracy:.1f}% → {100 * self.edited_accuracy:.1f}% "
-                f"({100 * self.accuracy_change:+.1f} points); {len(self.changed)} predictions changed.")
+                f"({100 * self.accuracy_change:+.1f} points); {len(self.changed)} predictions changed."
+                + (f" {self.warning}" if with_warning and self.warning else ""))
+
+    @property
+    def warning(self) -> Optional[str]:
+        """The caution to show beside the numbers, or None (held-out images)."""
+        return ON_DISCOVERY_IMAGES if self.on_discovery_images else None
 
     def to_dict(self) -> dict:
         return {"edited_model": True, "note": EDITED_MODEL,
                 "switched_off": {str(c): list(p) for c, p in self.switched_off.items()}, "images": self.images,
                 "original_accuracy": self.original_accuracy, "edited_accuracy": self.edited_accuracy,
-                "changed": self.changed, "skipped": self.skipped}
+                "changed": self.changed, "skipped": self.skipped, "measured_on": self.measured_on,
+                "on_discovery_images": self.on_discovery_images}
 
 
 def switch_off(network, data, preprocess, off: dict, *, images_per_class: Optional[int] = None,
-               batch_size: int = 32, progress=None) -> SwitchOffResult:
+               batch_size: int = 32, progress=None, measured_on: str = "",
+               on_discovery_images: bool = False) -> SwitchOffResult:
     """What the model would predict on ``data`` (labelled: an ImageFolderData) without the
     prototypes in ``off`` ({class index: [prototype indices]}); the original predictions are
-    the decomposed network's, which equal the model's."""
+    the decomposed network's, which equal the model's. ``measured_on`` names the labelled set
+    in the result's words; ``on_discovery_images`` marks the images the prototypes were found
+    on (the result then warns that its accuracy is optimistic)."""
     off = _normalise_off(off, network)
     items = [(c.class_index, p) for c in data.classes for p in (c.paths[:images_per_class] if images_per_class
                                                                 else c.paths)]
@@ -483,7 +503,8 @@ def switch_off(network, data, preprocess, off: dict, *, images_per_class: Option
     return SwitchOffResult(switched_off=off, images=len(kept_paths),
                            original_accuracy=float((before_t == truth_t).double().mean()),
                            edited_accuracy=float((after_t == truth_t).double().mean()), changed=changed,
-                           skipped=[list(s) if isinstance(s, tuple) else s for s in skipped])
+                           skipped=[list(s) if isinstance(s, tuple) else s for s in skipped],
+                           measured_on=measured_on, on_discovery_images=bool(on_discovery_images))
 
 
 # --- in reports ---------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 from PIL import Image
 
-from phpn.config import MAP_OPACITY, class_name
+from phpn.config import MAP_OPACITY, class_name, no_shared_parts
 from phpn.images.data import Preprocess
 from phpn.method.certify import chance_warning, format_certificate
 from phpn.runs.annotations import prototype_label, prototype_labels, prototype_note_html, verdict_words
@@ -182,6 +182,8 @@ def class_report(run, class_index: int, *, image_root=None, preprocess=None, net
                               f"{_esc(prototype_label(notes, s['class_index'], s['prototype']))} (cos {s['cosine']:.2f})"
                               for s in similar[i])
             body.append(f"<p>Shared parts — most similar prototypes of other classes: {items}.</p>")
+        else:
+            body.append(f"<p>Shared parts: {_esc(no_shared_parts())}.</p>")
         body.append("</div>")
     body.append(audit_html(audit, notes, class_index))
     return _page(f"phpn: {name}", "".join(body))

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from phpn.config import SHARED_PART_MIN_COSINE
+from phpn.config import shared_parts as config_shared_parts  # the rule; this one reads a run
 from phpn.images.data import load_image
 
 # tab10 then the light tab20 tones, without their greys (grey means "subtracts"):
@@ -467,14 +469,20 @@ def prototype_similarity(prototypes, class_indices: Sequence[int], class_index: 
                               min_cosine=min_cosine)[0]
 
 
-def shared_parts(run, class_index: int, top: int = SIMILAR_TOP) -> list:
-    """"Shared parts" of a run's class, one list per prototype of its own k: read from its record
-    (``similar_prototypes``, kept by discovery: one shard read), or computed from every
-    prototype of the run for a run made before discovery kept them or asked for more than it kept."""
+def shared_parts(run, class_index: int, top: int = SIMILAR_TOP,
+                 min_cosine: float = SHARED_PART_MIN_COSINE) -> list:
+    """"Shared parts" of a run's class, one list per prototype of its own k: of its ``top`` most
+    similar prototypes of other classes, those that count as shared (:func:`phpn.config.shared_parts`:
+    a cosine of at least ``min_cosine``; a cosine near 0 is nothing in common). Read from the
+    class's record (``similar_prototypes``, kept by discovery: one shard read), or computed from
+    every prototype of the run for a run made before discovery kept them or asked for more than
+    it kept. The Class browser, the reports and ``phpn.api`` all list these."""
     stored = run.class_meta(class_index).get("similar_prototypes")
     if stored is not None and top <= SIMILAR_TOP:
-        return [list(found[:top]) for found in stored]
-    return prototype_similarity(run.prototypes, run.class_indices, class_index, top=top)[:run.class_k(class_index)]
+        found = [list(similar[:top]) for similar in stored]
+    else:
+        found = prototype_similarity(run.prototypes, run.class_indices, class_index, top=top)[:run.class_k(class_index)]
+    return [config_shared_parts(similar, min_cosine) for similar in found]
 
 
 def class_maps(network, preprocess, root, paths: Sequence[str], class_index: int):
