@@ -14,6 +14,7 @@ from phpn.app import setup_ui as U
 from phpn.errors import DataError
 from phpn.method.certify import chance_warning
 from phpn.pipeline.discover import DiscoveryConfig
+from phpn.runs.annotations import run_seal_sha256, run_tensors_sha256
 
 EXPERT_TABLE_CLASSES = 500  # rows of the per-class table; the Class browser shows any class
 
@@ -260,11 +261,10 @@ if entry is not None:
             from phpn.runs.store import save_run
 
             target = S.save_target(save_path)
-            fingerprint = run.meta.get("tensors_sha256")
+            before = (run_tensors_sha256(run), run_seal_sha256(run))
             save_run(run, target)  # refuses anything there already: a file, a folder, another run
-            if entry.notes is not None and entry.notes.run_sha256 == fingerprint:
-                # The same prototypes; a run opened in format 1 gets format 2's fingerprint when saved.
-                entry.notes.run_sha256 = run.meta["tensors_sha256"]
+            if entry.notes is not None:  # the same prototypes: their notes follow the copy
+                entry.notes.follow_copy(before, run)
             if S.workspace().owns(target):
                 S.workspace().keep_within_quota(target)  # over the visitor's quota: removed again
             entry.saved_to = target

@@ -176,6 +176,12 @@ class Annotations:
         return cls(class_indices=tuple(int(c) for c in run.class_indices.tolist()), k=run.k,
                    run_sha256=run_tensors_sha256(run), run_seal=run_seal_sha256(run))
 
+    def follow_copy(self, before: tuple, run) -> None:
+        """The run these notes describe was saved again (a copy, the same prototypes): notes that
+        named it by ``before`` (its tensors' and seal's sha256 then) now name the copy."""
+        if (self.run_sha256, self.run_seal) == tuple(before) or (self.run_sha256 is None and self.run_seal is None):
+            self.run_sha256, self.run_seal = run_tensors_sha256(run), run_seal_sha256(run)
+
     def _check(self, class_index: int, prototype: int) -> tuple:
         class_index, prototype = int(class_index), int(prototype)
         if class_index not in self.class_indices:
