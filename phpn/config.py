@@ -61,7 +61,7 @@ TOP_CLASSES = 5  # classes listed beside an explanation
 MAP_OPACITY = 0.6
 
 # A where-map needs a grid: a feature map with fewer positions per image (1x1) puts all of an
-# image's evidence in one cell, so discovery refuses it (phpn.models.doctor.feature_positions_problem).
+# image's evidence in one cell; the doctor says so (phpn.models.doctor.one_position_caution).
 MIN_POSITIONS_PER_IMAGE = 2
 
 DISCOVERY = {

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from phpn import config as D
-from phpn.errors import ConfigError, NotDecomposableError
+from phpn.errors import ConfigError
 from phpn.head import HeadSplit
 from phpn.images.data import scan_image_folder
 from phpn.models import diagnose
@@ -15,11 +15,11 @@ from phpn.pipeline.discover import DiscoveryConfig, discover
 
 timm = pytest.importorskip("timm")
 
-ONE_POSITION = ("The feature map ('{layer}') is 1x1 at this input size: every image is one position, so a part's "
-                "where-map cannot point anywhere in the image and the parts cannot be told apart by place (timm's "
-                "VGG, for one, ends in a convolution over the whole 7x7 map before its pooling).")
-ONE_POSITION_FIX = ("Use a model whose last feature map keeps a grid of positions (ResNet, DenseNet, EfficientNet, "
-                    "ConvNeXt, ...), or a larger input if the model works at one (its feature map grows with the crop).")
+ONE_POSITION = ("The feature map ('{layer}') is 1x1 at this input size: every image is one position, so the "
+                "prototypes say what the model looks for but their where-maps cannot point anywhere in the image (a "
+                "CIFAR ResNet at 32 px, or timm's VGG, whose last convolution covers the whole 7x7 map). For "
+                "where-maps, use a larger input if the model works at one (its feature map grows with the crop), or "
+                "a model whose last feature map keeps a grid of positions.")
 
 
 class WholeImageConv(nn.Module):
@@ -39,13 +39,13 @@ def _timm(name, **kwargs):
     return timm.create_model(name, pretrained=False, num_classes=3, **kwargs).eval()
 
 
-def test_one_position_per_image_is_refused_with_a_fix():
+def test_one_position_per_image_is_exact_with_a_caution():
     model = WholeImageConv().eval()
     d = diagnose(model, (3, 8, 8))
-    assert d.verdict == "impossible" and d.split is None and d.feature_shape == (6, 1, 1)
-    assert d.reason == ONE_POSITION.format(layer="features")
-    assert d.notes[0] == ONE_POSITION_FIX
-    assert diagnose(model, (3, 16, 16)).verdict == "exact"  # a 9x9 grid at a larger input
+    assert d.verdict == "exact" and d.feature_shape == (6, 1, 1)
+    assert d.notes[0] == ONE_POSITION.format(layer="features")
+    bigger = diagnose(model, (3, 16, 16))  # a 9x9 grid at a larger input
+    assert bigger.verdict == "exact" and not any("1x1" in n for n in bigger.notes)
     assert D.MIN_POSITIONS_PER_IMAGE == 2
 
 
@@ -58,25 +58,27 @@ def test_too_few_feature_vectors_for_k_name_the_class():
     assert feature_positions_problem((8, 2, 2), k=4, class_images={"cat": 1}) is None
 
 
-def test_discovery_refuses_one_position_before_any_work(image_folder, tiny_loaded):
+def test_discovery_refuses_too_few_feature_vectors_before_any_work(image_folder, tiny_loaded):
+    """A 1x1 map with 2 images in a class holds 2 feature vectors: k = 3 cannot be found in them."""
     model = WholeImageConv().eval()
     split = HeadSplit(backbone=model.features, weight=model.fc.weight.detach(), bias=model.fc.bias.detach(),
                       feature_layer="features", head_layer="fc")
     pre = type(tiny_loaded.preprocess)(resize=8, crop=8, mean=(0.5,) * 3, std=(0.25,) * 3)
-    data = scan_image_folder(image_folder, num_classes=4)
+    data = scan_image_folder(image_folder, num_classes=4, images_per_class=2)
     stages = []
-    with pytest.raises(NotDecomposableError) as info:
-        discover(tiny_loaded, split, data, pre, DiscoveryConfig(k=2, device="cpu"),
+    with pytest.raises(ConfigError) as info:
+        discover(tiny_loaded, split, data, pre, DiscoveryConfig(k=3, device="cpu"),
                  progress=lambda stage, *a, **k: stages.append(stage))
-    assert info.value.problem == ONE_POSITION.format(layer="features") and info.value.fix == ONE_POSITION_FIX
+    assert info.value.problem.endswith("has 2 images x 1 positions = 2 feature vectors, fewer than the 3 parts "
+                                       "asked: NMF cannot find 3 parts in them.")
     assert stages == []  # not one batch of features was computed
 
 
 @pytest.mark.slow
 def test_timm_vgg_has_a_one_by_one_feature_map():
     d = diagnose(_timm("vgg11"), (3, 32, 32))
-    assert d.verdict == "impossible" and d.feature_shape == (4096, 1, 1)
-    assert d.reason == ONE_POSITION.format(layer="pre_logits")
+    assert d.verdict == "exact" and d.feature_shape == (4096, 1, 1)
+    assert d.notes[0] == ONE_POSITION.format(layer="pre_logits")
 
 
 def test_levit_folds_its_two_averaged_heads_exactly():

@@ -103,30 +103,34 @@ class Diagnosis:
         }
 
 
-def feature_positions_problem(feature_shape: tuple, *, feature_layer: str = "", k: Optional[int] = None,
-                              class_images: Optional[dict] = None) -> Optional[PhpnError]:
-    """Why parts cannot be found on this feature map (D, H, W), or None: fewer than
-    ``MIN_POSITIONS_PER_IMAGE`` positions per image (where-maps say nothing), or a class (name ->
-    image count in ``class_images``) with fewer feature vectors than the ``k`` parts asked."""
-    d, h, w = (int(v) for v in feature_shape)
-    if h * w < D.MIN_POSITIONS_PER_IMAGE:
-        where = f" ('{feature_layer}')" if feature_layer else ""
-        return NotDecomposableError(
-            f"The feature map{where} is {h}x{w} at this input size: every image is one position, so a part's "
-            "where-map cannot point anywhere in the image and the parts cannot be told apart by place (timm's VGG, "
-            "for one, ends in a convolution over the whole 7x7 map before its pooling).",
-            "Use a model whose last feature map keeps a grid of positions (ResNet, DenseNet, EfficientNet, "
-            "ConvNeXt, ...), or a larger input if the model works at one (its feature map grows with the crop).")
-    if k is not None and class_images:
-        short = {name: n for name, n in class_images.items() if n * h * w < k}
-        if short:
-            name, n = next(iter(short.items()))
-            more = f" (and {len(short) - 1} more classes)" if len(short) > 1 else ""
-            return ConfigError(
-                f"Class '{name}'{more} has {n} image{'s' if n != 1 else ''} x {h * w} positions = {n * h * w} "
-                f"feature vectors, fewer than the {k} parts asked: NMF cannot find {k} parts in them.",
-                "Lower k or add images to that class.")
-    return None
+def one_position_caution(feature_shape: tuple, feature_layer: str = "") -> Optional[str]:
+    """What a feature map with fewer than ``MIN_POSITIONS_PER_IMAGE`` positions per image (1x1)
+    means for the explanations, or None. Not a refusal: the decomposition stays exact and the
+    prototypes still say what the model looks for, but their where-maps have one cell."""
+    _, h, w = (int(v) for v in feature_shape)
+    if h * w >= D.MIN_POSITIONS_PER_IMAGE:
+        return None
+    where = f" ('{feature_layer}')" if feature_layer else ""
+    return (f"The feature map{where} is {h}x{w} at this input size: every image is one position, so the prototypes "
+            "say what the model looks for but their where-maps cannot point anywhere in the image (a CIFAR ResNet "
+            "at 32 px, or timm's VGG, whose last convolution covers the whole 7x7 map). For where-maps, use a "
+            "larger input if the model works at one (its feature map grows with the crop), or a model whose last "
+            "feature map keeps a grid of positions.")
+
+
+def feature_positions_problem(feature_shape: tuple, *, k: int, class_images: dict) -> Optional[PhpnError]:
+    """Why NMF cannot find ``k`` parts, or None: a class (name -> image count in ``class_images``)
+    with fewer feature vectors (images x positions) than the ``k`` parts asked."""
+    _, h, w = (int(v) for v in feature_shape)
+    short = {name: n for name, n in class_images.items() if n * h * w < k}
+    if not short:
+        return None
+    name, n = next(iter(short.items()))
+    more = f" (and {len(short) - 1} more classes)" if len(short) > 1 else ""
+    return ConfigError(
+        f"Class '{name}'{more} has {n} image{'s' if n != 1 else ''} x {h * w} positions = {n * h * w} "
+        f"feature vectors, fewer than the {k} parts asked: NMF cannot find {k} parts in them.",
+        "Lower k or add images to that class.")
 
 
 def diagnose(loaded_or_model, input_size: Optional[tuple] = None, *, feature_layer: Optional[str] = None,
@@ -197,14 +201,11 @@ def diagnose(loaded_or_model, input_size: Optional[tuple] = None, *, feature_lay
                          "on the trial input, so its logits are not numbers phpn can decompose.",
                          notes=["check the checkpoint (a diverged training?) and the preprocessing"],
                          arch=arch, input_size=size)
-    too_small = feature_positions_problem(feature_shape, feature_layer=split.feature_layer)
-    if too_small is not None:
-        return Diagnosis("impossible", too_small.problem, feature_shape=feature_shape,
-                         notes=[too_small.fix] + list(split.notes), arch=arch, input_size=size)
+    caution = one_position_caution(feature_shape, split.feature_layer)
     folded = split.folded or bool(split.folded_layers)
     verdict = "exact-after-folding" if folded else "exact"
     return Diagnosis(verdict, _reason(split, verdict), split=split, feature_shape=feature_shape,
-                     notes=list(split.notes), arch=arch, input_size=size)
+                     notes=([caution] if caution else []) + list(split.notes), arch=arch, input_size=size)
 
 
 def _pool_text(split: HeadSplit) -> str:

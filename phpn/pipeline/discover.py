@@ -636,8 +636,7 @@ def discover(loaded: LoadedModel, split: HeadSplit, data: ImageFolderData, prepr
         progress = RepeatLast(progress)
         forward.tick = progress.repeat
     shape = _probe(data, wanted[0], preprocess, forward)
-    problem = feature_positions_problem(shape, feature_layer=split.feature_layer,
-                                        k=2 if config.auto_k else config.k,
+    problem = feature_positions_problem(shape, k=2 if config.auto_k else config.k,
                                         class_images={e.folder: len(e.paths) for e in wanted})
     if problem is not None:  # before any heavy work: the CLI, the app and the API all stop here
         raise problem
