@@ -94,7 +94,7 @@ from phpn.runs.store import (  # this module's load_run is the public wrapper
 )
 from phpn.runs.store import load_run as read_run
 from phpn.show.explanation import Explanation
-from phpn.show.pictures import picture_of_tensor
+from phpn.show.pictures import picture_of_tensor, seen_picture
 from phpn.validation import check_at_least, check_class_names
 
 
@@ -342,8 +342,8 @@ def explain_image(session: ModelSession, network: PrototypeNetwork, image, class
             x = session.preprocess(image.convert("RGB"))[None]
             seen = picture_of_tensor(x[0], session.preprocess)
         else:
-            seen = session.preprocess.geometry(image)
-            x = session.preprocess.normalise(seen)[None]
+            x = session.preprocess(image)[None]
+            seen = seen_picture(image, session.preprocess)  # what the model sees: grey for a grey model
     names = list(class_names or session.class_names)
     if class_index is not None:
         class_index = class_index_of(class_index, names)

@@ -47,6 +47,7 @@ from phpn.runs.provenance import (
 )
 from phpn.runs.store import check_split, load_run, save_run
 from phpn.show import viz
+from phpn.show.pictures import seen_picture
 
 DEFAULT_DEMO = "fashion-mnist"
 BROWSER_KEY_COOKIE = "phpn_key"  # the browser's key to its workspace (never in a URL)
@@ -173,9 +174,9 @@ def scan_data(entry: ModelEntry, root, cap: Optional[int], seed: int = 0):
 
 @st.cache_data(max_entries=4096, show_spinner=False)
 def seen_image(path: str, preprocess_key: tuple) -> Optional[np.ndarray]:
-    """The picture the model sees (resized, cropped, RGB) of an image file, or None."""
+    """The picture the model sees (resized, cropped; grey in RGB for a grey model) of an image file, or None."""
     try:
-        return np.asarray(Preprocess.from_dict(dict(preprocess_key)).geometry(load_image(path)).convert("RGB"))
+        return np.asarray(seen_picture(load_image(path), Preprocess.from_dict(dict(preprocess_key))))
     except Exception:
         return None
 
