@@ -93,6 +93,7 @@ from phpn.runs.store import (  # this module's load_run is the public wrapper
     save_run,
 )
 from phpn.runs.store import load_run as read_run
+from phpn.runs.transfer import MAX_RUN_ZIP_BYTES, import_run_zip
 from phpn.show.explanation import Explanation
 from phpn.show.pictures import picture_of_tensor, seen_picture
 from phpn.validation import check_at_least, check_class_names
@@ -1006,6 +1007,13 @@ def open_run(path, model=None, *, require_model: bool = False, **open_options) -
 
 
 load_run = open_run  # the name earlier releases used
+
+
+def import_run(zip_file, into, *, name: Optional[str] = None, max_bytes: int = MAX_RUN_ZIP_BYTES) -> Path:
+    """Take in a run's zip (the app's Export page, ``phpn.show.report.run_zip_bytes``) as a new
+    folder in ``into``, verified whole and never written over anything; returns the folder, to
+    open with :func:`open_run` (which finds the run's model, or says which file to give)."""
+    return import_run_zip(zip_file, into, name=name, max_bytes=max_bytes)
 
 
 # --- explanations in bulk (the CLI's ``phpn explain RUN IMAGES... --out DIR``) -----------------
