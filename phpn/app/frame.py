@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import shutil
 import threading
 import time
 import traceback
@@ -29,8 +30,9 @@ import streamlit as st
 from PIL import Image, ImageDraw
 
 from phpn import jobs
-from phpn.api import missing_model, model_source, open_model, open_run, run_image_root
+from phpn.api import import_run, missing_model, model_source, open_model, open_run, run_image_root
 from phpn.app import serving
+from phpn.app.uploads import held_upload, original_name
 from phpn.demos import get_demo
 from phpn.errors import PhpnError, RunError
 from phpn.images.data import Preprocess, load_image, scan_image_folder
@@ -46,6 +48,7 @@ from phpn.runs.provenance import (
     resolve_portable,
 )
 from phpn.runs.store import check_split, load_run, save_run
+from phpn.runs.transfer import MAX_RUN_ZIP_BYTES
 from phpn.show import viz
 from phpn.show.pictures import seen_picture
 
@@ -556,6 +559,23 @@ def reopen_run(folder: Path, origin: str) -> Optional[str]:
         entry.notes_problem = None
     _reopen_data(run, folder)
     return None
+
+
+def open_run_zip(uploaded) -> tuple:
+    """A run's zip the visitor uploaded (the Export page's), taken into their workspace under a
+    fresh name (verified whole: :func:`phpn.api.import_run`) and opened with its model;
+    returns (the folder, what is missing or None: see :func:`reopen_run`). A run that is taken in
+    but cannot be opened here is removed again."""
+    ws = workspace()
+    size = getattr(uploaded, "size", None) or len(uploaded.getbuffer())
+    with held_upload(size):
+        folder = import_run(uploaded, ws.runs, max_bytes=min(MAX_RUN_ZIP_BYTES, ws.room()))
+    try:
+        ws.keep_within_quota(folder)
+        return folder, reopen_run(folder, f"uploaded as {original_name(uploaded)}")
+    except Exception:  # Streamlit's rerun and stop signals are not Exceptions: they pass
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
 
 
 def _reopen_data(run, folder=None) -> None:
