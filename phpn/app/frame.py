@@ -27,6 +27,7 @@ from typing import Optional
 
 import numpy as np
 import streamlit as st
+import streamlit.components.v1 as components
 from PIL import Image, ImageDraw
 
 from phpn import jobs
@@ -471,6 +472,27 @@ def flush_notes() -> None:
             save_notes(entry)
         except PhpnError as exc:
             show_error(exc)
+
+
+def unsaved_work(entry: Optional[RunEntry]) -> bool:
+    """Whether a reload or a closed tab would lose the visitor's work: notes kept for this
+    session only, or a discovery that could not be kept in the workspace."""
+    return entry is not None and (entry.notes_unsaved or entry.saved_to is None)
+
+
+def guard_unsaved_work() -> None:
+    """While there is unsaved work, the browser asks before the page is reloaded or closed (its
+    own 'Leave site?' prompt); the guard is lifted once the work is saved. The script runs in a
+    component's frame, which is of the page's origin: the listener is made in the page itself
+    (and kept on it, so that the same one is removed), so it outlives the frame."""
+    on = "true" if unsaved_work(current_run()) else "false"
+    ask = json.dumps("event.preventDefault(); event.returnValue = ''; return '';")  # what browsers expect
+    script = ("<script>(function(){var w = window.parent;"
+              f"w.__phpnUnsavedWork = w.__phpnUnsavedWork || new w.Function('event', {ask});"
+              f"if ({on}) w.addEventListener('beforeunload', w.__phpnUnsavedWork);"
+              "else w.removeEventListener('beforeunload', w.__phpnUnsavedWork);})();</script>")
+    with st.sidebar:
+        components.html(script, height=0)
 
 
 def run_url_label(entry: Optional[RunEntry]) -> Optional[str]:
@@ -984,6 +1006,7 @@ def frame() -> None:
     flush_notes()
     sync_url()
     sidebar()
+    guard_unsaved_work()
 
 
 def sidebar() -> None:
