@@ -162,7 +162,7 @@ def test_a_tampered_run_is_refused_naming_what_changed(tmp_path, sealed_zip):
 
 @pytest.mark.slow
 @needs_demo
-def test_the_discover_page_reopens_an_uploaded_run_zip_and_refuses_a_tampered_one(sealed_zip):
+def test_the_discover_page_reopens_an_uploaded_run_zip_and_refuses_a_tampered_one(sealed_zip, tmp_path):
     at = _app().run()
     _clean(at)
     at.switch_page("pages/discover.py").run()
@@ -189,6 +189,30 @@ def test_the_discover_page_reopens_an_uploaded_run_zip_and_refuses_a_tampered_on
     assert torch.equal(entry.run.prototypes, load_run(_demo().run_dir).prototypes)
     assert at.session_state["model"].session.demo == "fashion-mnist"
     assert any("Opened the uploaded run with its model" in s.value for s in at.success)
+
+    # A run of a model this visitor has not uploaded here: kept, and the model file is asked for.
+    at.file_uploader(key="load_zip").set_value(("theirs.zip", _of_a_missing_model(tmp_path), "application/zip")).run()
+    at.button(key="load_zip_run").click().run()
+    _clean(at)
+    kept = workspace.runs / "theirs"
+    assert [w.value for w in at.warning if w.value.startswith("Kept")] == [
+        "Kept the run as `my files/runs/theirs`. This run was made from fashion.safetensors (sha256 abababababab…), "
+        "which is not on this server for you. Load that model on the Model & data page: the run opens as soon as it "
+        "is loaded."]
+    assert at.session_state["pending_run"][0] == kept and verify_run(kept).checkpoint_sha256 == "ab" * 32
+    assert at.session_state["run"].saved_to == entry.saved_to  # the open run stays until that model is loaded
+
+
+def _of_a_missing_model(tmp_path) -> bytes:
+    """The demo run as if made from an uploaded checkpoint that is not on this server (sealed again)."""
+    run = load_run(_demo().run_dir)
+    meta = run.meta
+    meta["demo"] = None
+    meta["model"]["sha256"] = "ab" * 32
+    meta["model"]["source"] = str(tmp_path / "gone" / "fashion.safetensors")
+    meta["model"]["origin"] = {"how": "upload", "name": "fashion.safetensors", "sha256": "ab" * 32}
+    folder = save_run(run, tmp_path / "theirs")
+    return run_zip_bytes(load_run(folder), "theirs")
 
 
 # --- a grey model's pictures ------------------------------------------------------------------------
