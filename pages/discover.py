@@ -293,4 +293,16 @@ if st.button("Load run", key="load_run", disabled=running):
         else:
             S.flash(f"Loaded the run at `{S.shown_path(folder)}` with its model.", place="load")
         st.rerun()
+
+st.markdown("**Or upload a run's zip** (what the Export page gives): it is checked, kept in your workspace under a "
+            "new name, and opened with its model.")
+run_zip = st.file_uploader("A run's zip", type=["zip"], key="load_zip")
+if st.button("Open the uploaded run", key="load_zip_run", disabled=running or run_zip is None):
+    with S.user_errors():
+        folder, missing = S.open_run_zip(run_zip)
+        if missing:
+            S.flash(f"Kept the run as `{S.shown_path(folder)}`. {missing}", kind="warning", place="load")
+        else:
+            S.flash(f"Opened the uploaded run with its model; it is kept as `{S.shown_path(folder)}`.", place="load")
+        st.rerun()
 S.show_flash("load")

@@ -39,8 +39,8 @@ st.header("The run")
 st.caption("A zip of the run folder: `run.json` (model identity, every setting and seed, timings, certificate, "
            "the index of the classes), the head the prototypes sum to, and shards of classes (prototypes, α, "
            "per-class statistics, top patches), each file checksummed. "
-           "Unzip it, then load the folder again on the Discover page or explain images with it from a shell: "
-           "`python -m phpn explain RUN_FOLDER IMAGE …`. Your notes on the "
+           "Upload the zip again on the Discover page (Load a saved run) to reopen it, checked whole, or unzip it and "
+           "explain images with it from a shell: `python -m phpn explain RUN_FOLDER IMAGE …`. Your notes on the "
            "prototypes (names, flags, descriptions) are in it as `annotations.json`; once the run is audited (Audit "
            "page), the audit's findings with your verdicts are in it as `audit.json`, and in the reports.")
 if origin:

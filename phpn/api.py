@@ -94,8 +94,9 @@ from phpn.runs.store import (  # this module's load_run is the public wrapper
     save_run,
 )
 from phpn.runs.store import load_run as read_run
+from phpn.runs.transfer import MAX_RUN_ZIP_BYTES, import_run_zip
 from phpn.show.explanation import Explanation
-from phpn.show.pictures import picture_of_tensor
+from phpn.show.pictures import picture_of_tensor, seen_picture
 from phpn.validation import check_at_least, check_class_names
 
 
@@ -343,8 +344,8 @@ def explain_image(session: ModelSession, network: PrototypeNetwork, image, class
             x = session.preprocess(image.convert("RGB"))[None]
             seen = picture_of_tensor(x[0], session.preprocess)
         else:
-            seen = session.preprocess.geometry(image)
-            x = session.preprocess.normalise(seen)[None]
+            x = session.preprocess(image)[None]
+            seen = seen_picture(image, session.preprocess)  # what the model sees: grey for a grey model
     names = list(class_names or session.class_names)
     if class_index is not None:
         class_index = class_index_of(class_index, names)
@@ -1032,6 +1033,13 @@ def open_run(path, model=None, *, require_model: bool = False, **open_options) -
 
 
 load_run = open_run  # the name earlier releases used
+
+
+def import_run(zip_file, into, *, name: Optional[str] = None, max_bytes: int = MAX_RUN_ZIP_BYTES) -> Path:
+    """Take in a run's zip (the app's Export page, ``phpn.show.report.run_zip_bytes``) as a new
+    folder in ``into``, verified whole and never written over anything; returns the folder, to
+    open with :func:`open_run` (which finds the run's model, or says which file to give)."""
+    return import_run_zip(zip_file, into, name=name, max_bytes=max_bytes)
 
 
 # --- explanations in bulk (the CLI's ``phpn explain RUN IMAGES... --out DIR``) -----------------

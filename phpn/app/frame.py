@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import shutil
 import threading
 import time
 import traceback
@@ -26,11 +27,13 @@ from typing import Optional
 
 import numpy as np
 import streamlit as st
+import streamlit.components.v1 as components
 from PIL import Image, ImageDraw
 
 from phpn import jobs
-from phpn.api import missing_model, model_source, open_model, open_run, run_image_root
+from phpn.api import import_run, missing_model, model_source, open_model, open_run, run_image_root
 from phpn.app import serving
+from phpn.app.uploads import held_upload, original_name
 from phpn.demos import get_demo
 from phpn.errors import PhpnError, RunError
 from phpn.images.data import Preprocess, load_image, scan_image_folder
@@ -46,7 +49,9 @@ from phpn.runs.provenance import (
     resolve_portable,
 )
 from phpn.runs.store import check_split, load_run, save_run
+from phpn.runs.transfer import MAX_RUN_ZIP_BYTES
 from phpn.show import viz
+from phpn.show.pictures import seen_picture
 
 DEFAULT_DEMO = "fashion-mnist"
 BROWSER_KEY_COOKIE = "phpn_key"  # the browser's key to its workspace (never in a URL)
@@ -173,9 +178,9 @@ def scan_data(entry: ModelEntry, root, cap: Optional[int], seed: int = 0):
 
 @st.cache_data(max_entries=4096, show_spinner=False)
 def seen_image(path: str, preprocess_key: tuple) -> Optional[np.ndarray]:
-    """The picture the model sees (resized, cropped, RGB) of an image file, or None."""
+    """The picture the model sees (resized, cropped; grey in RGB for a grey model) of an image file, or None."""
     try:
-        return np.asarray(Preprocess.from_dict(dict(preprocess_key)).geometry(load_image(path)).convert("RGB"))
+        return np.asarray(seen_picture(load_image(path), Preprocess.from_dict(dict(preprocess_key))))
     except Exception:
         return None
 
@@ -469,6 +474,27 @@ def flush_notes() -> None:
             show_error(exc)
 
 
+def unsaved_work(entry: Optional[RunEntry]) -> bool:
+    """Whether a reload or a closed tab would lose the visitor's work: notes kept for this
+    session only, or a discovery that could not be kept in the workspace."""
+    return entry is not None and (entry.notes_unsaved or entry.saved_to is None)
+
+
+def guard_unsaved_work() -> None:
+    """While there is unsaved work, the browser asks before the page is reloaded or closed (its
+    own 'Leave site?' prompt); the guard is lifted once the work is saved. The script runs in a
+    component's frame, which is of the page's origin: the listener is made in the page itself
+    (and kept on it, so that the same one is removed), so it outlives the frame."""
+    on = "true" if unsaved_work(current_run()) else "false"
+    ask = json.dumps("event.preventDefault(); event.returnValue = ''; return '';")  # what browsers expect
+    script = ("<script>(function(){var w = window.parent;"
+              f"w.__phpnUnsavedWork = w.__phpnUnsavedWork || new w.Function('event', {ask});"
+              f"if ({on}) w.addEventListener('beforeunload', w.__phpnUnsavedWork);"
+              "else w.removeEventListener('beforeunload', w.__phpnUnsavedWork);})();</script>")
+    with st.sidebar:
+        components.html(script, height=0)
+
+
 def run_url_label(entry: Optional[RunEntry]) -> Optional[str]:
     """How the URL names the current run: its label among the runs this visitor may open (looked
     up once per folder the run is saved in, not on every render)."""
@@ -555,6 +581,23 @@ def reopen_run(folder: Path, origin: str) -> Optional[str]:
         entry.notes_problem = None
     _reopen_data(run, folder)
     return None
+
+
+def open_run_zip(uploaded) -> tuple:
+    """A run's zip the visitor uploaded (the Export page's), taken into their workspace under a
+    fresh name (verified whole: :func:`phpn.api.import_run`) and opened with its model;
+    returns (the folder, what is missing or None: see :func:`reopen_run`). A run that is taken in
+    but cannot be opened here is removed again."""
+    ws = workspace()
+    size = getattr(uploaded, "size", None) or len(uploaded.getbuffer())
+    with held_upload(size):
+        folder = import_run(uploaded, ws.runs, max_bytes=min(MAX_RUN_ZIP_BYTES, ws.room()))
+    try:
+        ws.keep_within_quota(folder)
+        return folder, reopen_run(folder, f"uploaded as {original_name(uploaded)}")
+    except Exception:  # Streamlit's rerun and stop signals are not Exceptions: they pass
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
 
 
 def _reopen_data(run, folder=None) -> None:
@@ -963,6 +1006,7 @@ def frame() -> None:
     flush_notes()
     sync_url()
     sidebar()
+    guard_unsaved_work()
 
 
 def sidebar() -> None:

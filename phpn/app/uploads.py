@@ -9,10 +9,9 @@ Where they go (a private workspace per visitor, within quotas) is :mod:`phpn.app
   Face model folder; anything else is refused and deleted.
 - :func:`unpack_uploaded_zip`: save a zip, unpack it and delete the archive, whether the
   archive was accepted or not.
-- :func:`extract_zip`: unpack a zip of an image folder, refusing archives that could
-  escape their folder (absolute paths, ``..``), contain links, or are too large once
-  unpacked (file count and total size, counted while writing so a lying header does not
-  help), and return the folder that holds the class sub-folders.
+- :func:`extract_zip`: unpack a zip of an image folder with the checks of
+  :func:`phpn.models.archive.unpack_zip` (no paths outside, no links, a bounded file count and
+  unpacked size), and return the folder that holds the class sub-folders.
 - :func:`unpack_model_folder`: save a zipped Hugging Face model folder (what
   ``save_pretrained`` writes), unpack it with the same checks (and no archives inside), and
   return the folder holding ``config.json``; pickled ``.bin`` weights need the operator's
@@ -28,13 +27,10 @@ from __future__ import annotations
 import errno
 import io
 import json
-import os
 import re
 import shutil
-import stat
 import tempfile
 import threading
-import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -44,15 +40,18 @@ from PIL import Image
 
 from phpn.app.serving.isolation import ENABLE_HINT, code_allowed
 from phpn.app.serving.settings import load_settings
-from phpn.app.serving.workspace import human_size
 from phpn.errors import DataError, PhpnError
 from phpn.images.data import load_image
 from phpn.models.archive import (
+    CHUNK,
     IGNORED_TOP,
     MODEL_CONFIG,
+    check_free_space,
     config_folders,
-    member_parts,
+    disk_full_error,
+    human_size,
     sniff_upload,
+    unpack_zip,
 )
 from phpn.models.checkpoint import check_safetensors_header
 from phpn.models.hf import check_config_budget, pickled_weights, weight_files
@@ -61,9 +60,6 @@ MAX_ZIP_FILES = 200_000
 MAX_ZIP_BYTES = 2 * 2 ** 30  # total uncompressed size; the visitor's quota may lower it
 MAX_IMAGE_PIXELS = 100_000_000
 MAX_MODEL_ZIP_FILES = 1_000  # config.json, the weights (or their shards), the processor's settings
-# Archives inside a model folder's zip are refused (by name: torch's own .bin files are zips too).
-_ARCHIVE_SUFFIXES = (".zip", ".tar", ".tgz", ".gz", ".bz2", ".xz", ".zst", ".7z", ".rar")
-_CHUNK = 1 << 20
 _SAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -110,24 +106,6 @@ def held_upload(size: int, limit: Optional[int] = None):
             _HELD["bytes"] -= size
 
 
-def disk_full_error(needed: int, where) -> DataError:
-    """The sentence for a full disk: how much is needed, and where."""
-    return DataError(f"The disk is full (needs {max(1, -(-int(needed) // 2 ** 20))} MB at {where}).",
-                     "Ask the operator of this server to free some room, then try again.")
-
-
-def check_free_space(directory, needed: int) -> None:
-    """Refuse before writing when the disk holding ``directory`` has less room than ``needed``."""
-    directory = Path(directory)
-    existing = next((p for p in (directory, *directory.parents) if p.exists()), None)
-    try:
-        free = shutil.disk_usage(existing).free
-    except (OSError, TypeError):
-        return
-    if free < needed:
-        raise disk_full_error(needed - free, directory)
-
-
 def save_upload(uploaded, directory, *, suffixes: Optional[tuple] = None, max_bytes: Optional[int] = None,
                 what: str = "file") -> Path:
     """Write ``uploaded`` into ``directory`` under a sanitised name; return the path.
@@ -156,11 +134,11 @@ def save_upload(uploaded, directory, *, suffixes: Optional[tuple] = None, max_by
                 if hasattr(uploaded, "getbuffer"):
                     fh.write(uploaded.getbuffer())
                 else:
-                    shutil.copyfileobj(uploaded, fh, _CHUNK)
+                    shutil.copyfileobj(uploaded, fh, CHUNK)
         except OSError as exc:
             path.unlink(missing_ok=True)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise disk_full_error(size or _CHUNK, directory) from None
+                raise disk_full_error(size or CHUNK, directory) from None
             raise
     return path
 
@@ -189,11 +167,6 @@ def unpack_uploaded_zip(uploaded, folder, *, max_bytes: int = MAX_ZIP_BYTES, max
             pass
 
 
-def _is_link(info: zipfile.ZipInfo) -> bool:
-    mode = (info.external_attr >> 16) & 0xFFFF
-    return stat.S_ISLNK(mode) if mode else False
-
-
 # What to do when an archive is refused, said for what the zip should hold.
 _IMAGE_ZIP = {
     "again": "Zip the image folder again (one sub-folder per class) and upload the .zip file.",
@@ -216,18 +189,6 @@ _MODEL_ZIP = {
 }
 
 
-def _open_zip(source, fixes: dict = _IMAGE_ZIP) -> zipfile.ZipFile:
-    try:
-        if isinstance(source, (str, os.PathLike)):
-            return zipfile.ZipFile(source)
-        if hasattr(source, "getbuffer"):
-            return zipfile.ZipFile(io.BytesIO(source.getbuffer()))
-        return zipfile.ZipFile(source)
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        name = getattr(source, "name", str(source))
-        raise DataError(f"{name} is not a readable zip archive ({exc}).", fixes["again"]) from None
-
-
 def extract_zip(source, dest, *, max_files: int = MAX_ZIP_FILES, max_bytes: int = MAX_ZIP_BYTES) -> Path:
     """Unpack a zip of an image folder into ``dest`` (which must not exist or be empty).
 
@@ -237,74 +198,8 @@ def extract_zip(source, dest, *, max_files: int = MAX_ZIP_FILES, max_bytes: int 
     when there are more than ``max_files`` files, or when they unpack to more than
     ``max_bytes`` bytes (counted as written, whatever the headers claim).
     """
-    _unpack(source, dest, max_files=max_files, max_bytes=max_bytes, fixes=_IMAGE_ZIP)
+    unpack_zip(source, dest, max_files=max_files, max_bytes=max_bytes, fixes=_IMAGE_ZIP)
     return find_image_root(dest)
-
-
-def _unpack(source, dest, *, max_files: int, max_bytes: int, fixes: dict, archives_inside: bool = True) -> None:
-    """:func:`extract_zip`'s checks and unpacking; ``fixes`` say what to do for the zip's kind, and
-    ``archives_inside=False`` refuses archives within the archive."""
-    dest = Path(dest)
-    if dest.exists() and any(dest.iterdir()):
-        raise DataError(f"{dest} is not empty.", "Unpack into a new folder.")
-    with _open_zip(source, fixes) as zf:
-        infos = zf.infolist()
-        plan = []
-        declared = 0
-        for info in infos:
-            parts = member_parts(info.filename)
-            if parts is None:
-                raise DataError(
-                    f"The zip file contains an entry that would be written outside its folder ('{info.filename}').",
-                    fixes["layout"])
-            if _is_link(info):
-                raise DataError(f"The zip file contains a symbolic link ('{info.filename}').", fixes["links"])
-            if not parts or parts[0] in IGNORED_TOP or info.is_dir():
-                continue
-            if info.flag_bits & 0x1:
-                raise DataError(f"The zip file is encrypted ('{info.filename}').", "Upload an unencrypted zip.")
-            if not archives_inside and parts[-1].lower().endswith(_ARCHIVE_SUFFIXES):
-                raise DataError(f"The zip file contains another archive ('{info.filename}').",
-                                "Unpack that archive first, then " + fixes["itself"][0].lower() + fixes["itself"][1:])
-            plan.append((info, parts))
-            declared += info.file_size
-            if len(plan) > max_files:
-                raise DataError(f"The zip file holds more than {max_files:,} files.", fixes["count"])
-        if declared > max_bytes:
-            raise DataError(f"The zip file would unpack to {human_size(declared)}, more than the {human_size(max_bytes)} "
-                            "allowed.", fixes["size"])
-        if not plan:
-            raise DataError("The zip file is empty.", fixes["empty"])
-
-        check_free_space(dest, declared)
-        dest.mkdir(parents=True, exist_ok=True)
-        root = dest.resolve()
-        written = 0
-        try:
-            for info, parts in plan:
-                target = root.joinpath(*parts)
-                if root not in target.resolve().parents:  # belt and braces after the name check
-                    raise DataError(f"The zip entry '{info.filename}' points outside its folder.", fixes["itself"])
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(info) as src, open(target, "wb") as out:
-                    while True:
-                        chunk = src.read(_CHUNK)
-                        if not chunk:
-                            break
-                        written += len(chunk)
-                        if written > max_bytes:
-                            raise DataError(f"The zip file unpacks to more than the {human_size(max_bytes)} allowed "
-                                            "(its headers understate its size).", fixes["size"])
-                        out.write(chunk)
-        except DataError:
-            shutil.rmtree(dest, ignore_errors=True)
-            raise
-        except (zipfile.BadZipFile, OSError, EOFError, RuntimeError) as exc:  # CRC errors, truncated data
-            shutil.rmtree(dest, ignore_errors=True)
-            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise disk_full_error(max(declared - written, _CHUNK), dest.parent) from None
-            raise DataError(f"The zip file is damaged ({type(exc).__name__}: {exc}).",
-                            "Create the zip again and upload it.") from None
 
 
 @dataclass(frozen=True)
@@ -414,7 +309,7 @@ def unpack_model_folder(source, dest, *, max_bytes: int = MAX_ZIP_BYTES, max_fil
     opt-ins. Nothing is downloaded: the folder is later opened with ``local_files_only=True``.
     """
     dest = Path(dest)
-    _unpack(source, dest, max_files=max_files, max_bytes=max_bytes, fixes=_MODEL_ZIP, archives_inside=False)
+    unpack_zip(source, dest, max_files=max_files, max_bytes=max_bytes, fixes=_MODEL_ZIP, archives_inside=False)
     try:
         folder = find_model_folder(dest)
         try:

@@ -28,6 +28,18 @@ def picture_of_tensor(x, preprocess) -> Image.Image:
     return Image.fromarray(arr[:, :, :3], "RGB")
 
 
+def sees_grey(preprocess) -> bool:
+    """Whether the model is given a grey image: a 1-channel model, or the grey colour setting."""
+    return getattr(preprocess, "channels", 3) == 1 or getattr(preprocess, "colour", "rgb") == "grey"
+
+
+def seen_picture(image: Image.Image, preprocess) -> Image.Image:
+    """An image as the model sees it, before normalisation: resized and cropped, and grey (in
+    three equal channels, so that maps are drawn over it in colour) when the model reads grey."""
+    picture = preprocess.geometry(image)
+    return picture.convert("L").convert("RGB") if sees_grey(preprocess) else picture.convert("RGB")
+
+
 def seen_image(source, key: str, preprocess) -> Optional[Image.Image]:
     """A discovery image as the model saw it, from a folder or an in-memory store; None if unreadable."""
     if source is None:
@@ -36,6 +48,6 @@ def seen_image(source, key: str, preprocess) -> Optional[Image.Image]:
         if hasattr(source, "get"):  # phpn.images.inputs.InMemoryImages
             item = source.get(key, preprocess)
             return picture_of_tensor(item, preprocess)
-        return preprocess.geometry(load_image(Path(source) / key))
+        return seen_picture(load_image(Path(source) / key), preprocess)
     except Exception:  # a missing or unreadable image only loses its tile
         return None

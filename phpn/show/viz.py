@@ -31,6 +31,7 @@ from PIL import Image, ImageDraw
 from phpn.config import SHARED_PART_MIN_COSINE
 from phpn.config import shared_parts as config_shared_parts  # the rule; this one reads a run
 from phpn.images.data import load_image
+from phpn.show.pictures import seen_picture
 
 # tab10 then the light tab20 tones, without their greys (grey means "subtracts"):
 # distinct for up to 18 prototypes.
@@ -494,7 +495,7 @@ def class_maps(network, preprocess, root, paths: Sequence[str], class_index: int
     pictures, tensors, kept = [], [], []
     for rel in paths:
         try:
-            seen = preprocess.geometry(load_image(Path(root) / rel))
+            seen = seen_picture(load_image(Path(root) / rel), preprocess)  # grey for a grey model
         except Exception:
             continue
         pictures.append(seen)

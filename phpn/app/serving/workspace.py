@@ -34,19 +34,12 @@ from typing import Optional
 
 from phpn.app.serving.settings import ServerSettings, load_settings
 from phpn.errors import ConfigError, DataError
+from phpn.models.archive import human_size
 
 ACTIVITY_FILE = ".last-active"
 SERVER_KEY_FILE = ".server-key"
 _SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 _BROWSER_KEY = re.compile(r"^([A-Za-z0-9_-]{32,64})\.([0-9a-f]{32})$")
-
-
-def human_size(n: float) -> str:
-    for unit in ("bytes", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
 
 
 def _check_private_folder(path: Path, what: str) -> None:
