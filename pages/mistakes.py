@@ -16,10 +16,10 @@ from phpn.pipeline.mistakes import (
     SERVER_FOLDER,
     UPLOADED_FOLDER,
     confusion_pick,
-    in_model_colours,
     labelled_sets,
 )
 from phpn.show import viz
+from phpn.show.pictures import in_model_colours
 
 S.frame()
 st.title("Mistakes first")

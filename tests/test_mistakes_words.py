@@ -11,7 +11,8 @@ from PIL import Image
 from phpn.api import ModelSession
 from phpn.images.data import Preprocess, scan_image_folder
 from phpn.models.doctor import Diagnosis
-from phpn.pipeline.mistakes import Contrast, in_model_colours, predict_folder
+from phpn.pipeline.mistakes import Contrast, predict_folder
+from phpn.show.pictures import in_model_colours
 
 
 def test_a_model_without_names_is_told_in_its_folders_names(tiny_loaded, image_folder, tmp_path):

@@ -27,6 +27,7 @@ from phpn.images.data import ImageFolderData, load_batch, load_image, scan_image
 from phpn.method.certify import CancelCheck, check_cancel
 from phpn.progress import ProgressFn, report
 from phpn.runs.annotations import prototype_labels
+from phpn.show.pictures import in_model_colours
 
 
 @dataclass
@@ -350,14 +351,6 @@ class Contrast:
                 "contributions_b": [float(c) for c in self.contributions_b],
                 "labels_a": list(self.labels_a), "labels_b": list(self.labels_b),
                 "steps": [{"label": lab, "value": v} for lab, v in self.steps()], "story": self.story()}
-
-
-def in_model_colours(picture: Image.Image, preprocess) -> Image.Image:
-    """The picture (already resized and cropped) in the colours the model gets: grey for a
-    1-channel model or the grey-as-RGB setting, so a grey model's photo is not shown in colour."""
-    if getattr(preprocess, "channels", 3) == 1 or getattr(preprocess, "colour", "rgb") == "grey":
-        return picture.convert("L").convert("RGB")
-    return picture.convert("RGB")
 
 
 @torch.inference_mode()

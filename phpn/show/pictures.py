@@ -33,11 +33,15 @@ def sees_grey(preprocess) -> bool:
     return getattr(preprocess, "channels", 3) == 1 or getattr(preprocess, "colour", "rgb") == "grey"
 
 
-def seen_picture(image: Image.Image, preprocess) -> Image.Image:
-    """An image as the model sees it, before normalisation: resized and cropped, and grey (in
-    three equal channels, so that maps are drawn over it in colour) when the model reads grey."""
-    picture = preprocess.geometry(image)
+def in_model_colours(picture: Image.Image, preprocess) -> Image.Image:
+    """A picture (already resized and cropped) in the colours the model gets: grey (in three
+    equal channels, so that maps are drawn over it in colour) when the model reads grey."""
     return picture.convert("L").convert("RGB") if sees_grey(preprocess) else picture.convert("RGB")
+
+
+def seen_picture(image: Image.Image, preprocess) -> Image.Image:
+    """An image as the model sees it, before normalisation: resized and cropped, in its colours."""
+    return in_model_colours(preprocess.geometry(image), preprocess)
 
 
 def seen_image(source, key: str, preprocess) -> Optional[Image.Image]:
