@@ -235,6 +235,15 @@ def cmd_verify(args) -> int:
     return 0
 
 
+def cmd_import_run(args) -> int:
+    from phpn.api import import_run
+
+    folder = import_run(args.zip, args.into, name=args.name)  # verified whole, never over anything
+    _emit(args, {"zip": str(args.zip), "run": str(folder)},
+          f"{args.zip} -> {folder}: a complete run, every file checked (open it with phpn explain {folder} ...).")
+    return 0
+
+
 def cmd_explain(args) -> int:
     from phpn.api import class_index as find_class
     from phpn.api import explain_image
@@ -440,6 +449,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", type=Path)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("import-run", help="take in a run's zip (the app's Export page) as a new run folder, checked "
+                                          "whole (archive, checksums, seal) and never written over anything")
+    p.add_argument("zip", type=Path)
+    p.add_argument("--into", type=Path, default=Path("."), help="the folder the run goes into (default: here)")
+    p.add_argument("--name", help="the run folder's name (default: the zip's; -2, -3, ... when taken)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_import_run)
 
     p = sub.add_parser("explain", help="explain images with a run's prototypes (one, or many into --out)")
     p.add_argument("run", type=Path)

@@ -16,6 +16,7 @@ from PIL import Image
 from test_app import _app, _clean, _errors, needs_demo
 
 from phpn.api import import_run, open_run
+from phpn.cli import main
 from phpn.errors import DataError, RunError
 from phpn.runs.store import load_run, save_run, verify_run
 from phpn.show.report import run_zip_bytes
@@ -262,3 +263,21 @@ def test_a_grey_models_pictures_are_grey_on_explain_and_the_class_browser(tmp_pa
 
     assert not _grey(seen_picture(_colourful(), rgb))  # a colour model still sees colour
     assert _grey(seen_picture(_colourful(), type(pre).from_dict({**rgb.to_dict(), "colour": "grey"})))
+
+
+def test_the_command_line_takes_in_a_run_zip_and_refuses_a_bad_one(tmp_path, sealed_zip, capsys):
+    archive = tmp_path / "shared.zip"
+    archive.write_bytes(sealed_zip)
+    (tmp_path / "runs").mkdir()
+    assert main(["import-run", str(archive), "--into", str(tmp_path / "runs"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    folder = Path(out["run"])
+    assert folder.parent == tmp_path / "runs" and load_run(folder).record.seal_problem() == ""
+    assert main(["import-run", str(archive), "--into", str(tmp_path / "runs"), "--name", folder.name]) == 0
+    assert capsys.readouterr().out.startswith(f"{archive} -> {folder}-2: a complete run, every file checked")
+    bad = tmp_path / "bad.zip"
+    bad.write_bytes(_zip_of({"../x": b"1"}))
+    assert main(["import-run", str(bad), "--into", str(tmp_path / "runs"), "--json"]) != 0
+    err = json.loads(capsys.readouterr().out)
+    assert err["type"] == "DataError" and "an entry that would be written outside its folder ('../x')" in err["error"]
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted([folder.name, f"{folder.name}-2"])
