@@ -45,13 +45,13 @@ def test_the_contrast_is_told_in_plain_words_with_the_prototypes_names():
     c = _contrast([[2.0, 0.5], [0.25, 1.0]])
     assert c.gap == 1.25
     assert c.story() == ("The model gives each class a score: a fixed starting value (its bias) plus what each of "
-                         "its prototypes finds in this image. Here 'Shirt' scores 1.25 more than 'T-shirt/top'. The "
-                         "parts that make the difference: 'Shirt''s collar (2.00 for 'Shirt'), 'Shirt''s prototype 2 "
-                         "(0.50 for 'Shirt'); against it: 'T-shirt/top''s prototype 2 (1.00 for 'T-shirt/top'), "
-                         "'T-shirt/top''s short sleeves (0.25 for 'T-shirt/top').")
+                         "its prototypes finds in this image. Here “Shirt” scores 1.25 more than “T-shirt/top”. The "
+                         "parts that make the difference: “Shirt”'s collar (2.00 for “Shirt”), “Shirt”'s prototype 2 "
+                         "(0.50 for “Shirt”); against it: “T-shirt/top”'s prototype 2 (1.00 for “T-shirt/top”), "
+                         "“T-shirt/top”'s short sleeves (0.25 for “T-shirt/top”).")
     assert "logit" not in c.story() and "bias difference" not in c.story()
     biased = _contrast([[0.5, 0.0], [0.5, 0.0]], bias=(1.0, 0.0))
-    assert "1.00 of that difference in starting values favours 'Shirt' before any part is seen" in biased.story()
+    assert "1.00 of that difference in starting values favours “Shirt” before any part is seen" in biased.story()
     assert c.to_dict()["story"] == c.story()
 
 

@@ -324,7 +324,7 @@ class Contrast:
 
     def story(self, shown: int = 2) -> str:
         """The contrast in plain words: which parts tipped the balance, by the expert's names."""
-        a, b = f"'{self.name_a}'", f"'{self.name_b}'"
+        a, b = f"“{self.name_a}”", f"“{self.name_b}”"
         winner, loser = (a, b) if self.gap >= 0 else (b, a)
         text = (f"The model gives each class a score: a fixed starting value (its bias) plus what each of its "
                 f"prototypes finds in this image. Here {winner} scores {abs(self.gap):.2f} more than {loser}")
