@@ -68,7 +68,8 @@ from phpn.runs.record import (
 
 TENSORS = "tensors.safetensors"  # format 1: every tensor in one file
 ANNOTATIONS = "annotations.json"  # the expert's notes on the prototypes, kept beside the run
-RUN_FILES = (TENSORS, META, ANNOTATIONS)  # the fixed names phpn writes in a run folder (and DATA_FILE's)
+AUDIT = "audit.json"  # the run's last audit (phpn.runs.audit_record), outside the seal; a replaced run drops it
+RUN_FILES = (TENSORS, META, ANNOTATIONS, AUDIT)  # the fixed names phpn writes in a run folder (and DATA_FILE's)
 # A data file's safetensors metadata: one key (the file's bytes stay the same from save to save; several
 # keys would be written in any order) holding the id of the run it belongs to and, in a shard's tensors
 # file, the sha256 of its records file.
