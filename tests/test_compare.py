@@ -197,3 +197,30 @@ def test_cli_compare_shows_each_pair_beside_the_other_pairs(fashion, tmp_path, c
     assert lines[trouser + 2].startswith(f"  prototype {pair['a'] + 1} <-> {pair['b'] + 1}: similarity "
                                          f"{pair['similarity']:.2f}, cosine {pair['cosine']:.2f}, top-patch overlap "
                                          f"{pair['patch_overlap']:.2f}; contribution ")
+
+
+@pytest.mark.slow
+def test_compare_page_shows_the_patch_overlap_beside_its_baseline(tmp_path, monkeypatch):
+    """The Compare page, the shipped demo run against itself: every pair matched, its top-patch
+    overlap in the table and each class's baseline above it."""
+    from test_app import _app, _clean, app_settings_in
+
+    app_settings_in(tmp_path, monkeypatch)
+    at = _app().run()
+    _clean(at)
+    at.switch_page("pages/compare.py").run()
+    _clean(at)
+    demo = next(label for label in at.selectbox(key="compare_choice").options if "fashion-mnist" in label)
+    at.selectbox(key="compare_choice").set_value(demo)
+    at.number_input(key="compare_cap").set_value(2)
+    at.button(key="compare_go").click().run()
+    _clean(at)
+    result = at.session_state["compare_result"][1]
+    assert result.matched == result.prototypes[0] == 30
+    assert at.info[0].value == result.summary and "top-patch overlap 1.00 (other pairs " in result.summary
+    captions = [c.value for c in at.caption]
+    assert any(PATCH_OVERLAP in c for c in captions)
+    for c in result.classes:
+        assert result.baseline_text(c)[:1].upper() + result.baseline_text(c)[1:] in captions
+    table = at.dataframe[0].value
+    assert list(table["top-patch overlap"]) == [1.0, 1.0, 1.0]
