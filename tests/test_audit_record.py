@@ -2,9 +2,11 @@
 it is another run's or was changed, and outside the seal (the run still verifies)."""
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import warnings
+import zipfile
 
 import pytest
 import torch
@@ -19,6 +21,7 @@ from phpn.method.certify import InputWarning
 from phpn.resources import ASSETS
 from phpn.runs import audit_record
 from phpn.runs.store import AUDIT, check_run_target, load_run, verify_run
+from phpn.show.report import audit_json, run_zip_bytes
 
 PRE = Preprocess(resize=16, crop=16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 
@@ -130,3 +133,26 @@ def test_cli_shows_the_kept_audit_without_the_model(saved, capsys):
     assert main(["audit", str(run.path), "--last"]) == 0
     text = capsys.readouterr().out
     assert text.startswith(audit.summary) and f"Kept beside the run: {run.path / AUDIT} (" in text
+
+
+def test_an_audit_exported_with_a_zip_is_reported_and_replaced(saved):
+    """A run's zip carries its audit as the Export page writes it (no run named): shown as such,
+    never trusted, and replaced by the next audit."""
+    run, images = saved
+    audit = run.audit(images, images_per_class=4, save=False)
+    assert audit.saved_to is None and not (run.path / AUDIT).exists()
+    (run.path / AUDIT).write_text(json.dumps(audit_json(audit)))
+    kept = saved_audit(run)
+    assert kept.audit is None and kept.note == (
+        f"The {AUDIT} beside this run is an audit exported with a run's zip, which does not name the run it was "
+        "measured on, so its findings are not shown. Audit the run again to replace it.")
+    assert run.audit(images, images_per_class=4).saved_to == str(run.path / AUDIT)
+    assert saved_audit(run).audit is not None
+
+
+def test_the_kept_audit_travels_in_the_runs_zip(saved, tmp_path):
+    run, images = saved
+    audit = run.audit(images, images_per_class=4)
+    zipfile.ZipFile(io.BytesIO(run_zip_bytes(run, "travelled"))).extractall(tmp_path / "unzipped")
+    kept = saved_audit(load_run(tmp_path / "unzipped" / "travelled"))
+    assert kept.note == "" and kept.audit.to_dict() == audit.to_dict()

@@ -62,13 +62,20 @@ def _checksum(record: dict) -> str:
     return hashlib.sha256(canonical({key: value for key, value in record.items() if key != "sha256"})).hexdigest()
 
 
+def _is_exported(data) -> bool:
+    """An audit as a run's zip carries it (the audit's own dict with the expert's verdicts,
+    :func:`phpn.show.report.audit_json`): phpn's, but naming no run."""
+    return (isinstance(data, dict) and "kind" not in data and isinstance(data.get("prototypes"), list)
+            and "summary" in data and "baseline_scores" in data)
+
+
 def _is_audit_file(path: Path) -> bool:
     """Whether ``path`` is an audit phpn wrote (an existing file phpn may replace)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(data, dict) and data.get("kind") == KIND
+    return isinstance(data, dict) and (data.get("kind") == KIND or _is_exported(data))
 
 
 def is_shipped(folder) -> bool:
@@ -127,6 +134,10 @@ def read_audit(run) -> Optional[SavedAudit]:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         return SavedAudit(path, note=f"The {AUDIT} beside this run cannot be read ({type(exc).__name__}). "
+                                     f"{AUDIT_AGAIN}")
+    if _is_exported(record):
+        return SavedAudit(path, note=f"The {AUDIT} beside this run is an audit exported with a run's zip, which does "
+                                     f"not name the run it was measured on, so its findings are not shown. "
                                      f"{AUDIT_AGAIN}")
     if not isinstance(record, dict) or record.get("kind") != KIND or record.get("format_version") != FORMAT_VERSION:
         return SavedAudit(path, note=f"The {AUDIT} beside this run is not a phpn audit of format {FORMAT_VERSION}. "
