@@ -150,7 +150,7 @@ def test_an_audit_exported_with_a_zip_is_reported_and_replaced(saved):
     assert saved_audit(run).audit is not None
 
 
-def test_the_kept_audit_travels_in_the_runs_zip(saved, tmp_path):
+def test_the_kept_audit_travels_in_the_runs_zip_unpacked_by_hand(saved, tmp_path):
     run, images = saved
     audit = run.audit(images, images_per_class=4)
     zipfile.ZipFile(io.BytesIO(run_zip_bytes(run, "travelled"))).extractall(tmp_path / "unzipped")
