@@ -11,7 +11,15 @@ import streamlit as st
 from phpn.api import missing_model, open_run
 from phpn.app import frame as S
 from phpn.errors import DataError
-from phpn.pipeline.compare import IMAGES_PER_CLASS, MATCH_THRESHOLD, SIMILARITY, check_comparable, compare_runs
+from phpn.pipeline.compare import (
+    BASELINE,
+    IMAGES_PER_CLASS,
+    MATCH_THRESHOLD,
+    PATCH_OVERLAP,
+    SIMILARITY,
+    check_comparable,
+    compare_runs,
+)
 from phpn.runs.store import load_run
 
 S.frame()
@@ -24,7 +32,9 @@ run = entry.run
 st.caption(f"Each class's prototypes of the two runs are paired one-to-one (the Hungarian method) on one stated "
            f"similarity, which holds for any two models: {SIMILARITY}. Where both "
            "runs decompose the same model, the cosine of the prototype vectors is shown too. A pair below the "
-           "threshold is no match: both prototypes are listed as unmatched.")
+           "threshold is no match: both prototypes are listed as unmatched. A second piece of evidence from the "
+           f"runs' own records: the top-patch overlap, the {PATCH_OVERLAP}. Each number is shown beside its "
+           f"baseline: {BASELINE}.")
 
 known = S.known_runs()
 choice = st.selectbox("The other run", ["(type a path below)"] + [label for label, _ in known], key="compare_choice")
@@ -72,16 +82,18 @@ if stored and stored[0] == entry.id:
         unmatched = len(c["unmatched_a"]) + len(c["unmatched_b"])
         with st.expander(f"{c['class_name']}: {len(c['pairs'])} pairs, {unmatched} unmatched; mean logit "
                          f"{c['mean_logit_a']:+.3f} → {c['mean_logit_b']:+.3f}", expanded=unmatched > 0):
+            st.caption(result.baseline_text(c)[:1].upper() + result.baseline_text(c)[1:])
             rows = [{"prototype (this run)": p["a"] + 1, f"prototype ({result.labels[1]})": p["b"] + 1,
                      "similarity": round(p["similarity"], 3),
                      "cosine": None if p["cosine"] is None else round(p["cosine"], 3),
+                     "top-patch overlap": None if p["patch_overlap"] is None else round(p["patch_overlap"], 3),
                      "contribution (this run)": round(p["contribution_a"], 3),
                      f"contribution ({result.labels[1]})": round(p["contribution_b"], 3)} for p in c["pairs"]]
             rows += [{"prototype (this run)": u["prototype"] + 1, f"prototype ({result.labels[1]})": None,
-                      "similarity": u["best_similarity"], "cosine": None,
+                      "similarity": u["best_similarity"], "cosine": None, "top-patch overlap": None,
                       "contribution (this run)": round(u["contribution"], 3)} for u in c["unmatched_a"]]
             rows += [{"prototype (this run)": None, f"prototype ({result.labels[1]})": u["prototype"] + 1,
-                      "similarity": u["best_similarity"], "cosine": None,
+                      "similarity": u["best_similarity"], "cosine": None, "top-patch overlap": None,
                       f"contribution ({result.labels[1]})": round(u["contribution"], 3)} for u in c["unmatched_b"]]
             st.dataframe(pd.DataFrame(rows), hide_index=True)
     st.download_button("Download the comparison (.json)", data=json.dumps(result.to_dict(), indent=1),

@@ -85,6 +85,7 @@ from phpn.pipeline.features import FeatureTap
 from phpn.pipeline.mistakes import majorities
 from phpn.pipeline.preprocess_check import MIN_GAIN, NORMALISATIONS
 from phpn.progress import ProgressFn, TqdmProgress, report
+from phpn.runs.audit_record import SavedAudit, read_audit, save_audit, why_not_saved
 from phpn.runs.provenance import load_from_record
 from phpn.runs.store import (  # this module's load_run is the public wrapper
     Run,
@@ -894,20 +895,78 @@ class DecomposedRun(Run):
         """Write the run (atomically) to the folder ``path``; reopen it with :func:`load_run`."""
         return save_run(self, path, **options)
 
-    def audit(self, data=None, *, images_per_class: int = AUDIT_IMAGES_PER_CLASS, progress=False) -> Audit:
+    def audit(self, data=None, *, images_per_class: int = AUDIT_IMAGES_PER_CLASS, progress=False,
+              save: bool = True) -> Audit:
         """Every prototype ranked by how much a person should look at it first, with its reasons
         and the numbers behind them, beside baselines of this run (:mod:`phpn.pipeline.audit`).
         ``data``: labelled images (a folder, a Dataset or a DataLoader); default: the run's own
-        discovery folder, when it is here."""
+        discovery folder, when it is here. A saved run keeps the result beside it (``audit.json``,
+        read back by :attr:`last_audit`) unless ``save`` is False; ``Audit.saved_to`` says where,
+        ``Audit.save_note`` why it was not kept."""
         session = self._session()
         images = as_data(session, _labelled_images(self, data))
         bar = _progress_fn(progress)
         try:
-            return audit_run(self, session.split, session.preprocess, images, images_per_class=images_per_class,
-                             progress=bar)
+            result = audit_run(self, session.split, session.preprocess, images, images_per_class=images_per_class,
+                               progress=bar)
         finally:
             if hasattr(bar, "close"):
                 bar.close()
+        if save:
+            keep_audit(self, result)
+        return result
+
+    @property
+    def last_audit(self) -> Optional[Audit]:
+        """The audit kept beside this saved run, or None (none kept, or one that is not this
+        run's: :func:`saved_audit` says why)."""
+        saved = saved_audit(self)
+        return saved.audit if saved is not None else None
+
+
+def keep_audit(run: Run, audit: Audit) -> Audit:
+    """Keep ``audit`` beside the saved ``run`` (``audit.json``); where it cannot be (an unsaved
+    or shipped run, a folder that cannot be written), ``audit.save_note`` says why and the audit
+    is returned all the same: the findings are never lost to a failed write."""
+    audit.saved_to, audit.save_note = None, why_not_saved(run)
+    if not audit.save_note:
+        try:
+            audit.saved_to = str(save_audit(run, audit.to_dict()))
+        except PhpnError as exc:
+            audit.save_note = f"The audit is not kept: {exc.problem}"
+        except OSError as exc:
+            audit.save_note = f"The audit is not kept: {run.path} cannot be written ({exc.strerror or exc})."
+    return audit
+
+
+@dataclass
+class LastAudit:
+    """The audit kept beside a run: ``audit`` when it is this run's, else None and ``note`` says
+    why it is not shown; ``saved_at`` (ISO 8601, UTC) when it was written."""
+
+    path: Path
+    audit: Optional[Audit]
+    note: str = ""
+    saved_at: str = ""
+
+
+def saved_audit(run: Run) -> Optional[LastAudit]:
+    """The last audit kept beside ``run`` (:mod:`phpn.runs.audit_record`), or None when there is
+    none. One that names another run, or was changed after it was written, is not trusted: its
+    ``audit`` is None and ``note`` says why."""
+    saved: Optional[SavedAudit] = read_audit(run)
+    if saved is None:
+        return None
+    audit = None
+    if saved.trusted:
+        try:
+            audit = Audit.from_dict(saved.audit)
+        except (KeyError, TypeError, ValueError) as exc:
+            return LastAudit(saved.path, None, f"The {saved.path.name} beside this run has findings this phpn cannot "
+                                               f"read ({type(exc).__name__}: {exc}). Audit the run again to replace it.",
+                             saved.saved_at)
+        audit.saved_to = str(saved.path)
+    return LastAudit(saved.path, audit, saved.note, saved.saved_at)
 
 
 def _labelled_images(run: Run, data):

@@ -329,7 +329,21 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _kept_line(audit) -> str:
+    return f"Kept beside the run: {audit.saved_to}" if audit.saved_to else audit.save_note
+
+
 def cmd_audit(args) -> int:
+    if args.last:
+        from phpn.api import read_run, saved_audit
+
+        kept = saved_audit(read_run(args.run))
+        if kept is None or kept.audit is None:
+            problem = kept.note if kept is not None else f"No audit is kept beside the run at {args.run}."
+            raise PhpnError(problem, f"Audit it: phpn audit {args.run} --data DIR.")
+        _emit(args, {**kept.audit.to_dict(), "saved_to": str(kept.path), "saved_at": kept.saved_at},
+              f"{kept.audit.text()}\nKept beside the run: {kept.path} ({kept.saved_at})")
+        return 0
     session, run, _ = _run_session(args)
     data = args.data if args.data else None
     if data is None and session.demo:
@@ -342,7 +356,8 @@ def cmd_audit(args) -> int:
                           progress=bar)
     finally:
         bar.close()
-    _emit(args, audit.to_dict(), audit.text())
+    _emit(args, {**audit.to_dict(), "saved_to": audit.saved_to, "save_note": audit.save_note},
+          f"{audit.text()}\n{_kept_line(audit)}")
     return 0
 
 
@@ -500,6 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, help="labelled images, one sub-folder per class (default: the run's own "
                    "discovery folder)")
     p.add_argument("--images-per-class", type=int, help=f"labelled images read per class (default {D.AUDIT_IMAGES_PER_CLASS})")
+    p.add_argument("--last", action="store_true", help="show the audit kept beside the run (audit.json) instead of "
+                   "measuring again; no model needed")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_audit)
 

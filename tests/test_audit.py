@@ -134,3 +134,7 @@ def test_cli_audit_json(run, tmp_path, capsys):
     assert (rows[0]["class"], rows[0]["prototype"]) == (MARKED, mark_prototype(run))
     assert rows[0]["reasons"][0].startswith("causal: ")
     assert np.isclose(rows[0]["score"], run.audit(SHORTCUT / "train").entries[0].score)
+    # kept beside the run, and given back when the run is reopened
+    assert out["saved_to"] == str(path / "audit.json") and out["save_note"] == ""
+    kept = phpn.open_run(path, run.session).last_audit
+    assert kept.to_dict() == {key: value for key, value in out.items() if key not in ("saved_to", "save_note")}

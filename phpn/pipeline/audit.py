@@ -90,6 +90,12 @@ class AuditEntry:
     def causal(self) -> bool:
         return any(r.startswith("causal") for r in self.reasons)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "AuditEntry":
+        return cls(class_index=int(d["class"]), class_name=str(d["class_name"]), prototype=int(d["prototype"]),
+                   score=float(d["score"]), reasons=list(d["reasons"]), signals=dict(d["signals"]),
+                   stands_out=bool(d["stands_out"]))
+
     def to_dict(self) -> dict:
         return {"class": self.class_index, "class_name": self.class_name, "prototype": self.prototype,
                 "score": self.score, "stands_out": self.stands_out, "reasons": list(self.reasons),
@@ -105,6 +111,11 @@ class Audit:
     settings: dict = field(default_factory=dict)
 
     baseline_scores: list = field(default_factory=list)  # the same score for each random-direction prototype
+    image_paths: list = field(default_factory=list)  # the labelled images measured on, as the image folder names them
+    data_root: str = ""  # that image folder
+    # Where the audit was kept beside its run, or why it was not (set by the one who saves it).
+    saved_to: Optional[str] = None
+    save_note: str = ""
 
     @property
     def stands_out(self) -> bool:
@@ -127,7 +138,16 @@ class Audit:
         return {"summary": self.summary, "stands_out": self.stands_out, "images": self.images,
                 "images_per_class": self.images_per_class, "baselines": self.baselines,
                 "baseline_scores": list(self.baseline_scores), "settings": self.settings,
+                "data_root": self.data_root, "image_paths": list(self.image_paths),
                 "prototypes": [e.to_dict() for e in self.entries]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Audit":
+        """The audit :meth:`to_dict` wrote (its summary and flags follow from the entries again)."""
+        return cls(entries=[AuditEntry.from_dict(e) for e in d["prototypes"]], images=int(d["images"]),
+                   images_per_class=int(d["images_per_class"]), baselines=dict(d["baselines"]),
+                   settings=dict(d.get("settings", {})), baseline_scores=[float(v) for v in d["baseline_scores"]],
+                   image_paths=[str(p) for p in d.get("image_paths", [])], data_root=str(d.get("data_root", "")))
 
     def text(self, top: Optional[int] = None) -> str:
         lines = [self.summary, f"({self.images} labelled images, up to {self.images_per_class} per class; "
@@ -199,6 +219,7 @@ class _Images:
             raise DataError("None of the labelled images could be read.", "Check the image folder.")
         label_of = dict(zip(paths, labels))
         self.x = torch.cat(xs).float()
+        self.paths = [str(p) for p in kept]
         self.y = torch.tensor([label_of[p] for p in kept])
         self.feats, self.logits = self.forward(self.x)
         self.pred = self.logits.argmax(1)
@@ -395,7 +416,7 @@ def audit_run(run, split, preprocess, data: ImageFolderData, *, images_per_class
                                       reasons=[r for _, r in reasons], signals=signals, stands_out=total > highest))
     entries.sort(key=lambda e: (-e.score, e.class_index, e.prototype))
     return Audit(entries=entries, images=len(images.y), images_per_class=images_per_class, baselines=baselines,
-                 baseline_scores=baseline_scores,
+                 baseline_scores=baseline_scores, image_paths=images.paths, data_root=str(data.root),
                  settings={"reason_excess": REASON_EXCESS, "other_images": other_images, "top_patches": TOP_PATCHES,
                            "border_cells": BORDER_CELLS, "patch_cells": PATCH_CELLS, "region_share": REGION_SHARE,
                            "seed": seed})

@@ -9,6 +9,14 @@ it. Matching is one-to-one (the Hungarian method, scipy's ``linear_sum_assignmen
 whose similarity is below :data:`MATCH_THRESHOLD` is not a match, and both its prototypes are
 listed as unmatched. Per class, the mean contributions of both sides on the same images say
 what changed.
+
+A second piece of evidence, from each run's own record: the overlap of a pair's top training
+patches (:data:`PATCH_OVERLAP`). Only patches on images both runs' discoveries read count
+(two runs that sampled different images cannot share a patch elsewhere); a class whose runs
+share no such patch has no overlap (None). Every number of a pair (similarity, cosine, patch
+overlap) is shown beside its baseline in the same comparison: the mean over the *other* pairs
+of the same class (each prototype of A with every prototype of B but its assigned partner),
+what two prototypes of that class that are not the same part give.
 """
 from __future__ import annotations
 
@@ -29,6 +37,10 @@ from phpn.progress import report
 MATCH_THRESHOLD = config.MATCH_THRESHOLD
 IMAGES_PER_CLASS = config.COMPARE_IMAGES_PER_CLASS
 SIMILARITY = "Pearson correlation of the two prototypes' maps on the same images of their class"
+PATCH_OVERLAP = ("share of the two prototypes' top training patches, on images both discoveries read, that overlap "
+                 "a top patch of the other on the same image")
+BASELINE = "the other pairs of the same class (each prototype with every one but its assigned partner)"
+EVIDENCE = ("similarity", "cosine", "patch_overlap")  # each pair's numbers, each beside its baseline
 
 
 @dataclass
@@ -39,6 +51,8 @@ class Comparison:
     similarity: str = SIMILARITY
     labels: tuple = ("A", "B")
     notes: list = field(default_factory=list)
+    patch_overlap: str = PATCH_OVERLAP
+    baseline: str = BASELINE
 
     @property
     def matched(self) -> int:
@@ -48,19 +62,48 @@ class Comparison:
     def prototypes(self) -> tuple:
         return (sum(c["k_a"] for c in self.classes), sum(c["k_b"] for c in self.classes))
 
+    def evidence(self) -> dict:
+        """Each of :data:`EVIDENCE` over the whole comparison: {"matched": mean over the matched
+        pairs, "baseline": mean over the other pairs of their classes (:data:`BASELINE`)}, None
+        where nothing was measured."""
+        out = {}
+        for key in EVIDENCE:
+            matched = [p[key] for c in self.classes for p in c["pairs"] if p.get(key) is not None]
+            other = [v for c in self.classes for v in c.get("other_pairs", {}).get(key, [])]
+            out[key] = {"matched": float(np.mean(matched)) if matched else None,
+                        "baseline": float(np.mean(other)) if other else None}
+        return out
+
+    def evidence_text(self) -> str:
+        """"matched pairs: similarity 0.93 (other pairs 0.12), ..." for the numbers measured."""
+        words = {"similarity": "similarity", "cosine": "cosine", "patch_overlap": "top-patch overlap"}
+        parts = [f"{words[key]} {e['matched']:.2f} (other pairs {_num(e['baseline'])})"
+                 for key, e in self.evidence().items() if e["matched"] is not None]
+        return f"Matched pairs, mean {', '.join(parts)}." if parts else ""
+
+    def baseline_text(self, c: dict) -> str:
+        """A class's baseline in words: "other pairs of this class (baseline): similarity 0.74, ..."."""
+        base = c.get("baseline", {})
+        shown = [("similarity", "similarity")] + ([("cosine", "cosine")] if self.vectors_comparable else []) \
+            + [("top-patch overlap", "patch_overlap")]
+        return "other pairs of this class (baseline): " + ", ".join(f"{words} {_num(base.get(key))}"
+                                                                     for words, key in shown)
+
     @property
     def summary(self) -> str:
         ka, kb = self.prototypes
         sims = [p["similarity"] for c in self.classes for p in c["pairs"]]
         median = f", median similarity {np.median(sims):.2f}" if sims else ""
+        evidence = self.evidence_text()
         return (f"{self.matched} of {ka} prototypes of {self.labels[0]} matched one-to-one with {kb} of "
                 f"{self.labels[1]} over {len(self.classes)} classes{median} (similarity: {self.similarity}; a match "
                 f"needs at least {self.threshold:g}); unmatched: {ka - self.matched} of {self.labels[0]}, "
-                f"{kb - self.matched} of {self.labels[1]}.")
+                f"{kb - self.matched} of {self.labels[1]}." + (f" {evidence}" if evidence else ""))
 
     def to_dict(self) -> dict:
         ka, kb = self.prototypes
         return {"summary": self.summary, "similarity": self.similarity, "threshold": self.threshold,
+                "patch_overlap": self.patch_overlap, "baseline": self.baseline, "evidence": self.evidence(),
                 "vectors_comparable": self.vectors_comparable, "runs": list(self.labels), "matched": self.matched,
                 "prototypes_a": ka, "prototypes_b": kb, "notes": list(self.notes), "classes": self.classes}
 
@@ -69,9 +112,11 @@ class Comparison:
         for c in self.classes:
             lines.append(f"{c['class_name']} (class {c['class']}, {c['images']} images): mean logit "
                          f"{c['mean_logit_a']:+.3f} -> {c['mean_logit_b']:+.3f}")
+            lines.append(f"  {self.baseline_text(c)}")
             for p in c["pairs"]:
                 cos = f", cosine {p['cosine']:.2f}" if p.get("cosine") is not None else ""
-                lines.append(f"  prototype {p['a'] + 1} <-> {p['b'] + 1}: similarity {p['similarity']:.2f}{cos}; "
+                lines.append(f"  prototype {p['a'] + 1} <-> {p['b'] + 1}: similarity {p['similarity']:.2f}{cos}, "
+                             f"top-patch overlap {_num(p.get('patch_overlap'))}; "
                              f"contribution {p['contribution_a']:+.3f} -> {p['contribution_b']:+.3f}")
             for side, key in (("A", "unmatched_a"), ("B", "unmatched_b")):
                 for u in c[key]:
@@ -79,6 +124,66 @@ class Comparison:
                     lines.append(f"  unmatched in {side}: prototype {u['prototype'] + 1}, contribution "
                                  f"{u['contribution']:+.3f}{best}")
         return "\n".join(lines)
+
+
+def _num(value) -> str:
+    return "not measured" if value is None else f"{value:.2f}"
+
+
+def _boxes(run, c: int, k: int, shared, crop) -> list:
+    """Per prototype of class ``c``: its top patches on the shared images, as (path, box) with
+    the box [x0, y0, x1, y1] in fractions of the run's input side (``crop`` pixels)."""
+    recorded = run.class_meta(c).get("top_patches") or []
+    scale = float(crop) if crop else 1.0
+    out = []
+    for i in range(k):
+        patches = recorded[i] if i < len(recorded) else []
+        out.append([(str(p["path"]), [float(v) / scale for v in p["box"]]) for p in patches
+                    if shared is None or str(p["path"]) in shared])
+    return out
+
+
+def _overlaps(box_a, box_b) -> bool:
+    return min(box_a[2], box_b[2]) > max(box_a[0], box_b[0]) and min(box_a[3], box_b[3]) > max(box_a[1], box_b[1])
+
+
+def patch_overlap(patches_a: list, patches_b: list):
+    """The share of both prototypes' top patches (each a list of (path, box)) that overlap a top
+    patch of the other on the same image: 1 for the same patches, None when neither has one."""
+    total = len(patches_a) + len(patches_b)
+    if not total:
+        return None
+
+    def hits(mine, theirs):
+        return sum(any(path == other and _overlaps(box, b) for other, b in theirs) for path, box in mine)
+
+    return (hits(patches_a, patches_b) + hits(patches_b, patches_a)) / total
+
+
+def _overlap_matrix(run_a, run_b, c: int, ka: int, kb: int, crop_a, crop_b) -> np.ndarray:
+    """(k_a, k_b) top-patch overlap of every pair of class ``c`` (NaN where not measured)."""
+    paths_a, paths_b = run_a.class_meta(c).get("paths"), run_b.class_meta(c).get("paths")
+    shared = set(map(str, paths_a)) & set(map(str, paths_b)) if paths_a is not None and paths_b is not None else None
+    boxes_a = _boxes(run_a, c, ka, shared, crop_a)
+    boxes_b = _boxes(run_b, c, kb, shared, crop_b)
+    out = np.full((ka, kb), np.nan)
+    for i in range(ka):
+        for j in range(kb):
+            value = patch_overlap(boxes_a[i], boxes_b[j])
+            if value is not None:
+                out[i, j] = value
+    return out
+
+
+def _crop(run, pre):
+    """The input side the run's patch boxes are measured in (None: not known; boxes as they are)."""
+    return getattr(pre, "crop", None) or run.meta.get("preprocess", {}).get("crop")
+
+
+def _value(matrix, i: int, j: int):
+    if matrix is None or not np.isfinite(matrix[i, j]):
+        return None
+    return float(matrix[i, j])
 
 
 def check_comparable(run_a, run_b) -> list:
@@ -162,11 +267,13 @@ def compare_runs(run_a, split_a, pre_a, run_b, split_b, pre_b, data: ImageFolder
             pa = F.normalize(run_a.class_prototypes(c).double(), dim=1)
             pb = F.normalize(run_b.class_prototypes(c).double(), dim=1)
             cos = (pa @ pb.T).numpy()
+        overlap = _overlap_matrix(run_a, run_b, c, *sim.shape, _crop(run_a, pre_a), _crop(run_b, pre_b))
         pairs, matched_a, matched_b = [], set(), set()
         for i, j in zip(rows.tolist(), cols.tolist()):
             if sim[i, j] >= threshold:
                 pairs.append({"a": i, "b": j, "similarity": float(sim[i, j]),
                               "cosine": None if cos is None else float(cos[i, j]),
+                              "patch_overlap": _value(overlap, i, j),
                               "contribution_a": float(con_a[:, i].mean()), "contribution_b": float(con_b[:, j].mean()),
                               "contribution_change": float(con_b[:, j].mean() - con_a[:, i].mean())})
                 matched_a.add(i)
@@ -179,10 +286,17 @@ def compare_runs(run_a, split_a, pre_a, run_b, split_b, pre_b, data: ImageFolder
                     for i in range(k) if i not in matched]
 
         ka, kb = sim.shape
+        assigned = set(zip(rows.tolist(), cols.tolist()))
+        others = [(i, j) for i in range(ka) for j in range(kb) if (i, j) not in assigned]
+        other_pairs = {key: [v for v in (_value(m, i, j) for i, j in others) if v is not None]
+                       for key, m in (("similarity", sim), ("cosine", cos), ("patch_overlap", overlap))}
         out.append({
             "class": c, "class_name": class_name(names, c), "images": len(kept_a), "k_a": ka, "k_b": kb,
             "similarity_matrix": sim.round(4).tolist(),
+            "patch_overlap_matrix": [[_value(overlap, i, j) for j in range(kb)] for i in range(ka)],
             "pairs": pairs,
+            "other_pairs": other_pairs,
+            "baseline": {key: float(np.mean(v)) if v else None for key, v in other_pairs.items()},
             "unmatched_a": unmatched(ka, matched_a, con_a,
                                      lambda i: float(sim[i, partner[i]]) if i in partner else None),
             "unmatched_b": unmatched(kb, matched_b, con_b,

@@ -69,6 +69,9 @@ from phpn.runs.record import (
 TENSORS = "tensors.safetensors"  # format 1: every tensor in one file
 ANNOTATIONS = "annotations.json"  # the expert's notes on the prototypes, kept beside the run
 RUN_FILES = (TENSORS, META, ANNOTATIONS)  # the fixed names phpn writes in a run folder (and DATA_FILE's)
+# The run's last audit (phpn.runs.audit_record): phpn writes it beside the run but it is not one of
+# the run's files (outside the seal, not carried by an import); a replaced run drops it.
+AUDIT = "audit.json"
 # A data file's safetensors metadata: one key (the file's bytes stay the same from save to save; several
 # keys would be written in any order) holding the id of the run it belongs to and, in a shard's tensors
 # file, the sha256 of its records file.
@@ -91,6 +94,11 @@ def file_metadata(**named) -> dict:
 def is_run_file(name: str) -> bool:
     """Whether a file name in a run folder is one phpn writes."""
     return name in RUN_FILES or DATA_FILE.fullmatch(name) is not None
+
+
+def is_written_beside(name: str) -> bool:
+    """Whether a file name in a run folder is one phpn writes there: the run's own, or its audit."""
+    return is_run_file(name) or name == AUDIT
 
 
 @dataclass
@@ -238,7 +246,7 @@ def check_run_target(path, overwrite: bool = False) -> Path:
     """Refuse a target phpn may not write to; call it before long work so a bad ``--out``
     fails at once. Accepted: a new path, an empty folder, or (with ``overwrite``) a run phpn
     wrote that holds nothing else. Never accepted: a file, a link, a folder with other files."""
-    path = check_may_write(path, what="phpn run", plural="runs", ours=is_run_folder, owned=is_run_file,
+    path = check_may_write(path, what="phpn run", plural="runs", ours=is_run_folder, owned=is_written_beside,
                            fix="Choose a new or empty folder for the run.", error=RunError)
     if path.exists():
         if any(path.iterdir()):
