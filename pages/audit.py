@@ -9,7 +9,9 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from phpn.api import keep_audit, saved_audit
 from phpn.app import frame as S
+from phpn.app import serving
 from phpn.config import class_name
 from phpn.errors import DataError
 from phpn.pipeline.audit import IMAGES_PER_CLASS, NO_SINGLE_REASON, REASON_EXCESS, SIGNALS, audit_run
@@ -62,14 +64,33 @@ if st.button("Audit the prototypes", type="primary", key="audit_go"):
                                progress=lambda _s, done, total: bar.progress(done / max(total, 1),
                                                                              text=f"Auditing: class {done}/{total}"))
         bar.empty()
+        # Kept beside the run (audit.json) where this visitor may write it; the findings stay either way.
+        unwritable = serving.read_only_reason(entry.saved_to) if entry.saved_to else None
+        if unwritable:
+            result.save_note = f"The audit is not kept beside the run: {unwritable}"
+        else:
+            keep_audit(run, result)
         st.session_state["audit_result"] = (entry.id, result)
         st.session_state["audit_images"] = (entry.id, str(root), int(per_class), words, chosen.discovery)
 
 stored = st.session_state.get("audit_result")
+if not (stored and stored[0] == entry.id) and entry.saved_to:
+    kept = saved_audit(run)  # the last audit kept beside the run, when it is this run's
+    if kept is not None and kept.audit is not None:
+        stored = st.session_state["audit_result"] = (entry.id, kept.audit)
+        st.info(f"The last audit of this run, kept beside it on {kept.saved_at[:16].replace('T', ' ')} UTC. "
+                "Audit again to measure it anew.")
+        if kept.audit.data_root and Path(kept.audit.data_root).is_dir():
+            st.session_state["audit_images"] = (entry.id, kept.audit.data_root, kept.audit.images_per_class,
+                                                 f"the images of the last audit ({kept.audit.data_root})", False)
+    elif kept is not None:
+        st.warning(kept.note)
 if stored and stored[0] == entry.id:
     audit = stored[1]
     (st.warning if audit.stands_out else st.success)(audit.summary)
-    st.caption(f"{audit.images} labelled images, up to {audit.images_per_class} per class.")
+    st.caption(f"{audit.images} labelled images, up to {audit.images_per_class} per class."
+               + (f" Kept beside the run ({Path(audit.saved_to).name})." if getattr(audit, "saved_to", None) else "")
+               + (f" {audit.save_note}" if getattr(audit, "save_note", None) else ""))
     def _who(e) -> str:
         return f"{e.class_name}, {prototype_label(notes, e.class_index, e.prototype)}"
 
@@ -132,7 +153,9 @@ if stored and stored[0] == entry.id:
             f"{class_name(run.class_names, c)}: " + ", ".join(prototype_label(notes, c, i) for i in p)
             for c, p in off.items()) + ".")
         images = st.session_state.get("audit_images")
-        if st.button("Accuracy without the spurious prototypes", key="audit_switch_off"):
+        if images is None or images[0] != entry.id:
+            st.caption("Audit again to measure the accuracy on labelled images.")
+        elif st.button("Accuracy without the spurious prototypes", key="audit_switch_off"):
             with S.user_errors():
                 folder = S.scan_data(model, Path(images[1]), images[2], 0)
                 with st.spinner("Predicting with and without those prototypes…"), model.lock:

@@ -198,3 +198,39 @@ def test_the_audit_page_takes_verdicts_and_switches_the_spurious_prototypes_off(
     _clean(at)
     page = at.session_state["class_report"][2]
     assert "<h2>Audit</h2>" in page and "<td class=l>confirmed: spurious</td></tr>" in page
+
+
+@pytest.mark.slow
+def test_the_audit_page_keeps_the_audit_beside_a_saved_run_and_shows_it_again(tmp_path, monkeypatch):
+    pytest.importorskip("streamlit.testing.v1")
+    from streamlit.testing.v1 import AppTest  # noqa: PLC0415 - optional: the app's test harness
+    from test_app import APP, _clean, _demo_ready, _errors, app_settings_in  # noqa: PLC0415 - the app tests' helpers
+    from test_app_state import _save_run  # noqa: PLC0415 - the app tests' helpers
+
+    if not _demo_ready():
+        pytest.skip("the fashion-mnist demo assets are not there")
+    app_settings_in(tmp_path, monkeypatch)
+    at = AppTest.from_file(APP, default_timeout=180).run()
+    # On the shipped demo run the findings are shown, and the page says why they are not kept.
+    at.switch_page("pages/audit.py").run()
+    at.radio(key="audit_source").set_value("The demo's held-out images")
+    at.number_input(key="audit_cap").set_value(2)
+    at.button(key="audit_go").click().run()
+    _clean(at)
+    assert not _errors(at)
+    assert "The audit is not kept beside the run: " in " ".join(c.value for c in at.caption)
+    # On the visitor's own copy it is kept (audit.json), and shown again once the session forgets it.
+    folder = _save_run(at, "audited")
+    at.switch_page("pages/audit.py").run()
+    at.button(key="audit_go").click().run()
+    _clean(at)
+    audit = at.session_state["audit_result"][1]
+    assert (folder / "audit.json").is_file() and audit.saved_to == str(folder / "audit.json")
+    assert "Kept beside the run (audit.json)." in " ".join(c.value for c in at.caption)
+    del at.session_state["audit_result"]
+    at.run()
+    _clean(at)
+    assert any(i.value.startswith("The last audit of this run, kept beside it on ") for i in at.info)
+    again = at.session_state["audit_result"][1]
+    assert [(e.class_index, e.prototype, round(e.score, 6)) for e in again.entries] == \
+        [(e.class_index, e.prototype, round(e.score, 6)) for e in audit.entries]
