@@ -9,14 +9,27 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from phpn.api import keep_audit, saved_audit
+from phpn.api import AUDIT_IMAGES_PER_CLASS as IMAGES_PER_CLASS
+from phpn.api import (
+    DISMISSED,
+    NO_SINGLE_REASON,
+    NOT_JUDGED,
+    REASON_EXCESS,
+    SERVER_FOLDER,
+    SIGNALS,
+    VERDICTS,
+    audit_run,
+    keep_audit,
+    labelled_sets,
+    prototype_label,
+    saved_audit,
+    switch_off,
+    verdict_words,
+)
 from phpn.app import frame as S
 from phpn.app import serving
 from phpn.config import class_name
 from phpn.errors import DataError
-from phpn.pipeline.audit import IMAGES_PER_CLASS, NO_SINGLE_REASON, REASON_EXCESS, SIGNALS, audit_run
-from phpn.pipeline.mistakes import SERVER_FOLDER, labelled_sets
-from phpn.runs.annotations import DISMISSED, NOT_JUDGED, VERDICTS, prototype_label, switch_off, verdict_words
 from phpn.show.report import audit_json
 
 S.frame()

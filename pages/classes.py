@@ -8,18 +8,19 @@ import pandas as pd
 import streamlit as st
 
 from phpn import config as D
-from phpn.app import frame as S
-from phpn.config import MAP_OPACITY, class_name
-from phpn.errors import ConfigError, DataError
-from phpn.glossary import explain, fidelity_warning
-from phpn.pipeline.mistakes import labelled_sets
-from phpn.runs.annotations import (
+from phpn.api import (
     EDITED_MODEL,
     SUGGESTED_FLAGS,
     conflict_text,
     label_heading,
+    labelled_sets,
     prototype_labels,
+    switch_off,
 )
+from phpn.app import frame as S
+from phpn.config import MAP_OPACITY, class_name
+from phpn.errors import ConfigError, DataError
+from phpn.glossary import explain, fidelity_warning
 from phpn.show import viz
 
 S.frame()
@@ -206,8 +207,6 @@ with st.form(f"off_form_{class_index}"):
     go = st.form_submit_button("Compare with the original model")
 if go:
     with S.user_errors():
-        from phpn.runs.annotations import switch_off
-
         if not off:
             raise ConfigError("No prototype picked.", "Pick at least one prototype to switch off.")
         chosen = sets[source]

@@ -8,19 +8,20 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from phpn.api import missing_model, open_run
-from phpn.app import frame as S
-from phpn.errors import DataError
-from phpn.pipeline.compare import (
+from phpn.api import (
     BASELINE,
-    IMAGES_PER_CLASS,
     MATCH_THRESHOLD,
     PATCH_OVERLAP,
     SIMILARITY,
     check_comparable,
     compare_runs,
+    missing_model,
+    open_run,
 )
-from phpn.runs.store import load_run
+from phpn.api import COMPARE_IMAGES_PER_CLASS as IMAGES_PER_CLASS
+from phpn.api import read_run as load_run
+from phpn.app import frame as S
+from phpn.errors import DataError
 
 S.frame()
 st.title("Compare two runs")

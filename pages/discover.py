@@ -8,13 +8,20 @@ import streamlit as st
 import torch
 
 from phpn import config as D
-from phpn.api import discovery_defaults, resolve_discovery
+from phpn.api import (
+    Certificate,
+    DiscoveryConfig,
+    chance_warning,
+    discovery_defaults,
+    resolve_discovery,
+    run_seal_sha256,
+    run_tensors_sha256,
+    save_run,
+)
 from phpn.app import frame as S
 from phpn.app import setup_ui as U
 from phpn.errors import DataError
-from phpn.method.certify import chance_warning
-from phpn.pipeline.discover import DiscoveryConfig
-from phpn.runs.annotations import run_seal_sha256, run_tensors_sha256
+from phpn.glossary import explain as term
 
 EXPERT_TABLE_CLASSES = 500  # rows of the per-class table; the Class browser shows any class
 
@@ -174,8 +181,6 @@ if entry is not None:
                f"scaling {run.meta['config']['scaling']}, device {run.meta.get('device', '?')}")
     cert = run.meta.get("certificate")
     if cert:
-        from phpn.glossary import explain as term
-        from phpn.method.certify import Certificate, chance_warning
 
         warning = chance_warning(cert)
         if warning:  # before anything else about this run: its explanations would mislead
@@ -258,8 +263,6 @@ if entry is not None:
                               "operator allows one)", value=S.default_run_name(model, run), key="save_path")
     if st.button("Save run", key="save_run"):
         with S.user_errors():
-            from phpn.runs.store import save_run
-
             target = S.save_target(save_path)
             before = (run_tensors_sha256(run), run_seal_sha256(run))
             save_run(run, target)  # refuses anything there already: a file, a folder, another run

@@ -9,6 +9,7 @@ import torch
 
 from phpn.app import frame as S
 from phpn.errors import DataError
+from phpn.evaluate import evaluate_run
 from phpn.glossary import explain
 from phpn.show import viz
 
@@ -40,8 +41,6 @@ with st.form("evaluate_form"):
 
 if go:
     with S.user_errors():
-        from phpn.evaluate import evaluate_run
-
         if not data_root.strip() and not parts_root.strip():
             raise DataError("No images to evaluate on.", "Give an image folder and/or a part-annotated dataset.")
         bar = st.progress(0.0, text="Starting…")

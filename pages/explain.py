@@ -12,7 +12,9 @@ from pathlib import Path
 import streamlit as st
 from PIL import Image
 
+from phpn.api import chance_warning, explain_image, folder_labels, load_image
 from phpn.app import frame as S
+from phpn.app.uploads import open_uploaded_image
 from phpn.config import MAP_OPACITY, class_name
 from phpn.glossary import explain
 from phpn.show import viz
@@ -26,9 +28,6 @@ run, network = entry.run, entry.network
 data = S.current_data()
 names = model.session.class_names
 
-from phpn.api import explain_image
-from phpn.method.certify import chance_warning  # noqa: E402
-from phpn.pipeline.mistakes import folder_labels
 
 _chance = chance_warning(run.meta.get("certificate"))
 if _chance:  # before any explanation: the model cannot read these inputs
@@ -81,8 +80,6 @@ if source == "Upload an image":
                           type=["png", "jpg", "jpeg", "bmp", "gif", "tif", "tiff", "webp"], key="explain_upload")
     if up is not None:
         with S.user_errors():
-            from phpn.app.uploads import open_uploaded_image
-
             raw = bytes(up.getbuffer())
             image = open_uploaded_image(up)
             image_key = "upload:" + hashlib.sha256(raw).hexdigest()
@@ -109,8 +106,6 @@ else:
     S.memorise("explain_folder", "explain_file")
     path = root / folder / name
     with S.user_errors():
-        from phpn.images.data import load_image
-
         image = load_image(path)
         image_key = f"file:{path}:{path.stat().st_mtime_ns}"
         image_label = f"{folder}/{name}"

@@ -5,9 +5,9 @@ import re
 
 import streamlit as st
 
+from phpn.api import describe_origin, origin_words
 from phpn.app import frame as S
 from phpn.config import class_name
-from phpn.runs.provenance import describe_origin, origin_words
 from phpn.show import report
 
 S.frame()

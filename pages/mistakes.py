@@ -7,17 +7,20 @@ import pandas as pd
 import streamlit as st
 from PIL import Image
 
-from phpn.app import frame as S
-from phpn.config import class_name
-from phpn.errors import DataError
-from phpn.method.certify import chance_warning
-from phpn.pipeline.mistakes import (
+from phpn.api import (
     LOADED_IMAGES,
     SERVER_FOLDER,
     UPLOADED_FOLDER,
+    chance_warning,
     confusion_pick,
+    contrast_image,
     labelled_sets,
+    predict_folder,
 )
+from phpn.app import frame as S
+from phpn.app.uploads import MAX_ZIP_BYTES, unpack_uploaded_zip
+from phpn.config import class_name
+from phpn.errors import DataError
 from phpn.show import viz
 from phpn.show.pictures import in_model_colours
 
@@ -60,12 +63,9 @@ S.memorise("mistakes_source", "mistakes_cap")
 
 if st.button("Predict the folder", type="primary", key="mistakes_predict"):
     with S.user_errors():
-        from phpn.pipeline.mistakes import predict_folder
-
         if sets[source].root is not None:
             root, label = sets[source].root, (data.label if source == LOADED_IMAGES else sets[source].words)
         elif source == UPLOADED_FOLDER:
-            from phpn.app.uploads import MAX_ZIP_BYTES, unpack_uploaded_zip
 
             if zip_file is None:
                 raise DataError("No zip uploaded.", "Choose a .zip of the labelled folder first.")
@@ -234,8 +234,6 @@ if st.session_state.get(key_b) not in b_choices:
 class_b = a2.selectbox("B (the class it was not)", b_choices, format_func=lambda i: f"{_name(i)} ({i})", key=key_b)
 
 with S.user_errors():
-    from phpn.pipeline.mistakes import contrast_image
-
     with model.lock:
         c = contrast_image(model.session, network, found.root / pick.path, int(class_a), int(class_b),
                            class_names=names, notes=entry.notes)

@@ -4,12 +4,20 @@ path) and what was found in it."""
 import pandas as pd
 import streamlit as st
 
-from phpn.api import discovery_defaults
+from phpn.api import (
+    DEMOS,
+    describe_class_mapping,
+    discovery_defaults,
+    get_demo,
+    known_archs,
+    model_origin,
+    read_class_names,
+)
 from phpn.app import frame as S
 from phpn.app import serving
 from phpn.app import setup_ui as U
+from phpn.app.uploads import MAX_ZIP_BYTES, save_model_upload, save_upload, unpack_uploaded_zip
 from phpn.config import class_name, class_names_or_indices
-from phpn.demos import DEMOS, get_demo
 from phpn.errors import ConfigError, DataError
 
 S.frame()
@@ -50,7 +58,6 @@ if source == "Built-in demo":
             st.rerun()
 else:
     upload = source == "Upload a checkpoint"
-    from phpn.models.zoo import known_archs
 
     settings = serving.load_settings()
     paths_on = bool(settings.data_roots)
@@ -117,9 +124,6 @@ else:
 
     if st.button("Load model", type="primary", key="load_model"):
         with S.user_errors(), serving.removed_on_error([]) as made:  # a failed load keeps no upload
-            from phpn.api import read_class_names
-            from phpn.app.uploads import MAX_ZIP_BYTES, save_model_upload, save_upload
-            from phpn.runs.provenance import model_origin
 
             if upload:
                 if ckpt_file is None:
@@ -251,8 +255,6 @@ elif data_source == "Image folder on this server":
 
 if st.button("Scan images", type="primary", key="scan"):
     with S.user_errors():
-        from phpn.app.uploads import MAX_ZIP_BYTES, unpack_uploaded_zip
-
         explain_root = None
         if data_source == "The demo's images":
             root, label, kind = demo.discovery_dir(), f"demo:{demo.name}", "demo"
@@ -298,7 +300,6 @@ if data is not None:
              "class name": class_name(names, c.class_index), "images": len(c.paths)}
             for c in data.data.classes]
     st.dataframe(pd.DataFrame(rows), hide_index=True, height=min(400, 38 + 35 * len(rows)))
-    from phpn.images.data import describe_class_mapping
 
     st.caption(describe_class_mapping(data.data.class_mapping))
     if summary["skipped"]:

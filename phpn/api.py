@@ -43,6 +43,7 @@ from phpn.config import (
     class_name,
     class_names_or_indices,
 )
+from phpn.demos import DEMOS as DEMOS
 from phpn.demos import get_demo
 from phpn.device import resolve_device
 from phpn.errors import ConfigError, DataError, NotDecomposableError, PhpnError
@@ -55,6 +56,7 @@ from phpn.images.data import (
     load_image,
     scan_image_folder,
 )
+from phpn.images.data import describe_class_mapping as describe_class_mapping
 from phpn.images.inputs import (
     InMemoryImages,
     TensorInput,
@@ -76,17 +78,48 @@ from phpn.method.certify import Certificate, InputWarning, certify, chance_warni
 from phpn.method.network import PrototypeNetwork
 from phpn.models import diagnose, load_model
 from phpn.models.hf import LogitsOnly, class_names, logits_only
+from phpn.models.zoo import known_archs as known_archs
 from phpn.pipeline.audit import IMAGES_PER_CLASS as AUDIT_IMAGES_PER_CLASS
+from phpn.pipeline.audit import NO_SINGLE_REASON as NO_SINGLE_REASON
+from phpn.pipeline.audit import REASON_EXCESS as REASON_EXCESS
+from phpn.pipeline.audit import SIGNALS as SIGNALS
 from phpn.pipeline.audit import Audit, audit_run
+from phpn.pipeline.compare import BASELINE as BASELINE
 from phpn.pipeline.compare import IMAGES_PER_CLASS as COMPARE_IMAGES_PER_CLASS
 from phpn.pipeline.compare import MATCH_THRESHOLD, Comparison, check_comparable, compare_runs
+from phpn.pipeline.compare import PATCH_OVERLAP as PATCH_OVERLAP
+from phpn.pipeline.compare import SIMILARITY as SIMILARITY
 from phpn.pipeline.discover import DiscoveryConfig, discover, resolve_k
 from phpn.pipeline.features import FeatureTap
+from phpn.pipeline.mistakes import LOADED_IMAGES as LOADED_IMAGES
+from phpn.pipeline.mistakes import SERVER_FOLDER as SERVER_FOLDER
+from phpn.pipeline.mistakes import UPLOADED_FOLDER as UPLOADED_FOLDER
+from phpn.pipeline.mistakes import confusion_pick as confusion_pick
+from phpn.pipeline.mistakes import contrast_image as contrast_image
+from phpn.pipeline.mistakes import folder_labels as folder_labels
+from phpn.pipeline.mistakes import labelled_sets as labelled_sets
 from phpn.pipeline.mistakes import majorities
+from phpn.pipeline.mistakes import predict_folder as predict_folder
 from phpn.pipeline.preprocess_check import MIN_GAIN, NORMALISATIONS
 from phpn.progress import ProgressFn, TqdmProgress, report
+from phpn.runs.annotations import DISMISSED as DISMISSED
+from phpn.runs.annotations import EDITED_MODEL as EDITED_MODEL
+from phpn.runs.annotations import NOT_JUDGED as NOT_JUDGED
+from phpn.runs.annotations import SUGGESTED_FLAGS as SUGGESTED_FLAGS
+from phpn.runs.annotations import VERDICTS as VERDICTS
+from phpn.runs.annotations import conflict_text as conflict_text
+from phpn.runs.annotations import label_heading as label_heading
+from phpn.runs.annotations import prototype_label as prototype_label
+from phpn.runs.annotations import prototype_labels as prototype_labels
+from phpn.runs.annotations import run_seal_sha256 as run_seal_sha256
+from phpn.runs.annotations import run_tensors_sha256 as run_tensors_sha256
+from phpn.runs.annotations import switch_off as switch_off
+from phpn.runs.annotations import verdict_words as verdict_words
 from phpn.runs.audit_record import SavedAudit, read_audit, save_audit, why_not_saved
+from phpn.runs.provenance import describe_origin as describe_origin
 from phpn.runs.provenance import load_from_record
+from phpn.runs.provenance import model_origin as model_origin
+from phpn.runs.provenance import origin_words as origin_words
 from phpn.runs.store import (  # this module's load_run is the public wrapper
     Run,
     check_checkpoint,

@@ -121,3 +121,27 @@ def test_pages_hold_no_maths():
         imported |= {node.module.split(".")[0] for node in ast.walk(tree)
                      if isinstance(node, ast.ImportFrom) and node.module}
         assert not imported & {"scipy", "sklearn"}, page.name
+
+
+# What a page may import of phpn: the one door (phpn.api), the app's shared frame, and the
+# words, defaults and drawings the pages show. Workflows (pipeline, runs, models, images,
+# method) are reached through phpn.api only.
+PAGE_IMPORTS = ("phpn.api", "phpn.app", "phpn.config", "phpn.errors", "phpn.glossary", "phpn.show", "phpn.evaluate")
+
+
+def test_pages_reach_the_library_through_its_door():
+    for page in sorted((ROOT / "pages").glob("*.py")):
+        tree = ast.parse(page.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "phpn":
+                names = [f"{node.module}.{a.name}" for a in node.names] if node.module == "phpn" else [node.module]
+                for name in names:
+                    assert name.startswith(PAGE_IMPORTS), f"{page.name}:{node.lineno} imports {name}: use phpn.api"
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    assert a.name.split(".")[0] != "phpn" or a.name.startswith(PAGE_IMPORTS), \
+                        f"{page.name}:{node.lineno} imports {a.name}: use phpn.api"
+        top = {id(n) for n in tree.body}
+        local = [n.lineno for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) and id(n) not in top
+                 and not (isinstance(n, ast.Import) and n.names[0].name.startswith("plotly"))]
+        assert not local, f"{page.name}: imports inside blocks at lines {local} (only optional plotly may be)"
