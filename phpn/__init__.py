@@ -27,7 +27,7 @@ _EXPORTS = {
     "compare": "api",
     "Explanation": "show.explanation",
     "Certificate": "method.certify", "InputWarning": "method.certify",
-    "Preprocess": "images.data",
+    "Preprocess": "images.preprocess",
     "DiscoveryConfig": "pipeline.discover",
     "PrototypeNetwork": "method.network",
     "PhpnError": "errors",

@@ -48,15 +48,9 @@ from phpn.demos import get_demo
 from phpn.device import resolve_device
 from phpn.errors import ConfigError, DataError, NotDecomposableError, PhpnError
 from phpn.head import HeadSplit, LoadedModel
-from phpn.images.data import (
-    IMAGE_SUFFIXES,
-    ImageFolderData,
-    Preprocess,
-    load_batch,
-    load_image,
-    scan_image_folder,
-)
-from phpn.images.data import describe_class_mapping as describe_class_mapping
+from phpn.images.batches import load_batch
+from phpn.images.folders import IMAGE_SUFFIXES, ImageFolderData, scan_image_folder
+from phpn.images.folders import describe_class_mapping as describe_class_mapping
 from phpn.images.inputs import (
     InMemoryImages,
     TensorInput,
@@ -74,6 +68,7 @@ from phpn.images.inputs import (
     module_sha256,
     peek_input_size,
 )
+from phpn.images.preprocess import Preprocess, load_image
 from phpn.method.certify import Certificate, InputWarning, certify, chance_warning, format_certificate
 from phpn.method.network import PrototypeNetwork
 from phpn.models import diagnose, load_model

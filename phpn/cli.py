@@ -19,7 +19,7 @@ from phpn.config import COLOURS, INTERPOLATIONS
 from phpn.errors import PhpnError
 
 if TYPE_CHECKING:
-    from phpn.images.data import Preprocess
+    from phpn.images.preprocess import Preprocess
 
 USAGE_EXIT = 2  # argparse's exit code for a wrong command line, and phpn's for a user's mistake
 
@@ -165,7 +165,7 @@ def cmd_discover(args) -> int:
         text += f"\nheld-out certificate: {_cert_text(held)}"
     if run.meta["data"]["skipped"]:
         text += f"\nskipped {len(run.meta['data']['skipped'])} unreadable files (see run.json)"
-    from phpn.images.data import describe_class_mapping
+    from phpn.images.folders import describe_class_mapping
 
     obj["class_mapping"] = run.meta["data"].get("class_mapping", {})
     text += "\n" + describe_class_mapping(obj["class_mapping"])

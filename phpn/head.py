@@ -89,7 +89,7 @@ class LoadedModel:
     arch: str  # "resnet50", "efficientnet-lite0", "user:file.py:factory", "pickled-module", ...
     num_classes: int
     sha256: str  # of the checkpoint file (or of the shipped weights for built-in models)
-    preprocess: "object"  # phpn.images.data.Preprocess: the default for this model
+    preprocess: "object"  # phpn.images.preprocess.Preprocess: the default for this model
     class_names: Optional[list] = None
     source: str = ""  # where the weights came from, for the run's metadata
     notes: list = field(default_factory=list)  # how it was loaded (architecture inferred, prefixes removed, ...)

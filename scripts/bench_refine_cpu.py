@@ -16,7 +16,7 @@ import torchvision
 from PIL import Image
 
 from phpn.api import decompose
-from phpn.images.data import Preprocess
+from phpn.images.preprocess import Preprocess
 
 
 def main():

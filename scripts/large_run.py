@@ -31,7 +31,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from phpn.api import explain_image, open_model, open_run  # noqa: E402
-from phpn.images.data import Preprocess  # noqa: E402
+from phpn.images.preprocess import Preprocess
 from phpn.runs.store import Run, load_run, save_run, verify_run  # noqa: E402
 from phpn.show import viz  # noqa: E402
 

@@ -32,7 +32,7 @@ AFTER = RefineConfig()
 
 
 def _features(split, root, paths, preprocess):
-    from phpn.images.data import load_batch
+    from phpn.images.batches import load_batch
     from phpn.pipeline.features import backbone_features, prepare_backbone
 
     device = torch.device("cpu")
@@ -49,7 +49,7 @@ def load_model_features(name: str) -> tuple:
     """(discovery features per class, held-out features per class, head rows) of a model."""
     from phpn.api import open_model
     from phpn.demos import get_demo
-    from phpn.images.data import scan_image_folder
+    from phpn.images.folders import scan_image_folder
 
     if name in ("fashion", "lite0"):
         demo = {"fashion": "fashion-mnist", "lite0": "imagenet-lite0"}[name]

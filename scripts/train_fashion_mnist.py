@@ -203,7 +203,9 @@ def main(argv=None) -> None:
     save_file(state, str(out / "model.safetensors"), metadata={"arch": "fashion-cnn"})
 
     # Accuracy on the bundled explain sample, read back from the PNGs exactly as phpn does.
-    from phpn.images.data import Preprocess, load_batch, scan_image_folder
+    from phpn.images.batches import load_batch
+    from phpn.images.folders import scan_image_folder
+    from phpn.images.preprocess import Preprocess
     pre = Preprocess(resize=28, crop=28, mean=(mean,), std=(std,), channels=1)
     data = scan_image_folder(out / "explain", class_names=CLASS_NAMES, num_classes=10)
     correct = total = 0

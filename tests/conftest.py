@@ -18,7 +18,7 @@ from PIL import Image
 from torch import nn
 
 from phpn.head import HeadSplit, LoadedModel
-from phpn.images.data import Preprocess
+from phpn.images.preprocess import Preprocess
 
 
 class TinyNet(nn.Module):

@@ -14,7 +14,8 @@ from PIL import Image
 from phpn import glossary
 from phpn.errors import ConfigError, RunError
 from phpn.head import LoadedModel
-from phpn.images.data import Preprocess, scan_image_folder
+from phpn.images.folders import scan_image_folder
+from phpn.images.preprocess import Preprocess
 from phpn.pipeline.discover import DiscoveryConfig, discover
 from phpn.runs import annotations as A
 from phpn.runs.store import ANNOTATIONS, load_run, save_run
@@ -37,7 +38,7 @@ def world(tmp_path_factory):
     data = scan_image_folder(root, class_names=loaded.class_names, num_classes=4)
     # A few steps of training so that the prototypes matter: switching one off must be able to
     # change a prediction.
-    from phpn.images.data import load_batch
+    from phpn.images.batches import load_batch
 
     batch, kept, _ = load_batch(root, [p for c in data.classes for p in c.paths], pre)
     labels = torch.tensor([int(p.split("/")[0]) for p in kept])
@@ -133,7 +134,7 @@ def test_switch_off_equals_the_head_without_those_prototypes(world):
             row = run.class_indices.tolist().index(c)
             edited.fc.weight[c] -= run.prototypes[row, protos].sum(0).float()
     paths = [(c.class_index, p) for c in data.classes for p in c.paths]
-    from phpn.images.data import load_batch
+    from phpn.images.batches import load_batch
 
     batch, kept, _ = load_batch(data.root, [p for _, p in paths], pre)
     truth = torch.tensor([c for c, _ in paths])
@@ -178,7 +179,7 @@ def test_a_switch_off_says_which_images_it_was_measured_on(world):
 def test_edited_logits_lose_exactly_the_switched_off_contributions(world):
     _, split, data, pre, run, _ = world
     net = run.network(split).eval()
-    from phpn.images.data import load_batch
+    from phpn.images.batches import load_batch
 
     batch, _, _ = load_batch(data.root, data.classes[1].paths[:4], pre)
     with torch.no_grad():

@@ -34,7 +34,7 @@ def mark_prototype(run) -> int:
     positive mass on the feature cells under the mark (top-left 5x5 pixels -> cells (0..1, 0..1))."""
     net = run.network()
     folder = SHORTCUT / "train" / "02_pullover"
-    x = torch.stack([PRE(phpn.images.data.load_image(p)) for p in sorted(folder.glob("*.png"))[:30]])
+    x = torch.stack([PRE(phpn.images.preprocess.load_image(p)) for p in sorted(folder.glob("*.png"))[:30]])
     with torch.no_grad():
         maps = net(x, classes=[MARKED]).maps[:, 0].clamp(min=0)  # (n, k, 7, 7)
     share = maps[:, :, :2, :2].sum((2, 3)) / maps.sum((2, 3))

@@ -16,7 +16,7 @@ import phpn
 from phpn.api import keep_audit, open_run, saved_audit
 from phpn.cli import main
 from phpn.errors import RunError
-from phpn.images.data import Preprocess
+from phpn.images.preprocess import Preprocess
 from phpn.method.certify import InputWarning
 from phpn.resources import ASSETS
 from phpn.runs import audit_record

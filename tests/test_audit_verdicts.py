@@ -15,7 +15,7 @@ from test_annotations import world  # noqa: F401 - the trained tiny model, its r
 
 from phpn.api import explain_image
 from phpn.errors import ConfigError
-from phpn.images.data import load_batch
+from phpn.images.batches import load_batch
 from phpn.pipeline.audit import Audit, AuditEntry
 from phpn.runs import annotations as A
 from phpn.runs.store import load_run

@@ -488,7 +488,7 @@ def test_huge_head_weights_keep_their_fidelity(tiny_loaded, image_folder):
     """Map fidelity is a correlation: a head scaled by 1e30 must give the same numbers, not 0."""
     from dataclasses import replace
 
-    from phpn.images.data import scan_image_folder
+    from phpn.images.folders import scan_image_folder
     from phpn.pipeline.discover import DiscoveryConfig, discover
 
     data = scan_image_folder(image_folder, num_classes=4)
@@ -570,7 +570,7 @@ def _api_cases():
     """Each case prepares its files and returns the call to make."""
     from phpn import api
     from phpn.device import resolve_device
-    from phpn.images.data import Preprocess
+    from phpn.images.preprocess import Preprocess
     from phpn.pipeline.discover import DiscoveryConfig
     from phpn.runs.store import load_run, save_run
 
@@ -664,7 +664,7 @@ def test_an_image_the_model_gives_nan_for_is_refused_not_printed_as_nan(world, t
 
 
 def test_numpy_numbers_are_ordinary_numbers():
-    from phpn.images.data import Preprocess
+    from phpn.images.preprocess import Preprocess
     from phpn.pipeline.discover import DiscoveryConfig
 
     assert DiscoveryConfig(seed=np.int64(7), batch_size=np.int32(4)).seed == 7

@@ -13,7 +13,8 @@ from conftest import tiny_split
 from scipy.stats import binom
 
 from phpn.errors import Cancelled
-from phpn.images.data import load_batch, scan_image_folder
+from phpn.images.batches import load_batch
+from phpn.images.folders import scan_image_folder
 from phpn.method.certify import (
     LIKELY_CAUSES,
     Certificate,

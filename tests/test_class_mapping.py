@@ -3,7 +3,7 @@ import pytest
 from PIL import Image
 
 from phpn.errors import DataError
-from phpn.images.data import MAPPING_BY, match_class_folders, scan_image_folder
+from phpn.images.folders import MAPPING_BY, match_class_folders, scan_image_folder
 
 FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 

@@ -13,7 +13,7 @@ import pytest
 from conftest import tiny_split
 from PIL import Image
 
-from phpn.images.data import scan_image_folder
+from phpn.images.folders import scan_image_folder
 from phpn.pipeline.discover import DiscoveryConfig, discover
 from phpn.runs.annotations import Annotations
 from phpn.show import report, viz

@@ -3,7 +3,8 @@ import pytest
 from PIL import Image
 
 from phpn.errors import ConfigError, DataError
-from phpn.images.data import Preprocess, load_image, scan_image_folder, to_rgb
+from phpn.images.folders import scan_image_folder
+from phpn.images.preprocess import Preprocess, load_image, to_rgb
 
 
 @pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "CMYK", "I;16", "I", "F", "1"])

@@ -14,7 +14,8 @@ from phpn.demos import ASSETS, DEMOS, get_demo
 from phpn.demos import lite0_photos as lite0
 from phpn.errors import ConfigError
 from phpn.head import LoadedModel
-from phpn.images.data import load_batch, scan_image_folder
+from phpn.images.batches import load_batch
+from phpn.images.folders import scan_image_folder
 
 
 def _refuse_network(mp: pytest.MonkeyPatch) -> None:

@@ -6,7 +6,7 @@ from PIL import Image
 from phpn.errors import DataError
 from phpn.evaluate.parts import is_cub_layout, load_cub_parts, preprocess_keypoints
 from phpn.evaluate.synthetic_parts import CLASS_PARTS, PART_TYPES, generate, write_cub_layout
-from phpn.images.data import Preprocess
+from phpn.images.preprocess import Preprocess
 
 IDENTITY = Preprocess(resize=64, crop=64, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 from conftest import tiny_split
 
-from phpn.images.data import scan_image_folder
+from phpn.images.folders import scan_image_folder
 from phpn.method.nmf import NMFConfig, nmf
 from phpn.method.refine import RefineConfig, refine
 from phpn.pipeline.discover import DiscoveryConfig, discover

@@ -17,15 +17,9 @@ from PIL import Image
 from phpn import config as D
 from phpn.cli import main
 from phpn.errors import ConfigError
-from phpn.images import data as phpn_data
-from phpn.images.data import (
-    Preprocess,
-    batch_decode_device,
-    iter_batches,
-    iter_decoded_batches,
-    plain_jpeg,
-    rgb_to_grey,
-)
+from phpn.images import batches as phpn_data
+from phpn.images.batches import batch_decode_device, iter_batches, iter_decoded_batches, plain_jpeg
+from phpn.images.preprocess import Preprocess, rgb_to_grey
 
 skimage_data = pytest.importorskip("skimage.data")
 

@@ -7,7 +7,7 @@ import torch
 from phpn.api import open_model
 from phpn.cli import main
 from phpn.demos import get_demo
-from phpn.images.data import load_batch
+from phpn.images.batches import load_batch
 from phpn.method.part_metrics import fidelity_and_specificity
 from phpn.method.refine import part_signs
 from phpn.pipeline.discover import HELDOUT_FOLDER

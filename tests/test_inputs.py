@@ -3,8 +3,8 @@ import pytest
 
 import phpn
 from phpn.errors import ConfigError
-from phpn.images.data import Preprocess
 from phpn.images.inputs import as_preprocess, merge_preprocess
+from phpn.images.preprocess import Preprocess
 
 
 def test_a_crop_alone_keeps_the_resize_to_crop_ratio_everywhere():

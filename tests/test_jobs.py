@@ -10,7 +10,7 @@ import torch
 
 from phpn.api import ModelSession
 from phpn.errors import ConfigError
-from phpn.images.data import scan_image_folder
+from phpn.images.folders import scan_image_folder
 from phpn.jobs import DiscoveryJob, DiscoveryQueue, format_seconds
 from phpn.models import diagnose
 from phpn.pipeline.discover import DiscoveryConfig

@@ -14,7 +14,7 @@ import phpn.runs.store as runs
 from phpn.api import explain_image, open_model, open_run
 from phpn.config import shared_parts
 from phpn.errors import ConfigError
-from phpn.images.data import scan_image_folder
+from phpn.images.folders import scan_image_folder
 from phpn.method.network import LazyPrototypeNetwork, PrototypeNetwork
 from phpn.pipeline.discover import DiscoveryConfig, add_similar_prototypes, discover
 from phpn.pipeline.mistakes import contrast_image

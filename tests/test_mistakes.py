@@ -9,7 +9,9 @@ from conftest import tiny_split
 
 from phpn.api import ModelSession
 from phpn.errors import Cancelled, ConfigError, DataError
-from phpn.images.data import load_batch, load_image, scan_image_folder
+from phpn.images.batches import load_batch
+from phpn.images.folders import scan_image_folder
+from phpn.images.preprocess import load_image
 from phpn.models.doctor import Diagnosis
 from phpn.pipeline.discover import DiscoveryConfig, discover
 from phpn.pipeline.mistakes import FolderPredictions, Prediction, contrast_image, predict_folder

@@ -9,7 +9,8 @@ from conftest import tiny_split
 from PIL import Image
 
 from phpn.api import ModelSession
-from phpn.images.data import Preprocess, scan_image_folder
+from phpn.images.folders import scan_image_folder
+from phpn.images.preprocess import Preprocess
 from phpn.models.doctor import Diagnosis
 from phpn.pipeline.mistakes import Contrast, predict_folder
 from phpn.show.pictures import in_model_colours

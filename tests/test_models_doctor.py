@@ -4,7 +4,7 @@ import json
 import pytest
 import torchvision
 
-from phpn.images.data import Preprocess
+from phpn.images.preprocess import Preprocess
 from phpn.models import Diagnosis, LoadedModel, diagnose
 from phpn.models.zoo import build_model
 

@@ -8,7 +8,7 @@ from torch import nn
 from phpn import config as D
 from phpn.errors import ConfigError
 from phpn.head import HeadSplit
-from phpn.images.data import scan_image_folder
+from phpn.images.folders import scan_image_folder
 from phpn.models import diagnose
 from phpn.models.doctor import feature_positions_problem
 from phpn.pipeline.discover import DiscoveryConfig, discover

@@ -12,7 +12,8 @@ from conftest import TinyNet, tiny_split
 from PIL import Image
 
 from phpn.head import LoadedModel
-from phpn.images.data import Preprocess, scan_image_folder
+from phpn.images.folders import scan_image_folder
+from phpn.images.preprocess import Preprocess
 from phpn.pipeline.discover import DiscoveryConfig, discover
 from phpn.runs import annotations as A
 from phpn.runs.store import ANNOTATIONS, load_run, save_run

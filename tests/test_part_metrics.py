@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import tiny_split
 
-from phpn.images.data import scan_image_folder
+from phpn.images.folders import scan_image_folder
 from phpn.method import part_metrics as PM
 from phpn.pipeline.discover import DiscoveryConfig, discover
 

@@ -6,7 +6,8 @@ from conftest import tiny_split
 from PIL import Image
 
 from phpn.errors import ConfigError, DataError, RunError
-from phpn.images.data import load_batch, scan_image_folder
+from phpn.images.batches import load_batch
+from phpn.images.folders import scan_image_folder
 from phpn.method.certify import certify
 from phpn.pipeline.discover import DiscoveryConfig, discover, patch_box
 from phpn.runs.store import load_run, save_run
@@ -132,7 +133,7 @@ def test_k_larger_than_the_data_allows(tiny_loaded, tmp_path):
     Image.new("RGB", (4, 4)).save(root / "0" / "a.png")
     data = scan_image_folder(root, num_classes=4)
     # 1 image x 2x2 grid = 4 positions (crop 4 -> stride 2): k = 5 is too many.
-    from phpn.images.data import Preprocess
+    from phpn.images.preprocess import Preprocess
     pre = Preprocess(resize=4, crop=4, mean=(0.5,) * 3, std=(0.5,) * 3)
     with pytest.raises(ConfigError, match="Lower k or add images"):
         discover(tiny_loaded, tiny_split(tiny_loaded.model), data, pre, DiscoveryConfig(k=5, device="cpu"))

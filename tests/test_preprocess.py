@@ -8,7 +8,7 @@ import torchvision
 from PIL import Image
 
 from phpn.errors import ConfigError
-from phpn.images.data import Preprocess
+from phpn.images.preprocess import Preprocess
 from phpn.models import zoo
 
 skimage_data = pytest.importorskip("skimage.data")

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from phpn.images.data import Preprocess
+from phpn.images.preprocess import Preprocess
 from phpn.method.certify import near_chance
 from phpn.pipeline.preprocess_check import (
     CROP_FRACTION,
@@ -72,7 +72,7 @@ def test_the_wrong_size_is_at_chance_and_the_check_proposes_28_px():
     accuracies = [r.correct for r in check.results]
     assert accuracies == sorted(accuracies, reverse=True)
     # Recomputed by hand: the model's accuracy on the same 30 images at the proposed setting.
-    from phpn.images.data import load_image
+    from phpn.images.preprocess import load_image
 
     images = [(c.class_index, c.paths[int(i * len(c.paths) / 3)]) for c in data.classes for i in range(3)]
     x = torch.stack([right(load_image(data.root / p)) for _, p in images])
@@ -92,7 +92,7 @@ def test_a_model_that_cannot_run_at_a_size_is_reported_not_fatal(tiny_loaded, im
     from conftest import tiny_split
 
     from phpn.api import ModelSession
-    from phpn.images.data import scan_image_folder
+    from phpn.images.folders import scan_image_folder
     from phpn.models.doctor import Diagnosis
 
     class FixedSize(torch.nn.Module):  # a flatten + linear head: only 16 px inputs work
@@ -141,7 +141,7 @@ def test_folders_matched_to_the_wrong_classes_are_named(tmp_path):
     order is wrong, naming the folders and what the model reads them as."""
     import shutil
 
-    from phpn.images.data import scan_image_folder
+    from phpn.images.folders import scan_image_folder
 
     session, data = _fashion()
     root = tmp_path / "shifted"
@@ -224,7 +224,7 @@ def test_colour_settings_reverse_or_grey_the_channels(image_folder):
 def test_a_model_trained_on_bgr_images_gets_the_bgr_variant_proposed(tiny_loaded, image_folder):
     # Every image of the 4 classes: on 3 per class, 6 wins against 0 is within chance once the
     # dozen settings tried are accounted for (p = 1/64, Bonferroni over the candidates).
-    from phpn.images.data import scan_image_folder
+    from phpn.images.folders import scan_image_folder
     from phpn.pipeline.preprocess_check import COLOUR_VARIANTS
 
     data = scan_image_folder(image_folder, class_names=tiny_loaded.class_names, num_classes=4)
@@ -242,7 +242,7 @@ def test_a_model_trained_on_bgr_images_gets_the_bgr_variant_proposed(tiny_loaded
 
 
 def test_a_setting_applied_as_bgr_is_checked_against_plain_rgb(tiny_loaded, image_folder):
-    from phpn.images.data import scan_image_folder
+    from phpn.images.folders import scan_image_folder
 
     data = scan_image_folder(image_folder, class_names=tiny_loaded.class_names, num_classes=4)
     # The model reads RGB, but BGR is in use (applied by mistake): plain RGB is tried and proposed.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from conftest import tiny_split
 
-from phpn.images.data import scan_image_folder
+from phpn.images.folders import scan_image_folder
 from phpn.method.refine import RefineConfig, refine
 from phpn.pipeline.discover import DiscoveryConfig, discover
 

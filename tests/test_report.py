@@ -8,7 +8,7 @@ import pytest
 from conftest import tiny_split
 
 from phpn.config import SHARED_PART_MIN_COSINE, no_shared_parts, shared_parts
-from phpn.images.data import scan_image_folder
+from phpn.images.folders import scan_image_folder
 from phpn.method.certify import chance_warning, format_certificate
 from phpn.pipeline.discover import DiscoveryConfig, discover
 from phpn.show import compose, report

@@ -5,7 +5,7 @@ import torch
 from conftest import tiny_split
 
 from phpn.errors import Cancelled, ConfigError, RunError
-from phpn.images.data import scan_image_folder
+from phpn.images.folders import scan_image_folder
 from phpn.pipeline.discover import DiscoveryConfig, discover
 from phpn.runs.resume import MANIFEST, discard_progress
 

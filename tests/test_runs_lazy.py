@@ -11,7 +11,7 @@ from conftest import tiny_split
 
 import phpn.runs.store as runs
 from phpn.errors import RunError
-from phpn.images.data import scan_image_folder
+from phpn.images.folders import scan_image_folder
 from phpn.pipeline.discover import DiscoveryConfig, discover
 from phpn.runs.record import RunRecord
 from phpn.runs.store import META, TENSOR_NAMES, TENSORS, check_run_target, load_run, save_run, verify_run

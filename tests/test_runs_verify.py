@@ -8,7 +8,7 @@ from conftest import TinyNet, tiny_split
 from safetensors.torch import load_file, save_file
 
 from phpn.errors import RunError
-from phpn.images.data import scan_image_folder
+from phpn.images.folders import scan_image_folder
 from phpn.models.checkpoint import file_sha256
 from phpn.pipeline.discover import DiscoveryConfig, discover
 from phpn.runs.record import ABSENT, RunRecord

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from phpn.images.data import Preprocess
+from phpn.images.preprocess import Preprocess
 from phpn.pipeline.preprocess_check import (
     DEFAULT_IMAGES_PER_CLASS,
     SIGNIFICANCE,

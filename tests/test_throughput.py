@@ -5,10 +5,12 @@ import torch
 from conftest import TinyNet, tiny_split
 from torch import nn
 
-import phpn.images.data
+import phpn.images.batches
+import phpn.images.preprocess
 from phpn.api import certify_run, open_model, run_discovery
 from phpn.errors import ConfigError
-from phpn.images.data import iter_batches, load_batch, scan_image_folder
+from phpn.images.batches import iter_batches, load_batch
+from phpn.images.folders import scan_image_folder
 from phpn.models import diagnose
 from phpn.pipeline.discover import DiscoveryConfig, discover
 from phpn.pipeline.features import FeatureTap
@@ -106,7 +108,7 @@ def test_tap_catches_what_the_backbone_computes_or_says_why_not(cls, mode, copie
 
 def diagnose_split(model: nn.Module):
     from phpn.head import LoadedModel
-    from phpn.images.data import Preprocess
+    from phpn.images.preprocess import Preprocess
 
     loaded = LoadedModel(model=model, arch="tiny", num_classes=4, sha256="b" * 64,
                          preprocess=Preprocess(resize=16, crop=16, mean=(0.5,) * 3, std=(0.25,) * 3))
@@ -120,8 +122,8 @@ def test_certificate_from_the_discovery_pass_equals_a_separate_certificate(monke
     data = scan_image_folder(get_demo("fashion-mnist").discovery_dir(), class_names=session.loaded.class_names,
                              num_classes=10, images_per_class=6)
     decoded = []
-    real = phpn.images.data.load_image
-    monkeypatch.setattr(phpn.images.data, "load_image", lambda src: decoded.append(str(src)) or real(src))
+    real = phpn.images.preprocess.load_image
+    monkeypatch.setattr(phpn.images.batches, "load_image", lambda src: decoded.append(str(src)) or real(src))
     config = DiscoveryConfig(k=2, images_per_class=6, device="cpu", lbfgs_iter=5)
     run = run_discovery(session, data, config, workers=0)
     # Every image decoded once, plus the probe of the feature-map shape: no second pass.
@@ -191,7 +193,7 @@ def test_a_decoding_worker_that_dies_gets_a_clear_message(tiny_loaded, image_fol
     from phpn.errors import DataError
 
     # A worker killed by the kernel, as a container's full /dev/shm does (SIGBUS).
-    monkeypatch.setattr(phpn.images.data, "load_image", lambda src: os.kill(os.getpid(), signal.SIGBUS))
+    monkeypatch.setattr(phpn.images.batches, "load_image", lambda src: os.kill(os.getpid(), signal.SIGBUS))
     with pytest.raises(DataError, match="The image-decoding workers stopped .*--workers 0.*--shm-size"):
         list(iter_batches(image_folder, [f"0/img{i:02d}.png" for i in range(8)], tiny_loaded.preprocess,
                           batch_size=2, workers=1))
@@ -220,14 +222,14 @@ def test_tap_on_a_backbone_read_from_layer_hooks():
 
 
 def test_default_workers_share_the_cores_among_local_ranks(monkeypatch):
-    from phpn.images.data import default_workers
+    from phpn.images.batches import default_workers
 
-    monkeypatch.setattr(phpn.images.data.os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr(phpn.images.batches.os, "sched_getaffinity", lambda pid: set(range(16)))
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert default_workers() == 15
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert default_workers() == 3
-    monkeypatch.setattr(phpn.images.data.os, "sched_getaffinity", lambda pid: {0})
+    monkeypatch.setattr(phpn.images.batches.os, "sched_getaffinity", lambda pid: {0})
     assert default_workers() == 0
 
 

@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_split
 from PIL import Image
 
-from phpn.images.data import scan_image_folder
+from phpn.images.folders import scan_image_folder
 from phpn.pipeline.discover import DiscoveryConfig, discover
 from phpn.show import report, viz
 from phpn.show.explanation import Explanation
@@ -22,7 +22,7 @@ def tiny_world(tmp_path_factory):
     from conftest import TinyNet
 
     from phpn.head import LoadedModel
-    from phpn.images.data import Preprocess
+    from phpn.images.preprocess import Preprocess
 
     torch.manual_seed(0)
     model = TinyNet().eval()

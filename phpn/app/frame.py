@@ -36,7 +36,8 @@ from phpn.app import serving
 from phpn.app.uploads import held_upload, original_name
 from phpn.demos import get_demo
 from phpn.errors import PhpnError, RunError
-from phpn.images.data import Preprocess, load_image, scan_image_folder
+from phpn.images.folders import scan_image_folder
+from phpn.images.preprocess import Preprocess, load_image
 from phpn.jobs import STAGE_LABELS, STAGES, error_message, format_seconds  # noqa: F401 - the pages use them through here
 from phpn.method.certify import chance_warning, format_certificate
 from phpn.method.network import LazyPrototypeNetwork
@@ -205,7 +206,7 @@ def preprocess_key(pre) -> tuple:
 
 @dataclass
 class DataEntry:
-    data: object  # phpn.images.data.ImageFolderData
+    data: object  # phpn.images.folders.ImageFolderData
     label: str  # recorded in runs: "demo:<name>" or the folder
     kind: str  # "demo" | "upload" | "path"
     cap: Optional[int]

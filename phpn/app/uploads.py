@@ -41,7 +41,7 @@ from PIL import Image
 from phpn.app.serving.isolation import ENABLE_HINT, code_allowed
 from phpn.app.serving.settings import load_settings
 from phpn.errors import DataError, PhpnError
-from phpn.images.data import load_image
+from phpn.images.preprocess import load_image
 from phpn.models.archive import (
     CHUNK,
     IGNORED_TOP,

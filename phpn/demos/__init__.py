@@ -23,7 +23,7 @@ from phpn.demos import lite0_photos as lite0
 from phpn.demos.fashion_cnn import FashionCNN
 from phpn.errors import CheckpointError, ConfigError
 from phpn.head import LoadedModel
-from phpn.images.data import Preprocess
+from phpn.images.preprocess import Preprocess
 from phpn.models.checkpoint import file_sha256 as checkpoint_sha256
 from phpn.models.lite0 import load_efficientnet_lite0
 from phpn.resources import assets_dir

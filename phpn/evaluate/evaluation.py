@@ -19,7 +19,9 @@ from phpn.evaluate.explainers import NetworkExplainer, PrototypeExplainer
 from phpn.evaluate.interpretability import interpretability_of
 from phpn.evaluate.parts import PartDataset, is_cub_layout, load_cub_parts
 from phpn.evaluate.separation import class_separation, summarise
-from phpn.images.data import Preprocess, load_batch, scan_image_folder
+from phpn.images.batches import load_batch
+from phpn.images.folders import scan_image_folder
+from phpn.images.preprocess import Preprocess
 from phpn.method.baselines import equal_split_prototypes, random_prototypes
 from phpn.method.network import PrototypeNetwork
 from phpn.progress import ProgressFn, report

@@ -10,7 +10,7 @@
     root/images/...               the image files
 
 As in the evaluation protocol of Huang et al., each image is cropped to its bounding box
-(keypoints shifted with it); then it goes through the model's :class:`phpn.images.data.Preprocess`
+(keypoints shifted with it); then it goes through the model's :class:`phpn.images.preprocess.Preprocess`
 (resize the shorter side, centre crop), and the keypoints are mapped through the same
 geometry. Keypoints that land outside the final crop cannot be seen by the model and are
 marked not visible. Coordinates are ``(x, y)`` in pixels, pixel ``(row r, column c)``
@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from phpn.errors import ConfigError, DataError
-from phpn.images.data import ClassImages, ImageFolderData, Preprocess, load_image
+from phpn.images.folders import ClassImages, ImageFolderData
+from phpn.images.preprocess import Preprocess, load_image
 
 REQUIRED = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "bounding_boxes.txt",
             "parts/parts.txt", "parts/part_locs.txt")

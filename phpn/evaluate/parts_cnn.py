@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from phpn.errors import CheckpointError
-from phpn.images.data import Preprocess
+from phpn.images.preprocess import Preprocess
 from phpn.models import HeadSplit, LoadedModel
 from phpn.resources import assets_dir
 

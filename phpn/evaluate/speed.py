@@ -37,14 +37,9 @@ from phpn.config import DECODE, DECODES
 from phpn.device import resolve_device
 from phpn.errors import PhpnError
 from phpn.head import LoadedModel
-from phpn.images.data import (
-    Preprocess,
-    batch_decode_device,
-    default_workers,
-    describe_decode,
-    iter_batches,
-    scan_image_folder,
-)
+from phpn.images.batches import batch_decode_device, default_workers, describe_decode, iter_batches
+from phpn.images.folders import scan_image_folder
+from phpn.images.preprocess import Preprocess
 from phpn.method.nmf import NMFConfig, nmf, sklearn_nmf
 from phpn.method.refine import RefineConfig, refine
 from phpn.models import diagnose

@@ -4,9 +4,9 @@
 - a ``Dataset`` (or any sequence) yielding ``(image, label)`` pairs, where the image is a PIL
   image (preprocessed by phpn) or a tensor already preprocessed by the caller.
 
-Labels are the model's class indices. Either becomes an :class:`phpn.images.data.ImageFolderData`
+Labels are the model's class indices. Either becomes an :class:`phpn.images.folders.ImageFolderData`
 whose ``root`` is an :class:`InMemoryImages` store: discovery and the certificate read it
-through :func:`phpn.images.data.load_batch` exactly as they read a folder, so every step after this
+through :func:`phpn.images.batches.load_batch` exactly as they read a folder, so every step after this
 one is the same for files and for objects.
 """
 from __future__ import annotations
@@ -21,7 +21,8 @@ from PIL import Image
 
 from phpn.config import class_name
 from phpn.errors import ConfigError, DataError
-from phpn.images.data import ClassImages, ImageFolderData, Preprocess
+from phpn.images.folders import ClassImages, ImageFolderData
+from phpn.images.preprocess import Preprocess
 
 KEY_PREFIX = "memory"
 # A DataLoader's images are held in memory (it can only be read in its own order); past this
@@ -35,7 +36,7 @@ def _key(label: int, n: int) -> str:
 
 @dataclass(frozen=True)
 class TensorInput:
-    """Stands in for :class:`phpn.images.data.Preprocess` when the caller preprocessed the images.
+    """Stands in for :class:`phpn.images.preprocess.Preprocess` when the caller preprocessed the images.
 
     phpn then knows the input's shape but not how to turn a picture into it, so explaining a
     file or a PIL image asks for a real preprocessing spec instead of guessing one.
@@ -292,7 +293,7 @@ class InMemoryImages:
         return item
 
     def load_batch(self, keys, preprocess):
-        """Same contract as :func:`phpn.images.data.load_batch`: (tensor (n, C, H, W), kept keys, skipped)."""
+        """Same contract as :func:`phpn.images.batches.load_batch`: (tensor (n, C, H, W), kept keys, skipped)."""
         tensors, kept, skipped = [], [], []
         for key in keys:
             try:

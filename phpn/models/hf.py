@@ -28,7 +28,7 @@ from torch import nn
 
 from phpn.errors import CheckpointError, ConfigError
 from phpn.head import LoadedModel
-from phpn.images.data import Preprocess
+from phpn.images.preprocess import Preprocess
 from phpn.models.checkpoint import check_safetensors_header, file_sha256, read_checkpoint
 from phpn.models.user_code import format_mismatch
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from phpn.errors import CheckpointError
 from phpn.head import LoadedModel
-from phpn.images.data import Preprocess
+from phpn.images.preprocess import Preprocess
 from phpn.models.checkpoint import read_checkpoint
 from phpn.models.zoo import imagenet_categories
 

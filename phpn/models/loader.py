@@ -19,7 +19,7 @@ from torch import nn
 
 from phpn.errors import CheckpointError, ConfigError
 from phpn.head import LoadedModel
-from phpn.images.data import Preprocess
+from phpn.images.preprocess import Preprocess
 from phpn.models import hf, lite0, zoo
 from phpn.models.checkpoint import read_checkpoint
 from phpn.models.doctor import (

@@ -34,8 +34,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from phpn.config import INTERPOLATIONS
 from phpn.errors import CheckpointError, ConfigError
-from phpn.images.data import INTERPOLATIONS, Preprocess
+from phpn.images.preprocess import Preprocess
 from phpn.models.signatures import (
     SENTINEL_CLASSES,
     diff_shapes,

@@ -25,9 +25,10 @@ import torchvision
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from phpn.config import INTERPOLATIONS
 from phpn.errors import CheckpointError
 from phpn.head import LoadedModel
-from phpn.images.data import INTERPOLATIONS, Preprocess
+from phpn.images.preprocess import Preprocess
 from phpn.models import timm_models
 from phpn.models.checkpoint import strip_common_prefix, strip_wrapper_prefixes
 from phpn.models.signatures import (

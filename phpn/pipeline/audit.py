@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from phpn import config
 from phpn.config import class_name
 from phpn.errors import DataError
-from phpn.images.data import ImageFolderData, load_batch
+from phpn.images.batches import load_batch
+from phpn.images.folders import ImageFolderData
 from phpn.method.baselines import equal_split_prototypes, random_prototypes
 from phpn.method.network import prototype_maps
 from phpn.progress import report

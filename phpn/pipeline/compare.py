@@ -30,7 +30,8 @@ from scipy.optimize import linear_sum_assignment
 from phpn import config
 from phpn.config import class_name
 from phpn.errors import ConfigError, DataError
-from phpn.images.data import ImageFolderData, load_batch
+from phpn.images.batches import load_batch
+from phpn.images.folders import ImageFolderData
 from phpn.method.network import prototype_maps
 from phpn.progress import report
 

@@ -33,14 +33,9 @@ from phpn.head import (
     HeadSplit,
     LoadedModel,
 )
-from phpn.images.data import (
-    ImageFolderData,
-    Preprocess,
-    batch_decode_device,
-    describe_decode,
-    iter_batches,
-    load_batch,
-)
+from phpn.images.batches import batch_decode_device, describe_decode, iter_batches, load_batch
+from phpn.images.folders import ImageFolderData
+from phpn.images.preprocess import Preprocess
 from phpn.method.certify import CertificateAccumulator, checks_inside
 from phpn.method.network import PrototypeNetwork, prototype_maps
 from phpn.method.nmf import NMFConfig, NMFResult, nmf, suggest_k

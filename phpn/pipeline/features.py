@@ -1,6 +1,6 @@
 """Feature extraction: images -> the unpooled feature map the head reads (and the model's logits).
 
-Images are decoded by worker processes (:func:`phpn.images.data.iter_batches`) while the model runs;
+Images are decoded by worker processes (:func:`phpn.images.batches.iter_batches`) while the model runs;
 batches run under ``torch.inference_mode``, on CUDA from pinned memory, channels_last, and with
 bf16 autocast when asked. Features come back as float32 (B, D, H, W).
 

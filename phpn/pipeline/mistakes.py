@@ -23,7 +23,9 @@ from PIL import Image
 
 from phpn.config import class_name, class_names_or_indices
 from phpn.errors import DataError, PhpnError
-from phpn.images.data import ImageFolderData, load_batch, load_image, scan_image_folder
+from phpn.images.batches import load_batch
+from phpn.images.folders import ImageFolderData, scan_image_folder
+from phpn.images.preprocess import load_image
 from phpn.method.certify import CancelCheck, check_cancel
 from phpn.progress import ProgressFn, report
 from phpn.runs.annotations import prototype_labels

@@ -43,7 +43,8 @@ import torch
 
 from phpn.config import CHECK_IMAGES_PER_CLASS, CHECK_MAX_IMAGES, UPSAMPLING_WARN
 from phpn.errors import DataError
-from phpn.images.data import ImageFolderData, Preprocess, load_image
+from phpn.images.folders import ImageFolderData
+from phpn.images.preprocess import Preprocess, load_image
 from phpn.method.certify import CHANCE_P_VALUE, CancelCheck, binomial_p_value, check_cancel, near_chance
 from phpn.models import zoo
 from phpn.pipeline.mistakes import class_order_hint, majorities

@@ -32,7 +32,7 @@ from phpn.atomic import write_atomic
 from phpn.config import class_name
 from phpn.errors import ConfigError, RunError
 from phpn.glossary import fidelity_warning
-from phpn.images.data import load_batch
+from phpn.images.batches import load_batch
 from phpn.progress import report
 from phpn.runs.record import RunRecord
 from phpn.runs.store import ANNOTATIONS, META

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 from phpn.errors import RunError
-from phpn.images.data import Preprocess
 from phpn.images.inputs import TensorInput
+from phpn.images.preprocess import Preprocess
 from phpn.method.certify import Certificate
 
 META = "run.json"
@@ -453,7 +453,7 @@ class RunRecord(_Record):
     phpn_version: str = _meta()
     created: str = _meta(doc="when discovery finished (ISO 8601, UTC)")
     model: ModelRecord = _meta(what="an object")
-    preprocess: dict = _meta(summary="is missing or invalid", doc="phpn.images.data.Preprocess.to_dict(), or {given, channels, size} for tensors")
+    preprocess: dict = _meta(summary="is missing or invalid", doc="phpn.images.preprocess.Preprocess.to_dict(), or {given, channels, size} for tensors")
     data: Optional[DataRecord] = _meta(what="an object")
     config: Optional[dict] = _meta(what="an object", doc="phpn.pipeline.discover.DiscoveryConfig.to_dict()")
     nmf: dict = _meta()

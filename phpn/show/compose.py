@@ -16,7 +16,7 @@ from PIL import Image
 
 from phpn.config import MAP_OPACITY
 from phpn.glossary import fidelity_warning
-from phpn.images.data import Preprocess
+from phpn.images.preprocess import Preprocess
 from phpn.method.certify import chance_warning, format_certificate
 from phpn.runs.annotations import PrototypeNote, prototype_labels
 from phpn.runs.provenance import origin_words

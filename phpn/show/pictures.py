@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from phpn.images.data import load_image
+from phpn.images.preprocess import load_image
 
 
 def picture_of_tensor(x, preprocess) -> Image.Image:

@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 from PIL import Image
 
 from phpn.config import MAP_OPACITY, class_name, no_shared_parts
-from phpn.images.data import Preprocess
+from phpn.images.preprocess import Preprocess
 from phpn.method.certify import chance_warning, format_certificate
 from phpn.runs.annotations import prototype_label, prototype_labels, prototype_note_html, verdict_words
 from phpn.runs.provenance import origin_words

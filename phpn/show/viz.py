@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw
 
 from phpn.config import SHARED_PART_MIN_COSINE
 from phpn.config import shared_parts as config_shared_parts  # the rule; this one reads a run
-from phpn.images.data import load_image
+from phpn.images.preprocess import load_image
 from phpn.show.pictures import seen_picture
 
 # tab10 then the light tab20 tones, without their greys (grey means "subtracts"):

@@ -26,7 +26,7 @@ from phpn.app.serving.jail import JailedModel, check_input_pixels, require_jail
 from phpn.app.serving.settings import ServerSettings, load_settings
 from phpn.errors import ConfigError
 from phpn.head import HeadSplit, LoadedModel
-from phpn.images.data import Preprocess
+from phpn.images.preprocess import Preprocess
 from phpn.models.doctor import Diagnosis
 
 ENABLE_HINT = ("The operator of this server can allow it by setting PHPN_ALLOW_CODE=1 before "

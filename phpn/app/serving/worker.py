@@ -27,7 +27,7 @@ import torch
 from phpn.api import open_model
 from phpn.app.serving.jail import tensor_of, write_message
 from phpn.errors import PhpnError
-from phpn.images.data import Preprocess
+from phpn.images.preprocess import Preprocess
 from phpn.models import diagnose
 
 _MEMORY_WORDS = ("can't allocate memory", "not enough memory", "out of memory", "failed to allocate")
