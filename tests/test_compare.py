@@ -15,7 +15,7 @@ import phpn
 from phpn.cli import main
 from phpn.demos import get_demo
 from phpn.errors import ConfigError
-from phpn.pipeline.compare import BASELINE, MATCH_THRESHOLD, PATCH_OVERLAP, SIMILARITY, patch_overlap
+from phpn.pipeline.compare import BASELINE, MATCH_THRESHOLD, PATCH_OVERLAP, SIMILARITY, mutual_best, patch_overlap
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +31,7 @@ def test_clean_and_shortcut_models_pair_but_the_mark_prototype_stays_unmatched(r
     assert not result.vectors_comparable  # two models: only maps are compared
     assert result.prototypes == (15, 15)
     assert result.matched >= 9  # most parts of the two models are the same parts
+    assert result.to_dict()["mutual_best"] == result.mutual == result.matched  # these pairs are each other's closest
     marked = next(c for c in result.classes if c["class"] == MARKED)
     mark = mark_prototype(runs["shortcut"])
     assert mark in [u["prototype"] for u in marked["unmatched_b"]]
@@ -121,6 +122,7 @@ def test_two_seeds_of_the_demo_match_part_for_part_well_above_the_other_pairs(fa
     result = phpn.compare(a, b, root)
     assert result.vectors_comparable and result.prototypes == (9, 9)
     assert result.matched == 9  # every prototype finds its part again, each pair above MATCH_THRESHOLD
+    assert result.mutual == 9 and "9 of the 9 matched pairs are each other's closest prototypes" in result.summary
     assert result.patch_overlap == PATCH_OVERLAP and result.baseline == BASELINE
     evidence = result.evidence()
     # measured (seeds 0 and 1): similarity 0.976 vs 0.736, cosine 0.853 vs 0.332, top-patch overlap 0.840 vs 0.331
@@ -224,3 +226,14 @@ def test_compare_page_shows_the_patch_overlap_beside_its_baseline(tmp_path, monk
         assert result.baseline_text(c)[:1].upper() + result.baseline_text(c)[1:] in captions
     table = at.dataframe[0].value
     assert list(table["top-patch overlap"]) == [1.0, 1.0, 1.0]
+
+
+def test_a_pair_the_assignment_forced_is_not_called_each_others_closest():
+    """The one-to-one assignment may pair two prototypes that each have a closer one: the sum
+    0.8 + 0.95 beats 0.9 + 0.6, so A's first prototype is paired with B's second, not its closest."""
+    from scipy.optimize import linear_sum_assignment
+
+    sim = np.array([[0.9, 0.8], [0.95, 0.6]])
+    rows, cols = linear_sum_assignment(sim, maximize=True)
+    assert list(zip(rows.tolist(), cols.tolist())) == [(0, 1), (1, 0)]
+    assert not mutual_best(sim, 0, 1) and mutual_best(sim, 1, 0)

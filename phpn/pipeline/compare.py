@@ -60,6 +60,11 @@ class Comparison:
         return sum(len(c["pairs"]) for c in self.classes)
 
     @property
+    def mutual(self) -> int:
+        """Matched pairs whose two prototypes are each other's closest (by map similarity)."""
+        return sum(bool(p.get("mutual_best")) for c in self.classes for p in c["pairs"])
+
+    @property
     def prototypes(self) -> tuple:
         return (sum(c["k_a"] for c in self.classes), sum(c["k_b"] for c in self.classes))
 
@@ -99,13 +104,16 @@ class Comparison:
         return (f"{self.matched} of {ka} prototypes of {self.labels[0]} matched one-to-one with {kb} of "
                 f"{self.labels[1]} over {len(self.classes)} classes{median} (similarity: {self.similarity}; a match "
                 f"needs at least {self.threshold:g}); unmatched: {ka - self.matched} of {self.labels[0]}, "
-                f"{kb - self.matched} of {self.labels[1]}." + (f" {evidence}" if evidence else ""))
+                f"{kb - self.matched} of {self.labels[1]}. {self.mutual} of the {self.matched} matched pairs are each "
+                f"other's closest prototypes; the others matched only because the one-to-one assignment paired them."
+                + (f" {evidence}" if evidence else ""))
 
     def to_dict(self) -> dict:
         ka, kb = self.prototypes
         return {"summary": self.summary, "similarity": self.similarity, "threshold": self.threshold,
                 "patch_overlap": self.patch_overlap, "baseline": self.baseline, "evidence": self.evidence(),
                 "vectors_comparable": self.vectors_comparable, "runs": list(self.labels), "matched": self.matched,
+                "mutual_best": self.mutual,
                 "prototypes_a": ka, "prototypes_b": kb, "notes": list(self.notes), "classes": self.classes}
 
     def text(self) -> str:
@@ -116,7 +124,8 @@ class Comparison:
             lines.append(f"  {self.baseline_text(c)}")
             for p in c["pairs"]:
                 cos = f", cosine {p['cosine']:.2f}" if p.get("cosine") is not None else ""
-                lines.append(f"  prototype {p['a'] + 1} <-> {p['b'] + 1}: similarity {p['similarity']:.2f}{cos}, "
+                closest = "" if p.get("mutual_best", True) else " (not each other's closest)"
+                lines.append(f"  prototype {p['a'] + 1} <-> {p['b'] + 1}{closest}: similarity {p['similarity']:.2f}{cos}, "
                              f"top-patch overlap {_num(p.get('patch_overlap'))}; "
                              f"contribution {p['contribution_a']:+.3f} -> {p['contribution_b']:+.3f}")
             for side, key in (("A", "unmatched_a"), ("B", "unmatched_b")):
@@ -125,6 +134,11 @@ class Comparison:
                     lines.append(f"  unmatched in {side}: prototype {u['prototype'] + 1}, contribution "
                                  f"{u['contribution']:+.3f}{best}")
         return "\n".join(lines)
+
+
+def mutual_best(sim: np.ndarray, i: int, j: int) -> bool:
+    """Whether prototypes ``i`` (of A) and ``j`` (of B) are each other's closest in ``sim``."""
+    return bool(sim[i, j] >= sim[i, :].max() and sim[i, j] >= sim[:, j].max())
 
 
 def _num(value) -> str:
@@ -272,7 +286,10 @@ def compare_runs(run_a, split_a, pre_a, run_b, split_b, pre_b, data: ImageFolder
         pairs, matched_a, matched_b = [], set(), set()
         for i, j in zip(rows.tolist(), cols.tolist()):
             if sim[i, j] >= threshold:
-                pairs.append({"a": i, "b": j, "similarity": float(sim[i, j]),
+                # Each other's closest: the threshold alone lets a pair through that two unrelated
+                # prototypes of the same class would also pass (their maps share the object).
+                mutual = mutual_best(sim, i, j)
+                pairs.append({"a": i, "b": j, "similarity": float(sim[i, j]), "mutual_best": mutual,
                               "cosine": None if cos is None else float(cos[i, j]),
                               "patch_overlap": _value(overlap, i, j),
                               "contribution_a": float(con_a[:, i].mean()), "contribution_b": float(con_b[:, j].mean()),
