@@ -852,11 +852,12 @@ PAGES = {
 
 class DiscoveryJob(jobs.DiscoveryJob):
     """The library's discovery job (phpn.jobs) on a cached model: a GPU job works on its own
-    copy, errors are worded for the page, and it waits its turn in the server's queue."""
+    copy, errors are worded for the page, and it waits its turn in the server's queue, where the
+    visitor (their workspace, whichever tab started it) may hold only so many jobs."""
 
     def __init__(self, entry: ModelEntry, data, config, data_label: str):
         super().__init__(entry.session, data, config, data_label, model_key=entry.key, describe_error=error_text,
-                         session_for=entry.session_for, queue=server_queue())
+                         session_for=entry.session_for, queue=server_queue(), owner=session_id())
 
     def cancel(self) -> None:
         super().cancel()
@@ -865,8 +866,9 @@ class DiscoveryJob(jobs.DiscoveryJob):
 
 
 def server_queue() -> "jobs.DiscoveryQueue":
-    """The server's one discovery queue, with as many places as the operator's settings allow."""
-    return jobs.default_queue(serving.load_settings().discovery_slots())
+    """The server's one discovery queue, with as many places (and jobs per visitor) as the operator's settings allow."""
+    settings = serving.load_settings()
+    return jobs.default_queue(settings.discovery_slots(), settings.discoveries_per_visitor)
 
 
 def adopt_finished_job() -> None:

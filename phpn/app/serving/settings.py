@@ -41,6 +41,7 @@ class ServerSettings:
     total_quota_mb: float = 20480.0
     idle_hours: float = 6.0
     max_discoveries: int = 0
+    discoveries_per_visitor: int = 2
     job_timeout_s: float = 600.0
     worker_idle_s: float = 900.0
     worker_memory_mb: float = 8192.0
@@ -90,6 +91,9 @@ SETTINGS = {
     "idle_hours": ("PHPN_IDLE_HOURS", "a workspace unused for this many hours is deleted"),
     "max_discoveries": ("PHPN_MAX_DISCOVERIES",
                         "discoveries that run at once, the others wait in a queue (0: one per GPU, 1 on a CPU)"),
+    "discoveries_per_visitor": ("PHPN_DISCOVERIES_PER_VISITOR",
+                                "discoveries one visitor (one browser, all its tabs) may have queued or running at "
+                                "once; one more is refused (0: no limit)"),
     "job_timeout_s": ("PHPN_JOB_TIMEOUT",
                       "seconds one forward pass of a visitor's model (a batch of a discovery, an explanation) may "
                       "take in its jailed worker; then the worker is killed"),
