@@ -24,11 +24,11 @@ import torch
 from phpn.app.serving import (
     JailedModel,
     ServerSettings,
+    check_input_pixels,
     check_request_pixels,
     jail_problem,
     try_in_child_process,
 )
-from phpn.app.serving.jail import check_input_pixels
 from phpn.app.uploads import held_upload, save_upload, unpack_model_folder
 from phpn.errors import CheckpointError, ConfigError, DataError
 from phpn.models.checkpoint import MAX_SAFETENSORS_TENSORS, read_checkpoint
