@@ -118,6 +118,9 @@ def test_the_app_refuses_a_crop_over_the_models_budget_before_running_it_there(t
         entry = frame.load_model_entry(**spec, overrides={"resize": 320, "crop": 320})
         assert opened == [None, 320]  # its own size came from the cache
         assert (entry.cost.height, entry.cost.gflops) == (320, pytest.approx(3.62712576 * (320 / 224) ** 2, rel=1e-3))
-        assert frame.load_model_entry(**spec).cost == ForwardCost(pytest.approx(3.62712576, rel=1e-9), 224, 224)
+        own = frame.load_model_entry(**spec)
+        assert own.cost == ForwardCost(pytest.approx(3.62712576, rel=1e-9), 224, 224)
+        assert entry.session.loaded.model is own.session.loaded.model and entry.lock is own.lock  # one copy of the weights
+        assert entry.session.diagnosis.input_size == (3, 320, 320) and entry.session.preprocess.crop == 320
     finally:
         frame._load_model_entry.clear()

@@ -123,7 +123,8 @@ def _freeze(spec: dict) -> tuple:
 
 
 @st.cache_resource(max_entries=6, show_spinner=False)
-def _load_model_entry(spec: tuple, _given: dict) -> ModelEntry:
+def _load_model_entry(spec: tuple, _given: dict, _base: Optional[ModelEntry] = None) -> ModelEntry:
+    """``_base``: the same model opened at its own preprocessing, whose loaded weights this entry shares."""
     s = dict(spec)
     if s.get("model_def") or s.get("trust_pickle"):
         serving.require_code_allowed("a model file" if s.get("model_def") else "a trusted (pickled) checkpoint")
@@ -134,6 +135,10 @@ def _load_model_entry(spec: tuple, _given: dict) -> ModelEntry:
             {**s, "preprocess": dict(s["preprocess"]) if "preprocess" in s else None,
              "overrides": dict(s["overrides"]) if "overrides" in s else None},
             class_names=list(s["class_names"]) if "class_names" in s else None)
+    elif _base is not None:  # the loaded model is shared with the entry it came from
+        with _base.lock:
+            session = open_model(_base.session, preprocess=pre, overrides=dict(s["overrides"]) if "overrides" in s else None,
+                                 feature_layer=s.get("feature_layer"), head_layer=s.get("head_layer"))
     else:
         session = open_model(s.get("checkpoint"), demo=s.get("demo"), arch=s.get("arch"), model_def=s.get("model_def"),
                              trust_pickle=bool(s.get("trust_pickle", False)), num_classes=s.get("num_classes"),
@@ -150,7 +155,7 @@ def _load_model_entry(spec: tuple, _given: dict) -> ModelEntry:
         session.loaded = replace(session.loaded, source=describe_origin(origin))
     else:
         label = Path(str(s.get("checkpoint"))).name
-    return ModelEntry(session=session, key=repr(spec), label=label,
+    return ModelEntry(session=session, key=repr(spec), label=label, lock=_base.lock if _base else threading.RLock(),
                       spec=copy.deepcopy({k: v for k, v in _given.items() if v is not None}), cost=cost)
 
 
@@ -186,7 +191,7 @@ def load_model_entry(**spec) -> ModelEntry:
     the model as opened without that preprocessing: usually cached already) before the model
     runs at that size."""
     serving.check_request_pixels(spec)  # the input's size, before any model is built
-    side = _asked_side(spec)
+    side, base = _asked_side(spec), None
     if side is not None and not serving.isolated(spec):  # a jailed model's trial counts its cost in the jail
         own = {k: v for k, v in spec.items() if k not in ("overrides", "preprocess")}
         try:
@@ -195,7 +200,7 @@ def load_model_entry(**spec) -> ModelEntry:
             base = None
         if base is not None:
             serving.check_forward_cost(side, side, base.cost)
-    return _load_model_entry(_freeze(spec), spec)
+    return _load_model_entry(_freeze(spec), spec, base)
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
