@@ -5,7 +5,10 @@
 half second), and ``cancel()`` stops it at the next progress report. Every job waits its turn in
 a :class:`DiscoveryQueue` first, which lets only a few discoveries run at once (the operator's
 ``PHPN_MAX_DISCOVERIES``; one on a CPU), so that a server stays responsive for visitors who are
-only browsing while others discover. Nothing here touches Streamlit.
+only browsing while others discover. A job may name its ``owner`` (the app: the visitor's
+workspace, shared by all their tabs); the queue refuses an owner's job beyond
+``per_owner`` queued or running at once (the operator's ``PHPN_DISCOVERIES_PER_VISITOR``), so
+that one visitor cannot fill the line. Nothing here touches Streamlit.
 """
 from __future__ import annotations
 
@@ -13,10 +16,10 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Hashable, Optional
 
 from phpn.api import run_discovery
-from phpn.errors import Cancelled, PhpnError
+from phpn.errors import Cancelled, ConfigError, PhpnError
 
 STAGES = ("features", "nmf", "refine", "certify")
 STAGE_LABELS = {"features": "Features", "nmf": "NMF", "refine": "Refinement", "certify": "Certificate"}
@@ -50,36 +53,72 @@ class StageProgress:
         return (now - self.started) * (1 - f) / f
 
 
-class DiscoveryQueue:
-    """First come, first served, at most ``slots`` jobs at once."""
+def too_many_for_owner(limit: int) -> ConfigError:
+    """The refusal of a job beyond an owner's ``limit`` of discoveries queued or running."""
+    count = "1 discovery" if limit == 1 else f"{limit} discoveries"
+    return ConfigError(f"You already have {count} queued or running:", "wait for one to finish or cancel it.")
 
-    def __init__(self, slots: int = 1):
+
+class DiscoveryQueue:
+    """First come, first served, at most ``slots`` jobs at once; at most ``per_owner`` jobs of
+    one owner queued or running at once (0: no such limit)."""
+
+    def __init__(self, slots: int = 1, per_owner: int = 0):
         if int(slots) < 1:
             raise ValueError("a queue needs at least one slot")
+        if int(per_owner) < 0:
+            raise ValueError("per_owner is a count (0: no limit)")
         self.slots = int(slots)
+        self.per_owner = int(per_owner)
         self._cond = threading.Condition()
         self._running: list = []
         self._waiting: list = []
+        self._owners: dict = {}  # id(job) -> owner, for jobs waiting or running that named one
 
-    def enter(self, job, cancelled: Callable[[], bool], poll_s: float = 0.1) -> bool:
-        """Wait for a slot; True once ``job`` holds one, False if it was cancelled while waiting."""
+    def held_by(self, owner: Hashable) -> int:
+        """How many of ``owner``'s jobs are queued or running."""
         with self._cond:
+            return sum(1 for o in self._owners.values() if o == owner)
+
+    def join(self, job, owner: Optional[Hashable] = None) -> None:
+        """Put ``job`` at the end of the line now, or refuse it (ConfigError) when ``owner``
+        already has ``per_owner`` jobs queued or running. :meth:`enter` then waits its turn."""
+        with self._cond:
+            if job in self._waiting or job in self._running:
+                return
+            if owner is not None:
+                if self.per_owner and self.held_by(owner) >= self.per_owner:
+                    raise too_many_for_owner(self.per_owner)
+                self._owners[id(job)] = owner
             self._waiting.append(job)
+            self._cond.notify_all()
+
+    def enter(self, job, cancelled: Callable[[], bool], poll_s: float = 0.1,
+              owner: Optional[Hashable] = None) -> bool:
+        """Wait for a slot (joining the line first if :meth:`join` was not called); True once
+        ``job`` holds one, False if it was cancelled while waiting."""
+        self.join(job, owner)
+        with self._cond:
+            entered = False
             try:
                 while not (self._waiting[0] is job and len(self._running) < self.slots):
                     if cancelled():
                         return False
                     self._cond.wait(poll_s)
                 self._running.append(job)
+                entered = True
                 return True
             finally:
                 self._waiting.remove(job)
+                if not entered:
+                    self._owners.pop(id(job), None)
                 self._cond.notify_all()
 
     def leave(self, job) -> None:
         with self._cond:
             if job in self._running:
                 self._running.remove(job)
+                self._owners.pop(id(job), None)
             self._cond.notify_all()
 
     def position(self, job) -> Optional[int]:
@@ -106,13 +145,13 @@ _DEFAULT_QUEUE: Optional[DiscoveryQueue] = None
 _QUEUE_LOCK = threading.Lock()
 
 
-def default_queue(slots: int = 1) -> DiscoveryQueue:
-    """The process-wide queue, with ``slots`` places when it is first asked for (a server hands
-    in its operator's setting; later calls get the same queue)."""
+def default_queue(slots: int = 1, per_owner: int = 0) -> DiscoveryQueue:
+    """The process-wide queue, with ``slots`` places and ``per_owner`` jobs per owner when it is
+    first asked for (a server hands in its operator's settings; later calls get the same queue)."""
     global _DEFAULT_QUEUE
     with _QUEUE_LOCK:
         if _DEFAULT_QUEUE is None:
-            _DEFAULT_QUEUE = DiscoveryQueue(slots)
+            _DEFAULT_QUEUE = DiscoveryQueue(slots, per_owner)
         return _DEFAULT_QUEUE
 
 
@@ -122,14 +161,16 @@ class DiscoveryJob:
     ``session`` is the ModelSession to discover on (a callable ``session_for(device)`` may be
     given instead, so that a GPU job works on its own copy of a shared model); ``data`` an
     ImageFolderData; ``config`` a DiscoveryConfig. ``model_key`` tells whoever adopts the result
-    which model it belongs to.
+    which model it belongs to; ``owner`` who started it (the queue limits the jobs each owner
+    has queued or running: :meth:`start` refuses one too many).
     """
 
     def __init__(self, session, data, config, data_label: str, *, model_key: str = "",
                  queue: Optional[DiscoveryQueue] = None, describe_error: Callable = error_message,
-                 session_for: Optional[Callable] = None):
+                 session_for: Optional[Callable] = None, owner: Optional[Hashable] = None):
         self.session, self.data, self.config, self.data_label = session, data, config, data_label
         self.model_key = model_key
+        self.owner = owner
         self.queue = queue or default_queue()
         self.describe_error = describe_error
         self.session_for = session_for
@@ -146,6 +187,8 @@ class DiscoveryJob:
         self.thread = threading.Thread(target=self._work, name="phpn-discovery", daemon=True)
 
     def start(self) -> "DiscoveryJob":
+        """Join the queue (ConfigError when the owner has too many jobs already), then work in the background."""
+        self.queue.join(self, self.owner)
         self.thread.start()
         return self
 
@@ -184,7 +227,7 @@ class DiscoveryJob:
     def _work(self) -> None:
         entered = False
         try:
-            entered = self.queue.enter(self, self.cancel_event.is_set)
+            entered = self.queue.enter(self, self.cancel_event.is_set, owner=self.owner)
             if not entered:
                 raise Cancelled()
             self.began = time.time()

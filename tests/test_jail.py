@@ -24,11 +24,11 @@ import torch
 from phpn.app.serving import (
     JailedModel,
     ServerSettings,
+    check_input_pixels,
     check_request_pixels,
     jail_problem,
     try_in_child_process,
 )
-from phpn.app.serving.jail import check_input_pixels
 from phpn.app.uploads import held_upload, save_upload, unpack_model_folder
 from phpn.errors import CheckpointError, ConfigError, DataError
 from phpn.models.checkpoint import MAX_SAFETENSORS_TENSORS, read_checkpoint
@@ -278,14 +278,21 @@ def test_cancel_and_idleness_kill_the_worker(tmp_path):
     namespace = {}
     exec(HOSTILE.format(other="", port=0, alloc=0), namespace)  # noqa: S102 - the test's own code
     torch.save(namespace["Net"]().state_dict(), tmp_path / "weights.pt")
-    settings = ServerSettings(allow_code=True)
+    settings = ServerSettings(allow_code=True, job_timeout_s=3)
     jailed = JailedModel({"checkpoint": str(tmp_path / "weights.pt"), "model_def": f"{tmp_path / 'net.py'}:Net",
                           "input_size": [3, 8, 8]}, settings=settings)
+    assert jailed.job_timeout_s == 3.0  # PHPN_JOB_TIMEOUT
     threading.Timer(1.0, jailed.kill).start()  # the visitor's Cancel, from another thread
     start = time.monotonic()
     message = _probe(jailed, 7)
     assert "The visitor's model was stopped during its forward pass: it was cancelled." in message
     assert time.monotonic() - start < 15 and not jailed.alive
+    # The operator's per-pass limit (PHPN_JOB_TIMEOUT), with no limit given by the caller: the worker
+    # (started again for this batch) is killed, with every process of its jail.
+    message = _probe(jailed, 7)
+    assert ("The visitor's model did not finish its forward pass within 3 s and its worker was stopped (the server "
+            "was not held up).") in message and "PHPN_JOB_TIMEOUT" in message
+    assert not jailed.alive and jailed.proc.returncode is not None and jailed.starts == 2
     assert jailed.forward(torch.full((1, 3, 8, 8), 0.5)).shape == (1, 3)  # used again: started again
     jailed.idle_s = 1.0  # the visitor left: the idle watcher kills it within seconds
     deadline = time.monotonic() + 30
@@ -528,3 +535,48 @@ def test_tensors_cross_the_pipe_as_plain_bytes_checked_against_their_shape():
         tensor_of({"shape": [2, 3]}, b"\0" * 20)  # fewer bytes than the shape says
     with pytest.raises(ConfigError, match="malformed tensor"):
         tensor_of({"shape": [2, -3]}, b"")
+
+
+@pytest.mark.slow
+@needs_jail
+def test_a_weights_only_model_runs_in_a_worker_when_the_operator_isolates_all_models(tmp_path, monkeypatch):
+    """PHPN_ISOLATE_ALL_MODELS: the app opens a visitor's weights-only checkpoint in a jailed worker
+    (which loads it with torch.load(weights_only=True) into the architecture named), with visitors'
+    code still off; logits, head and cost match the model opened in the server."""
+    import torchvision  # noqa: PLC0415 - only this test needs it
+
+    from phpn.api import open_model  # noqa: PLC0415 - only this test needs the whole door
+    from phpn.app import frame  # noqa: PLC0415 - the app's frame imports Streamlit
+    from phpn.app.serving import isolated, jailed_worker, measure_cost, stop_jailed  # noqa: PLC0415 - as above
+
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18(weights=None, num_classes=3).eval().state_dict(), tmp_path / "r18.pt")
+    spec = {"checkpoint": str(tmp_path / "r18.pt"), "arch": "resnet18", "overrides": {"resize": 64, "crop": 64}}
+    on = ServerSettings(isolate_all_models=True)
+    assert isolated(spec, on) and not isolated(spec, ServerSettings()) and not isolated({"demo": "x"}, on)
+    assert isolated({"checkpoint": "m.py", "model_def": "m.py:Net"}, ServerSettings())
+    monkeypatch.setenv("PHPN_SETTINGS_FILE", str(tmp_path / "none.toml"))
+    monkeypatch.setenv("PHPN_ISOLATE_ALL_MODELS", "1")
+    monkeypatch.delenv("PHPN_ALLOW_CODE", raising=False)
+    frame._load_model_entry.clear()
+    entry = frame.load_model_entry(**spec)
+    here = open_model(spec["checkpoint"], arch="resnet18", overrides=spec["overrides"])
+    worker = jailed_worker(entry.session)
+    try:
+        assert worker is not None and worker.alive and worker.request.get("trust_pickle") is None
+        assert "runs in a jailed worker" in entry.session.loaded.notes
+        assert entry.session.diagnosis.verdict == here.diagnosis.verdict == "exact"
+        torch.testing.assert_close(entry.session.split.weight, here.split.weight, rtol=0, atol=0)
+        x = torch.rand(2, 3, 64, 64)
+        with torch.no_grad():
+            torch.testing.assert_close(entry.session.loaded.model(x), here.loaded.model(x), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(entry.session.split.backbone(x), here.split.backbone(x), rtol=1e-5, atol=1e-6)
+        counted = measure_cost(here.loaded.model, (3, 64, 64))
+        assert entry.cost == worker.cost and (worker.cost.height, worker.cost.width) == (64, 64)
+        assert worker.cost.gflops == pytest.approx(counted.gflops, rel=1e-9)
+        with pytest.raises(ConfigError, match="is more than the 1,048,576 pixels"):  # refused before the pipe
+            worker.forward(torch.zeros(1, 3, 1025, 1024))
+    finally:
+        stop_jailed(entry.session, "the test ended")
+        frame._load_model_entry.clear()
+    assert not worker.alive

@@ -62,6 +62,47 @@ def test_the_queue_runs_at_most_its_slots_and_keeps_order():
         DiscoveryQueue(0)
 
 
+def test_one_owner_may_hold_only_so_many_jobs_queued_or_running():
+    queue = DiscoveryQueue(1, per_owner=2)
+    a1, a2, a3, b1 = (_Holder(queue) for _ in range(4))
+    queue.join(a1, "A")
+    a1.thread.start()
+    _wait_until(lambda: queue.position(a1) == 0)
+    queue.join(a2, "A")
+    a2.thread.start()
+    with pytest.raises(ConfigError) as err:
+        queue.join(a3, "A")
+    assert str(err.value) == ("You already have 2 discoveries queued or running: wait for one to finish or "
+                              "cancel it.")
+    assert queue.position(a3) is None and queue.held_by("A") == 2
+    queue.join(b1, "B")  # another visitor is admitted and waits behind A's jobs
+    b1.thread.start()
+    assert [queue.position(h) for h in (a1, a2, b1)] == [0, 1, 2]
+    assert (queue.held_by("A"), queue.held_by("B")) == (2, 1)
+    a1.release.set()  # A's first job finishes: A may queue again, behind B
+    _wait_until(lambda: queue.position(a2) == 0)
+    assert queue.held_by("A") == 1
+    queue.join(a3, "A")
+    a3.thread.start()
+    assert [queue.position(h) for h in (a2, b1, a3)] == [0, 1, 2]
+    b1.cancelled.set()  # a job cancelled while waiting no longer counts for its owner
+    _wait_until(lambda: queue.position(b1) is None)
+    assert queue.held_by("B") == 0
+    for h in (a2, a3, b1):
+        h.release.set()
+    for h in (a1, a2, a3, b1):
+        h.thread.join(5)
+    assert (queue.running, queue.waiting, queue.held_by("A")) == (0, 0, 0)
+    one = DiscoveryQueue(1, per_owner=1)
+    one.join(object(), "A")
+    with pytest.raises(ConfigError, match="^You already have 1 discovery queued or running: wait"):
+        one.join(object(), "A")
+    unlimited = DiscoveryQueue(1)  # no per-owner limit unless asked
+    for _ in range(5):
+        unlimited.join(object(), "A")
+    assert unlimited.held_by("A") == 5
+
+
 @pytest.fixture
 def session(tiny_loaded):
     pre = tiny_loaded.preprocess
@@ -108,6 +149,21 @@ def test_cancel_while_waiting_and_errors_are_reported(session, image_folder):
     job.cancel()
     assert job.wait(10) == "cancelled" and job.result is None and queue.waiting == 0
     blocker.release.set()
+
+    # A job over its owner's limit is refused when it is started, before any thread runs.
+    queue = DiscoveryQueue(1, per_owner=1)
+    first = DiscoveryJob(session, data, DiscoveryConfig(k=2, device="cpu"), "x", queue=queue, owner="A",
+                         session_for=lambda device: (_ for _ in ()).throw(ConfigError("Stop.", ""))).start()
+    second = DiscoveryJob(session, data, DiscoveryConfig(k=2, device="cpu"), "x", queue=queue, owner="A")
+    assert first.wait(10) == "failed" and queue.held_by("A") == 0  # finished jobs do not count
+    blocker = _Holder(queue)
+    queue.join(blocker, "A")
+    blocker.thread.start()
+    with pytest.raises(ConfigError, match="^You already have 1 discovery queued or running"):
+        second.start()
+    assert second.status == "queued" and not second.thread.is_alive() and queue.position(second) is None
+    blocker.release.set()
+    blocker.thread.join(5)
 
     def failing(device):
         raise ConfigError("The device is busy.", "Try later.")

@@ -43,6 +43,7 @@ def settings(tmp_path):
 def test_defaults_are_safe_for_a_public_server(tmp_path):
     s = load_settings(environ={}, settings_file=tmp_path / "missing.toml")
     assert s.allow_code is False and s.data_roots == () and s.shared_runs is None
+    assert s.discoveries_per_visitor == 2
     assert s.discovery_slots() == (max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1)
     assert {row[0] for row in settings_table()} == set(ServerSettings.__dataclass_fields__)
 
@@ -53,8 +54,9 @@ def test_environment_variables_win_over_the_settings_file(tmp_path):
     s = load_settings(environ={}, settings_file=file)
     assert s.allow_code is True and s.idle_hours == 2.0 and s.data_roots == (Path("/srv/a"), Path("/srv/b"))
     s = load_settings(environ={"PHPN_ALLOW_CODE": "0", "PHPN_DATA_ROOTS": f"/x{os.pathsep}/y",
-                               "PHPN_MAX_DISCOVERIES": "3"}, settings_file=file)
+                               "PHPN_MAX_DISCOVERIES": "3", "PHPN_DISCOVERIES_PER_VISITOR": "1"}, settings_file=file)
     assert s.allow_code is False and s.data_roots == (Path("/x"), Path("/y")) and s.discovery_slots() == 3
+    assert s.discoveries_per_visitor == 1
 
 
 @pytest.mark.parametrize("env, phrase", [
@@ -469,6 +471,55 @@ def test_a_discovery_waits_its_turn_with_its_position_shown(app_env):
     finally:
         release.set()
     assert job.wait(120) == "done", job.error
+
+
+def _start_discovery(at) -> None:
+    at.switch_page("pages/discover.py").run()
+    at.slider(key="disc_k").set_value(2)
+    at.number_input(key="disc_cap").set_value(4)
+    at.button(key="FormSubmitter:discover_form-Start discovery").click().run()
+
+
+@pytest.mark.slow
+def test_one_visitor_may_queue_two_discoveries_whatever_their_tabs(app_env, monkeypatch):
+    from phpn.app import frame
+
+    queue = frame.server_queue()
+    assert queue.per_owner == 2  # PHPN_DISCOVERIES_PER_VISITOR's default
+    holder, release, entered = object(), threading.Event(), threading.Event()
+
+    def hold():
+        queue.enter(holder, lambda: False, poll_s=0.01)
+        entered.set()
+        release.wait(60)
+        queue.leave(holder)
+
+    threading.Thread(target=hold, daemon=True).start()
+    assert entered.wait(10)
+    jobs = []
+    try:
+        first = _app()
+        key = first.session_state["_key_to_keep"]
+        monkeypatch.setattr(frame, "browser_cookie", lambda: key)  # the same browser's other tabs
+        tabs = [first, _app(), _app()]
+        for tab in tabs:
+            _start_discovery(tab)
+        jobs = [tab.session_state["job"] for tab in tabs[:2]]
+        assert all(job.waiting for job in jobs) and queue.held_by(jobs[0].owner) == 2
+        assert "job" not in tabs[2].session_state
+        assert _errors(tabs[2]) == ["You already have 2 discoveries queued or running: wait for one to finish or "
+                                    "cancel it."]
+        monkeypatch.setattr(frame, "browser_cookie", lambda: None)  # another visitor is admitted
+        other = _app()
+        _start_discovery(other)
+        jobs.append(other.session_state["job"])
+        assert jobs[2].waiting and jobs[2].owner != jobs[0].owner and not _errors(other)
+    finally:
+        for job in jobs:
+            job.cancel()
+        release.set()
+    assert [job.wait(30) for job in jobs] == ["cancelled"] * 3
+    assert queue.held_by(jobs[0].owner) == 0
 
 
 def test_an_unsafe_workspace_root_stops_the_app_with_a_message(app_env, monkeypatch):

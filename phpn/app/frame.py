@@ -96,6 +96,7 @@ class ModelEntry:
     label: str
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     spec: dict = field(default_factory=dict)  # the arguments load_model_entry was given (how to load it again)
+    cost: Optional["serving.ForwardCost"] = None  # one image's forward pass at the input size it was opened at
 
     @property
     def decomposable(self) -> bool:
@@ -123,22 +124,29 @@ def _freeze(spec: dict) -> tuple:
 
 
 @st.cache_resource(max_entries=6, show_spinner=False)
-def _load_model_entry(spec: tuple, _given: dict) -> ModelEntry:
+def _load_model_entry(spec: tuple, _given: dict, _base: Optional[ModelEntry] = None) -> ModelEntry:
+    """``_base``: the same model opened at its own preprocessing, whose loaded weights this entry shares."""
     s = dict(spec)
     if s.get("model_def") or s.get("trust_pickle"):
         serving.require_code_allowed("a model file" if s.get("model_def") else "a trusted (pickled) checkpoint")
     pre = Preprocess.from_dict(dict(s["preprocess"])) if "preprocess" in s else None
-    if s.get("model_def") or s.get("trust_pickle"):  # a visitor's code: only ever in a jailed worker
+    # A visitor's code: only ever in a jailed worker; their weights too when the operator says so.
+    if serving.isolated(s):
         session = serving.open_jailed_session(
             {**s, "preprocess": dict(s["preprocess"]) if "preprocess" in s else None,
              "overrides": dict(s["overrides"]) if "overrides" in s else None},
             class_names=list(s["class_names"]) if "class_names" in s else None)
+    elif _base is not None:  # the loaded model is shared with the entry it came from
+        with _base.lock:
+            session = open_model(_base.session, preprocess=pre, overrides=dict(s["overrides"]) if "overrides" in s else None,
+                                 feature_layer=s.get("feature_layer"), head_layer=s.get("head_layer"))
     else:
         session = open_model(s.get("checkpoint"), demo=s.get("demo"), arch=s.get("arch"), model_def=s.get("model_def"),
                              trust_pickle=bool(s.get("trust_pickle", False)), num_classes=s.get("num_classes"),
                              class_names=list(s["class_names"]) if "class_names" in s else None, preprocess=pre,
                              overrides=dict(s["overrides"]) if "overrides" in s else None,
                              feature_layer=s.get("feature_layer"), head_layer=s.get("head_layer"))
+    cost = _checked_cost(session)
     if s.get("demo"):
         label = f"demo: {s['demo']}"
     elif s.get("origin"):  # an upload by its own name and how it came, not where the server keeps it
@@ -148,16 +156,52 @@ def _load_model_entry(spec: tuple, _given: dict) -> ModelEntry:
         session.loaded = replace(session.loaded, source=describe_origin(origin))
     else:
         label = Path(str(s.get("checkpoint"))).name
-    return ModelEntry(session=session, key=repr(spec), label=label,
-                      spec=copy.deepcopy({k: v for k, v in _given.items() if v is not None}))
+    return ModelEntry(session=session, key=repr(spec), label=label, lock=_base.lock if _base else threading.RLock(),
+                      spec=copy.deepcopy({k: v for k, v in _given.items() if v is not None}), cost=cost)
+
+
+def _checked_cost(session) -> Optional["serving.ForwardCost"]:
+    """One image's forward cost at the size the model was opened at (counted in its jailed worker,
+    or here), refused when over the operator's budget."""
+    worker = serving.jailed_worker(session)
+    if worker is not None:
+        return worker.cost  # counted and checked in the worker's trial
+    size = tuple(session.diagnosis.input_size or ())
+    if len(size) != 3:
+        return None
+    cost = serving.measure_cost(session.loaded.model, size)
+    serving.check_forward_cost(size[1], size[2], cost)
+    return cost
+
+
+def _asked_side(spec: dict) -> Optional[int]:
+    """The input side (the crop) that ``spec``'s preprocessing asks for, if it asks for one."""
+    crops = [(spec.get(key) or {}).get("crop") for key in ("overrides", "preprocess")]
+    return next((int(c) for c in crops if c), None)
 
 
 def load_model_entry(**spec) -> ModelEntry:
     """The cached model for ``spec``; a visitor's code (model file, trusted pickle) runs only if
     the operator allows it, and only in a jailed worker (phpn.app.serving.jail) that loads and
-    tries it, then serves every forward pass (a worker that was killed starts again when used)."""
-    serving.check_request_pixels(spec)  # the input's cost, before any model is built
-    return _load_model_entry(_freeze(spec), spec)
+    tries it, then serves every forward pass (a worker that was killed starts again when used).
+    A visitor's weights-only model goes to such a worker too when the operator sets
+    PHPN_ISOLATE_ALL_MODELS.
+
+    An input size asked for (the preprocessing's crop) is checked against the pixel cap before any
+    model is built, and against the model's forward cost (counted at its own input size, from
+    the model as opened without that preprocessing: usually cached already) before the model
+    runs at that size."""
+    serving.check_request_pixels(spec)  # the input's size, before any model is built
+    side, base = _asked_side(spec), None
+    if side is not None and not serving.isolated(spec):  # a jailed model's trial counts its cost in the jail
+        own = {k: v for k, v in spec.items() if k not in ("overrides", "preprocess")}
+        try:
+            base = _load_model_entry(_freeze(own), own)
+        except Exception:  # noqa: BLE001 - it does not open at its own size: its cost is counted at the size asked
+            base = None
+        if base is not None:
+            serving.check_forward_cost(side, side, base.cost)
+    return _load_model_entry(_freeze(spec), spec, base)
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
@@ -853,11 +897,12 @@ PAGES = {
 
 class DiscoveryJob(jobs.DiscoveryJob):
     """The library's discovery job (phpn.jobs) on a cached model: a GPU job works on its own
-    copy, errors are worded for the page, and it waits its turn in the server's queue."""
+    copy, errors are worded for the page, and it waits its turn in the server's queue, where the
+    visitor (their workspace, whichever tab started it) may hold only so many jobs."""
 
     def __init__(self, entry: ModelEntry, data, config, data_label: str):
         super().__init__(entry.session, data, config, data_label, model_key=entry.key, describe_error=error_text,
-                         session_for=entry.session_for, queue=server_queue())
+                         session_for=entry.session_for, queue=server_queue(), owner=session_id())
 
     def cancel(self) -> None:
         super().cancel()
@@ -866,8 +911,9 @@ class DiscoveryJob(jobs.DiscoveryJob):
 
 
 def server_queue() -> "jobs.DiscoveryQueue":
-    """The server's one discovery queue, with as many places as the operator's settings allow."""
-    return jobs.default_queue(serving.load_settings().discovery_slots())
+    """The server's one discovery queue, with as many places (and jobs per visitor) as the operator's settings allow."""
+    settings = serving.load_settings()
+    return jobs.default_queue(settings.discovery_slots(), settings.discoveries_per_visitor)
 
 
 def adopt_finished_job() -> None:

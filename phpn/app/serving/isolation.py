@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from phpn.api import ModelSession
-from phpn.app.serving.jail import JailedModel, check_input_pixels, require_jail
+from phpn.app.serving.cost import check_input_pixels
+from phpn.app.serving.jail import ISOLATE_SWITCH, JailedModel, require_jail, runs_code
 from phpn.app.serving.settings import ServerSettings, load_settings
 from phpn.errors import ConfigError
 from phpn.head import HeadSplit, LoadedModel
@@ -87,16 +88,31 @@ def check_request_pixels(request: dict, settings: Optional[ServerSettings] = Non
         check_input_pixels(int(size[1]), int(size[2]), settings)
 
 
+def isolated(request: dict, settings: Optional[ServerSettings] = None) -> bool:
+    """Whether the visitor's model ``request`` is to run in a jailed worker: their code always (where
+    allowed); a visitor's weights-only checkpoint or folder when the operator says so
+    (PHPN_ISOLATE_ALL_MODELS). A built-in demo runs in the server."""
+    if runs_code(request):
+        return True
+    return bool(request.get("checkpoint") and not request.get("demo")
+                and (settings or load_settings()).isolate_all_models)
+
+
 _REQUEST_KEYS = ("checkpoint", "model_def", "trust_pickle", "arch", "num_classes", "input_size", "overrides",
                  "preprocess", "feature_layer", "head_layer")
 
 
 def open_jailed(request: dict, *, settings: Optional[ServerSettings] = None) -> JailedModel:
     """A jailed worker holding the visitor's model (see :class:`JailedModel`); the caller closes it.
+    A model file or a trusted pickle needs PHPN_ALLOW_CODE; weights alone need only the jail.
     ``request``: checkpoint, model_def, trust_pickle, arch, num_classes, input_size, overrides,
     preprocess (a dict of its fields), feature_layer, head_layer."""
     settings = settings or load_settings()
-    require_code_allowed("a model file" if request.get("model_def") else "a trusted (pickled) checkpoint", settings)
+    if runs_code(request):
+        require_code_allowed("a model file" if request.get("model_def") else "a trusted (pickled) checkpoint",
+                             settings)
+    else:  # weights only: loaded by the worker with torch.load(weights_only=True) or safetensors
+        require_jail(ISOLATE_SWITCH)
     request = {k: v for k, v in request.items() if k in _REQUEST_KEYS and v is not None}
     if request.get("checkpoint") is not None:
         request["checkpoint"] = str(request["checkpoint"])
@@ -153,7 +169,7 @@ def jailed_session(jailed: JailedModel) -> ModelSession:
     pre = Preprocess.from_dict(dict(info["preprocess"]))
     loaded = LoadedModel(model=JailedForward(jailed, "forward"), arch=info["arch"], num_classes=info["num_classes"],
                          sha256=info["sha256"], preprocess=pre, class_names=info.get("class_names"),
-                         notes=list(info.get("notes") or []) + ["runs in a jailed worker (PHPN_ALLOW_CODE)"])
+                         notes=list(info.get("notes") or []) + ["runs in a jailed worker"])
     split = None
     about = info.get("split")
     if about is not None and not about.get("post_pool_norm"):

@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 import phpn
+from phpn.app.serving.cost import ForwardCost, check_forward_cost
 from phpn.app.serving.settings import ServerSettings, load_settings
 from phpn.errors import ConfigError
 
@@ -110,12 +111,22 @@ def jail_problem() -> Optional[str]:
     return None
 
 
-def require_jail() -> None:
-    """Refuse visitors' code when the jail cannot be built: the switch cannot be turned on."""
+CODE_SWITCH = "Visitors' code is switched on (PHPN_ALLOW_CODE)"
+ISOLATE_SWITCH = "Every visitor's model is to run in a jailed worker (PHPN_ISOLATE_ALL_MODELS)"
+
+
+def require_jail(switch: str = CODE_SWITCH) -> None:
+    """Refuse what ``switch`` asks for when the jail cannot be built: the switch cannot be turned on."""
     problem = jail_problem()
     if problem is not None:
-        raise ConfigError(f"Visitors' code is switched on (PHPN_ALLOW_CODE), but it cannot be jailed: {problem}.",
-                          INSTALL_HINT)
+        hint = INSTALL_HINT if switch == CODE_SWITCH else INSTALL_HINT.replace("PHPN_ALLOW_CODE",
+                                                                              "PHPN_ISOLATE_ALL_MODELS")
+        raise ConfigError(f"{switch}, but it cannot be jailed: {problem}.", hint)
+
+
+def runs_code(request: dict) -> bool:
+    """Whether loading ``request`` runs the visitor's code (a model file, a trusted pickle)."""
+    return bool(request.get("model_def") or request.get("trust_pickle"))
 
 
 # --- the bwrap command ---------------------------------------------------------------------------------
@@ -417,7 +428,7 @@ class JailedModel:
                  load_timeout_s: Optional[float] = None, job_timeout_s: Optional[float] = None,
                  lifetime_s: Optional[float] = None, idle_s: Optional[float] = None):
         self.settings = settings or load_settings()
-        require_jail()
+        require_jail(CODE_SWITCH if runs_code(request) else ISOLATE_SWITCH)
         self.load_timeout_s = float(load_timeout_s if load_timeout_s is not None else self.settings.code_timeout_s)
         self.job_timeout_s = float(job_timeout_s if job_timeout_s is not None else self.settings.job_timeout_s)
         self.idle_s = float(idle_s if idle_s is not None else self.settings.worker_idle_s)
@@ -434,6 +445,7 @@ class JailedModel:
         self.last_used = time.monotonic()
         self.info: Optional[dict] = None
         self.head: Optional[torch.Tensor] = None
+        self.cost: Optional[ForwardCost] = None  # one image's forward pass, as the worker counted it
         self._start()
         _watch(self)
 
@@ -491,6 +503,14 @@ class JailedModel:
             raise ConfigError("The visitor's model gave a different head when its worker was started again.",
                               "Load the model again.")
         self.info, self.head = info, head
+        if info.get("gflops") and info.get("input_size"):
+            _, height, width = (int(v) for v in info["input_size"])
+            self.cost = ForwardCost(float(info["gflops"]), height, width)
+            try:
+                check_forward_cost(height, width, self.cost, self.settings)
+            except ConfigError:
+                self.kill("its input costs more than allowed")
+                raise
 
     @property
     def _stderr_tail(self) -> bytes:
@@ -638,7 +658,7 @@ class JailedModel:
     def _batch(self, op: str, batch: torch.Tensor, timeout_s: Optional[float]) -> torch.Tensor:
         if batch.ndim != 4:
             raise ConfigError(f"A batch for the model must be (N, C, H, W), not {tuple(batch.shape)}.", "")
-        check_input_pixels(int(batch.shape[2]), int(batch.shape[3]), self.settings)
+        check_forward_cost(int(batch.shape[2]), int(batch.shape[3]), self.cost, self.settings)
         with self._lock:
             if not self.alive:  # killed (cancel, a time limit, idle): a fresh worker, as many times as allowed
                 if self.starts >= _MAX_STARTS:
@@ -661,12 +681,3 @@ class JailedModel:
         """The backbone's features (the doctor's split) for ``batch``, computed in the jail."""
         return self._batch("features", batch, timeout_s)
 
-
-def check_input_pixels(height: int, width: int, settings: Optional[ServerSettings] = None) -> None:
-    """Refuse an input image larger than the operator allows (the model's cost grows with its pixels)."""
-    settings = settings or load_settings()
-    limit = int(settings.max_input_pixels)
-    if int(height) * int(width) > limit:
-        raise ConfigError(f"An input of {height}x{width} pixels is more than the {limit:,} pixels a model input may "
-                          "have on this server (PHPN_MAX_INPUT_PIXELS).",
-                          "Use a smaller crop and resize (the model's own input size is usually 224 to 518).")

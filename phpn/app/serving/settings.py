@@ -32,6 +32,7 @@ class ServerSettings:
     """What the operator allows. Field metadata: the environment variable and the meaning."""
 
     allow_code: bool = False
+    isolate_all_models: bool = False
     code_timeout_s: float = 120.0
     data_roots: tuple = ()
     writable_roots: tuple = ()
@@ -41,6 +42,7 @@ class ServerSettings:
     total_quota_mb: float = 20480.0
     idle_hours: float = 6.0
     max_discoveries: int = 0
+    discoveries_per_visitor: int = 2
     job_timeout_s: float = 600.0
     worker_idle_s: float = 900.0
     worker_memory_mb: float = 8192.0
@@ -48,6 +50,7 @@ class ServerSettings:
     worker_processes: int = 16
     worker_file_mb: float = 1024.0
     max_input_pixels: int = 1024 * 1024
+    max_forward_gflops: float = 500.0
     held_uploads_mb: float = 1024.0
 
     @property
@@ -74,6 +77,10 @@ SETTINGS = {
     "allow_code": ("PHPN_ALLOW_CODE",
                    "visitors may run an uploaded Python model file or unpickle a checkpoint they trust "
                    "(it runs only in a jailed worker: bubblewrap, no network, its own files only, limits); off by default"),
+    "isolate_all_models": ("PHPN_ISOLATE_ALL_MODELS",
+                           "every visitor's model, weights-only checkpoints and Hugging Face folders too, is loaded "
+                           "and run in a jailed worker on the CPU, as visitors' code is; off by default: such models "
+                           "run in the server (a worker's start takes seconds and its memory)"),
     "code_timeout_s": ("PHPN_CODE_TIMEOUT",
                        "seconds the jailed worker may take to import, build and try the visitor's model"),
     "data_roots": ("PHPN_DATA_ROOTS",
@@ -90,6 +97,9 @@ SETTINGS = {
     "idle_hours": ("PHPN_IDLE_HOURS", "a workspace unused for this many hours is deleted"),
     "max_discoveries": ("PHPN_MAX_DISCOVERIES",
                         "discoveries that run at once, the others wait in a queue (0: one per GPU, 1 on a CPU)"),
+    "discoveries_per_visitor": ("PHPN_DISCOVERIES_PER_VISITOR",
+                                "discoveries one visitor (one browser, all its tabs) may have queued or running at "
+                                "once; one more is refused (0: no limit)"),
     "job_timeout_s": ("PHPN_JOB_TIMEOUT",
                       "seconds one forward pass of a visitor's model (a batch of a discovery, an explanation) may "
                       "take in its jailed worker; then the worker is killed"),
@@ -102,6 +112,9 @@ SETTINGS = {
     "worker_file_mb": ("PHPN_WORKER_FILE_MB", "MB a jailed worker may write to one file (in its private /tmp)"),
     "max_input_pixels": ("PHPN_MAX_INPUT_PIXELS",
                          "pixels (height x width) of one input image the model is given after preprocessing"),
+    "max_forward_gflops": ("PHPN_MAX_FORWARD_GFLOPS",
+                           "GFLOPs one image's forward pass may cost (counted at the model's own input size and "
+                           "scaled by pixels), so a costly model gets smaller inputs; 0: only the pixel cap"),
     "held_uploads_mb": ("PHPN_HELD_UPLOADS_MB", "MB of uploads the server holds in memory at once, all visitors"),
 }
 

@@ -7,7 +7,8 @@ not Python's start-up), then answers messages on its stdin/stdout pipes:
 - ``load``: load the model exactly as the server would (importing the model file,
   unpickling the trusted checkpoint) through :func:`phpn.api.open_model`, which runs the
   doctor's trial forward; answers what it found: the model's description, the doctor's
-  verdict and, when the head splits exactly, the head's weight and bias (plain tensors);
+  verdict, the GFLOPs of one image's forward pass and, when the head splits exactly, the
+  head's weight and bias (plain tensors);
 - ``forward`` / ``features``: a batch in, logits or the backbone's features out;
 - ``close``: exit.
 
@@ -25,6 +26,7 @@ from dataclasses import replace
 import torch
 
 from phpn.api import open_model
+from phpn.app.serving.cost import measure_cost
 from phpn.app.serving.jail import tensor_of, write_message
 from phpn.errors import PhpnError
 from phpn.images.preprocess import Preprocess
@@ -67,6 +69,9 @@ def _load(request: dict) -> tuple:
             "preprocess": session.preprocess.to_dict(),
             "feature_shape": list(diagnosis.feature_shape) if diagnosis.feature_shape else None,
             "input_size": list(diagnosis.input_size)}
+    cost = measure_cost(loaded.model, diagnosis.input_size) if diagnosis.input_size else None
+    if cost is not None:  # one image's forward pass at the trial's size: the server's budget is checked against it
+        info["gflops"] = cost.gflops
     head = None
     if split is not None:
         info["split"] = {"feature_layer": split.feature_layer, "head_layer": split.head_layer,
