@@ -66,11 +66,12 @@ def apply_preprocessing(model, pre) -> None:
     if serving.jailed_worker(before.session) is not None:  # a visitor's code: diagnosed again in its jail
         session = S.load_model_entry(**{**spec, "preprocess": pre.to_dict()}).session
     else:
+        serving.check_forward_cost(pre.crop, pre.crop, before.cost)  # the operator's budget, before it runs there
         with before.lock:  # the loaded model is shared with the entry it came from
             session = open_model(before.session, preprocess=pre, feature_layer=spec.get("feature_layer"),
                                  head_layer=spec.get("head_layer"))
     entry = S.ModelEntry(session=session, key=f"{before.key} | preprocessing {sorted(pre.to_dict().items())}",
-                         label=before.label, lock=before.lock,
+                         label=before.label, lock=before.lock, cost=before.cost,
                          spec={**spec, "preprocess": pre.to_dict()} if spec else {})
     S.set_model(entry)
     if images is not None:
