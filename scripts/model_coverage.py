@@ -206,7 +206,11 @@ def check(case: Case, workdir: Path, images: Path) -> Row:
               notes=list(session.loaded.notes))
     if d.decomposable:
         data = open_data(session, images)
-        config = DiscoveryConfig(k=3, images_per_class=None, device="cpu", batch_size=8)
+        _, h, w = d.feature_shape
+        if h * w == 1:
+            row.reason += f" Its feature map is 1x1 at {case.size} px: prototypes say what, their where-maps have one cell."
+        # Two images a class: a 1x1 feature map (VGG) gives two feature vectors, room for k = 2 parts.
+        config = DiscoveryConfig(k=3 if 2 * h * w >= 3 else 2, images_per_class=None, device="cpu", batch_size=8)
         run = run_discovery(session, data, config, certify_images=True)
         cert = run.meta["certificate"]
         row.agreement, row.max_logit_diff = float(cert["top1_agreement"]), float(cert["max_logit_diff"])
