@@ -177,6 +177,8 @@ class _Problem:
     # What the objective reads, per class: gathered for a subset of classes, kept in float64.
     LOSS_DATA = ("mask", "count", "alpha", "nmf_maps", "targets", "equal_maps", "feature_basis", "ridge_weight",
                  "direction", "offset")
+    # With z-scores the objective reads only the maps' second moments (see _Moments).
+    MOMENT_DATA = ("count", "moments", "ridge_weight", "direction", "offset")
 
     def __init__(self, features, mask, prototypes, alpha, residual, objective, basis=None, targets=None,
                  ridge=0.0, head_norm=None, norm="minmax", mean_feature=None):
@@ -207,6 +209,12 @@ class _Problem:
         self.spread, axes = spread.clamp(min=0).to(feature_basis.device), axes.to(feature_basis.device)
         self.feature_basis = feature_basis @ axes  # (B, N, m)
         self.basis = axes if basis is None else basis.double() @ axes  # (B, D, m), orthonormal
+        self.moments = None
+        if norm == "zscore":
+            base = self.equal_maps if objective == "residual" else self.alpha[:, None, :] * self.nmf_maps + \
+                self.equal_maps
+            self.moments = _Moments(self.count, self.targets, self._centred(base.expand(-1, -1, self.k)),
+                                    centred @ axes)
         self.ridge_weight = None
         if ridge > 0 and head_norm is not None:
             self.ridge_weight = (ridge * self.count / head_norm.double().square().clamp(min=EPS))  # (B,)
@@ -227,9 +235,14 @@ class _Problem:
                                       gap[:, :, None] * (u / norm2.clamp(min=EPS))[:, None, :],
                                       torch.zeros(gap.shape + u.shape[1:], dtype=u.dtype, device=u.device))
 
+    def _centred(self, maps: torch.Tensor) -> torch.Tensor:
+        """(B, N, c) maps less their mean over the valid rows, zero on the padded ones."""
+        w = self.mask[:, :, None]
+        return (maps - (maps * w).sum(1, keepdim=True) / self.count[:, None, None]) * w
+
     @property
     def free_dim(self) -> int:
-        return int(self.feature_basis.shape[2])
+        return int(self.basis.shape[2])
 
     def step_scale(self) -> torch.Tensor:
         """(B, k−1, m) the objective's curvature along each free coordinate, to the power −½, at the start.
@@ -239,10 +252,12 @@ class _Problem:
         Solving in coordinates scaled by this makes the problem about equally curved in every
         direction, so L-BFGS needs tens of iterations instead of hundreds to thousands.
         """
-        maps = self.maps_of(self.start())  # (B, N, k)
-        w = self.mask[:, :, None]
-        centred = (maps - (maps * w).sum(1, keepdim=True) / self.count[:, None, None]) * w
-        variance = ((centred * centred).sum(1) / self.count[:, None]).clamp(min=EPS)  # (B, k)
+        if self.moments is not None:
+            spread = self.moments.spread(self.share_moves(self.moves(self.start())))
+        else:
+            centred = self._centred(self.maps_of(self.start()))  # (B, N, k)
+            spread = (centred * centred).sum(1)
+        variance = (spread / self.count[:, None]).clamp(min=EPS)  # (B, k)
         inverse = 1.0 / variance
         per_share = (inverse[:, :self.k - 1] + inverse[:, self.k - 1:])[:, :, None]  # (B, k−1, 1)
         curvature = 2.0 * per_share * self.spread[:, None, :]
@@ -254,9 +269,9 @@ class _Problem:
     def select(self, classes: torch.Tensor) -> "_Problem":
         """The objective of some classes only (for solvers that drop the classes they have solved)."""
         sub = _Problem.__new__(_Problem)
-        sub.objective, sub.normalise, sub.k, sub.basis, sub.residual = \
-            self.objective, self.normalise, self.k, None, None
-        for name in self.LOSS_DATA:
+        sub.objective, sub.normalise, sub.k, sub.basis, sub.residual, sub.moments = \
+            self.objective, self.normalise, self.k, None, None, None
+        for name in self.LOSS_DATA if self.moments is None else self.MOMENT_DATA:
             value = getattr(self, name)
             setattr(sub, name, None if value is None else value[classes])
         return sub
@@ -275,6 +290,10 @@ class _Problem:
         moves = torch.cat([moves, -moves.sum(1, keepdim=True)], dim=1)
         return (self.residual / self.k)[:, None, :] + moves
 
+    def share_moves(self, moves: torch.Tensor) -> torch.Tensor:
+        """(B, k−1, m) moves a_i -> (B, k, m) every share's move, the last one −Σ a_i."""
+        return torch.cat([moves, -moves.sum(1, keepdim=True)], dim=1)
+
     def maps_of(self, free: torch.Tensor) -> torch.Tensor:
         moves = self.feature_basis @ self.moves(free).transpose(1, 2)  # (B, N, k−1)
         share_maps = self.equal_maps + torch.cat([moves, -moves.sum(2, keepdim=True)], dim=2)
@@ -284,18 +303,105 @@ class _Problem:
 
     def loss(self, free: torch.Tensor) -> torch.Tensor:
         """(B,) objective per class."""
-        diff = self.targets - self.normalise(self.maps_of(free), self.mask)
-        total = (diff * diff).sum((1, 2))
+        a = self.moves(free)
+        if self.moments is not None:
+            total = self.moments.loss(self.share_moves(a))
+        else:
+            diff = self.targets - self.normalise(self.maps_of(free), self.mask)
+            total = (diff * diff).sum((1, 2))
         if self.ridge_weight is not None:
             # ‖r_i − R/k‖ = ‖a_i‖ for an orthonormal basis; the last share moves by −Σ a_i.
-            a = self.moves(free)
             total = total + self.ridge_weight * ((a * a).sum((1, 2)) + a.sum(1).square().sum(1))
         return total
+
+    def loss_and_grad(self, free: torch.Tensor) -> tuple:
+        """(B,) objective per class and its gradient (B, k−1, m) in the free coordinates."""
+        if self.moments is None:
+            free = free.detach().requires_grad_(True)
+            with torch.enable_grad():
+                total = self.loss(free)
+                (grad,) = torch.autograd.grad(total.sum(), free)
+            return total.detach(), grad
+        a = self.moves(free)
+        total, grad_shares = self.moments.loss_and_grad(self.share_moves(a))
+        grad = grad_shares[:, :-1] - grad_shares[:, -1:]  # the last share moves by −Σ a_i
+        if self.ridge_weight is not None:
+            total_move = a.sum(1, keepdim=True)
+            total = total + self.ridge_weight * ((a * a).sum((1, 2)) + total_move.square().sum((1, 2)))
+            grad = grad + 2.0 * self.ridge_weight[:, None, None] * (a + total_move)
+        if self.direction is not None:  # moves() drops the free part along the constraint's direction
+            grad = grad - (grad @ self.direction[:, :, None]) * self.direction[:, None, :]
+        return total, grad
 
     def start(self) -> torch.Tensor:
         """The equal split R/k (moved onto the contribution constraint when there is one)."""
         fb = self.feature_basis
         return torch.zeros(fb.shape[0], self.k - 1, self.free_dim, dtype=fb.dtype, device=fb.device)
+
+
+class _Moments:
+    """The z-score objective from the maps' second moments, without the maps.
+
+    Map i is c_i + B d_i over the N positions (c_i: its fixed part, B = F Z: the basis's maps,
+    d_i: share i's move), and its target t_i is centred with t_i · t_i = ‖t_i‖². Centring is
+    linear, so with C the centring over the valid positions,
+      t_i · C(c_i + B d_i) = t_i · Cc_i + ((CB)ᵀ t_i) · d_i,
+      ‖C(c_i + B d_i)‖²    = ‖Cc_i‖² + 2 ((CB)ᵀ Cc_i) · d_i + d_iᵀ G d_i,   G = (CB)ᵀ CB,
+    and ‖t_i − z_i‖² = ‖t_i‖² − 2 t_i · z_i + ‖z_i‖² with z_i the map over its spread. Every
+    evaluation then costs k·m² (G is m × m) instead of N·m·k, and it is the same objective:
+    the moments are products of the same float64 maps, taken once.
+    """
+
+    FIELDS = ("count", "target_norm2", "target_base", "target_basis", "base_norm2", "base_basis", "gram")
+
+    def __init__(self, count: torch.Tensor, targets: torch.Tensor, centred_base: torch.Tensor,
+                 centred_basis: torch.Tensor):
+        # count (B,) valid positions; targets (B, N, k) z-scored; centred_base (B, N, k) Cc_i;
+        # centred_basis (B, N, m) CB.
+        self.count = count[:, None]  # (B, 1)
+        self.target_norm2 = (targets * targets).sum(1)  # (B, k)
+        self.target_base = (targets * centred_base).sum(1)  # (B, k)
+        self.target_basis = targets.transpose(1, 2) @ centred_basis  # (B, k, m)
+        self.base_norm2 = (centred_base * centred_base).sum(1)  # (B, k)
+        self.base_basis = centred_base.transpose(1, 2) @ centred_basis  # (B, k, m)
+        self.gram = centred_basis.transpose(1, 2) @ centred_basis  # (B, m, m)
+        self.gram = (self.gram + self.gram.transpose(1, 2)) / 2  # symmetric to the last bit
+
+    def __getitem__(self, classes: torch.Tensor) -> "_Moments":
+        sub = _Moments.__new__(_Moments)
+        for name in self.FIELDS:
+            setattr(sub, name, getattr(self, name)[classes])
+        return sub
+
+    def spread(self, moves: torch.Tensor) -> torch.Tensor:
+        """(B, k) Σ over positions of each centred map's square, for share moves (B, k, m)."""
+        return self._spread(moves, moves @ self.gram)
+
+    def _spread(self, moves: torch.Tensor, gram_moves: torch.Tensor) -> torch.Tensor:
+        # Rounding can take a (near) constant map's square sum a hair below zero.
+        return (self.base_norm2 + (moves * (2.0 * self.base_basis + gram_moves)).sum(2)).clamp(min=0)
+
+    def loss(self, moves: torch.Tensor) -> torch.Tensor:
+        return self.loss_and_grad(moves, grad=False)[0]
+
+    def loss_and_grad(self, moves: torch.Tensor, grad: bool = True) -> tuple:
+        """(B,) Σ_i ‖t_i − z_i‖² and its gradient (B, k, m) in the share moves d_i."""
+        gram_moves = moves @ self.gram
+        spread = self._spread(moves, gram_moves)  # (B, k) ‖C m_i‖²
+        count = self.count
+        cross = self.target_base + (self.target_basis * moves).sum(2)  # t_i · C m_i
+        std = (spread / count).sqrt()
+        clamped = std < EPS
+        std = std.clamp(min=EPS)
+        total = (self.target_norm2 - 2.0 * cross / std + spread / std.square()).sum(1)
+        if not grad:
+            return total, None
+        spread_grad = 2.0 * (self.base_basis + gram_moves)  # ∂‖C m_i‖² / ∂d_i
+        # Unclamped, ‖z_i‖² = count is constant and std = √(spread / count); clamped, std is EPS.
+        cross_weight = torch.where(clamped, torch.zeros_like(std), cross / (count * std.pow(3)))
+        spread_weight = torch.where(clamped, 1.0 / (EPS * EPS), cross_weight)
+        grad_moves = -2.0 * self.target_basis / std[:, :, None] + spread_weight[:, :, None] * spread_grad
+        return total, grad_moves
 
 
 def row_space_basis(features: torch.Tensor, rank: int, seed: int = 0, power_iter: int = 0,
@@ -354,11 +460,8 @@ def _lbfgs(problem: _Problem, start: torch.Tensor, max_iter: int, tick=None, his
         key = tuple(idx.tolist())
         if cache.get("key") != key:  # the active classes changed: gather their data once
             cache.update(key=key, problem=problem if len(key) == b else problem.select(idx))
-        point = point.detach().requires_grad_(True)
-        with torch.enable_grad():
-            f = cache["problem"].loss((origin[idx] + scale[idx] * point).reshape(-1, *shape))
-            (g,) = torch.autograd.grad(f.sum(), point)
-        return f.detach(), g
+        f, g = cache["problem"].loss_and_grad((origin[idx] + scale[idx] * point).reshape(-1, *shape))
+        return f, scale[idx] * g.reshape(point.shape)
 
     f, g = value_and_grad(torch.arange(b, device=device), x)
     for it in range(max_iter):
