@@ -443,11 +443,16 @@ def _lbfgs(problem: _Problem, start: torch.Tensor, max_iter: int, tick=None, his
     shape = start.shape[1:]
     origin = start.reshape(b, -1).double()
     scale = problem.step_scale().reshape(b, -1)  # the solver works in y, with free = origin + scale · y
-    x = torch.zeros_like(origin)
-    n = x.shape[1]
-    device = x.device
-    active = torch.ones(b, dtype=torch.bool, device=device)
+    n = origin.shape[1]
+    device = origin.device
+    solution = torch.zeros_like(origin)
     iterations = torch.zeros(b, dtype=torch.long, device=device)
+    stopped = torch.zeros(b, dtype=torch.bool, device=device)
+    # The state of the classes still running, compacted whenever some stop, so an iteration
+    # touches no other class's data (on a CPU, the gathers would cost more than the arithmetic).
+    live = torch.arange(b, device=device)
+    live_origin, live_scale, live_problem = origin, scale, problem
+    x = torch.zeros_like(origin)
     steps = torch.zeros(b, history, n, dtype=x.dtype, device=device)  # s_j = x_{j+1} − x_j
     changes = torch.zeros_like(steps)  # y_j = g_{j+1} − g_j
     rho = torch.zeros(b, history, dtype=x.dtype, device=device)  # 1 / (s_j · y_j); 0 for a skipped pair
@@ -455,78 +460,83 @@ def _lbfgs(problem: _Problem, start: torch.Tensor, max_iter: int, tick=None, his
     step_change = torch.zeros(b, history, history, dtype=x.dtype, device=device)
     change_change = torch.zeros_like(step_change)
     gamma = torch.ones(b, dtype=x.dtype, device=device)  # initial inverse-Hessian scale
-    cache = {}
+    taken = torch.zeros(b, dtype=torch.long, device=device)  # accepted steps of the live classes
 
-    def value_and_grad(idx: torch.Tensor, point: torch.Tensor) -> tuple:
+    def value_and_grad(point: torch.Tensor, rows: Optional[torch.Tensor] = None) -> tuple:
+        """Objective and gradient in y of the live classes, or of some of them (``rows``)."""
         if tick is not None:
             tick()
-        key = tuple(idx.tolist())
-        if cache.get("key") != key:  # the active classes changed: gather their data once
-            cache.update(key=key, problem=problem if len(key) == b else problem.select(idx))
-        f, g = cache["problem"].loss_and_grad((origin[idx] + scale[idx] * point).reshape(-1, *shape))
-        return f, scale[idx] * g.reshape(point.shape)
+        sub, at_origin, at_scale = live_problem, live_origin, live_scale
+        if rows is not None:
+            sub, at_origin, at_scale = live_problem.select(rows), live_origin[rows], live_scale[rows]
+        f, g = sub.loss_and_grad((at_origin + at_scale * point).reshape(-1, *shape))
+        return f, at_scale * g.reshape(point.shape)
 
-    f, g = value_and_grad(torch.arange(b, device=device), x)
+    f, g = value_and_grad(x)
     for it in range(max_iter):
-        idx = active.nonzero()[:, 0]
-        if idx.numel() == 0:
+        if live.numel() == 0:
             break
-        gi = g[idx]
-        everyone = idx.numel() == b
-        s_hist, y_hist, rho_hist = (steps, changes, rho) if everyone else (steps[idx], changes[idx], rho[idx])
-        sy_hist, yy_hist = (step_change, change_change) if everyone else (step_change[idx], change_change[idx])
-        direction = -_inverse_hessian_times(gi, s_hist, y_hist, rho_hist, sy_hist, yy_hist, gamma[idx], it)
-        slope = (gi * direction).sum(1)
+        direction = -_inverse_hessian_times(g, steps, changes, rho, step_change, change_change, gamma, it)
+        slope = (g * direction).sum(1)
         uphill = ~(slope < 0)
-        direction[uphill] = -gi[uphill]  # a stale history: fall back to steepest descent
-        slope = torch.where(uphill, -(gi * gi).sum(1), slope)
-        # First step of a class: no curvature known yet, so a step of unit length.
-        t = torch.where(iterations[idx] == 0, (1.0 / gi.norm(dim=1).clamp(min=EPS)).clamp(max=1.0),
-                        torch.ones_like(slope))
-        fi = f[idx]
+        direction = torch.where(uphill[:, None], -g, direction)  # a stale history: steepest descent
+        slope = torch.where(uphill, -(g * g).sum(1), slope)
+        # First step: no curvature known yet, so a step of unit length.
+        t = (1.0 / g.norm(dim=1).clamp(min=EPS)).clamp(max=1.0) if it == 0 else torch.ones_like(slope)
         # Backtracking (Armijo) line search, per class.
         accepted = torch.zeros_like(slope, dtype=torch.bool)
-        f_new, g_new = fi.clone(), gi.clone()
+        f_new, g_new = f.clone(), g.clone()
         for _ in range(40):
             todo = ~accepted
             if not bool(todo.any()):
                 break
-            sub = idx[todo]
-            trial = x[sub] + t[todo, None] * direction[todo]
-            ft, gt = value_and_grad(sub, trial)
-            ok = ft <= fi[todo] + 1e-4 * t[todo] * slope[todo]
+            if bool(todo.all()):
+                ft, gt = value_and_grad(x + t[:, None] * direction)
+                ok = ft <= f + 1e-4 * t * slope
+                f_new, g_new = torch.where(ok, ft, f_new), torch.where(ok[:, None], gt, g_new)
+                accepted, t = ok, torch.where(ok, t, 0.5 * t)
+                continue
             where = todo.nonzero()[:, 0]
+            ft, gt = value_and_grad(x[where] + t[where, None] * direction[where], where)
+            ok = ft <= f[where] + 1e-4 * t[where] * slope[where]
             f_new[where[ok]], g_new[where[ok]] = ft[ok], gt[ok]
             accepted[where[ok]] = True
             t[where[~ok]] *= 0.5
         step = t[:, None] * direction * accepted[:, None]
-        change = g_new - gi
+        change = g_new - g
         sy = (step * change).sum(1)
         good = accepted & (sy > 1e-10 * step.norm(dim=1) * change.norm(dim=1))
         slot = it % history
         new_step = torch.where(good[:, None], step, torch.zeros_like(step))
         new_change = torch.where(good[:, None], change, torch.zeros_like(change))
-        steps[idx, slot], changes[idx, slot] = new_step, new_change
-        # The new pair's products with the others (their slots unchanged in s_hist, y_hist), and its own.
-        row = (y_hist @ new_step[:, :, None])[:, :, 0]  # s_new · y_j
-        column = (s_hist @ new_change[:, :, None])[:, :, 0]  # s_j · y_new
-        with_changes = (y_hist @ new_change[:, :, None])[:, :, 0]  # y_j · y_new
-        row[:, slot] = column[:, slot] = (new_step * new_change).sum(1)
-        with_changes[:, slot] = (new_change * new_change).sum(1)
-        step_change[idx, slot], change_change[idx, slot] = row, with_changes
-        step_change[idx, :, slot], change_change[idx, :, slot] = column, with_changes
-        rho[idx, slot] = torch.where(good, 1.0 / sy.clamp(min=EPS), torch.zeros_like(sy))
-        gamma[idx] = torch.where(good, sy / (change * change).sum(1).clamp(min=EPS), gamma[idx])
-        x[idx] = x[idx] + step
-        decrease = fi - f_new
-        f[idx], g[idx] = f_new, g_new
-        iterations[idx] += accepted.long()
+        steps[:, slot], changes[:, slot] = new_step, new_change
+        # The new pair's products with the others, and its own.
+        row = (changes @ new_step[:, :, None])[:, :, 0]  # s_new · y_j
+        column = (steps @ new_change[:, :, None])[:, :, 0]  # s_j · y_new
+        with_changes = (changes @ new_change[:, :, None])[:, :, 0]  # y_j · y_new
+        step_change[:, slot], change_change[:, slot] = row, with_changes
+        step_change[:, :, slot], change_change[:, :, slot] = column, with_changes
+        rho[:, slot] = torch.where(good, 1.0 / sy.clamp(min=EPS), torch.zeros_like(sy))
+        gamma = torch.where(good, sy / (change * change).sum(1).clamp(min=EPS), gamma)
+        x = x + step
+        decrease = f - f_new
+        f, g = f_new, g_new
+        taken += accepted.long()
         # A class is done when its objective stops falling or no step lowers it any more.
         done = ~accepted | (decrease <= tolerance * f_new.abs().clamp(min=1.0)) | (g_new.abs().amax(1) <= EPS)
-        active[idx[done]] = False
-        if solved is not None and bool(done.any()):
-            solved(b - int(active.sum()))
-    return (origin + scale * x).reshape(b, *shape).to(start.dtype), iterations, ~active
+        if not bool(done.any()):
+            continue
+        finished = live[done]
+        solution[finished], iterations[finished], stopped[finished] = x[done], taken[done], True
+        keep = (~done).nonzero()[:, 0]
+        live, x, f, g, taken, gamma = live[keep], x[keep], f[keep], g[keep], taken[keep], gamma[keep]
+        steps, changes, rho = steps[keep], changes[keep], rho[keep]
+        step_change, change_change = step_change[keep], change_change[keep]
+        live_origin, live_scale, live_problem = origin[live], scale[live], problem.select(live)
+        if solved is not None:
+            solved(b - live.numel())
+    solution[live], iterations[live] = x, taken  # those that ran out of iterations
+    return (origin + scale * solution).reshape(b, *shape).to(start.dtype), iterations, stopped
 
 
 def _inverse_hessian_times(grad: torch.Tensor, steps: torch.Tensor, changes: torch.Tensor, rho: torch.Tensor,
