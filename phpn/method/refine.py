@@ -205,7 +205,9 @@ class _Problem:
             * self.mask[:, :, None]
         # On the CPU, as for α: LAPACK copes with the repeated (zero) eigenvalues of a rank-deficient
         # Gram matrix, where a GPU eigensolver can fail to converge; the matrices are only m × m.
-        spread, axes = torch.linalg.eigh((centred.transpose(1, 2) @ centred).cpu())  # ascending
+        # One thread, as for the solver: the matrices are small, and threads made it 4–6× slower (2 cores).
+        with _cpu_threads(torch.device("cpu"), SOLVER_CPU_THREADS):
+            spread, axes = torch.linalg.eigh((centred.transpose(1, 2) @ centred).cpu())  # ascending
         self.spread, axes = spread.clamp(min=0).to(feature_basis.device), axes.to(feature_basis.device)
         self.feature_basis = feature_basis @ axes  # (B, N, m)
         self.basis = axes if basis is None else basis.double() @ axes  # (B, D, m), orthonormal
