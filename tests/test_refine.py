@@ -3,7 +3,7 @@ import torch
 
 from phpn.errors import ConfigError
 from phpn.method.nmf import NMFConfig, nmf
-from phpn.method.refine import RefineConfig, _Problem, part_shares, refine, scale
+from phpn.method.refine import RefineConfig, _inverse_hessian_times, _Problem, part_shares, refine, scale
 
 
 def _problem(b=2, n=300, d=24, k=3, seed=0):
@@ -247,3 +247,41 @@ def test_the_moment_objective_equals_the_objective_of_the_maps(objective):
         torch.testing.assert_close(value, direct.detach(), rtol=1e-9, atol=0)
         torch.testing.assert_close(problem.loss(free), direct.detach(), rtol=1e-9, atol=0)
         torch.testing.assert_close(grad, direct_grad, rtol=1e-9, atol=1e-9 * float(direct_grad.abs().max()))
+
+
+def _two_loop(grad, steps, changes, rho, gamma, it):
+    """The textbook two-loop recursion over the ring buffer, newest pair first."""
+    history = steps.shape[1]
+    order = [(it - 1 - j) % history for j in range(min(it, history))]
+    q, coefficients = grad.clone(), []
+    for j in order:
+        a = rho[:, j] * (steps[:, j] * q).sum(1)
+        q -= a[:, None] * changes[:, j]
+        coefficients.append(a)
+    r = gamma[:, None] * q
+    for j, a in zip(reversed(order), reversed(coefficients)):
+        r += steps[:, j] * (a - rho[:, j] * (changes[:, j] * r).sum(1))[:, None]
+    return r
+
+
+@pytest.mark.parametrize("it", [0, 1, 3, 5, 7, 13])
+def test_the_compact_inverse_hessian_equals_the_two_loop_recursion(it):
+    # Pairs from a convex quadratic, in ring-buffer slots, with a skipped pair and unwritten slots.
+    g = torch.Generator().manual_seed(it)
+    b, history, n = 3, 5, 12
+    hessian = torch.randn(b, n, n, generator=g, dtype=torch.float64)
+    hessian = hessian @ hessian.transpose(1, 2) + torch.eye(n, dtype=torch.float64)
+    steps = torch.randn(b, history, n, generator=g, dtype=torch.float64)
+    changes = steps @ hessian
+    rho = 1 / (steps * changes).sum(2)
+    written = torch.arange(history) < min(it, history)
+    skipped = torch.zeros(b, history, dtype=torch.bool)
+    skipped[1, 2] = it > 2
+    blank = ~written[None, :] | skipped
+    steps, changes = steps.masked_fill(blank[:, :, None], 0), changes.masked_fill(blank[:, :, None], 0)
+    rho = rho.masked_fill(blank, 0)
+    grad = torch.randn(b, n, generator=g, dtype=torch.float64)
+    gamma = torch.rand(b, generator=g, dtype=torch.float64) + 0.5
+    compact = _inverse_hessian_times(grad, steps, changes, rho, steps @ changes.transpose(1, 2),
+                                     changes @ changes.transpose(1, 2), gamma, it)
+    torch.testing.assert_close(compact, _two_loop(grad, steps, changes, rho, gamma, it), rtol=1e-12, atol=1e-12)
