@@ -19,8 +19,10 @@ Contributions (``contributions``):
   ``free``            left to the map objective, which is blind to a map's offset and scale
 A small ridge on the moves away from the equal split (``ridge``) makes the solution unique,
 so the result does not depend on rounding (thread count, device).
-Solvers: ``lbfgs`` (each class solved to convergence on its own, batched over classes, in
-float64: see :func:`_lbfgs`), ``nelder-mead`` (scipy, per class, capped evaluations; the
+With z-scores the objective depends on the features only through the maps' second moments, so
+it is evaluated from one m × m Gram matrix per class, taken once, not from the maps (see
+:class:`_Moments`). Solvers: ``lbfgs`` (each class solved to convergence on its own, batched
+over classes, in float64: see :func:`_lbfgs`), ``nelder-mead`` (scipy, per class, capped evaluations; the
 paper's choice) and ``none`` (the equal split R/k, plus the contribution constraint when
 there is one, for ablation).
 """
