@@ -556,10 +556,16 @@ def _inverse_hessian_times(grad: torch.Tensor, steps: torch.Tensor, changes: tor
     """
     if it == 0:
         return gamma[:, None] * grad
-    oldest = it % steps.shape[1]  # M needs the pairs in the order they came: roll the h-sized pieces only
+    # M needs the pairs in the order they came: only the h-sized pieces are put in that order
+    # (by index, which is cheaper than torch.roll on small tensors).
+    history = steps.shape[1]
+    slots = torch.arange(history, device=grad.device)
+    order, back = (slots + it) % history, (slots - it) % history  # chronological -> slot, and back
 
     def chronological(x, dims=(1,)):
-        return torch.roll(x, shifts=(-oldest,) * len(dims), dims=dims)
+        for dim in dims:
+            x = x.index_select(dim, order)
+        return x
 
     s_y = chronological(step_change, (1, 2))  # s_i · y_j
     diagonal = s_y.diagonal(dim1=1, dim2=2)  # D: s_i · y_i (0 for a skipped pair)
@@ -572,7 +578,7 @@ def _inverse_hessian_times(grad: torch.Tensor, steps: torch.Tensor, changes: tor
     inner = diagonal[:, :, None] * first + g * (chronological(change_change, (1, 2)) @ first - y_grad)
     second = torch.linalg.solve_triangular(upper.transpose(1, 2), inner, upper=False)  # R⁻ᵀ(…)
     # Back to slot order to combine the pairs.
-    first, second = (torch.roll(v, shifts=oldest, dims=1) for v in (first, second))
+    first, second = first.index_select(1, back), second.index_select(1, back)
     return g[:, :, 0] * grad + (steps.transpose(1, 2) @ second - g * (changes.transpose(1, 2) @ first))[:, :, 0]
 
 
