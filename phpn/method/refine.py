@@ -211,14 +211,16 @@ class _Problem:
         with _cpu_threads(torch.device("cpu"), SOLVER_CPU_THREADS):
             spread, axes = torch.linalg.eigh((centred.transpose(1, 2) @ centred).cpu())  # ascending
         self.spread, axes = spread.clamp(min=0).to(feature_basis.device), axes.to(feature_basis.device)
-        self.feature_basis = feature_basis @ axes  # (B, N, m)
         self.basis = axes if basis is None else basis.double() @ axes  # (B, D, m), orthonormal
-        self.moments = None
-        if norm == "zscore":
+        self.feature_basis = self.moments = None
+        if norm == "zscore":  # the objective needs only the maps' moments: no (B, N, m) maps are kept
             base = self.equal_maps if objective == "residual" else self.alpha[:, None, :] * self.nmf_maps + \
                 self.equal_maps
             self.moments = _Moments(self.count, self.targets, self._centred(base.expand(-1, -1, self.k)),
                                     centred @ axes)
+            self.targets = self.equal_maps = None
+        else:
+            self.feature_basis = feature_basis @ axes  # (B, N, m)
         self.ridge_weight = None
         if ridge > 0 and head_norm is not None:
             self.ridge_weight = (ridge * self.count / head_norm.double().square().clamp(min=EPS))  # (B,)
@@ -339,8 +341,8 @@ class _Problem:
 
     def start(self) -> torch.Tensor:
         """The equal split R/k (moved onto the contribution constraint when there is one)."""
-        fb = self.feature_basis
-        return torch.zeros(fb.shape[0], self.k - 1, self.free_dim, dtype=fb.dtype, device=fb.device)
+        z = self.basis
+        return torch.zeros(z.shape[0], self.k - 1, self.free_dim, dtype=z.dtype, device=z.device)
 
 
 class _Moments:
