@@ -3,7 +3,7 @@ import torch
 
 from phpn.errors import ConfigError
 from phpn.method.nmf import NMFConfig, nmf
-from phpn.method.refine import RefineConfig, part_shares, refine, scale
+from phpn.method.refine import RefineConfig, _inverse_hessian_times, _Problem, part_shares, refine, scale
 
 
 def _problem(b=2, n=300, d=24, k=3, seed=0):
@@ -198,3 +198,90 @@ def test_few_positions_search_the_whole_row_space_of_the_features():
     assert bool(rowspace.converged.all())
     assert float((rowspace.prototypes.sum(1) - heads.double()).abs().max()) < 1e-12
     assert float(rowspace.objective_after.sum()) <= 1.01 * float(everything.objective_after.sum())
+
+
+def _direct_objective(problem, features, mask, protos, alpha, heads, residual, free, objective, ridge):
+    """The z-score objective from the maps themselves: Σ_i ‖z(±F p_i) − z(F p̃_i)‖² + ridge."""
+    w = mask[:, :, None]
+    count = mask.sum(1)[:, None, None]
+
+    def zscore(maps):
+        centred = (maps - (maps * w).sum(1, keepdim=True) / count) * w
+        return centred / ((centred * centred).sum(1, keepdim=True) / count).sqrt()
+
+    shares = problem.shares(free)  # (B, k, D), summing to the residual
+    compared = shares if objective == "residual" else alpha[:, :, None] * protos + shares
+    target = zscore(problem.signs[:, None, :] * (features @ protos.transpose(1, 2)))
+    diff = target - zscore(features @ compared.transpose(1, 2))
+    moves = shares - (residual / protos.shape[1])[:, None, :]
+    weight = ridge * mask.sum(1) / heads.square().sum(1)
+    return (diff * diff).sum((1, 2)) + weight * (moves * moves).sum((1, 2))
+
+
+@pytest.mark.parametrize("objective", ["prototype", "residual"])
+def test_the_moment_objective_equals_the_objective_of_the_maps(objective):
+    # Values and gradients at random splits, with padded rows (garbage features) in one class.
+    g = torch.Generator().manual_seed(5)
+    features = torch.relu(torch.randn(3, 200, 40, generator=g, dtype=torch.float64))
+    heads = torch.randn(3, 40, generator=g, dtype=torch.float64)
+    found = nmf(features, NMFConfig(k=4))
+    protos = found.prototypes.double()
+    counts = torch.tensor([200, 150, 200])
+    mask = (torch.arange(200)[None, :] < counts[:, None]).double()
+    alpha = scale(protos, heads)
+    residual = heads - (alpha[:, :, None] * protos).sum(1)
+    mean_feature = (mask[:, None, :] @ features)[:, 0, :] / counts[:, None]
+    shares = part_shares(found.encodings.mean(1), protos, heads, (mean_feature * heads).sum(1))
+    # An orthonormal basis to float64 rounding, so the ridge on ‖r_i − R/k‖ is exactly the one on the moves.
+    basis = torch.linalg.qr(torch.randn(3, 40, 16, generator=g, dtype=torch.float64))[0]
+    problem = _Problem(features, mask, protos, alpha, residual, objective, basis, targets=shares, ridge=0.1,
+                       head_norm=heads.norm(dim=1), norm="zscore", mean_feature=mean_feature)
+    assert problem.moments is not None
+    for seed in range(3):
+        free = torch.randn(3, 3, 16, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        free = free * heads.norm(dim=1)[:, None, None] / 4
+        value, grad = problem.loss_and_grad(free)
+        point = free.clone().requires_grad_(True)
+        direct = _direct_objective(problem, features, mask, protos, alpha, heads, residual, point, objective, 0.1)
+        (direct_grad,) = torch.autograd.grad(direct.sum(), point)
+        torch.testing.assert_close(value, direct.detach(), rtol=1e-9, atol=0)
+        torch.testing.assert_close(problem.loss(free), direct.detach(), rtol=1e-9, atol=0)
+        torch.testing.assert_close(grad, direct_grad, rtol=1e-9, atol=1e-9 * float(direct_grad.abs().max()))
+
+
+def _two_loop(grad, steps, changes, rho, gamma, it):
+    """The textbook two-loop recursion over the ring buffer, newest pair first."""
+    history = steps.shape[1]
+    order = [(it - 1 - j) % history for j in range(min(it, history))]
+    q, coefficients = grad.clone(), []
+    for j in order:
+        a = rho[:, j] * (steps[:, j] * q).sum(1)
+        q -= a[:, None] * changes[:, j]
+        coefficients.append(a)
+    r = gamma[:, None] * q
+    for j, a in zip(reversed(order), reversed(coefficients)):
+        r += steps[:, j] * (a - rho[:, j] * (changes[:, j] * r).sum(1))[:, None]
+    return r
+
+
+@pytest.mark.parametrize("it", [0, 1, 3, 5, 7, 13])
+def test_the_compact_inverse_hessian_equals_the_two_loop_recursion(it):
+    # Pairs from a convex quadratic, in ring-buffer slots, with a skipped pair and unwritten slots.
+    g = torch.Generator().manual_seed(it)
+    b, history, n = 3, 5, 12
+    hessian = torch.randn(b, n, n, generator=g, dtype=torch.float64)
+    hessian = hessian @ hessian.transpose(1, 2) + torch.eye(n, dtype=torch.float64)
+    steps = torch.randn(b, history, n, generator=g, dtype=torch.float64)
+    changes = steps @ hessian
+    rho = 1 / (steps * changes).sum(2)
+    written = torch.arange(history) < min(it, history)
+    skipped = torch.zeros(b, history, dtype=torch.bool)
+    skipped[1, 2] = it > 2
+    blank = ~written[None, :] | skipped
+    steps, changes = steps.masked_fill(blank[:, :, None], 0), changes.masked_fill(blank[:, :, None], 0)
+    rho = rho.masked_fill(blank, 0)
+    grad = torch.randn(b, n, generator=g, dtype=torch.float64)
+    gamma = torch.rand(b, generator=g, dtype=torch.float64) + 0.5
+    compact = _inverse_hessian_times(grad, steps, changes, rho, steps @ changes.transpose(1, 2),
+                                     changes @ changes.transpose(1, 2), gamma, it)
+    torch.testing.assert_close(compact, _two_loop(grad, steps, changes, rho, gamma, it), rtol=1e-12, atol=1e-12)
