@@ -63,10 +63,10 @@ def _app() -> AppTest:
 def _same_browser(at: AppTest, monkeypatch) -> AppTest:
     """A new page load (a reload) in the browser that ``at`` ran in: it sends back the key that
     page gave it, as a browser sends its cookie; nothing of it is in the URL."""
-    from phpn.app import frame
+    from phpn.app import state
 
     key = at.session_state["_key_to_keep"]
-    monkeypatch.setattr(frame, "browser_cookie", lambda: key)
+    monkeypatch.setattr(state, "browser_cookie", lambda: key)
     return _app()
 
 

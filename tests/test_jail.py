@@ -546,7 +546,10 @@ def test_a_weights_only_model_runs_in_a_worker_when_the_operator_isolates_all_mo
     import torchvision  # noqa: PLC0415 - only this test needs it
 
     from phpn.api import open_model  # noqa: PLC0415 - only this test needs the whole door
-    from phpn.app import frame  # noqa: PLC0415 - the app's frame imports Streamlit
+    from phpn.app import (
+        cache,  # noqa: PLC0415 - the app's modules import Streamlit
+        frame,  # noqa: PLC0415 - the app's frame imports Streamlit
+    )
     from phpn.app.serving import isolated, jailed_worker, measure_cost, stop_jailed  # noqa: PLC0415 - as above
 
     torch.manual_seed(0)
@@ -558,7 +561,7 @@ def test_a_weights_only_model_runs_in_a_worker_when_the_operator_isolates_all_mo
     monkeypatch.setenv("PHPN_SETTINGS_FILE", str(tmp_path / "none.toml"))
     monkeypatch.setenv("PHPN_ISOLATE_ALL_MODELS", "1")
     monkeypatch.delenv("PHPN_ALLOW_CODE", raising=False)
-    frame._load_model_entry.clear()
+    cache._load_model_entry.clear()
     entry = frame.load_model_entry(**spec)
     here = open_model(spec["checkpoint"], arch="resnet18", overrides=spec["overrides"])
     worker = jailed_worker(entry.session)
@@ -578,5 +581,5 @@ def test_a_weights_only_model_runs_in_a_worker_when_the_operator_isolates_all_mo
             worker.forward(torch.zeros(1, 3, 1025, 1024))
     finally:
         stop_jailed(entry.session, "the test ended")
-        frame._load_model_entry.clear()
+        cache._load_model_entry.clear()
     assert not worker.alive

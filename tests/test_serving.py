@@ -367,12 +367,13 @@ def test_with_the_switch_off_a_visitor_cannot_run_code(app_env, monkeypatch):
     assert not marker.exists() and at.session_state["model"] is before
     assert not any("arbitrary code" in w.value for w in at.warning)
     # Behind the page, both ways into the model cache refuse code while the switch is off.
+    from phpn.app import cache as _cache
     from phpn.app import frame as _shared
 
     model_file = app_env / "net.py"
     model_file.write_text(code.decode())
     spec = dict(checkpoint=str(app_env / "m.th"), model_def=f"{model_file}:Net")
-    for load in (lambda: _shared.load_model_entry(**spec), lambda: _shared._load_model_entry(_shared._freeze(spec), spec),
+    for load in (lambda: _shared.load_model_entry(**spec), lambda: _cache._load_model_entry(_cache._freeze(spec), spec),
                  lambda: _shared.load_model_entry(checkpoint=spec["checkpoint"], trust_pickle=True)):
         with pytest.raises(ConfigError, match="^Running visitors' code is turned off on this server"):
             load()
@@ -482,7 +483,7 @@ def _start_discovery(at) -> None:
 
 @pytest.mark.slow
 def test_one_visitor_may_queue_two_discoveries_whatever_their_tabs(app_env, monkeypatch):
-    from phpn.app import frame
+    from phpn.app import frame, state
 
     queue = frame.server_queue()
     assert queue.per_owner == 2  # PHPN_DISCOVERIES_PER_VISITOR's default
@@ -500,7 +501,7 @@ def test_one_visitor_may_queue_two_discoveries_whatever_their_tabs(app_env, monk
     try:
         first = _app()
         key = first.session_state["_key_to_keep"]
-        monkeypatch.setattr(frame, "browser_cookie", lambda: key)  # the same browser's other tabs
+        monkeypatch.setattr(state, "browser_cookie", lambda: key)  # the same browser's other tabs
         tabs = [first, _app(), _app()]
         for tab in tabs:
             _start_discovery(tab)
@@ -509,7 +510,7 @@ def test_one_visitor_may_queue_two_discoveries_whatever_their_tabs(app_env, monk
         assert "job" not in tabs[2].session_state
         assert _errors(tabs[2]) == ["You already have 2 discoveries queued or running: wait for one to finish or "
                                     "cancel it."]
-        monkeypatch.setattr(frame, "browser_cookie", lambda: None)  # another visitor is admitted
+        monkeypatch.setattr(state, "browser_cookie", lambda: None)  # another visitor is admitted
         other = _app()
         _start_discovery(other)
         jobs.append(other.session_state["job"])

@@ -90,7 +90,10 @@ def test_the_app_refuses_a_crop_over_the_models_budget_before_running_it_there(t
     10 GFLOPs (14.5 GFLOPs asked) is refused from the cost counted at 224, before any model is
     opened at 448; 320 px (7.4 GFLOPs) is opened and its cost counted there."""
     pytest.importorskip("streamlit")
-    from phpn.app import frame  # noqa: PLC0415 - the app's frame imports Streamlit
+    from phpn.app import (
+        cache,  # noqa: PLC0415 - the app's modules import Streamlit
+        frame,  # noqa: PLC0415 - the app's frame imports Streamlit
+    )
 
     monkeypatch.setenv("PHPN_SETTINGS_FILE", str(tmp_path / "none.toml"))
     monkeypatch.setenv("PHPN_MAX_FORWARD_GFLOPS", "10")
@@ -98,14 +101,14 @@ def test_the_app_refuses_a_crop_over_the_models_budget_before_running_it_there(t
     torch.manual_seed(0)
     torch.save(torchvision.models.resnet18(weights=None, num_classes=3).state_dict(), tmp_path / "r18.pt")
     opened = []
-    real_open = frame.open_model
+    real_open = cache.open_model
 
     def counting_open(checkpoint=None, **kwargs):
         opened.append((kwargs.get("overrides") or {}).get("crop"))
         return real_open(checkpoint, **kwargs)
 
-    monkeypatch.setattr(frame, "open_model", counting_open)
-    frame._load_model_entry.clear()
+    monkeypatch.setattr(cache, "open_model", counting_open)
+    cache._load_model_entry.clear()
     try:
         spec = {"checkpoint": str(tmp_path / "r18.pt"), "arch": "resnet18"}
         with pytest.raises(ConfigError) as err:
@@ -123,4 +126,4 @@ def test_the_app_refuses_a_crop_over_the_models_budget_before_running_it_there(t
         assert entry.session.loaded.model is own.session.loaded.model and entry.lock is own.lock  # one copy of the weights
         assert entry.session.diagnosis.input_size == (3, 320, 320) and entry.session.preprocess.crop == 320
     finally:
-        frame._load_model_entry.clear()
+        cache._load_model_entry.clear()

@@ -7,7 +7,7 @@ import os
 import pytest
 from test_app import _app, _clean, _errors, _uploads_in_tmp, needs_demo  # noqa: F401
 
-from phpn.app import frame
+from phpn.app import serving, state
 from phpn.app.serving import (
     ServerSettings,
     Workspace,
@@ -157,7 +157,7 @@ class Browser:
         self.monkeypatch, self.key = monkeypatch, key
 
     def open(self, query=None):
-        self.monkeypatch.setattr(frame, "browser_cookie", lambda: self.key)
+        self.monkeypatch.setattr(state, "browser_cookie", lambda: self.key)
         at = _app()
         for name, value in (query or {}).items():
             at.query_params[name] = value
@@ -176,7 +176,7 @@ def _save(at, name):
 
 
 def _labels(at):
-    return [label for label, _ in frame.serving.readable_runs(at.session_state["_workspace"])]
+    return [label for label, _ in serving.readable_runs(at.session_state["_workspace"])]
 
 
 @pytest.mark.slow
@@ -228,9 +228,9 @@ def test_a_second_browser_and_an_attackers_link_reach_nothing_a_share_link_one_r
     assert entry.shared and entry.saved_to == folder and entry.origin == "shared with you read-only (alices-run)"
     assert seen.query_params["view"] == token and "run" not in seen.query_params
     assert seen.session_state["_workspace"].path not in (a_ws,)
-    assert [label for label, _ in frame.serving.readable_runs(seen.session_state["_workspace"])
+    assert [label for label, _ in serving.readable_runs(seen.session_state["_workspace"])
             if label.startswith("my runs")] == []
-    assert frame.serving.may_read(a_ws / "uploads", seen.session_state["_workspace"]) is False
+    assert serving.may_read(a_ws / "uploads", seen.session_state["_workspace"]) is False
     seen.switch_page("pages/classes.py").run()
     _clean(seen)
     seen.text_input(key="notes_name_0_0").set_value("mine now")

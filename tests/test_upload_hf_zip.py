@@ -381,12 +381,12 @@ def test_the_model_page_takes_a_zipped_model_and_the_run_says_where_it_came_from
     # model, from 'my files/…'.
     from streamlit.testing.v1 import AppTest
 
-    from phpn.app import frame
+    from phpn.app import state
 
     query = dict(at.query_params)
     assert query["run"] == "my runs / hf-run"
     cookie = at.session_state["_key_to_keep"]  # what the browser keeps
-    monkeypatch.setattr(frame, "browser_cookie", lambda: cookie)
+    monkeypatch.setattr(state, "browser_cookie", lambda: cookie)
     again = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
     for key, value in query.items():
         again.query_params[key] = value
