@@ -32,6 +32,7 @@ from phpn.config import (
     DECODE,
     DEVICE,
     DISCOVERY,
+    EXPLAIN_FORMATS,
     INTERPOLATIONS,
     NMF_DATA_CHOICES,
     NMF_SOLVERS,
@@ -1202,9 +1203,10 @@ def _explanation_file(name: str) -> bool:
 def explain_to_folder(session: ModelSession, run: Run, sources: Sequence, out, *,
                       class_index: Optional[int] = None, progress: Optional[ProgressFn] = None,
                       network: Optional[PrototypeNetwork] = None, resume: bool = False,
-                      overwrite: bool = False) -> dict:
-    """Explain every image of ``sources`` (files or folders): one PNG and one self-contained HTML
-    page per image in ``out``, and a JSON summary (``explanations.json``) of them all.
+                      overwrite: bool = False, formats: Sequence[str] = EXPLAIN_FORMATS) -> dict:
+    """Explain every image of ``sources`` (files or folders): per image in ``out`` a PNG and a
+    self-contained HTML page (``formats``: either or both), and a JSON summary
+    (``explanations.json``) of them all.
 
     The summary is written from the start and kept up to date, so a folder phpn began is known as
     its own, finished or not: it is written again image by image; ``resume`` skips the images
@@ -1217,6 +1219,11 @@ def explain_to_folder(session: ModelSession, run: Run, sources: Sequence, out, *
     check_may_write(out, what="'phpn explain' output folder", plural="explanations",
                     ours=lambda p: p.is_dir() and (p / EXPLANATIONS_SUMMARY).is_file(), owned=_explanation_file,
                     error=ConfigError, fix="Pass --out a new or empty folder.")
+    unknown = sorted(set(formats) - set(EXPLAIN_FORMATS))
+    if unknown or not formats:
+        raise ConfigError(f"Unknown explanation format(s): {', '.join(unknown) or 'none given'}.",
+                          f"Choose from: {', '.join(EXPLAIN_FORMATS)}.")
+    formats = tuple(f for f in EXPLAIN_FORMATS if f in set(formats))
     images = list_images(sources)
     previous = _previous_explanations(out, resume, overwrite, class_index)
     out.mkdir(parents=True, exist_ok=True)
@@ -1224,7 +1231,7 @@ def explain_to_folder(session: ModelSession, run: Run, sources: Sequence, out, *
     root = run_image_root(run)
     taken, explained, skipped = set(), [], []
     summary = {"run": str(run.path) if run.path else None, "images": len(images), "class": class_index,
-               "complete": False, "explained": explained, "skipped": skipped,
+               "formats": list(formats), "complete": False, "explained": explained, "skipped": skipped,
                "certificate": run.meta.get("certificate")}
     write_atomic(out / EXPLANATIONS_SUMMARY, json.dumps(summary, indent=1))
     written = time.monotonic()
@@ -1232,9 +1239,8 @@ def explain_to_folder(session: ModelSession, run: Run, sources: Sequence, out, *
     for i, (path, name) in enumerate(images):
         stem = _output_stem(name, taken)
         done = previous.get(name)
-        if done is not None and done.get("png") == f"{stem}.png" and (out / done["png"]).is_file() \
-                and (out / done["html"]).is_file():
-            explained.append(done)  # explained before the interruption
+        if done is not None and all(done.get(f) == f"{stem}.{f}" and (out / done[f]).is_file() for f in formats):
+            explained.append({key: value for key, value in done.items() if key not in EXPLAIN_FORMATS or key in formats})
         else:
             try:
                 ex = explain_image(session, network, path, class_index)
@@ -1242,9 +1248,9 @@ def explain_to_folder(session: ModelSession, run: Run, sources: Sequence, out, *
                 skipped.append({"image": name, "why": str(err)})
             else:
                 ex.source, ex.run, ex.image_root = name, run, root
-                ex.save(out / f"{stem}.png")
-                ex.save(out / f"{stem}.html")
-                explained.append({**ex.to_dict(), "png": f"{stem}.png", "html": f"{stem}.html"})
+                for f in formats:
+                    ex.save(out / f"{stem}.{f}")
+                explained.append({**ex.to_dict(), **{f: f"{stem}.{f}" for f in formats}})
         if time.monotonic() - written >= SUMMARY_EVERY_S:
             write_atomic(out / EXPLANATIONS_SUMMARY, json.dumps(summary, indent=1))
             written = time.monotonic()

@@ -277,7 +277,8 @@ def _explain_to_folder(args, session, run, network, class_index) -> int:
     bar = TqdmProgress(disable=args.json)
     try:
         summary = explain_to_folder(session, run, args.images, args.out, class_index=class_index, progress=bar,
-                                    network=network, resume=args.resume, overwrite=args.overwrite)
+                                    network=network, resume=args.resume, overwrite=args.overwrite,
+                                    formats=args.formats)
     except KeyboardInterrupt:
         print("\ninterrupted: the explanations written so far are kept; run the same command with --resume "
               "to finish them", file=sys.stderr)
@@ -287,7 +288,7 @@ def _explain_to_folder(args, session, run, network, class_index) -> int:
     obj = {"out": str(args.out), "summary": str(args.out / EXPLANATIONS_SUMMARY), "images": summary["images"],
            "explained": len(summary["explained"]), "skipped": summary["skipped"]}
     text = (f"explained {len(summary['explained'])} of {summary['images']} images into {args.out} "
-            f"(a PNG and an HTML page each; summary in {EXPLANATIONS_SUMMARY})")
+            f"({' and '.join(f.upper() for f in summary['formats'])} each; summary in {EXPLANATIONS_SUMMARY})")
     if summary["skipped"]:
         text += "\n" + "\n".join(f"skipped {s['image']}: {s['why']}" for s in summary["skipped"])
     _emit(args, obj, text)
@@ -477,6 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", type=Path)
     p.add_argument("images", type=Path, nargs="+", metavar="IMAGE_OR_FOLDER")
     p.add_argument("--out", type=Path, help="folder for a PNG and an HTML page per image and explanations.json")
+    p.add_argument("--formats", nargs="+", choices=D.EXPLAIN_FORMATS, default=list(D.EXPLAIN_FORMATS),
+                   help="what --out holds per image (default: both; one alone halves the folder)")
     p.add_argument("--class", dest="class_", help="class index or name (default: the top decomposed class)")
     p.add_argument("--resume", action="store_true",
                    help="finish an interrupted --out folder: images already explained there are skipped")

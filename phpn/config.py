@@ -58,6 +58,9 @@ UPSAMPLING_WARN = 3.0  # images scaled up more than this (model input side / ima
 # a cosine near 0 (shown as 0.00) means the two have nothing in common.
 SHARED_PART_MIN_COSINE = 0.1
 TOP_CLASSES = 5  # classes listed beside an explanation
+# What an explanations folder holds per image: a picture, a self-contained page (each embeds the
+# top patches; one format alone halves the folder).
+EXPLAIN_FORMATS = ("png", "html")
 MAP_OPACITY = 0.6
 
 # A where-map needs a grid: a feature map with fewer positions per image (1x1) puts all of an

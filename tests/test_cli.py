@@ -149,3 +149,14 @@ def test_explain_into_a_folder_resumes_and_overwrites(tmp_path, image_folder, us
                  check=False)
     assert proc.returncode == 2 and "also holds files phpn did not write (notes.txt)" in proc.stderr
     assert (explained / "notes.txt").read_text() == "mine"
+    # One format alone: pages only, and resuming asks for pages only.
+    pages = tmp_path / "pages"
+    done = _phpn("explain", out, image_folder / "0", *user_model, "--out", pages, "--formats", "html").stdout
+    assert done.startswith(f"explained 12 of 12 images into {pages} (HTML each; summary in explanations.json)")
+    assert sorted(p.suffix for p in pages.iterdir()) == [".html"] * 12 + [".json"]
+    summary = json.loads((pages / "explanations.json").read_text())
+    assert summary["formats"] == ["html"] and all("png" not in e and e["html"].endswith(".html")
+                                                   for e in summary["explained"])
+    stamp = {p.name: p.stat().st_mtime_ns for p in pages.glob("*.html")}
+    _phpn("explain", out, image_folder / "0", *user_model, "--out", pages, "--formats", "html", "--resume")
+    assert {p.name: p.stat().st_mtime_ns for p in pages.glob("*.html")} == stamp  # nothing redone
