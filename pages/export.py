@@ -42,7 +42,7 @@ st.caption("A zip of the run folder: `run.json` (model identity, every setting a
            "Upload the zip again on the Discover page (Load a saved run) to reopen it, checked whole, or unzip it and "
            "explain images with it from a shell: `python -m phpn explain RUN_FOLDER IMAGE …`. Your notes on the "
            "prototypes (names, flags, descriptions) are in it as `annotations.json`; once the run is audited (Audit "
-           "page), the audit's findings with your verdicts are in it as `audit.json`, and in the reports.")
+           "page), the audit is in it as `audit.json` (and comes back when the zip is uploaded again), and in the reports.")
 if origin:
     st.caption(f"Model: {origin}. The run and the reports name it so; they hold no path of this server's "
                "workspace.")

@@ -77,16 +77,37 @@ def test_an_exported_run_comes_back_with_the_same_prototypes_and_opens_with_its_
 
 
 @needs_demo
-def test_a_sealed_run_comes_back_under_the_name_given_without_the_audit(tmp_path, sealed_zip):
+def test_a_sealed_run_comes_back_under_the_name_given_without_an_audit_not_its_own(tmp_path, sealed_zip):
     with zipfile.ZipFile(io.BytesIO(sealed_zip)) as zf:
         entries = {n: zf.read(n) for n in zf.namelist()}
-    entries["phpn-run-fashion-mnist-k3/audit.json"] = b"{}"  # the audit's findings: for reading, let go
+    entries["phpn-run-fashion-mnist-k3/audit.json"] = b"{}"  # names no run: let go
     entries["phpn-run-fashion-mnist-k3/.DS_Store"] = b"\0"
     folder = import_run(io.BytesIO(_zip_of(entries)), tmp_path / "runs", name="mine")
     assert folder == tmp_path / "runs" / "mine"
     assert sorted(p.name for p in folder.iterdir()) == sorted(Path(n).name for n in entries
                                                               if not n.endswith(("audit.json", ".DS_Store")))
     assert verify_run(folder).record.seal is not None
+
+
+@needs_demo
+def test_the_runs_own_audit_travels_in_its_zip_and_another_runs_does_not(tmp_path):
+    from phpn.api import saved_audit
+
+    demo = _demo()
+    run = open_run(save_run(load_run(demo.run_dir), tmp_path / "mine"))
+    audit = run.audit(demo.explain_dir(), images_per_class=2)
+    assert audit.saved_to == str(tmp_path / "mine" / "audit.json")
+    data = run_zip_bytes(run, "audited", audit=audit)
+    back = saved_audit(open_run(import_run(io.BytesIO(data), tmp_path / "runs")))
+    assert back.note == "" and back.audit.to_dict() == audit.to_dict()
+    # An audit.json edited after it was written (its checksum no longer holds): not kept.
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        entries = {n: zf.read(n) for n in zf.namelist()}
+    edited = json.loads(entries["audited/audit.json"])
+    edited["audit"]["prototypes"][0]["score"] = 99.0
+    entries["audited/audit.json"] = json.dumps(edited).encode()
+    folder = import_run(io.BytesIO(_zip_of(entries)), tmp_path / "runs", name="edited")
+    assert not (folder / "audit.json").exists() and verify_run(folder).record.seal is not None
 
 
 def _refused(tmp_path, data: bytes, name: str, error=RunError) -> str:

@@ -97,11 +97,15 @@ def test_findings_and_verdicts_go_into_the_reports_and_the_zip(world):  # noqa: 
     plain = files(report.run_zip_bytes(run, "r", notes=notes))
     audited = files(report.run_zip_bytes(run, "r", notes=notes, audit=audit))
     assert set(audited) == set(plain) | {"audit.json"} and "annotations.json" in audited
-    saved = json.loads(audited["audit.json"])
+    kept = json.loads(audited["audit.json"])  # as kept beside a run: naming it, its verdicts in the notes
+    assert kept["kind"] == "phpn audit" and kept["run"]["tensors_sha256"] == run.record.tensors_sha256
+    saved = kept["audit"]
     assert saved["summary"] == audit.summary and saved["images"] == 32
-    assert [(p["class"], p["prototype"], p["score"], p["verdict"]) for p in saved["prototypes"][:4]] == [
-        (0, 0, 11.5, "spurious"), (0, 1, 11.0, "dismissed"), (0, 2, 10.5, None), (1, 0, 10.0, None)]
+    assert [(p["class"], p["prototype"], p["score"]) for p in saved["prototypes"][:4]] == [
+        (0, 0, 11.5), (0, 1, 11.0), (0, 2, 10.5), (1, 0, 10.0)]
     assert saved["prototypes"][0]["reasons"] == ["causal: reason <0>"] and len(saved["prototypes"]) == 12
+    verdicts = json.loads(audited["annotations.json"])
+    assert "spurious" in json.dumps(verdicts) and "dismissed" in json.dumps(verdicts)
 
 
 def test_the_explanation_report_carries_the_findings_on_its_class(world):  # noqa: F811

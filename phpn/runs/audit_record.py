@@ -113,10 +113,16 @@ def save_audit(run, audit: dict) -> Path:
                        "Save the run first (Discover page, or --out on the command line).")
     path = check_may_write(folder / AUDIT, what="phpn audit", ours=_is_audit_file, error=RunError,
                            fix=f"Move {AUDIT} away from the run folder, then audit again.")
+    return write_atomic(path, json.dumps(audit_record(run, audit), indent=1, ensure_ascii=False))
+
+
+def audit_record(run, audit: dict) -> dict:
+    """What ``audit.json`` holds: ``audit`` (``Audit.to_dict()``) naming the saved ``run`` it was
+    measured on, with the time and a checksum of it all (beside a run, or in a run's zip)."""
     record = {"kind": KIND, "format_version": FORMAT_VERSION, "run": run_identity(run),
               "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "audit": audit}
     record["sha256"] = _checksum(record)
-    return write_atomic(path, json.dumps(record, indent=1, ensure_ascii=False))
+    return record
 
 
 def read_audit(run) -> Optional[SavedAudit]:

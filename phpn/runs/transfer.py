@@ -19,12 +19,13 @@ from typing import Optional
 
 from phpn.errors import RunError
 from phpn.models.archive import unpack_zip
+from phpn.runs.audit_record import read_audit
 from phpn.runs.record import META
-from phpn.runs.store import is_run_file, verify_run
+from phpn.runs.store import AUDIT, is_run_file, verify_run
 
 MAX_RUN_ZIP_FILES = 100_000  # run.json, the head, two files per shard of about 32 MB, the notes
 MAX_RUN_ZIP_BYTES = 2 * 2 ** 30  # what the zip may unpack to; a visitor's quota may lower it
-AUDIT_FILE = "audit.json"  # the audit's findings as the Export page adds them: for reading, not part of a run
+AUDIT_FILE = AUDIT  # the run's last audit: kept when it names this run (phpn.runs.audit_record)
 _NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 _EXPORT = "the zip the Export page gives (“Download the run (.zip)”)"
 _RUN_ZIP = {
@@ -56,16 +57,27 @@ def _run_folder(unpacked: Path, label: str) -> Path:
 
 
 def _keep_run_files(folder: Path, label: str) -> None:
-    """Leave only the files of a run in ``folder``: its data, run.json and the notes. The audit's
-    findings and hidden files (.DS_Store …) are let go; anything else is refused."""
+    """Leave only the files of a run in ``folder``: its data, run.json, the notes and its audit
+    (checked later). Hidden files (.DS_Store …) are let go; anything else is refused."""
     for entry in sorted(folder.iterdir()):
         if entry.is_file() and not entry.is_symlink() and is_run_file(entry.name):
             continue
-        if entry.is_file() and (entry.name == AUDIT_FILE or entry.name.startswith(".")):
+        if entry.is_file() and not entry.is_symlink() and entry.name == AUDIT_FILE:
+            continue  # kept only if it is this run's own (checked once the run verifies)
+        if entry.is_file() and entry.name.startswith("."):
             entry.unlink()
             continue
         raise RunError(f"'{label}' holds '{entry.name}' beside its run, which a run phpn exports does not have.",
                        f"Upload {_EXPORT} as it was downloaded.")
+
+
+def _keep_own_audit(run, folder: Path) -> None:
+    """The zip's audit stays when it names this very run and is as written (the export's own);
+    any other is let go, as a file a run does not need."""
+    if (folder / AUDIT_FILE).is_file():
+        saved = read_audit(run)
+        if saved is None or not saved.trusted:
+            (folder / AUDIT_FILE).unlink()
 
 
 def _fresh_name(text: str) -> str:
@@ -116,9 +128,10 @@ def import_run_zip(source, into, *, name: Optional[str] = None, max_bytes: int =
         folder = _run_folder(unpacked, label)
         _keep_run_files(folder, label)
         try:
-            verify_run(folder)
+            run = verify_run(folder)
         except RunError as exc:
             raise _said_for(exc, folder, label) from None
+        _keep_own_audit(run, folder)
         stem = label[:-4] if label.lower().endswith(".zip") else label
         target = _claim(into, _fresh_name(name or (folder.name if folder != unpacked else stem)))
         os.replace(folder, target)  # onto the empty folder just claimed: the run appears whole

@@ -27,6 +27,7 @@ from phpn.config import MAP_OPACITY, class_name, no_shared_parts
 from phpn.images.preprocess import Preprocess
 from phpn.method.certify import chance_warning, format_certificate
 from phpn.runs.annotations import prototype_label, prototype_labels, prototype_note_html, verdict_words
+from phpn.runs.audit_record import audit_record
 from phpn.runs.provenance import origin_words
 from phpn.runs.store import save_run
 from phpn.show import viz
@@ -339,7 +340,7 @@ def audit_html(audit, notes=None, class_index: Optional[int] = None) -> str:
 def run_zip_bytes(run, name: Optional[str] = None, notes=None, audit=None) -> bytes:
     """The run's folder as a zip (saved first to a temporary folder when it has none); with
     ``notes`` (phpn.runs.annotations.Annotations), those as the zip's annotations.json; with
-    ``audit``, the audit's findings and the expert's verdicts as audit.json (:func:`audit_json`)."""
+    ``audit``, that audit as audit.json, naming the run (the expert's verdicts are in the notes)."""
     tmp = None
     try:
         folder = Path(run.path) if run.path is not None and Path(run.path).is_dir() else None
@@ -358,8 +359,9 @@ def run_zip_bytes(run, name: Optional[str] = None, notes=None, audit=None) -> by
                     zf.write(p, f"{top}/{p.relative_to(folder).as_posix()}")
             if notes is not None and notes.notes:
                 zf.writestr(f"{top}/annotations.json", json.dumps(notes.to_dict(), indent=1, ensure_ascii=False))
-            if audit is not None:
-                zf.writestr(f"{top}/audit.json", json.dumps(audit_json(audit, notes), indent=1, ensure_ascii=False))
+            if audit is not None:  # as kept beside a run: it names this run, so it travels and comes back
+                found = audit.to_dict() if hasattr(audit, "to_dict") else dict(audit)
+                zf.writestr(f"{top}/audit.json", json.dumps(audit_record(run, found), indent=1, ensure_ascii=False))
         return buf.getvalue()
     finally:
         if tmp is not None:
