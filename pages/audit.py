@@ -51,7 +51,7 @@ st.caption("Is the model right for the right reasons? Each prototype is tested f
 
 sets = {s.choice: s for s in labelled_sets(data.explain_root if data is not None else None,
                                             data.data.root if data is not None else None,
-                                            loaded_label=data.label if data is not None else "", run_meta=run.meta,
+                                            loaded_label=data.label if data is not None else "", run_root=run.data_info.get("root"),
                                             upload=False)}
 source = st.radio("Labelled images", list(sets), horizontal=True, key="audit_source")
 folder_path = ""

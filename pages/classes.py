@@ -86,7 +86,7 @@ with left:
 with right:
     st.markdown(f"**{_name(class_index)}** (class {class_index}) · {meta['images']} discovery images")
     if meta.get("k_reason"):
-        if run.meta.get("config", {}).get("auto_k"):  # --k auto chose it; --suggest-k only suggests one
+        if run.settings.get("auto_k"):  # --k auto chose it; --suggest-k only suggests one
             st.caption(f"k = {k}, chosen from NMF's error: {meta['k_reason']}.")
         else:
             st.caption(f"k = {k}; NMF's error suggests k = {meta['k_suggested']}: {meta['k_reason']}.")
@@ -192,7 +192,7 @@ st.caption("What the model would predict without some of this class's prototypes
 data = S.current_data()
 sets = {s.choice: s for s in labelled_sets(data.explain_root if data is not None else None,
                                             data.data.root if data is not None else None,
-                                            loaded_label=data.label if data is not None else "", run_meta=run.meta,
+                                            loaded_label=data.label if data is not None else "", run_root=run.data_info.get("root"),
                                             upload=False)}
 with st.form(f"off_form_{class_index}"):
     a, b, c = st.columns([3, 2, 1])

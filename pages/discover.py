@@ -119,7 +119,7 @@ else:
 # --- check preprocessing ---------------------------------------------------------------------
 if data is not None:
     current = S.current_run()
-    at_chance = bool(current and chance_warning(current.run.meta.get("certificate")))
+    at_chance = bool(current and chance_warning(current.run.recorded_certificate))
     U.check_preprocessing_section(model, data, running,
                                   expanded=at_chance or bool(setup and setup.near_chance))
 
@@ -176,10 +176,10 @@ entry = S.current_run()
 if entry is not None:
     run = entry.run
     st.header("Current run")
-    st.caption(f"{run.meta.get('created', '')} · {entry.origin} · {len(run.meta['classes'])} classes × k = {run.k_label} · "
-               f"solver {run.meta['config']['solver']}, objective {run.meta['config']['objective']}, "
-               f"scaling {run.meta['config']['scaling']}, device {run.meta.get('device', '?')}")
-    cert = run.meta.get("certificate")
+    st.caption(f"{run.created or ''} · {entry.origin} · {len(run.class_records)} classes × k = {run.k_label} · "
+               f"solver {run.settings['solver']}, objective {run.settings['objective']}, "
+               f"scaling {run.settings['scaling']}, device {run.device or '?'}")
+    cert = run.recorded_certificate
     if cert:
 
         warning = chance_warning(cert)
@@ -203,7 +203,7 @@ if entry is not None:
                        "little beyond the features.")
     else:
         st.info("This run has no certificate.")
-    t = run.meta.get("timings", {})
+    t = run.timings
     if t:
         t1, t2, t3, t4 = st.columns(4)
         t1.metric("Features", f"{t.get('features_s', 0):.1f} s")
@@ -217,7 +217,7 @@ if entry is not None:
     rows = []
     with S.user_errors():  # a saved run's shards are first read here: a damaged one is said, the page goes on
         # A large saved run reads its records shard by shard: the table shows the first classes only.
-        for c in itertools.islice(run.meta["classes"], EXPERT_TABLE_CLASSES):
+        for c in itertools.islice(run.class_records, EXPERT_TABLE_CLASSES):
             before, after = c["objective_before"], c["objective_after"]
             rows.append({
                 "class": f"{D.class_name(names, c['index'])} ({c['index']})",
@@ -238,8 +238,8 @@ if entry is not None:
     with st.expander("Expert details: the refinement, class by class (α, residual, objective, fidelity)"):
         st.caption("Map fidelity: correlation of each final prototype's map with its NMF part's map over the "
                    "discovery images (1 = the picture of the part is exactly what the prototype uses).")
-        if len(run.meta["classes"]) > len(rows):
-            st.caption(f"The first {len(rows)} of the run's {len(run.meta['classes'])} classes; the Class browser "
+        if len(run.class_records) > len(rows):
+            st.caption(f"The first {len(rows)} of the run's {len(run.class_records)} classes; the Class browser "
                        "shows any class.")
         st.dataframe(pd.DataFrame(rows), hide_index=True,
                      column_config={"improvement": st.column_config.NumberColumn(format="percent"),
@@ -248,7 +248,7 @@ if entry is not None:
                                     "objective after": st.column_config.NumberColumn(format="%.4g"),
                                     "min fidelity": st.column_config.NumberColumn(format="%.3f"),
                                     "NMF rel. error": st.column_config.NumberColumn(format="%.3f")})
-    skipped = run.meta.get("data", {}).get("skipped", [])
+    skipped = run.data_info.get("skipped", [])
     if skipped:
         with st.expander(f"Files skipped during discovery ({len(skipped)})"):
             st.dataframe(pd.DataFrame(skipped, columns=["file", "why"]), hide_index=True)

@@ -29,7 +29,7 @@ data = S.current_data()
 names = model.session.class_names
 
 
-_chance = chance_warning(run.meta.get("certificate"))
+_chance = chance_warning(run.recorded_certificate)
 if _chance:  # before any explanation: the model cannot read these inputs
     st.error(_chance, icon=":material/warning:")
 

@@ -32,7 +32,7 @@ def _slug(text: str) -> str:
 
 
 stem = _slug(model.session.demo or model.session.loaded.arch)
-recorded_model = run.meta.get("model", {})
+recorded_model = run.model_info
 origin = describe_origin(recorded_model.get("origin"))  # the upload's own name and how it was loaded
 
 st.header("The run")

@@ -41,7 +41,7 @@ def _name(i: int) -> str:
     return class_name(names, i)
 
 
-warning = chance_warning(run.meta.get("certificate"))
+warning = chance_warning(run.recorded_certificate)
 if warning:
     st.error(warning, icon=":material/warning:")
 

@@ -284,8 +284,7 @@ def run_discovery(session: ModelSession, data: ImageFolderData, config: Discover
                    certify=certify_images, **options)
     if run is None:
         return None
-    run.meta["demo"] = session.demo
-    run.meta["model"]["diagnosis"] = session.diagnosis.to_dict()
+    run.note_model(demo=session.demo, diagnosis=session.diagnosis.to_dict())
     return run
 
 
@@ -666,7 +665,7 @@ def decompose(model, data, *, k=None, images_per_class: Optional[int] = None, pr
     out = DecomposedRun.attach(run, session)
     if isinstance(images.root, InMemoryImages):
         out.__dict__["_images"] = images.root  # in memory only (never saved): pictures of the top patches
-    out.__dict__["_warnings"] = _issue(input_warnings(session, images, run.meta.get("certificate")))
+    out.__dict__["_warnings"] = _issue(input_warnings(session, images, run.recorded_certificate))
     return out
 
 
@@ -839,14 +838,14 @@ class DecomposedRun(Run):
     @property
     def certificate(self) -> Optional[Certificate]:
         """The certificate recorded at discovery (on the discovery images), or None."""
-        recorded = self.meta.get("certificate")
+        recorded = self.recorded_certificate
         return Certificate.from_dict(recorded) if recorded else None
 
     @property
     def classes(self) -> list:
         """The decomposed classes as the run records them (:class:`ClassView`, in the run's order)."""
         names = self.class_names
-        return [ClassView.of(entry, class_name(names, entry["index"])) for entry in self.meta.get("classes", [])]
+        return [ClassView.of(entry, class_name(names, entry["index"])) for entry in self.class_records]
 
     @_python_door
     def certify(self, data, *, images_per_class: Optional[int] = None, batch_size: int = BATCH_SIZE,
@@ -901,18 +900,18 @@ class DecomposedRun(Run):
 
     def summary(self) -> str:
         """The run in a few lines: model, classes and k, certificate, warnings."""
-        shape = f"k = {self.k}" if not self.meta.get("config", {}).get("auto_k") else f"k up to {self.k}"
-        arch = self.meta.get("model", {}).get("arch") or (self.session.loaded.arch if self.session else "?")
+        shape = f"k = {self.k}" if not self.settings.get("auto_k") else f"k up to {self.k}"
+        arch = self.model_info.get("arch") or (self.session.loaded.arch if self.session else "?")
         lines = [f"phpn run: {len(self.class_indices)} classes × {shape} prototypes of {arch}"
                  + (f", saved at {self.path}" if self.path else ""),
-                 f"certificate: {format_certificate(self.meta.get('certificate'))}"]
+                 f"certificate: {format_certificate(self.recorded_certificate)}"]
         lines += [f"WARNING ({w.kind}): {w}" for w in self.warnings]
         return "\n".join(lines)
 
     def __repr__(self) -> str:
         found = f", {len(self.warnings)} warning(s): {', '.join(w.kind for w in self.warnings)}" if self.warnings \
             else ""
-        cert = format_certificate(self.meta.get("certificate"), short=True)
+        cert = format_certificate(self.recorded_certificate, short=True)
         return f"<phpn.Run {len(self.class_indices)} classes × k = {self.k} · {cert}{found}>"
 
     __str__ = summary
@@ -1044,10 +1043,9 @@ def model_source(run: Run, *, allowed: Optional[Callable[[Path], bool]] = None, 
     it is not here: a demo's name, else the checkpoint the run records, when that file exists and
     ``allowed(path)`` (default: any file). ``workspace``: where a visitor's ``my files/…`` paths
     lie. A model that needs its own code (a model file) is offered only with ``code``."""
-    meta = run.meta
-    if meta.get("demo"):
-        return {"demo": meta["demo"]}
-    model = meta.get("model", {})
+    if run.demo:
+        return {"demo": run.demo}
+    model = run.model_info
     allowed = allowed or (lambda path: True)
     recorded = model.get("app_load")
     if isinstance(recorded, dict) and recorded.get("checkpoint"):
@@ -1070,7 +1068,7 @@ def model_source(run: Run, *, allowed: Optional[Callable[[Path], bool]] = None, 
     path = Path(str(source))
     if not path.is_file() or not allowed(path):
         return None
-    spec = {"checkpoint": str(path), "preprocess": meta.get("preprocess"),
+    spec = {"checkpoint": str(path), "preprocess": run.preprocess_info or None,
             "class_names": model.get("class_names"), "feature_layer": model.get("feature_layer") or None,
             "head_layer": model.get("head_layer") or None}
     return {k: v for k, v in spec.items() if v is not None}
@@ -1078,7 +1076,7 @@ def model_source(run: Run, *, allowed: Optional[Callable[[Path], bool]] = None, 
 
 def missing_model(run: Run, where: str = "here") -> ConfigError:
     """The one message for a run whose model is not ``where``: which file it was, and what to do."""
-    recorded = run.meta.get("model", {})
+    recorded = run.model_info
     name = ((recorded.get("origin") or {}).get("name")  # an upload's own name
             or Path(str(recorded.get("source") or "the model file")).name)
     return ConfigError(f"This run was made from {name} (sha256 {run.checkpoint_sha256[:12]}…), which is not {where}.",
@@ -1095,7 +1093,7 @@ def open_run(path, model=None, *, require_model: bool = False, **open_options) -
     the run's class names when it has none. With no model found, the run opens for reading and
     saving only, or, with ``require_model``, the reason is raised (:func:`missing_model`)."""
     run = read_run(path)
-    recorded = run.meta.get("preprocess", {})
+    recorded = run.preprocess_info
     if isinstance(model, ModelSession):
         session = model
     else:
@@ -1114,7 +1112,7 @@ def open_run(path, model=None, *, require_model: bool = False, **open_options) -
             open_options["preprocess"] = Preprocess.from_dict(recorded)
         session = open_model(model, **open_options)
     run = _check_run_for(session, run)
-    names = run.meta.get("model", {}).get("class_names")
+    names = run.model_info.get("class_names")
     if names and not session.loaded.class_names:  # the run named the classes (after its folders)
         session.loaded = replace(session.loaded, class_names=list(names))
     return DecomposedRun.attach(run, session, checked=True)
@@ -1143,7 +1141,7 @@ def run_image_root(run: Run, also: Sequence = (), allowed=None, class_index: Opt
     (of ``class_index``, the class being shown, so that no other class's shard is read; default:
     the first class that has one).
     """
-    label = str(run.meta.get("data", {}).get("root") or "")
+    label = str(run.data_info.get("root") or "")
     candidates = []
     if label.startswith("demo:"):
         try:
@@ -1153,7 +1151,7 @@ def run_image_root(run: Run, also: Sequence = (), allowed=None, class_index: Opt
     elif label:
         candidates.append(Path(label))
     candidates += [Path(p) for p in also]
-    records = [run.class_meta(class_index)] if class_index is not None else run.meta.get("classes", [])
+    records = [run.class_meta(class_index)] if class_index is not None else run.class_records
     probe = next((patches[0]["path"] for entry in records for patches in entry.get("top_patches", []) if patches),
                  None)
     for root in candidates:
@@ -1232,7 +1230,7 @@ def explain_to_folder(session: ModelSession, run: Run, sources: Sequence, out, *
     taken, explained, skipped = set(), [], []
     summary = {"run": str(run.path) if run.path else None, "images": len(images), "class": class_index,
                "formats": list(formats), "complete": False, "explained": explained, "skipped": skipped,
-               "certificate": run.meta.get("certificate")}
+               "certificate": run.recorded_certificate}
     write_atomic(out / EXPLANATIONS_SUMMARY, json.dumps(summary, indent=1))
     written = time.monotonic()
     report(progress, "explain", 0, len(images))

@@ -141,33 +141,33 @@ def cmd_discover(args) -> int:
         return 0
     path = save_run(run, args.out, overwrite=args.overwrite)
     discard_progress(progress_dir_for(args.out))
-    cert = run.meta.get("certificate", {})
-    t = run.meta["timings"]
-    obj = {"run": str(path), "classes": len(run.meta["classes"]), "k": run.k, "timings": t, "certificate": cert,
-           "skipped": run.meta["data"]["skipped"], "chance_warning": _warn_if_chance(cert)}
+    cert = run.recorded_certificate or {}
+    t = run.timings
+    obj = {"run": str(path), "classes": len(run.class_records), "k": run.k, "timings": t, "certificate": cert,
+           "skipped": run.data_info["skipped"], "chance_warning": _warn_if_chance(cert)}
     from phpn.method.part_metrics import part_metrics_summary
 
-    fid = [f for c in run.meta["classes"] for f in c["fidelity"]]
-    ks = [c.get("k", run.k) for c in run.meta["classes"]]
-    obj["k_per_class"] = {c["index"]: k for c, k in zip(run.meta["classes"], ks)}
+    fid = [f for c in run.class_records for f in c["fidelity"]]
+    ks = [c.get("k", run.k) for c in run.class_records]
+    obj["k_per_class"] = {c["index"]: k for c, k in zip(run.class_records, ks)}
     shape = (f"{run.k} prototypes" if min(ks) == max(ks) else
              f"{min(ks)} to {max(ks)} prototypes ({sum(ks)} in all, each class's k at its elbow)")
-    text = (f"saved {path}: {len(run.meta['classes'])} classes x {shape} in {t['total_s']:.1f}s "
+    text = (f"saved {path}: {len(run.class_records)} classes x {shape} in {t['total_s']:.1f}s "
             f"(waiting for images {t['decode_wait_s']:.1f}s, features {t['features_s']:.1f}s, "
             f"NMF {t['nmf_s']:.1f}s, refinement {t['refine_s']:.1f}s, certificate {t['certify_s']:.1f}s)\n"
             f"map fidelity: median {sorted(fid)[len(fid) // 2]:.3f}, min {min(fid):.3f}\n"
-            f"{part_metrics_summary(run.meta['classes'])}\n"
+            f"{part_metrics_summary(run.class_records)}\n"
             f"certificate: {_cert_text(cert)}")
-    held = run.meta.get("certificate_held_out")
+    held = run.held_out_certificate
     if held:
         obj["certificate_held_out"] = held
         obj["chance_warning"] = obj["chance_warning"] or _warn_if_chance(held)
         text += f"\nheld-out certificate: {_cert_text(held)}"
-    if run.meta["data"]["skipped"]:
-        text += f"\nskipped {len(run.meta['data']['skipped'])} unreadable files (see run.json)"
+    if run.data_info["skipped"]:
+        text += f"\nskipped {len(run.data_info['skipped'])} unreadable files (see run.json)"
     from phpn.images.folders import describe_class_mapping
 
-    obj["class_mapping"] = run.meta["data"].get("class_mapping", {})
+    obj["class_mapping"] = run.data_info.get("class_mapping", {})
     text += "\n" + describe_class_mapping(obj["class_mapping"])
     _emit(args, obj, text)
     return 0
@@ -199,7 +199,7 @@ def _run_session(args):
                    model_def=args.model_def, trust_pickle=args.trust_pickle, num_classes=args.num_classes,
                    class_names=names, feature_layer=args.feature_layer, head_layer=args.head_layer,
                    overrides=_overrides(args))
-    if "given" in run.meta["preprocess"]:
+    if "given" in run.preprocess_info:
         raise PhpnError("This run was decomposed in Python from images preprocessed there.",
                         "Open it with phpn.open_run(path, model) in Python.")
     return run.session, run, run.lazy_network(run.session.split)
@@ -225,8 +225,8 @@ def cmd_verify(args) -> int:
     start = time.perf_counter()
     run = verify_run(args.run)  # every shard read and checked; any failure is a RunError
     seconds = time.perf_counter() - start
-    shards = run.meta.get("shards")  # format 2: a head file and two files a shard; format 1: one tensors file
-    obj = {"run": str(args.run), "format_version": run.meta["format_version"], "classes": len(run.class_indices),
+    shards = run.shard_index  # format 2: a head file and two files a shard; format 1: one tensors file
+    obj = {"run": str(args.run), "format_version": run.format_version, "classes": len(run.class_indices),
            "k": run.k, "files_checked": 1 + 2 * len(shards) if shards is not None else 1,
            "seconds": round(seconds, 3)}
     _emit(args, obj, f"{args.run}: format {obj['format_version']}, {obj['classes']} classes × k = {run.k}; every "
@@ -252,7 +252,7 @@ def cmd_explain(args) -> int:
     class_index = None
     if args.class_ is not None:
         class_index = find_class(args.class_, session.class_names)
-    warning = _warn_if_chance(run.meta.get("certificate"))
+    warning = _warn_if_chance(run.recorded_certificate)
     if args.out is not None:
         return _explain_to_folder(args, session, run, network, class_index)
     if len(args.images) != 1 or args.images[0].is_dir():

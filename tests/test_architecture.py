@@ -145,3 +145,49 @@ def test_pages_reach_the_library_through_its_door():
         local = [n.lineno for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) and id(n) not in top
                  and not (isinstance(n, ast.Import) and n.names[0].name.startswith("plotly"))]
         assert not local, f"{page.name}: imports inside blocks at lines {local} (only optional plotly may be)"
+
+
+# Files whose ``.meta`` is not a run's: torch.fx nodes' metadata (shapes, module stacks) and
+# torchvision weights' metadata (class names).
+OTHER_METAS = {
+    "phpn/models/split/walk.py": "torch.fx node.meta['nn_module_stack']",
+    "phpn/models/split/plan.py": "torch.fx node.meta['tensor_meta']",
+    "phpn/models/zoo.py": "torchvision weights.meta['categories']",
+    "phpn/demos/lite0_photos.py": "torchvision weights.meta['categories']",
+}
+
+
+def _meta_key_reads(source: str) -> list:
+    """Lines that read a key of something's ``.meta``: ``x.meta[...]`` or ``x.meta.get(...)``."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Subscript):
+            inner = node.value
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get":
+            inner = node.func.value
+        else:
+            continue
+        if isinstance(inner, ast.Attribute) and inner.attr == "meta":
+            found.append(node.lineno)
+    return sorted(found)
+
+
+def test_the_meta_key_finder_sees_subscripts_and_gets():
+    source = 'a = run.meta["certificate"]\nb = r.meta.get("classes", [])\nrun.meta["demo"] = 1\nc = run.settings["k"]\n'
+    assert _meta_key_reads(source) == [1, 2, 3]
+
+
+def test_only_phpn_runs_reads_run_json_by_its_keys():
+    """Outside phpn.runs a run's record is read through Run's named properties (run.settings,
+    run.recorded_certificate, run.class_records…), so that run.json's layout has one home."""
+    files = [p for p in (ROOT / "phpn").rglob("*.py") if "runs" not in p.relative_to(ROOT / "phpn").parts[:1]]
+    files += sorted((ROOT / "pages").glob("*.py"))
+    offenders = []
+    for path in files:
+        where = path.relative_to(ROOT).as_posix()
+        if where in OTHER_METAS:
+            continue
+        offenders += [f"{where}:{line}" for line in _meta_key_reads(path.read_text(encoding="utf-8"))]
+    assert not offenders, f"run.json read by its keys outside phpn.runs (use Run's properties): {offenders}"
+    for where in OTHER_METAS:  # the allow-list names files that still need it
+        assert _meta_key_reads((ROOT / where).read_text(encoding="utf-8")), f"{where} no longer needs its exception"

@@ -127,12 +127,12 @@ def test_the_labelled_sets_on_offer_put_the_held_out_images_first(tmp_path):
     from phpn.pipeline.mistakes import HELD_OUT_IMAGES, LOADED_IMAGES, SERVER_FOLDER, UPLOADED_FOLDER, labelled_sets
 
     held, loaded = tmp_path / "held", tmp_path / "train"
-    sets = labelled_sets(held, loaded, loaded_label="demo:x", run_meta={"data": {"root": "demo:x"}})
+    sets = labelled_sets(held, loaded, loaded_label="demo:x", run_root="demo:x")
     assert [s.choice for s in sets] == [HELD_OUT_IMAGES, LOADED_IMAGES, UPLOADED_FOLDER, SERVER_FOLDER]
     assert [(s.root, s.words, s.discovery) for s in sets] == [
         (held, "the demo's held-out images", False), (loaded, "the discovery images (loaded on Model & data)", True),
         (None, "an uploaded labelled folder", False), (None, "a labelled folder on this server", False)]
-    other = labelled_sets(None, loaded, loaded_label="/data/test", run_meta={"data": {"root": "demo:x"}}, upload=False)
+    other = labelled_sets(None, loaded, loaded_label="/data/test", run_root="demo:x", upload=False)
     assert [(s.choice, s.words, s.discovery) for s in other] == [
         (LOADED_IMAGES, "the images loaded on Model & data", False),  # not the run's discovery images
         (SERVER_FOLDER, "a labelled folder on this server", False)]

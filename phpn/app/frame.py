@@ -167,10 +167,10 @@ def sidebar() -> None:
         run = current_run()
         if run is not None:
             r = run.run
-            st.caption(f"Run: {len(r.meta.get('classes', []))} classes × k = {r.k_label} ({run.origin}); "
-                       f"certificate {certificate_line(r.meta.get('certificate'))}")
+            st.caption(f"Run: {len(r.class_records)} classes × k = {r.k_label} ({run.origin}); "
+                       f"certificate {certificate_line(r.recorded_certificate)}")
 
-            if chance_warning(r.meta.get("certificate")):
+            if chance_warning(r.recorded_certificate):
                 st.error("The model is near chance on the labelled images: its preprocessing is probably wrong. "
                          "See Discover → Check preprocessing.", icon=":material/warning:")
             if run.saved_to:

@@ -100,7 +100,7 @@ def open_run_zip(uploaded) -> tuple:
 
 def _reopen_data(run, folder=None) -> None:
     """The image folder the run was made from, scanned again when this visitor may read it."""
-    recorded = run.meta.get("data", {})
+    recorded = run.data_info
     recorded_folder = recorded.get("app_folder") or {}
     root = str(recorded_folder.get("root") or recorded.get("root", ""))
     if current_data() is not None or not root or root.startswith("demo:"):
@@ -109,7 +109,7 @@ def _reopen_data(run, folder=None) -> None:
     path = resolve_portable(root, _files_of(folder))  # 'my files/…': this visitor's workspace (a share: its owner's)
     if path is None or not path.is_dir() or not readable_for(folder, path):
         return
-    config = run.meta.get("config", {})
+    config = run.settings
     cap = recorded_folder.get("cap", config.get("images_per_class"))
     seed = int(recorded_folder.get("seed", config.get("seed", 0)) or 0)
     data = scan_data(current_model(), path, cap, seed)

@@ -260,7 +260,7 @@ def peak_distances(stacked: StackedMaps, dataset, preprocess, by_set: dict, batc
 
 
 def _fidelity(run) -> Optional[float]:
-    vals = [f for c in run.meta.get("classes", []) for f in c.get("fidelity", [])]
+    vals = [f for c in run.class_records for f in c.get("fidelity", [])]
     return float(np.median(vals)) if vals else None
 
 
@@ -462,7 +462,7 @@ def run_parts_benchmark(size: str = "small", out_dir=None, *, k: int = 3, seed: 
                 row_entry = {"name": name, "scores": dict(one), "interpretability": res,
                              "interpretability_bilinear": res_bl}
                 if run is not None:
-                    row_entry["negative_alpha"] = int(sum(c["negative_alpha"] for c in run.meta["classes"]))
+                    row_entry["negative_alpha"] = int(sum(c["negative_alpha"] for c in run.class_records))
                 if deletion:
                     explainer = (NetworkExplainer(run.network(split).eval()) if run is not None
                                  else PrototypeExplainer(split, prototypes, classes))

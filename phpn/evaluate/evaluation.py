@@ -222,7 +222,7 @@ def evaluate_run(run, split, preprocess: Preprocess, data_root, parts_root=None,
     if data_root is not None and is_cub_layout(data_root):
         images = _Images(parts, data_root, None, preprocess)
     elif data_root is not None:
-        folder = scan_image_folder(data_root, class_names=run.meta.get("model", {}).get("class_names"),
+        folder = scan_image_folder(data_root, class_names=run.model_info.get("class_names"),
                                    num_classes=split.num_classes, images_per_class=p["images_per_class"],
                                    seed=p["seed"])
         images = _Images(None, data_root, folder, preprocess)
@@ -293,7 +293,7 @@ def evaluate_run(run, split, preprocess: Preprocess, data_root, parts_root=None,
         "kind": "phpn-evaluation",
         "version": 1,
         "run": {"path": str(run.path) if run.path else None, "classes": len(classes), "k": run.k,
-                "settings": run.meta.get("settings", run.meta.get("config"))},
+                "settings": run.settings or None},
         "data_root": str(data_root) if data_root is not None else None,
         "parts_root": str(parts_root) if parts_root is not None else None,
         "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in p.items()},

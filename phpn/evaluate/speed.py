@@ -224,11 +224,11 @@ def run_end_to_end(quick: bool = False, device: str = "auto", classes: int = 0, 
         save_run(run, tmp / "run")
         save_s = time.perf_counter() - t0
 
-    t = run.meta["timings"]
+    t = run.timings
     feature_stage_s = t["decode_wait_s"] + t["features_s"]
     stages = {"decode (waiting on the workers)": t["decode_wait_s"], "features + logits (model)": t["features_s"],
               "NMF": t["nmf_s"], "refinement": t["refine_s"], "certificate": t["certify_s"], "save": save_s}
-    cert = run.meta["certificate"]
+    cert = run.recorded_certificate
     return {
         "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
         "torch_threads": torch.get_num_threads(),

@@ -192,7 +192,7 @@ def _overlap_matrix(run_a, run_b, c: int, ka: int, kb: int, crop_a, crop_b) -> n
 
 def _crop(run, pre):
     """The input side the run's patch boxes are measured in (None: not known; boxes as they are)."""
-    return getattr(pre, "crop", None) or run.meta.get("preprocess", {}).get("crop")
+    return getattr(pre, "crop", None) or run.preprocess_info.get("crop")
 
 
 def _value(matrix, i: int, j: int):
@@ -207,7 +207,7 @@ def check_comparable(run_a, run_b) -> list:
     if ca != cb:
         raise ConfigError(f"The runs cannot be compared: their models have different classes ({ca} and {cb}).",
                           "Compare runs of models trained on the same classes.")
-    names_a, names_b = run_a.meta.get("model", {}).get("class_names"), run_b.meta.get("model", {}).get("class_names")
+    names_a, names_b = run_a.model_info.get("class_names"), run_b.model_info.get("class_names")
     if names_a and names_b and [str(n).lower() for n in names_a] != [str(n).lower() for n in names_b]:
         first = next(i for i, (x, y) in enumerate(zip(names_a, names_b)) if str(x).lower() != str(y).lower())
         raise ConfigError(f"The runs cannot be compared: their models have different classes (class {first} is "
@@ -221,7 +221,7 @@ def check_comparable(run_a, run_b) -> list:
 
 
 def _same_feature_space(run_a, split_a, run_b, split_b) -> bool:
-    ma, mb = run_a.meta.get("model", {}), run_b.meta.get("model", {})
+    ma, mb = run_a.model_info, run_b.model_info
     return (bool(run_a.checkpoint_sha256) and run_a.checkpoint_sha256 == run_b.checkpoint_sha256
             and ma.get("feature_layer") == mb.get("feature_layer") and split_a.num_features == split_b.num_features)
 

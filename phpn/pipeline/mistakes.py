@@ -176,18 +176,17 @@ class LabelledSet:
     discovery: bool = False  # the images the run's prototypes were found on: an optimistic accuracy
 
 
-def labelled_sets(held_out=None, loaded=None, *, loaded_label: str = "", run_meta: Optional[dict] = None,
+def labelled_sets(held_out=None, loaded=None, *, loaded_label: str = "", run_root: Optional[str] = None,
                   upload: bool = True, server: bool = True) -> list:
     """The labelled sets on offer, held-out images first (the default: a number measured on images
     discovery did not see is the fair one). ``held_out``: the demo's held-out folder; ``loaded``:
-    the folder loaded on Model & data, recorded in runs as ``loaded_label``: with ``run_meta``
-    (the run's record) it is known to be the run's discovery images when the run names it."""
+    the folder loaded on Model & data, recorded in runs as ``loaded_label``: with ``run_root``
+    (the image folder the run records) it is known to be the run's discovery images when they match."""
     sets = []
     if held_out is not None:
         sets.append(LabelledSet(HELD_OUT_IMAGES, Path(held_out), "the demo's held-out images"))
     if loaded is not None:
-        recorded = ((run_meta or {}).get("data") or {}).get("root")
-        discovery = bool(loaded_label) and recorded == loaded_label
+        discovery = bool(loaded_label) and run_root == loaded_label
         sets.append(LabelledSet(LOADED_IMAGES, Path(loaded), "the discovery images (loaded on Model & data)"
                                 if discovery else "the images loaded on Model & data", discovery))
     if upload:

@@ -138,6 +138,81 @@ class Run:
         return RunRecord.from_dict({key: value for key, value in self.meta.items() if key != "classes"},
                                    where=str(self.path) if self.path is not None else None)
 
+    # run.json's sections by name, as plain values (the objects ``meta`` holds, unchecked and
+    # cheap: pages read them on every rerun; a section absent or null reads as {} or None), so
+    # that only phpn.runs knows run.json's keys.
+
+    @property
+    def created(self) -> Optional[str]:
+        """When discovery finished (ISO 8601, UTC), or None."""
+        return self.meta.get("created")
+
+    @property
+    def model_info(self) -> dict:
+        """The model the run decomposed (arch, sha256, source, class names, cut, diagnosis…), or {}."""
+        return self.meta.get("model") or {}
+
+    @property
+    def preprocess_info(self) -> dict:
+        """The recorded preprocessing (``Preprocess.to_dict()``, or ``{given, …}`` for tensors), or {}."""
+        return self.meta.get("preprocess") or {}
+
+    @property
+    def data_info(self) -> dict:
+        """The images discovery read (root, skipped, class_mapping…), or {}."""
+        return self.meta.get("data") or {}
+
+    @property
+    def settings(self) -> dict:
+        """The discovery settings (``DiscoveryConfig.to_dict()``), or {}."""
+        return self.meta.get("config") or {}
+
+    @property
+    def timings(self) -> dict:
+        """Seconds per stage of discovery, or {}."""
+        return self.meta.get("timings") or {}
+
+    @property
+    def device(self) -> Optional[str]:
+        """The device discovery ran on, or None."""
+        return self.meta.get("device")
+
+    @property
+    def demo(self) -> Optional[str]:
+        """The demo the run was made from, or None."""
+        return self.meta.get("demo")
+
+    @property
+    def recorded_certificate(self) -> Optional[dict]:
+        """The certificate recorded at discovery (on the discovery images) as a dict, or None."""
+        return self.meta.get("certificate")
+
+    @property
+    def held_out_certificate(self) -> Optional[dict]:
+        """The certificate on the held-out images as a dict, or None."""
+        return self.meta.get("certificate_held_out")
+
+    @property
+    def class_records(self) -> Sequence:
+        """Every decomposed class's record, in the run's order (a run opened lazily reads them
+        shard by shard as they are iterated); :meth:`class_meta` reads one class's only."""
+        return self.meta.get("classes", [])
+
+    @property
+    def format_version(self) -> Optional[int]:
+        """The run.json format the run was saved in (None before it is saved)."""
+        return self.meta.get("format_version")
+
+    @property
+    def shard_index(self) -> Optional[list]:
+        """Format 2: the run's shards (files, checksums, the classes each holds); None otherwise."""
+        return self.meta.get("shards")
+
+    def note_model(self, *, demo: Optional[str], diagnosis: dict) -> None:
+        """Record the demo the model came from and how it was read as features + linear head."""
+        self.meta["demo"] = demo
+        self.meta.setdefault("model", {})["diagnosis"] = diagnosis
+
     @property
     def class_names(self) -> list:
         return class_names_or_indices(self.record.class_names, self.head_bias.shape[0])

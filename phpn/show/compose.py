@@ -133,7 +133,7 @@ def provenance(explanation, run, *, image_name: Optional[str] = None, model_labe
 
     rows = [("Image", image_name or getattr(e, "source", "") or "an image without a name")]
     if run is not None:
-        model = run.meta.get("model", {})
+        model = run.model_info
         if model_label is None:  # a run made in the app: the upload's own name and how it was loaded
             model_label = origin_words(model) or None
         if run_label is None:
@@ -141,7 +141,7 @@ def provenance(explanation, run, *, image_name: Optional[str] = None, model_labe
             run_label = f"{where}" if where else "not saved"
         rows += [("Model", f"{model_label + ' · ' if model_label else ''}{model.get('arch', '?')}, sha256 "
                            f"{str(model.get('sha256', ''))[:12]}…"),
-                 ("Run", f"{run_label} · made {run.meta.get('created', '?')} · k = {run.k_label}")]
+                 ("Run", f"{run_label} · made {run.created or '?'} · k = {run.k_label}")]
     top_class, _, _, top_p = e.top[0]
     rows.append(("Predicted class", f"{named(top_class)}, probability {100 * top_p:.1f}%"))
     explained = named(e.class_index)
@@ -152,7 +152,7 @@ def provenance(explanation, run, *, image_name: Optional[str] = None, model_labe
         verdict = "the model is right" if int(true_class) == top_class else "the model is WRONG on this image"
         rows.append(("Labelled class", f"{named(int(true_class))}: {verdict}"))
     if run is not None:
-        rows.append(("Certificate", format_certificate(run.meta.get("certificate"))))
+        rows.append(("Certificate", format_certificate(run.recorded_certificate)))
     return rows
 
 
@@ -210,7 +210,7 @@ def compose_explanation(explanation, run=None, *, notes=None, image_root=None, p
     """
     e = explanation
     if preprocess is None and run is not None:
-        preprocess = Preprocess.from_dict(run.meta["preprocess"])
+        preprocess = Preprocess.from_dict(run.preprocess_info)
     if seen is None and image_root is not None and preprocess is not None:
         def seen(path):
             return seen_image(image_root, path, preprocess)
@@ -242,7 +242,7 @@ def compose_explanation(explanation, run=None, *, notes=None, image_root=None, p
         image_name=rows[0][1],
         equation=(f"logit {e.logit:.3f} = bias {e.bias:.3f} + Σ prototype contributions "
                   f"{float(np.sum(e.contributions)):.3f}"),
-        chance_warning=chance_warning(run.meta.get("certificate")) if run is not None else None,
+        chance_warning=chance_warning(run.recorded_certificate) if run is not None else None,
         provenance=tuple(rows), overview=overview, legend=tuple(zip(labels, colors)),
         top=tuple(tuple(t) for t in e.top), waterfall=waterfall(e.bias, e.contributions, e.logit, labels, colors),
         prototypes=prototypes, patches_note=NO_TRAINING_IMAGES if seen is None and run is not None else None,

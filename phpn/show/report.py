@@ -122,7 +122,7 @@ def class_report(run, class_index: int, *, image_root=None, preprocess=None, net
                  patch_size: int = 112, similar_top: int = 3, notes=None, audit=None) -> str:
     """HTML report of one class's prototypes (see module doc); with ``audit``
     (:class:`phpn.pipeline.audit.Audit` or its dict), a short Audit section on the class."""
-    preprocess = preprocess or Preprocess.from_dict(run.meta["preprocess"])
+    preprocess = preprocess or Preprocess.from_dict(run.preprocess_info)
     meta = run.class_meta(class_index)
     names = run.class_names
     name = class_name(names, class_index)
@@ -141,12 +141,12 @@ def class_report(run, class_index: int, *, image_root=None, preprocess=None, net
             maps_block[i] = [(viz.prototype_overlay(viz.enlarge(p, 112), m[i], 0.6, colors=[colors[i]]),
                               f"full colour = {viz.own_scale(m[i]):.3g}") for p, m in zip(pictures, maps)]
 
-    model = run.meta.get("model", {})
+    model = run.model_info
     body = [f"<h1>{_esc(name)} — {k} part-prototypes</h1>",
             f'<p class="meta">Model {_esc(model.get("arch", "?"))}{_esc(_origin(model))} '
             f'(sha256 {_esc(model.get("sha256", "")[:12])}…), '
-            f'class {class_index}, {meta.get("images", "?")} discovery images, run made {_esc(run.meta.get("created", "?"))}.</p>',
-            "<h2>Exactness</h2>", _certificate_html(run.meta.get("certificate")),
+            f'class {class_index}, {meta.get("images", "?")} discovery images, run made {_esc(run.created or "?")}.</p>',
+            "<h2>Exactness</h2>", _certificate_html(run.recorded_certificate),
             '<p class="note">The prototypes of a class sum exactly to its row of the classifier head, so the '
             "decomposed network gives the same logits as the original model. Each prototype's contribution to an "
             "image's logit is the mean of its map over the feature grid.</p>",
