@@ -158,12 +158,14 @@ OTHER_METAS = {
 
 
 def _meta_key_reads(source: str) -> list:
-    """Lines that read a key of something's ``.meta``: ``x.meta[...]`` or ``x.meta.get(...)``."""
+    """Lines that read or write a key of something's ``.meta``: ``x.meta[...]``, ``x.meta.get(...)``,
+    ``.setdefault``, ``.pop`` or ``.update``."""
     found = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Subscript):
             inner = node.value
-        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get":
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                and node.func.attr in ("get", "setdefault", "pop", "update"):
             inner = node.func.value
         else:
             continue
@@ -173,8 +175,9 @@ def _meta_key_reads(source: str) -> list:
 
 
 def test_the_meta_key_finder_sees_subscripts_and_gets():
-    source = 'a = run.meta["certificate"]\nb = r.meta.get("classes", [])\nrun.meta["demo"] = 1\nc = run.settings["k"]\n'
-    assert _meta_key_reads(source) == [1, 2, 3]
+    source = ('a = run.meta["certificate"]\nb = r.meta.get("classes", [])\nrun.meta["demo"] = 1\nc = run.settings["k"]\n'
+              'run.meta.setdefault("data", {})\n')
+    assert _meta_key_reads(source) == [1, 2, 3, 5]
 
 
 def test_only_phpn_runs_reads_run_json_by_its_keys():

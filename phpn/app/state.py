@@ -365,17 +365,17 @@ def _record_how_the_model_was_loaded(run, entry: ModelEntry) -> None:
     own name, how it was loaded). Files in the visitor's workspace are written 'my files/…':
     a saved or exported run holds no server path of theirs."""
     spec = copy.deepcopy(entry.spec)
-    model = run.meta.setdefault("model", {})
+    app_load = origin = app_folder = None
     if spec and not spec.get("demo"):  # the origin is recorded once, as model.origin below
-        model.setdefault("app_load", recorded_load({k: v for k, v in spec.items() if k != "origin"}, workspace().path))
-    origin = model_origin("demo", name=spec["demo"]) if spec.get("demo") else spec.get("origin")
-    if origin and model.get("sha256") == entry.session.loaded.sha256:
-        model.setdefault("origin", {**origin, "sha256": entry.session.loaded.sha256})
+        app_load = recorded_load({k: v for k, v in spec.items() if k != "origin"}, workspace().path)
+    found = model_origin("demo", name=spec["demo"]) if spec.get("demo") else spec.get("origin")
+    if found and run.model_info.get("sha256") == entry.session.loaded.sha256:
+        origin = {**found, "sha256": entry.session.loaded.sha256}
     data = current_data()
-    recorded = run.meta.setdefault("data", {})
-    if data is not None and data.kind != "demo" and recorded.get("root") == data.label:
-        recorded.setdefault("app_folder", {"root": portable_path(data.data.root, workspace().path), "kind": data.kind,
-                                           "cap": data.cap, "seed": data.seed})
+    if data is not None and data.kind != "demo" and run.data_info.get("root") == data.label:
+        app_folder = {"root": portable_path(data.data.root, workspace().path), "kind": data.kind, "cap": data.cap,
+                      "seed": data.seed}
+    run.note_loading(app_load=app_load, origin=origin, app_folder=app_folder)
 
 
 def image_root_for_run(run, class_index: Optional[int] = None) -> Optional[Path]:

@@ -213,6 +213,18 @@ class Run:
         self.meta["demo"] = demo
         self.meta.setdefault("model", {})["diagnosis"] = diagnosis
 
+    def note_loading(self, *, app_load: Optional[dict] = None, origin: Optional[dict] = None,
+                     app_folder: Optional[dict] = None) -> None:
+        """Record how the app loaded the model and its images (kept when already there), so
+        that a saved run can reopen them: ``app_load`` and ``origin`` in the model section,
+        ``app_folder`` in the data section."""
+        model = self.meta.setdefault("model", {})
+        for key, value in (("app_load", app_load), ("origin", origin)):
+            if value is not None:
+                model.setdefault(key, value)
+        if app_folder is not None:
+            self.meta.setdefault("data", {}).setdefault("app_folder", app_folder)
+
     @property
     def class_names(self) -> list:
         return class_names_or_indices(self.record.class_names, self.head_bias.shape[0])
