@@ -52,9 +52,12 @@ def test_unsaved_notes_ask_before_a_reload_and_saved_ones_do_not(unsaved_page):
 
     _main(pg).get_by_text("Your notes: name, describe and flag this prototype").first.click()
     form = pg.locator("[data-testid='stForm']").first
+    form.get_by_label("Name").wait_for()  # the expander open and the page settled before typing
+    _idle(pg)
     form.get_by_label("Name").fill("strap")
     form.get_by_role("button", name="Save the note").click()
-    _main(pg).get_by_text("Note kept for this session", exact=False).wait_for()  # the demo run is read-only
+    # the demo run is read-only (a loaded machine may take long to rerun the page)
+    _main(pg).get_by_text("Note kept for this session", exact=False).wait_for(timeout=180_000)
     _idle(pg)
     _reload(pg, dialogs)
     assert dialogs == ["beforeunload"]
