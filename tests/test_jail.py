@@ -7,6 +7,7 @@ comes on "real" batches), and reports what happened in the error it raises.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import socket
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TinyNet
 
 from phpn.app.serving import (
     JailedModel,
@@ -469,20 +471,8 @@ def test_uploads_held_in_memory_are_counted():
         pass
 
 
-TINY = '''
-from torch import nn
-
-
-class TinyNet(nn.Module):
-    def __init__(self, num_classes: int = 4, channels: int = 8):
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.ReLU(),
-                                      nn.Conv2d(channels, channels, 3, stride=2, padding=1), nn.ReLU())
-        self.fc = nn.Linear(channels, num_classes)
-
-    def forward(self, x):
-        return self.fc(self.features(x).mean((2, 3)))
-'''
+# The shared tiny model (conftest.TinyNet), as a model definition file a visitor would upload.
+TINY = "from torch import nn\n\n\n" + inspect.getsource(TinyNet)
 
 
 @pytest.mark.slow
@@ -492,10 +482,8 @@ def test_discovery_and_explanation_through_the_worker_match_the_model_in_process
     from phpn.app.serving import open_jailed_session, stop_jailed  # noqa: PLC0415 - as above
 
     (tmp_path / "tiny.py").write_text(TINY)
-    namespace = {}
-    exec(TINY, namespace)  # noqa: S102 - the test's own code
     torch.manual_seed(0)
-    torch.save(namespace["TinyNet"]().eval().state_dict(), tmp_path / "w.pt")
+    torch.save(TinyNet().eval().state_dict(), tmp_path / "w.pt")
     request = {"checkpoint": tmp_path / "w.pt", "model_def": f"{tmp_path / 'tiny.py'}:TinyNet",
                "overrides": {"resize": 16, "crop": 16}}
     jailed = open_jailed_session(request, settings=ServerSettings(allow_code=True))

@@ -9,6 +9,7 @@ Timings are printed (``pytest -s``) and written to $PHPN_E2E_TIMINGS when that i
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -99,15 +100,28 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page(server):
+    with open_page(server) as pg:
+        yield pg
+
+
+@contextlib.contextmanager
+def open_page(url: str, *, timeout_ms: int = 60_000, on_request=None, **context_options):
+    """A Chromium page (1440 x 1300) opened at ``url`` in a browser of its own (its own cookies:
+    one visitor); ``on_request(url)`` sees every request from the first one on."""
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        context = browser.new_context(viewport={"width": 1440, "height": 1300}, device_scale_factor=1)
-        pg = context.new_page()
-        pg.set_default_timeout(60_000)
-        pg.goto(server)
-        yield pg
-        context.close()
-        browser.close()
+        context = browser.new_context(viewport={"width": 1440, "height": 1300}, device_scale_factor=1,
+                                      **context_options)
+        if on_request is not None:
+            context.on("request", lambda r: on_request(r.url))
+        try:
+            pg = context.new_page()
+            pg.set_default_timeout(timeout_ms)
+            pg.goto(url)
+            yield pg
+        finally:
+            context.close()
+            browser.close()
 
 
 def _idle(pg, quiet_s: float = 0.4, timeout: float = 60.0) -> None:

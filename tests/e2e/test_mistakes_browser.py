@@ -5,23 +5,15 @@ favicon or font from a CDN). Same server and skips as ``test_browser.py``."""
 from __future__ import annotations
 
 import pytest
-from test_browser import CHROMIUM, CHROMIUM_ARGS, _idle, _main, _nav, _shot, server, sync_api  # noqa: F401
+from test_browser import _idle, _main, _nav, _shot, open_page, server  # noqa: F401 - server: the page fixture's
 
 
 @pytest.fixture(scope="module")
 def watched_page(server):  # noqa: F811 - the fixture imported above
     """A page whose every request is recorded from the first one on."""
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        context = browser.new_context(viewport={"width": 1440, "height": 1300}, device_scale_factor=1)
-        requests = []
-        context.on("request", lambda r: requests.append(r.url))
-        pg = context.new_page()
-        pg.set_default_timeout(60_000)
-        pg.goto(server)
+    requests = []
+    with open_page(server, on_request=requests.append) as pg:
         yield pg, requests, server
-        context.close()
-        browser.close()
 
 
 def test_mistakes_first_and_nothing_fetched_from_the_internet(watched_page):

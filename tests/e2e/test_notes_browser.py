@@ -4,21 +4,13 @@ class and the note again; the note reaches the class report. Same server and ski
 from __future__ import annotations
 
 import pytest
-from test_browser import CHROMIUM, CHROMIUM_ARGS, _choose, _idle, _main, _nav, _shot, server, sync_api  # noqa: F401
+from test_browser import _choose, _idle, _main, _nav, _shot, open_page, server  # noqa: F401 - server: the page fixture's
 
 
 @pytest.fixture(scope="module")
 def notes_page(server):  # noqa: F811 - the fixture imported above
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        context = browser.new_context(viewport={"width": 1440, "height": 1300}, device_scale_factor=1,
-                                      accept_downloads=True)
-        pg = context.new_page()
-        pg.set_default_timeout(60_000)
-        pg.goto(server)
+    with open_page(server, accept_downloads=True) as pg:
         yield pg
-        context.close()
-        browser.close()
 
 
 def test_a_named_prototype_survives_a_reload_and_reaches_the_report(notes_page):

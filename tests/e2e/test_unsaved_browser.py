@@ -4,20 +4,13 @@ notes with it, a reload goes ahead without asking. Same server and skips as ``te
 from __future__ import annotations
 
 import pytest
-from test_browser import CHROMIUM, CHROMIUM_ARGS, _choose, _idle, _main, _nav, server, sync_api  # noqa: F401
+from test_browser import _choose, _idle, _main, _nav, open_page, server, sync_api  # noqa: F401 - server: the page fixture's
 
 
 @pytest.fixture(scope="module")
 def unsaved_page(server):  # noqa: F811 - the fixture imported above
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        context = browser.new_context(viewport={"width": 1440, "height": 1300}, device_scale_factor=1)
-        pg = context.new_page()
-        pg.set_default_timeout(60_000)
-        pg.goto(server)
+    with open_page(server) as pg:
         yield pg
-        context.close()
-        browser.close()
 
 
 def _reload(pg, dialogs: list) -> None:
