@@ -463,31 +463,34 @@ def as_data(session: ModelSession, data, images_per_class: Optional[int] = None,
                       "or a DataLoader yielding (images, labels).")
 
 
-def dataset_classes(data) -> Optional[list]:
-    """A dataset's class names (torchvision's ``classes``), looked for through a DataLoader and
-    through ``Subset``/``random_split`` wrappers (their ``.dataset``), or None."""
+def _wrapped(data, found):
+    """The first value ``found(layer)`` gives (not None) along a DataLoader and its ``Subset`` /
+    ``random_split`` wrappers (each one's ``.dataset``) down to the dataset, or None."""
     for _ in range(8):  # a Subset of a Subset of ... a dataset
-        names = getattr(data, "classes", None)
-        if isinstance(names, (list, tuple)) and names and all(isinstance(n, str) for n in names):
-            return list(names)
-        if not hasattr(data, "dataset"):
-            return None
+        value = found(data)
+        if value is not None or not hasattr(data, "dataset"):
+            return value
         data = data.dataset
     return None
+
+
+def dataset_classes(data) -> Optional[list]:
+    """A dataset's class names (torchvision's ``classes``), looked for through a DataLoader and
+    through ``Subset``/``random_split`` wrappers, or None."""
+    def names(layer):
+        value = getattr(layer, "classes", None)
+        ok = isinstance(value, (list, tuple)) and value and all(isinstance(n, str) for n in value)
+        return list(value) if ok else None
+
+    return _wrapped(data, names)
 
 
 def dataset_transform(data):
     """A dataset's own ``transform`` (torchvision's), looked for as :func:`dataset_classes` looks
     for its names, when it is deterministic (no random step: an augmenting transform would show
     a different picture on every call); else None."""
-    for _ in range(8):
-        transform = getattr(data, "transform", None)
-        if callable(transform):
-            return transform if is_deterministic(transform) else None
-        if not hasattr(data, "dataset"):
-            return None
-        data = data.dataset
-    return None
+    transform = _wrapped(data, lambda layer: t if callable(t := getattr(layer, "transform", None)) else None)
+    return transform if transform is not None and is_deterministic(transform) else None
 
 
 def _names_from_dataset(session: ModelSession, dataset) -> None:

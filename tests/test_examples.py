@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
-from make_notebook import cells, notebook  # noqa: E402
+from make_notebook import cells, execute, notebook  # noqa: E402
 
 
 def _sources(nb: dict) -> list:
@@ -106,10 +106,7 @@ def test_packaging_is_honest():
 def test_a_real_kernel_hears_about_labels_in_another_order(tmp_path):
     """In a Jupyter kernel, a live model on a Subset with labels one class off: the warning shows as
     the cell runs, the run's display names it, and numpy pictures are explained with the names."""
-    import nbformat
-    from nbclient import NotebookClient
-
-    cells = [
+    source = [
         f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r})\n"
         "from torch.utils.data import DataLoader, Subset\n"
         "import phpn\n"
@@ -120,19 +117,16 @@ def test_a_real_kernel_hears_about_labels_in_another_order(tmp_path):
         "run",
         "run.explain(data.arrays[2])  # a numpy picture, read by the dataset's own transform",
     ]
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
-    env_path = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env_path]))
-    try:
-        NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
-    finally:
-        os.environ.pop("PYTHONPATH") if env_path is None else os.environ.__setitem__("PYTHONPATH", env_path)
-    outputs = nb.cells[1].outputs
-    errors = "".join(o.text for o in outputs if o.output_type == "stream" and o.name == "stderr")
+    nb = {**notebook(""), "cells": [{"cell_type": "code", "execution_count": None, "id": f"cell-{i}", "metadata": {},
+                                     "outputs": [], "source": text} for i, text in enumerate(source)]}
+    ran = execute(nb, tmp_path, timeout=300)  # the quickstart's own runner: a real kernel
+    outputs = ran["cells"][1]["outputs"]
+    errors = "".join(_text(o) for o in outputs if o.get("name") == "stderr")
     assert "InputWarning: The labels look like another class order than the model's: label 0 (red) is read as " \
            "class 2 (blue)" in errors
-    shown = [o.data["text/plain"] for o in outputs if o.output_type == "execute_result"][0]
+    shown = [_text(o) for o in outputs if o["output_type"] == "execute_result"][0]
     assert "WARNING (class order): The labels look like" in shown and "WARNING (chance)" in shown
-    explained = [o.data for o in nb.cells[2].outputs if o.output_type == "execute_result"][0]
+    explained = [o["data"] for o in ran["cells"][2]["outputs"] if o["output_type"] == "execute_result"][0]
+    explained = {kind: "".join(text) for kind, text in explained.items()}
     assert explained["text/plain"].startswith("<Explanation: blue (class 2), logit ")  # a numpy HWC picture
     assert "<details>" in explained["text/html"] and "Why “blue”?" in explained["text/html"]
